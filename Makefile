@@ -1,0 +1,55 @@
+# marrowdx: the README's two commands are `make demo` and `make test`; each does its own set-up.
+SHELL := /bin/bash
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+# Extras this machine can use. `gpu` (TensorRT) is added only where NVIDIA's packages install.
+EXTRAS ?= client,server,export,loadtest,dev
+STAMP := $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
+comma := ,
+PYTEST_ARGS ?=
+
+.PHONY: setup test demo build serve lint clean loadtest soak bench sheet
+
+setup: $(STAMP)
+
+# Re-installs only when pyproject.toml changes; a second `make setup` is instant.
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check --upgrade pip
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e ".[$(EXTRAS)]"
+	@rm -f $(VENV)/.installed-*
+	@touch $@
+
+test: setup
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+demo: setup
+	$(BIN)/python -m marrowdx.demo
+
+build: setup
+	$(BIN)/marrowdx build
+
+serve: build
+	$(BIN)/marrowdx serve
+
+sheet: setup
+	$(BIN)/marrowdx sheet --out docs/cell_classes.png
+
+bench: build
+	$(BIN)/marrowdx bench --json build/bench.json
+
+loadtest: build
+	$(BIN)/python -m marrowdx.bench.loadtest --html build/locust_report.html
+
+soak: build
+	$(BIN)/python -m marrowdx.bench.loadtest --soak --html build/soak_report.html
+
+lint: setup
+	$(BIN)/ruff check src client export tests loadtests model_repository
+	$(BIN)/ruff format --check src client export tests loadtests model_repository
+
+clean:
+	rm -rf build .pytest_cache .ruff_cache
+	find model_repository -path '*/[0-9]*/*' \( -name '*.onnx' -o -name '*.plan' -o -name '*.json' \) -delete
+	find . -name __pycache__ -prune -exec rm -rf {} +

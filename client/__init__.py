@@ -1,0 +1,1 @@
+"""Thin gRPC client for the marrowdx Triton ensemble (placeholder until the client lands)."""

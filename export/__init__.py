@@ -1,0 +1,1 @@
+"""Torch models, training, evaluation and ONNX/TensorRT export (placeholder)."""

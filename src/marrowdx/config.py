@@ -1,0 +1,113 @@
+"""Configuration in one place: model and tensor names, sizes, limits and default ports.
+
+The names here are contracts between the exported models, the Triton model repository,
+the client and the load tests; change them here and nowhere else. Import-light (stdlib
+only) because the thin client imports it.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from marrowdx import taxonomy
+
+# ---------------------------------------------------------------------------- geometry
+#: Side of the square, letterboxed detector/classifier input (pixels).
+INPUT_SIZE = 512
+#: Default simulated field of view (width, height).
+FIELD_SIZE = (1024, 1024)
+#: Fixed maximum number of detections per image (top-K inside the detector graph).
+MAX_DETECTIONS = 256
+#: Side of the square crop the classifier takes around each detected cell (pixels).
+CROP_SIZE = 64
+#: Per-channel normalisation applied by the preprocess step (RGB, 0-255 scale).
+NORM_MEAN = (0.0, 0.0, 0.0)
+NORM_STD = (255.0, 255.0, 255.0)
+#: Grey level used to pad the letterbox (RGB, 0-255).
+LETTERBOX_FILL = 114
+#: Number of optional lab values the diagnosis model accepts (with a presence mask).
+N_LAB_VALUES = 4
+LAB_VALUE_NAMES = ("wbc_per_nl", "hemoglobin_g_dl", "platelets_per_nl", "ldh_u_l")
+
+# ---------------------------------------------------------------------- request limits
+#: Encoded bytes above this are refused before decoding.
+MAX_IMAGE_BYTES = 32 * 1024 * 1024
+#: Decoded pixel count (width * height) above this is refused before decoding.
+MAX_IMAGE_PIXELS = 8192 * 8192
+#: Smallest side accepted (a 1x1 image holds no cell).
+MIN_IMAGE_SIDE = 16
+
+
+# ----------------------------------------------------------- Triton model/tensor names
+@dataclass(frozen=True)
+class ModelNames:
+    preprocess: str = "preprocess"
+    detector: str = "detector"
+    classifier: str = "classifier"
+    pipeline: str = "pipeline"  # the per-image ensemble: preprocess -> detector -> classifier
+    diagnosis: str = "diagnosis"
+
+
+@dataclass(frozen=True)
+class TensorNames:
+    # ensemble and preprocess input: encoded JPEG/PNG bytes, UINT8 [-1]
+    image: str = "IMAGE"
+    # preprocess outputs
+    pixels: str = "PIXELS"  # FP32 [3, INPUT_SIZE, INPUT_SIZE], letterboxed and normalised
+    letterbox: str = "LETTERBOX"  # FP32 [3]: scale, pad_x, pad_y (input = original*scale + pad)
+    image_size: str = "IMAGE_SIZE"  # INT32 [2]: original height, width
+    # detector outputs (boxes in letterboxed input pixels, x0 y0 x1 y1, sorted by score)
+    boxes: str = "BOXES"  # FP32 [MAX_DETECTIONS, 4]
+    scores: str = "SCORES"  # FP32 [MAX_DETECTIONS]
+    num_detections: str = "NUM_DETECTIONS"  # INT32 [1]: boxes[:n] are valid
+    # classifier outputs (rows >= NUM_DETECTIONS are zero)
+    class_probs: str = "CLASS_PROBS"  # FP32 [MAX_DETECTIONS, N_CLASSES]
+    attribute_probs: str = "ATTRIBUTE_PROBS"  # FP32 [MAX_DETECTIONS, N_ATTRIBUTES]
+    class_counts: str = "CLASS_COUNTS"  # FP32 [N_CLASSES]: per-image counts of valid cells
+    # diagnosis model
+    total_cells: str = "TOTAL_CELLS"  # FP32 [1]
+    fractions: str = "FRACTIONS"  # FP32 [N_CLASSES]
+    lab_values: str = "LAB_VALUES"  # FP32 [N_LAB_VALUES]
+    lab_mask: str = "LAB_MASK"  # FP32 [N_LAB_VALUES], 1 where the lab value is present
+    diagnosis_probs: str = "DIAGNOSIS_PROBS"  # FP32 [N_DIAGNOSES]
+
+
+MODELS = ModelNames()
+TENSORS = TensorNames()
+
+N_CLASSES = taxonomy.N_CLASSES
+N_ATTRIBUTES = taxonomy.N_ATTRIBUTES
+N_DIAGNOSES = taxonomy.N_DIAGNOSES
+
+
+# ------------------------------------------------------------------------------ server
+@dataclass(frozen=True)
+class Ports:
+    http: int = 8000
+    grpc: int = 8001
+    metrics: int = 8002
+
+
+DEFAULT_PORTS = Ports()
+DEFAULT_URL = f"localhost:{DEFAULT_PORTS.grpc}"
+
+
+# ------------------------------------------------------------------------------- paths
+def project_root() -> Path:
+    """The checkout root (where pyproject.toml lives), for build outputs in a dev install."""
+    here = Path(__file__).resolve()
+    for parent in here.parents:
+        if (parent / "pyproject.toml").exists():
+            return parent
+    return Path.cwd()
+
+
+def default_model_repository() -> Path:
+    return Path(os.environ.get("MARROWDX_MODEL_REPOSITORY", project_root() / "model_repository"))
+
+
+def default_work_dir() -> Path:
+    """Where trained weights, ONNX files and caches go (git-ignored)."""
+    return Path(os.environ.get("MARROWDX_WORK_DIR", project_root() / "build"))

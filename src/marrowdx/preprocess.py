@@ -1,0 +1,128 @@
+"""The one preprocessing definition: DALI decode -> RGB -> letterbox -> normalise.
+
+Shared by training (so models see exactly what the server feeds them), by the CPU
+python-backend ``preprocess`` model, and by the GPU ``backend: "dali"`` model (``mixed``
+decoder). The letterbox is anchored top-left: the longer side is resized to
+``INPUT_SIZE`` and the right/bottom are padded, so mapping a box back to the original
+image needs only the per-axis scales (``LETTERBOX = [scale_x, scale_y, pad_x, pad_y]``,
+pads are zero but kept in the contract).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from marrowdx import config
+
+
+@dataclass(frozen=True)
+class PreprocessSpec:
+    input_size: int = config.INPUT_SIZE
+    mean: tuple[float, float, float] = config.NORM_MEAN
+    std: tuple[float, float, float] = config.NORM_STD
+    fill: int = config.LETTERBOX_FILL
+
+
+def build_pipeline(
+    *,
+    batch_size: int,
+    device: str = "cpu",
+    num_threads: int = 1,
+    device_id: int | None = None,
+    spec: PreprocessSpec = PreprocessSpec(),
+    input_name: str = config.TENSORS.image,
+):
+    """A DALI pipeline taking encoded images from ``input_name`` and returning
+    (PIXELS float32 CHW, LETTERBOX float32[4], IMAGE_SIZE int32[2]).
+
+    ``device="cpu"`` decodes on the host (``device_id=None`` works without CUDA);
+    ``device="gpu"`` uses the ``mixed`` nvJPEG decoder and GPU resize.
+    """
+    from nvidia.dali import fn, pipeline_def, types
+
+    decoder_device = "mixed" if device == "gpu" else "cpu"
+    size = float(spec.input_size)
+    # crop_mirror_normalize pads with fill_values *after* normalisation.
+    fill_norm = [(spec.fill - m) / s for m, s in zip(spec.mean, spec.std, strict=True)]
+
+    @pipeline_def(batch_size=batch_size, num_threads=num_threads, device_id=device_id)
+    def preprocess():
+        encoded = fn.external_source(name=input_name, dtype=types.UINT8, ndim=1)
+        decoded = fn.decoders.image(encoded, device=decoder_device, output_type=types.RGB)
+        hwc = fn.cast(decoded.shape(), dtype=types.FLOAT)  # original H, W, C
+        resized = fn.resize(decoded, resize_longer=size, antialias=True)
+        rhwc = fn.cast(resized.shape(), dtype=types.FLOAT)
+        pixels = fn.crop_mirror_normalize(
+            resized,
+            crop=(size, size),
+            crop_pos_x=0.0,
+            crop_pos_y=0.0,
+            out_of_bounds_policy="pad",
+            fill_values=fill_norm,
+            mean=list(spec.mean),
+            std=list(spec.std),
+            dtype=types.FLOAT,
+            output_layout="CHW",
+        )
+        zero = hwc[0] * 0.0
+        letterbox = fn.stack(rhwc[1] / hwc[1], rhwc[0] / hwc[0], zero, zero)
+        image_size = fn.cast(fn.stack(hwc[0], hwc[1]), dtype=types.INT32)
+        return pixels, letterbox, image_size
+
+    return preprocess()
+
+
+def run_pipeline(pipe, images: Sequence[bytes | np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Feed one batch (len <= pipeline batch size) and return host arrays.
+
+    Raises whatever DALI raises for an undecodable image; the caller decides how to
+    recover (a DALI pipeline that raised must be rebuilt before reuse).
+    """
+    batch = [np.frombuffer(x, dtype=np.uint8) if isinstance(x, bytes | bytearray) else x for x in images]
+    pipe.feed_input(config.TENSORS.image, batch)
+    outputs = pipe.run()
+    arrays = []
+    for out in outputs:
+        if hasattr(out, "as_cpu"):
+            out = out.as_cpu()
+        arrays.append(np.stack([np.asarray(out[i]) for i in range(len(batch))]))
+    pixels, letterbox, image_size = arrays
+    return pixels.astype(np.float32, copy=False), letterbox.astype(np.float32), image_size.astype(np.int32)
+
+
+class CpuPreprocessor:
+    """Convenience wrapper for training and in-process inference: rebuilds after errors."""
+
+    def __init__(self, max_batch_size: int = 8, num_threads: int = 1) -> None:
+        self.max_batch_size = max_batch_size
+        self.num_threads = num_threads
+        self._pipe = None
+
+    def _pipeline(self):
+        if self._pipe is None:
+            self._pipe = build_pipeline(batch_size=self.max_batch_size, num_threads=self.num_threads)
+            self._pipe.build()
+        return self._pipe
+
+    def __call__(self, images: Sequence[bytes]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        chunks = [images[i : i + self.max_batch_size] for i in range(0, len(images), self.max_batch_size)]
+        results = []
+        for chunk in chunks:
+            try:
+                results.append(run_pipeline(self._pipeline(), chunk))
+            except Exception:
+                self._pipe = None  # a pipeline that raised is unusable
+                raise
+        return tuple(np.concatenate(parts) for parts in zip(*results, strict=True))  # type: ignore[return-value]
+
+
+def boxes_to_original(boxes: np.ndarray, letterbox: np.ndarray) -> np.ndarray:
+    """Map x0,y0,x1,y1 boxes from letterboxed input pixels back to original image pixels."""
+    sx, sy, px, py = (float(v) for v in np.asarray(letterbox).reshape(-1)[:4])
+    out = np.asarray(boxes, dtype=np.float32).copy()
+    out[..., [0, 2]] = (out[..., [0, 2]] - px) / sx
+    out[..., [1, 3]] = (out[..., [1, 3]] - py) / sy
+    return out
