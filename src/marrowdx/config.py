@@ -56,7 +56,7 @@ class TensorNames:
     image: str = "IMAGE"
     # preprocess outputs
     pixels: str = "PIXELS"  # FP32 [3, INPUT_SIZE, INPUT_SIZE], letterboxed and normalised
-    letterbox: str = "LETTERBOX"  # FP32 [3]: scale, pad_x, pad_y (input = original*scale + pad)
+    letterbox: str = "LETTERBOX"  # FP32 [4]: scale_x, scale_y, pad_x, pad_y (input = orig*scale + pad)
     image_size: str = "IMAGE_SIZE"  # INT32 [2]: original height, width
     # detector outputs (boxes in letterboxed input pixels, x0 y0 x1 y1, sorted by score)
     boxes: str = "BOXES"  # FP32 [MAX_DETECTIONS, 4]
@@ -92,6 +92,17 @@ class Ports:
 
 DEFAULT_PORTS = Ports()
 DEFAULT_URL = f"localhost:{DEFAULT_PORTS.grpc}"
+
+
+# ------------------------------------------------------------------ client defaults
+# (added by the client part; used by marrowdx.client, `marrowdx diagnose` and the demo)
+#: Per-attempt deadline of one client request (s); a slower answer is retried.
+CLIENT_REQUEST_TIMEOUT_S = 60.0
+#: Total time one image (or one diagnosis call) keeps retrying transient failures (s):
+#: long enough to ride out a server restart that reloads every model.
+CLIENT_RETRY_TOTAL_S = 180.0
+#: Image requests a client keeps in flight; Triton batches concurrent requests dynamically.
+CLIENT_CONCURRENCY = 8
 
 
 # ------------------------------------------------------------------------------- paths

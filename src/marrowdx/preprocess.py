@@ -26,6 +26,48 @@ class PreprocessSpec:
     fill: int = config.LETTERBOX_FILL
 
 
+def preprocess_graph(
+    *,
+    device: str = "cpu",
+    spec: PreprocessSpec = PreprocessSpec(),
+    input_name: str = config.TENSORS.image,
+):
+    """The DALI graph (call inside a ``pipeline_def``): encoded images from ``input_name`` ->
+    (PIXELS float32 CHW, LETTERBOX float32[4], IMAGE_SIZE int32[2]).
+
+    Separate from :func:`build_pipeline` so the gpu target's ``dali.py`` can wrap the very
+    same graph in its own ``@autoserialize @pipeline_def`` (DALI's autoserialization needs a
+    decorated pipeline function, not a built pipeline).
+    """
+    from nvidia.dali import fn, types
+
+    decoder_device = "mixed" if device == "gpu" else "cpu"
+    size = float(spec.input_size)
+    # crop_mirror_normalize pads with fill_values *after* normalisation.
+    fill_norm = [(spec.fill - m) / s for m, s in zip(spec.mean, spec.std, strict=True)]
+    encoded = fn.external_source(name=input_name, dtype=types.UINT8, ndim=1)
+    decoded = fn.decoders.image(encoded, device=decoder_device, output_type=types.RGB)
+    hwc = fn.cast(decoded.shape(), dtype=types.FLOAT)  # original H, W, C
+    resized = fn.resize(decoded, resize_longer=size, antialias=True)
+    rhwc = fn.cast(resized.shape(), dtype=types.FLOAT)
+    pixels = fn.crop_mirror_normalize(
+        resized,
+        crop=(size, size),
+        crop_pos_x=0.0,
+        crop_pos_y=0.0,
+        out_of_bounds_policy="pad",
+        fill_values=fill_norm,
+        mean=list(spec.mean),
+        std=list(spec.std),
+        dtype=types.FLOAT,
+        output_layout="CHW",
+    )
+    zero = hwc[0] * 0.0
+    letterbox = fn.stack(rhwc[1] / hwc[1], rhwc[0] / hwc[0], zero, zero)
+    image_size = fn.cast(fn.stack(hwc[0], hwc[1]), dtype=types.INT32)
+    return pixels, letterbox, image_size
+
+
 def build_pipeline(
     *,
     batch_size: int,
@@ -41,36 +83,14 @@ def build_pipeline(
     ``device="cpu"`` decodes on the host (``device_id=None`` works without CUDA);
     ``device="gpu"`` uses the ``mixed`` nvJPEG decoder and GPU resize.
     """
-    from nvidia.dali import fn, pipeline_def, types
+    from nvidia.dali import pipeline_def
 
-    decoder_device = "mixed" if device == "gpu" else "cpu"
-    size = float(spec.input_size)
-    # crop_mirror_normalize pads with fill_values *after* normalisation.
-    fill_norm = [(spec.fill - m) / s for m, s in zip(spec.mean, spec.std, strict=True)]
-
-    @pipeline_def(batch_size=batch_size, num_threads=num_threads, device_id=device_id)
+    # prefetch_queue_depth=1: the pipeline is driven by feed_input + run, one batch at a
+    # time; with DALI's default depth of 2 every second run() raises "Attempted to peek the
+    # data batch that doesn't exist" (measured with DALI 2.4).
+    @pipeline_def(batch_size=batch_size, num_threads=num_threads, device_id=device_id, prefetch_queue_depth=1)
     def preprocess():
-        encoded = fn.external_source(name=input_name, dtype=types.UINT8, ndim=1)
-        decoded = fn.decoders.image(encoded, device=decoder_device, output_type=types.RGB)
-        hwc = fn.cast(decoded.shape(), dtype=types.FLOAT)  # original H, W, C
-        resized = fn.resize(decoded, resize_longer=size, antialias=True)
-        rhwc = fn.cast(resized.shape(), dtype=types.FLOAT)
-        pixels = fn.crop_mirror_normalize(
-            resized,
-            crop=(size, size),
-            crop_pos_x=0.0,
-            crop_pos_y=0.0,
-            out_of_bounds_policy="pad",
-            fill_values=fill_norm,
-            mean=list(spec.mean),
-            std=list(spec.std),
-            dtype=types.FLOAT,
-            output_layout="CHW",
-        )
-        zero = hwc[0] * 0.0
-        letterbox = fn.stack(rhwc[1] / hwc[1], rhwc[0] / hwc[0], zero, zero)
-        image_size = fn.cast(fn.stack(hwc[0], hwc[1]), dtype=types.INT32)
-        return pixels, letterbox, image_size
+        return preprocess_graph(device=device, spec=spec, input_name=input_name)
 
     return preprocess()
 

@@ -1,1 +1,21 @@
-"""placeholder"""
+"""Serving: the Triton model repository builder, the ``tritonserver`` launcher and the same
+pipeline in-process.
+
+Modules: ``repository`` (build_repository), ``triton_install`` (the server binary from the
+nvidia-pytriton wheel), ``server`` (launcher/supervisor, hardening flags), ``python_models``
+(logic of the cpu-target python-backend models), ``guarded_preprocess`` and ``image_checks``
+(per-image validation and DALI recovery), ``onnx_runner`` (ONNX Runtime sessions shared by the
+python models and ``inprocess``), ``cli`` (``marrowdx build`` / ``marrowdx serve``).
+"""
+
+from __future__ import annotations
+
+__all__ = ["build_repository"]
+
+
+def __getattr__(name: str):
+    if name == "build_repository":
+        from marrowdx.serving.repository import build_repository
+
+        return build_repository
+    raise AttributeError(name)

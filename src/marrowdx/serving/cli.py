@@ -1,0 +1,211 @@
+"""``marrowdx build`` and ``marrowdx serve``."""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import time
+from pathlib import Path
+
+from marrowdx import config
+
+
+def configure_build(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--target",
+        choices=("cpu", "gpu"),
+        default="cpu",
+        help="cpu (embedded, default) or gpu (NGC container)",
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="output repository (default: model_repository/ for cpu, "
+        "<work dir>/model_repository_gpu for gpu)",
+    )
+    parser.add_argument(
+        "--work-dir", type=Path, default=None, help="weights/ONNX/cache folder (default: build/)"
+    )
+    parser.add_argument(
+        "--profile", default="reference", help="training profile: reference (default) or tiny"
+    )
+    parser.add_argument(
+        "--onnx-dir",
+        type=Path,
+        default=None,
+        help="use prebuilt detector.onnx, classifier.onnx, diagnosis.onnx from DIR (no training)",
+    )
+
+
+def run_build(args: argparse.Namespace) -> int:
+    from marrowdx.serving.repository import RepositoryError, build_repository
+
+    try:
+        result = build_repository(
+            args.out, args.target, args.work_dir, args.profile, onnx_dir=args.onnx_dir
+        )
+    except RepositoryError as exc:
+        print(f"marrowdx build: {exc}", file=sys.stderr)
+        return 2
+    if result.changed:
+        print(f"{args.target} model repository {result.out}: wrote {len(result.written)} file(s)")
+    else:
+        print(f"{args.target} model repository {result.out}: up to date, nothing written")
+    for item in result.pending:
+        print(f"pending: {item}")
+    return 0
+
+
+def configure_serve(parser: argparse.ArgumentParser) -> None:
+    from marrowdx.serving import server as srv
+
+    ports = config.DEFAULT_PORTS
+    parser.add_argument(
+        "--repository",
+        type=Path,
+        default=None,
+        help="model repository (default: model_repository/)",
+    )
+    parser.add_argument("--http-port", type=int, default=ports.http)
+    parser.add_argument("--grpc-port", type=int, default=ports.grpc)
+    parser.add_argument("--metrics-port", type=int, default=ports.metrics)
+    parser.add_argument(
+        "--bind",
+        default=srv.DEFAULT_BIND,
+        metavar="ADDRESS",
+        help="interface to listen on (default 127.0.0.1; 0.0.0.0 exposes every interface)",
+    )
+    parser.add_argument(
+        "--admin-key",
+        default=None,
+        help=f"key for the admin endpoints ({', '.join(srv.RESTRICTED_APIS)}), sent as header "
+        f"'{srv.ADMIN_KEY_HEADER}' (HTTP and gRPC); "
+        f"default ${srv.ADMIN_KEY_ENV}, else a random one",
+    )
+    parser.add_argument(
+        "--tls-cert", type=Path, default=None, help="PEM certificate: serve gRPC over TLS"
+    )
+    parser.add_argument("--tls-key", type=Path, default=None, help="PEM private key for --tls-cert")
+    parser.add_argument(
+        "--log-verbose", type=int, default=0, help="Triton log verbosity (0 = info only)"
+    )
+    parser.add_argument(
+        "--log-file", type=Path, default=None, help="write Triton's log to this file"
+    )
+    parser.add_argument(
+        "--model-control-mode",
+        choices=("none", "poll", "explicit"),
+        default="none",
+        help="none (default): models are fixed at start; "
+        "explicit/poll allow load/unload (admin key required)",
+    )
+    parser.add_argument(
+        "--work-dir",
+        type=Path,
+        default=None,
+        help="where the server binaries are unpacked (default: build/)",
+    )
+    parser.add_argument(
+        "--ready-timeout",
+        type=float,
+        default=srv.DEFAULT_READY_TIMEOUT_S,
+        help="seconds to wait for readiness",
+    )
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    from marrowdx.serving import server as srv
+    from marrowdx.serving.repository import missing_artifacts
+    from marrowdx.serving.triton_install import TritonNotInstalled, ensure_installed
+
+    repository = Path(args.repository or config.default_model_repository())
+    missing = missing_artifacts(repository)
+    if missing:
+        print(
+            f"marrowdx serve: {repository} is not built "
+            f"({', '.join(missing)} missing): run `marrowdx build`",
+            file=sys.stderr,
+        )
+        return 2
+    key, generated = srv.resolve_admin_key(args.admin_key)
+    cfg = srv.ServerConfig(
+        repository=repository,
+        http_port=args.http_port,
+        grpc_port=args.grpc_port,
+        metrics_port=args.metrics_port,
+        bind=args.bind,
+        admin_key=key,
+        model_control_mode=args.model_control_mode,
+        log_verbose=args.log_verbose,
+        log_file=args.log_file,
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
+    )
+    try:
+        install = ensure_installed(Path(args.work_dir or config.default_work_dir()) / "triton")
+        server = srv.TritonServer(cfg, install)
+        return supervise(server, ready_timeout=args.ready_timeout, generated_key=generated)
+    except (TritonNotInstalled, srv.ServerError, ValueError) as exc:
+        print(f"marrowdx serve: {exc}", file=sys.stderr)
+        return 1
+
+
+def supervise(server, *, ready_timeout: float, generated_key: bool) -> int:
+    """Start Triton, report the endpoints, forward SIGINT/SIGTERM, return only after Triton
+    (and its process group) is gone. Non-zero if Triton died on its own."""
+    from marrowdx.serving import server as srv
+
+    requested: list[int] = []
+
+    def forward(signum: int, _frame) -> None:
+        requested.append(signum)
+        server.signal(signal.SIGTERM)  # Triton's graceful shutdown for either signal
+
+    previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        server.start()
+        try:
+            seconds = server.wait_ready(ready_timeout)
+        except srv.ServerError:
+            if requested:  # stopped by the user while loading
+                server.stop()
+                return 0
+            raise
+        cfg = server.cfg
+        scheme = "grpcs" if cfg.tls_cert else "grpc"
+        print(f"marrowdx serve: ready in {seconds:.1f} s (Triton pid {server.pid})", flush=True)
+        print(f"  gRPC     {scheme}://{cfg.grpc_url}", flush=True)
+        print(f"  HTTP     {cfg.http_url}", flush=True)
+        print(f"  metrics  {cfg.metrics_url}", flush=True)
+        if generated_key:
+            if sys.stdout.isatty():
+                print(
+                    f"  admin key (shown once; send it as header "
+                    f"'{srv.ADMIN_KEY_HEADER}'): {cfg.admin_key}",
+                    flush=True,
+                )
+            else:
+                print(
+                    "  admin endpoints need a key: a random one was generated and is not "
+                    "shown because output is not a terminal; "
+                    f"set ${srv.ADMIN_KEY_ENV} or --admin-key to choose it",
+                    flush=True,
+                )
+        while server.poll() is None:
+            time.sleep(0.5)
+        code = server.stop()
+        if requested:
+            print("marrowdx serve: Triton stopped", flush=True)
+            return 0 if code == 0 else code
+        print(
+            f"marrowdx serve: Triton exited unexpectedly with code {code}",
+            file=sys.stderr,
+            flush=True,
+        )
+        return code if code and code > 0 else 1
+    finally:
+        server.stop()
+        for s, handler in previous.items():
+            signal.signal(s, handler)

@@ -1,0 +1,109 @@
+"""The served pipeline without a server: the same preprocess code and ONNX Runtime helper the
+python-backend models run, called directly.
+
+Tests compare served outputs against this (any difference is Triton plumbing: batching,
+ensemble routing, tensor transport); the benchmark uses it as "the limit" (what the models
+cost on this host with no serving overhead).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from marrowdx import config
+from marrowdx.serving.guarded_preprocess import GuardedPreprocessor, Preprocessed, Rejected
+from marrowdx.serving.onnx_runner import ONNX_FILENAME, OnnxRunner, SessionThreads
+
+T = config.TENSORS
+M = config.MODELS
+
+#: Ensemble output names, in the ensemble config's order.
+PIPELINE_OUTPUTS = (
+    T.boxes,
+    T.scores,
+    T.num_detections,
+    T.class_probs,
+    T.attribute_probs,
+    T.class_counts,
+    T.letterbox,
+    T.image_size,
+)
+
+
+class InProcessPipeline:
+    """preprocess -> detector -> classifier (and diagnosis) in this process."""
+
+    def __init__(
+        self,
+        repository: Path,
+        *,
+        max_batch_size: int = 8,
+        threads: SessionThreads | None = None,
+        dali_threads: int = 1,
+    ) -> None:
+        threads = threads or SessionThreads.for_host()
+        repo = Path(repository)
+        self.max_batch_size = max_batch_size
+        self.preprocessor = GuardedPreprocessor(
+            max_batch_size=max_batch_size, num_threads=dali_threads
+        )
+        self.detector = OnnxRunner(repo / M.detector / "1" / ONNX_FILENAME, threads)
+        self.classifier = OnnxRunner(repo / M.classifier / "1" / ONNX_FILENAME, threads)
+        self._diagnosis_path = repo / M.diagnosis / "1" / ONNX_FILENAME
+        self._threads = threads
+        self._diagnosis: OnnxRunner | None = None
+
+    def run_models(self, pixels: np.ndarray) -> dict[str, np.ndarray]:
+        """Detector then classifier on a batch of preprocessed pixels."""
+        det = self.detector.run({T.pixels: pixels})
+        cls = self.classifier.run(
+            {T.pixels: pixels, T.boxes: det[T.boxes], T.num_detections: det[T.num_detections]}
+        )
+        return {**det, **cls}
+
+    def infer(self, images: Sequence[bytes]) -> list[dict[str, np.ndarray] | Rejected]:
+        """Per image: the ensemble's outputs (no batch dim) or the rejection reason."""
+        pre = self.preprocessor(images)
+        results: list[dict[str, np.ndarray] | Rejected] = list(pre)  # type: ignore[arg-type]
+        ok = [i for i, r in enumerate(pre) if isinstance(r, Preprocessed)]
+        for start in range(0, len(ok), self.max_batch_size):
+            idx = ok[start : start + self.max_batch_size]
+            items: list[Preprocessed] = [pre[i] for i in idx]  # type: ignore[misc]
+            pixels = np.stack([p.pixels for p in items])
+            outputs = self.run_models(pixels)
+            for k, i in enumerate(idx):
+                item = {name: outputs[name][k] for name in outputs}
+                item[T.letterbox] = items[k].letterbox
+                item[T.image_size] = items[k].image_size
+                results[i] = {name: item[name] for name in PIPELINE_OUTPUTS}
+        return results
+
+    def diagnose(
+        self,
+        fractions: np.ndarray,
+        total_cells: np.ndarray,
+        lab_values: np.ndarray | None = None,
+        lab_mask: np.ndarray | None = None,
+    ) -> np.ndarray:
+        """DIAGNOSIS_PROBS [N, 3] for N patients (absent lab values: mask 0)."""
+        if self._diagnosis is None:
+            self._diagnosis = OnnxRunner(self._diagnosis_path, SessionThreads(intra_op=1))
+        fractions = np.asarray(fractions, np.float32).reshape(-1, config.N_CLASSES)
+        n = fractions.shape[0]
+        zeros = np.zeros((n, config.N_LAB_VALUES), np.float32)
+        out = self._diagnosis.run(
+            {
+                T.fractions: fractions,
+                T.total_cells: np.asarray(total_cells, np.float32).reshape(n, 1),
+                T.lab_values: zeros
+                if lab_values is None
+                else np.asarray(lab_values, np.float32).reshape(n, -1),
+                T.lab_mask: zeros
+                if lab_mask is None
+                else np.asarray(lab_mask, np.float32).reshape(n, -1),
+            }
+        )
+        return out[T.diagnosis_probs]
