@@ -34,7 +34,7 @@ serve: build
 	$(BIN)/marrowdx serve
 
 sheet: setup
-	$(BIN)/marrowdx sheet --out docs/cell_classes.png
+	$(BIN)/marrowdx sheet --out docs/cell_classes.png --field docs/simulated_field.jpg --table docs/cell_classes.md
 
 bench: build
 	$(BIN)/marrowdx bench --json build/bench.json
