@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
 comma := ,
 PYTEST_ARGS ?=
 
-.PHONY: setup test demo build serve lint clean loadtest soak bench sheet
+.PHONY: setup test demo build serve lint clean loadtest soak bench sheet audit
 
 setup: $(STAMP)
 
@@ -42,8 +42,13 @@ bench: build
 loadtest: build
 	$(BIN)/python -m marrowdx.bench.loadtest --html build/locust_report.html
 
+SOAK_MINUTES ?= 10
 soak: build
-	$(BIN)/python -m marrowdx.bench.loadtest --soak --html build/soak_report.html
+	$(BIN)/python -m marrowdx.bench.loadtest --soak --minutes $(SOAK_MINUTES) --html build/soak_report.html
+
+# pip-audit over the installed, pinned set (also run inside `make test` by tests/test_security.py).
+audit: setup
+	$(BIN)/python .ci/audit.py
 
 lint: setup
 	$(BIN)/ruff check src client export tests loadtests model_repository

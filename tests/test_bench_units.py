@@ -1,0 +1,148 @@
+"""Bench building blocks that need no server: statistics deltas, percentiles, framing, report."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from marrowdx import config
+from marrowdx.bench import measure, peer, report, triton_raw, triton_stats
+
+
+def _stats(
+    name: str, inferences: int, executions: int, requests: int, queue_ns: int, infer_ns: int
+) -> dict:
+    # Shaped like tritonclient's get_inference_statistics(as_json=True): int64s are strings.
+    return {
+        "model_stats": [
+            {
+                "name": name,
+                "version": "1",
+                "inference_count": str(inferences),
+                "execution_count": str(executions),
+                "inference_stats": {
+                    "success": {"count": str(requests), "ns": str(queue_ns + infer_ns)},
+                    "queue": {"count": str(requests), "ns": str(queue_ns)},
+                    "compute_infer": {"count": str(requests), "ns": str(infer_ns)},
+                },
+            }
+        ]
+    }
+
+
+def test_statistics_window_is_the_difference_of_two_snapshots() -> None:
+    before = triton_stats.parse_statistics(_stats("detector", 10, 5, 10, 1_000_000, 50_000_000))
+    after = triton_stats.parse_statistics(_stats("detector", 30, 9, 30, 41_000_000, 250_000_000))
+    (w,) = triton_stats.window(before, after)
+    assert w.model == "detector" and w.requests == 20 and w.inferences == 20 and w.executions == 4
+    assert w.mean_batch == pytest.approx(5.0)
+    assert w.queue_ms == pytest.approx(2.0)  # 40 ms over 20 requests
+    assert w.compute_infer_ms == pytest.approx(10.0)
+    assert w.total_ms == pytest.approx(12.0)
+    assert w.to_dict()["queue_share"] == pytest.approx(2.0 / 12.0)
+
+
+def test_statistics_window_skips_models_without_traffic() -> None:
+    snap = triton_stats.parse_statistics(_stats("diagnosis", 3, 3, 3, 0, 1000))
+    assert triton_stats.window(snap, snap) == []
+
+
+def test_level_result_rates_and_percentiles() -> None:
+    lat = tuple(float(x) for x in range(1, 101))
+    r = measure.LevelResult(
+        concurrency=2, images=80, cells=4000, failures=0, seconds=10.0, latencies_ms=lat
+    )
+    assert r.images_per_s == pytest.approx(8.0) and r.cells_per_s == pytest.approx(400.0)
+    assert r.patients_per_hour == pytest.approx(8.0 * 3600 / 40)
+    q = r.latency()
+    assert q["p50"] == pytest.approx(50.5) and q["p99"] == pytest.approx(99.01)
+
+
+def test_run_threads_counts_failures_instead_of_hiding_them() -> None:
+    def infer(image: bytes) -> int:
+        if image == b"bad":
+            raise ValueError("undecodable")
+        return len(image)
+
+    r = measure.run_threads(infer, [b"abc", b"bad"], concurrency=2, n_requests=10)
+    assert r.failures == 5 and r.images == 5 and r.cells == 15
+    assert len(r.latencies_ms) == 10
+
+
+def test_peer_frame_round_trip_keeps_dtypes_and_shapes() -> None:
+    outputs = {
+        "BOXES": np.arange(8, dtype=np.float32).reshape(2, 4),
+        "NUM_DETECTIONS": np.array([2], dtype=np.int32),
+        "EMPTY": np.zeros((0, 33), dtype=np.float32),
+    }
+    back = peer.decode_outputs(peer.encode_outputs(outputs))
+    for k, v in outputs.items():
+        assert back[k].dtype == v.dtype and back[k].shape == v.shape
+        np.testing.assert_array_equal(back[k], v)
+
+
+def test_raw_requests_follow_the_tensor_contract() -> None:
+    req = triton_raw.image_request(b"\xff\xd8abc")
+    assert req.model_name == config.MODELS.pipeline
+    (tensor,) = req.inputs
+    assert (tensor.name, tensor.datatype, list(tensor.shape)) == (
+        config.TENSORS.image,
+        "UINT8",
+        [1, 5],
+    )
+    assert req.raw_input_contents[0] == b"\xff\xd8abc"
+
+    counts = np.zeros(config.N_CLASSES)
+    counts[3] = 6
+    counts[5] = 2
+    diag = triton_raw.diagnosis_request(counts)
+    fractions = np.frombuffer(diag.raw_input_contents[0], dtype=np.float32)
+    assert diag.inputs[0].name == config.TENSORS.fractions
+    assert fractions[3] == pytest.approx(0.75) and fractions.sum() == pytest.approx(1.0)
+    with pytest.raises(TypeError, match="unsupported dtype"):
+        triton_raw.infer_request("x", {"A": np.zeros(2, dtype=np.float16)})
+
+
+def _level(c: int, ips: float) -> measure.LevelResult:
+    n = int(ips * 10)
+    return measure.LevelResult(c, n, n * 50, 0, 10.0, tuple(100.0 * c for _ in range(n)))
+
+
+def test_report_json_has_top_level_ratios_and_a_plot(tmp_path) -> None:
+    limit = {"1 process, batch 1": _level(1, 4.0), "2 processes, batch 4": _level(4, 5.0)}
+    result = report.BenchResult(
+        limit=limit["2 processes, batch 4"],
+        limit_by_config=limit,
+        peer=[_level(1, 2.0), _level(2, 2.5)],
+        served=[_level(1, 3.0), _level(4, 4.5)],
+        triton_statistics={1: [], 4: []},
+        workload={"images": 10, "size": [1024, 1024]},
+        environment={},
+        gpu=None,
+        gpu_reason="no GPU here",
+    )
+    doc = report.write_json(result, tmp_path / "bench.json")
+    on_disk = json.loads((tmp_path / "bench.json").read_text())
+    assert set(on_disk) == set(doc)  # NaN (not measured) is written as null
+    assert on_disk["served_over_limit"] == pytest.approx(4.5 / 5.0)
+    assert on_disk["served_over_peer"] == pytest.approx(4.5 / 2.5)
+    assert on_disk["limit"]["best_config"] == "2 processes, batch 4"
+    assert on_disk["limit"]["best_batch_size"] == 4
+    assert on_disk["gpu"] is None and on_disk["gpu_reason"] == "no GPU here"
+    assert on_disk["goals"]["met"] is True
+    png = report.write_plot(result, tmp_path / "bench.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_ratios_are_null_not_nan_when_a_side_measured_nothing(tmp_path) -> None:
+    zero = measure.LevelResult(1, 0, 0, 3, 1.0, ())
+    result = report.BenchResult(
+        zero, {"only": zero}, [zero], [_level(1, 1.0)], {}, {"size": [1, 1]}, {}
+    )
+    report.write_json(result, tmp_path / "b.json")
+    doc = json.loads((tmp_path / "b.json").read_text())
+    assert doc["served_over_limit"] is None and doc["served_over_peer"] is None
+    assert not math.isnan(doc["served"]["best"]["images_per_s"])
