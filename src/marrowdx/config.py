@@ -56,7 +56,7 @@ class TensorNames:
     image: str = "IMAGE"
     # preprocess outputs
     pixels: str = "PIXELS"  # FP32 [3, INPUT_SIZE, INPUT_SIZE], letterboxed and normalised
-    letterbox: str = "LETTERBOX"  # FP32 [4]: scale_x, scale_y, pad_x, pad_y (input = orig*scale + pad)
+    letterbox: str = "LETTERBOX"  # FP32 [4]: scale_x, scale_y, pad_x, pad_y; in = orig*scale + pad
     image_size: str = "IMAGE_SIZE"  # INT32 [2]: original height, width
     # detector outputs (boxes in letterboxed input pixels, x0 y0 x1 y1, sorted by score)
     boxes: str = "BOXES"  # FP32 [MAX_DETECTIONS, 4]

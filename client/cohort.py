@@ -1,0 +1,120 @@
+"""Cohort folder discovery: DIR/<patient_id>/<images>, checked before any request is sent.
+
+Layouts the client cannot interpret (no patient folders, images directly in DIR, nested
+folders) are refused with an error that names the offending paths; anything else that is
+not an image is reported, never silently skipped: unsupported files inside a patient
+folder become that patient's failed images, stray files beside the patient folders are
+returned as warnings.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from marrowdx import config
+
+#: Encoded formats the server's preprocess step is specified to decode.
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png"})
+#: Files the client knows and reads itself rather than reporting as unexpected.
+GROUND_TRUTH_FILE = "ground_truth.json"  # written next to the patient folders by the simulator
+LABS_FILE = "labs.json"  # optional, inside a patient folder: {lab name: value or null}
+#: How many offending paths an error message lists before "...".
+MAX_LISTED = 5
+
+
+class CohortError(ValueError):
+    """The folder is not a cohort the client can interpret; the message says how to fix it."""
+
+
+@dataclass
+class PatientFolder:
+    patient_id: str
+    images: list[Path]
+    names: list[str]  # relative to the cohort DIR, as in ground_truth.json
+    labs: Mapping[str, float | None] | None = None
+    problems: dict[str, str] = field(default_factory=dict)  # name -> why it is not processed
+
+
+@dataclass
+class Cohort:
+    root: Path
+    patients: list[PatientFolder]
+    warnings: list[str]
+
+    @property
+    def n_images(self) -> int:
+        return sum(len(p.images) for p in self.patients)
+
+
+def _listing(paths: list[Path], root: Path) -> str:
+    names = [str(p.relative_to(root)) for p in paths[:MAX_LISTED]]
+    return ", ".join(names) + (", ..." if len(paths) > MAX_LISTED else "")
+
+
+def _read_labs(path: Path) -> Mapping[str, float | None]:
+    try:
+        labs = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise CohortError(f"{path}: not readable JSON: {exc}") from exc
+    if not isinstance(labs, dict):
+        raise CohortError(f"{path}: expected an object of lab values, got {type(labs).__name__}")
+    unknown = sorted(set(labs) - set(config.LAB_VALUE_NAMES))
+    if unknown:
+        raise CohortError(
+            f"{path}: unknown lab value(s) {unknown}; known: {list(config.LAB_VALUE_NAMES)}"
+        )
+    return labs
+
+
+def discover(root: str | Path) -> Cohort:
+    """Every sub-folder of ``root`` is a patient; raises CohortError for unusable layouts."""
+    root = Path(root)
+    if not root.is_dir():
+        raise CohortError(f"{root}: not a folder")
+    entries = sorted(root.iterdir())
+    folders = [e for e in entries if e.is_dir() and not e.name.startswith(".")]
+    files = [e for e in entries if not e.is_dir()]
+    loose_images = [f for f in files if f.suffix.lower() in IMAGE_SUFFIXES]
+    if loose_images:
+        raise CohortError(
+            f"{root} holds images directly ({_listing(loose_images, root)}); put each patient's "
+            f"images in its own sub-folder {root}/<patient_id>/"
+        )
+    if not folders:
+        raise CohortError(
+            f"{root} has no patient sub-folders; expected {root}/<patient_id>/<images>"
+        )
+    warnings = [
+        f"ignored {e.relative_to(root)}: not a patient folder"
+        for e in entries
+        if e not in folders and e.name != GROUND_TRUTH_FILE
+    ]
+
+    patients, nested = [], []
+    for folder in folders:
+        images, names, problems, labs = [], [], {}, None
+        for entry in sorted(folder.iterdir()):
+            name = str(entry.relative_to(root))
+            if entry.is_dir():
+                nested.append(entry)
+            elif entry.name == LABS_FILE:
+                labs = _read_labs(entry)
+            elif entry.suffix.lower() in IMAGE_SUFFIXES:
+                images.append(entry)
+                names.append(name)
+            else:
+                accepted = ", ".join(sorted(IMAGE_SUFFIXES))
+                problems[name] = (
+                    f"not processed: not an image file of a supported type ({accepted})"
+                )
+        if not images and not problems:
+            problems[f"{folder.name}/"] = "no image files in the patient folder"
+        patients.append(PatientFolder(folder.name, images, names, labs, problems))
+    if nested:
+        raise CohortError(
+            f"patient folders must hold images only, found sub-folders: {_listing(nested, root)}"
+        )
+    return Cohort(root, patients, warnings)
