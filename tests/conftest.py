@@ -90,7 +90,9 @@ def triton_server(built_repository: Path) -> Iterator[ServedStack]:
                 server=server,
             )
         finally:
+            dead = server.dead_models()
             code = server.stop()
+    assert not dead, f"model processes died during the session: {dead}; see {log_path}"
     assert not server.group_alive(), "tritonserver or one of its stubs outlived the session"
     for port in (cfg.http_port, cfg.grpc_port, cfg.metrics_port):
         assert port_is_free(port), f"port {port} still in use after the server stopped"

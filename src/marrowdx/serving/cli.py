@@ -10,6 +10,12 @@ from pathlib import Path
 
 from marrowdx import config
 
+#: How often ``marrowdx serve`` checks that Triton and its model processes are alive.
+SUPERVISE_INTERVAL_S = 0.5
+#: ``marrowdx serve``'s exit status when a model process died (Triton's own failures pass
+#: Triton's code through).
+DEAD_MODEL_EXIT_CODE = 3
+
 
 def configure_build(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
@@ -152,9 +158,32 @@ def run_serve(args: argparse.Namespace) -> int:
         return 1
 
 
+def _stop_after_dead_models(server, dead) -> int:
+    """Say which model died, stop Triton (killing its group if it does not stop quickly:
+    the dead model cannot unload, so a graceful stop would only wait out a timeout)."""
+    from marrowdx.serving import server as srv
+
+    for m in dead:
+        print(
+            f"marrowdx serve: the process of model '{m.model}' (instance {m.instance}, "
+            f"pid {m.pid}) died; Triton cannot serve it any more, stopping Triton",
+            file=sys.stderr,
+            flush=True,
+        )
+    code = server.stop(srv.DEAD_MODEL_STOP_TIMEOUT_S)
+    print(
+        f"marrowdx serve: Triton stopped (exit code {code}) after a model process died",
+        file=sys.stderr,
+        flush=True,
+    )
+    return DEAD_MODEL_EXIT_CODE
+
+
 def supervise(server, *, ready_timeout: float, generated_key: bool) -> int:
     """Start Triton, report the endpoints, forward SIGINT/SIGTERM, return only after Triton
-    (and its process group) is gone. Non-zero if Triton died on its own."""
+    (and its process group) is gone. Non-zero if Triton died on its own, or if one of its
+    model processes died (Triton would keep claiming ready while failing every request to
+    that model: better to exit and let the operator's restart policy bring up a whole one)."""
     from marrowdx.serving import server as srv
 
     requested: list[int] = []
@@ -194,7 +223,10 @@ def supervise(server, *, ready_timeout: float, generated_key: bool) -> int:
                     flush=True,
                 )
         while server.poll() is None:
-            time.sleep(0.5)
+            dead = [] if requested else server.dead_models()
+            if dead:
+                return _stop_after_dead_models(server, dead)
+            time.sleep(SUPERVISE_INTERVAL_S)
         code = server.stop()
         if requested:
             print("marrowdx serve: Triton stopped", flush=True)

@@ -20,7 +20,6 @@ to log and to return to clients.
 from __future__ import annotations
 
 import io
-import warnings
 from dataclasses import dataclass
 
 from marrowdx import config
@@ -59,6 +58,23 @@ def sniff_format(data: bytes) -> str | None:
     return None
 
 
+def _read_header(data: bytes, fmt: str) -> tuple[int, int, str]:
+    """(width, height, mode) declared by the header; never decodes pixel data.
+
+    Why the format's plugin class and not ``Image.open``: ``Image.open`` applies Pillow's
+    own decompression-bomb limit (the process-wide ``Image.MAX_IMAGE_PIXELS``, ~179 MP for
+    an error) before we see the size, so a deployment's ``max_pixels`` above it would be
+    overridden by Pillow and refused with a wrong limit in the message. The plugin class
+    parses the same header without that check; :class:`ImageLimits` is the one limit that
+    applies, and no process-wide setting is touched (other threads may use Pillow)."""
+    from PIL import JpegImagePlugin, PngImagePlugin
+
+    opener = {"JPEG": JpegImagePlugin.JpegImageFile, "PNG": PngImagePlugin.PngImageFile}[fmt]
+    with opener(io.BytesIO(data)) as img:
+        width, height = img.size
+        return width, height, img.mode
+
+
 def check_encoded_image(
     data: bytes | memoryview, limits: ImageLimits = ImageLimits()
 ) -> ImageHeader:
@@ -78,18 +94,8 @@ def check_encoded_image(
         accepted = " or ".join(_MAGIC)
         raise ImageRejected(f"not an image: {size} bytes that do not start like a {accepted} file")
     try:
-        with warnings.catch_warnings():
-            # Pillow warns (and above 2x its limit raises) on huge declared sizes; we apply
-            # our own limit below with a clearer message.
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data), formats=[fmt]) as img:
-                width, height = img.size
-                mode = img.mode
-    except Image.DecompressionBombError:
-        raise ImageRejected(
-            f"image dimensions too large: declared size exceeds {limits.max_pixels} pixels"
-        ) from None
-    except Image.UnidentifiedImageError:
+        width, height, mode = _read_header(data, fmt)
+    except (SyntaxError, Image.UnidentifiedImageError):  # Pillow's "not a valid header"
         raise ImageRejected(f"corrupt {fmt} header: Pillow cannot parse it") from None
     except Exception as exc:  # PIL raises several types for broken headers
         raise ImageRejected(f"corrupt {fmt} header: {type(exc).__name__}: {exc}") from None

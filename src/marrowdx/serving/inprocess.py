@@ -15,7 +15,7 @@ import numpy as np
 
 from marrowdx import config
 from marrowdx.serving.guarded_preprocess import GuardedPreprocessor, Preprocessed, Rejected
-from marrowdx.serving.onnx_runner import ONNX_FILENAME, OnnxRunner, SessionThreads
+from marrowdx.serving.onnx_runner import ONNX_FILENAME, OnnxRunner, SessionThreads, open_runner
 
 T = config.TENSORS
 M = config.MODELS
@@ -51,7 +51,7 @@ class InProcessPipeline:
             max_batch_size=max_batch_size, num_threads=dali_threads
         )
         self.detector = OnnxRunner(repo / M.detector / "1" / ONNX_FILENAME, threads)
-        self.classifier = OnnxRunner(repo / M.classifier / "1" / ONNX_FILENAME, threads)
+        self.classifier = open_runner(repo / M.classifier / "1" / ONNX_FILENAME, threads)
         self._diagnosis_path = repo / M.diagnosis / "1" / ONNX_FILENAME
         self._threads = threads
         self._diagnosis: OnnxRunner | None = None

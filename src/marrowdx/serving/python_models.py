@@ -17,7 +17,7 @@ import numpy as np
 
 from marrowdx.serving.guarded_preprocess import GuardedPreprocessor, Preprocessed, Rejected
 from marrowdx.serving.image_checks import ImageLimits
-from marrowdx.serving.onnx_runner import ONNX_FILENAME, OnnxRunner, SessionThreads
+from marrowdx.serving.onnx_runner import ONNX_FILENAME, SessionThreads, open_runner
 
 
 def _parameter(model_config: dict, key: str, default: int) -> int:
@@ -119,14 +119,15 @@ class PreprocessModel(_BaseModel):
 
 
 class OnnxModel(_BaseModel):
-    """ONNX Runtime on the CPU: concatenate the dynamic batch, run once, split per request."""
+    """ONNX Runtime on the CPU: concatenate the dynamic batch, run once, split per request.
+    The classifier runs only the box slots its batch needs (onnx_runner.BoxSlotClassifier)."""
 
     def setup(self) -> None:
         threads = SessionThreads(
             intra_op=_parameter(self.model_config, "intra_op_threads", 0),
             inter_op=_parameter(self.model_config, "inter_op_threads", 1),
         )
-        self.runner = OnnxRunner(self.version_dir / ONNX_FILENAME, threads)
+        self.runner = open_runner(self.version_dir / ONNX_FILENAME, threads)
         self.inputs = self.model_config["input"]
 
     def _input(self, request, spec: dict) -> np.ndarray | None:

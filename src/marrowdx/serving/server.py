@@ -7,6 +7,9 @@ listens on 127.0.0.1 only, and the administrative endpoints (model load/unload, 
 memory registration, statistics, trace and log settings) need an admin key sent as a
 request header; inference, health and metadata stay open so clients need no secret.
 ``--model-control-mode=none`` (the default) means models cannot be loaded or unloaded at all.
+
+Model processes are watched (:meth:`TritonServer.dead_models`): Triton 2.51 does not notice
+a python-backend model process that died and keeps claiming ready, so the launcher does.
 """
 
 from __future__ import annotations
@@ -42,6 +45,16 @@ DEFAULT_BIND = "127.0.0.1"
 DEFAULT_READY_TIMEOUT_S = 180.0
 #: How long Triton may take to drain and unload after SIGTERM/SIGINT before it is killed.
 STOP_TIMEOUT_S = 60.0
+#: Triton's own limit (--exit-timeout-secs) on waiting for in-flight requests and model
+#: unloads at shutdown (its default is 30 s). A model whose process died never finishes
+#: unloading, so this is what a stop of such a server costs; draining healthy requests
+#: takes well under it on the CPU target.
+TRITON_EXIT_TIMEOUT_S = 10
+#: After a model process died the server's state no longer matters: how long a graceful
+#: stop may take before the whole process group is killed.
+DEAD_MODEL_STOP_TIMEOUT_S = 5.0
+#: Executable name of the python backend's per-instance model process.
+STUB_NAME = "triton_python_backend_stub"
 
 
 class ServerError(RuntimeError):
@@ -156,6 +169,7 @@ def triton_arguments(cfg: ServerConfig, install: TritonInstall) -> list[str]:
         "--pinned-memory-pool-byte-size=0",
         "--exit-on-error=true",
         "--strict-readiness=true",
+        f"--exit-timeout-secs={TRITON_EXIT_TIMEOUT_S}",
         # The python backend's shared memory starts small and grows: /dev/shm may be small.
         "--backend-config=python,shm-default-byte-size=16777216",
         "--backend-config=python,shm-growth-byte-size=16777216",
@@ -189,6 +203,51 @@ def redact(args: list[str], secret: str) -> list[str]:
     return [a.replace(secret, "***") for a in args] if secret else list(args)
 
 
+@dataclass(frozen=True)
+class ModelProcess:
+    """One python-backend stub: the process that runs one instance of one model.
+
+    Why watched: Triton 2.51 does not notice a stub that died (killed by the OOM killer, a
+    crash in native code): it keeps reporting the model ready and answers every request
+    with "Stub process '<instance>' is not healthy". Only the launcher can tell."""
+
+    pid: int
+    model: str  # model name (the folder above the version folder in the stub's argv)
+    instance: str  # Triton's instance name, e.g. "preprocess_0_0"
+    create_time: float  # with the pid, identifies the process (pids are reused)
+
+    @classmethod
+    def from_process(cls, proc) -> ModelProcess | None:
+        """The stub described by a ``psutil.Process``, or None if it is not a stub. Its argv
+        (python backend 2.51): binary, <repository>/<model>/<version>/model.py, shm region,
+        shm sizes, parent pid, backend dir, IPC handle, instance name, ..."""
+        import psutil
+
+        try:
+            argv = proc.cmdline()
+            created = proc.create_time()
+        except psutil.Error:
+            return None
+        if not argv or Path(argv[0]).name != STUB_NAME or len(argv) < 2:
+            return None
+        model_file = Path(argv[1])
+        model = model_file.parent.parent.name if len(model_file.parts) >= 3 else str(model_file)
+        instance = argv[8] if len(argv) > 8 else model
+        return cls(pid=proc.pid, model=model, instance=instance, create_time=created)
+
+    def alive(self) -> bool:
+        """Running (a zombie, killed but not yet reaped by Triton, counts as dead)."""
+        import psutil
+
+        try:
+            proc = psutil.Process(self.pid)
+            return proc.create_time() == self.create_time and (
+                proc.status() != psutil.STATUS_ZOMBIE
+            )
+        except psutil.Error:
+            return False
+
+
 class TritonServer:
     """A running tritonserver process in its own process group (its python-backend stubs are
     its children, so stopping the group leaves no orphan)."""
@@ -200,6 +259,8 @@ class TritonServer:
         self.process: subprocess.Popen | None = None
         self.started_at = 0.0
         self.ready_after_s: float | None = None
+        #: The model processes seen when the server became ready (see :meth:`dead_models`).
+        self.model_processes: list[ModelProcess] = []
 
     def start(self) -> TritonServer:
         for port in (self.cfg.http_port, self.cfg.grpc_port, self.cfg.metrics_port):
@@ -247,9 +308,50 @@ class TritonServer:
                 raise ServerError(f"tritonserver exited with code {code} while loading models")
             if self.is_ready():
                 self.ready_after_s = time.monotonic() - self.started_at
+                self.model_processes = self.current_model_processes()
                 return self.ready_after_s
             time.sleep(0.25)
         raise ServerError(f"tritonserver not ready after {timeout_s:.0f} s")
+
+    def current_model_processes(self) -> list[ModelProcess]:
+        """The live python-backend stubs under Triton now (none once Triton is gone)."""
+        import psutil
+
+        if self.process is None or self.process.poll() is not None:
+            return []
+        try:
+            children = psutil.Process(self.process.pid).children(recursive=True)
+        except psutil.Error:
+            return []
+        found = (ModelProcess.from_process(c) for c in children)
+        return [m for m in found if m is not None and m.alive()]
+
+    def dead_models(self) -> list[ModelProcess]:
+        """Model processes that died while Triton lives on and still calls their model
+        ready: recorded at readiness, gone now, not replaced by Triton (no live stub with
+        the same instance name). Empty while Triton itself is stopped: that is
+        :meth:`poll`'s business. A model unloaded on purpose (explicit/poll model control)
+        is not ready, so its stopped processes are dropped from the watch, and processes
+        of models (re)loaded since are added to it."""
+        if self.process is None or self.process.poll() is not None:
+            return []
+        current = self.current_model_processes()
+        live = {m.instance for m in current}
+        gone = [m for m in self.model_processes if not m.alive() and m.instance not in live]
+        dead = [m for m in gone if self.model_ready(m.model) is not False]
+        self.model_processes = current + dead
+        return dead
+
+    def model_ready(self, model: str) -> bool | None:
+        """Triton's readiness of one model: None when Triton does not answer."""
+        url = f"{self.cfg.http_url}/v2/models/{model}/ready"
+        try:
+            with urllib.request.urlopen(url, timeout=2) as r:
+                return r.status == 200
+        except urllib.error.HTTPError:
+            return False
+        except (urllib.error.URLError, OSError):
+            return None
 
     def signal(self, signum: int) -> None:
         if self.process is not None and self.process.poll() is None:
@@ -265,10 +367,19 @@ class TritonServer:
             try:
                 self.process.wait(timeout_s)
             except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+                self.kill()
         self._reap_group()
         return self.process.returncode
+
+    def kill(self) -> None:
+        """SIGKILL Triton's whole process group (Triton and every model process) and reap it."""
+        if self.process is None:
+            return
+        try:
+            os.killpg(self.process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.process.wait()
 
     def _reap_group(self) -> None:
         """Kill anything left in Triton's process group (e.g. a stub that outlived a crash)."""
