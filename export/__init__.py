@@ -1,1 +1,31 @@
-"""Torch models, training, evaluation and ONNX/TensorRT export (placeholder)."""
+"""Torch models, training, evaluation and ONNX/TensorRT export.
+
+Public entry: :func:`build_onnx_models` (used by ``marrowdx build``). Imports of torch and
+friends happen inside the submodules, so importing this package stays cheap.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from marrowdx.export.build import OnnxModels
+
+__all__ = ["OnnxModels", "build_onnx_models"]
+
+
+def build_onnx_models(
+    work_dir=None, profile: str = "reference", *, progress: bool = True, **kwargs
+) -> OnnxModels:
+    """See :func:`marrowdx.export.build.build_onnx_models`."""
+    from marrowdx.export.build import build_onnx_models as _build
+
+    return _build(work_dir, profile, progress=progress, **kwargs)
+
+
+def __getattr__(name: str):
+    if name == "OnnxModels":
+        from marrowdx.export.build import OnnxModels
+
+        return OnnxModels
+    raise AttributeError(name)

@@ -54,6 +54,7 @@ def _not_built(name: str) -> Callable[[argparse.Namespace], int]:
         print(f"marrowdx {name}: not built yet: the {part} part is missing", file=sys.stderr)
         return 2
 
+    run.not_built = True  # type: ignore[attr-defined]
     return run
 
 

@@ -19,6 +19,9 @@ from marrowdx.simulate import field as fl
 
 #: Every class keeps at least this probability for every patient, so all 33 occur regularly.
 CLASS_FLOOR = 0.008
+#: Bump whenever the rendered pixels change for the same seed: trained weights record it, so
+#: a build retrains instead of serving models fitted to an older look.
+RENDERER_VERSION = 2
 #: Dirichlet concentration around a diagnosis's mean composition (higher = less variation).
 CONCENTRATION = 60.0
 #: Weight of a class not named in a diagnosis template (before normalisation).
@@ -240,6 +243,7 @@ def simulate_cohort(
     gt = {
         **taxonomy.as_metadata(),
         "simulator": {
+            "renderer_version": RENDERER_VERSION,
             "seed": seed,
             "images_per_patient": images_per_patient,
             "size": [int(w), int(h)],

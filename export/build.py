@@ -1,0 +1,243 @@
+"""``build_onnx_models``: simulate (if needed) -> train (if stale) -> export (if older) -> verify.
+
+The one entry point ``marrowdx build`` and the test fixtures use. Every step is skipped
+when its output is current, so a second call costs a few file stats; a file lock keeps two
+processes (say, two test sessions) from training the same profile at once.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from marrowdx import config
+from marrowdx.simulate.cohort import RENDERER_VERSION
+
+KINDS = ("detector", "classifier", "diagnosis")
+#: Processes rendering the training cohort (the simulator's output is identical for any count).
+SIMULATION_WORKERS = 2
+#: Bump when model code changes in a way that invalidates trained weights.
+MODEL_CODE_VERSION = 4
+
+
+@dataclass
+class OnnxModels:
+    """Paths of the exported ONNX models plus their shared metadata."""
+
+    detector: Path
+    classifier: Path
+    diagnosis: Path
+    metadata: dict = field(default_factory=dict)
+
+    def paths(self) -> dict[str, Path]:
+        return {k: getattr(self, k) for k in KINDS}
+
+
+@dataclass(frozen=True)
+class BuildLayout:
+    """Where one profile's artefacts live under the work dir."""
+
+    work_dir: Path
+    profile: str
+
+    @property
+    def weights_dir(self) -> Path:
+        return self.work_dir / "models" / self.profile
+
+    @property
+    def onnx_dir(self) -> Path:
+        return self.work_dir / "onnx" / self.profile
+
+    @property
+    def cache_dir(self) -> Path:
+        return self.work_dir / "cache"
+
+    def checkpoint(self, kind: str) -> Path:
+        return self.weights_dir / f"{kind}.pt"
+
+    def onnx(self, kind: str) -> Path:
+        return self.onnx_dir / f"{kind}.onnx"
+
+    def training_cohort(self, seed: int) -> Path:
+        return (
+            self.work_dir / "cohorts" / f"train-{self.profile}-seed{seed}-r{RENDERER_VERSION}"
+        )
+
+
+class Progress:
+    """Timestamped progress lines on stderr (or nothing)."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+        self.started = time.monotonic()
+
+    def __call__(self, message: str) -> None:
+        if self.enabled:
+            print(
+                f"[marrowdx models {time.monotonic() - self.started:6.1f}s] {message}",
+                file=sys.stderr,
+                flush=True,
+            )
+
+
+@contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _stamp(profile) -> str:
+    return f"{profile.fingerprint()}-code{MODEL_CODE_VERSION}-render{RENDERER_VERSION}"
+
+
+def weights_current(layout: BuildLayout, profile, cohort_key: str | None = None) -> bool:
+    """True when all three checkpoints exist and were trained by this profile (and cohort)."""
+    from marrowdx.export.checkpoints import CHECKPOINT_FORMAT, read_metadata
+
+    for kind in KINDS:
+        meta = read_metadata(layout.checkpoint(kind))
+        if not meta or meta.get("profile_fingerprint") != _stamp(profile):
+            return False
+        if meta.get("checkpoint_format") != CHECKPOINT_FORMAT:
+            return False
+        if cohort_key and meta.get("training_data", {}).get("ground_truth_sha") != cohort_key:
+            return False
+    return True
+
+
+def ensure_training_cohort(layout: BuildLayout, profile, log: Progress) -> Path:
+    """Simulate the profile's training cohort once (fixed seed) and return its folder."""
+    from marrowdx.simulate import simulate_cohort
+
+    out = layout.training_cohort(profile.seed)
+    if (out / "ground_truth.json").exists():
+        return out
+    log(
+        f"simulating training cohort: {profile.train_patients} patients"
+        f" x {profile.images_per_patient} images -> {out}"
+    )
+    tmp = out.with_name(out.name + ".partial")
+    if tmp.exists():
+        import shutil
+
+        shutil.rmtree(tmp)
+    simulate_cohort(
+        tmp,
+        profile.train_patients,
+        profile.seed,
+        images_per_patient=profile.images_per_patient,
+        size=config.FIELD_SIZE,
+        progress=log.enabled,
+        workers=SIMULATION_WORKERS,
+    )
+    tmp.replace(out)
+    return out
+
+
+def train_models(layout: BuildLayout, profile, cohort_dir: Path, log: Progress) -> None:
+    """Train all three models on a cohort and save their checkpoints."""
+    from marrowdx.export import train
+    from marrowdx.export.checkpoints import checkpoint_metadata, save_checkpoint
+    from marrowdx.export.data import prepare_cohort
+
+    log(f"preparing {cohort_dir}")
+    data = prepare_cohort(cohort_dir, layout.cache_dir, log=log)
+    description = {
+        **data.description,
+        "source": "marrowdx.simulate" if cohort_dir.name.startswith("train-") else str(cohort_dir),
+    }
+    log(
+        "training on {images} images, {cells} cells, {patients} patients".format(**data.description)
+    )
+    t0 = time.monotonic()
+    detector = train.train_detector(data, profile, log)
+    log(f"detector trained in {time.monotonic() - t0:.0f}s")
+    t0 = time.monotonic()
+    classifier = train.train_classifier(data, profile, log)
+    log(f"classifier trained in {time.monotonic() - t0:.0f}s")
+    t0 = time.monotonic()
+    confusion = train.classifier_confusion(classifier, data)
+    diagnosis = train.train_diagnosis(confusion, profile, log)
+    log(f"diagnosis model trained in {time.monotonic() - t0:.0f}s")
+    for kind, model in zip(KINDS, (detector, classifier, diagnosis), strict=True):
+        meta = checkpoint_metadata(kind, profile.name, _stamp(profile), description)
+        save_checkpoint(layout.checkpoint(kind), kind, model, meta)
+    log(f"weights saved under {layout.weights_dir}")
+
+
+def export_models(layout: BuildLayout, log: Progress, *, force: bool = False) -> None:
+    """Export every checkpoint whose ONNX file is missing or older, and verify it."""
+    from marrowdx.export.checkpoints import load_checkpoint
+    from marrowdx.export.onnx_export import compare_with_torch, export_onnx, random_inputs
+
+    for kind in KINDS:
+        ckpt_path, onnx_path = layout.checkpoint(kind), layout.onnx(kind)
+        if (
+            not force
+            and onnx_path.exists()
+            and onnx_path.stat().st_mtime >= ckpt_path.stat().st_mtime
+        ):
+            continue
+        ckpt = load_checkpoint(ckpt_path)
+        t0 = time.monotonic()
+        export_onnx(ckpt.model, kind, onnx_path, ckpt.metadata)
+        agreement = compare_with_torch(
+            ckpt.model, kind, onnx_path, [random_inputs(kind, 2, seed=1)]
+        )
+        if not agreement.ok:
+            onnx_path.unlink(missing_ok=True)
+            raise RuntimeError(f"{kind}: ONNX Runtime disagrees with torch: {agreement.failures}")
+        diffs = ", ".join(f"{k} {v:.1e}" for k, v in agreement.max_abs.items())
+        log(f"exported {onnx_path} ({time.monotonic() - t0:.1f}s; max |torch-onnx|: {diffs})")
+
+
+def build_onnx_models(
+    work_dir: Path | None = None,
+    profile: str = "reference",
+    *,
+    cohort: Path | None = None,
+    progress: bool = True,
+    force_train: bool = False,
+) -> OnnxModels:
+    """Train (only when weights are missing/stale) and export (only when ONNX is older).
+
+    ``cohort`` trains on an existing cohort folder (ground_truth.json); without it the
+    profile's own cohort is simulated under ``work_dir`` with a fixed seed.
+    """
+    from marrowdx.export.data import ground_truth_key
+    from marrowdx.export.onnx_export import read_onnx_metadata
+    from marrowdx.export.profiles import get_profile
+
+    spec = get_profile(profile)
+    layout = BuildLayout(Path(work_dir or config.default_work_dir()), spec.name)
+    log = Progress(progress)
+    with _locked(layout.work_dir / "locks" / f"{spec.name}.lock"):
+        cohort_key = None
+        if cohort is not None:
+            from marrowdx.export.data import read_ground_truth
+
+            cohort_key = ground_truth_key(read_ground_truth(Path(cohort)))
+        if force_train or not weights_current(layout, spec, cohort_key):
+            cohort_dir = (
+                Path(cohort) if cohort is not None else ensure_training_cohort(layout, spec, log)
+            )
+            train_models(layout, spec, cohort_dir, log)
+        else:
+            log(f"weights for profile {spec.name!r} are current ({layout.weights_dir})")
+        export_models(layout, log)
+    paths = {kind: layout.onnx(kind) for kind in KINDS}
+    metadata = {kind: read_onnx_metadata(path) for kind, path in paths.items()}
+    summary = dict(metadata["classifier"])
+    summary["models"] = {kind: json.loads(json.dumps(m)) for kind, m in metadata.items()}
+    return OnnxModels(**paths, metadata=summary)

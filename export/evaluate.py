@@ -1,0 +1,208 @@
+"""Held-out evaluation of the exported models, side by side with the paper's numbers.
+
+Runs the ONNX files (what the server runs) with ONNX Runtime over a cohort that went
+through the same DALI preprocessing, matches detections to ground truth at IoU 0.5 and
+computes: detection AP50, 33-class macro AUC / macro F1 and attribute accuracy on matched
+cells, per-patient count total-variation distance, and diagnosis macro F1 from the
+predicted counts (as the paper does: the diagnosis never sees ground-truth labels).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+from marrowdx.export import metrics
+from marrowdx.export.build import OnnxModels
+from marrowdx.export.data import PreparedCohort
+
+from marrowdx import config, taxonomy
+
+T = config.TENSORS
+#: Images per ONNX Runtime call during evaluation.
+EVAL_BATCH = 4
+
+#: Höfener et al. 2025 (arXiv 2509.15895), as quoted in the issue; None = not reported.
+PAPER = {
+    "detection_ap50": 0.96,
+    "cell_macro_auc": 0.98,
+    "cell_macro_f1": 0.61,
+    "attribute_accuracy": None,
+    "count_tv_distance": None,
+    "diagnosis_macro_f1": 0.90,
+}
+#: What the reference build must reach on a held-out simulated cohort (issue 4).
+TARGETS = {
+    "detection_ap50": (">=", 0.95),
+    "cell_macro_f1": (">=", 0.90),
+    "count_tv_distance": ("<=", 0.05),
+    "diagnosis_macro_f1": (">=", 0.90),
+}
+LABELS = {
+    "detection_ap50": "detection AP50",
+    "cell_macro_auc": "cell 33-class macro AUC",
+    "cell_macro_f1": "cell 33-class macro F1",
+    "attribute_accuracy": "attribute accuracy (7 binary)",
+    "count_tv_distance": "count distribution TV distance",
+    "diagnosis_macro_f1": "diagnosis macro F1 (predicted counts)",
+}
+
+
+@dataclass
+class EvaluationReport:
+    detection_ap50: float
+    cell_macro_auc: float
+    cell_macro_f1: float
+    attribute_accuracy: float
+    count_tv_distance: float
+    diagnosis_macro_f1: float
+    n_patients: int
+    n_images: int
+    n_cells: int
+    n_matched: int
+    seconds: float
+    per_class_f1: dict[str, float] = field(default_factory=dict)
+    diagnosis_confusion: list[list[int]] = field(default_factory=list)
+
+    def meets_targets(self) -> dict[str, bool]:
+        out = {}
+        for key, (op, bound) in TARGETS.items():
+            value = getattr(self, key)
+            out[key] = bool(value >= bound) if op == ">=" else bool(value <= bound)
+        return out
+
+    def as_dict(self) -> dict:
+        return {**asdict(self), "meets_targets": self.meets_targets()}
+
+
+@dataclass
+class CohortPredictions:
+    boxes: list[np.ndarray]  # per image [n,4] input px
+    scores: list[np.ndarray]
+    class_probs: list[np.ndarray]
+    attribute_probs: list[np.ndarray]
+    class_counts: np.ndarray  # [I, 33]
+
+
+def predict(data: PreparedCohort, models: OnnxModels, threads: int = 2) -> CohortPredictions:
+    """Detector then classifier over every image of a prepared cohort, with ONNX Runtime."""
+    from marrowdx.export.onnx_export import ort_session
+
+    det, cls = ort_session(models.detector, threads), ort_session(models.classifier, threads)
+    out = CohortPredictions([], [], [], [], np.zeros((data.n_images, config.N_CLASSES), np.float32))
+    for start in range(0, data.n_images, EVAL_BATCH):
+        idx = np.arange(start, min(start + EVAL_BATCH, data.n_images))
+        pixels = data.image_float(idx)
+        boxes, scores, num = det.run([T.boxes, T.scores, T.num_detections], {T.pixels: pixels})
+        probs, attrs, counts = cls.run(
+            [T.class_probs, T.attribute_probs, T.class_counts],
+            {T.pixels: pixels, T.boxes: boxes, T.num_detections: num},
+        )
+        for j in range(len(idx)):
+            n = int(num[j, 0])
+            out.boxes.append(boxes[j, :n])
+            out.scores.append(scores[j, :n])
+            out.class_probs.append(probs[j, :n])
+            out.attribute_probs.append(attrs[j, :n])
+        out.class_counts[idx] = counts
+    return out
+
+
+def diagnose_counts(models: OnnxModels, counts: np.ndarray) -> np.ndarray:
+    """Diagnosis probabilities [P,3] from per-patient predicted counts [P,33] (no lab values)."""
+    from marrowdx.export.onnx_export import ort_session
+
+    total = counts.sum(1, keepdims=True).astype(np.float32)
+    fractions = (counts / np.maximum(total, 1.0)).astype(np.float32)
+    labs = np.zeros((len(counts), config.N_LAB_VALUES), np.float32)
+    (probs,) = ort_session(models.diagnosis).run(
+        [T.diagnosis_probs],
+        {T.fractions: fractions, T.total_cells: total, T.lab_values: labs, T.lab_mask: labs},
+    )
+    return probs
+
+
+def evaluate(data: PreparedCohort, models: OnnxModels) -> EvaluationReport:
+    started = time.monotonic()
+    pred = predict(data, models)
+    cells = data.cells
+    all_scores, all_tp, labels, probs, attr_true, attr_prob = [], [], [], [], [], []
+    for i in range(data.n_images):
+        gt_idx = data.cells_of(i)
+        m = metrics.match_detections(pred.boxes[i], pred.scores[i], cells.boxes[gt_idx])
+        all_scores.append(pred.scores[i])
+        all_tp.append(m.true_positive)
+        labels.append(cells.labels[gt_idx][m.gt_index])
+        probs.append(pred.class_probs[i][m.pred_index])
+        attr_true.append(cells.attributes[gt_idx][m.gt_index])
+        attr_prob.append(pred.attribute_probs[i][m.pred_index])
+    scores, tp = np.concatenate(all_scores), np.concatenate(all_tp)
+    labels, probs = np.concatenate(labels), np.concatenate(probs).reshape(-1, config.N_CLASSES)
+    attr_true = np.concatenate(attr_true).reshape(-1, config.N_ATTRIBUTES)
+    attr_prob = np.concatenate(attr_prob).reshape(-1, config.N_ATTRIBUTES)
+    predicted = probs.argmax(1) if len(probs) else np.zeros(0, np.int64)
+    f1 = metrics.per_class_f1(labels, predicted, config.N_CLASSES)
+
+    n_patients = len(data.patient_ids)
+    counts = np.zeros((n_patients, config.N_CLASSES))
+    np.add.at(counts, data.image_patient, pred.class_counts)
+    truth = data.true_counts()
+    pred_frac = counts / np.maximum(counts.sum(1, keepdims=True), 1)
+    true_frac = truth / np.maximum(truth.sum(1, keepdims=True), 1)
+    diag = diagnose_counts(models, counts).argmax(1)
+    known = data.diagnoses >= 0
+    confusion = np.zeros((config.N_DIAGNOSES, config.N_DIAGNOSES), np.int64)
+    np.add.at(confusion, (data.diagnoses[known], diag[known]), 1)
+    return EvaluationReport(
+        detection_ap50=metrics.average_precision(scores, tp, len(cells.labels)),
+        cell_macro_auc=metrics.macro_auc(labels, probs),
+        cell_macro_f1=float(np.nanmean(f1)) if np.isfinite(f1).any() else float("nan"),
+        attribute_accuracy=float(((attr_prob > 0.5) == (attr_true > 0.5)).mean())
+        if len(attr_true)
+        else float("nan"),
+        count_tv_distance=float(metrics.total_variation(pred_frac, true_frac).mean()),
+        diagnosis_macro_f1=metrics.macro_f1(data.diagnoses[known], diag[known], config.N_DIAGNOSES),
+        n_patients=n_patients,
+        n_images=data.n_images,
+        n_cells=len(cells.labels),
+        n_matched=len(labels),
+        seconds=time.monotonic() - started,
+        per_class_f1={taxonomy.CLASSES[c]: float(v) for c, v in enumerate(f1) if np.isfinite(v)},
+        diagnosis_confusion=confusion.tolist(),
+    )
+
+
+def evaluate_cohort(cohort_dir: Path, models: OnnxModels, work_dir: Path) -> EvaluationReport:
+    from marrowdx.export.data import prepare_cohort
+
+    data = prepare_cohort(Path(cohort_dir), Path(work_dir) / "cache")
+    return evaluate(data, models)
+
+
+def _fmt(value: float | None) -> str:
+    return (
+        "—" if value is None or (isinstance(value, float) and np.isnan(value)) else f"{value:.3f}"
+    )
+
+
+def format_table(report: EvaluationReport, profile: str = "") -> str:
+    """The paper's table next to this build's numbers (and the issue's targets)."""
+    met = report.meets_targets()
+    head = f"{'metric':40s} {'paper':>7s} {'this build':>10s}  target"
+    lines = [head, "-" * len(head)]
+    for key, label in LABELS.items():
+        target = ""
+        if key in TARGETS:
+            op, bound = TARGETS[key]
+            target = f"{op} {bound:.2f} {'ok' if met[key] else 'MISSED'}"
+        lines.append(
+            f"{label:40s} {_fmt(PAPER[key]):>7s} {_fmt(getattr(report, key)):>10s}  {target}"
+        )
+    lines.append(
+        f"({profile + ' build; ' if profile else ''}{report.n_patients} patients, "
+        f"{report.n_images} images, "
+        f"{report.n_cells} cells, {report.n_matched} matched; {report.seconds:.0f}s)"
+    )
+    return "\n".join(lines)

@@ -1,0 +1,264 @@
+"""The three networks: cell detector, cell classifier, diagnosis model.
+
+All three are plain torch modules whose forward pass *is* the served graph: decoding,
+cropping, masking and counting happen inside ``forward`` with fixed shapes, so the ONNX
+export (and the TensorRT engine built from it) needs no plugins and no Python around it.
+Architecture sizes live in the ``*Spec`` dataclasses so checkpoints can rebuild a model.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from marrowdx.export import roi
+from torch import nn
+
+from marrowdx import config
+
+#: Detector output stride: one heatmap cell per 4x4 input pixels (128x128 for 512 input).
+DETECTOR_STRIDE = 4
+#: Initial heatmap bias so sigmoid starts at ~0.1 (CenterNet's prior), stabilising focal loss.
+HEATMAP_PRIOR_BIAS = -2.19
+#: Box-size features fed to the classifier head are log(side) minus this (a ~32 px cell -> 0).
+LOG_CELL_SIDE_CENTER = math.log(32.0)
+#: Scale of the log total-cell-count feature of the diagnosis model (log1p(1000) / 7 ~ 1).
+LOG_TOTAL_CELLS_SCALE = 7.0
+
+
+def conv_bn(cin: int, cout: int, stride: int = 1) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False),
+        nn.BatchNorm2d(cout),
+        nn.ReLU(inplace=True),
+    )
+
+
+# ------------------------------------------------------------------------------ detector
+@dataclass(frozen=True)
+class DetectorSpec:
+    """Widths at strides 4, 8, 16 and the head; decoding limits."""
+
+    width4: int = 24
+    width8: int = 48
+    width16: int = 96
+    head: int = 32
+    max_detections: int = config.MAX_DETECTIONS
+    score_threshold: float = 0.3
+    input_size: int = config.INPUT_SIZE
+
+
+class CellDetector(nn.Module):
+    """CenterNet-style anchor-free detector with the decode inside the graph.
+
+    forward(PIXELS [B,3,S,S]) -> BOXES [B,K,4], SCORES [B,K], NUM_DETECTIONS int32 [B,1].
+    Peaks are local maxima of the sigmoid heatmap (3x3 max-pool equality), top-K over
+    the flattened map, sizes/offsets gathered at the peaks; rows below the threshold are
+    zeroed, and since top-K is sorted the valid rows come first.
+    """
+
+    def __init__(self, spec: DetectorSpec = DetectorSpec()) -> None:
+        super().__init__()
+        self.spec = spec
+        w4, w8, w16, hd = spec.width4, spec.width8, spec.width16, spec.head
+        self.stem = nn.Sequential(conv_bn(3, 16, 2), conv_bn(16, w4, 2), conv_bn(w4, w4))
+        self.down8 = nn.Sequential(conv_bn(w4, w8, 2), conv_bn(w8, w8))
+        self.down16 = nn.Sequential(conv_bn(w8, w16, 2), conv_bn(w16, w16))
+        self.lat8 = nn.Conv2d(w16, w8, 1)
+        self.fuse8 = conv_bn(w8, w8)
+        self.lat4 = nn.Conv2d(w8, w4, 1)
+        self.fuse4 = conv_bn(w4, hd)
+        # one shared 3x3 layer, then 1x1 to: heatmap logit, w, h, off_x, off_y
+        self.head = nn.Sequential(conv_bn(hd, hd), nn.Conv2d(hd, 5, 1))
+        with torch.no_grad():
+            self.head[-1].bias[0] = HEATMAP_PRIOR_BIAS
+        n = spec.input_size // DETECTOR_STRIDE
+        ys, xs = torch.meshgrid(torch.arange(n), torch.arange(n), indexing="ij")
+        self.register_buffer(
+            "grid_xy", torch.stack((xs, ys)).float().reshape(1, 2, n * n), persistent=False
+        )
+
+    def features(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Raw heads: heatmap logits [B,1,h,w], regression [B,4,h,w] (sizes in stride units)."""
+        p4 = self.stem(pixels)
+        p8 = self.down8(p4)
+        p16 = self.down16(p8)
+        f8 = self.fuse8(p8 + F.interpolate(self.lat8(p16), scale_factor=2.0, mode="nearest"))
+        f4 = self.fuse4(p4 + F.interpolate(self.lat4(f8), scale_factor=2.0, mode="nearest"))
+        out = self.head(f4)
+        return out[:, 0:1], out[:, 1:5]
+
+    def decode(self, logits: torch.Tensor, regress: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        b = logits.shape[0]
+        k = self.spec.max_detections
+        heat = torch.sigmoid(logits)
+        peaks = F.max_pool2d(heat, 3, stride=1, padding=1)
+        heat = heat * (peaks == heat).to(heat.dtype)
+        flat = heat.reshape(b, -1)
+        scores, idx = torch.topk(flat, k, dim=1)  # sorted, descending
+        # Dense per-location boxes, then one gather: no integer division/modulo in the graph.
+        hw = flat.shape[1]
+        reg = regress.reshape(b, 4, hw)
+        centre = (self.grid_xy + reg[:, 2:4]) * DETECTOR_STRIDE
+        half = F.relu(reg[:, 0:2]) * (DETECTOR_STRIDE * 0.5)
+        dense = torch.cat((centre - half, centre + half), dim=1)  # [B,4,HW]
+        boxes = torch.gather(dense, 2, idx.unsqueeze(1).expand(b, 4, k)).permute(0, 2, 1)
+        limit = float(self.spec.input_size)
+        boxes = torch.clamp(boxes, 0.0, limit)
+        valid = (scores > self.spec.score_threshold).to(scores.dtype)
+        scores = scores * valid
+        boxes = boxes * valid.unsqueeze(-1)
+        num = valid.sum(dim=1, keepdim=True).to(torch.int32)
+        return boxes, scores, num
+
+    def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        logits, regress = self.features(pixels)
+        return self.decode(logits, regress)
+
+
+# ---------------------------------------------------------------------------- classifier
+@dataclass(frozen=True)
+class ClassifierSpec:
+    widths: tuple[int, int, int] = (16, 32, 64)
+    hidden: int = 128
+    crop_size: int = config.CROP_SIZE
+    crop_margin: float = roi.CROP_CONTEXT_MARGIN
+    input_size: int = config.INPUT_SIZE
+    max_boxes: int = config.MAX_DETECTIONS
+    n_classes: int = config.N_CLASSES
+    n_attributes: int = config.N_ATTRIBUTES
+
+
+class CellClassifier(nn.Module):
+    """Crops every box in-graph and predicts 33 classes and 7 binary attributes per box.
+
+    forward(PIXELS [B,3,S,S], BOXES [B,K,4], NUM_DETECTIONS int32 [B,1]) ->
+    CLASS_PROBS [B,K,33], ATTRIBUTE_PROBS [B,K,7], CLASS_COUNTS [B,33].
+    Crops are scale-normalised, so the box's own size is fed to the head separately
+    (cell size is both an attribute and a strong class cue).
+    """
+
+    def __init__(self, spec: ClassifierSpec = ClassifierSpec()) -> None:
+        super().__init__()
+        self.spec = spec
+        w1, w2, w3 = spec.widths
+        self.backbone = nn.Sequential(
+            conv_bn(3, w1, 2),
+            conv_bn(w1, w1),
+            conv_bn(w1, w2, 2),
+            conv_bn(w2, w2),
+            conv_bn(w2, w3, 2),
+            conv_bn(w3, w3),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
+        )
+        self.trunk = nn.Sequential(nn.Linear(w3 + 2, spec.hidden), nn.ReLU(inplace=True))
+        self.class_head = nn.Linear(spec.hidden, spec.n_classes)
+        self.attribute_head = nn.Linear(spec.hidden, spec.n_attributes)
+        self.register_buffer(
+            "class_ids", torch.arange(spec.n_classes).reshape(1, 1, -1), persistent=False
+        )
+        self.register_buffer("crop_steps", roi.crop_offsets(spec.crop_size), persistent=False)
+        self.register_buffer(
+            "row_ids",
+            torch.arange(spec.max_boxes, dtype=torch.int32).reshape(1, -1),
+            persistent=False,
+        )
+
+    def crops(self, pixels: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
+        """Every box's crop, [B*K, 3, CROP_SIZE, CROP_SIZE]."""
+        size = (self.spec.input_size, self.spec.input_size)
+        return roi.crop_boxes(pixels, boxes, self.crop_steps, size, self.spec.crop_margin)
+
+    def classify_crops(
+        self, crops: torch.Tensor, boxes: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits from crops [B*K,...] and their boxes [B,K,4]: [B,K,33], [B,K,7].
+
+        Split from :meth:`crops` so training can augment crops (flips, rotations) in between.
+        """
+        b, k = boxes.shape[0], boxes.shape[1]
+        wh = torch.clamp(boxes[..., 2:4] - boxes[..., 0:2], min=1.0)
+        size_features = (torch.log(wh) - LOG_CELL_SIDE_CENTER).reshape(b * k, 2)
+        hidden = self.trunk(torch.cat((self.backbone(crops), size_features), dim=1))
+        cls = self.class_head(hidden).reshape(b, k, self.spec.n_classes)
+        att = self.attribute_head(hidden).reshape(b, k, self.spec.n_attributes)
+        return cls, att
+
+    def logits(
+        self, pixels: torch.Tensor, boxes: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Class and attribute logits [B,K,33], [B,K,7] for every box (no masking)."""
+        return self.classify_crops(self.crops(pixels, boxes), boxes)
+
+    def forward(
+        self, pixels: torch.Tensor, boxes: torch.Tensor, num_detections: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        cls, att = self.logits(pixels, boxes)
+        rows = self.row_ids[:, : boxes.shape[1]]
+        # int32 on both sides: NUM_DETECTIONS is INT32 and TensorRT prefers 32-bit indices
+        mask = (rows < num_detections.to(torch.int32)).to(cls.dtype).unsqueeze(-1)  # [B,K,1]
+        class_probs = torch.softmax(cls, dim=-1) * mask
+        attribute_probs = torch.sigmoid(att) * mask
+        winner = torch.argmax(cls, dim=-1, keepdim=True)  # [B,K,1]
+        one_hot = (winner == self.class_ids).to(cls.dtype)
+        class_counts = (one_hot * mask).sum(dim=1)
+        return class_probs, attribute_probs, class_counts
+
+
+# ----------------------------------------------------------------------------- diagnosis
+@dataclass(frozen=True)
+class DiagnosisSpec:
+    hidden: int = 64
+    n_classes: int = config.N_CLASSES
+    n_lab_values: int = config.N_LAB_VALUES
+    n_diagnoses: int = config.N_DIAGNOSES
+
+
+class DiagnosisModel(nn.Module):
+    """MLP on class fractions, log total count and (masked) lab values -> diagnosis probs.
+
+    forward(FRACTIONS [B,33], TOTAL_CELLS [B,1], LAB_VALUES [B,4], LAB_MASK [B,4]) ->
+    DIAGNOSIS_PROBS [B,3]. Absent lab values are zeroed by the mask and the mask itself is
+    an input, so "missing" is distinguishable from "zero".
+    """
+
+    def __init__(self, spec: DiagnosisSpec = DiagnosisSpec()) -> None:
+        super().__init__()
+        self.spec = spec
+        n_in = spec.n_classes + 1 + 2 * spec.n_lab_values
+        self.net = nn.Sequential(
+            nn.Linear(n_in, spec.hidden),
+            nn.ReLU(inplace=True),
+            nn.Linear(spec.hidden, spec.hidden),
+            nn.ReLU(inplace=True),
+            nn.Linear(spec.hidden, spec.n_diagnoses),
+        )
+
+    def logits(self, fractions, total_cells, lab_values, lab_mask) -> torch.Tensor:
+        total = torch.log1p(torch.clamp(total_cells, min=0.0)) / LOG_TOTAL_CELLS_SCALE
+        labs = torch.log1p(torch.clamp(lab_values, min=0.0)) * lab_mask
+        return self.net(torch.cat((fractions, total, labs, lab_mask), dim=1))
+
+    def forward(self, fractions, total_cells, lab_values, lab_mask) -> torch.Tensor:
+        return torch.softmax(self.logits(fractions, total_cells, lab_values, lab_mask), dim=-1)
+
+
+SPECS = {"detector": DetectorSpec, "classifier": ClassifierSpec, "diagnosis": DiagnosisSpec}
+MODULES = {"detector": CellDetector, "classifier": CellClassifier, "diagnosis": DiagnosisModel}
+
+
+def build_model(kind: str, spec_dict: dict | None = None) -> nn.Module:
+    """Rebuild a model from its kind and (JSON round-tripped) spec."""
+    spec_cls = SPECS[kind]
+    fields = dict(spec_dict or {})
+    for key, value in fields.items():
+        if isinstance(value, list):
+            fields[key] = tuple(value)
+    return MODULES[kind](spec_cls(**fields))
+
+
+def spec_dict(model: nn.Module) -> dict:
+    return asdict(model.spec)

@@ -1,0 +1,226 @@
+"""ONNX export (opset 17, dynamic batch, contract tensor names, metadata) and verification.
+
+The TorchScript-based exporter (``dynamo=False``) is used because it yields a flat opset-17
+graph with exactly the named inputs/outputs and a symbolic batch dimension; every export is
+checked with the ONNX checker, against TensorRT's operator list, and against torch.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from marrowdx.export import trt_ops
+from torch import nn
+
+from marrowdx import config, taxonomy
+
+OPSET = 17
+BATCH_DIM = "batch"
+#: The classifier's box axis is left dynamic so the serving side can run only the box slots
+#: a batch actually fills (``marrowdx.serving.onnx_runner.BoxSlotClassifier``): cropping and
+#: classifying all MAX_DETECTIONS slots is most of the per-image cost on a CPU.
+BOX_DIM = "boxes"
+BOX_AXIS_TENSORS = frozenset(
+    {config.TENSORS.boxes, config.TENSORS.class_probs, config.TENSORS.attribute_probs}
+)
+#: Agreement required between torch and ONNX Runtime on probabilities and scores.
+PROB_TOLERANCE = 1e-4
+#: Agreement on box coordinates (input pixels) for rows whose scores are not tied.
+BOX_TOLERANCE = 1e-2
+#: ONNX metadata_props key holding the checkpoint metadata as JSON.
+METADATA_KEY = "marrowdx"
+
+T = config.TENSORS
+IO_NAMES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "detector": ((T.pixels,), (T.boxes, T.scores, T.num_detections)),
+    "classifier": (
+        (T.pixels, T.boxes, T.num_detections),
+        (T.class_probs, T.attribute_probs, T.class_counts),
+    ),
+    "diagnosis": ((T.fractions, T.total_cells, T.lab_values, T.lab_mask), (T.diagnosis_probs,)),
+}
+
+
+def random_inputs(kind: str, batch: int, seed: int = 0) -> tuple[torch.Tensor, ...]:
+    """Contract-shaped random inputs (valid boxes, counts in range) for export and checks."""
+    g = torch.Generator().manual_seed(seed)
+    s, k = config.INPUT_SIZE, config.MAX_DETECTIONS
+    if kind == "detector":
+        return (torch.rand(batch, 3, s, s, generator=g),)
+    if kind == "classifier":
+        xy = torch.rand(batch, k, 2, generator=g) * (s - 64)
+        wh = 8 + torch.rand(batch, k, 2, generator=g) * 56
+        n = torch.randint(0, k + 1, (batch, 1), generator=g, dtype=torch.int32)
+        return (torch.rand(batch, 3, s, s, generator=g), torch.cat((xy, xy + wh), -1), n)
+    if kind == "diagnosis":
+        f = torch.rand(batch, config.N_CLASSES, generator=g)
+        mask = (torch.rand(batch, config.N_LAB_VALUES, generator=g) < 0.5).float()
+        return (
+            f / f.sum(1, keepdim=True),
+            torch.randint(1, 3000, (batch, 1), generator=g).float(),
+            torch.rand(batch, config.N_LAB_VALUES, generator=g) * 10 * mask,
+            mask,
+        )
+    raise ValueError(f"unknown model kind {kind!r}")
+
+
+def export_onnx(model: nn.Module, kind: str, path: Path, metadata: dict) -> Path:
+    """Export one model with contract names, dynamic batch and metadata; returns the path."""
+    inputs, outputs = IO_NAMES[kind]
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    model = model.eval()
+    examples = random_inputs(kind, 2)
+    with torch.no_grad():
+        result = model(*examples)
+    out_shapes = [tuple(t.shape[1:]) for t in (result if isinstance(result, tuple) else (result,))]
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            model,
+            examples,
+            str(tmp),
+            input_names=list(inputs),
+            output_names=list(outputs),
+            opset_version=OPSET,
+            dynamic_axes=_dynamic_axes(kind, inputs + outputs),
+            do_constant_folding=True,
+            dynamo=False,
+        )
+    import onnx
+
+    proto = onnx.load(str(tmp))
+    _pin_output_shapes(proto, out_shapes, box_axis=kind == "classifier")
+    props = {
+        METADATA_KEY: json.dumps(metadata, sort_keys=True),
+        "taxonomy": json.dumps(taxonomy.as_metadata()),
+        "classes": json.dumps(list(taxonomy.CLASSES)),
+        "attributes": json.dumps(list(taxonomy.ATTRIBUTE_NAMES)),
+        "diagnoses": json.dumps(list(taxonomy.DIAGNOSES)),
+    }
+    del proto.metadata_props[:]
+    for key, value in props.items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = key, value
+    proto.producer_name = "marrowdx"
+    proto.doc_string = f"marrowdx {kind}: {metadata.get('profile', '?')} profile"
+    onnx.checker.check_model(proto, full_check=True)
+    bad = trt_ops.unsupported_ops(trt_ops.graph_ops(proto))
+    if bad:
+        tmp.unlink(missing_ok=True)
+        raise ValueError(f"{kind} graph uses ops TensorRT does not support: {bad}")
+    onnx.save(proto, str(tmp))
+    tmp.replace(path)
+    return path
+
+
+def _dynamic_axes(kind: str, names: tuple[str, ...]) -> dict[str, dict[int, str]]:
+    """Batch is dynamic everywhere; the classifier's box axis too (see BOX_DIM)."""
+    axes: dict[str, dict[int, str]] = {name: {0: BATCH_DIM} for name in names}
+    if kind == "classifier":
+        for name in BOX_AXIS_TENSORS & set(names):
+            axes[name][1] = BOX_DIM
+    return axes
+
+
+def _pin_output_shapes(proto, shapes: list[tuple[int, ...]], *, box_axis: bool = False) -> None:
+    """Declare [batch, *item] on every output: the tracer leaves data-flow dims symbolic,
+    but the contract (and TensorRT/Triton shape checks) want them fixed, apart from the
+    classifier's box axis, which follows its BOXES input."""
+    for value, item in zip(proto.graph.output, shapes, strict=True):
+        dims = value.type.tensor_type.shape.dim
+        del dims[:]
+        dims.add().dim_param = BATCH_DIM
+        for axis, size in enumerate(item, start=1):
+            if box_axis and axis == 1 and value.name in BOX_AXIS_TENSORS:
+                dims.add().dim_param = BOX_DIM
+            else:
+                dims.add().dim_value = int(size)
+
+
+def read_onnx_metadata(path: Path) -> dict:
+    """The checkpoint metadata stored in an exported model."""
+    import onnx
+
+    proto = onnx.load(str(path), load_external_data=False)
+    props = {p.key: p.value for p in proto.metadata_props}
+    return json.loads(props[METADATA_KEY])
+
+
+def ort_session(path: Path, threads: int = 2):
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+
+@dataclass
+class Agreement:
+    """Largest torch-vs-ONNX Runtime differences, per output name."""
+
+    kind: str
+    max_abs: dict[str, float] = field(default_factory=dict)
+    failures: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.failures
+
+
+def _detector_diffs(ref: list[np.ndarray], got: list[np.ndarray], out: Agreement) -> None:
+    boxes_r, scores_r, n_r = ref
+    boxes_g, scores_g, n_g = got
+    out.max_abs[T.scores] = max(
+        out.max_abs.get(T.scores, 0.0), float(np.abs(scores_r - scores_g).max())
+    )
+    if not np.array_equal(n_r, n_g):
+        out.failures.append(
+            f"{T.num_detections} differ: torch {n_r.ravel().tolist()}"
+            f" vs onnx {n_g.ravel().tolist()}"
+        )
+    # rows whose score has a near-tie may legitimately swap places: compare the others
+    gaps = np.minimum(
+        np.abs(np.diff(scores_r, axis=1, prepend=np.inf)),
+        np.abs(np.diff(scores_r, axis=1, append=-np.inf)),
+    )
+    rows = gaps > PROB_TOLERANCE
+    diff = float(np.abs(boxes_r - boxes_g)[rows].max()) if rows.any() else 0.0
+    out.max_abs[T.boxes] = max(out.max_abs.get(T.boxes, 0.0), diff)
+    if diff > BOX_TOLERANCE:
+        out.failures.append(f"{T.boxes} differ by {diff:.4g} px")
+
+
+def compare_with_torch(
+    model: nn.Module, kind: str, path: Path, batches: list[tuple[torch.Tensor, ...]]
+) -> Agreement:
+    """Run torch and ONNX Runtime on the same inputs and compare every output."""
+    inputs, outputs = IO_NAMES[kind]
+    session = ort_session(path)
+    report = Agreement(kind=kind)
+    model = model.eval()
+    for batch in batches:
+        with torch.no_grad():
+            result = model(*batch)
+        ref = [t.numpy() for t in (result if isinstance(result, tuple) else (result,))]
+        got = session.run(list(outputs), {n: t.numpy() for n, t in zip(inputs, batch, strict=True)})
+        if kind == "detector":
+            _detector_diffs(ref, got, report)
+            if got[2].dtype != np.int32:
+                report.failures.append(f"{T.num_detections} dtype {got[2].dtype}, expected int32")
+            continue
+        for name, r, g in zip(outputs, ref, got, strict=True):
+            diff = float(np.abs(r - g).max()) if r.size else 0.0
+            report.max_abs[name] = max(report.max_abs.get(name, 0.0), diff)
+            tol = 0.5 if name == T.class_counts else PROB_TOLERANCE  # counts: argmax ties only
+            if diff > tol:
+                report.failures.append(f"{name} differs by {diff:.3g} (tolerance {tol})")
+    return report

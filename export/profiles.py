@@ -1,0 +1,87 @@
+"""Training profiles: how much data and how many steps each build trains with.
+
+"reference" is the full build (<= 20 minutes on 2 CPU cores, simulation included);
+"tiny" is for tests and CI fixtures (a minute or two; its quality is not a target).
+Changing a profile changes its fingerprint, which makes existing weights stale.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+
+from marrowdx.export.models import ClassifierSpec, DetectorSpec, DiagnosisSpec
+
+
+@dataclass(frozen=True)
+class TrainingProfile:
+    name: str
+    # simulated training cohort (when none is given)
+    train_patients: int
+    images_per_patient: int
+    seed: int = 20250919
+    # detector: random square crops of the letterboxed images
+    detector: DetectorSpec = field(default_factory=DetectorSpec)
+    det_steps: int = 600
+    det_batch: int = 8
+    det_crop: int = 256
+    det_lr: float = 3e-3
+    # classifier: ground-truth boxes with jitter, a few images per step
+    classifier: ClassifierSpec = field(default_factory=ClassifierSpec)
+    cls_steps: int = 600
+    cls_images: int = 4
+    cls_cells_per_image: int = 32
+    cls_lr: float = 3e-3
+    # diagnosis: synthetic patients drawn around the training patients' fractions
+    diagnosis: DiagnosisSpec = field(default_factory=DiagnosisSpec)
+    diag_patients: int = 20000
+    diag_steps: int = 1500
+    diag_lr: float = 3e-3
+
+    def fingerprint(self) -> str:
+        """Stable hash of everything that affects the trained weights."""
+        blob = json.dumps(asdict(self), sort_keys=True, default=str).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+
+PROFILES: dict[str, TrainingProfile] = {
+    "reference": TrainingProfile(
+        name="reference",
+        train_patients=48,
+        images_per_patient=4,
+        detector=DetectorSpec(score_threshold=0.5),
+        det_steps=1000,
+        det_crop=256,
+        cls_steps=600,
+        diag_patients=8000,
+        diag_steps=800,
+    ),
+    "tiny": TrainingProfile(
+        name="tiny",
+        train_patients=3,
+        images_per_patient=2,
+        # Small, but trained long enough to find cells: integration tests compare served
+        # and in-process boxes, labels and counts, which says little if nothing is detected.
+        detector=DetectorSpec(width4=8, width8=16, width16=16, head=8),
+        det_steps=250,
+        det_batch=4,
+        det_crop=192,
+        classifier=ClassifierSpec(widths=(8, 8, 16), hidden=16),
+        cls_steps=60,
+        cls_images=2,
+        cls_cells_per_image=8,
+        diagnosis=DiagnosisSpec(hidden=16),
+        diag_patients=500,
+        diag_steps=50,
+    ),
+}
+
+
+def get_profile(name: str) -> TrainingProfile:
+    try:
+        return PROFILES[name]
+    except KeyError:
+        raise ValueError(
+            f"unknown training profile {name!r}; choose one of {sorted(PROFILES)}"
+        ) from None

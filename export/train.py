@@ -1,0 +1,262 @@
+"""Deterministic CPU training of the detector, the classifier and the diagnosis model.
+
+Each trainer takes a :class:`PreparedCohort` and a :class:`TrainingProfile` and returns a
+trained module in eval mode. Determinism: one seeded ``torch.Generator``/``numpy`` RNG
+per trainer, a fixed thread count and ``torch.use_deterministic_algorithms``.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from marrowdx.export.data import PreparedCohort
+from marrowdx.export.models import CellClassifier, CellDetector, DiagnosisModel
+from marrowdx.export.profiles import TrainingProfile
+from marrowdx.export.targets import dense_targets, detector_loss, flip_targets
+
+from marrowdx import config, taxonomy
+
+#: Threads torch may use; the reference timing budget is for 2 cores.
+TRAIN_THREADS = 2
+WEIGHT_DECAY = 1e-4
+LABEL_SMOOTHING = 0.05
+#: Box jitter when training the classifier (fractions of the box size), imitating detector error.
+JITTER_SHIFT = 0.08
+JITTER_SCALE = 0.10
+#: Classes are sampled with weight count**CLASS_BALANCE_POWER: 0 = natural, 1 = balanced.
+CLASS_BALANCE_POWER = 0.5
+#: Synthetic patients for the diagnosis model: range of total cell counts (log-uniform).
+DIAG_TOTAL_CELLS = (50, 3000)
+DIAG_BATCH = 256
+#: Extra uniform confusion mixed into the classifier's measured confusion for robustness.
+DIAG_EXTRA_CONFUSION = 0.03
+#: Probability that each lab value of a synthetic patient is present (else masked out).
+DIAG_LAB_PRESENCE = 0.3
+
+Log = Callable[[str], None]
+
+
+def _silent(_msg: str) -> None:
+    pass
+
+
+def set_determinism(seed: int) -> None:
+    torch.manual_seed(seed)
+    torch.set_num_threads(TRAIN_THREADS)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+
+
+def _cosine_lr(opt: torch.optim.Optimizer, base: float, step: int, total: int) -> None:
+    warm = max(1, total // 20)
+    lr = (
+        base * (step + 1) / warm
+        if step < warm
+        else base * 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, total - warm)))
+    )
+    for g in opt.param_groups:
+        g["lr"] = lr
+
+
+def _every(total: int) -> int:
+    return max(1, total // 5)
+
+
+# ------------------------------------------------------------------------------ detector
+def detector_targets(data: PreparedCohort, input_size: int) -> np.ndarray:
+    """Dense targets for every image, [I, 6, n, n]."""
+    out = []
+    for i in range(data.n_images):
+        out.append(dense_targets(data.cells.boxes[data.cells_of(i)], input_size))
+    return np.stack(out) if out else np.zeros((0, 6, 1, 1), np.float32)
+
+
+def train_detector(
+    data: PreparedCohort, profile: TrainingProfile, log: Log = _silent
+) -> CellDetector:
+    set_determinism(profile.seed)
+    rng = np.random.default_rng(profile.seed)
+    spec = profile.detector
+    model = CellDetector(spec)
+    targets = detector_targets(data, spec.input_size)
+    opt = torch.optim.AdamW(model.parameters(), lr=profile.det_lr, weight_decay=WEIGHT_DECAY)
+    from marrowdx.export.models import DETECTOR_STRIDE
+
+    crop, n_full = profile.det_crop, spec.input_size // DETECTOR_STRIDE
+    crop_t = crop // DETECTOR_STRIDE
+    started = time.monotonic()
+    model.train()
+    for step in range(profile.det_steps):
+        images = rng.integers(0, data.n_images, profile.det_batch)
+        xs, ts = [], []
+        for i in images:
+            fy, fx = rng.integers(0, n_full - crop_t + 1, 2)
+            py, px = fy * DETECTOR_STRIDE, fx * DETECTOR_STRIDE
+            x = data.pixels[i, :, py : py + crop, px : px + crop]
+            t = targets[i, :, fy : fy + crop_t, fx : fx + crop_t]
+            if rng.random() < 0.5:
+                x, t = x[:, :, ::-1], flip_targets(t, horizontal=True)
+            if rng.random() < 0.5:
+                x, t = x[:, ::-1, :], flip_targets(t, horizontal=False)
+            xs.append(np.ascontiguousarray(x))
+            ts.append(t)
+        x = torch.from_numpy(np.stack(xs)).float() / 255.0
+        t = torch.from_numpy(np.stack(ts))
+        _cosine_lr(opt, profile.det_lr, step, profile.det_steps)
+        logits, regress = model.features(x)
+        loss = detector_loss(logits, regress, t)
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 10.0)
+        opt.step()
+        if (step + 1) % _every(profile.det_steps) == 0:
+            log(
+                f"  detector step {step + 1}/{profile.det_steps} loss {loss.item():.3f}"
+                f" ({time.monotonic() - started:.0f}s)"
+            )
+    return model.eval()
+
+
+# ---------------------------------------------------------------------------- classifier
+def class_sampling_weights(labels: np.ndarray, power: float = CLASS_BALANCE_POWER) -> np.ndarray:
+    counts = np.bincount(labels, minlength=config.N_CLASSES).astype(np.float64)
+    per_class = np.where(counts > 0, np.maximum(counts, 1.0) ** (power - 1.0), 0.0)
+    return per_class[labels]
+
+
+def jitter_boxes(boxes: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    wh = boxes[:, 2:4] - boxes[:, 0:2]
+    centre = (boxes[:, 0:2] + boxes[:, 2:4]) / 2 + rng.uniform(
+        -JITTER_SHIFT, JITTER_SHIFT, wh.shape
+    ) * wh
+    wh = wh * rng.uniform(1 - JITTER_SCALE, 1 + JITTER_SCALE, wh.shape)
+    return np.concatenate([centre - wh / 2, centre + wh / 2], axis=1).astype(np.float32)
+
+
+def augment_crops(crops: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
+    """Random dihedral transform of the whole batch of crops (cells have no orientation)."""
+    k = int(rng.integers(0, 4))
+    if k:
+        crops = torch.rot90(crops, k, dims=(2, 3))
+    if rng.random() < 0.5:
+        crops = torch.flip(crops, dims=(3,))
+    return crops
+
+
+def train_classifier(
+    data: PreparedCohort, profile: TrainingProfile, log: Log = _silent
+) -> CellClassifier:
+    set_determinism(profile.seed + 1)
+    rng = np.random.default_rng(profile.seed + 1)
+    model = CellClassifier(profile.classifier)
+    opt = torch.optim.AdamW(model.parameters(), lr=profile.cls_lr, weight_decay=WEIGHT_DECAY)
+    cells = data.cells
+    if len(cells.labels) == 0:
+        raise ValueError("the training cohort holds no labelled cells")
+    weights = class_sampling_weights(cells.labels)
+    image_weight = np.bincount(cells.image_index, weights=weights, minlength=data.n_images)
+    image_p = image_weight / image_weight.sum()
+    per_image = [data.cells_of(i) for i in range(data.n_images)]
+    started = time.monotonic()
+    model.train()
+    for step in range(profile.cls_steps):
+        images = rng.choice(data.n_images, profile.cls_images, p=image_p)
+        boxes, labels, attrs = [], [], []
+        for i in images:
+            idx = per_image[i]
+            w = weights[idx] / weights[idx].sum()
+            pick = rng.choice(idx, profile.cls_cells_per_image, p=w)
+            boxes.append(jitter_boxes(cells.boxes[pick], rng))
+            labels.append(cells.labels[pick])
+            attrs.append(cells.attributes[pick])
+        pixels = torch.from_numpy(data.image_float(images))
+        box_t = torch.from_numpy(np.stack(boxes))
+        crops = augment_crops(model.crops(pixels, box_t), rng)
+        cls, att = model.classify_crops(crops, box_t)
+        y = torch.from_numpy(np.concatenate(labels))
+        a = torch.from_numpy(np.concatenate(attrs))
+        loss = F.cross_entropy(cls.reshape(-1, cls.shape[-1]), y, label_smoothing=LABEL_SMOOTHING)
+        loss = loss + F.binary_cross_entropy_with_logits(att.reshape(-1, att.shape[-1]), a)
+        _cosine_lr(opt, profile.cls_lr, step, profile.cls_steps)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if (step + 1) % _every(profile.cls_steps) == 0:
+            log(
+                f"  classifier step {step + 1}/{profile.cls_steps} loss {loss.item():.3f}"
+                f" ({time.monotonic() - started:.0f}s)"
+            )
+    return model.eval()
+
+
+@torch.no_grad()
+def classifier_confusion(
+    model: CellClassifier, data: PreparedCohort, max_images: int = 64
+) -> np.ndarray:
+    """Row-normalised confusion [true, predicted] of the classifier on ground-truth boxes."""
+    conf = np.zeros((config.N_CLASSES, config.N_CLASSES), np.float64)
+    for i in range(min(data.n_images, max_images)):
+        idx = data.cells_of(i)
+        if len(idx) == 0:
+            continue
+        pixels = torch.from_numpy(data.image_float([i]))
+        cls, _ = model.logits(pixels, torch.from_numpy(data.cells.boxes[idx][None]))
+        np.add.at(conf, (data.cells.labels[idx], cls[0].argmax(-1).numpy()), 1.0)
+    rows = conf.sum(1, keepdims=True)
+    eye = np.eye(config.N_CLASSES)
+    return np.where(rows > 0, conf / np.maximum(rows, 1), eye)
+
+
+# ----------------------------------------------------------------------------- diagnosis
+def synthetic_patients(
+    confusion: np.ndarray, n: int, rng: np.random.Generator
+) -> tuple[np.ndarray, ...]:
+    """Patients as the pipeline would report them: the simulator's per-diagnosis fraction and
+    lab-value samplers, a finite cell count, and the classifier's measured confusion.
+
+    Returns fractions [n,33], totals [n,1], lab values [n,4], lab mask [n,4], diagnoses [n].
+    """
+    from marrowdx.simulate.cohort import draw_fractions, draw_lab_values
+
+    k = config.N_CLASSES
+    conf = (1 - DIAG_EXTRA_CONFUSION) * confusion + DIAG_EXTRA_CONFUSION / k
+    diagnoses = rng.integers(0, config.N_DIAGNOSES, n)
+    lo, hi = np.log(DIAG_TOTAL_CELLS[0]), np.log(DIAG_TOTAL_CELLS[1])
+    totals = np.exp(rng.uniform(lo, hi, n)).astype(np.int64)
+    fractions = np.zeros((n, k), np.float32)
+    labs = np.zeros((n, config.N_LAB_VALUES), np.float32)
+    for j in range(n):
+        name = taxonomy.DIAGNOSES[diagnoses[j]]
+        seen = draw_fractions(name, rng) @ conf
+        fractions[j] = rng.multinomial(totals[j], seen / seen.sum()) / totals[j]
+        labs[j] = [draw_lab_values(name, rng)[v] for v in config.LAB_VALUE_NAMES]
+    mask = (rng.random((n, config.N_LAB_VALUES)) < DIAG_LAB_PRESENCE).astype(np.float32)
+    return fractions, totals.astype(np.float32)[:, None], labs * mask, mask, diagnoses
+
+
+def train_diagnosis(
+    confusion: np.ndarray, profile: TrainingProfile, log: Log = _silent
+) -> DiagnosisModel:
+    set_determinism(profile.seed + 2)
+    rng = np.random.default_rng(profile.seed + 2)
+    f, t, labs, mask, y = synthetic_patients(confusion, profile.diag_patients, rng)
+    tensors = [torch.from_numpy(a) for a in (f, t, labs, mask)]
+    y_t = torch.from_numpy(y.astype(np.int64))
+    model = DiagnosisModel(profile.diagnosis)
+    opt = torch.optim.AdamW(model.parameters(), lr=profile.diag_lr, weight_decay=WEIGHT_DECAY)
+    model.train()
+    for step in range(profile.diag_steps):
+        idx = torch.from_numpy(rng.integers(0, len(y), DIAG_BATCH))
+        logits = model.logits(*(a[idx] for a in tensors))
+        loss = F.cross_entropy(logits, y_t[idx])
+        _cosine_lr(opt, profile.diag_lr, step, profile.diag_steps)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if (step + 1) % _every(profile.diag_steps) == 0:
+            log(f"  diagnosis step {step + 1}/{profile.diag_steps} loss {loss.item():.3f}")
+    return model.eval()

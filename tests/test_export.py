@@ -1,0 +1,320 @@
+"""ONNX export (names, dtypes, dynamic batch, metadata, TensorRT op list, torch agreement),
+the tiny-profile ``build_onnx_models`` (idempotence, simulated inputs, evaluation) and the
+TensorRT paths (skipped with the reason where TensorRT or a GPU is missing).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from marrowdx.export import onnx_export, tensorrt_build, trt_ops
+from marrowdx.export.models import (
+    CellClassifier,
+    CellDetector,
+    ClassifierSpec,
+    DetectorSpec,
+    DiagnosisModel,
+    DiagnosisSpec,
+)
+from onnx import TensorProto, helper
+
+from marrowdx import cli, config, taxonomy
+
+T = config.TENSORS
+TEST_CACHE = config.project_root() / "build" / "test-cache"
+SMALL = {
+    "detector": lambda: CellDetector(DetectorSpec(width4=8, width8=8, width16=8, head=8)),
+    "classifier": lambda: CellClassifier(ClassifierSpec(widths=(8, 8, 8), hidden=8)),
+    "diagnosis": lambda: DiagnosisModel(DiagnosisSpec(hidden=8)),
+}
+EXPECTED_TYPES = {
+    T.pixels: TensorProto.FLOAT,
+    T.boxes: TensorProto.FLOAT,
+    T.scores: TensorProto.FLOAT,
+    T.num_detections: TensorProto.INT32,
+    T.class_probs: TensorProto.FLOAT,
+    T.attribute_probs: TensorProto.FLOAT,
+    T.class_counts: TensorProto.FLOAT,
+    T.fractions: TensorProto.FLOAT,
+    T.total_cells: TensorProto.FLOAT,
+    T.lab_values: TensorProto.FLOAT,
+    T.lab_mask: TensorProto.FLOAT,
+    T.diagnosis_probs: TensorProto.FLOAT,
+}
+ITEM_SHAPES = {
+    T.pixels: [3, config.INPUT_SIZE, config.INPUT_SIZE],
+    T.boxes: [config.MAX_DETECTIONS, 4],
+    T.scores: [config.MAX_DETECTIONS],
+    T.num_detections: [1],
+    T.class_probs: [config.MAX_DETECTIONS, config.N_CLASSES],
+    T.attribute_probs: [config.MAX_DETECTIONS, config.N_ATTRIBUTES],
+    T.class_counts: [config.N_CLASSES],
+    T.fractions: [config.N_CLASSES],
+    T.total_cells: [1],
+    T.lab_values: [config.N_LAB_VALUES],
+    T.lab_mask: [config.N_LAB_VALUES],
+    T.diagnosis_probs: [config.N_DIAGNOSES],
+}
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory) -> dict[str, tuple[torch.nn.Module, Path]]:
+    """Untrained small models exported once (export semantics do not depend on weights)."""
+    torch.manual_seed(0)
+    out = tmp_path_factory.mktemp("onnx")
+    result = {}
+    for kind, make in SMALL.items():
+        model = make().eval()
+        meta = {"profile": "test", "kind": kind, **taxonomy.as_metadata()}
+        result[kind] = (model, onnx_export.export_onnx(model, kind, out / f"{kind}.onnx", meta))
+    return result
+
+
+@pytest.mark.parametrize("kind", list(SMALL))
+def test_onnx_graph_contract(exported, kind: str) -> None:
+    _model, path = exported[kind]
+    proto = onnx.load(str(path))
+    onnx.checker.check_model(proto, full_check=True)
+    assert {o.domain: o.version for o in proto.opset_import}.get("", None) == onnx_export.OPSET
+    names_in, names_out = onnx_export.IO_NAMES[kind]
+    for values, names in ((proto.graph.input, names_in), (proto.graph.output, names_out)):
+        assert [v.name for v in values] == list(names)
+        for v in values:
+            dims = v.type.tensor_type.shape.dim
+            assert dims[0].dim_param == onnx_export.BATCH_DIM, f"{v.name}: batch dim not dynamic"
+            assert [d.dim_value for d in dims[1:]] == ITEM_SHAPES[v.name], v.name
+            assert v.type.tensor_type.elem_type == EXPECTED_TYPES[v.name], v.name
+    props = {p.key: p.value for p in proto.metadata_props}
+    assert json.loads(props["classes"]) == list(taxonomy.CLASSES)
+    assert json.loads(props["taxonomy"]) == taxonomy.as_metadata()
+    assert onnx_export.read_onnx_metadata(path)["kind"] == kind
+
+
+@pytest.mark.parametrize("kind", list(SMALL))
+def test_onnx_graph_uses_only_tensorrt_supported_ops(exported, kind: str) -> None:
+    ops = trt_ops.graph_ops(onnx.load(str(exported[kind][1])))
+    assert trt_ops.unsupported_ops(ops) == [], f"{kind} uses ops outside TensorRT's list"
+
+
+def test_tensorrt_op_check_catches_unsupported_op(tmp_path) -> None:
+    """The guard itself: a graph with NonZero (not allowed) is reported, and export refuses it."""
+    node = helper.make_node("NonZero", ["x"], ["y"])
+    graph = helper.make_graph(
+        [node],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4])],
+        [helper.make_tensor_value_info("y", TensorProto.INT64, [1, None])],
+    )
+    assert trt_ops.unsupported_ops(trt_ops.graph_ops(helper.make_model(graph))) == ["NonZero"]
+
+    class Bad(torch.nn.Module):
+        def forward(self, fractions, total, labs, mask):
+            return (
+                torch.nonzero(fractions).float().sum().reshape(1, 1).expand(fractions.shape[0], 3)
+            )
+
+    with pytest.raises(ValueError, match="NonZero"):
+        onnx_export.export_onnx(Bad(), "diagnosis", tmp_path / "bad.onnx", {})
+    assert not (tmp_path / "bad.onnx").exists()
+
+
+@pytest.mark.parametrize("kind", list(SMALL))
+@pytest.mark.parametrize("batch", [1, 3])
+def test_onnx_runtime_matches_torch_on_random_inputs(exported, kind: str, batch: int) -> None:
+    model, path = exported[kind]
+    report = onnx_export.compare_with_torch(
+        model, kind, path, [onnx_export.random_inputs(kind, batch, seed=7)]
+    )
+    assert report.ok, report.failures
+    for name, diff in report.max_abs.items():
+        if name not in (T.boxes, T.class_counts):
+            assert diff <= onnx_export.PROB_TOLERANCE, (name, diff)
+
+
+# ------------------------------------------------------------------- tiny trained models
+@pytest.fixture(scope="session")
+def tiny_models():
+    from marrowdx.export import build_onnx_models
+
+    return build_onnx_models(TEST_CACHE, "tiny", progress=False)
+
+
+def test_build_onnx_models_is_idempotent(tiny_models) -> None:
+    from marrowdx.export import build_onnx_models
+    from marrowdx.export.build import BuildLayout
+
+    layout = BuildLayout(TEST_CACHE, "tiny")
+    before = {
+        p: p.stat().st_mtime_ns
+        for p in [*tiny_models.paths().values(), layout.checkpoint("detector")]
+    }
+    again = build_onnx_models(TEST_CACHE, "tiny", progress=False)
+    assert again.paths() == tiny_models.paths()
+    assert {p: p.stat().st_mtime_ns for p in before} == before, (
+        "second build retrained or re-exported"
+    )
+    meta = tiny_models.metadata
+    assert meta["classes"] == list(taxonomy.CLASSES) and meta["diagnoses"] == list(
+        taxonomy.DIAGNOSES
+    )
+    assert meta["input_size"] == config.INPUT_SIZE and meta["training_data"]["cells"] > 0
+
+
+def test_trained_models_agree_with_torch_on_simulated_images(tiny_models) -> None:
+    from marrowdx.export.build import BuildLayout
+    from marrowdx.export.checkpoints import load_checkpoint
+    from marrowdx.export.data import prepare_cohort
+
+    layout = BuildLayout(TEST_CACHE, "tiny")
+    data = prepare_cohort(layout.training_cohort(_tiny_seed()), layout.cache_dir)
+    pixels = torch.from_numpy(data.image_float(np.arange(min(2, data.n_images))))
+    det = load_checkpoint(layout.checkpoint("detector")).model
+    report = onnx_export.compare_with_torch(det, "detector", tiny_models.detector, [(pixels,)])
+    assert report.ok, report.failures
+    # classifier on the ground-truth boxes of those images, padded to K
+    k = config.MAX_DETECTIONS
+    boxes = np.zeros((len(pixels), k, 4), np.float32)
+    num = np.zeros((len(pixels), 1), np.int32)
+    for i in range(len(pixels)):
+        b = data.cells.boxes[data.cells_of(i)][:k]
+        boxes[i, : len(b)], num[i, 0] = b, len(b)
+    cls = load_checkpoint(layout.checkpoint("classifier")).model
+    inputs = (pixels, torch.from_numpy(boxes), torch.from_numpy(num))
+    report = onnx_export.compare_with_torch(cls, "classifier", tiny_models.classifier, [inputs])
+    assert report.ok, report.failures
+    assert report.max_abs[T.class_probs] <= onnx_export.PROB_TOLERANCE
+
+
+def _tiny_seed() -> int:
+    from marrowdx.export.profiles import PROFILES
+
+    return PROFILES["tiny"].seed
+
+
+def test_evaluate_reports_every_metric(tiny_models) -> None:
+    from marrowdx.export.build import BuildLayout
+    from marrowdx.export.evaluate import evaluate_cohort, format_table
+
+    cohort = BuildLayout(TEST_CACHE, "tiny").training_cohort(_tiny_seed())
+    report = evaluate_cohort(cohort, tiny_models, TEST_CACHE)
+    assert report.n_images > 0 and report.n_cells > 0
+    assert 0.0 <= report.detection_ap50 <= 1.0
+    assert 0.0 <= report.count_tv_distance <= 1.0
+    assert 0.0 <= report.diagnosis_macro_f1 <= 1.0
+    table = format_table(report, "tiny")
+    for label in ("detection AP50", "macro AUC", "macro F1", "attribute accuracy", "diagnosis"):
+        assert label in table
+    assert "0.960" in table and "0.610" in table  # the paper's column
+
+
+def test_cli_train_and_export_without_tensorrt(tiny_models, capsys) -> None:
+    assert cli.main(["train", "--work-dir", str(TEST_CACHE), "--profile", "tiny", "--quiet"]) == 0
+    assert str(tiny_models.detector) in capsys.readouterr().out
+    try:
+        tensorrt_build.require_tensorrt()
+    except tensorrt_build.TensorRTUnavailable as exc:
+        code = cli.main(
+            ["export", "--work-dir", str(TEST_CACHE), "--profile", "tiny", "--quiet", "--tensorrt"]
+        )
+        assert code == 3
+        assert str(exc) in capsys.readouterr().err
+    else:
+        pytest.skip("TensorRT is available here; the refusal path is not reachable")
+
+
+# -------------------------------------------------------------------------------- TensorRT
+def test_engine_sidecar_refuses_other_gpu_or_tensorrt(tmp_path) -> None:
+    plan = tmp_path / "detector.fp16.plan"
+    plan.write_bytes(b"not really an engine")
+    info = tensorrt_build.EngineInfo(
+        model="detector",
+        precision="fp16",
+        tensorrt_version="10.5.0",
+        gpu_name="NVIDIA H100 80GB HBM3",
+        compute_capability="9.0",
+        batch_profile={"min": 1, "opt": 4, "max": 8},
+        onnx_sha256="0" * 64,
+    )
+    tensorrt_build.sidecar_path(plan).write_text(json.dumps(info.__dict__))
+    ok = tensorrt_build.check_engine_info(plan, "10.5.0", "NVIDIA H100 80GB HBM3", "9.0")
+    assert ok.precision == "fp16"
+    with pytest.raises(tensorrt_build.EngineMismatch, match="TensorRT 10.5.0"):
+        tensorrt_build.check_engine_info(plan, "10.6.0", "NVIDIA H100 80GB HBM3", "9.0")
+    with pytest.raises(tensorrt_build.EngineMismatch, match="GPU"):
+        tensorrt_build.check_engine_info(plan, "10.5.0", "NVIDIA L4", "8.9")
+    tensorrt_build.sidecar_path(plan).unlink()
+    with pytest.raises(tensorrt_build.EngineMismatch, match="rebuild"):
+        tensorrt_build.check_engine_info(plan, "10.5.0", "NVIDIA L4", "8.9")
+
+
+def test_batch_profile_from_triton_config(tmp_path) -> None:
+    pbtxt = tmp_path / "config.pbtxt"
+    pbtxt.write_text(
+        'name: "detector"\nmax_batch_size: 16\n'
+        "dynamic_batching { preferred_batch_size: [ 4, 8 ] }\n"
+    )
+    assert tensorrt_build.triton_batch_profile(pbtxt) == tensorrt_build.BatchProfile(1, 8, 16)
+    pbtxt.write_text('name: "detector"\nmax_batch_size: 0\n')
+    with pytest.raises(ValueError, match="max_batch_size"):
+        tensorrt_build.triton_batch_profile(pbtxt)
+
+
+def _tensorrt_reason() -> str | None:
+    try:
+        tensorrt_build.require_tensorrt()
+    except tensorrt_build.TensorRTUnavailable as exc:
+        return str(exc)
+    return None
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(
+    _tensorrt_reason() is not None, reason=f"TensorRT engines: {_tensorrt_reason()}"
+)
+@pytest.mark.parametrize("fp16", [False, True], ids=["fp32", "fp16"])
+def test_tensorrt_engines_match_onnx_runtime(tiny_models, tmp_path, fp16: bool) -> None:
+    batch = tensorrt_build.BatchProfile(1, 2, 4)
+    for kind, path in tiny_models.paths().items():
+        plan = tensorrt_build.build_engine(path, tmp_path / f"{kind}.plan", kind, batch, fp16=fp16)
+        diffs = tensorrt_build.verify_engine(plan, path, kind)
+        assert diffs, kind
+        info = json.loads(tensorrt_build.sidecar_path(plan).read_text())
+        assert info["precision"] == ("fp16" if fp16 else "fp32") and info["gpu_name"]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(_tensorrt_reason() is not None, reason=f"torch-tensorrt: {_tensorrt_reason()}")
+def test_torch_tensorrt_matches_onnx_runtime(tiny_models, tmp_path) -> None:
+    batch = tensorrt_build.BatchProfile(1, 2, 4)
+    for kind in tiny_models.paths():
+        out = tensorrt_build.compile_torch_tensorrt(TEST_CACHE, "tiny", kind, batch, tmp_path)
+        assert out.exists()
+
+
+def test_no_tensorrt_message_is_clear() -> None:
+    reason = _tensorrt_reason()
+    if reason is None:
+        pytest.skip("TensorRT is available here")
+    assert "TensorRT" in reason or "GPU" in reason
+
+
+def test_coco_cohort_prepares_like_ground_truth(tiny_models, tmp_path) -> None:
+    from marrowdx.export.build import BuildLayout
+    from marrowdx.export.data import cohort_from_coco, prepare_cohort, read_ground_truth
+
+    from marrowdx.simulate import write_coco
+
+    layout = BuildLayout(TEST_CACHE, "tiny")
+    cohort = layout.training_cohort(_tiny_seed())
+    coco = write_coco(read_ground_truth(cohort), tmp_path / "coco.json")
+    converted = cohort_from_coco(coco, cohort, tmp_path)
+    a = prepare_cohort(cohort, layout.cache_dir)
+    b = prepare_cohort(converted, tmp_path / "cache")
+    assert b.n_images == a.n_images
+    np.testing.assert_allclose(np.sort(b.cells.boxes, axis=0), np.sort(a.cells.boxes, axis=0))
+    np.testing.assert_array_equal(b.pixels, a.pixels)
