@@ -87,7 +87,11 @@ def test_onnx_graph_contract(exported, kind: str) -> None:
         for v in values:
             dims = v.type.tensor_type.shape.dim
             assert dims[0].dim_param == onnx_export.BATCH_DIM, f"{v.name}: batch dim not dynamic"
-            assert [d.dim_value for d in dims[1:]] == ITEM_SHAPES[v.name], v.name
+            item = [d.dim_param or d.dim_value for d in dims[1:]]
+            expected = list(ITEM_SHAPES[v.name])
+            if kind == "classifier" and v.name in onnx_export.BOX_AXIS_TENSORS:
+                expected[0] = onnx_export.BOX_DIM  # dynamic box axis (served box-slot cut)
+            assert item == expected, v.name
             assert v.type.tensor_type.elem_type == EXPECTED_TYPES[v.name], v.name
     props = {p.key: p.value for p in proto.metadata_props}
     assert json.loads(props["classes"]) == list(taxonomy.CLASSES)
@@ -318,3 +322,18 @@ def test_coco_cohort_prepares_like_ground_truth(tiny_models, tmp_path) -> None:
     assert b.n_images == a.n_images
     np.testing.assert_allclose(np.sort(b.cells.boxes, axis=0), np.sort(a.cells.boxes, axis=0))
     np.testing.assert_array_equal(b.pixels, a.pixels)
+
+
+def test_classifier_runs_on_fewer_box_slots_with_identical_rows(exported) -> None:
+    """The dynamic box axis lets serving run only filled slots; valid rows must not change."""
+    _model, path = exported["classifier"]
+    session = onnx_export.ort_session(path, threads=1)
+    pixels, boxes, num = (t.numpy() for t in onnx_export.random_inputs("classifier", 2))
+    num[:] = np.array([[5], [20]], dtype=num.dtype)
+    feeds = {T.pixels: pixels, T.boxes: boxes, T.num_detections: num}
+    full = session.run(None, feeds)
+    cut = session.run(None, {**feeds, T.boxes: np.ascontiguousarray(boxes[:, :32])})
+    for a, b in zip(full[:2], cut[:2], strict=True):
+        assert b.shape[1] == 32
+        np.testing.assert_allclose(a[:, :32], b, atol=1e-6)
+    np.testing.assert_array_equal(full[2], cut[2])
