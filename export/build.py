@@ -65,9 +65,7 @@ class BuildLayout:
         return self.onnx_dir / f"{kind}.onnx"
 
     def training_cohort(self, seed: int) -> Path:
-        return (
-            self.work_dir / "cohorts" / f"train-{self.profile}-seed{seed}-r{RENDERER_VERSION}"
-        )
+        return self.work_dir / "cohorts" / f"train-{self.profile}-seed{seed}-r{RENDERER_VERSION}"
 
 
 class Progress:

@@ -30,9 +30,17 @@ COMMANDS: dict[str, Command] = {
     "train": Command("marrowdx.export.cli", "models", "train detector, classifier, diagnosis"),
     "evaluate": Command("marrowdx.export.cli", "models", "paper metrics on a held-out cohort"),
     "export": Command("marrowdx.export.cli", "models", "export ONNX (and TensorRT engines)"),
-    "build": Command("marrowdx.serving.cli", "model repository", "train if needed, export, write the model repository"),
-    "serve": Command("marrowdx.serving.cli", "model repository", "run Triton on the model repository"),
-    "diagnose": Command("marrowdx.client.cli", "client", "diagnose every patient folder of a cohort"),
+    "build": Command(
+        "marrowdx.serving.cli",
+        "model repository",
+        "train if needed, export, write the model repository",
+    ),
+    "serve": Command(
+        "marrowdx.serving.cli", "model repository", "run Triton on the model repository"
+    ),
+    "diagnose": Command(
+        "marrowdx.client.cli", "client", "diagnose every patient folder of a cohort"
+    ),
     "bench": Command("marrowdx.bench.cli", "benchmarks", "limit vs peer vs served throughput"),
 }
 

@@ -88,20 +88,26 @@ def build_pipeline(
     # prefetch_queue_depth=1: the pipeline is driven by feed_input + run, one batch at a
     # time; with DALI's default depth of 2 every second run() raises "Attempted to peek the
     # data batch that doesn't exist" (measured with DALI 2.4).
-    @pipeline_def(batch_size=batch_size, num_threads=num_threads, device_id=device_id, prefetch_queue_depth=1)
+    @pipeline_def(
+        batch_size=batch_size, num_threads=num_threads, device_id=device_id, prefetch_queue_depth=1
+    )
     def preprocess():
         return preprocess_graph(device=device, spec=spec, input_name=input_name)
 
     return preprocess()
 
 
-def run_pipeline(pipe, images: Sequence[bytes | np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def run_pipeline(
+    pipe, images: Sequence[bytes | np.ndarray]
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Feed one batch (len <= pipeline batch size) and return host arrays.
 
     Raises whatever DALI raises for an undecodable image; the caller decides how to
     recover (a DALI pipeline that raised must be rebuilt before reuse).
     """
-    batch = [np.frombuffer(x, dtype=np.uint8) if isinstance(x, bytes | bytearray) else x for x in images]
+    batch = [
+        np.frombuffer(x, dtype=np.uint8) if isinstance(x, bytes | bytearray) else x for x in images
+    ]
     pipe.feed_input(config.TENSORS.image, batch)
     outputs = pipe.run()
     arrays = []
@@ -110,7 +116,11 @@ def run_pipeline(pipe, images: Sequence[bytes | np.ndarray]) -> tuple[np.ndarray
             out = out.as_cpu()
         arrays.append(np.stack([np.asarray(out[i]) for i in range(len(batch))]))
     pixels, letterbox, image_size = arrays
-    return pixels.astype(np.float32, copy=False), letterbox.astype(np.float32), image_size.astype(np.int32)
+    return (
+        pixels.astype(np.float32, copy=False),
+        letterbox.astype(np.float32),
+        image_size.astype(np.int32),
+    )
 
 
 class CpuPreprocessor:
@@ -123,12 +133,16 @@ class CpuPreprocessor:
 
     def _pipeline(self):
         if self._pipe is None:
-            self._pipe = build_pipeline(batch_size=self.max_batch_size, num_threads=self.num_threads)
+            self._pipe = build_pipeline(
+                batch_size=self.max_batch_size, num_threads=self.num_threads
+            )
             self._pipe.build()
         return self._pipe
 
     def __call__(self, images: Sequence[bytes]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        chunks = [images[i : i + self.max_batch_size] for i in range(0, len(images), self.max_batch_size)]
+        chunks = [
+            images[i : i + self.max_batch_size] for i in range(0, len(images), self.max_batch_size)
+        ]
         results = []
         for chunk in chunks:
             try:
