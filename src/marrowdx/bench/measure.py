@@ -15,7 +15,7 @@ import math
 import threading
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
@@ -75,6 +75,30 @@ class LevelResult:
         return d
 
 
+@dataclass
+class _Tally:
+    """What the closed-loop workers of one level record; turned into a LevelResult once."""
+
+    latencies_ms: list[float] = field(default_factory=list)
+    cells: int = 0
+    failures: int = 0
+
+    def add(self, started: float, cells: int, failed: bool) -> None:
+        self.latencies_ms.append((time.perf_counter() - started) * 1000.0)
+        self.cells += cells
+        self.failures += failed
+
+    def result(self, concurrency: int, n_requests: int, seconds: float) -> LevelResult:
+        return LevelResult(
+            concurrency=concurrency,
+            images=n_requests - self.failures,
+            cells=self.cells,
+            failures=self.failures,
+            seconds=seconds,
+            latencies_ms=tuple(self.latencies_ms),
+        )
+
+
 def run_threads(
     infer: Callable[[bytes], int], images: Sequence[bytes], concurrency: int, n_requests: int
 ) -> LevelResult:
@@ -84,22 +108,17 @@ def run_threads(
     """
     counter = itertools.count()
     lock = threading.Lock()
-    latencies: list[float] = []
-    totals = {"cells": 0, "failures": 0}
+    tally = _Tally()
 
     def worker() -> None:
         while (i := next(counter)) < n_requests:
             t0 = time.perf_counter()
             try:
-                cells = infer(images[i % len(images)])
-                failed = False
+                cells, failed = infer(images[i % len(images)]), False
             except Exception:  # a failed request is counted, never hidden
                 cells, failed = 0, True
-            dt = (time.perf_counter() - t0) * 1000.0
             with lock:
-                latencies.append(dt)
-                totals["cells"] += cells
-                totals["failures"] += failed
+                tally.add(t0, cells, failed)
 
     threads = [threading.Thread(target=worker, daemon=True) for _ in range(concurrency)]
     start = time.perf_counter()
@@ -107,15 +126,7 @@ def run_threads(
         t.start()
     for t in threads:
         t.join()
-    seconds = time.perf_counter() - start
-    return LevelResult(
-        concurrency=concurrency,
-        images=n_requests - totals["failures"],
-        cells=totals["cells"],
-        failures=totals["failures"],
-        seconds=seconds,
-        latencies_ms=tuple(latencies),
-    )
+    return tally.result(concurrency, n_requests, time.perf_counter() - start)
 
 
 async def run_async(
@@ -126,32 +137,20 @@ async def run_async(
 ) -> LevelResult:
     """The asyncio twin of :func:`run_threads`, for the asyncio client."""
     counter = itertools.count()
-    latencies: list[float] = []
-    totals = {"cells": 0, "failures": 0}
+    tally = _Tally()
 
     async def worker() -> None:
         while (i := next(counter)) < n_requests:
             t0 = time.perf_counter()
             try:
-                cells = await infer(images[i % len(images)])
-                failed = False
+                cells, failed = await infer(images[i % len(images)]), False
             except Exception:
                 cells, failed = 0, True
-            latencies.append((time.perf_counter() - t0) * 1000.0)
-            totals["cells"] += cells
-            totals["failures"] += failed
+            tally.add(t0, cells, failed)
 
     start = time.perf_counter()
     await asyncio.gather(*(worker() for _ in range(concurrency)))
-    seconds = time.perf_counter() - start
-    return LevelResult(
-        concurrency=concurrency,
-        images=n_requests - totals["failures"],
-        cells=totals["cells"],
-        failures=totals["failures"],
-        seconds=seconds,
-        latencies_ms=tuple(latencies),
-    )
+    return tally.result(concurrency, n_requests, time.perf_counter() - start)
 
 
 def cpu_seconds(trees: Sequence[int] = ()) -> float:
