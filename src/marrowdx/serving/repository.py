@@ -64,11 +64,8 @@ def source_repository() -> Path:
 
 
 def _digest(path: Path) -> str:
-    h = hashlib.sha256()
     with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def _put_bytes(data: bytes, dst: Path, result: BuildResult) -> None:
@@ -182,8 +179,13 @@ def build_repository(
 
 
 def _belongs_to(target: str, filename: str) -> bool:
-    """cpu runs model.py (python backend); gpu runs dali.py (DALI backend) or engines."""
-    if filename.endswith((".tmp", ".pyc")):
+    """cpu runs model.py (python backend); gpu runs dali.py (DALI backend) or engines.
+
+    Generated artefacts are never copied from the source folder: after an in-place build
+    (the default) ``model_repository/*/1/`` holds ONNX files of whatever profile was built
+    last, and copying them would clobber the ones this build is asked to install.
+    """
+    if filename.endswith((".tmp", ".pyc")) or filename.startswith((ONNX_FILENAME, PLAN_FILENAME)):
         return False
     if target == "cpu":
         return filename != DALI_FILENAME
