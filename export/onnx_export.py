@@ -155,12 +155,10 @@ def read_onnx_metadata(path: Path) -> dict:
 
 
 def ort_session(path: Path, threads: int = 2):
-    import onnxruntime as ort
+    """The ONNX Runtime session the server uses (same options), for verification and eval."""
+    from marrowdx.serving.onnx_runner import OnnxRunner, SessionThreads
 
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
-    opts.inter_op_num_threads = 1
-    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    return OnnxRunner(path, SessionThreads(intra_op=threads, inter_op=1)).session
 
 
 @dataclass
