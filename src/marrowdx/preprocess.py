@@ -124,12 +124,15 @@ def run_pipeline(
 
 
 class CpuPreprocessor:
-    """Convenience wrapper for training and in-process inference: rebuilds after errors."""
+    """The CPU pipeline built on first use and rebuilt after an error (a DALI pipeline that
+    raised is unusable). Training, the in-process pipeline and the served preprocess model
+    all run their batches through this one class."""
 
     def __init__(self, max_batch_size: int = 8, num_threads: int = 1) -> None:
         self.max_batch_size = max_batch_size
         self.num_threads = num_threads
         self._pipe = None
+        self.rebuilds = 0  # failing pipelines replaced so far (for tests and diagnostics)
 
     def _pipeline(self):
         if self._pipe is None:
@@ -139,17 +142,21 @@ class CpuPreprocessor:
             self._pipe.build()
         return self._pipe
 
+    def run_batch(
+        self, images: Sequence[bytes | np.ndarray]
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """One batch (len <= max_batch_size); on error the pipeline is dropped and rebuilt
+        on the next call, and the error propagates."""
+        try:
+            return run_pipeline(self._pipeline(), images)
+        except Exception:
+            self._pipe = None
+            self.rebuilds += 1
+            raise
+
     def __call__(self, images: Sequence[bytes]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        chunks = [
-            images[i : i + self.max_batch_size] for i in range(0, len(images), self.max_batch_size)
-        ]
-        results = []
-        for chunk in chunks:
-            try:
-                results.append(run_pipeline(self._pipeline(), chunk))
-            except Exception:
-                self._pipe = None  # a pipeline that raised is unusable
-                raise
+        step = self.max_batch_size
+        results = [self.run_batch(images[i : i + step]) for i in range(0, len(images), step)]
         return tuple(np.concatenate(parts) for parts in zip(*results, strict=True))  # type: ignore[return-value]
 
 

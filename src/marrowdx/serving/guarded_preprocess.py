@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from marrowdx.preprocess import CpuPreprocessor
 from marrowdx.serving.image_checks import ImageLimits, ImageRejected, check_encoded_image
 
 
@@ -39,36 +40,22 @@ def dali_error_reason(exc: Exception) -> str:
 
 
 class GuardedPreprocessor:
-    """Validates, then runs the shared DALI CPU pipeline (``preprocess.build_pipeline``)."""
+    """Validates, then runs the shared DALI CPU pipeline (``preprocess.CpuPreprocessor``)."""
 
     def __init__(
         self, max_batch_size: int, num_threads: int = 1, limits: ImageLimits | None = None
     ) -> None:
         self.max_batch_size = max_batch_size
-        self.num_threads = num_threads
         self.limits = limits or ImageLimits()
-        self._pipe = None
-        self.rebuilds = 0  # how many times a failing pipeline was replaced (for tests/diagnostics)
+        self._pre = CpuPreprocessor(max_batch_size=max_batch_size, num_threads=num_threads)
 
-    def _pipeline(self):
-        from marrowdx.preprocess import build_pipeline
-
-        if self._pipe is None:
-            self._pipe = build_pipeline(
-                batch_size=self.max_batch_size, num_threads=self.num_threads
-            )
-            self._pipe.build()
-        return self._pipe
+    @property
+    def rebuilds(self) -> int:
+        """How many times a failing pipeline was replaced (for tests/diagnostics)."""
+        return self._pre.rebuilds
 
     def _run(self, images: Sequence[np.ndarray]) -> list[Preprocessed]:
-        from marrowdx.preprocess import run_pipeline
-
-        try:
-            pixels, letterbox, image_size = run_pipeline(self._pipeline(), list(images))
-        except Exception:
-            self._pipe = None
-            self.rebuilds += 1
-            raise
+        pixels, letterbox, image_size = self._pre.run_batch(list(images))
         return [Preprocessed(pixels[i], letterbox[i], image_size[i]) for i in range(len(images))]
 
     def __call__(self, images: Sequence[bytes | np.ndarray]) -> list[Preprocessed | Rejected]:
@@ -76,20 +63,19 @@ class GuardedPreprocessor:
         good: list[int] = []
         arrays: dict[int, np.ndarray] = {}
         for i, data in enumerate(images):
-            buf = (
+            buf = np.ascontiguousarray(
                 np.frombuffer(data, dtype=np.uint8)
                 if isinstance(data, bytes | bytearray)
-                else np.asarray(data)
+                else np.asarray(data),
+                dtype=np.uint8,
             )
             try:
-                check_encoded_image(
-                    memoryview(np.ascontiguousarray(buf, dtype=np.uint8)), self.limits
-                )
+                check_encoded_image(memoryview(buf), self.limits)
             except ImageRejected as exc:
                 results[i] = Rejected(str(exc))
                 continue
             good.append(i)
-            arrays[i] = np.ascontiguousarray(buf, dtype=np.uint8)
+            arrays[i] = buf
         for start in range(0, len(good), self.max_batch_size):
             chunk = good[start : start + self.max_batch_size]
             try:
