@@ -175,9 +175,15 @@ def train_models(layout: BuildLayout, profile, cohort_dir: Path, log: Progress) 
 
 
 def export_models(layout: BuildLayout, log: Progress, *, force: bool = False) -> None:
-    """Export every checkpoint whose ONNX file is missing or older, and verify it."""
+    """Export every checkpoint whose ONNX file is missing, older or of an earlier export
+    format, and verify it."""
     from marrowdx.export.checkpoints import load_checkpoint
-    from marrowdx.export.onnx_export import compare_with_torch, export_onnx, random_inputs
+    from marrowdx.export.onnx_export import (
+        compare_with_torch,
+        export_is_current,
+        export_onnx,
+        random_inputs,
+    )
 
     for kind in KINDS:
         ckpt_path, onnx_path = layout.checkpoint(kind), layout.onnx(kind)
@@ -185,6 +191,7 @@ def export_models(layout: BuildLayout, log: Progress, *, force: bool = False) ->
             not force
             and onnx_path.exists()
             and onnx_path.stat().st_mtime >= ckpt_path.stat().st_mtime
+            and export_is_current(onnx_path)
         ):
             continue
         ckpt = load_checkpoint(ckpt_path)

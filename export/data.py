@@ -1,9 +1,9 @@
 """Training/evaluation data: a simulated (or COCO) cohort, preprocessed once and cached.
 
 Images go through :class:`marrowdx.preprocess.CpuPreprocessor`, the same DALI pipeline the
-server runs, so the models train on exactly what they will be fed. The letterboxed pixels
-are integer grey levels /255 (DALI resizes in uint8), so they are cached losslessly as uint8
-``.npy`` (a quarter of the float32 size), keyed by a hash of the ground truth.
+server runs, so the models train on exactly what they will be fed. Its PIXELS are uint8
+(the models normalise in their first op), cached as ``.npy`` keyed by a hash of the ground
+truth.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ class CellTable:
 class PreparedCohort:
     """A preprocessed cohort: pixels of every image plus its cells and patients."""
 
-    pixels: np.ndarray  # uint8 [I, 3, S, S] (PIXELS * 255)
+    pixels: np.ndarray  # uint8 [I, 3, S, S], PIXELS as the preprocess step sends them
     letterbox: np.ndarray  # float32 [I, 4]
     image_patient: np.ndarray  # int32 [I]
     image_files: list[str]
@@ -54,9 +54,9 @@ class PreparedCohort:
     def n_images(self) -> int:
         return int(self.pixels.shape[0])
 
-    def image_float(self, index: np.ndarray | int) -> np.ndarray:
-        """PIXELS for the given image(s), float32 in [0, 1] as the server produces them."""
-        return self.pixels[index].astype(np.float32) / 255.0
+    def image_pixels(self, index: np.ndarray | list[int]) -> np.ndarray:
+        """PIXELS of the given images, uint8 [n, 3, S, S] (a copy: the cache is memory-mapped)."""
+        return np.ascontiguousarray(self.pixels[index])
 
     def cells_of(self, image: int) -> np.ndarray:
         return np.flatnonzero(self.cells.image_index == image)
@@ -161,9 +161,7 @@ def prepare_cohort(
             chunk = files[start : start + PREPROCESS_BATCH]
             encoded = [(cohort_dir / f).read_bytes() for f in chunk]
             px, lb, _ = pre(encoded)
-            pixels[start : start + len(chunk)] = np.clip(np.rint(px * 255.0), 0, 255).astype(
-                np.uint8
-            )
+            pixels[start : start + len(chunk)] = px
             letterbox[start : start + len(chunk)] = lb
         cache.mkdir(parents=True, exist_ok=True)
         np.save(cache / "pixels.tmp.npy", pixels)

@@ -94,7 +94,7 @@ def predict(data: PreparedCohort, models: OnnxModels, threads: int = 2) -> Cohor
     out = CohortPredictions([], [], [], [], np.zeros((data.n_images, config.N_CLASSES), np.float32))
     for start in range(0, data.n_images, EVAL_BATCH):
         idx = np.arange(start, min(start + EVAL_BATCH, data.n_images))
-        pixels = data.image_float(idx)
+        pixels = data.image_pixels(idx)
         boxes, scores, num = det.run([T.boxes, T.scores, T.num_detections], {T.pixels: pixels})
         probs, attrs, counts = cls.run(
             [T.class_probs, T.attribute_probs, T.class_counts],

@@ -28,6 +28,20 @@ LOG_CELL_SIDE_CENTER = math.log(32.0)
 LOG_TOTAL_CELLS_SCALE = 7.0
 
 
+def normalize_pixels(pixels: torch.Tensor) -> torch.Tensor:
+    """UINT8 PIXELS (0-255, as the preprocess step sends them) -> the float input the layers
+    were trained on, ``(x - NORM_MEAN) / NORM_STD`` per channel.
+
+    It is the first op of the detector's and the classifier's graphs rather than part of
+    preprocessing so that the tensor moved between the served steps stays uint8: a quarter
+    of float32's 3 MB per image through every python-backend hop. Training calls it too,
+    so there is one definition of the normalisation.
+    """
+    mean = torch.tensor(config.NORM_MEAN, dtype=torch.float32).reshape(1, 3, 1, 1)
+    scale = 1.0 / torch.tensor(config.NORM_STD, dtype=torch.float32).reshape(1, 3, 1, 1)
+    return (pixels.to(torch.float32) - mean) * scale
+
+
 def conv_bn(cin: int, cout: int, stride: int = 1) -> nn.Sequential:
     return nn.Sequential(
         nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False),
@@ -53,7 +67,7 @@ class DetectorSpec:
 class CellDetector(nn.Module):
     """CenterNet-style anchor-free detector with the decode inside the graph.
 
-    forward(PIXELS [B,3,S,S]) -> BOXES [B,K,4], SCORES [B,K], NUM_DETECTIONS int32 [B,1].
+    forward(PIXELS uint8 [B,3,S,S]) -> BOXES [B,K,4], SCORES [B,K], NUM_DETECTIONS int32 [B,1].
     Peaks are local maxima of the sigmoid heatmap (3x3 max-pool equality), top-K over
     the flattened map, sizes/offsets gathered at the peaks; rows below the threshold are
     zeroed, and since top-K is sorted the valid rows come first.
@@ -81,7 +95,8 @@ class CellDetector(nn.Module):
         )
 
     def features(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Raw heads: heatmap logits [B,1,h,w], regression [B,4,h,w] (sizes in stride units)."""
+        """Raw heads from normalised float pixels: heatmap logits [B,1,h,w], regression
+        [B,4,h,w] (sizes in stride units)."""
         p4 = self.stem(pixels)
         p8 = self.down8(p4)
         p16 = self.down16(p8)
@@ -114,7 +129,7 @@ class CellDetector(nn.Module):
         return boxes, scores, num
 
     def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        logits, regress = self.features(pixels)
+        logits, regress = self.features(normalize_pixels(pixels))
         return self.decode(logits, regress)
 
 
@@ -134,7 +149,7 @@ class ClassifierSpec:
 class CellClassifier(nn.Module):
     """Crops every box in-graph and predicts 33 classes and 7 binary attributes per box.
 
-    forward(PIXELS [B,3,S,S], BOXES [B,K,4], NUM_DETECTIONS int32 [B,1]) ->
+    forward(PIXELS uint8 [B,3,S,S], BOXES [B,K,4], NUM_DETECTIONS int32 [B,1]) ->
     CLASS_PROBS [B,K,33], ATTRIBUTE_PROBS [B,K,7], CLASS_COUNTS [B,33].
     Crops are scale-normalised, so the box's own size is fed to the head separately
     (cell size is both an attribute and a strong class cue).
@@ -168,7 +183,7 @@ class CellClassifier(nn.Module):
         )
 
     def crops(self, pixels: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
-        """Every box's crop, [B*K, 3, CROP_SIZE, CROP_SIZE]."""
+        """Every box's crop of normalised float pixels, [B*K, 3, CROP_SIZE, CROP_SIZE]."""
         size = (self.spec.input_size, self.spec.input_size)
         return roi.crop_boxes(pixels, boxes, self.crop_steps, size, self.spec.crop_margin)
 
@@ -196,7 +211,7 @@ class CellClassifier(nn.Module):
     def forward(
         self, pixels: torch.Tensor, boxes: torch.Tensor, num_detections: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        cls, att = self.logits(pixels, boxes)
+        cls, att = self.logits(normalize_pixels(pixels), boxes)
         rows = self.row_ids[:, : boxes.shape[1]]
         # int32 on both sides: NUM_DETECTIONS is INT32 and TensorRT prefers 32-bit indices
         mask = (rows < num_detections.to(torch.int32)).to(cls.dtype).unsqueeze(-1)  # [B,K,1]

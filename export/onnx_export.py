@@ -35,6 +35,11 @@ PROB_TOLERANCE = 1e-4
 BOX_TOLERANCE = 1e-2
 #: ONNX metadata_props key holding the checkpoint metadata as JSON.
 METADATA_KEY = "marrowdx"
+#: metadata_props key of the graph's tensor contract; bump EXPORT_FORMAT when the exported
+#: interface changes without the weights changing (2: PIXELS uint8, normalised in-graph),
+#: so a build re-exports from the existing checkpoints instead of retraining.
+FORMAT_KEY = "export_format"
+EXPORT_FORMAT = 2
 
 T = config.TENSORS
 IO_NAMES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
@@ -47,17 +52,23 @@ IO_NAMES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
 }
 
 
+def random_pixels(batch: int, generator: torch.Generator) -> torch.Tensor:
+    """PIXELS as the preprocess step sends them: uint8 [B, 3, S, S]."""
+    s = config.INPUT_SIZE
+    return torch.randint(0, 256, (batch, 3, s, s), generator=generator, dtype=torch.uint8)
+
+
 def random_inputs(kind: str, batch: int, seed: int = 0) -> tuple[torch.Tensor, ...]:
     """Contract-shaped random inputs (valid boxes, counts in range) for export and checks."""
     g = torch.Generator().manual_seed(seed)
     s, k = config.INPUT_SIZE, config.MAX_DETECTIONS
     if kind == "detector":
-        return (torch.rand(batch, 3, s, s, generator=g),)
+        return (random_pixels(batch, g),)
     if kind == "classifier":
         xy = torch.rand(batch, k, 2, generator=g) * (s - 64)
         wh = 8 + torch.rand(batch, k, 2, generator=g) * 56
         n = torch.randint(0, k + 1, (batch, 1), generator=g, dtype=torch.int32)
-        return (torch.rand(batch, 3, s, s, generator=g), torch.cat((xy, xy + wh), -1), n)
+        return (random_pixels(batch, g), torch.cat((xy, xy + wh), -1), n)
     if kind == "diagnosis":
         f = torch.rand(batch, config.N_CLASSES, generator=g)
         mask = (torch.rand(batch, config.N_LAB_VALUES, generator=g) < 0.5).float()
@@ -100,6 +111,7 @@ def export_onnx(model: nn.Module, kind: str, path: Path, metadata: dict) -> Path
     _pin_output_shapes(proto, out_shapes, box_axis=kind == "classifier")
     props = {
         METADATA_KEY: json.dumps(metadata, sort_keys=True),
+        FORMAT_KEY: str(EXPORT_FORMAT),
         "taxonomy": json.dumps(taxonomy.as_metadata()),
         "classes": json.dumps(list(taxonomy.CLASSES)),
         "attributes": json.dumps(list(taxonomy.ATTRIBUTE_NAMES)),
@@ -145,13 +157,24 @@ def _pin_output_shapes(proto, shapes: list[tuple[int, ...]], *, box_axis: bool =
                 dims.add().dim_value = int(size)
 
 
-def read_onnx_metadata(path: Path) -> dict:
-    """The checkpoint metadata stored in an exported model."""
+def _metadata_props(path: Path) -> dict[str, str]:
     import onnx
 
     proto = onnx.load(str(path), load_external_data=False)
-    props = {p.key: p.value for p in proto.metadata_props}
-    return json.loads(props[METADATA_KEY])
+    return {p.key: p.value for p in proto.metadata_props}
+
+
+def export_is_current(path: Path) -> bool:
+    """True when ``path`` was exported with this code's tensor contract (EXPORT_FORMAT)."""
+    try:
+        return _metadata_props(path).get(FORMAT_KEY) == str(EXPORT_FORMAT)
+    except Exception:  # missing or unreadable file: export again
+        return False
+
+
+def read_onnx_metadata(path: Path) -> dict:
+    """The checkpoint metadata stored in an exported model."""
+    return json.loads(_metadata_props(path)[METADATA_KEY])
 
 
 def ort_session(path: Path, threads: int = 2):

@@ -15,7 +15,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from marrowdx.export.data import PreparedCohort
-from marrowdx.export.models import CellClassifier, CellDetector, DiagnosisModel
+from marrowdx.export.models import (
+    CellClassifier,
+    CellDetector,
+    DiagnosisModel,
+    normalize_pixels,
+)
 from marrowdx.export.profiles import TrainingProfile
 from marrowdx.export.targets import dense_targets, detector_loss, flip_targets
 
@@ -104,7 +109,7 @@ def train_detector(
                 x, t = x[:, ::-1, :], flip_targets(t, horizontal=False)
             xs.append(np.ascontiguousarray(x))
             ts.append(t)
-        x = torch.from_numpy(np.stack(xs)).float() / 255.0
+        x = normalize_pixels(torch.from_numpy(np.stack(xs)))
         t = torch.from_numpy(np.stack(ts))
         _cosine_lr(opt, profile.det_lr, step, profile.det_steps)
         logits, regress = model.features(x)
@@ -173,7 +178,7 @@ def train_classifier(
             boxes.append(jitter_boxes(cells.boxes[pick], rng))
             labels.append(cells.labels[pick])
             attrs.append(cells.attributes[pick])
-        pixels = torch.from_numpy(data.image_float(images))
+        pixels = normalize_pixels(torch.from_numpy(data.image_pixels(images)))
         box_t = torch.from_numpy(np.stack(boxes))
         crops = augment_crops(model.crops(pixels, box_t), rng)
         cls, att = model.classify_crops(crops, box_t)
@@ -203,7 +208,7 @@ def classifier_confusion(
         idx = data.cells_of(i)
         if len(idx) == 0:
             continue
-        pixels = torch.from_numpy(data.image_float([i]))
+        pixels = normalize_pixels(torch.from_numpy(data.image_pixels([i])))
         cls, _ = model.logits(pixels, torch.from_numpy(data.cells.boxes[idx][None]))
         np.add.at(conf, (data.cells.labels[idx], cls[0].argmax(-1).numpy()), 1.0)
     rows = conf.sum(1, keepdims=True)

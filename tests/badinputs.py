@@ -389,7 +389,7 @@ def tensor_cases() -> Iterator[TensorCase]:
     yield TensorCase(
         "pixels_wrong_shape",
         m.detector,
-        ((t.pixels, np.zeros((1, 3, 100, 100), np.float32), "FP32"),),
+        ((t.pixels, np.zeros((1, 3, 100, 100), np.uint8), "UINT8"),),
         ("shape", "dims"),
     )
     yield TensorCase(

@@ -31,13 +31,22 @@ def _save(graph, path: Path) -> Path:
     return path
 
 
+def _normalised_pixels() -> list:
+    """UINT8 PIXELS -> float "px" in [0, 1], as the real graphs start (needs const inv255)."""
+    return [
+        helper.make_node("Cast", [T.pixels], ["px_f"], to=TensorProto.FLOAT),
+        helper.make_node("Mul", ["px_f", "inv255"], ["px"]),
+    ]
+
+
 def detector(path: Path) -> Path:
     rng = np.random.default_rng(1)
     base = np.sort(rng.uniform(0, 400, (K, 2)).astype(np.float32), axis=0)
     boxes0 = np.concatenate([base, base + 30.0], axis=1)[None]  # [1,K,4]
     scores0 = np.linspace(1.0, 0.01, K, dtype=np.float32)[None]  # [1,K] sorted desc
     nodes = [
-        helper.make_node("ReduceMean", [T.pixels], ["m4"], axes=[1, 2, 3], keepdims=0),  # [N]
+        *_normalised_pixels(),
+        helper.make_node("ReduceMean", ["px"], ["m4"], axes=[1, 2, 3], keepdims=0),  # [N]
         helper.make_node("Unsqueeze", ["m4", "ax1"], ["m"]),  # [N,1]
         helper.make_node("Mul", ["m", "k40"], ["shift"]),
         helper.make_node("Unsqueeze", ["shift", "ax2"], ["shift3"]),  # [N,1,1]
@@ -49,6 +58,7 @@ def detector(path: Path) -> Path:
         helper.make_node("Cast", ["nclip"], [T.num_detections], to=TensorProto.INT32),
     ]
     inits = [
+        _const("inv255", np.array(1 / 255, np.float32)),
         _const("ax1", np.array([1], np.int64)),
         _const("ax2", np.array([2], np.int64)),
         _const("k40", np.array(40.0, np.float32)),
@@ -62,7 +72,7 @@ def detector(path: Path) -> Path:
     graph = helper.make_graph(
         nodes,
         "detector",
-        [helper.make_tensor_value_info(T.pixels, TensorProto.FLOAT, ["N", 3, s, s])],
+        [helper.make_tensor_value_info(T.pixels, TensorProto.UINT8, ["N", 3, s, s])],
         [
             helper.make_tensor_value_info(T.boxes, TensorProto.FLOAT, ["N", K, 4]),
             helper.make_tensor_value_info(T.scores, TensorProto.FLOAT, ["N", K]),
@@ -77,7 +87,8 @@ def classifier(path: Path) -> Path:
     rng = np.random.default_rng(2)
     nc, na = config.N_CLASSES, config.N_ATTRIBUTES
     nodes = [
-        helper.make_node("ReduceMean", [T.pixels], ["m4"], axes=[1, 2, 3], keepdims=0),
+        *_normalised_pixels(),
+        helper.make_node("ReduceMean", ["px"], ["m4"], axes=[1, 2, 3], keepdims=0),
         helper.make_node("Reshape", ["m4", "shape_n11"], ["m"]),  # [N,1,1]
         helper.make_node("Mul", [T.boxes, "kscale"], ["b"]),
         helper.make_node("Add", ["b", "m"], ["bm"]),
@@ -97,6 +108,7 @@ def classifier(path: Path) -> Path:
         helper.make_node("ReduceSum", ["ohv", "ax1"], [T.class_counts], keepdims=0),
     ]
     inits = [
+        _const("inv255", np.array(1 / 255, np.float32)),
         _const("shape_n11", np.array([-1, 1, 1], np.int64)),
         _const("kscale", np.array(1.0 / config.INPUT_SIZE, np.float32)),
         _const("wc", rng.normal(0, 3, (4, nc)).astype(np.float32)),
@@ -112,7 +124,7 @@ def classifier(path: Path) -> Path:
         nodes,
         "classifier",
         [
-            helper.make_tensor_value_info(T.pixels, TensorProto.FLOAT, ["N", 3, s, s]),
+            helper.make_tensor_value_info(T.pixels, TensorProto.UINT8, ["N", 3, s, s]),
             helper.make_tensor_value_info(T.boxes, TensorProto.FLOAT, ["N", K, 4]),
             helper.make_tensor_value_info(T.num_detections, TensorProto.INT32, ["N", 1]),
         ],

@@ -33,7 +33,7 @@ SMALL = {
     "diagnosis": lambda: DiagnosisModel(DiagnosisSpec(hidden=8)),
 }
 EXPECTED_TYPES = {
-    T.pixels: TensorProto.FLOAT,
+    T.pixels: TensorProto.UINT8,
     T.boxes: TensorProto.FLOAT,
     T.scores: TensorProto.FLOAT,
     T.num_detections: TensorProto.INT32,
@@ -97,6 +97,20 @@ def test_onnx_graph_contract(exported, kind: str) -> None:
     assert json.loads(props["classes"]) == list(taxonomy.CLASSES)
     assert json.loads(props["taxonomy"]) == taxonomy.as_metadata()
     assert onnx_export.read_onnx_metadata(path)["kind"] == kind
+
+
+def test_export_from_an_earlier_format_is_not_current(exported, tmp_path) -> None:
+    """A build re-exports (without retraining) an ONNX file of an older tensor contract."""
+    path = exported["detector"][1]
+    assert onnx_export.export_is_current(path)
+    proto = onnx.load(str(path))
+    kept = [p for p in proto.metadata_props if p.key != onnx_export.FORMAT_KEY]
+    del proto.metadata_props[:]
+    proto.metadata_props.extend(kept)
+    old = tmp_path / "old.onnx"
+    onnx.save(proto, str(old))
+    assert not onnx_export.export_is_current(old)
+    assert not onnx_export.export_is_current(tmp_path / "missing.onnx")
 
 
 @pytest.mark.parametrize("kind", list(SMALL))
@@ -176,7 +190,7 @@ def test_trained_models_agree_with_torch_on_simulated_images(tiny_models) -> Non
 
     layout = BuildLayout(TEST_CACHE, "tiny")
     data = prepare_cohort(layout.training_cohort(_tiny_seed()), layout.cache_dir)
-    pixels = torch.from_numpy(data.image_float(np.arange(min(2, data.n_images))))
+    pixels = torch.from_numpy(data.image_pixels(np.arange(min(2, data.n_images))))
     det = load_checkpoint(layout.checkpoint("detector")).model
     report = onnx_export.compare_with_torch(det, "detector", tiny_models.detector, [(pixels,)])
     assert report.ok, report.failures

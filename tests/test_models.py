@@ -20,6 +20,7 @@ from marrowdx.export.models import (
     DetectorSpec,
     DiagnosisModel,
     DiagnosisSpec,
+    normalize_pixels,
 )
 from marrowdx.export.targets import dense_targets, flip_targets
 
@@ -81,13 +82,13 @@ def test_roi_crop_matches_direct_slice() -> None:
 
 def test_classifier_masks_padded_rows_and_counts_argmax() -> None:
     cls = CellClassifier(SMALL_CLS).eval()
-    pixels = torch.rand(2, 3, S, S)
+    pixels = torch.randint(0, 256, (2, 3, S, S), dtype=torch.uint8)
     xy = torch.rand(2, K, 2) * 400
     boxes = torch.cat((xy, xy + 30), -1)
     num = torch.tensor([[5], [0]], dtype=torch.int32)
     with torch.no_grad():
         probs, attrs, counts = cls(pixels, boxes, num)
-        logits, _ = cls.logits(pixels, boxes)
+        logits, _ = cls.logits(normalize_pixels(pixels), boxes)
     assert probs.shape == (2, K, config.N_CLASSES) and attrs.shape == (2, K, config.N_ATTRIBUTES)
     assert counts.shape == (2, config.N_CLASSES)
     assert probs[0, :5].sum(-1).tolist() == pytest.approx([1.0] * 5, abs=1e-5)
@@ -213,3 +214,20 @@ def test_training_is_deterministic() -> None:
     runs = [train.train_classifier(data, profile) for _ in range(2)]
     for a, b in zip(runs[0].state_dict().values(), runs[1].state_dict().values(), strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_models_take_uint8_pixels_and_normalise_like_training() -> None:
+    """The served contract sends PIXELS as uint8; forward() must equal the float path the
+    layers were trained on (normalize_pixels then features/logits)."""
+    det = CellDetector(DetectorSpec(width4=8, width8=8, width16=8, head=8)).eval()
+    pixels = torch.randint(0, 256, (1, 3, S, S), dtype=torch.uint8)
+    normalised = normalize_pixels(pixels)
+    assert normalised.dtype == torch.float32
+    mean = torch.tensor(config.NORM_MEAN).reshape(1, 3, 1, 1)
+    std = torch.tensor(config.NORM_STD).reshape(1, 3, 1, 1)
+    torch.testing.assert_close(normalised, (pixels.float() - mean) / std)
+    with torch.no_grad():
+        boxes, scores, _ = det(pixels)
+        want = det.decode(*det.features(normalised))
+    torch.testing.assert_close(boxes, want[0])
+    torch.testing.assert_close(scores, want[1])

@@ -22,7 +22,8 @@ FIELD_SIZE = (1024, 1024)
 MAX_DETECTIONS = 256
 #: Side of the square crop the classifier takes around each detected cell (pixels).
 CROP_SIZE = 64
-#: Per-channel normalisation applied by the preprocess step (RGB, 0-255 scale).
+#: Per-channel normalisation (RGB, 0-255 scale): the first op of the detector and classifier
+#: graphs, so PIXELS travel between the served steps as uint8.
 NORM_MEAN = (0.0, 0.0, 0.0)
 NORM_STD = (255.0, 255.0, 255.0)
 #: Grey level used to pad the letterbox (RGB, 0-255).
@@ -55,7 +56,7 @@ class TensorNames:
     # ensemble and preprocess input: encoded JPEG/PNG bytes, UINT8 [-1]
     image: str = "IMAGE"
     # preprocess outputs
-    pixels: str = "PIXELS"  # FP32 [3, INPUT_SIZE, INPUT_SIZE], letterboxed and normalised
+    pixels: str = "PIXELS"  # UINT8 [3, INPUT_SIZE, INPUT_SIZE], letterboxed RGB (not normalised)
     letterbox: str = "LETTERBOX"  # FP32 [4]: scale_x, scale_y, pad_x, pad_y; in = orig*scale + pad
     image_size: str = "IMAGE_SIZE"  # INT32 [2]: original height, width
     # detector outputs (boxes in letterboxed input pixels, x0 y0 x1 y1, sorted by score)

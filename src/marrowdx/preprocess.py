@@ -1,4 +1,4 @@
-"""The one preprocessing definition: DALI decode -> RGB -> letterbox -> normalise.
+"""The one preprocessing definition: DALI decode -> RGB -> letterbox, as uint8 CHW.
 
 Shared by training (so models see exactly what the server feeds them), by the CPU
 python-backend ``preprocess`` model, and by the GPU ``backend: "dali"`` model (``mixed``
@@ -6,6 +6,10 @@ decoder). The letterbox is anchored top-left: the longer side is resized to
 ``INPUT_SIZE`` and the right/bottom are padded, so mapping a box back to the original
 image needs only the per-axis scales (``LETTERBOX = [scale_x, scale_y, pad_x, pad_y]``,
 pads are zero but kept in the contract).
+
+PIXELS stay uint8: normalisation (``config.NORM_MEAN``/``NORM_STD``) is the first op of the
+detector and classifier graphs (``marrowdx.export.models.normalize_pixels``), so the tensor
+every served step passes on is a quarter of the float32 size.
 """
 
 from __future__ import annotations
@@ -21,8 +25,6 @@ from marrowdx import config
 @dataclass(frozen=True)
 class PreprocessSpec:
     input_size: int = config.INPUT_SIZE
-    mean: tuple[float, float, float] = config.NORM_MEAN
-    std: tuple[float, float, float] = config.NORM_STD
     fill: int = config.LETTERBOX_FILL
 
 
@@ -33,7 +35,7 @@ def preprocess_graph(
     input_name: str = config.TENSORS.image,
 ):
     """The DALI graph (call inside a ``pipeline_def``): encoded images from ``input_name`` ->
-    (PIXELS float32 CHW, LETTERBOX float32[4], IMAGE_SIZE int32[2]).
+    (PIXELS uint8 CHW, LETTERBOX float32[4], IMAGE_SIZE int32[2]).
 
     Separate from :func:`build_pipeline` so the gpu target's ``dali.py`` can wrap the very
     same graph in its own ``@autoserialize @pipeline_def`` (DALI's autoserialization needs a
@@ -43,23 +45,20 @@ def preprocess_graph(
 
     decoder_device = "mixed" if device == "gpu" else "cpu"
     size = float(spec.input_size)
-    # crop_mirror_normalize pads with fill_values *after* normalisation.
-    fill_norm = [(spec.fill - m) / s for m, s in zip(spec.mean, spec.std, strict=True)]
     encoded = fn.external_source(name=input_name, dtype=types.UINT8, ndim=1)
     decoded = fn.decoders.image(encoded, device=decoder_device, output_type=types.RGB)
     hwc = fn.cast(decoded.shape(), dtype=types.FLOAT)  # original H, W, C
     resized = fn.resize(decoded, resize_longer=size, antialias=True)
     rhwc = fn.cast(resized.shape(), dtype=types.FLOAT)
+    # No mean/std: crop, pad and HWC -> CHW only; the models normalise (module docstring).
     pixels = fn.crop_mirror_normalize(
         resized,
         crop=(size, size),
         crop_pos_x=0.0,
         crop_pos_y=0.0,
         out_of_bounds_policy="pad",
-        fill_values=fill_norm,
-        mean=list(spec.mean),
-        std=list(spec.std),
-        dtype=types.FLOAT,
+        fill_values=[float(spec.fill)] * 3,
+        dtype=types.UINT8,
         output_layout="CHW",
     )
     zero = hwc[0] * 0.0
@@ -78,7 +77,7 @@ def build_pipeline(
     input_name: str = config.TENSORS.image,
 ):
     """A DALI pipeline taking encoded images from ``input_name`` and returning
-    (PIXELS float32 CHW, LETTERBOX float32[4], IMAGE_SIZE int32[2]).
+    (PIXELS uint8 CHW, LETTERBOX float32[4], IMAGE_SIZE int32[2]).
 
     ``device="cpu"`` decodes on the host (``device_id=None`` works without CUDA);
     ``device="gpu"`` uses the ``mixed`` nvJPEG decoder and GPU resize.
@@ -117,7 +116,7 @@ def run_pipeline(
         arrays.append(np.stack([np.asarray(out[i]) for i in range(len(batch))]))
     pixels, letterbox, image_size = arrays
     return (
-        pixels.astype(np.float32, copy=False),
+        pixels.astype(np.uint8, copy=False),
         letterbox.astype(np.float32),
         image_size.astype(np.int32),
     )

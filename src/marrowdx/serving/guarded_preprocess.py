@@ -21,7 +21,7 @@ from marrowdx.serving.image_checks import ImageLimits, ImageRejected, check_enco
 
 @dataclass(frozen=True)
 class Preprocessed:
-    pixels: np.ndarray  # FP32 [3, INPUT_SIZE, INPUT_SIZE]
+    pixels: np.ndarray  # UINT8 [3, INPUT_SIZE, INPUT_SIZE]
     letterbox: np.ndarray  # FP32 [4]
     image_size: np.ndarray  # INT32 [2]
 
