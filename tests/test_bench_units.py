@@ -67,9 +67,33 @@ def test_run_threads_counts_failures_instead_of_hiding_them() -> None:
             raise ValueError("undecodable")
         return len(image)
 
-    r = measure.run_threads(infer, [b"abc", b"bad"], concurrency=2, n_requests=10)
+    # one thread: the first two answers (abc, bad) fill the window's skip, then 10 alternate
+    r = measure.run_threads(infer, [b"abc", b"bad"], concurrency=1, n_requests=10)
     assert r.failures == 5 and r.images == 5 and r.cells == 15
     assert len(r.latencies_ms) == 10
+
+
+def test_async_window_measures_at_constant_concurrency() -> None:
+    """No fill or drain inside the window: every counted answer came with all C slots busy,
+    and the CPU sampler is read exactly at the window's two ends."""
+    import asyncio
+
+    in_flight = 0
+    seen: list[int] = []
+    samples = iter([10.0, 12.5])
+
+    async def infer(image: bytes) -> int:
+        nonlocal in_flight
+        in_flight += 1
+        await asyncio.sleep(0.001)
+        seen.append(in_flight)
+        in_flight -= 1
+        return 2
+
+    r = asyncio.run(measure.run_async(infer, [b"x"], 4, 20, cpu=lambda: next(samples)))
+    assert r.images == 20 and r.cells == 40 and len(r.latencies_ms) == 20
+    assert seen[:28] == [4] * 28  # 2 x 4 skipped (pipeline fill) + 20 measured
+    assert r.cpu_seconds == pytest.approx(2.5)
 
 
 def test_peer_frame_round_trip_keeps_dtypes_and_shapes() -> None:

@@ -19,7 +19,7 @@ from marrowdx import config
 
 #: Images per measured level: small enough that the whole bench takes a few minutes on
 #: 2 cores, large enough that every concurrency level sends several full batches.
-DEFAULT_IMAGES = 32
+DEFAULT_IMAGES = 64
 DEFAULT_CONCURRENCY = (1, 2, 4, 8, 16)
 DEFAULT_PEER_CONCURRENCY = (1, 2)
 DEFAULT_BATCH_SIZES = (1, 4, 8)
@@ -138,7 +138,7 @@ def run_bench(args: argparse.Namespace) -> int:
     from marrowdx.bench import report
     from marrowdx.bench.limit import DataParallelLimit, host_cores, measure_batch, open_pipeline
     from marrowdx.bench.loadtest import pid_listening_on
-    from marrowdx.bench.measure import LevelResult, run_threads, with_cpu
+    from marrowdx.bench.measure import LevelResult, cpu_seconds, run_threads, with_cpu
     from marrowdx.bench.peer import PeerClient, PeerProcess
     from marrowdx.bench.served import free_base_port, measure_served, start_triton
     from marrowdx.bench.workload import simulated_workload
@@ -190,13 +190,14 @@ def run_bench(args: argparse.Namespace) -> int:
         for name, run in limit_runs.items():
             limit_by_config[name] = run()
             log(f"limit {name}: {limit_by_config[name].images_per_s:.2f} images/s")
+
         # 2. the peer: batch 1, one request at a time, in its own process
-        peer_client.cells(images[0])  # warm-up
+        def peer_cpu() -> float:
+            return cpu_seconds(peer_pids)
+
         peer_levels = []
         for c in args.peer_concurrency:
-            peer_levels.append(
-                with_cpu(peer_pids, lambda c=c: run_threads(peer_client.cells, images, c, n))
-            )
+            peer_levels.append(run_threads(peer_client.cells, images, c, n, cpu=peer_cpu))
             log(f"peer c={c}: {peer_levels[-1].images_per_s:.2f} images/s")
         # 3. the served stack through the client, concurrency swept
         served = measure_served(url, images, args.concurrency, n, admin_key, served_pids)
@@ -209,9 +210,7 @@ def run_bench(args: argparse.Namespace) -> int:
         best_served = report.BenchResult.best([s.result for s in served]).concurrency
         measures = {
             "limit": limit_runs[best_limit],
-            "peer": lambda: with_cpu(
-                peer_pids, lambda: run_threads(peer_client.cells, images, best_peer, n)
-            ),
+            "peer": lambda: run_threads(peer_client.cells, images, best_peer, n, cpu=peer_cpu),
             "served": lambda: (
                 measure_served(url, images, [best_served], n, admin_key, served_pids)[0].result
             ),

@@ -2,8 +2,9 @@
 
 A closed loop (each of C workers sends its next image as soon as the previous answer
 arrives) is how a lab client behaves and keeps C requests in flight, which is what the
-served stack's dynamic batcher needs to form batches. Each request returns the number of
-cells it detected, so cells/s is measured, not assumed.
+served stack's dynamic batcher needs to form batches. Only a steady-state window of answers
+is measured (:class:`_Window`). Each request returns the number of cells it detected, so
+cells/s is measured, not assumed.
 """
 
 from __future__ import annotations
@@ -75,58 +76,111 @@ class LevelResult:
         return d
 
 
-@dataclass
-class _Tally:
-    """What the closed-loop workers of one level record; turned into a LevelResult once."""
+#: Rounds of C answers that fill the server before a window opens (see :class:`_Window`).
+WARMUP_ROUNDS = 2
+#: Samples the CPU seconds spent so far by whatever does the work (see :func:`cpu_seconds`).
+CpuSampler = Callable[[], float]
 
+
+@dataclass
+class _Window:
+    """The completions of one level that count: a window at constant concurrency.
+
+    Why a window: a loop that simply sends N requests spends its first latency period
+    filling the server (few answers yet) and its last one draining it (fewer and fewer
+    requests in flight), and a pipelined server's stages idle in both. The shorter the run
+    and the deeper the pipeline, the more that understates steady throughput, and the bias
+    would differ between the setups compared. So, as perf_analyzer does, the loop keeps C
+    requests in flight the whole time; the first ``skip`` answers fill the pipeline, the next
+    ``size`` are measured (time, cells, latencies, CPU), and answers after the window closes
+    are not counted. ``skip`` is two rounds of C answers: the first round leaves the
+    server in step (all C requests sent at once), which is not yet its steady state.
+    """
+
+    skip: int
+    size: int
+    cpu: CpuSampler | None = None
     latencies_ms: list[float] = field(default_factory=list)
     cells: int = 0
     failures: int = 0
+    answers: int = 0
+    opened: float | None = None
+    closed: float | None = None
+    cpu_at_open: float = math.nan
+    cpu_at_close: float = math.nan
+
+    def _open_if_due(self) -> None:
+        if self.opened is None and self.answers >= self.skip:
+            self.opened = time.perf_counter()
+            self.cpu_at_open = self.cpu() if self.cpu else math.nan
+
+    @property
+    def is_closed(self) -> bool:
+        return self.closed is not None
 
     def add(self, started: float, cells: int, failed: bool) -> None:
+        """Record one answer (a request sent at ``started``) if it falls inside the window."""
+        if self.is_closed:
+            return
+        self.answers += 1
+        if self.opened is None:
+            self._open_if_due()
+            return
         self.latencies_ms.append((time.perf_counter() - started) * 1000.0)
         self.cells += cells
         self.failures += failed
+        if len(self.latencies_ms) == self.size:
+            self.closed = time.perf_counter()
+            self.cpu_at_close = self.cpu() if self.cpu else math.nan
 
-    def result(self, concurrency: int, n_requests: int, seconds: float) -> LevelResult:
+    def result(self, concurrency: int) -> LevelResult:
+        assert self.opened is not None and self.closed is not None
         return LevelResult(
             concurrency=concurrency,
-            images=n_requests - self.failures,
+            images=self.size - self.failures,
             cells=self.cells,
             failures=self.failures,
-            seconds=seconds,
+            seconds=self.closed - self.opened,
             latencies_ms=tuple(self.latencies_ms),
+            cpu_seconds=self.cpu_at_close - self.cpu_at_open,
         )
 
 
 def run_threads(
-    infer: Callable[[bytes], int], images: Sequence[bytes], concurrency: int, n_requests: int
+    infer: Callable[[bytes], int],
+    images: Sequence[bytes],
+    concurrency: int,
+    n_requests: int,
+    *,
+    cpu: CpuSampler | None = None,
 ) -> LevelResult:
-    """``n_requests`` calls of ``infer`` (returns detected cells) from ``concurrency`` threads.
+    """``n_requests`` measured calls of ``infer`` (returns detected cells) with
+    ``concurrency`` threads kept busy throughout (see :class:`_Window`); ``cpu`` samples
+    the CPU time to attribute to the window.
 
     Threads suit blocking gRPC stubs: grpc releases the GIL while waiting on the network.
     """
     counter = itertools.count()
     lock = threading.Lock()
-    tally = _Tally()
+    window = _Window(skip=WARMUP_ROUNDS * concurrency, size=n_requests, cpu=cpu)
 
     def worker() -> None:
-        while (i := next(counter)) < n_requests:
+        while not window.is_closed:
+            image = images[next(counter) % len(images)]
             t0 = time.perf_counter()
             try:
-                cells, failed = infer(images[i % len(images)]), False
+                cells, failed = infer(image), False
             except Exception:  # a failed request is counted, never hidden
                 cells, failed = 0, True
             with lock:
-                tally.add(t0, cells, failed)
+                window.add(t0, cells, failed)
 
     threads = [threading.Thread(target=worker, daemon=True) for _ in range(concurrency)]
-    start = time.perf_counter()
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    return tally.result(concurrency, n_requests, time.perf_counter() - start)
+    return window.result(concurrency)
 
 
 async def run_async(
@@ -134,23 +188,25 @@ async def run_async(
     images: Sequence[bytes],
     concurrency: int,
     n_requests: int,
+    *,
+    cpu: CpuSampler | None = None,
 ) -> LevelResult:
     """The asyncio twin of :func:`run_threads`, for the asyncio client."""
     counter = itertools.count()
-    tally = _Tally()
+    window = _Window(skip=WARMUP_ROUNDS * concurrency, size=n_requests, cpu=cpu)
 
     async def worker() -> None:
-        while (i := next(counter)) < n_requests:
+        while not window.is_closed:
+            image = images[next(counter) % len(images)]
             t0 = time.perf_counter()
             try:
-                cells, failed = await infer(images[i % len(images)]), False
+                cells, failed = await infer(image), False
             except Exception:
                 cells, failed = 0, True
-            tally.add(t0, cells, failed)
+            window.add(t0, cells, failed)
 
-    start = time.perf_counter()
     await asyncio.gather(*(worker() for _ in range(concurrency)))
-    return tally.result(concurrency, n_requests, time.perf_counter() - start)
+    return window.result(concurrency)
 
 
 def cpu_seconds(trees: Sequence[int] = ()) -> float:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import subprocess
 import sys
 from collections.abc import Iterator, Sequence
@@ -18,9 +17,6 @@ from pathlib import Path
 
 from marrowdx.bench import triton_stats
 from marrowdx.bench.measure import LevelResult, cpu_seconds, run_async
-
-#: Requests sent (and thrown away) before each level: connections, arenas, batcher warm.
-WARMUP_REQUESTS_PER_SLOT = 1
 
 
 @dataclass(frozen=True)
@@ -109,11 +105,12 @@ async def _sweep(
             async def infer(image: bytes, _client=client) -> int:
                 return len((await _client.analyse_image(image, "bench")).cells)
 
-            await run_async(infer, images, c, c * WARMUP_REQUESTS_PER_SLOT)
+            # The first answers of the loop warm connections and fill the pipeline; only
+            # the steady-state window after them is measured (measure._Window).
             before = await asyncio.to_thread(_try_snapshot, url, admin_key)
-            cpu0 = cpu_seconds(cpu_pids)
-            result = await run_async(infer, images, c, max(n_requests, c))
-            result = dataclasses.replace(result, cpu_seconds=cpu_seconds(cpu_pids) - cpu0)
+            result = await run_async(
+                infer, images, c, max(n_requests, c), cpu=lambda: cpu_seconds(cpu_pids)
+            )
             after = await asyncio.to_thread(_try_snapshot, url, admin_key)
         stats = triton_stats.window(before, after) if before and after else []
         levels.append(ServedLevel(result, stats))
