@@ -20,7 +20,7 @@ from marrowdx import config
 #: Images per measured level: small enough that the whole bench takes a few minutes on
 #: 2 cores, large enough that every concurrency level sends several full batches.
 DEFAULT_IMAGES = 64
-DEFAULT_CONCURRENCY = (1, 2, 4, 8, 16)
+DEFAULT_CONCURRENCY = (1, 2, 4, 8, 16, 32)
 DEFAULT_PEER_CONCURRENCY = (1, 2)
 DEFAULT_BATCH_SIZES = (1, 4, 8)
 #: Load average per core above which the JSON warns that other work skewed wall-clock numbers.

@@ -50,7 +50,7 @@ class InProcessPipeline:
         self.preprocessor = GuardedPreprocessor(
             max_batch_size=max_batch_size, num_threads=dali_threads
         )
-        self.detector = OnnxRunner(repo / M.detector / "1" / ONNX_FILENAME, threads)
+        self.detector = open_runner(repo / M.detector / "1" / ONNX_FILENAME, threads)
         self.classifier = open_runner(repo / M.classifier / "1" / ONNX_FILENAME, threads)
         self._diagnosis_path = repo / M.diagnosis / "1" / ONNX_FILENAME
         self._threads = threads
