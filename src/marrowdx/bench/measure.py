@@ -78,6 +78,9 @@ class LevelResult:
 
 #: Rounds of C answers that fill the server before a window opens (see :class:`_Window`).
 WARMUP_ROUNDS = 2
+#: Fewest rounds of C answers a window spans: at 32 clients, 64 answers are two rounds and
+#: the served level's throughput scattered by +-10% between repeats.
+MIN_WINDOW_ROUNDS = 4
 #: Samples the CPU seconds spent so far by whatever does the work (see :func:`cpu_seconds`).
 CpuSampler = Callable[[], float]
 
@@ -146,6 +149,12 @@ class _Window:
         )
 
 
+def _window(concurrency: int, n_requests: int, cpu: CpuSampler | None) -> _Window:
+    """At least ``n_requests`` answers and MIN_WINDOW_ROUNDS rounds of them."""
+    size = max(n_requests, MIN_WINDOW_ROUNDS * concurrency)
+    return _Window(skip=WARMUP_ROUNDS * concurrency, size=size, cpu=cpu)
+
+
 def run_threads(
     infer: Callable[[bytes], int],
     images: Sequence[bytes],
@@ -154,15 +163,15 @@ def run_threads(
     *,
     cpu: CpuSampler | None = None,
 ) -> LevelResult:
-    """``n_requests`` measured calls of ``infer`` (returns detected cells) with
-    ``concurrency`` threads kept busy throughout (see :class:`_Window`); ``cpu`` samples
-    the CPU time to attribute to the window.
+    """``n_requests`` (or more, see :func:`_window`) measured calls of ``infer`` (returns
+    detected cells) with ``concurrency`` threads kept busy throughout (see :class:`_Window`);
+    ``cpu`` samples the CPU time to attribute to the window.
 
     Threads suit blocking gRPC stubs: grpc releases the GIL while waiting on the network.
     """
     counter = itertools.count()
     lock = threading.Lock()
-    window = _Window(skip=WARMUP_ROUNDS * concurrency, size=n_requests, cpu=cpu)
+    window = _window(concurrency, n_requests, cpu)
 
     def worker() -> None:
         while not window.is_closed:
@@ -193,7 +202,7 @@ async def run_async(
 ) -> LevelResult:
     """The asyncio twin of :func:`run_threads`, for the asyncio client."""
     counter = itertools.count()
-    window = _Window(skip=WARMUP_ROUNDS * concurrency, size=n_requests, cpu=cpu)
+    window = _window(concurrency, n_requests, cpu)
 
     async def worker() -> None:
         while not window.is_closed:

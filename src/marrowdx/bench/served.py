@@ -109,7 +109,7 @@ async def _sweep(
             # the steady-state window after them is measured (measure._Window).
             before = await asyncio.to_thread(_try_snapshot, url, admin_key)
             result = await run_async(
-                infer, images, c, max(n_requests, c), cpu=lambda: cpu_seconds(cpu_pids)
+                infer, images, c, n_requests, cpu=lambda: cpu_seconds(cpu_pids)
             )
             after = await asyncio.to_thread(_try_snapshot, url, admin_key)
         stats = triton_stats.window(before, after) if before and after else []
