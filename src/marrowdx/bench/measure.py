@@ -150,9 +150,10 @@ class _Window:
 
 
 def _window(concurrency: int, n_requests: int, cpu: CpuSampler | None) -> _Window:
-    """At least ``n_requests`` answers and MIN_WINDOW_ROUNDS rounds of them."""
-    size = max(n_requests, MIN_WINDOW_ROUNDS * concurrency)
-    return _Window(skip=WARMUP_ROUNDS * concurrency, size=size, cpu=cpu)
+    """At least MIN_WINDOW_ROUNDS rounds of answers, in whole multiples of ``n_requests``
+    (the image set), so every image is measured equally often (exactly, at concurrency 1)."""
+    passes = max(1, math.ceil(MIN_WINDOW_ROUNDS * concurrency / max(1, n_requests)))
+    return _Window(skip=WARMUP_ROUNDS * concurrency, size=passes * n_requests, cpu=cpu)
 
 
 def run_threads(
