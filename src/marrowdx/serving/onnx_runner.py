@@ -7,7 +7,7 @@ Both run the very same code, so "served equals in-process" compares Triton's plu
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -81,6 +81,20 @@ class OnnxRunner:
         return dim if isinstance(dim, int) else None
 
 
+def run_row_ranges(
+    run: Callable[[Mapping[str, np.ndarray], int], dict[str, np.ndarray]],
+    inputs: Mapping[str, np.ndarray],
+    ranges: Sequence[tuple[int, int]],
+    output_names: Sequence[str],
+) -> dict[str, np.ndarray]:
+    """``run(rows, start)`` on each [start, end) row range of a batch, outputs stitched back
+    in order; a single range runs on ``inputs`` as they are (no slicing, no copy)."""
+    if len(ranges) == 1:
+        return run(inputs, ranges[0][0])
+    parts = [run({k: v[a:b] for k, v in inputs.items()}, a) for a, b in ranges]
+    return {name: np.concatenate([p[name] for p in parts]) for name in output_names}
+
+
 class BoxSlotClassifier:
     """The classifier, run on only the box slots the batch uses (wraps its :class:`OnnxRunner`).
 
@@ -118,14 +132,12 @@ class BoxSlotClassifier:
         slots = [self.slots_needed(row, available) for row in counts]
         if not self.dynamic_box_axis or not slots:
             return self.runner.run(inputs)
-        segments = self.segments(slots)
-        if len(segments) == 1:
-            return self._run_slots(inputs, slots[0], available)
-        parts = [
-            self._run_slots({k: v[a:b] for k, v in inputs.items()}, slots[a], available)
-            for a, b in segments
-        ]
-        return {name: np.concatenate([p[name] for p in parts]) for name in self.output_names}
+        return run_row_ranges(
+            lambda part, start: self._run_slots(part, slots[start], available),
+            inputs,
+            self.segments(slots),
+            self.output_names,
+        )
 
     @staticmethod
     def segments(slots: Sequence[int]) -> list[tuple[int, int]]:
@@ -180,13 +192,10 @@ class ChunkedRunner:
     def run(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         n = len(next(iter(inputs.values())))
         step = self.images_per_run
-        if n <= step:
-            return self.runner.run(inputs)
-        parts = [
-            self.runner.run({k: v[a : a + step] for k, v in inputs.items()})
-            for a in range(0, n, step)
-        ]
-        return {name: np.concatenate([p[name] for p in parts]) for name in self.output_names}
+        ranges = [(a, min(a + step, n)) for a in range(0, n, step)] or [(0, n)]
+        return run_row_ranges(
+            lambda part, _start: self.runner.run(part), inputs, ranges, self.output_names
+        )
 
 
 def open_runner(
