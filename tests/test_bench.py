@@ -11,10 +11,12 @@ import json
 import pytest
 
 from marrowdx import cli, config
+from marrowdx.bench.measure import MIN_WINDOW_ROUNDS
 
 pytestmark = pytest.mark.server
 
 SERVED_LEVELS = (1, 2)
+N_IMAGES = 4
 
 
 @pytest.fixture(scope="module")
@@ -23,7 +25,7 @@ def bench_doc(triton_server, tmp_path_factory) -> tuple[dict, object]:
     argv = [
         "bench",
         "--json", str(out),
-        "--images", "4",
+        "--images", str(N_IMAGES),
         "--concurrency", ",".join(map(str, SERVED_LEVELS)),
         "--peer-concurrency", "1",
         "--batch-sizes", "1,2",
@@ -62,9 +64,10 @@ def test_every_level_reports_throughput_latency_and_patients(bench_doc) -> None:
     doc, _ = bench_doc
     assert [lv["concurrency"] for lv in doc["served"]["by_concurrency"]] == list(SERVED_LEVELS)
     for level in [*doc["served"]["by_concurrency"], *doc["peer"]["by_concurrency"], doc["limit"]]:
-        # closed-loop levels measure whole passes over the 4 images, >= 4 rounds of answers
-        passes = 1 if level is doc["limit"] else -(-4 * level["concurrency"] // 4)
-        assert level["failures"] == 0 and level["images"] == 4 * passes
+        # closed-loop levels measure whole passes over the images, >= MIN_WINDOW_ROUNDS rounds
+        rounds = MIN_WINDOW_ROUNDS * level["concurrency"]
+        passes = 1 if level is doc["limit"] else -(-rounds // N_IMAGES)
+        assert level["failures"] == 0 and level["images"] == N_IMAGES * passes
         assert level["images_per_s"] > 0 and level["cells_per_s"] >= 0
         assert level["patients_per_hour"] == pytest.approx(level["images_per_s"] * 3600 / 40)
         lat = level["latency_ms"]
@@ -91,7 +94,7 @@ def test_triton_statistics_say_where_the_time_goes(bench_doc) -> None:
     for c in SERVED_LEVELS:
         rows = {row["model"]: row for row in doc["triton_statistics"][str(c)]}
         for model in (config.MODELS.preprocess, config.MODELS.detector, config.MODELS.classifier):
-            assert rows[model]["inferences"] >= 4
+            assert rows[model]["inferences"] >= N_IMAGES
             assert rows[model]["compute_infer_ms"] > 0 and rows[model]["queue_ms"] >= 0
             assert rows[model]["mean_batch"] >= 1
 
