@@ -51,8 +51,8 @@ audit: setup
 	$(BIN)/python .ci/audit.py
 
 lint: setup
-	$(BIN)/ruff check src client export tests loadtests model_repository
-	$(BIN)/ruff format --check src client export tests loadtests model_repository
+	$(BIN)/ruff check src client models training export tests loadtests model_repository
+	$(BIN)/ruff format --check src client models training export tests loadtests model_repository
 
 clean:
 	rm -rf build .pytest_cache .ruff_cache

@@ -1,4 +1,4 @@
-"""Torch models, training, evaluation and ONNX/TensorRT export.
+"""Turning checkpoints into servable artefacts: the build stages, ONNX export, TensorRT engines.
 
 Public entry: :func:`build_onnx_models` (used by ``marrowdx build``). Imports of torch and
 friends happen inside the submodules, so importing this package stays cheap.
@@ -15,12 +15,12 @@ __all__ = ["OnnxModels", "build_onnx_models"]
 
 
 def build_onnx_models(
-    work_dir=None, profile: str = "reference", *, progress: bool = True, **kwargs
+    work_dir=None, preset: str = "reference", *, progress: bool = True, **kwargs
 ) -> OnnxModels:
     """See :func:`marrowdx.export.build.build_onnx_models`."""
     from marrowdx.export.build import build_onnx_models as _build
 
-    return _build(work_dir, profile, progress=progress, **kwargs)
+    return _build(work_dir, preset, progress=progress, **kwargs)
 
 
 def __getattr__(name: str):

@@ -2,7 +2,7 @@
 
 The one entry point ``marrowdx build`` and the test fixtures use. Every step is skipped
 when its output is current, so a second call costs a few file stats; a file lock keeps two
-processes (say, two test sessions) from training the same profile at once.
+processes (say, two test sessions) from training the same preset at once.
 """
 
 from __future__ import annotations
@@ -41,18 +41,18 @@ class OnnxModels:
 
 @dataclass(frozen=True)
 class BuildLayout:
-    """Where one profile's artefacts live under the work dir."""
+    """Where one preset's artefacts live under the work dir."""
 
     work_dir: Path
-    profile: str
+    preset: str
 
     @property
     def weights_dir(self) -> Path:
-        return self.work_dir / "models" / self.profile
+        return self.work_dir / "models" / self.preset
 
     @property
     def onnx_dir(self) -> Path:
-        return self.work_dir / "onnx" / self.profile
+        return self.work_dir / "onnx" / self.preset
 
     @property
     def cache_dir(self) -> Path:
@@ -65,7 +65,7 @@ class BuildLayout:
         return self.onnx_dir / f"{kind}.onnx"
 
     def training_cohort(self, seed: int) -> Path:
-        return self.work_dir / "cohorts" / f"train-{self.profile}-seed{seed}-r{RENDERER_VERSION}"
+        return self.work_dir / "cohorts" / f"train-{self.preset}-seed{seed}-r{RENDERER_VERSION}"
 
 
 class Progress:
@@ -95,17 +95,17 @@ def _locked(path: Path) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def _stamp(profile) -> str:
-    return f"{profile.fingerprint()}-code{MODEL_CODE_VERSION}-render{RENDERER_VERSION}"
+def _stamp(preset) -> str:
+    return f"{preset.fingerprint()}-code{MODEL_CODE_VERSION}-render{RENDERER_VERSION}"
 
 
-def weights_current(layout: BuildLayout, profile, cohort_key: str | None = None) -> bool:
-    """True when all three checkpoints exist and were trained by this profile (and cohort)."""
-    from marrowdx.export.checkpoints import CHECKPOINT_FORMAT, read_metadata
+def weights_current(layout: BuildLayout, preset, cohort_key: str | None = None) -> bool:
+    """True when all three checkpoints exist and were trained by this preset (and cohort)."""
+    from marrowdx.models.checkpoints import CHECKPOINT_FORMAT, read_metadata
 
     for kind in KINDS:
         meta = read_metadata(layout.checkpoint(kind))
-        if not meta or meta.get("profile_fingerprint") != _stamp(profile):
+        if not meta or meta.get("preset_fingerprint") != _stamp(preset):
             return False
         if meta.get("checkpoint_format") != CHECKPOINT_FORMAT:
             return False
@@ -114,16 +114,16 @@ def weights_current(layout: BuildLayout, profile, cohort_key: str | None = None)
     return True
 
 
-def ensure_training_cohort(layout: BuildLayout, profile, log: Progress) -> Path:
-    """Simulate the profile's training cohort once (fixed seed) and return its folder."""
+def ensure_training_cohort(layout: BuildLayout, preset, log: Progress) -> Path:
+    """Simulate the preset's training cohort once (fixed seed) and return its folder."""
     from marrowdx.simulate import simulate_cohort
 
-    out = layout.training_cohort(profile.seed)
+    out = layout.training_cohort(preset.seed)
     if (out / "ground_truth.json").exists():
         return out
     log(
-        f"simulating training cohort: {profile.train_patients} patients"
-        f" x {profile.images_per_patient} images -> {out}"
+        f"simulating training cohort: {preset.train_patients} patients"
+        f" x {preset.images_per_patient} images -> {out}"
     )
     tmp = out.with_name(out.name + ".partial")
     if tmp.exists():
@@ -132,9 +132,9 @@ def ensure_training_cohort(layout: BuildLayout, profile, log: Progress) -> Path:
         shutil.rmtree(tmp)
     simulate_cohort(
         tmp,
-        profile.train_patients,
-        profile.seed,
-        images_per_patient=profile.images_per_patient,
+        preset.train_patients,
+        preset.seed,
+        images_per_patient=preset.images_per_patient,
         size=config.FIELD_SIZE,
         progress=log.enabled,
         workers=SIMULATION_WORKERS,
@@ -143,11 +143,11 @@ def ensure_training_cohort(layout: BuildLayout, profile, log: Progress) -> Path:
     return out
 
 
-def train_models(layout: BuildLayout, profile, cohort_dir: Path, log: Progress) -> None:
+def train_models(layout: BuildLayout, preset, cohort_dir: Path, log: Progress) -> None:
     """Train all three models on a cohort and save their checkpoints."""
-    from marrowdx.export import train
-    from marrowdx.export.checkpoints import checkpoint_metadata, save_checkpoint
-    from marrowdx.export.data import prepare_cohort
+    from marrowdx.models.checkpoints import checkpoint_metadata, save_checkpoint
+    from marrowdx.training import train
+    from marrowdx.training.data import prepare_cohort
 
     log(f"preparing {cohort_dir}")
     data = prepare_cohort(cohort_dir, layout.cache_dir, log=log)
@@ -159,17 +159,17 @@ def train_models(layout: BuildLayout, profile, cohort_dir: Path, log: Progress) 
         "training on {images} images, {cells} cells, {patients} patients".format(**data.description)
     )
     t0 = time.monotonic()
-    detector = train.train_detector(data, profile, log)
+    detector = train.train_detector(data, preset, log)
     log(f"detector trained in {time.monotonic() - t0:.0f}s")
     t0 = time.monotonic()
-    classifier = train.train_classifier(data, profile, log)
+    classifier = train.train_classifier(data, preset, log)
     log(f"classifier trained in {time.monotonic() - t0:.0f}s")
     t0 = time.monotonic()
     confusion = train.classifier_confusion(classifier, data)
-    diagnosis = train.train_diagnosis(confusion, profile, log)
+    diagnosis = train.train_diagnosis(confusion, preset, log)
     log(f"diagnosis model trained in {time.monotonic() - t0:.0f}s")
     for kind, model in zip(KINDS, (detector, classifier, diagnosis), strict=True):
-        meta = checkpoint_metadata(kind, profile.name, _stamp(profile), description)
+        meta = checkpoint_metadata(kind, preset.name, _stamp(preset), description)
         save_checkpoint(layout.checkpoint(kind), kind, model, meta)
     log(f"weights saved under {layout.weights_dir}")
 
@@ -177,13 +177,13 @@ def train_models(layout: BuildLayout, profile, cohort_dir: Path, log: Progress) 
 def export_models(layout: BuildLayout, log: Progress, *, force: bool = False) -> None:
     """Export every checkpoint whose ONNX file is missing, older or of an earlier export
     format, and verify it."""
-    from marrowdx.export.checkpoints import load_checkpoint
     from marrowdx.export.onnx_export import (
         compare_with_torch,
         export_is_current,
         export_onnx,
         random_inputs,
     )
+    from marrowdx.models.checkpoints import load_checkpoint
 
     for kind in KINDS:
         ckpt_path, onnx_path = layout.checkpoint(kind), layout.onnx(kind)
@@ -209,7 +209,7 @@ def export_models(layout: BuildLayout, log: Progress, *, force: bool = False) ->
 
 def build_onnx_models(
     work_dir: Path | None = None,
-    profile: str = "reference",
+    preset: str = "reference",
     *,
     cohort: Path | None = None,
     progress: bool = True,
@@ -218,19 +218,19 @@ def build_onnx_models(
     """Train (only when weights are missing/stale) and export (only when ONNX is older).
 
     ``cohort`` trains on an existing cohort folder (ground_truth.json); without it the
-    profile's own cohort is simulated under ``work_dir`` with a fixed seed.
+    preset's own cohort is simulated under ``work_dir`` with a fixed seed.
     """
-    from marrowdx.export.data import ground_truth_key
     from marrowdx.export.onnx_export import read_onnx_metadata
-    from marrowdx.export.profiles import get_profile
+    from marrowdx.training.data import ground_truth_key
+    from marrowdx.training.presets import get_preset
 
-    spec = get_profile(profile)
+    spec = get_preset(preset)
     layout = BuildLayout(Path(work_dir or config.default_work_dir()), spec.name)
     log = Progress(progress)
     with _locked(layout.work_dir / "locks" / f"{spec.name}.lock"):
         cohort_key = None
         if cohort is not None:
-            from marrowdx.export.data import read_ground_truth
+            from marrowdx.training.data import read_ground_truth
 
             cohort_key = ground_truth_key(read_ground_truth(Path(cohort)))
         if force_train or not weights_current(layout, spec, cohort_key):
@@ -239,7 +239,7 @@ def build_onnx_models(
             )
             train_models(layout, spec, cohort_dir, log)
         else:
-            log(f"weights for profile {spec.name!r} are current ({layout.weights_dir})")
+            log(f"weights for preset {spec.name!r} are current ({layout.weights_dir})")
         export_models(layout, log)
     paths = {kind: layout.onnx(kind) for kind in KINDS}
     metadata = {kind: read_onnx_metadata(path) for kind, path in paths.items()}

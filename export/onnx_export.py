@@ -122,7 +122,7 @@ def export_onnx(model: nn.Module, kind: str, path: Path, metadata: dict) -> Path
         entry = proto.metadata_props.add()
         entry.key, entry.value = key, value
     proto.producer_name = "marrowdx"
-    proto.doc_string = f"marrowdx {kind}: {metadata.get('profile', '?')} profile"
+    proto.doc_string = f"marrowdx {kind}: {metadata.get('preset', '?')} preset"
     onnx.checker.check_model(proto, full_check=True)
     bad = trt_ops.unsupported_ops(trt_ops.graph_ops(proto))
     if bad:

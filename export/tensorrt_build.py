@@ -266,7 +266,7 @@ def verify_engine(plan_path: Path, onnx_path: Path, kind: str, batch: int = 2) -
 
 def compile_torch_tensorrt(
     work_dir: Path,
-    profile: str,
+    preset: str,
     kind: str,
     batch: BatchProfile,
     out_dir: Path,
@@ -281,10 +281,10 @@ def compile_torch_tensorrt(
         raise TensorRTUnavailable(f"torch-tensorrt is not installed ({exc.msg})") from None
     import torch
     from marrowdx.export.build import BuildLayout
-    from marrowdx.export.checkpoints import load_checkpoint
     from marrowdx.export.onnx_export import IO_NAMES, ort_session, random_inputs
+    from marrowdx.models.checkpoints import load_checkpoint
 
-    layout = BuildLayout(Path(work_dir), profile)
+    layout = BuildLayout(Path(work_dir), preset)
     model = load_checkpoint(layout.checkpoint(kind)).model.cuda().eval()
     examples = random_inputs(kind, batch.opt, seed=4)
     specs = [

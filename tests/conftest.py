@@ -1,9 +1,9 @@
-"""Shared fixtures: a tiny-profile model repository and one real Triton server per session.
+"""Shared fixtures: a tiny-preset model repository and one real Triton server per session.
 
 ``built_repository`` runs ``marrowdx build`` (the CLI, so it is tested) with the ``tiny``
-training profile into ``build/test-cache`` (reruns reuse the weights: build is idempotent).
+training preset into ``build/test-cache`` (reruns reuse the weights: build is idempotent).
 ``MARROWDX_TEST_MODELS=synthetic`` swaps the trained models for the contract-exact graphs of
-``tests/support_onnx.py`` (seconds instead of training; for working on serving alone).
+``tests/onnx_graphs.py`` (seconds instead of training; for working on serving alone).
 
 ``triton_server`` starts the real ``tritonserver`` through the same launcher as
 ``marrowdx serve`` on free loopback ports and stops it at the end, checking that no process
@@ -19,10 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from marrowdx import config
-
 #: Everything the fixtures build lives here (git-ignored, reused across sessions).
-TEST_CACHE = config.project_root() / "build" / "test-cache"
+from tests.helpers import TEST_CACHE  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -30,11 +28,11 @@ def built_repository() -> Path:
     from marrowdx import cli
 
     out = TEST_CACHE / "model_repository"
-    argv = ["build", "--out", str(out), "--work-dir", str(TEST_CACHE), "--profile", "tiny"]
+    argv = ["build", "--out", str(out), "--work-dir", str(TEST_CACHE), "--preset", "tiny"]
     if os.environ.get("MARROWDX_TEST_MODELS") == "synthetic":
-        import support_onnx
+        from tests.helpers import onnx_graphs
 
-        support_onnx.write_all(TEST_CACHE / "synthetic-onnx")
+        onnx_graphs.write_all(TEST_CACHE / "synthetic-onnx")
         argv += ["--onnx-dir", str(TEST_CACHE / "synthetic-onnx")]
     assert cli.main(argv) == 0, "marrowdx build failed"
     return out

@@ -5,13 +5,13 @@
 #   MODELS_ROOT/staging/RELEASE.<pid>  is written first, then renamed to
 #   MODELS_ROOT/releases/RELEASE       which the serving pods read (never overwritten).
 # Weights and ONNX files come from MARROWDX_WORK_DIR (trained there once if missing; both
-# marrowdx commands are idempotent). MARROWDX_PROFILE and MARROWDX_PRECISION (fp16|fp32)
-# choose the training profile and the engine precision.
+# marrowdx commands are idempotent). MARROWDX_PRESET and MARROWDX_PRECISION (fp16|fp32)
+# choose the training preset and the engine precision.
 set -euo pipefail
 
 root=${1:?usage: build_engines.sh MODELS_ROOT RELEASE}
 release=${2:?usage: build_engines.sh MODELS_ROOT RELEASE}
-profile=${MARROWDX_PROFILE:-reference}
+preset=${MARROWDX_PRESET:-reference}
 precision=${MARROWDX_PRECISION:-fp16}
 out="$root/releases/$release"
 stage="$root/staging/$release.$$"
@@ -29,9 +29,9 @@ trap 'rm -rf "$stage" "$engines"' EXIT
 #    <model>.<precision>.plan gets a sidecar .plan.json naming the GPU and TensorRT version
 precision_flag=()
 [[ "$precision" == fp16 ]] && precision_flag=(--fp16)
-marrowdx export --tensorrt "${precision_flag[@]}" --profile "$profile" --out "$engines"
+marrowdx export --tensorrt "${precision_flag[@]}" --preset "$preset" --out "$engines"
 # 2. the gpu target repository: DALI preprocess, tensorrt_plan models, ensemble, KIND_GPU
-marrowdx build --target gpu --profile "$profile" --out "$stage"
+marrowdx build --target gpu --preset "$preset" --out "$stage"
 # 3. each engine (and its sidecar) where Triton's tensorrt_plan platform loads it
 for model in detector classifier diagnosis; do
     cp "$engines/$model.$precision.plan" "$stage/$model/1/model.plan"

@@ -27,8 +27,8 @@ class Command:
 COMMANDS: dict[str, Command] = {
     "simulate": Command("marrowdx.simulate.cli", "simulator", "write a synthetic cohort"),
     "sheet": Command("marrowdx.simulate.cli", "simulator", "write a PNG sheet, one cell per class"),
-    "train": Command("marrowdx.export.cli", "models", "train detector, classifier, diagnosis"),
-    "evaluate": Command("marrowdx.export.cli", "models", "paper metrics on a held-out cohort"),
+    "train": Command("marrowdx.training.cli", "models", "train detector, classifier, diagnosis"),
+    "evaluate": Command("marrowdx.training.cli", "models", "paper metrics on a held-out cohort"),
     "export": Command("marrowdx.export.cli", "models", "export ONNX (and TensorRT engines)"),
     "build": Command(
         "marrowdx.serving.cli",

@@ -5,7 +5,7 @@ cohort with a fixed seed, starts the real Triton server, runs ``marrowdx diagnos
 cohort (table, JSON, CSV, overlays), says how many diagnoses match the simulated truth, and
 stops the server, also on Ctrl-C, SIGTERM or errors.
 
-Environment: ``MARROWDX_PROFILE`` picks the training profile (default ``reference``; tests
+Environment: ``MARROWDX_PRESET`` picks the training preset (default ``reference``; tests
 use ``tiny``).
 """
 
@@ -27,14 +27,14 @@ from marrowdx import config
 DEMO_SEED = 2026
 DEMO_PATIENTS = 6
 DEMO_IMAGES_PER_PATIENT = 4
-PROFILE_ENV = "MARROWDX_PROFILE"
-DEFAULT_PROFILE = "reference"
+PRESET_ENV = "MARROWDX_PRESET"
+DEFAULT_PRESET = "reference"
 
 
 def _parser() -> argparse.ArgumentParser:
     work = config.default_work_dir()
     p = argparse.ArgumentParser(prog="python -m marrowdx.demo", description=__doc__.split("\n")[0])
-    p.add_argument("--profile", default=os.environ.get(PROFILE_ENV, DEFAULT_PROFILE))
+    p.add_argument("--preset", default=os.environ.get(PRESET_ENV, DEFAULT_PRESET))
     p.add_argument("--patients", type=int, default=DEMO_PATIENTS)
     p.add_argument("--images-per-patient", type=int, default=DEMO_IMAGES_PER_PATIENT)
     p.add_argument("--seed", type=int, default=DEMO_SEED)
@@ -55,9 +55,9 @@ def _stage(message: str) -> None:
     print(f"==> {message}", flush=True)
 
 
-def ensure_built(profile: str, repository: Path, work_dir: Path) -> None:
+def ensure_built(preset: str, repository: Path, work_dir: Path) -> None:
     """``marrowdx build`` is idempotent: it trains/exports only what is missing or stale."""
-    cmd = [sys.executable, "-m", "marrowdx", "build", "--profile", profile]
+    cmd = [sys.executable, "-m", "marrowdx", "build", "--preset", preset]
     subprocess.run([*cmd, "--out", str(repository), "--work-dir", str(work_dir)], check=True)
 
 
@@ -136,8 +136,8 @@ def _run(args: argparse.Namespace) -> int:
     from marrowdx.serving.triton_install import ensure_installed
 
     if not args.no_build:
-        _stage(f"building models and repository (profile {args.profile}; skipped when up to date)")
-        ensure_built(args.profile, args.repository, args.work_dir)
+        _stage(f"building models and repository (preset {args.preset}; skipped when up to date)")
+        ensure_built(args.preset, args.repository, args.work_dir)
     n, k = args.patients, args.images_per_patient
     _stage(f"sample cohort: {n} patients x {k} images, seed {args.seed}")
     ground_truth = ensure_cohort(args)

@@ -8,7 +8,7 @@ image needs only the per-axis scales (``LETTERBOX = [scale_x, scale_y, pad_x, pa
 pads are zero but kept in the contract).
 
 PIXELS stay uint8: normalisation (``config.NORM_MEAN``/``NORM_STD``) is the first op of the
-detector and classifier graphs (``marrowdx.export.models.normalize_pixels``), so the tensor
+detector and classifier graphs (``marrowdx.models.networks.normalize_pixels``), so the tensor
 every served step passes on is a quarter of the float32 size.
 """
 

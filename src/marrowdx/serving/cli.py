@@ -35,7 +35,7 @@ def configure_build(parser: argparse.ArgumentParser) -> None:
         "--work-dir", type=Path, default=None, help="weights/ONNX/cache folder (default: build/)"
     )
     parser.add_argument(
-        "--profile", default="reference", help="training profile: reference (default) or tiny"
+        "--preset", default="reference", help="training preset: reference (default) or tiny"
     )
     parser.add_argument(
         "--onnx-dir",
@@ -50,7 +50,7 @@ def run_build(args: argparse.Namespace) -> int:
 
     try:
         result = build_repository(
-            args.out, args.target, args.work_dir, args.profile, onnx_dir=args.onnx_dir
+            args.out, args.target, args.work_dir, args.preset, onnx_dir=args.onnx_dir
         )
     except RepositoryError as exc:
         print(f"marrowdx build: {exc}", file=sys.stderr)

@@ -107,7 +107,7 @@ def _check_source(src: Path) -> None:
         )
 
 
-def onnx_sources(work_dir: Path, profile: str, onnx_dir: Path | None = None) -> dict[str, Path]:
+def onnx_sources(work_dir: Path, preset: str, onnx_dir: Path | None = None) -> dict[str, Path]:
     """ONNX file per model: from ``onnx_dir`` (``<model>.onnx``, prebuilt) or from the export
     step (trains if no weights, exports if stale; idempotent)."""
     if onnx_dir is not None:
@@ -122,7 +122,7 @@ def onnx_sources(work_dir: Path, profile: str, onnx_dir: Path | None = None) -> 
         raise RepositoryError(
             f"cannot train/export models: {exc}; install marrowdx[export]"
         ) from exc
-    models = build_onnx_models(Path(work_dir), profile)
+    models = build_onnx_models(Path(work_dir), preset)
     return {name: Path(getattr(models, name)) for name in ONNX_MODELS}
 
 
@@ -130,7 +130,7 @@ def build_repository(
     out: Path | None = None,
     target: str = "cpu",
     work_dir: Path | None = None,
-    profile: str = "reference",
+    preset: str = "reference",
     *,
     onnx_dir: Path | None = None,
     onnx_files: Mapping[str, Path] | None = None,
@@ -149,7 +149,7 @@ def build_repository(
     onnx = (
         dict(onnx_files)
         if onnx_files
-        else onnx_sources(Path(work_dir or config.default_work_dir()), profile, onnx_dir)
+        else onnx_sources(Path(work_dir or config.default_work_dir()), preset, onnx_dir)
     )
     result = BuildResult(out=out, target=target)
     for name in ALL_MODELS:
@@ -182,7 +182,7 @@ def _belongs_to(target: str, filename: str) -> bool:
     """cpu runs model.py (python backend); gpu runs dali.py (DALI backend) or engines.
 
     Generated artefacts are never copied from the source folder: after an in-place build
-    (the default) ``model_repository/*/1/`` holds ONNX files of whatever profile was built
+    (the default) ``model_repository/*/1/`` holds ONNX files of whatever preset was built
     last, and copying them would clobber the ones this build is asked to install.
     """
     if filename.endswith((".tmp", ".pyc")) or filename.startswith((ONNX_FILENAME, PLAN_FILENAME)):

@@ -15,7 +15,7 @@ import numpy as np
 from PIL import Image
 
 from marrowdx import taxonomy
-from marrowdx.simulate import profiles as pf
+from marrowdx.simulate import morphology as morph
 
 #: Width (pixels) of the soft edge of cell and nucleus outlines.
 EDGE_PX = 1.4
@@ -88,7 +88,7 @@ def _u(rng: np.random.Generator, r: tuple[float, float]) -> float:
 
 def draw_cell(label: str, rng: np.random.Generator) -> CellSpec:
     """Draw one cell of class ``label`` from its profile."""
-    p = pf.PROFILES[label]
+    p = morph.PROFILES[label]
     diameter = _u(rng, p.diameter)
     outline = _u(rng, p.outline)
     w = rng.random(len(_HARMONICS)).astype(np.float32)
@@ -299,13 +299,13 @@ def render_cell(spec: CellSpec) -> CellRender:
     if spec.precipitate:
         grains = _smooth_noise(rng, size, 2.0)
         body = np.clip(0.75 + 0.35 * tex + 0.45 * grains, 0.15, 2.0) * spec.cyto_density
-        cyto_od = body[..., None] * pf.PRECIPITATE_OD
+        cyto_od = body[..., None] * morph.PRECIPITATE_OD
     else:
-        base = (1 - spec.basophilia) * pf.CYTO_PINK_OD + spec.basophilia * pf.CYTO_BLUE_OD
+        base = (1 - spec.basophilia) * morph.CYTO_PINK_OD + spec.basophilia * morph.CYTO_BLUE_OD
         cyto_od = (spec.cyto_density * (1.0 + 0.07 * tex))[..., None] * base
         if spec.rim > 0:
             w = (np.clip(rho, 0.0, 1.0) ** 6 * spec.rim)[..., None]
-            cyto_od = cyto_od * (1 - w) + w * (pf.CYTO_BLUE_OD * 1.15)
+            cyto_od = cyto_od * (1 - w) + w * (morph.CYTO_BLUE_OD * 1.15)
     if spec.hof and spec.nucleus not in ("none", "smudge"):
         d = math.hypot(*spec.nucleus_offset)
         if d > 1e-3:
@@ -334,7 +334,7 @@ def render_cell(spec: CellSpec) -> CellRender:
         for px, py in _pick_points(room, spec.inclusions, rng):
             r_inc = float(rng.uniform(3.0, 6.0))
             inc = np.maximum(inc, _coverage(_disc_sdf(x, y, px + 0.5 - c, py + 0.5 - c, r_inc)))
-        cyto_od = cyto_od * (1 - inc)[..., None] + inc[..., None] * pf.DEBRIS_OD
+        cyto_od = cyto_od * (1 - inc)[..., None] + inc[..., None] * morph.DEBRIS_OD
     if spec.auer:
         room = (cell_sdf < -8) & (nuc_sdf > 3)
         for px, py in _pick_points(room, 1, rng):
@@ -343,7 +343,7 @@ def render_cell(spec: CellSpec) -> CellRender:
             p0 = (px + 0.5 - c - half * math.cos(a), py + 0.5 - c - half * math.sin(a))
             p1 = (px + 0.5 - c + half * math.cos(a), py + 0.5 - c + half * math.sin(a))
             rod = _coverage(_segment_dist(x, y, p0, p1)[0] - 1.1) * cell_a
-            cyto_od = cyto_od * (1 - rod)[..., None] + rod[..., None] * pf.AUER_OD
+            cyto_od = cyto_od * (1 - rod)[..., None] + rod[..., None] * morph.AUER_OD
 
     # --- chromatin and nucleoli
     nuc_od = None
@@ -359,7 +359,7 @@ def render_cell(spec: CellSpec) -> CellRender:
                 .rotate(float(rng.uniform(0, 180)), Image.BILINEAR)
             )
             factor = factor * (0.7 + 0.6 * streak)
-        nuc_od = (spec.darkness * np.clip(factor, 0.2, 2.0))[..., None] * pf.CHROMATIN_OD
+        nuc_od = (spec.darkness * np.clip(factor, 0.2, 2.0))[..., None] * morph.CHROMATIN_OD
         if spec.nucleoli:
             room = nuc_sdf < -(spec.nucleolus_px + 2.5)
             nl = np.zeros_like(cell_a)
@@ -368,14 +368,16 @@ def render_cell(spec: CellSpec) -> CellRender:
                     nl, _coverage(_disc_sdf(x, y, px + 0.5 - c, py + 0.5 - c, spec.nucleolus_px))
                 )
                 nucleoli_drawn += 1
-            nuc_od = nuc_od * (1 - 0.75 * nl)[..., None] + (0.6 * nl)[..., None] * pf.NUCLEOLUS_OD
+            nuc_od = (
+                nuc_od * (1 - 0.75 * nl)[..., None] + (0.6 * nl)[..., None] * morph.NUCLEOLUS_OD
+            )
 
     # --- granules
     od = cyto_od * (cell_a - nuc_a)[..., None]
     if nuc_od is not None:
         od = od + nuc_od * nuc_a[..., None]
     if spec.granule != "none" and spec.granule_density > 0:
-        g = pf.GRANULES[spec.granule]
+        g = morph.GRANULES[spec.granule]
         n = -(-size // g.grain_px)
         coarse = rng.random((n, n), dtype=np.float32) < spec.granule_density
         gm = np.repeat(np.repeat(coarse, g.grain_px, 0), g.grain_px, 1)[:size, :size]
@@ -398,12 +400,12 @@ def render_cell(spec: CellSpec) -> CellRender:
 def cell_attributes(spec: CellSpec, render: CellRender) -> dict[str, str]:
     """The seven attributes, as rules over what was drawn (see the thresholds in profiles)."""
     present = {
-        "cell_size": spec.diameter >= pf.BIG_CELL_PX,
-        "nuclear_chromatin": spec.nucleus != "none" and spec.clumping >= pf.COARSE_CHROMATIN,
-        "nuclear_shape": spec.nucleus not in pf.REGULAR_SHAPES,
+        "cell_size": spec.diameter >= morph.BIG_CELL_PX,
+        "nuclear_chromatin": spec.nucleus != "none" and spec.clumping >= morph.COARSE_CHROMATIN,
+        "nuclear_shape": spec.nucleus not in morph.REGULAR_SHAPES,
         "nucleolus": render.nucleoli_drawn > 0,
-        "cytoplasm": render.cyto_fraction >= pf.ABUNDANT_CYTOPLASM,
-        "cytoplasmic_basophilia": spec.basophilia >= pf.MODERATE_BASOPHILIA,
+        "cytoplasm": render.cyto_fraction >= morph.ABUNDANT_CYTOPLASM,
+        "cytoplasmic_basophilia": spec.basophilia >= morph.MODERATE_BASOPHILIA,
         "cytoplasmic_vacuoles": render.vacuoles_drawn > 0,
     }
     assert tuple(present) == taxonomy.ATTRIBUTE_NAMES

@@ -117,7 +117,7 @@ def run_sheet(args: argparse.Namespace) -> int:
         example_field(args.seed).save(args.field, quality=90)
         print(f"wrote {args.field}")
     if args.table is not None:
-        from marrowdx.simulate.profiles import markdown_table
+        from marrowdx.simulate.morphology import markdown_table
 
         args.table.parent.mkdir(parents=True, exist_ok=True)
         args.table.write_text(markdown_table())

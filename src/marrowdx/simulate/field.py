@@ -17,7 +17,7 @@ import numpy as np
 from PIL import Image, ImageFilter
 
 from marrowdx.simulate import cells as cl
-from marrowdx.simulate import profiles as pf
+from marrowdx.simulate import morphology as morph
 
 #: Largest fraction of an already placed cell that later cells may cover.
 MAX_OCCLUDED = 0.15
@@ -112,12 +112,12 @@ def _rbc_sprite(rng: np.random.Generator) -> np.ndarray:
     cov = np.clip(0.5 - (rho - 1) * d / 2 / cl.EDGE_PX, 0, 1)
     profile = 1.0 - 0.55 * np.exp(-((rho / 0.5) ** 2))
     strength = float(rng.uniform(0.8, 1.1))
-    return (cov * profile * strength)[..., None] * pf.RBC_OD
+    return (cov * profile * strength)[..., None] * morph.RBC_OD
 
 
 def _paint_background(h: int, w: int, coverage: float, rng: np.random.Generator) -> np.ndarray:
     od = np.empty((h, w, 3), np.float32)
-    od[:] = pf.PLASMA_OD
+    od[:] = morph.PLASMA_OD
     sprites = [_rbc_sprite(rng) for _ in range(RBC_SPRITES)]
     mean_area = math.pi * (sum(RBC_DIAMETER) / 4) ** 2
     n = int(coverage * h * w / mean_area)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from marrowdx.export.models import DETECTOR_STRIDE
+from marrowdx.models.networks import DETECTOR_STRIDE
 
 #: Gaussian sigma as a fraction of the cell's size on the heatmap (CenterNet uses ~1/6 diameter).
 SIGMA_PER_SIZE = 1.0 / 6.0
@@ -20,7 +20,7 @@ SIZE_LOSS_WEIGHT = 0.1
 OFFSET_LOSS_WEIGHT = 1.0
 
 
-def dense_targets(boxes: np.ndarray, input_size: int) -> np.ndarray:
+def heatmap_labels(boxes: np.ndarray, input_size: int) -> np.ndarray:
     """Boxes [N,4] (input pixels) -> targets [6, n, n]: heat, w, h, off_x, off_y, mask."""
     n = input_size // DETECTOR_STRIDE
     out = np.zeros((6, n, n), np.float32)
@@ -41,7 +41,7 @@ def dense_targets(boxes: np.ndarray, input_size: int) -> np.ndarray:
     return out
 
 
-def flip_targets(t: np.ndarray, horizontal: bool) -> np.ndarray:
+def flip_heatmap_labels(t: np.ndarray, horizontal: bool) -> np.ndarray:
     """Flip a target stack [6,h,w]; the sub-cell offset along the flipped axis becomes 1 - off."""
     axis = 2 if horizontal else 1
     out = np.flip(t, axis=axis).copy()

@@ -561,12 +561,14 @@ def _configs(repo: Path):
 @pytest.fixture(scope="module")
 def target_repositories(tmp_path_factory: pytest.TempPathFactory):
     pytest.importorskip("marrowdx.serving.repository", reason="the serving part is not built yet")
-    support_onnx = pytest.importorskip("support_onnx", reason="tests/support_onnx.py (needs onnx)")
+    pytest.importorskip("onnx", reason="synthetic ONNX graphs need the onnx package")
+    from tests.helpers import onnx_graphs
+
     root = tmp_path_factory.mktemp("targets")
     # tiny graphs with the contract's names and shapes: no training needed to check configs
     onnx_dir = root / "onnx"
     onnx_dir.mkdir()
-    for name, path in support_onnx.write_all(onnx_dir).items():
+    for name, path in onnx_graphs.write_all(onnx_dir).items():
         assert path.name == f"{name}.onnx"
     _build("cpu", root / "cpu", onnx_dir)
     _build("gpu", root / "gpu", onnx_dir)
@@ -638,9 +640,11 @@ exec "{python}" -m marrowdx "$@" --onnx-dir "{onnx}" --work-dir "{work}"
 @pytest.fixture(scope="module")
 def onnx_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     pytest.importorskip("marrowdx.serving.repository", reason="the serving part is not built yet")
-    support_onnx = pytest.importorskip("support_onnx", reason="tests/support_onnx.py (needs onnx)")
+    pytest.importorskip("onnx", reason="synthetic ONNX graphs need the onnx package")
+    from tests.helpers import onnx_graphs
+
     folder = tmp_path_factory.mktemp("onnx")
-    support_onnx.write_all(folder)
+    onnx_graphs.write_all(folder)
     return folder
 
 

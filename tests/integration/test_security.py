@@ -24,9 +24,11 @@ import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
-import badinputs
 import pytest
-from support_reliability import (
+
+from marrowdx import config
+from tests.helpers import bad_inputs
+from tests.helpers.reliability import (
     TEST_CACHE,
     Served,
     infer_image,
@@ -35,8 +37,6 @@ from support_reliability import (
     serve_process,
     simulated_fields,
 )
-
-from marrowdx import config
 
 ROOT = config.project_root()
 AUDIT_SCRIPT = ROOT / ".ci" / "audit.py"
@@ -197,7 +197,7 @@ def test_admin_endpoints_need_the_key_inference_stays_open(serve, tmp_path) -> N
         assert allowed["repository index"] is None and allowed["statistics"] is None, allowed
         # Inference, health and metadata need no key.
         assert client.is_server_ready() and client.get_model_metadata(config.MODELS.pipeline)
-        out = infer_image(client, badinputs.jpeg_bytes())
+        out = infer_image(client, bad_inputs.jpeg_bytes())
         assert config.TENSORS.class_counts in out
     finally:
         client.close()
@@ -289,7 +289,7 @@ def test_logs_hold_no_patient_identifiers_or_image_content(serve, tmp_path, capl
             image.rename(image.with_name(f"scan-{secrets.token_hex(6)}{image.suffix}"))
         secrets_ids[new] = sorted(f.name for f in (root / new).iterdir())
     first = next(iter(secrets_ids))
-    broken = badinputs.by_name(badinputs.corpus(include_heavy=False))["truncated_jpeg"].data
+    broken = bad_inputs.by_name(bad_inputs.corpus(include_heavy=False))["truncated_jpeg"].data
     (root / first / "broken-scan.jpg").write_bytes(broken)
     identifiers = (
         set(secrets_ids) | {n for names in secrets_ids.values() for n in names} | {"broken-scan"}

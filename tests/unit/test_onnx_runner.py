@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import support_onnx
 
 from marrowdx import config
 from marrowdx.serving.onnx_runner import (
@@ -14,6 +13,7 @@ from marrowdx.serving.onnx_runner import (
     SessionThreads,
     open_runner,
 )
+from tests.helpers import onnx_graphs
 
 T = config.TENSORS
 S = config.INPUT_SIZE
@@ -22,7 +22,7 @@ ONE_THREAD = SessionThreads(intra_op=1, inter_op=1)
 
 @pytest.fixture(scope="module")
 def graphs(tmp_path_factory) -> dict:
-    return support_onnx.write_all(tmp_path_factory.mktemp("onnx"))
+    return onnx_graphs.write_all(tmp_path_factory.mktemp("onnx"))
 
 
 def _pixels(n: int) -> np.ndarray:

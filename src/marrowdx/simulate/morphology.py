@@ -85,7 +85,7 @@ REGULAR_SHAPES = frozenset({"round", "oval", "none"})
 
 
 @dataclass(frozen=True)
-class ClassProfile:
+class ClassMorphology:
     """Morphology of one class; every cell of it is drawn from these ranges.
 
     diameter: cell diameter in pixels. aspect: major/minor axis ratio of the cell outline.
@@ -127,10 +127,10 @@ class ClassProfile:
     note: str = ""
 
 
-P = ClassProfile
+P = ClassMorphology
 # fmt: off
 #: The morphology table (one row per class, order = taxonomy.CLASSES).
-PROFILES: dict[str, ClassProfile] = {
+PROFILES: dict[str, ClassMorphology] = {
     "myelocytic_blast": P(
         (56, 72), "round", (0.74, 0.82), (0.05, 0.25), (0.62, 0.74), (0.62, 0.78),
         nucleoli=(1.0, 2, 3), granule="azurophilic", granule_density=(0.0, 0.03), auer=0.3,

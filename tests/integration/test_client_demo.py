@@ -1,4 +1,4 @@
-"""``python -m marrowdx.demo`` end to end on the tiny profile and a two-patient cohort, and
+"""``python -m marrowdx.demo`` end to end on the tiny preset and a two-patient cohort, and
 that stopping it (SIGTERM, as from ``kill`` or CI) also stops the server it started."""
 
 from __future__ import annotations
@@ -15,13 +15,13 @@ import pytest
 
 pytestmark = [pytest.mark.server, pytest.mark.slow]
 
-#: Seconds the demo may take here on the tiny profile (build reused, tiny cohort).
+#: Seconds the demo may take here on the tiny preset (build reused, tiny cohort).
 DEMO_TIMEOUT_S = 600
 
 
 def demo_command(built_repository: Path, tmp_path: Path) -> list[str]:
     return [
-        sys.executable, "-m", "marrowdx.demo", "--profile", "tiny",
+        sys.executable, "-m", "marrowdx.demo", "--preset", "tiny",
         "--work-dir", str(built_repository.parent), "--repository", str(built_repository),
         "--patients", "2", "--images-per-patient", "1", "--size", "384", "--seed", "11",
         "--cohort", str(tmp_path / "cohort"), "--out", str(tmp_path / "demo"),

@@ -60,7 +60,7 @@ def stop_for_sure(proc: subprocess.Popen, triton_pid: int) -> None:
 
 
 def test_sigint_stops_triton_and_frees_the_ports(built_repository, tmp_path) -> None:
-    from conftest import TEST_CACHE
+    from tests.helpers import TEST_CACHE
 
     proc, ports, triton = start_serve(built_repository, TEST_CACHE, tmp_path / "serve.log")
     try:
@@ -74,7 +74,7 @@ def test_sigint_stops_triton_and_frees_the_ports(built_repository, tmp_path) -> 
 
 
 def test_serve_exits_non_zero_when_triton_dies(built_repository, tmp_path) -> None:
-    from conftest import TEST_CACHE
+    from tests.helpers import TEST_CACHE
 
     proc, ports, triton = start_serve(built_repository, TEST_CACHE, tmp_path / "serve.log")
     try:
@@ -112,7 +112,7 @@ os._exit(0)  # the launcher dies without stopping Triton
 
 
 def test_triton_stops_when_its_launcher_dies(built_repository) -> None:
-    from conftest import TEST_CACHE
+    from tests.helpers import TEST_CACHE
 
     proc = subprocess.run(
         [sys.executable, "-c", LAUNCH_AND_DIE, str(built_repository), str(TEST_CACHE / "triton")],

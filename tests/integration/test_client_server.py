@@ -1,7 +1,7 @@
 """The client against the real Triton server: counts, failures, and a server restart.
 
 Reference values come from raw tritonclient calls to the same server, so the test checks the
-client's arithmetic and bookkeeping, not the (tiny-profile) models' quality.
+client's arithmetic and bookkeeping, not the (tiny-preset) models' quality.
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """ONNX export (names, dtypes, dynamic batch, metadata, TensorRT op list, torch agreement),
-the tiny-profile ``build_onnx_models`` (idempotence, simulated inputs, evaluation) and the
+the tiny-preset ``build_onnx_models`` (idempotence, simulated inputs, evaluation) and the
 TensorRT paths (skipped with the reason where TensorRT or a GPU is missing).
 """
 
@@ -13,7 +13,7 @@ import onnx
 import pytest
 import torch
 from marrowdx.export import onnx_export, tensorrt_build, trt_ops
-from marrowdx.export.models import (
+from marrowdx.models.networks import (
     CellClassifier,
     CellDetector,
     ClassifierSpec,
@@ -26,7 +26,8 @@ from onnx import TensorProto, helper
 from marrowdx import cli, config, taxonomy
 
 T = config.TENSORS
-TEST_CACHE = config.project_root() / "build" / "test-cache"
+from tests.helpers import TEST_CACHE  # noqa: E402
+
 SMALL = {
     "detector": lambda: CellDetector(DetectorSpec(width4=8, width8=8, width16=8, head=8)),
     "classifier": lambda: CellClassifier(ClassifierSpec(widths=(8, 8, 8), hidden=8)),
@@ -70,7 +71,7 @@ def exported(tmp_path_factory) -> dict[str, tuple[torch.nn.Module, Path]]:
     result = {}
     for kind, make in SMALL.items():
         model = make().eval()
-        meta = {"profile": "test", "kind": kind, **taxonomy.as_metadata()}
+        meta = {"preset": "test", "kind": kind, **taxonomy.as_metadata()}
         result[kind] = (model, onnx_export.export_onnx(model, kind, out / f"{kind}.onnx", meta))
     return result
 
@@ -185,8 +186,8 @@ def test_build_onnx_models_is_idempotent(tiny_models) -> None:
 
 def test_trained_models_agree_with_torch_on_simulated_images(tiny_models) -> None:
     from marrowdx.export.build import BuildLayout
-    from marrowdx.export.checkpoints import load_checkpoint
-    from marrowdx.export.data import prepare_cohort
+    from marrowdx.models.checkpoints import load_checkpoint
+    from marrowdx.training.data import prepare_cohort
 
     layout = BuildLayout(TEST_CACHE, "tiny")
     data = prepare_cohort(layout.training_cohort(_tiny_seed()), layout.cache_dir)
@@ -209,14 +210,14 @@ def test_trained_models_agree_with_torch_on_simulated_images(tiny_models) -> Non
 
 
 def _tiny_seed() -> int:
-    from marrowdx.export.profiles import PROFILES
+    from marrowdx.training.presets import PRESETS
 
-    return PROFILES["tiny"].seed
+    return PRESETS["tiny"].seed
 
 
 def test_evaluate_reports_every_metric(tiny_models) -> None:
     from marrowdx.export.build import BuildLayout
-    from marrowdx.export.evaluate import evaluate_cohort, format_table
+    from marrowdx.training.evaluate import evaluate_cohort, format_table
 
     cohort = BuildLayout(TEST_CACHE, "tiny").training_cohort(_tiny_seed())
     report = evaluate_cohort(cohort, tiny_models, TEST_CACHE)
@@ -231,13 +232,13 @@ def test_evaluate_reports_every_metric(tiny_models) -> None:
 
 
 def test_cli_train_and_export_without_tensorrt(tiny_models, capsys) -> None:
-    assert cli.main(["train", "--work-dir", str(TEST_CACHE), "--profile", "tiny", "--quiet"]) == 0
+    assert cli.main(["train", "--work-dir", str(TEST_CACHE), "--preset", "tiny", "--quiet"]) == 0
     assert str(tiny_models.detector) in capsys.readouterr().out
     try:
         tensorrt_build.require_tensorrt()
     except tensorrt_build.TensorRTUnavailable as exc:
         code = cli.main(
-            ["export", "--work-dir", str(TEST_CACHE), "--profile", "tiny", "--quiet", "--tensorrt"]
+            ["export", "--work-dir", str(TEST_CACHE), "--preset", "tiny", "--quiet", "--tensorrt"]
         )
         assert code == 3
         assert str(exc) in capsys.readouterr().err
@@ -323,7 +324,7 @@ def test_no_tensorrt_message_is_clear() -> None:
 
 def test_coco_cohort_prepares_like_ground_truth(tiny_models, tmp_path) -> None:
     from marrowdx.export.build import BuildLayout
-    from marrowdx.export.data import cohort_from_coco, prepare_cohort, read_ground_truth
+    from marrowdx.training.data import cohort_from_coco, prepare_cohort, read_ground_truth
 
     from marrowdx.simulate import write_coco
 

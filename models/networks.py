@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
-from marrowdx.export import roi
+from marrowdx.models import roi
 from torch import nn
 
 from marrowdx import config

@@ -26,7 +26,8 @@ REQUEST_TIMEOUT_S = 60.0
 RECOVERY_TIMEOUT_S = 120.0
 #: Where the test fixtures keep their build outputs and the launcher its copy of the Triton
 #: tree (the same folder as conftest.TEST_CACHE, so the tree is copied once).
-TEST_CACHE = config.project_root() / "build" / "test-cache"
+from tests.helpers import TEST_CACHE  # noqa: E402
+
 #: Size of the simulated fields used as good images (small: the tests are about behaviour).
 FIELD_SIDE = 512
 

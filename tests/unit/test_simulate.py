@@ -23,7 +23,7 @@ from marrowdx.simulate import (
     simulate_cohort,
     write_coco,
 )
-from marrowdx.simulate import profiles as pf
+from marrowdx.simulate import morphology as morph
 
 SIZE = (320, 256)  # (width, height): non-square on purpose, to catch swapped axes
 N_PATIENTS = 3
@@ -129,21 +129,23 @@ def test_overlapping_cells_occur_but_stay_partial() -> None:
 @pytest.mark.parametrize("label", taxonomy.CLASSES)
 def test_attributes_follow_drawn_morphology(label: str) -> None:
     rng = np.random.default_rng(taxonomy.CLASS_INDEX[label])
-    prof = pf.PROFILES[label]
+    prof = morph.PRESETS[label]
     for _ in range(4):
         spec = cl.draw_cell(label, rng)
         render = cl.render_cell(spec)
         attrs = cl.cell_attributes(spec, render)
         assert prof.diameter[0] <= spec.diameter <= prof.diameter[1]
-        assert (attrs["cell_size"] == "big") == (spec.diameter >= pf.BIG_CELL_PX)
-        assert (attrs["nuclear_shape"] == "irregular") == (prof.nucleus not in pf.REGULAR_SHAPES)
+        assert (attrs["cell_size"] == "big") == (spec.diameter >= morph.BIG_CELL_PX)
+        assert (attrs["nuclear_shape"] == "irregular") == (prof.nucleus not in morph.REGULAR_SHAPES)
         assert (attrs["nucleolus"] == "prominent") == (render.nucleoli_drawn > 0)
         assert render.nucleoli_drawn <= spec.nucleoli
         assert (attrs["cytoplasmic_vacuoles"] == "prominent") == (render.vacuoles_drawn > 0)
         assert (attrs["cytoplasmic_basophilia"] == "moderate") == (
-            spec.basophilia >= pf.MODERATE_BASOPHILIA
+            spec.basophilia >= morph.MODERATE_BASOPHILIA
         )
-        assert (attrs["cytoplasm"] == "abundant") == (render.cyto_fraction >= pf.ABUNDANT_CYTOPLASM)
+        assert (attrs["cytoplasm"] == "abundant") == (
+            render.cyto_fraction >= morph.ABUNDANT_CYTOPLASM
+        )
         # the rendered cell is about as big as drawn
         drawn_area = math.pi * spec.radius**2
         assert 0.7 < float((render.alpha > 0.5).sum()) / drawn_area < 1.35
@@ -357,6 +359,6 @@ def test_sheet_command_writes_one_tile_per_class(tmp_path: Path) -> None:
     with Image.open(out) as img:
         rows = -(-taxonomy.N_CLASSES // sheet.COLUMNS)
         assert img.size == (sheet.COLUMNS * sheet.TILE, rows * (sheet.TILE + sheet.CAPTION))
-    table = pf.markdown_table().splitlines()
+    table = morph.markdown_table().splitlines()
     assert len(table) == 2 + taxonomy.N_CLASSES
     assert all(f"| {c} |" in row for c, row in zip(taxonomy.CLASSES, table[2:], strict=True))

@@ -9,10 +9,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from marrowdx.export import metrics, roi
-from marrowdx.export.checkpoints import checkpoint_metadata, load_checkpoint, save_checkpoint
-from marrowdx.export.data import CellTable, PreparedCohort, attribute_bits
-from marrowdx.export.models import (
+from marrowdx.models.checkpoints import checkpoint_metadata, load_checkpoint, save_checkpoint
+from marrowdx.models.networks import (
     DETECTOR_STRIDE,
     CellClassifier,
     CellDetector,
@@ -22,7 +20,9 @@ from marrowdx.export.models import (
     DiagnosisSpec,
     normalize_pixels,
 )
-from marrowdx.export.targets import dense_targets, flip_targets
+from marrowdx.training import metrics, roi
+from marrowdx.training.data import CellTable, PreparedCohort, attribute_bits
+from marrowdx.training.heatmap_labels import flip_heatmap_labels, heatmap_labels
 
 from marrowdx import config, taxonomy
 
@@ -115,17 +115,17 @@ def test_diagnosis_ignores_masked_lab_values() -> None:
     )  # unmasked rows differ only where values present
 
 
-def test_dense_targets_peak_size_offset_and_flip() -> None:
+def test_heatmap_labels_peak_size_offset_and_flip() -> None:
     boxes = np.array([[40.0, 60.0, 70.0, 86.0]], np.float32)  # centre (55, 73), size 30x26
-    t = dense_targets(boxes, S)
+    t = heatmap_labels(boxes, S)
     cx, cy = 55 / DETECTOR_STRIDE, 73 / DETECTOR_STRIDE
     iy, ix = int(cy), int(cx)
     assert t[0, iy, ix] == 1.0 and t[5].sum() == 1.0
     assert t[1:5, iy, ix].tolist() == pytest.approx([30 / 4, 26 / 4, cx - ix, cy - iy])
-    flipped = flip_targets(t, horizontal=True)
+    flipped = flip_heatmap_labels(t, horizontal=True)
     n = S // DETECTOR_STRIDE
     mirror = np.array([[S - 70.0, 60.0, S - 40.0, 86.0]], np.float32)
-    np.testing.assert_allclose(flipped[1:6], dense_targets(mirror, S)[1:6], atol=1e-5)
+    np.testing.assert_allclose(flipped[1:6], heatmap_labels(mirror, S)[1:6], atol=1e-5)
     assert flipped.shape == (6, n, n)
 
 
@@ -201,17 +201,17 @@ def _toy_cohort(n_images: int = 3, seed: int = 0) -> PreparedCohort:
 def test_training_is_deterministic() -> None:
     import dataclasses
 
-    from marrowdx.export import train
-    from marrowdx.export.profiles import PROFILES
+    from marrowdx.training import train
+    from marrowdx.training.presets import PRESETS
 
-    profile = dataclasses.replace(
-        PROFILES["tiny"], det_steps=2, cls_steps=2, det_batch=2, det_crop=128
+    preset = dataclasses.replace(
+        PRESETS["tiny"], det_steps=2, cls_steps=2, det_batch=2, det_crop=128
     )
     data = _toy_cohort()
-    runs = [train.train_detector(data, profile) for _ in range(2)]
+    runs = [train.train_detector(data, preset) for _ in range(2)]
     for a, b in zip(runs[0].state_dict().values(), runs[1].state_dict().values(), strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
-    runs = [train.train_classifier(data, profile) for _ in range(2)]
+    runs = [train.train_classifier(data, preset) for _ in range(2)]
     for a, b in zip(runs[0].state_dict().values(), runs[1].state_dict().values(), strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 

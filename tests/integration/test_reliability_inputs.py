@@ -1,4 +1,4 @@
-"""Bad input, server and client side: the corpus of ``tests/badinputs.py`` against the real
+"""Bad input, server and client side: the corpus of ``tests/bad_inputs.py`` against the real
 server, wrong tensors through raw tritonclient, and a patient folder with bad files through
 ``marrowdx diagnose``.
 
@@ -13,10 +13,12 @@ import json
 import shutil
 from concurrent.futures import ThreadPoolExecutor
 
-import badinputs
 import numpy as np
 import pytest
-from support_reliability import (
+
+from marrowdx import config
+from tests.helpers import bad_inputs
+from tests.helpers.reliability import (
     assert_same_outputs,
     infer,
     infer_image,
@@ -28,8 +30,6 @@ from support_reliability import (
     simulated_fields,
     stub_processes,
 )
-
-from marrowdx import config
 
 pytestmark = pytest.mark.server
 
@@ -48,8 +48,8 @@ DISRUPTIVE = ("truncated_jpeg", "truncated_png", "png_complete_bomb", "text_as_j
 
 
 @pytest.fixture(scope="module")
-def corpus() -> dict[str, badinputs.BadInput]:
-    return badinputs.by_name(badinputs.corpus())
+def corpus() -> dict[str, bad_inputs.BadInput]:
+    return bad_inputs.by_name(bad_inputs.corpus())
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +79,7 @@ def baselines(client, good_fields) -> list[dict[str, np.ndarray]]:
     return [answer(client, f) for f in good_fields]
 
 
-def expect_rejected(client, entry: badinputs.BadInput, model: str = config.MODELS.pipeline) -> str:
+def expect_rejected(client, entry: bad_inputs.BadInput, model: str = config.MODELS.pipeline) -> str:
     """ "" when the server refuses ``entry`` as it must, else what is wrong (so one test
     can list every offending entry at once)."""
     from tritonclient.utils import InferenceServerException
@@ -120,12 +120,12 @@ def test_decompression_bombs_are_refused_without_decoding(
 def test_valid_but_odd_images_are_converted_to_rgb(client, corpus, baselines) -> None:
     t = config.TENSORS
     problems = []
-    for entry in (e for e in corpus.values() if e.expect == badinputs.OK):
+    for entry in (e for e in corpus.values() if e.expect == bad_inputs.OK):
         try:
             odd = infer_image(client, entry.data, config.MODELS.preprocess)
             ref = infer_image(
                 client,
-                badinputs.png_of(badinputs.reference_rgb(entry.data)),
+                bad_inputs.png_of(bad_inputs.reference_rgb(entry.data)),
                 config.MODELS.preprocess,
             )
             served = infer_image(client, entry.data)  # and the whole ensemble takes it
@@ -148,7 +148,7 @@ def test_valid_but_odd_images_are_converted_to_rgb(client, corpus, baselines) ->
 
 
 def test_invalid_images_get_a_clear_per_image_error(client, corpus, good_fields, baselines) -> None:
-    errors = [e for e in corpus.values() if e.expect == badinputs.ERROR]
+    errors = [e for e in corpus.values() if e.expect == bad_inputs.ERROR]
     problems = [p for p in (expect_rejected(client, e) for e in errors) if p]
     # Through the preprocess model directly as well: the checks live there, not in the client.
     problems += [
@@ -176,7 +176,7 @@ def test_wrong_tensors_are_refused_and_the_server_keeps_serving(
     from tritonclient.utils import InferenceServerException
 
     problems = []
-    for case in badinputs.tensor_cases():
+    for case in bad_inputs.tensor_cases():
         try:
             infer(client, case.model, case.inputs)
         except InferenceServerException as exc:
@@ -246,17 +246,17 @@ def test_limits_are_configurable_and_enforced(built_repository, tmp_path) -> Non
         f'  {{ key: "{k}" value: {{ string_value: "{v}" }} }}' for k, v in limits.items()
     )
     cfg.write_text(cfg.read_text() + f"\nparameters [\n{entries}\n]\n")
-    within = badinputs.jpeg_bytes(300, 200)
+    within = bad_inputs.jpeg_bytes(300, 200)
     refused = {
-        "pixels": badinputs.jpeg_bytes(301, 200),
+        "pixels": bad_inputs.jpeg_bytes(301, 200),
         "bytes": within + b"\x00" * (limits["max_image_bytes"] + 1 - len(within)),
-        "small": badinputs.jpeg_bytes(31, 200),
+        "small": bad_inputs.jpeg_bytes(31, 200),
     }
     with own_server(repo, tmp_path / "server.log") as server:
         c = raw_client(server.grpc_url)
         try:
             infer_image(c, within)
-            infer_image(c, badinputs.jpeg_bytes(32, 200))
+            infer_image(c, bad_inputs.jpeg_bytes(32, 200))
             for what, data in refused.items():
                 with pytest.raises(InferenceServerException, match="too (large|small)") as info:
                     infer_image(c, data)

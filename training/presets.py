@@ -1,8 +1,8 @@
-"""Training profiles: how much data and how many steps each build trains with.
+"""Training presets: how much data and how many steps each build trains with.
 
 "reference" is the full build (<= 20 minutes on 2 CPU cores, simulation included);
 "tiny" is for tests and CI fixtures (a minute or two; its quality is not a target).
-Changing a profile changes its fingerprint, which makes existing weights stale.
+Changing a preset changes its fingerprint, which makes existing weights stale.
 """
 
 from __future__ import annotations
@@ -11,11 +11,11 @@ import hashlib
 import json
 from dataclasses import asdict, dataclass, field
 
-from marrowdx.export.models import ClassifierSpec, DetectorSpec, DiagnosisSpec
+from marrowdx.models.networks import ClassifierSpec, DetectorSpec, DiagnosisSpec
 
 
 @dataclass(frozen=True)
-class TrainingProfile:
+class TrainingPreset:
     name: str
     # simulated training cohort (when none is given)
     train_patients: int
@@ -45,8 +45,8 @@ class TrainingProfile:
         return hashlib.sha256(blob).hexdigest()[:16]
 
 
-PROFILES: dict[str, TrainingProfile] = {
-    "reference": TrainingProfile(
+PRESETS: dict[str, TrainingPreset] = {
+    "reference": TrainingPreset(
         name="reference",
         train_patients=48,
         images_per_patient=4,
@@ -57,7 +57,7 @@ PROFILES: dict[str, TrainingProfile] = {
         diag_patients=8000,
         diag_steps=800,
     ),
-    "tiny": TrainingProfile(
+    "tiny": TrainingPreset(
         name="tiny",
         train_patients=3,
         images_per_patient=2,
@@ -78,10 +78,10 @@ PROFILES: dict[str, TrainingProfile] = {
 }
 
 
-def get_profile(name: str) -> TrainingProfile:
+def get_preset(name: str) -> TrainingPreset:
     try:
-        return PROFILES[name]
+        return PRESETS[name]
     except KeyError:
         raise ValueError(
-            f"unknown training profile {name!r}; choose one of {sorted(PROFILES)}"
+            f"unknown training preset {name!r}; choose one of {sorted(PRESETS)}"
         ) from None

@@ -16,7 +16,9 @@ import threading
 import time
 
 import pytest
-from support_reliability import (
+
+from marrowdx import config
+from tests.helpers.reliability import (
     RECOVERY_TIMEOUT_S,
     assert_same_outputs,
     image_tensor,
@@ -30,8 +32,6 @@ from support_reliability import (
     simulated_fields,
     stub_processes,
 )
-
-from marrowdx import config
 
 pytestmark = pytest.mark.server
 

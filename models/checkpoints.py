@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from marrowdx.export.models import build_model, spec_dict
+from marrowdx.models.networks import build_model, spec_dict
 from torch import nn
 
 from marrowdx import __version__, config, taxonomy
@@ -27,9 +27,7 @@ class Checkpoint:
     metadata: dict
 
 
-def checkpoint_metadata(
-    kind: str, profile_name: str, fingerprint: str, training_data: dict
-) -> dict:
+def checkpoint_metadata(kind: str, preset_name: str, fingerprint: str, training_data: dict) -> dict:
     return {
         "model": getattr(config.MODELS, kind),
         "kind": kind,
@@ -39,8 +37,8 @@ def checkpoint_metadata(
         "crop_size": config.CROP_SIZE,
         "max_detections": config.MAX_DETECTIONS,
         "lab_values": list(config.LAB_VALUE_NAMES),
-        "profile": profile_name,
-        "profile_fingerprint": fingerprint,
+        "preset": preset_name,
+        "preset_fingerprint": fingerprint,
         "training_data": training_data,
         **taxonomy.as_metadata(),
         "attribute_names": list(taxonomy.ATTRIBUTE_NAMES),

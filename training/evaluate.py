@@ -14,9 +14,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
-from marrowdx.export import metrics
 from marrowdx.export.build import OnnxModels
-from marrowdx.export.data import PreparedCohort
+from marrowdx.training import metrics
+from marrowdx.training.data import PreparedCohort
 
 from marrowdx import config, taxonomy
 
@@ -175,7 +175,7 @@ def evaluate(data: PreparedCohort, models: OnnxModels) -> EvaluationReport:
 
 
 def evaluate_cohort(cohort_dir: Path, models: OnnxModels, work_dir: Path) -> EvaluationReport:
-    from marrowdx.export.data import prepare_cohort
+    from marrowdx.training.data import prepare_cohort
 
     data = prepare_cohort(Path(cohort_dir), Path(work_dir) / "cache")
     return evaluate(data, models)
@@ -187,7 +187,7 @@ def _fmt(value: float | None) -> str:
     )
 
 
-def format_table(report: EvaluationReport, profile: str = "") -> str:
+def format_table(report: EvaluationReport, preset: str = "") -> str:
     """The paper's table next to this build's numbers (and the issue's targets)."""
     met = report.meets_targets()
     head = f"{'metric':40s} {'paper':>7s} {'this build':>10s}  target"
@@ -201,7 +201,7 @@ def format_table(report: EvaluationReport, profile: str = "") -> str:
             f"{label:40s} {_fmt(PAPER[key]):>7s} {_fmt(getattr(report, key)):>10s}  {target}"
         )
     lines.append(
-        f"({profile + ' build; ' if profile else ''}{report.n_patients} patients, "
+        f"({preset + ' build; ' if preset else ''}{report.n_patients} patients, "
         f"{report.n_images} images, "
         f"{report.n_cells} cells, {report.n_matched} matched; {report.seconds:.0f}s)"
     )

@@ -87,10 +87,10 @@ def tensors(specs) -> list[tuple[str, str, list[int]]]:
 
 @pytest.fixture(scope="module")
 def onnx_dir(tmp_path_factory) -> Path:
-    import support_onnx
+    from tests.helpers import onnx_graphs
 
     folder = tmp_path_factory.mktemp("onnx")
-    support_onnx.write_all(folder)
+    onnx_graphs.write_all(folder)
     return folder
 
 

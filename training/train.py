@@ -1,6 +1,6 @@
 """Deterministic CPU training of the detector, the classifier and the diagnosis model.
 
-Each trainer takes a :class:`PreparedCohort` and a :class:`TrainingProfile` and returns a
+Each trainer takes a :class:`PreparedCohort` and a :class:`TrainingPreset` and returns a
 trained module in eval mode. Determinism: one seeded ``torch.Generator``/``numpy`` RNG
 per trainer, a fixed thread count and ``torch.use_deterministic_algorithms``.
 """
@@ -14,15 +14,15 @@ from collections.abc import Callable
 import numpy as np
 import torch
 import torch.nn.functional as F
-from marrowdx.export.data import PreparedCohort
-from marrowdx.export.models import (
+from marrowdx.models.networks import (
     CellClassifier,
     CellDetector,
     DiagnosisModel,
     normalize_pixels,
 )
-from marrowdx.export.profiles import TrainingProfile
-from marrowdx.export.targets import dense_targets, detector_loss, flip_targets
+from marrowdx.training.data import PreparedCohort
+from marrowdx.training.heatmap_labels import detector_loss, flip_heatmap_labels, heatmap_labels
+from marrowdx.training.presets import TrainingPreset
 
 from marrowdx import config, taxonomy
 
@@ -76,27 +76,27 @@ def detector_targets(data: PreparedCohort, input_size: int) -> np.ndarray:
     """Dense targets for every image, [I, 6, n, n]."""
     out = []
     for i in range(data.n_images):
-        out.append(dense_targets(data.cells.boxes[data.cells_of(i)], input_size))
+        out.append(heatmap_labels(data.cells.boxes[data.cells_of(i)], input_size))
     return np.stack(out) if out else np.zeros((0, 6, 1, 1), np.float32)
 
 
 def train_detector(
-    data: PreparedCohort, profile: TrainingProfile, log: Log = _silent
+    data: PreparedCohort, preset: TrainingPreset, log: Log = _silent
 ) -> CellDetector:
-    set_determinism(profile.seed)
-    rng = np.random.default_rng(profile.seed)
-    spec = profile.detector
+    set_determinism(preset.seed)
+    rng = np.random.default_rng(preset.seed)
+    spec = preset.detector
     model = CellDetector(spec)
     targets = detector_targets(data, spec.input_size)
-    opt = torch.optim.AdamW(model.parameters(), lr=profile.det_lr, weight_decay=WEIGHT_DECAY)
-    from marrowdx.export.models import DETECTOR_STRIDE
+    opt = torch.optim.AdamW(model.parameters(), lr=preset.det_lr, weight_decay=WEIGHT_DECAY)
+    from marrowdx.models.networks import DETECTOR_STRIDE
 
-    crop, n_full = profile.det_crop, spec.input_size // DETECTOR_STRIDE
+    crop, n_full = preset.det_crop, spec.input_size // DETECTOR_STRIDE
     crop_t = crop // DETECTOR_STRIDE
     started = time.monotonic()
     model.train()
-    for step in range(profile.det_steps):
-        images = rng.integers(0, data.n_images, profile.det_batch)
+    for step in range(preset.det_steps):
+        images = rng.integers(0, data.n_images, preset.det_batch)
         xs, ts = [], []
         for i in images:
             fy, fx = rng.integers(0, n_full - crop_t + 1, 2)
@@ -104,23 +104,23 @@ def train_detector(
             x = data.pixels[i, :, py : py + crop, px : px + crop]
             t = targets[i, :, fy : fy + crop_t, fx : fx + crop_t]
             if rng.random() < 0.5:
-                x, t = x[:, :, ::-1], flip_targets(t, horizontal=True)
+                x, t = x[:, :, ::-1], flip_heatmap_labels(t, horizontal=True)
             if rng.random() < 0.5:
-                x, t = x[:, ::-1, :], flip_targets(t, horizontal=False)
+                x, t = x[:, ::-1, :], flip_heatmap_labels(t, horizontal=False)
             xs.append(np.ascontiguousarray(x))
             ts.append(t)
         x = normalize_pixels(torch.from_numpy(np.stack(xs)))
         t = torch.from_numpy(np.stack(ts))
-        _cosine_lr(opt, profile.det_lr, step, profile.det_steps)
+        _cosine_lr(opt, preset.det_lr, step, preset.det_steps)
         logits, regress = model.features(x)
         loss = detector_loss(logits, regress, t)
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 10.0)
         opt.step()
-        if (step + 1) % _every(profile.det_steps) == 0:
+        if (step + 1) % _every(preset.det_steps) == 0:
             log(
-                f"  detector step {step + 1}/{profile.det_steps} loss {loss.item():.3f}"
+                f"  detector step {step + 1}/{preset.det_steps} loss {loss.item():.3f}"
                 f" ({time.monotonic() - started:.0f}s)"
             )
     return model.eval()
@@ -153,12 +153,12 @@ def augment_crops(crops: torch.Tensor, rng: np.random.Generator) -> torch.Tensor
 
 
 def train_classifier(
-    data: PreparedCohort, profile: TrainingProfile, log: Log = _silent
+    data: PreparedCohort, preset: TrainingPreset, log: Log = _silent
 ) -> CellClassifier:
-    set_determinism(profile.seed + 1)
-    rng = np.random.default_rng(profile.seed + 1)
-    model = CellClassifier(profile.classifier)
-    opt = torch.optim.AdamW(model.parameters(), lr=profile.cls_lr, weight_decay=WEIGHT_DECAY)
+    set_determinism(preset.seed + 1)
+    rng = np.random.default_rng(preset.seed + 1)
+    model = CellClassifier(preset.classifier)
+    opt = torch.optim.AdamW(model.parameters(), lr=preset.cls_lr, weight_decay=WEIGHT_DECAY)
     cells = data.cells
     if len(cells.labels) == 0:
         raise ValueError("the training cohort holds no labelled cells")
@@ -168,13 +168,13 @@ def train_classifier(
     per_image = [data.cells_of(i) for i in range(data.n_images)]
     started = time.monotonic()
     model.train()
-    for step in range(profile.cls_steps):
-        images = rng.choice(data.n_images, profile.cls_images, p=image_p)
+    for step in range(preset.cls_steps):
+        images = rng.choice(data.n_images, preset.cls_images, p=image_p)
         boxes, labels, attrs = [], [], []
         for i in images:
             idx = per_image[i]
             w = weights[idx] / weights[idx].sum()
-            pick = rng.choice(idx, profile.cls_cells_per_image, p=w)
+            pick = rng.choice(idx, preset.cls_cells_per_image, p=w)
             boxes.append(jitter_boxes(cells.boxes[pick], rng))
             labels.append(cells.labels[pick])
             attrs.append(cells.attributes[pick])
@@ -186,13 +186,13 @@ def train_classifier(
         a = torch.from_numpy(np.concatenate(attrs))
         loss = F.cross_entropy(cls.reshape(-1, cls.shape[-1]), y, label_smoothing=LABEL_SMOOTHING)
         loss = loss + F.binary_cross_entropy_with_logits(att.reshape(-1, att.shape[-1]), a)
-        _cosine_lr(opt, profile.cls_lr, step, profile.cls_steps)
+        _cosine_lr(opt, preset.cls_lr, step, preset.cls_steps)
         opt.zero_grad()
         loss.backward()
         opt.step()
-        if (step + 1) % _every(profile.cls_steps) == 0:
+        if (step + 1) % _every(preset.cls_steps) == 0:
             log(
-                f"  classifier step {step + 1}/{profile.cls_steps} loss {loss.item():.3f}"
+                f"  classifier step {step + 1}/{preset.cls_steps} loss {loss.item():.3f}"
                 f" ({time.monotonic() - started:.0f}s)"
             )
     return model.eval()
@@ -244,24 +244,24 @@ def synthetic_patients(
 
 
 def train_diagnosis(
-    confusion: np.ndarray, profile: TrainingProfile, log: Log = _silent
+    confusion: np.ndarray, preset: TrainingPreset, log: Log = _silent
 ) -> DiagnosisModel:
-    set_determinism(profile.seed + 2)
-    rng = np.random.default_rng(profile.seed + 2)
-    f, t, labs, mask, y = synthetic_patients(confusion, profile.diag_patients, rng)
+    set_determinism(preset.seed + 2)
+    rng = np.random.default_rng(preset.seed + 2)
+    f, t, labs, mask, y = synthetic_patients(confusion, preset.diag_patients, rng)
     tensors = [torch.from_numpy(a) for a in (f, t, labs, mask)]
     y_t = torch.from_numpy(y.astype(np.int64))
-    model = DiagnosisModel(profile.diagnosis)
-    opt = torch.optim.AdamW(model.parameters(), lr=profile.diag_lr, weight_decay=WEIGHT_DECAY)
+    model = DiagnosisModel(preset.diagnosis)
+    opt = torch.optim.AdamW(model.parameters(), lr=preset.diag_lr, weight_decay=WEIGHT_DECAY)
     model.train()
-    for step in range(profile.diag_steps):
+    for step in range(preset.diag_steps):
         idx = torch.from_numpy(rng.integers(0, len(y), DIAG_BATCH))
         logits = model.logits(*(a[idx] for a in tensors))
         loss = F.cross_entropy(logits, y_t[idx])
-        _cosine_lr(opt, profile.diag_lr, step, profile.diag_steps)
+        _cosine_lr(opt, preset.diag_lr, step, preset.diag_steps)
         opt.zero_grad()
         loss.backward()
         opt.step()
-        if (step + 1) % _every(profile.diag_steps) == 0:
-            log(f"  diagnosis step {step + 1}/{profile.diag_steps} loss {loss.item():.3f}")
+        if (step + 1) % _every(preset.diag_steps) == 0:
+            log(f"  diagnosis step {step + 1}/{preset.diag_steps} loss {loss.item():.3f}")
     return model.eval()

@@ -1,0 +1,1 @@
+"""Training and evaluation: data preparation, presets, training loops, held-out metrics."""
