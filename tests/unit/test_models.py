@@ -9,6 +9,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from marrowdx.models import roi
 from marrowdx.models.checkpoints import checkpoint_metadata, load_checkpoint, save_checkpoint
 from marrowdx.models.networks import (
     DETECTOR_STRIDE,
@@ -20,7 +21,7 @@ from marrowdx.models.networks import (
     DiagnosisSpec,
     normalize_pixels,
 )
-from marrowdx.training import metrics, roi
+from marrowdx.training import metrics
 from marrowdx.training.data import CellTable, PreparedCohort, attribute_bits
 from marrowdx.training.heatmap_labels import flip_heatmap_labels, heatmap_labels
 

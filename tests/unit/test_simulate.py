@@ -129,14 +129,14 @@ def test_overlapping_cells_occur_but_stay_partial() -> None:
 @pytest.mark.parametrize("label", taxonomy.CLASSES)
 def test_attributes_follow_drawn_morphology(label: str) -> None:
     rng = np.random.default_rng(taxonomy.CLASS_INDEX[label])
-    prof = morph.PRESETS[label]
+    morphology = morph.MORPHOLOGY[label]
     for _ in range(4):
         spec = cl.draw_cell(label, rng)
         render = cl.render_cell(spec)
         attrs = cl.cell_attributes(spec, render)
-        assert prof.diameter[0] <= spec.diameter <= prof.diameter[1]
+        assert morphology.diameter[0] <= spec.diameter <= morphology.diameter[1]
         assert (attrs["cell_size"] == "big") == (spec.diameter >= morph.BIG_CELL_PX)
-        assert (attrs["nuclear_shape"] == "irregular") == (prof.nucleus not in morph.REGULAR_SHAPES)
+        assert (attrs["nuclear_shape"] == "irregular") == (morphology.nucleus not in morph.REGULAR_SHAPES)
         assert (attrs["nucleolus"] == "prominent") == (render.nucleoli_drawn > 0)
         assert render.nucleoli_drawn <= spec.nucleoli
         assert (attrs["cytoplasmic_vacuoles"] == "prominent") == (render.vacuoles_drawn > 0)

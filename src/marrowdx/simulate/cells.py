@@ -1,4 +1,4 @@
-"""Draw one cell's morphology from its class profile and render it as an optical-density patch.
+"""Draw one cell's morphology from its class morphology and render it as an optical-density patch.
 
 Rendering works on a small square patch around the cell with whole-array numpy operations
 (signed distances, smooth noise, masks): no per-pixel Python loops. The attributes of a cell
@@ -87,8 +87,8 @@ def _u(rng: np.random.Generator, r: tuple[float, float]) -> float:
 
 
 def draw_cell(label: str, rng: np.random.Generator) -> CellSpec:
-    """Draw one cell of class ``label`` from its profile."""
-    p = morph.PROFILES[label]
+    """Draw one cell of class ``label`` from its morphology."""
+    p = morph.MORPHOLOGY[label]
     diameter = _u(rng, p.diameter)
     outline = _u(rng, p.outline)
     w = rng.random(len(_HARMONICS)).astype(np.float32)
@@ -398,7 +398,7 @@ def render_cell(spec: CellSpec) -> CellRender:
 
 
 def cell_attributes(spec: CellSpec, render: CellRender) -> dict[str, str]:
-    """The seven attributes, as rules over what was drawn (see the thresholds in profiles)."""
+    """The seven attributes, as rules over what was drawn (see the thresholds in morphology.py)."""
     present = {
         "cell_size": spec.diameter >= morph.BIG_CELL_PX,
         "nuclear_chromatin": spec.nucleus != "none" and spec.clumping >= morph.COARSE_CHROMATIN,

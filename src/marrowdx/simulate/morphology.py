@@ -1,4 +1,4 @@
-"""Per-class morphology profiles: the one table that says what each of the 33 classes looks like.
+"""Per-class morphology: the one table that says what each of the 33 classes looks like.
 
 Why one table: the simulator, the attribute rules and the documentation all read the same rows,
 so a class's appearance is changed in exactly one place. Ranges are uniform draws per cell.
@@ -130,7 +130,7 @@ class ClassMorphology:
 P = ClassMorphology
 # fmt: off
 #: The morphology table (one row per class, order = taxonomy.CLASSES).
-PROFILES: dict[str, ClassMorphology] = {
+MORPHOLOGY: dict[str, ClassMorphology] = {
     "myelocytic_blast": P(
         (56, 72), "round", (0.74, 0.82), (0.05, 0.25), (0.62, 0.74), (0.62, 0.78),
         nucleoli=(1.0, 2, 3), granule="azurophilic", granule_density=(0.0, 0.03), auer=0.3,
@@ -277,7 +277,7 @@ PROFILES: dict[str, ClassMorphology] = {
 # fmt: on
 del P
 
-assert tuple(PROFILES) == taxonomy.CLASSES, "PROFILES must list taxonomy.CLASSES in order"
+assert tuple(MORPHOLOGY) == taxonomy.CLASSES, "MORPHOLOGY must list taxonomy.CLASSES in order"
 
 # ------------------------------------------------------- attribute rules (thresholds)
 #: A cell is "big" when its drawn diameter is at least this (full-resolution pixels).
@@ -302,7 +302,7 @@ def markdown_table() -> str:
         "basophilia | granules | morphology |",
         "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
-    for name, p in PROFILES.items():
+    for name, p in MORPHOLOGY.items():
         nucleus = p.nucleus
         if p.nucleus == "lobed":
             nucleus += f" ({rng(p.lobes)} lobes)"
