@@ -4,12 +4,12 @@ PYTHON ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
 # Extras this machine can use. `gpu` (TensorRT) is added only where NVIDIA's packages install.
-EXTRAS ?= client,server,export,loadtest,dev
+EXTRAS ?= client,server,export,slides,loadtest,dev
 STAMP := $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
 comma := ,
 PYTEST_ARGS ?=
 
-.PHONY: setup test demo build serve lint clean loadtest soak bench sheet audit
+.PHONY: setup test demo build serve lint clean loadtest soak bench sheet audit browser
 
 setup: $(STAMP)
 
@@ -21,7 +21,14 @@ $(STAMP): pyproject.toml
 	@rm -f $(VENV)/.installed-*
 	@touch $@
 
-test: setup
+# The review page's test renders it in a real headless Chromium (Debian's package). Installed
+# only when missing and we are root; elsewhere that test skips and says why.
+browser:
+	@command -v chromium >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null \
+	  && apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium \
+	  || echo "chromium not installed (needs root and apt-get): the browser test will skip"; }
+
+test: setup browser
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 demo: setup

@@ -14,6 +14,15 @@ torch, onnxruntime, DALI or TensorRT. The clients are imported on first use, so 
         async for report in client.diagnose_cohort([PatientInput("P01", paths), ...]):
             ...
 
+Public API: ``MarrowClient`` (blocking) and ``AsyncMarrowClient`` (asyncio), whose docstrings
+list every option; ``PatientInput`` (one patient's images, labs and names for
+``diagnose_cohort``); ``PatientReport``, ``ImageResult`` and ``Cell`` (the results);
+``write_json``/``write_csv`` (the ``diagnose --json``/``--csv`` formats, ``docs/contracts.md``);
+``RetryPolicy`` (backoff of transient failures) and ``RequestFailed`` (a request's final
+failure, with ``reason``, gRPC ``status`` and ``attempts``); ``ReviewThresholds`` (when a
+patient is referred for review: ``AsyncMarrowClient(review=...)``, with ``target_cells`` for the
+ICSH count).
+
 Patient ids and file names stay on this machine: requests carry image bytes (or count
 fractions) and a random request id only. Transient failures (server restarting, UNAVAILABLE,
 deadline) are retried per image with exponential backoff for up to ``retry_total_s`` (180 s).
@@ -25,18 +34,21 @@ import importlib
 from typing import TYPE_CHECKING
 
 from marrowdx.client.report import Cell, ImageResult, PatientReport, write_csv, write_json
+from marrowdx.client.review import ReviewThresholds
 
 if TYPE_CHECKING:
     from marrowdx.client.async_client import AsyncMarrowClient, PatientInput
     from marrowdx.client.sync_client import MarrowClient
-    from marrowdx.client.transport import RequestFailed, RetryPolicy
+    from marrowdx.client.transport import RetryPolicy
+
+    from marrowdx.errors import RequestFailed
 
 _LAZY = {
     "AsyncMarrowClient": "marrowdx.client.async_client",
     "PatientInput": "marrowdx.client.async_client",
     "MarrowClient": "marrowdx.client.sync_client",
     "RetryPolicy": "marrowdx.client.transport",
-    "RequestFailed": "marrowdx.client.transport",
+    "RequestFailed": "marrowdx.errors",
 }
 
 __all__ = [
@@ -48,6 +60,7 @@ __all__ = [
     "PatientReport",
     "RequestFailed",
     "RetryPolicy",
+    "ReviewThresholds",
     "write_csv",
     "write_json",
 ]

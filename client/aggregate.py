@@ -10,9 +10,17 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
+from marrowdx.client.quality import (
+    DEFAULT_QUALITY,
+    QualityThresholds,
+    field_quality,
+    quality_verdict,
+)
 from marrowdx.client.report import Cell, ImageResult, PatientReport
+from marrowdx.client.review import DEFAULT_THRESHOLDS, ReviewThresholds, review_reasons
 
-from marrowdx import config, taxonomy
+from marrowdx import config, differential, taxonomy
+from marrowdx.errors import BadServerOutput, InputError
 from marrowdx.preprocess import boxes_to_original
 
 #: An attribute is reported with its "present/high" value at or above this probability.
@@ -20,10 +28,16 @@ ATTRIBUTE_THRESHOLD = 0.5
 #: How far the diagnosis probabilities may sum from 1 before the output is rejected as not
 #: being probabilities at all (float32 softmax rounding is far below this).
 PROBABILITY_SUM_TOLERANCE = 1e-3
+#: Default ``unidentified_below`` (see ``config.UNIDENTIFIED_BELOW``).
+DEFAULT_UNIDENTIFIED_BELOW = config.UNIDENTIFIED_BELOW
 
 
-class BadServerOutput(ValueError):
-    """The server answered with tensors that break the contract (shape, range)."""
+def check_unidentified_below(value: float) -> float:
+    """The threshold as a float in [0, 1] (0 turns the rule off), or InputError saying why."""
+    value = float(value)
+    if not 0.0 <= value <= 1.0:
+        raise InputError(f"unidentified_below must be a probability in [0, 1], got {value}")
+    return value
 
 
 def _check_shape(name: str, array: np.ndarray, shape: tuple[int, ...]) -> None:
@@ -31,11 +45,20 @@ def _check_shape(name: str, array: np.ndarray, shape: tuple[int, ...]) -> None:
         raise BadServerOutput(f"{name} has shape {list(array.shape)}, expected {list(shape)}")
 
 
-def decode_image(file: str, outputs: Mapping[str, np.ndarray]) -> ImageResult:
+def decode_image(
+    file: str,
+    outputs: Mapping[str, np.ndarray],
+    unidentified_below: float = DEFAULT_UNIDENTIFIED_BELOW,
+    quality: QualityThresholds = DEFAULT_QUALITY,
+) -> ImageResult:
     """Turn one image's ensemble outputs into cells in original-image pixels.
 
-    Labels are the argmax of CLASS_PROBS over the valid rows; the image's counts are the
-    server's CLASS_COUNTS (the same argmax, computed in the graph).
+    A field that fails the quality gate (``quality``; see ``marrowdx.client.quality``)
+    keeps its cells for review but counts 0 of each class, with the reason in ``excluded``.
+
+    Labels are the argmax of CLASS_PROBS over the valid rows; a cell whose top probability
+    is below ``unidentified_below`` is flagged unidentified. The image's counts are the
+    server's CLASS_COUNTS (the same argmax, computed in the graph) less those cells.
     """
     t = config.TENSORS
     k = config.MAX_DETECTIONS
@@ -54,6 +77,8 @@ def decode_image(file: str, outputs: Mapping[str, np.ndarray]) -> ImageResult:
 
     original = boxes_to_original(boxes[:n], outputs[t.letterbox])
     labels = class_probs[:n].argmax(axis=1)
+    top = class_probs[:n].max(axis=1) if n else np.zeros(0, np.float32)
+    unidentified = top < unidentified_below
     present = attribute_probs[:n] >= ATTRIBUTE_THRESHOLD
     cells = tuple(
         Cell(
@@ -64,18 +89,29 @@ def decode_image(file: str, outputs: Mapping[str, np.ndarray]) -> ImageResult:
                 name: taxonomy.attribute_value(name, bool(present[i, j]))
                 for j, name in enumerate(taxonomy.ATTRIBUTE_NAMES)
             },
+            probability=float(top[i]),
+            unidentified=bool(unidentified[i]),
         )
         for i in range(n)
     )
     counts = np.rint(outputs[t.class_counts]).astype(np.int64)
     if (counts < 0).any():
         raise BadServerOutput(f"{t.class_counts} has negative entries")
+    counts -= np.bincount(labels[unidentified], minlength=config.N_CLASSES)
+    if (counts < 0).any():
+        raise BadServerOutput(f"{t.class_counts} disagree with the labels of {t.class_probs}")
     height, width = (int(v) for v in outputs[t.image_size])
+    measures = field_quality(outputs)
+    excluded = quality_verdict(measures, quality)
+    if excluded is not None:
+        counts[:] = 0
     return ImageResult(
         file=file,
         cells=cells,
         counts={c: int(counts[i]) for i, c in enumerate(taxonomy.CLASSES)},
         size=(height, width),
+        quality=measures,
+        excluded=excluded,
     )
 
 
@@ -85,43 +121,6 @@ def sum_counts(images: Sequence[ImageResult]) -> np.ndarray:
     for image in images:
         total += np.array([image.counts[c] for c in taxonomy.CLASSES], dtype=np.int64)
     return total
-
-
-@dataclass(frozen=True)
-class DiagnosisInputs:
-    fractions: np.ndarray  # FP32 [N_CLASSES], sums to 1 (or all zero when no cells)
-    total_cells: float
-    lab_values: np.ndarray  # FP32 [N_LAB_VALUES], zero where absent
-    lab_mask: np.ndarray  # FP32 [N_LAB_VALUES], 1 where present
-
-
-def lab_arrays(labs: Mapping[str, float | None] | None) -> tuple[np.ndarray, np.ndarray]:
-    """Lab values in the model's order plus a presence mask; None or missing = absent."""
-    values = np.zeros(config.N_LAB_VALUES, dtype=np.float32)
-    mask = np.zeros(config.N_LAB_VALUES, dtype=np.float32)
-    if not labs:
-        return values, mask
-    unknown = sorted(set(labs) - set(config.LAB_VALUE_NAMES))
-    if unknown:
-        raise ValueError(f"unknown lab value(s) {unknown}; known: {list(config.LAB_VALUE_NAMES)}")
-    for i, name in enumerate(config.LAB_VALUE_NAMES):
-        value = labs.get(name)
-        if value is None:
-            continue
-        value = float(value)
-        if not np.isfinite(value):
-            raise ValueError(f"lab value {name!r} is not a finite number: {value}")
-        values[i], mask[i] = value, 1.0
-    return values, mask
-
-
-def diagnosis_inputs(
-    counts: np.ndarray, labs: Mapping[str, float | None] | None
-) -> DiagnosisInputs:
-    total = float(counts.sum())
-    fractions = (counts / total if total > 0 else np.zeros_like(counts)).astype(np.float32)
-    values, mask = lab_arrays(labs)
-    return DiagnosisInputs(fractions, total, values, mask)
 
 
 def probabilities(raw: np.ndarray) -> dict[str, float]:
@@ -141,6 +140,57 @@ def probabilities(raw: np.ndarray) -> dict[str, float]:
     return {d: float(raw[i]) for i, d in enumerate(taxonomy.DIAGNOSES)}
 
 
+#: An image's outcome while a patient is being counted: its result, the failure reason, or
+#: None while it is still in flight (or was never started).
+Outcome = ImageResult | str | None
+
+
+def field_nucleated(outcome: Outcome) -> int | None:
+    """Nucleated cells one field adds to the count (a failed field adds 0; None = unknown)."""
+    if outcome is None:
+        return None
+    return 0 if isinstance(outcome, str) else differential.nucleated_count(outcome.counts)
+
+
+@dataclass(frozen=True)
+class FieldSelection:
+    """The fields a patient's count covers, by ``differential.fields_to_target``'s rule."""
+
+    images: list[ImageResult]  # processed fields among the first ``fields_used``, in order
+    failed: dict[str, str]  # failed fields among them: name -> reason
+    fields_used: int
+    fields_skipped: int  # fields after the target was reached: never counted
+
+
+def cut_at_target(outcomes: Sequence[Outcome], target_cells: int) -> int | None:
+    """Fields needed to reach the target, once decided (see ``fields_to_target``)."""
+    return differential.fields_to_target([field_nucleated(o) for o in outcomes], target_cells)
+
+
+def select_fields(
+    names: Sequence[str], outcomes: Sequence[Outcome], target_cells: int
+) -> FieldSelection:
+    """Apply the counting rule to a patient's outcomes (in field order).
+
+    Without a decided cut every field must have its outcome; with one, fields after it are
+    discarded whatever their state, so the result never depends on which requests were
+    still in flight when the target was reached.
+    """
+    if len(names) != len(outcomes):
+        raise ValueError(f"{len(names)} names for {len(outcomes)} outcomes")
+    cut = cut_at_target(outcomes, target_cells)
+    used = len(outcomes) if cut is None else cut
+    if any(o is None for o in outcomes[:used]):
+        raise ValueError("a field inside the count has no outcome yet")
+    kept = list(zip(names[:used], outcomes[:used], strict=True))
+    return FieldSelection(
+        images=[o for _, o in kept if isinstance(o, ImageResult)],
+        failed={n: o for n, o in kept if isinstance(o, str)},
+        fields_used=used,
+        fields_skipped=len(outcomes) - used,
+    )
+
+
 def build_report(
     patient_id: str,
     images: Sequence[ImageResult],
@@ -148,20 +198,44 @@ def build_report(
     counts: np.ndarray,
     probs: Mapping[str, float] | None,
     diagnosis_error: str | None,
+    *,
+    target_cells: int = 0,
+    fields_used: int | None = None,
+    fields_skipped: int = 0,
+    review: ReviewThresholds = DEFAULT_THRESHOLDS,
+    unidentified_below: float | None = None,
 ) -> PatientReport:
+    """The patient's report, with its referral reasons under ``review``'s thresholds.
+
+    ``counts`` exclude the unidentified cells (see :func:`decode_image`); their number is
+    summed from ``images`` and ``unidentified_below`` is recorded as the rule used.
+    """
     total = int(counts.sum())
     diagnosis = max(probs, key=probs.__getitem__) if probs else None
-    return PatientReport(
+    fields_used = len(images) + len(failed_images) if fields_used is None else fields_used
+    # fields the quality gate excluded count 0 cells: listed apart, not among the images
+    excluded = {im.file: im.excluded for im in images if im.excluded is not None}
+    images = [im for im in images if im.excluded is None]
+    report = PatientReport(
         patient_id=patient_id,
         n_images=len(images),
         n_cells=total,
         counts={c: int(counts[i]) for i, c in enumerate(taxonomy.CLASSES)},
         fractions={
-            c: (float(counts[i]) / total if total else 0.0) for i, c in enumerate(taxonomy.CLASSES)
+            c: float(f)
+            for c, f in zip(taxonomy.CLASSES, differential.fractions(counts), strict=True)
         },
         diagnosis=diagnosis,
         probabilities=dict(probs or {}),
         images=list(images),
         failed_images=dict(failed_images),
+        excluded_images=excluded,
         diagnosis_error=diagnosis_error if diagnosis is None else None,
+        target_cells=target_cells,
+        fields_used=fields_used,
+        fields_skipped=fields_skipped,
+        n_unidentified=sum(image.n_unidentified for image in images),
+        unidentified_below=unidentified_below,
     )
+    report.review_reasons = review_reasons(report, review)
+    return report

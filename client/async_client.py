@@ -14,10 +14,13 @@ from collections import deque
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 from marrowdx.client import aggregate
+from marrowdx.client.quality import DEFAULT_QUALITY, QualityThresholds
 from marrowdx.client.report import ImageResult, PatientReport
+from marrowdx.client.review import DEFAULT_THRESHOLDS, ReviewThresholds
 from marrowdx.client.transport import (
     DEFAULT_REQUEST_TIMEOUT_S,
     DEFAULT_RETRY_TOTAL_S,
@@ -27,7 +30,7 @@ from marrowdx.client.transport import (
     TritonTransport,
 )
 
-from marrowdx import config
+from marrowdx import config, differential
 
 #: An image given as a file path or as encoded JPEG/PNG bytes.
 ImageSource = str | os.PathLike | bytes | bytearray | memoryview
@@ -36,6 +39,10 @@ ImageSource = str | os.PathLike | bytes | bytearray | memoryview
 ImageCallback = Callable[[str, str, str | None], None]
 
 DEFAULT_CONCURRENCY = config.CLIENT_CONCURRENCY
+DEFAULT_TARGET_CELLS = differential.DEFAULT_TARGET_CELLS
+#: What ``on_image`` hears for an image that was not analysed because the patient's count
+#: had reached its target before the image's turn (it is not a failure).
+SKIPPED_REASON = "skipped: the target number of nucleated cells was reached"
 #: Patients whose images may be in flight at once while streaming a cohort; more than one
 #: so the next patient's images fill the pipe while the last ones of the previous finish.
 DEFAULT_PATIENTS_IN_FLIGHT = 4
@@ -53,6 +60,18 @@ class PatientInput:
     images: Sequence[ImageSource]
     labs: Mapping[str, float | None] | None = None
     names: Sequence[str] | None = None
+
+
+class PatientJob(Protocol):
+    """A patient whose input is not a list of images (a slide folder): it sends its own
+    requests through the client and returns the report; ``diagnose_cohort`` streams it in
+    order with the other patients."""
+
+    patient_id: str
+
+    async def run(
+        self, client: AsyncMarrowClient, on_image: ImageCallback | None
+    ) -> PatientReport: ...
 
 
 def image_names(images: Sequence[ImageSource], names: Sequence[str] | None) -> list[str]:
@@ -90,14 +109,78 @@ def read_image(source: ImageSource) -> bytes:
         raise RequestFailed(
             f"image is {len(data)} bytes, above the limit of {config.MAX_IMAGE_BYTES} bytes"
         )
+    _check_not_damaged(data)
     return data
+
+
+def _check_not_damaged(data: bytes) -> None:
+    """Damaged JPEG/PNG data is never sent (so never counted, on either serving target):
+    the structural checks of ``image_checks.check_integrity``; other formats and anything
+    else wrong are for the server to name."""
+    from marrowdx.errors import ImageRejected
+    from marrowdx.serving.image_checks import check_integrity, sniff_format
+
+    fmt = sniff_format(data)
+    if fmt is not None:
+        try:
+            check_integrity(data, fmt, strict_decode=False)
+        except ImageRejected as exc:
+            raise RequestFailed(str(exc)) from None
+
+
+async def _until_target(
+    tasks: Sequence[asyncio.Future[ImageResult | str]], target: int
+) -> list[aggregate.Outcome]:
+    """Wait until the leading finished images reach ``target`` nucleated cells (or all are
+    done); returns each image's outcome in order, None for those not finished."""
+    outcomes: list[aggregate.Outcome] = [None] * len(tasks)
+    index = {task: i for i, task in enumerate(tasks)}
+    pending = set(tasks)
+    while pending:
+        finished, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+        for task in finished:
+            outcomes[index[task]] = task.result()
+        if aggregate.cut_at_target(outcomes, target) is not None:
+            break
+    return outcomes
 
 
 class AsyncMarrowClient:
     """Asyncio client for the marrowdx Triton server (use from one event loop).
 
-    ``timeout`` is the deadline of one attempt; ``retry_total_s`` bounds how long one image
-    keeps retrying transient failures (server down or restarting, deadline exceeded).
+    Nothing is sent when the client is created: the gRPC channel opens on the first request,
+    inside the running event loop. Use it as ``async with`` (or call :meth:`close`).
+
+    Parameters (all but ``url`` keyword-only):
+
+    - ``url``: Triton's gRPC endpoint ``HOST:PORT`` (default ``localhost:8001``, what
+      ``marrowdx serve`` listens on).
+    - ``timeout``: deadline of one attempt of one request, in seconds (default 60).
+    - ``retry_total_s``: how long one image (or diagnosis call) keeps retrying transient
+      failures (server down or restarting, UNAVAILABLE, deadline exceeded), in seconds
+      (default 180); the final answer of a request is never retried.
+    - ``retry``: the full backoff policy (:class:`~marrowdx.client.transport.RetryPolicy`:
+      initial and maximum delay, multiplier, jitter); overrides ``retry_total_s``.
+    - ``concurrency``: image requests in flight at once, across all patients (default 8).
+      More keeps the server's dynamic batcher fuller; the server's queue bounds it.
+    - ``patients_in_flight``: patients :meth:`diagnose_cohort` works on at once (default 4),
+      so the next patient's images fill the pipe while the last ones of the previous finish.
+    - ``ssl``: gRPC over TLS with the system's root certificates.
+    - ``root_certificates``, ``private_key``, ``certificate_chain``: PEM file paths for TLS
+      (a private CA; a client certificate for mutual TLS); any of them implies ``ssl``.
+    - ``target_cells``: nucleated cells to count per patient before the remaining fields are
+      skipped (ICSH: 300-500; default 500); 0 counts every field.
+    - ``review``: thresholds of the refer-for-review rules
+      (:class:`~marrowdx.client.review.ReviewThresholds`).
+    - ``unidentified_below``: a cell whose top class probability is below this is
+      "unidentified": listed for review, not counted, not sent to the diagnosis (default
+      ``config.UNIDENTIFIED_BELOW``; 0 = never).
+    - ``quality``: when a field is too blurred, empty or thick to be counted
+      (:class:`~marrowdx.client.quality.QualityThresholds`; ``NO_GATING`` counts every field).
+
+    Raises ``ValueError`` for a ``concurrency``, ``patients_in_flight`` or ``target_cells``
+    out of range; an ``unidentified_below`` outside [0, 1] is an ``InputError`` (also a
+    ``ValueError``).
     """
 
     def __init__(
@@ -113,16 +196,36 @@ class AsyncMarrowClient:
         root_certificates: str | None = None,
         private_key: str | None = None,
         certificate_chain: str | None = None,
+        target_cells: int = DEFAULT_TARGET_CELLS,
+        review: ReviewThresholds = DEFAULT_THRESHOLDS,
+        unidentified_below: float = aggregate.DEFAULT_UNIDENTIFIED_BELOW,
+        quality: QualityThresholds = DEFAULT_QUALITY,
+        transport: TritonTransport | None = None,
     ) -> None:
         if concurrency < 1 or patients_in_flight < 1:
             raise ValueError("concurrency and patients_in_flight must be >= 1")
+        if target_cells < 0:
+            raise ValueError(f"target_cells must be >= 0 (0 = every field), got {target_cells}")
         tls = None
         if ssl or root_certificates or private_key or certificate_chain:
             tls = TlsOptions(root_certificates, private_key, certificate_chain)
         self.url = url
         self.concurrency = concurrency
         self.patients_in_flight = patients_in_flight
-        self._transport = TritonTransport(
+        #: Nucleated cells to count per patient before its remaining fields are skipped
+        #: (ICSH: 300-500); 0 counts every field.
+        self.target_cells = target_cells
+        #: Thresholds of the refer-for-review rules (``marrowdx.client.review``).
+        self.review = review
+        #: A cell whose top class probability is below this is unidentified: listed for
+        #: review, not counted in the differential nor sent to the diagnosis; 0 = never.
+        self.unidentified_below = aggregate.check_unidentified_below(unidentified_below)
+        #: Field quality gate: failing fields are reported in ``excluded_images``, not counted.
+        self.quality = quality
+        #: ``transport`` replaces the gRPC wire with any object offering TritonTransport's
+        #: methods (``marrowdx.bench.referral`` plugs in the in-process pipeline, so an
+        #: evaluation runs this very client logic without a server).
+        self._transport = transport or TritonTransport(
             url,
             timeout=timeout,
             retry=retry or RetryPolicy(max_total_s=retry_total_s),
@@ -136,12 +239,14 @@ class AsyncMarrowClient:
         return self._transport.retries
 
     async def __aenter__(self) -> AsyncMarrowClient:
+        """The client itself; :meth:`close` runs on exit."""
         return self
 
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
 
     async def close(self) -> None:
+        """Close the gRPC channel (requests still in flight fail); safe to call twice."""
         await self._transport.close()
 
     async def wait_until_ready(
@@ -162,12 +267,15 @@ class AsyncMarrowClient:
         return self._slots
 
     async def analyse_image(self, source: ImageSource, name: str) -> ImageResult:
-        """One image through the ensemble (bounded by ``concurrency``); raises RequestFailed."""
+        """One image through the ensemble (bounded by ``concurrency``): its cells in the
+        original image's pixels and its counts. ``source`` is a file path or encoded JPEG/PNG
+        bytes; ``name`` labels the result (it is not sent). Raises ``RequestFailed`` with the
+        reason (unreadable file, the server's refusal, retries exhausted, bad server output)."""
         async with self._semaphore():
             data = read_image(source)
             outputs = await self._transport.infer_image(data)
         try:
-            return aggregate.decode_image(name, outputs)
+            return aggregate.decode_image(name, outputs, self.unidentified_below, self.quality)
         except aggregate.BadServerOutput as exc:
             raise RequestFailed(f"unexpected server output: {exc}") from exc
 
@@ -179,13 +287,30 @@ class AsyncMarrowClient:
         *,
         names: Sequence[str] | None = None,
         on_image: ImageCallback | None = None,
+        target_cells: int | None = None,
     ) -> PatientReport:
-        """Analyse every image concurrently, sum the counts, call the diagnosis model once.
+        """Analyse the images concurrently until ``target_cells`` nucleated cells are counted
+        (default: the client's), sum the counts, call the diagnosis model once.
 
-        ``patient_id`` only labels the report; it is never sent to the server.
+        Images are started in the given order. The count covers the leading images up to the
+        one at which the target is reached (``marrowdx.differential.fields_to_target``);
+        images after it are not counted, also those already analysed, and those not yet
+        finished are cancelled (``on_image`` hears ``SKIPPED_REASON`` for them), so the report
+        does not depend on timing. ``patient_id`` only labels the report; it is never sent
+        to the server.
+
+        ``labs``: lab values by name (``config.LAB_VALUE_NAMES``; None or missing = absent),
+        sent with the diagnosis call; an unknown name raises ``InputError`` before any
+        request. ``names``: one unique label per image for the report (default: the path as
+        given, ``#index`` for bytes). ``on_image(patient_id, name, error)`` is called in the
+        event loop as each image finishes (``error`` None on success). An image that fails
+        does not raise: it is listed in the report's ``failed_images`` with the reason.
         """
         labels = image_names(images, names)
-        aggregate.lab_arrays(labs)  # raises on unknown lab names before any request is sent
+        differential.lab_arrays(labs)  # raises on unknown lab names before any request is sent
+        target = self.target_cells if target_cells is None else target_cells
+        if target < 0:
+            raise ValueError(f"target_cells must be >= 0 (0 = every field), got {target}")
 
         async def one(source: ImageSource, name: str) -> ImageResult | str:
             try:
@@ -198,29 +323,55 @@ class AsyncMarrowClient:
                 on_image(patient_id, name, result if isinstance(result, str) else None)
             return result
 
-        outcomes = await asyncio.gather(*(one(s, n) for s, n in zip(images, labels, strict=True)))
-        done = [r for r in outcomes if isinstance(r, ImageResult)]
-        failed = {n: r for n, r in zip(labels, outcomes, strict=True) if isinstance(r, str)}
+        tasks = [asyncio.ensure_future(one(s, n)) for s, n in zip(images, labels, strict=True)]
+        try:
+            outcomes = await _until_target(tasks, target)
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+        if on_image is not None:
+            for name, task, outcome in zip(labels, tasks, outcomes, strict=True):
+                if outcome is None and task.cancelled():
+                    on_image(patient_id, name, SKIPPED_REASON)
+        chosen = aggregate.select_fields(labels, outcomes, target)
+        done, failed = chosen.images, chosen.failed
         counts = aggregate.sum_counts(done)
         probs, why = None, None
         if not images:
             why = "no images given"
         elif not done:
-            why = f"all {len(images)} images failed"
+            why = f"all {chosen.fields_used} images failed"
         elif counts.sum() == 0:
             why = f"no cells detected in {len(done)} processed images"
         else:
-            probs, why = await self._diagnose_counts(counts, labs)
-        return aggregate.build_report(patient_id, done, failed, counts, probs, why)
+            probs, why = await self.diagnose_counts(counts, labs)
+        return aggregate.build_report(
+            patient_id,
+            done,
+            failed,
+            counts,
+            probs,
+            why,
+            target_cells=target,
+            fields_used=chosen.fields_used,
+            fields_skipped=chosen.fields_skipped,
+            review=self.review,
+            unidentified_below=self.unidentified_below,
+        )
 
-    async def _diagnose_counts(
+    async def diagnose_counts(
         self, counts: np.ndarray, labs: Mapping[str, float | None] | None
     ) -> tuple[dict[str, float] | None, str | None]:
-        """One diagnosis call on the patient's summed counts: (probabilities, or why not)."""
-        inputs = aggregate.diagnosis_inputs(counts, labs)
+        """One diagnosis call on the patient's summed counts: (probabilities, or why not).
+
+        Public because inputs other than a list of images (a slide's merged fields,
+        ``marrowdx.client.slides``) sum their own counts and then ask the same model.
+        """
+        inputs = differential.diagnosis_inputs(counts, labs)
         try:
             raw = await self._transport.infer_diagnosis(
-                inputs.fractions, inputs.total_cells, inputs.lab_values, inputs.lab_mask
+                inputs.fractions, float(inputs.total_cells[0]), inputs.lab_values, inputs.lab_mask
             )
             return aggregate.probabilities(raw), None
         except RequestFailed as exc:
@@ -230,19 +381,26 @@ class AsyncMarrowClient:
 
     async def diagnose_cohort(
         self,
-        patients: Iterable[PatientInput] | AsyncIterable[PatientInput],
+        patients: Iterable[PatientInput | PatientJob] | AsyncIterable[PatientInput | PatientJob],
         *,
         on_image: ImageCallback | None = None,
     ) -> AsyncIterator[PatientReport]:
         """Yield one report per patient, in input order, with up to ``patients_in_flight``
         patients (and ``concurrency`` images) being worked on at any time.
+
+        ``patients`` may be a (possibly async) iterable, consumed lazily; a ``PatientJob``
+        (a slide) runs its own requests through this client. ``on_image`` as in
+        :meth:`diagnose_patient`.
         """
         pending: deque[asyncio.Task[PatientReport]] = deque()
 
-        def start(p: PatientInput) -> None:
-            coro = self.diagnose_patient(
-                p.patient_id, p.images, p.labs, names=p.names, on_image=on_image
-            )
+        def start(p: PatientInput | PatientJob) -> None:
+            if isinstance(p, PatientInput):
+                coro = self.diagnose_patient(
+                    p.patient_id, p.images, p.labs, names=p.names, on_image=on_image
+                )
+            else:  # an input that runs itself (a slide: marrowdx.client.slides.SlidePatient)
+                coro = p.run(self, on_image)
             pending.append(asyncio.ensure_future(coro))
 
         try:

@@ -17,20 +17,20 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TextIO
 
-from marrowdx.client.cohort import Cohort
-from marrowdx.client.report import PatientReport
+from marrowdx.client.cohort import Cohort, PatientFolder
+from marrowdx.client.report import PatientReport, differential_to_dict
+from marrowdx.client.review import add_review_options, thresholds_from_args
 
 from marrowdx import config
+from marrowdx.differential import DEFAULT_TARGET_CELLS
+from marrowdx.errors import EXIT_FAILED, EXIT_OK, InputError, MissingExtra, ServerNotReady
 
 #: Drawing libraries ``--overlays`` needs (the client extra alone does not install matplotlib).
 OVERLAY_MODULES = ("PIL", "matplotlib")
 #: Classes shown per patient in the printed table.
 TABLE_TOP_CLASSES = 3
-EXIT_OK, EXIT_INCOMPLETE, EXIT_CANNOT_START = 0, 1, 2
-
-
-class ServerNotReady(RuntimeError):
-    """The server or its models did not become ready within the retry budget."""
+#: ``diagnose`` finished but some image or diagnosis failed (the outputs are still written).
+EXIT_INCOMPLETE = EXIT_FAILED
 
 
 def configure_diagnose(parser: argparse.ArgumentParser) -> None:
@@ -54,6 +54,22 @@ def configure_diagnose(parser: argparse.ArgumentParser) -> None:
         metavar="DIR",
         help="write box overlays and differential charts here",
     )
+    parser.add_argument(
+        "--html",
+        type=Path,
+        metavar="DIR",
+        help="write a self-contained offline review page to DIR/index.html (table with flags, "
+        "differential charts, cell galleries per class, field overlays)",
+    )
+    parser.add_argument(
+        "--target-cells",
+        type=int,
+        default=DEFAULT_TARGET_CELLS,
+        metavar="N",
+        help="per patient, analyse fields in order until N nucleated cells are counted "
+        "(ICSH: 300-500; default %(default)s; 0 = every field)",
+    )
+    add_review_options(parser)
     parser.add_argument(
         "--concurrency",
         type=int,
@@ -83,27 +99,132 @@ def configure_diagnose(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--certificate-chain", metavar="PEM", help="client certificate chain for mutual TLS"
     )
+    parser.add_argument(
+        "--dicom-annotations",
+        type=Path,
+        metavar="OUTDIR",
+        help="per slide patient, write the predicted cells as one DICOM Microscopy Bulk Simple "
+        "Annotations object under OUTDIR/<patient_id>/ (needs marrowdx[slides])",
+    )
+    from marrowdx.client.slides import TILINGS
+
+    parser.add_argument(
+        "--slide-tiling",
+        choices=TILINGS,
+        default=TILINGS[0],
+        help="what a slide sends: frame_fields (its own JPEG frames as stored, cells on seams "
+        "joined), fields (overlapping 1024 px fields, decoded and re-encoded), or auto "
+        "(default: frames where the slide has a level at the models' spacing, else fields)",
+    )
+    parser.add_argument(
+        "--unidentified-below",
+        type=_probability,
+        default=config.UNIDENTIFIED_BELOW,
+        metavar="P",
+        help="a cell whose top class probability is below P is unidentified: listed for "
+        "review, not counted (default %(default)s; 0 = never)",
+    )
+    add_quality_options(parser)
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def add_quality_options(parser: argparse.ArgumentParser) -> None:
+    """Field quality gate flags (``marrowdx.client.quality``; README "Field quality")."""
+    from marrowdx.client import quality as q
+
+    parser.add_argument(
+        "--min-focus",
+        type=float,
+        default=q.DEFAULT_MIN_FOCUS,
+        metavar="V",
+        help="exclude a field whose sharpness (variance of the Laplacian) is below V "
+        "(default %(default)s)",
+    )
+    parser.add_argument(
+        "--min-foreground",
+        type=float,
+        default=q.DEFAULT_MIN_FOREGROUND,
+        metavar="F",
+        help="exclude a field with fewer stained pixels than this share (default %(default)s)",
+    )
+    parser.add_argument(
+        "--max-thick",
+        type=float,
+        default=q.DEFAULT_MAX_THICK,
+        metavar="F",
+        help="exclude a field with more than this share under thick clumps (default %(default)s)",
+    )
+    parser.add_argument(
+        "--no-quality-gate",
+        action="store_true",
+        help="count every field whatever its quality (measures are still reported)",
+    )
+
+
+def quality_thresholds(args: argparse.Namespace):
+    """QualityThresholds from the flags; InputError (exit 2) naming a bad value."""
+    from marrowdx.client.quality import QualityThresholds
+
+    return QualityThresholds(
+        min_focus=args.min_focus,
+        min_foreground=args.min_foreground,
+        max_thick=args.max_thick,
+        enabled=not args.no_quality_gate,
+    )
+
+
+def _probability(text: str) -> float:
+    """argparse type: a number in [0, 1], or a usage error naming the bad value."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"{text} is not a probability in [0, 1]")
+    return value
 
 
 def _percent(fraction: float) -> str:
     return f"{100 * fraction:.0f}%"
 
 
+def format_blast(report: PatientReport) -> str:
+    """Blast % with its 95% interval, the JSON's rounded numbers (``12.4 (8.1-18.0)``)."""
+    d = differential_to_dict(report.differential)
+    if d["blast_percent"] is None:
+        return "-"
+    low, high = d["blast_percent_ci95"]  # type: ignore[misc]
+    return f"{d['blast_percent']:.1f} ({low:.1f}-{high:.1f})"
+
+
+def format_me_ratio(report: PatientReport) -> str:
+    ratio = report.differential.me_ratio
+    return "-" if ratio is None else f"{ratio:.2f}"
+
+
+def format_flags(report: PatientReport) -> str:
+    return ", ".join(r.code for r in report.review_reasons) or "-"
+
+
 def format_table(reports: Sequence[PatientReport]) -> str:
-    """Patient, images, cells, top classes with %, diagnosis, probability: one row each."""
-    header = ("patient", "images", "cells", "top classes", "diagnosis", "p")
+    """Patient, images, cells, top classes with %, diagnosis, probability, blast % with its
+    95% interval, M:E ratio and review flags: one row each."""
+    header = (
+        "patient", "images", "cells", "top classes", "diagnosis", "p", "blast % (95% CI)",
+        "M:E", "review",
+    )  # fmt: skip
     rows = []
     for r in reports:
-        images = (
-            str(r.n_images)
-            if not r.failed_images
-            else f"{r.n_images} (+{len(r.failed_images)} failed)"
-        )
+        images = str(r.n_images)
+        if r.failed_images:
+            images += f" (+{len(r.failed_images)} failed)"
+        if r.excluded_images:
+            images += f" (+{len(r.excluded_images)} excluded)"
         top = ", ".join(f"{c} {_percent(f)}" for c, f in r.top_classes(TABLE_TOP_CLASSES)) or "-"
         diagnosis = r.diagnosis or f"none: {r.diagnosis_error}"
         p = "-" if r.probability is None else f"{r.probability:.2f}"
-        rows.append((r.patient_id, images, str(r.n_cells), top, diagnosis, p))
+        blast, me, flags = format_blast(r), format_me_ratio(r), format_flags(r)
+        rows.append((r.patient_id, images, str(r.n_cells), top, diagnosis, p, blast, me, flags))
     widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
     lines = [
         "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
@@ -117,6 +238,8 @@ def print_failures(reports: Sequence[PatientReport], stream: TextIO) -> None:
     for r in reports:
         for name, reason in r.failed_images.items():
             print(f"failed: {name}: {reason}", file=stream)
+        for name, reason in r.excluded_images.items():
+            print(f"excluded: {name}: {reason}", file=stream)
 
 
 def _client(args: argparse.Namespace):
@@ -127,10 +250,14 @@ def _client(args: argparse.Namespace):
         timeout=args.timeout,
         retry_total_s=args.retry_seconds,
         concurrency=args.concurrency,
+        target_cells=args.target_cells,
+        review=thresholds_from_args(args),
         ssl=args.ssl,
         root_certificates=args.root_certificates,
         private_key=args.private_key,
         certificate_chain=args.certificate_chain,
+        unidentified_below=args.unidentified_below,
+        quality=quality_thresholds(args),
     )
 
 
@@ -152,11 +279,40 @@ async def _wait_for_server(client, args: argparse.Namespace) -> None:
         raise ServerNotReady(f"server at {args.url} not ready: {exc.reason}") from None
 
 
+def _patient_input(folder: PatientFolder, args: argparse.Namespace):
+    """A folder of images becomes a PatientInput; a slide folder a SlidePatient (tiled, its
+    fields merged; ``marrowdx.client.slides``)."""
+    from marrowdx.client.async_client import PatientInput
+
+    if folder.slide is None:
+        return PatientInput(folder.patient_id, folder.images, folder.labs, folder.names)
+    from marrowdx.client.slides import SlidePatient
+
+    return SlidePatient(
+        folder.patient_id,
+        folder.slide,
+        folder.names[0],
+        folder.labs,
+        args.dicom_annotations,
+        tiling=args.slide_tiling,
+    )
+
+
+def _check_slide_extra(cohort: Cohort, args: argparse.Namespace) -> None:
+    """Slides need the DICOM libraries; say so before any request, not per patient."""
+    needed = ("wsidicom", "highdicom") if cohort.n_slides else ()
+    if args.dicom_annotations is not None:
+        needed = ("wsidicom", "highdicom")
+    missing = [m for m in needed if importlib.util.find_spec(m) is None]
+    if missing:
+        raise MissingExtra(f"slides need {', '.join(missing)}: pip install 'marrowdx[slides]'")
+    if args.dicom_annotations is not None and not cohort.n_slides:
+        print("warning: --dicom-annotations: no slide folder in the cohort", file=sys.stderr)
+
+
 async def _diagnose(args: argparse.Namespace, cohort: Cohort) -> list[PatientReport]:
     """Stream the cohort through the server; overlays are drawn as each patient completes."""
     import asyncio
-
-    from marrowdx.client.async_client import PatientInput
 
     reports: list[PatientReport] = []
     async with _client(args) as client:
@@ -165,9 +321,11 @@ async def _diagnose(args: argparse.Namespace, cohort: Cohort) -> list[PatientRep
         if not args.no_progress:
             from tqdm import tqdm
 
-            progress = tqdm(total=cohort.n_images, unit="img", desc="images", file=sys.stderr)
+            # A slide's number of fields is known only once it is tiled: no total then.
+            total = cohort.n_images if not cohort.n_slides else None
+            progress = tqdm(total=total, unit="img", desc="images", file=sys.stderr)
         folders = {p.patient_id: p for p in cohort.patients}
-        inputs = [PatientInput(p.patient_id, p.images, p.labs, p.names) for p in cohort.patients]
+        inputs = [_patient_input(p, args) for p in cohort.patients]
         try:
 
             def tick(_patient: str, _image: str, _error: str | None) -> None:
@@ -179,7 +337,7 @@ async def _diagnose(args: argparse.Namespace, cohort: Cohort) -> list[PatientRep
                 # Unsupported files in a patient folder: reported with the images, not skipped.
                 report.failed_images.update(folder.problems)
                 reports.append(report)
-                if args.overlays is not None:
+                if args.overlays is not None and folder.slide is None:
                     from marrowdx.client.overlays import write_patient_overlays
 
                     sources = dict(zip(folder.names, folder.images, strict=True))
@@ -193,43 +351,49 @@ async def _diagnose(args: argparse.Namespace, cohort: Cohort) -> list[PatientRep
 def run_diagnose(args: argparse.Namespace) -> int:
     import asyncio
 
-    from marrowdx.client.cohort import CohortError, discover
+    from marrowdx.client.cohort import discover
     from marrowdx.client.report import write_csv, write_json
 
     if args.concurrency < 1:
-        print("marrowdx diagnose: --concurrency must be >= 1", file=sys.stderr)
-        return EXIT_CANNOT_START
+        raise InputError("--concurrency must be >= 1")
+    if args.target_cells < 0:
+        raise InputError("--target-cells must be >= 0 (0 = every field)")
+    thresholds_from_args(args)  # bad thresholds are refused before any request
     missing = [m for m in OVERLAY_MODULES if args.overlays and importlib.util.find_spec(m) is None]
     if missing:  # found out before any request, not after the whole cohort ran
-        print(
-            f"marrowdx diagnose: --overlays needs {', '.join(missing)}: pip install matplotlib",
-            file=sys.stderr,
-        )
-        return EXIT_CANNOT_START
-    try:
-        cohort = discover(args.dir)
-    except CohortError as exc:
-        print(f"marrowdx diagnose: {exc}", file=sys.stderr)
-        return EXIT_CANNOT_START
+        raise InputError(f"--overlays needs {', '.join(missing)}: pip install matplotlib")
+    cohort = discover(args.dir)  # CohortError -> marrowdx.cli.main: message, EXIT_CANNOT_START
     for warning in cohort.warnings:
         print(f"warning: {warning}", file=sys.stderr)
-    try:
-        reports = asyncio.run(_diagnose(args, cohort))
-    except ServerNotReady as exc:
-        print(f"marrowdx diagnose: {exc}", file=sys.stderr)
-        return EXIT_CANNOT_START
+    _check_slide_extra(cohort, args)
+    reports = asyncio.run(_diagnose(args, cohort))  # ServerNotReady: EXIT_CANNOT_START
 
     print(format_table(reports))
     if args.json:
         write_json(reports, args.json)
     if args.csv:
         write_csv(reports, args.csv)
+    if args.html:
+        from marrowdx.client.html_report import write_html_report
+
+        sources = {
+            p.patient_id: dict(zip(p.names, p.images, strict=True))
+            for p in cohort.patients
+            if p.slide is None
+        }
+        print(f"review page: {write_html_report(reports, sources, args.html)}", file=sys.stderr)
     print_failures(reports, sys.stderr)
-    n_failed = sum(len(r.failed_images) for r in reports)
+    slides = [r for r in reports if hasattr(r, "n_fields")]  # marrowdx.client.slides.SlideReport
+    n_failed = sum(len(r.failed_images) for r in reports if r not in slides)
     n_undiagnosed = sum(r.diagnosis is None for r in reports)
     total = cohort.n_images + sum(len(p.problems) for p in cohort.patients)
+    # Fields after a patient's target count are not analysed (or not counted): not failures.
+    total -= sum(r.fields_skipped for r in reports if r not in slides)
+    fields = sum(r.n_fields for r in slides)
+    fields_failed = sum(len(r.failed_images) for r in slides)
+    of_slides = f", {fields}/{fields + fields_failed} slide fields" if slides else ""
     print(
-        f"{len(reports)} patients, {total - n_failed}/{total} images processed, "
+        f"{len(reports)} patients, {total - n_failed}/{total} images processed{of_slides}, "
         f"{len(reports) - n_undiagnosed} diagnosed",
         file=sys.stderr,
     )

@@ -4,7 +4,9 @@ Layouts the client cannot interpret (no patient folders, images directly in DIR,
 folders) are refused with an error that names the offending paths; anything else that is
 not an image is reported, never silently skipped: unsupported files inside a patient
 folder become that patient's failed images, stray files beside the patient folders are
-returned as warnings.
+returned as warnings. A patient folder that holds a slide (DICOM files of a VL whole-slide
+image, any names, possibly in sub-folders of a study) is recognised by content and becomes a
+slide patient instead.
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from marrowdx import config
+from marrowdx.errors import CohortError
+from marrowdx.slides.detect import is_slide_folder
 
 #: Encoded formats the server's preprocess step is specified to decode.
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png"})
@@ -25,10 +29,6 @@ LABS_FILE = "labs.json"  # optional, inside a patient folder: {lab name: value o
 MAX_LISTED = 5
 
 
-class CohortError(ValueError):
-    """The folder is not a cohort the client can interpret; the message says how to fix it."""
-
-
 @dataclass
 class PatientFolder:
     patient_id: str
@@ -36,6 +36,10 @@ class PatientFolder:
     names: list[str]  # relative to the cohort DIR, as in ground_truth.json
     labs: Mapping[str, float | None] | None = None
     problems: dict[str, str] = field(default_factory=dict)  # name -> why it is not processed
+    #: A slide folder (DICOM WSI + annotation series, recognised by content by
+    #: ``marrowdx.slides.is_slide_folder``): tiled into fields by ``marrowdx.client.slides``;
+    #: ``images`` is then empty and ``names`` holds the folder's name relative to DIR.
+    slide: Path | None = None
 
 
 @dataclass
@@ -47,6 +51,10 @@ class Cohort:
     @property
     def n_images(self) -> int:
         return sum(len(p.images) for p in self.patients)
+
+    @property
+    def n_slides(self) -> int:
+        return sum(p.slide is not None for p in self.patients)
 
 
 def _listing(paths: list[Path], root: Path) -> str:
@@ -95,6 +103,12 @@ def discover(root: str | Path) -> Cohort:
 
     patients, nested = [], []
     for folder in folders:
+        if is_slide_folder(folder):  # stdlib only: no DICOM library is imported here
+            labs_file = folder / LABS_FILE
+            labs = _read_labs(labs_file) if labs_file.is_file() else None
+            name = str(folder.relative_to(root))
+            patients.append(PatientFolder(folder.name, [], [name], labs, slide=folder))
+            continue
         images, names, problems, labs = [], [], {}, None
         for entry in sorted(folder.iterdir()):
             name = str(entry.relative_to(root))

@@ -45,7 +45,11 @@ class _LoopThread:
 
 
 class MarrowClient:
-    """Blocking client; takes the same keyword arguments as ``AsyncMarrowClient``."""
+    """Blocking client: the same parameters as ``AsyncMarrowClient`` (see its docstring:
+    ``timeout``, ``retry_total_s``, ``retry``, ``concurrency``, ``patients_in_flight``, the
+    TLS options, ``target_cells``, ``review``, ``unidentified_below``), and the same results.
+    Use it as ``with MarrowClient(url) as client:`` or call :meth:`close`; callbacks run in
+    the client's own thread."""
 
     def __init__(self, url: str = config.DEFAULT_URL, **options: Any) -> None:
         self._async = AsyncMarrowClient(url, **options)
@@ -58,12 +62,14 @@ class MarrowClient:
         return self._async.retries
 
     def __enter__(self) -> MarrowClient:
+        """The client itself; :meth:`close` runs on exit."""
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
 
     def close(self) -> None:
+        """Close the channel and stop the client's thread; safe to call twice."""
         if self._loop.loop.is_closed():
             return
         try:
@@ -76,6 +82,9 @@ class MarrowClient:
         max_wait_s: float = DEFAULT_RETRY_TOTAL_S,
         on_wait: Callable[[str], None] | None = None,
     ) -> None:
+        """Block until the server and the models the client calls are ready, for up to
+        ``max_wait_s``; ``on_wait(reason)`` hears each not-ready reason. ``RequestFailed``
+        says why it never became ready."""
         self._loop.run(self._async.wait_until_ready(max_wait_s, on_wait))
 
     def diagnose_patient(
@@ -86,16 +95,20 @@ class MarrowClient:
         *,
         names: Sequence[str] | None = None,
         on_image: ImageCallback | None = None,
+        target_cells: int | None = None,
     ) -> PatientReport:
         """See ``AsyncMarrowClient.diagnose_patient``; ``on_image`` runs in the client's thread."""
         return self._loop.run(
-            self._async.diagnose_patient(patient_id, images, labs, names=names, on_image=on_image)
+            self._async.diagnose_patient(
+                patient_id, images, labs, names=names, on_image=on_image, target_cells=target_cells
+            )
         )
 
     def diagnose_cohort(
         self, patients: Iterable[PatientInput], *, on_image: ImageCallback | None = None
     ) -> Iterator[PatientReport]:
-        """Reports in input order, as each patient finishes (work continues in between)."""
+        """Reports in input order, as each patient finishes (work continues in between);
+        see ``AsyncMarrowClient.diagnose_cohort``."""
         stream = self._async.diagnose_cohort(patients, on_image=on_image)
         try:
             while True:

@@ -22,7 +22,9 @@ import tritonclient.grpc as grpcclient
 import tritonclient.grpc.aio as aioclient
 from tritonclient.utils import InferenceServerException
 
-from marrowdx import config
+from marrowdx import config, contract
+from marrowdx.contract import PIPELINE_OUTPUTS
+from marrowdx.errors import RequestFailed
 
 T = TypeVar("T")
 
@@ -42,28 +44,6 @@ UNLOADING_MESSAGE = "has no available versions"
 READY_POLL_MAX_S = 2.0
 
 log = logging.getLogger("marrowdx.client")
-
-#: The ensemble outputs the client reads, in the contract's order.
-PIPELINE_OUTPUTS: tuple[str, ...] = (
-    config.TENSORS.boxes,
-    config.TENSORS.scores,
-    config.TENSORS.num_detections,
-    config.TENSORS.class_probs,
-    config.TENSORS.attribute_probs,
-    config.TENSORS.class_counts,
-    config.TENSORS.letterbox,
-    config.TENSORS.image_size,
-)
-
-
-class RequestFailed(Exception):
-    """A request that did not succeed; ``str()`` is the reason shown to users."""
-
-    def __init__(self, reason: str, *, status: str | None = None, attempts: int = 1) -> None:
-        super().__init__(reason)
-        self.reason = reason
-        self.status = status
-        self.attempts = attempts
 
 
 @dataclass(frozen=True)
@@ -151,28 +131,30 @@ def new_request_id() -> str:
     return uuid.uuid4().hex
 
 
-def image_inputs(data: bytes) -> list[grpcclient.InferInput]:
-    array = np.frombuffer(data, dtype=np.uint8).reshape(1, -1)
-    tensor = grpcclient.InferInput(config.TENSORS.image, list(array.shape), "UINT8")
+def _infer_input(spec: contract.TensorSpec, value: object) -> grpcclient.InferInput:
+    """One request of batch 1, typed as the contract says (the length checked by the server)."""
+    array = np.asarray(value, dtype=spec.dtype.numpy).reshape(1, -1)
+    tensor = grpcclient.InferInput(spec.name, list(array.shape), spec.dtype.wire)
     tensor.set_data_from_numpy(array)
-    return [tensor]
+    return tensor
+
+
+def image_inputs(data: bytes) -> list[grpcclient.InferInput]:
+    (spec,) = contract.PIPELINE.inputs
+    return [_infer_input(spec, np.frombuffer(data, dtype=spec.dtype.numpy))]
 
 
 def diagnosis_inputs(
     fractions: np.ndarray, total_cells: float, lab_values: np.ndarray, lab_mask: np.ndarray
 ) -> list[grpcclient.InferInput]:
-    arrays = {
-        config.TENSORS.fractions: np.asarray(fractions, dtype=np.float32).reshape(1, -1),
-        config.TENSORS.total_cells: np.asarray([[total_cells]], dtype=np.float32),
-        config.TENSORS.lab_values: np.asarray(lab_values, dtype=np.float32).reshape(1, -1),
-        config.TENSORS.lab_mask: np.asarray(lab_mask, dtype=np.float32).reshape(1, -1),
+    t = config.TENSORS
+    values = {
+        t.fractions: fractions,
+        t.total_cells: total_cells,
+        t.lab_values: lab_values,
+        t.lab_mask: lab_mask,
     }
-    inputs = []
-    for name, array in arrays.items():
-        tensor = grpcclient.InferInput(name, list(array.shape), "FP32")
-        tensor.set_data_from_numpy(array)
-        inputs.append(tensor)
-    return inputs
+    return [_infer_input(spec, values[spec.name]) for spec in contract.DIAGNOSIS.inputs]
 
 
 def requested(names: Sequence[str]) -> list[grpcclient.InferRequestedOutput]:

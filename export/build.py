@@ -1,4 +1,5 @@
-"""``build_onnx_models``: simulate (if needed) -> train (if stale) -> export (if older) -> verify.
+"""``build_onnx_models``: simulate (if needed) -> train (if stale) -> calibrate (if not yet)
+-> export (if older) -> verify.
 
 The one entry point ``marrowdx build`` and the test fixtures use. Every step is skipped
 when its output is current, so a second call costs a few file stats; a file lock keeps two
@@ -16,10 +17,11 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from marrowdx import config
+from marrowdx import config, contract
 from marrowdx.simulate.cohort import RENDERER_VERSION
 
-KINDS = ("detector", "classifier", "diagnosis")
+#: The models trained here and exported to ONNX, in build order.
+KINDS = contract.EXPORTED_MODELS
 #: Processes rendering the training cohort (the simulator's output is identical for any count).
 SIMULATION_WORKERS = 2
 #: Bump when model code changes in a way that invalidates trained weights.
@@ -66,6 +68,10 @@ class BuildLayout:
 
     def training_cohort(self, seed: int) -> Path:
         return self.work_dir / "cohorts" / f"train-{self.preset}-seed{seed}-r{RENDERER_VERSION}"
+
+    def held_out_cohort(self, seed: int) -> Path:
+        """The cohort the preset's probabilities are calibrated on (never trained on)."""
+        return self.work_dir / "cohorts" / f"heldout-{self.preset}-seed{seed}-r{RENDERER_VERSION}"
 
 
 class Progress:
@@ -116,15 +122,21 @@ def weights_current(layout: BuildLayout, preset, cohort_key: str | None = None) 
 
 def ensure_training_cohort(layout: BuildLayout, preset, log: Progress) -> Path:
     """Simulate the preset's training cohort once (fixed seed) and return its folder."""
+    out = layout.training_cohort(preset.seed)
+    return simulate_once(
+        out, preset.train_patients, preset.images_per_patient, preset.seed, log, "training"
+    )
+
+
+def simulate_once(
+    out: Path, patients: int, images_per_patient: int, seed: int, log: Progress, role: str
+) -> Path:
+    """Simulate a cohort into ``out`` unless it is already there (written atomically)."""
     from marrowdx.simulate import simulate_cohort
 
-    out = layout.training_cohort(preset.seed)
     if (out / "ground_truth.json").exists():
         return out
-    log(
-        f"simulating training cohort: {preset.train_patients} patients"
-        f" x {preset.images_per_patient} images -> {out}"
-    )
+    log(f"simulating {role} cohort: {patients} patients x {images_per_patient} images -> {out}")
     tmp = out.with_name(out.name + ".partial")
     if tmp.exists():
         import shutil
@@ -132,9 +144,9 @@ def ensure_training_cohort(layout: BuildLayout, preset, log: Progress) -> Path:
         shutil.rmtree(tmp)
     simulate_cohort(
         tmp,
-        preset.train_patients,
-        preset.seed,
-        images_per_patient=preset.images_per_patient,
+        patients,
+        seed,
+        images_per_patient=images_per_patient,
         size=config.FIELD_SIZE,
         progress=log.enabled,
         workers=SIMULATION_WORKERS,
@@ -172,6 +184,57 @@ def train_models(layout: BuildLayout, preset, cohort_dir: Path, log: Progress) -
         meta = checkpoint_metadata(kind, preset.name, _stamp(preset), description)
         save_checkpoint(layout.checkpoint(kind), kind, model, meta)
     log(f"weights saved under {layout.weights_dir}")
+
+
+#: The models whose probabilities are temperature-scaled (the detector's scores are not
+#: probabilities anyone reads as such: they only pass a threshold).
+CALIBRATED_KINDS = ("classifier", "diagnosis")
+
+
+def calibration_current(layout: BuildLayout) -> bool:
+    """True when every calibrated model's checkpoint carries this code's calibration."""
+    from marrowdx.models.checkpoints import read_metadata
+    from marrowdx.training.calibration import is_calibrated
+
+    return all(is_calibrated(read_metadata(layout.checkpoint(k))) for k in CALIBRATED_KINDS)
+
+
+def calibrate_checkpoints(layout: BuildLayout, preset, log: Progress) -> None:
+    """Fit temperatures on the preset's held-out cohort and save them into the checkpoints
+    (buffers + ``calibration`` metadata), without retraining: existing weights are
+    calibrated in place, and the newer checkpoints make the export step run again."""
+    from marrowdx.models.checkpoints import load_checkpoint, save_checkpoint
+    from marrowdx.training.calibration import METADATA_KEY, calibrate_models, held_out_settings
+    from marrowdx.training.data import prepare_cohort
+
+    settings = held_out_settings(preset.name)
+    seed = settings.seed(preset.seed)
+    cohort_dir = simulate_once(
+        layout.held_out_cohort(seed),
+        settings.patients,
+        settings.images_per_patient,
+        seed,
+        log,
+        "held-out calibration",
+    )
+    data = prepare_cohort(cohort_dir, layout.cache_dir, log=log)
+    ckpts = {kind: load_checkpoint(layout.checkpoint(kind)) for kind in KINDS}
+    t0 = time.monotonic()
+    result = calibrate_models(
+        ckpts["detector"].model,
+        ckpts["classifier"].model,
+        ckpts["diagnosis"].model,
+        data,
+        settings,
+        seed,
+        log,
+    )
+    fitted = {"classifier": result.classifier_metadata(), "diagnosis": result.diagnosis_metadata()}
+    for kind in CALIBRATED_KINDS:
+        ckpt = ckpts[kind]
+        meta = {**ckpt.metadata, METADATA_KEY: fitted[kind]}
+        save_checkpoint(layout.checkpoint(kind), kind, ckpt.model, meta)
+    log(f"calibrated on {cohort_dir.name} in {time.monotonic() - t0:.0f}s")
 
 
 def export_models(layout: BuildLayout, log: Progress, *, force: bool = False) -> None:
@@ -240,6 +303,8 @@ def build_onnx_models(
             train_models(layout, spec, cohort_dir, log)
         else:
             log(f"weights for preset {spec.name!r} are current ({layout.weights_dir})")
+        if not calibration_current(layout):
+            calibrate_checkpoints(layout, spec, log)
         export_models(layout, log)
     paths = {kind: layout.onnx(kind) for kind in KINDS}
     metadata = {kind: read_onnx_metadata(path) for kind, path in paths.items()}

@@ -6,7 +6,6 @@ Heavy imports (torch, onnx, tensorrt) happen inside ``run_export`` so the CLI's 
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 from marrowdx.training.cli import add_common_options, work_dir_of
@@ -29,7 +28,8 @@ def configure_export(parser: argparse.ArgumentParser) -> None:
         "--max-batch",
         type=int,
         default=None,
-        help="TensorRT profile max batch (default: Triton config's)",
+        help="TensorRT profile max batch (default and minimum: max_batch_size of the model's "
+        "gpu config, configs/gpu.pbtxt, which serves the engine)",
     )
     parser.add_argument(
         "--out", type=Path, default=None, help="engine folder (default: WORK_DIR/tensorrt/PRESET)"
@@ -49,14 +49,10 @@ def run_export(args: argparse.Namespace) -> int:
         return 0
     from marrowdx.export import tensorrt_build
 
-    try:
-        tensorrt_build.require_tensorrt()
-    except tensorrt_build.TensorRTUnavailable as exc:
-        print(f"marrowdx export --tensorrt: {exc}", file=sys.stderr)
-        return 3
+    tensorrt_build.require_tensorrt()  # TensorRTUnavailable: marrowdx.cli.main exits 3
     out = args.out or work_dir / "tensorrt" / args.preset
     for kind, path in models.paths().items():
-        batch = tensorrt_build.batch_profile(args.max_batch, getattr(config.MODELS, kind))
+        batch = tensorrt_build.batch_profile(getattr(config.MODELS, kind), args.max_batch)
         precision = "fp16" if args.fp16 else "fp32"
         engine = tensorrt_build.build_engine(
             path, out / f"{kind}.{precision}.plan", kind, batch, fp16=args.fp16

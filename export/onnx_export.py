@@ -16,18 +16,20 @@ from pathlib import Path
 import numpy as np
 import torch
 from marrowdx.export import trt_ops
+from marrowdx.training.calibration import METADATA_KEY as CALIBRATION_KEY
 from torch import nn
 
-from marrowdx import config, taxonomy
+from marrowdx import config, contract, taxonomy
 
 OPSET = 17
-BATCH_DIM = "batch"
-#: The classifier's box axis is left dynamic so the serving side can run only the box slots
-#: a batch actually fills (``marrowdx.serving.onnx_runner.BoxSlotClassifier``): cropping and
-#: classifying all MAX_DETECTIONS slots is most of the per-image cost on a CPU.
-BOX_DIM = "boxes"
+#: Symbols of the dynamic axes (batch everywhere, the classifier's box axis): see
+#: ``marrowdx.contract``, whose table says which tensor has which.
+BATCH_DIM, BOX_DIM = contract.BATCH_DIM, contract.BOX_DIM
+#: Tensors whose box axis the exported classifier leaves dynamic (``contract.CLASSIFIER``).
 BOX_AXIS_TENSORS = frozenset(
-    {config.TENSORS.boxes, config.TENSORS.class_probs, config.TENSORS.attribute_probs}
+    t.name
+    for t in contract.CLASSIFIER.inputs + contract.CLASSIFIER.outputs
+    if BOX_DIM in dict(t.dynamic_axes).values()
 )
 #: Agreement required between torch and ONNX Runtime on probabilities and scores.
 PROB_TOLERANCE = 1e-4
@@ -36,19 +38,16 @@ BOX_TOLERANCE = 1e-2
 #: ONNX metadata_props key holding the checkpoint metadata as JSON.
 METADATA_KEY = "marrowdx"
 #: metadata_props key of the graph's tensor contract; bump EXPORT_FORMAT when the exported
-#: interface changes without the weights changing (2: PIXELS uint8, normalised in-graph),
-#: so a build re-exports from the existing checkpoints instead of retraining.
+#: graph changes without the weights changing (2: PIXELS uint8, normalised in-graph; 3: the
+#: classifier cuts its box axis at the batch's largest NUM_DETECTIONS in-graph), so a build
+#: re-exports from the existing checkpoints instead of retraining.
 FORMAT_KEY = "export_format"
-EXPORT_FORMAT = 2
+EXPORT_FORMAT = 3
 
 T = config.TENSORS
+#: (input names, output names) per exported model, in graph order: from the contract.
 IO_NAMES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
-    "detector": ((T.pixels,), (T.boxes, T.scores, T.num_detections)),
-    "classifier": (
-        (T.pixels, T.boxes, T.num_detections),
-        (T.class_probs, T.attribute_probs, T.class_counts),
-    ),
-    "diagnosis": ((T.fractions, T.total_cells, T.lab_values, T.lab_mask), (T.diagnosis_probs,)),
+    name: contract.io_names(name) for name in contract.EXPORTED_MODELS
 }
 
 
@@ -91,7 +90,7 @@ def export_onnx(model: nn.Module, kind: str, path: Path, metadata: dict) -> Path
     examples = random_inputs(kind, 2)
     with torch.no_grad():
         result = model(*examples)
-    out_shapes = [tuple(t.shape[1:]) for t in (result if isinstance(result, tuple) else (result,))]
+    _check_output_shapes(kind, result if isinstance(result, tuple) else (result,))
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
         torch.onnx.export(
@@ -101,14 +100,14 @@ def export_onnx(model: nn.Module, kind: str, path: Path, metadata: dict) -> Path
             input_names=list(inputs),
             output_names=list(outputs),
             opset_version=OPSET,
-            dynamic_axes=_dynamic_axes(kind, inputs + outputs),
+            dynamic_axes=_dynamic_axes(kind),
             do_constant_folding=True,
             dynamo=False,
         )
     import onnx
 
     proto = onnx.load(str(tmp))
-    _pin_output_shapes(proto, out_shapes, box_axis=kind == "classifier")
+    _pin_output_shapes(proto, kind)
     props = {
         METADATA_KEY: json.dumps(metadata, sort_keys=True),
         FORMAT_KEY: str(EXPORT_FORMAT),
@@ -117,6 +116,10 @@ def export_onnx(model: nn.Module, kind: str, path: Path, metadata: dict) -> Path
         "attributes": json.dumps(list(taxonomy.ATTRIBUTE_NAMES)),
         "diagnoses": json.dumps(list(taxonomy.DIAGNOSES)),
     }
+    if metadata.get(CALIBRATION_KEY):
+        # the fitted temperatures (already constants in the graph) and their held-out ECE,
+        # readable by any ONNX tool without parsing the whole checkpoint metadata
+        props[CALIBRATION_KEY] = json.dumps(metadata[CALIBRATION_KEY], sort_keys=True)
     del proto.metadata_props[:]
     for key, value in props.items():
         entry = proto.metadata_props.add()
@@ -133,28 +136,41 @@ def export_onnx(model: nn.Module, kind: str, path: Path, metadata: dict) -> Path
     return path
 
 
-def _dynamic_axes(kind: str, names: tuple[str, ...]) -> dict[str, dict[int, str]]:
-    """Batch is dynamic everywhere; the classifier's box axis too (see BOX_DIM)."""
-    axes: dict[str, dict[int, str]] = {name: {0: BATCH_DIM} for name in names}
-    if kind == "classifier":
-        for name in BOX_AXIS_TENSORS & set(names):
-            axes[name][1] = BOX_DIM
-    return axes
+def _dynamic_axes(kind: str) -> dict[str, dict[int, str]]:
+    """The axes the contract leaves symbolic: batch everywhere, the classifier's box axis."""
+    spec = contract.model(kind)
+    return {
+        t.name: {axis: d for axis, d in enumerate(t.onnx_dims()) if isinstance(d, str)}
+        for t in spec.inputs + spec.outputs
+    }
 
 
-def _pin_output_shapes(proto, shapes: list[tuple[int, ...]], *, box_axis: bool = False) -> None:
-    """Declare [batch, *item] on every output: the tracer leaves data-flow dims symbolic,
-    but the contract (and TensorRT/Triton shape checks) want them fixed, apart from the
-    classifier's box axis, which follows its BOXES input."""
-    for value, item in zip(proto.graph.output, shapes, strict=True):
+def _check_output_shapes(kind: str, result: tuple[torch.Tensor, ...]) -> None:
+    """Refuse a model whose outputs break the contract (a wrong size would otherwise only
+    show when Triton loads the model or a client reads the answer)."""
+    for spec, tensor in zip(contract.model(kind).outputs, result, strict=True):
+        want = spec.onnx_dims()
+        got = tuple(tensor.shape)
+        fixed = [(a, d) for a, d in enumerate(want) if isinstance(d, int)]
+        if len(got) != len(want) or any(got[a] != d for a, d in fixed):
+            raise ValueError(
+                f"{kind} output {spec.name} has shape {list(got)}, the contract says {list(want)}"
+            )
+
+
+def _pin_output_shapes(proto, kind: str) -> None:
+    """Declare the contract's dims on every output: the tracer leaves data-flow dims
+    symbolic, but TensorRT and Triton shape checks want them fixed, apart from the
+    contract's dynamic axes (batch; the classifier's box axis, which follows BOXES)."""
+    specs = {t.name: t for t in contract.model(kind).outputs}
+    for value in proto.graph.output:
         dims = value.type.tensor_type.shape.dim
         del dims[:]
-        dims.add().dim_param = BATCH_DIM
-        for axis, size in enumerate(item, start=1):
-            if box_axis and axis == 1 and value.name in BOX_AXIS_TENSORS:
-                dims.add().dim_param = BOX_DIM
+        for d in specs[value.name].onnx_dims():
+            if isinstance(d, str):
+                dims.add().dim_param = d
             else:
-                dims.add().dim_value = int(size)
+                dims.add().dim_value = d
 
 
 def _metadata_props(path: Path) -> dict[str, str]:
@@ -170,6 +186,13 @@ def export_is_current(path: Path) -> bool:
         return _metadata_props(path).get(FORMAT_KEY) == str(EXPORT_FORMAT)
     except Exception:  # missing or unreadable file: export again
         return False
+
+
+def read_calibration(path: Path) -> dict | None:
+    """The calibration stored in an exported model (temperatures, held-out ECE), or None
+    for a model exported before it was calibrated (it serves T = 1)."""
+    value = _metadata_props(path).get(CALIBRATION_KEY)
+    return json.loads(value) if value else None
 
 
 def read_onnx_metadata(path: Path) -> dict:

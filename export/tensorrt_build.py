@@ -11,29 +11,20 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 
-from marrowdx import config
+from marrowdx import config, contract, engine_fit, resources
+from marrowdx.errors import EngineMismatch, ExportError, TensorRTUnavailable
 
 #: Builder workspace limit (bytes); the models are small, 1 GiB is plenty.
 WORKSPACE_BYTES = 1 << 30
-#: Batch sizes of the optimisation profile when no Triton config says otherwise.
-DEFAULT_MAX_BATCH = 8
+#: Optimisation-profile batch to tune for when the served config prefers no batch size.
 DEFAULT_OPT_BATCH = 4
 #: Engine vs ONNX Runtime agreement (probabilities/scores) per precision.
 ENGINE_TOLERANCE = {"fp32": 1e-3, "fp16": 2e-2}
-
-
-class TensorRTUnavailable(RuntimeError):
-    """TensorRT or a CUDA GPU is missing: engines cannot be built or run here."""
-
-
-class EngineMismatch(RuntimeError):
-    """A plan was built for another GPU or TensorRT version."""
 
 
 @dataclass(frozen=True)
@@ -77,33 +68,43 @@ def require_tensorrt():
     return trt
 
 
+def served_config(model: str) -> Path:
+    """The Triton config ``model``'s engine is served with: the gpu target's
+    ``configs/gpu.pbtxt`` (``platform: "tensorrt_plan"``). The cpu ``config.pbtxt`` runs
+    ONNX Runtime and never loads an engine, so its batch limits must not shape one."""
+    return resources.model_repository_sources() / model / contract.GPU_CONFIG
+
+
 def triton_batch_profile(config_pbtxt: Path) -> BatchProfile:
-    """min/opt/max batch from a Triton config.pbtxt (max_batch_size, preferred_batch_size)."""
-    text = Path(config_pbtxt).read_text()
-    found = re.search(r"max_batch_size\s*:\s*(\d+)", text)
-    if not found or int(found.group(1)) < 1:
-        raise ValueError(f"{config_pbtxt}: no positive max_batch_size")
-    largest = int(found.group(1))
-    preferred = [
-        int(v)
-        for v in re.findall(r"preferred_batch_size\s*:\s*\[?\s*([\d,\s]+)\]?", text)
-        for v in v.split(",")
-        if v.strip()
-    ]
+    """min/opt/max batch from a Triton config: max = ``max_batch_size`` (Triton refuses a
+    plan whose profile stops below it), opt = the largest preferred batch size."""
+    fields = contract.parse_pbtxt(Path(config_pbtxt).read_text())
+    largest = int((fields.get("max_batch_size") or [0])[-1])
+    if largest < 1:
+        raise ExportError(f"{config_pbtxt}: no positive max_batch_size")
+    batching = (fields.get("dynamic_batching") or [{}])[-1]
+    preferred = [int(v) for v in batching.get("preferred_batch_size", [])]
     opt = max([p for p in preferred if p <= largest], default=min(DEFAULT_OPT_BATCH, largest))
     return BatchProfile(1, opt, largest)
 
 
-def batch_profile(
-    max_batch: int | None = None, model: str = config.MODELS.detector
-) -> BatchProfile:
-    """Profile for ``model``: explicit max, else the repository's Triton config, else defaults."""
-    if max_batch is not None:
-        return BatchProfile(1, max(1, min(DEFAULT_OPT_BATCH, max_batch)), max_batch)
-    pbtxt = config.default_model_repository() / model / "config.pbtxt"
-    if pbtxt.exists():
-        return triton_batch_profile(pbtxt)
-    return BatchProfile(1, DEFAULT_OPT_BATCH, DEFAULT_MAX_BATCH)
+def batch_profile(model: str, max_batch: int | None = None) -> BatchProfile:
+    """The optimisation profile of ``model``'s engine, from the config it is served with
+    (:func:`served_config`). ``max_batch`` may only raise the maximum: below the config's
+    ``max_batch_size`` Triton would refuse to load the engine."""
+    cfg = served_config(model)
+    platform = (contract.parse_pbtxt(cfg.read_text()).get("platform") or [""])[-1]
+    if platform != "tensorrt_plan":
+        raise ExportError(f"{cfg} serves {model} with {platform!r}, not a TensorRT engine")
+    served = triton_batch_profile(cfg)
+    if max_batch is None:
+        return served
+    if max_batch < served.max:
+        raise ExportError(
+            f"--max-batch {max_batch} is below max_batch_size {served.max} of {cfg}: Triton "
+            "would refuse the engine; leave --max-batch out to use the config's value"
+        )
+    return BatchProfile(served.min, served.opt, max_batch)
 
 
 def current_device() -> tuple[str, str]:
@@ -174,16 +175,13 @@ def check_engine_info(
     if not side.exists():
         raise EngineMismatch(f"{plan_path}: no {side.name}; rebuild the engine on this GPU")
     info = EngineInfo(**json.loads(side.read_text()))
-    problems = []
-    if info.tensorrt_version != tensorrt_version:
-        problems.append(f"TensorRT {info.tensorrt_version} (running {tensorrt_version})")
-    if info.gpu_name != gpu_name or info.compute_capability != capability:
-        problems.append(
-            f"GPU {info.gpu_name} sm{info.compute_capability} (running {gpu_name} sm{capability})"
-        )
+    problems = engine_fit.fit_problems(
+        engine_fit.EngineHost(info.gpu_name, info.tensorrt_version, info.compute_capability),
+        engine_fit.EngineHost(gpu_name, tensorrt_version, capability),
+    )
     if problems:
         raise EngineMismatch(
-            f"{plan_path} was built for " + " and ".join(problems) + "; rebuild it here"
+            f"{plan_path} does not fit this host: " + "; ".join(problems) + "; rebuild it here"
         )
     return info
 

@@ -28,18 +28,67 @@ LOG_CELL_SIDE_CENTER = math.log(32.0)
 LOG_TOTAL_CELLS_SCALE = 7.0
 
 
-def normalize_pixels(pixels: torch.Tensor) -> torch.Tensor:
+class PixelNormalizer(nn.Module):
     """UINT8 PIXELS (0-255, as the preprocess step sends them) -> the float input the layers
     were trained on, ``(x - NORM_MEAN) / NORM_STD`` per channel.
 
     It is the first op of the detector's and the classifier's graphs rather than part of
     preprocessing so that the tensor moved between the served steps stays uint8: a quarter
-    of float32's 3 MB per image through every python-backend hop. Training calls it too,
-    so there is one definition of the normalisation.
+    of float32's 3 MB per image through every python-backend hop.
+
+    The constants are (non-persistent) buffers, not tensors made at each call: buffers move
+    with ``model.to(device)``, so the model runs on CUDA, and a CUDA graph can capture it
+    (a per-call host tensor would be a host-to-device copy during capture). Non-persistent
+    keeps them out of checkpoints: they come from ``config``, not from training.
     """
-    mean = torch.tensor(config.NORM_MEAN, dtype=torch.float32).reshape(1, 3, 1, 1)
-    scale = 1.0 / torch.tensor(config.NORM_STD, dtype=torch.float32).reshape(1, 3, 1, 1)
-    return (pixels.to(torch.float32) - mean) * scale
+
+    def __init__(self) -> None:
+        super().__init__()
+        mean = torch.tensor(config.NORM_MEAN, dtype=torch.float32).reshape(1, 3, 1, 1)
+        std = torch.tensor(config.NORM_STD, dtype=torch.float32).reshape(1, 3, 1, 1)
+        self.register_buffer("mean", mean, persistent=False)
+        self.register_buffer("inv_std", 1.0 / std, persistent=False)
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return (pixels.to(self.mean.dtype) - self.mean) * self.inv_std
+
+
+#: Host-side instance for callers outside a model (training batches on the CPU).
+_HOST_NORMALIZER = PixelNormalizer()
+
+
+def normalize_pixels(pixels: torch.Tensor) -> torch.Tensor:
+    """:class:`PixelNormalizer` for tensors outside a model (training data on the host):
+    the same definition the served graphs use, on ``pixels``' device."""
+    return _HOST_NORMALIZER.to(pixels.device)(pixels)
+
+
+class Temperature(nn.Module):
+    """Divides logits by a fitted scalar T before softmax/sigmoid (temperature scaling).
+
+    A persistent buffer, so the value fitted on a held-out cohort
+    (:mod:`marrowdx.training.calibration`) is saved in the checkpoint and exported into the
+    ONNX graph (and so into TensorRT engines) as a constant: both serving targets return
+    calibrated probabilities with no code of their own. T = 1 is the identity; argmax never
+    changes. Checkpoints saved before calibration existed load with T = 1.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("value", torch.ones((), dtype=torch.float32))
+
+    def set(self, temperature: float) -> None:
+        if not (math.isfinite(temperature) and temperature > 0):
+            raise ValueError(f"a temperature must be a positive finite number, got {temperature}")
+        self.value.fill_(float(temperature))
+
+    def forward(self, logits: torch.Tensor) -> torch.Tensor:
+        return logits / self.value
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        # checkpoints from before calibration have no temperature: they mean T = 1
+        state_dict.setdefault(prefix + "value", torch.ones((), dtype=torch.float32))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
 def conv_bn(cin: int, cout: int, stride: int = 1) -> nn.Sequential:
@@ -76,6 +125,7 @@ class CellDetector(nn.Module):
     def __init__(self, spec: DetectorSpec = DetectorSpec()) -> None:
         super().__init__()
         self.spec = spec
+        self.normalize = PixelNormalizer()
         w4, w8, w16, hd = spec.width4, spec.width8, spec.width16, spec.head
         self.stem = nn.Sequential(conv_bn(3, 16, 2), conv_bn(16, w4, 2), conv_bn(w4, w4))
         self.down8 = nn.Sequential(conv_bn(w4, w8, 2), conv_bn(w8, w8))
@@ -129,11 +179,39 @@ class CellDetector(nn.Module):
         return boxes, scores, num
 
     def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        logits, regress = self.features(normalize_pixels(pixels))
+        logits, regress = self.features(self.normalize(pixels))
         return self.decode(logits, regress)
 
 
 # ---------------------------------------------------------------------------- classifier
+class _LeadingRows(torch.autograd.Function):
+    """``x[:, :n]`` with ``n`` a tensor, exported as one ONNX ``Slice`` whose end is ``n``.
+
+    Why a Function: the TorchScript tracer would bake ``int(n)`` of the example input into
+    the graph as a constant; the symbolic keeps the cut data-dependent, so ONNX Runtime and
+    TensorRT (an implicitly data-dependent shape, bounded by the input's box axis) cut at
+    each batch's own count. Slice clamps ``n`` to the axis, as the eager path does.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
+        if x.device.type == "meta":  # no values to cut at: the full-width (upper-bound) shape
+            return x[:, :]
+        return x[:, : int(n)]
+
+    @staticmethod
+    def symbolic(g, x, n):
+        axis = g.op("Constant", value_t=torch.tensor([1], dtype=torch.int64))
+        start = g.op("Constant", value_t=torch.tensor([0], dtype=torch.int64))
+        end = g.op("Reshape", g.op("Cast", n, to_i=7), axis)  # int64 [1] (7 = INT64)
+        return g.op("Slice", x, start, end, axis)
+
+
+def leading_rows(x: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
+    """The first ``n`` rows along axis 1 (``n`` an integer tensor; see :class:`_LeadingRows`)."""
+    return _LeadingRows.apply(x, n)
+
+
 @dataclass(frozen=True)
 class ClassifierSpec:
     widths: tuple[int, int, int] = (16, 32, 64)
@@ -158,6 +236,7 @@ class CellClassifier(nn.Module):
     def __init__(self, spec: ClassifierSpec = ClassifierSpec()) -> None:
         super().__init__()
         self.spec = spec
+        self.normalize = PixelNormalizer()
         w1, w2, w3 = spec.widths
         self.backbone = nn.Sequential(
             conv_bn(3, w1, 2),
@@ -172,6 +251,9 @@ class CellClassifier(nn.Module):
         self.trunk = nn.Sequential(nn.Linear(w3 + 2, spec.hidden), nn.ReLU(inplace=True))
         self.class_head = nn.Linear(spec.hidden, spec.n_classes)
         self.attribute_head = nn.Linear(spec.hidden, spec.n_attributes)
+        # fitted after training on a held-out cohort; 1 (identity) until then
+        self.class_temperature = Temperature()
+        self.attribute_temperature = Temperature()
         self.register_buffer(
             "class_ids", torch.arange(spec.n_classes).reshape(1, 1, -1), persistent=False
         )
@@ -181,6 +263,8 @@ class CellClassifier(nn.Module):
             torch.arange(spec.max_boxes, dtype=torch.int32).reshape(1, -1),
             persistent=False,
         )
+        # At least one box row is always classified, so no engine tensor has a zero dim.
+        self.register_buffer("min_rows", torch.tensor(1, dtype=torch.int32), persistent=False)
 
     def crops(self, pixels: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
         """Every box's crop of normalised float pixels, [B*K, 3, CROP_SIZE, CROP_SIZE]."""
@@ -208,18 +292,52 @@ class CellClassifier(nn.Module):
         """Class and attribute logits [B,K,33], [B,K,7] for every box (no masking)."""
         return self.classify_crops(self.crops(pixels, boxes), boxes)
 
-    def forward(
+    def row_mask(self, num_detections: torch.Tensor, k: int, dtype: torch.dtype) -> torch.Tensor:
+        """[B,k,1]: 1 on the rows each image's NUM_DETECTIONS says are cells, else 0."""
+        rows = self.row_ids[:, :k]
+        # int32 on both sides: NUM_DETECTIONS is INT32 and TensorRT prefers 32-bit indices
+        return (rows < num_detections.to(torch.int32)).to(dtype).unsqueeze(-1)
+
+    def forward_slots(
         self, pixels: torch.Tensor, boxes: torch.Tensor, num_detections: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        cls, att = self.logits(normalize_pixels(pixels), boxes)
-        rows = self.row_ids[:, : boxes.shape[1]]
-        # int32 on both sides: NUM_DETECTIONS is INT32 and TensorRT prefers 32-bit indices
-        mask = (rows < num_detections.to(torch.int32)).to(cls.dtype).unsqueeze(-1)  # [B,K,1]
-        class_probs = torch.softmax(cls, dim=-1) * mask
-        attribute_probs = torch.sigmoid(att) * mask
+        """The fixed-slot path: crop and classify every row of ``boxes``, then mask.
+
+        Its work is fixed by ``boxes.shape[1]``, so callers that trim BOXES on the host (the
+        CPU BoxSlotClassifier, a CUDA graph captured per slot count) call this directly.
+        """
+        cls, att = self.logits(self.normalize(pixels), boxes)
+        mask = self.row_mask(num_detections, boxes.shape[1], cls.dtype)  # [B,K,1]
+        class_probs = torch.softmax(self.class_temperature(cls), dim=-1) * mask
+        attribute_probs = torch.sigmoid(self.attribute_temperature(att)) * mask
         winner = torch.argmax(cls, dim=-1, keepdim=True)  # [B,K,1]
         one_hot = (winner == self.class_ids).to(cls.dtype)
         class_counts = (one_hot * mask).sum(dim=1)
+        return class_probs, attribute_probs, class_counts
+
+    def forward(
+        self, pixels: torch.Tensor, boxes: torch.Tensor, num_detections: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The served graph: only the batch's first max(NUM_DETECTIONS) box rows are cropped
+        and classified, and the outputs are widened back to ``boxes.shape[1]`` rows.
+
+        Why: the contract has MAX_DETECTIONS (256) slots per image while a field holds a few
+        dozen cells, and on a GPU the classifier at 256 slots ran at a quarter of its speed
+        at 64 (measured, H200, torch fp16). Cutting the box axis inside the graph means a
+        TensorRT engine behind Triton's ensemble does the cut too, while the tensors Triton
+        batches keep their fixed contract shapes. Outputs equal :meth:`forward_slots`.
+        """
+        k = boxes.shape[1]
+        live = torch.maximum(num_detections.max(), self.min_rows)  # int32 [], >= 1
+        class_probs, attribute_probs, class_counts = self.forward_slots(
+            pixels, leading_rows(boxes, live), num_detections
+        )
+        # Widen back: row r reads computed row min(r, live-1), and rows past an image's count
+        # are zeroed again (a fixed-shape Gather, no data-dependent output shape).
+        index = torch.minimum(self.row_ids[0, :k], live - 1)
+        mask = self.row_mask(num_detections, k, class_probs.dtype)
+        class_probs = class_probs.index_select(1, index) * mask
+        attribute_probs = attribute_probs.index_select(1, index) * mask
         return class_probs, attribute_probs, class_counts
 
 
@@ -251,6 +369,8 @@ class DiagnosisModel(nn.Module):
             nn.ReLU(inplace=True),
             nn.Linear(spec.hidden, spec.n_diagnoses),
         )
+        # fitted after training on held-out patients; 1 (identity) until then
+        self.temperature = Temperature()
 
     def logits(self, fractions, total_cells, lab_values, lab_mask) -> torch.Tensor:
         total = torch.log1p(torch.clamp(total_cells, min=0.0)) / LOG_TOTAL_CELLS_SCALE
@@ -258,7 +378,8 @@ class DiagnosisModel(nn.Module):
         return self.net(torch.cat((fractions, total, labs, lab_mask), dim=1))
 
     def forward(self, fractions, total_cells, lab_values, lab_mask) -> torch.Tensor:
-        return torch.softmax(self.logits(fractions, total_cells, lab_values, lab_mask), dim=-1)
+        logits = self.logits(fractions, total_cells, lab_values, lab_mask)
+        return torch.softmax(self.temperature(logits), dim=-1)
 
 
 SPECS = {"detector": DetectorSpec, "classifier": ClassifierSpec, "diagnosis": DiagnosisSpec}

@@ -9,6 +9,8 @@ import argparse
 import json
 from pathlib import Path
 
+from marrowdx.errors import InputError
+
 
 def add_common_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
@@ -24,24 +26,71 @@ def add_common_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_cohort(parser: argparse.ArgumentParser, required: bool, help_text: str) -> None:
-    parser.add_argument("--cohort", type=Path, required=required, help=help_text)
+    # Not argparse-required: --data DIR (a slide cohort) is the other way to name the data.
+    parser.add_argument("--cohort", type=Path, default=None, help=help_text)
     parser.add_argument(
         "--coco", type=Path, default=None, help="COCO JSON of the cohort (--cohort = its images)"
     )
+    add_data_options(parser)
+    parser.set_defaults(cohort_required=required)
 
 
-def _resolve_cohort(args: argparse.Namespace, command: str) -> Path | None:
-    """The cohort folder to use (COCO converted), or None; exits with a clear message if bad."""
+def add_data_options(parser: argparse.ArgumentParser) -> None:
+    """``--data DIR``: a DICOM slide cohort (``marrowdx.training.slides``); also on build."""
+    parser.add_argument(
+        "--data",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="a DICOM slide cohort: DIR/<patient_id>/ holds one slide and its annotation series; "
+        "its ROIs are tiled into the fields the server sees, labelled from --annotations",
+    )
+    parser.add_argument(
+        "--annotations",
+        default="consensus",
+        metavar="SOURCE",
+        help="with --data: ground truth from 'consensus' (default) or 'session N'",
+    )
+
+
+def slide_data_cohort(args: argparse.Namespace) -> Path:
+    """The field cohort made from ``--data`` (cached), with what was left out on stderr."""
+    import sys
+
+    from marrowdx.training.slides import field_cohort
+
+    def log(message: str) -> None:
+        if not getattr(args, "quiet", False):
+            print(f"[marrowdx data] {message}", file=sys.stderr, flush=True)
+
+    cohort = field_cohort(args.data, work_dir_of(args), source=args.annotations, log=log)
+    for folder, reason in cohort.skipped.items():
+        print(f"warning: slide {folder} skipped: {reason}", file=sys.stderr)
+    if cohort.unmapped_labels:
+        listed = ", ".join(f"{k} {v}" for k, v in sorted(cohort.unmapped_labels.items()))
+        print(f"labels outside the 33 classes (not trained on): {listed}", file=sys.stderr)
+    return cohort.root
+
+
+def _resolve_cohort(args: argparse.Namespace) -> Path | None:
+    """The cohort folder to use (COCO or slides converted), or None; InputError naming what
+    is wrong."""
+    if getattr(args, "data", None) is not None:
+        if args.cohort is not None or args.coco is not None:
+            raise InputError("--data (slides) and --cohort/--coco name the data twice: pick one")
+        return slide_data_cohort(args)
     if args.cohort is None:
+        if getattr(args, "cohort_required", False):
+            raise InputError("name the held-out data: --cohort DIR (images) or --data DIR (slides)")
         if args.coco is not None:
-            raise SystemExit(f"marrowdx {command}: --coco needs --cohort (the images folder)")
+            raise InputError("--coco needs --cohort (the images folder)")
         return None
     if args.coco is not None:
         from marrowdx.training.data import cohort_from_coco
 
         return cohort_from_coco(args.coco, args.cohort, work_dir_of(args))
     if not (args.cohort / "ground_truth.json").exists():
-        raise SystemExit(f"marrowdx {command}: {args.cohort} has no ground_truth.json")
+        raise InputError(f"{args.cohort} has no ground_truth.json")
     return args.cohort
 
 
@@ -63,7 +112,7 @@ def configure_train(parser: argparse.ArgumentParser) -> None:
 def run_train(args: argparse.Namespace) -> int:
     from marrowdx.export.build import build_onnx_models
 
-    cohort = _resolve_cohort(args, "train")
+    cohort = _resolve_cohort(args)
     models = build_onnx_models(
         work_dir_of(args),
         args.preset,
@@ -83,15 +132,33 @@ def configure_evaluate(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--json", type=Path, default=None, help="also write the numbers as JSON here"
     )
+    parser.add_argument(
+        "--shifts",
+        default=None,
+        metavar="KINDS",
+        help="also evaluate the cohort re-rendered under each lab/scanner shift, side by side "
+        "with it: comma-separated from stain, defocus, scanner, jpeg, mixed "
+        "(needs a cohort written by `marrowdx simulate`)",
+    )
+    parser.add_argument(
+        "--shift-strength", type=float, default=1.0, help="with --shifts: magnitude (1.0)"
+    )
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
     from marrowdx.export.build import build_onnx_models
     from marrowdx.training.evaluate import evaluate_cohort, format_table
 
-    cohort = _resolve_cohort(args, "evaluate")
+    cohort = _resolve_cohort(args)
     work_dir = work_dir_of(args)
+    kinds = None
+    if args.shifts:  # a bad kind is refused before any training
+        from marrowdx.simulate.lab_variation import parse_shift_list
+
+        kinds = parse_shift_list(args.shifts)
     models = build_onnx_models(work_dir, args.preset, progress=not args.quiet)
+    if kinds:
+        return run_shift_evaluation(args, kinds, cohort, models, work_dir)
     report = evaluate_cohort(cohort, models, work_dir)
     print(format_table(report, args.preset))
     worst = sorted(report.per_class_f1.items(), key=lambda kv: kv[1])[:5]
@@ -99,4 +166,29 @@ def run_evaluate(args: argparse.Namespace) -> int:
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({"preset": args.preset, **report.as_dict()}, indent=2))
+    return 0
+
+
+def run_shift_evaluation(
+    args: argparse.Namespace, kinds: tuple[str, ...], cohort: Path, models, work_dir: Path
+) -> int:
+    """``evaluate --shifts``: one row per shift kind, the unshifted cohort first."""
+    import sys
+
+    from marrowdx.training.shift_eval import evaluate_shifts, format_shift_table
+
+    def log(message: str) -> None:
+        if not args.quiet:
+            print(f"[marrowdx evaluate] {message}", file=sys.stderr, flush=True)
+
+    results = evaluate_shifts(cohort, models, work_dir, kinds, args.shift_strength, log)
+    print(format_shift_table(results, args.preset))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        payload = {
+            "preset": args.preset,
+            "shifts": [r.as_dict() for r in results],
+            "reports": {r.shift: r.report.as_dict() for r in results},
+        }
+        args.json.write_text(json.dumps(payload, indent=2))
     return 0

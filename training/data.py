@@ -84,7 +84,7 @@ def attribute_bits(cell_attributes: dict) -> list[float]:
 
 
 def read_ground_truth(cohort_dir: Path) -> dict:
-    """DIR/ground_truth.json (the DESIGN.md schema), with a clear error when it is missing."""
+    """DIR/ground_truth.json (schema: docs/contracts.md), with a clear error when it is missing."""
     path = Path(cohort_dir) / "ground_truth.json"
     if not path.exists():
         raise FileNotFoundError(f"{cohort_dir} is not a cohort: {path.name} is missing")
@@ -160,7 +160,7 @@ def prepare_cohort(
         for start in range(0, len(files), PREPROCESS_BATCH):
             chunk = files[start : start + PREPROCESS_BATCH]
             encoded = [(cohort_dir / f).read_bytes() for f in chunk]
-            px, lb, _ = pre(encoded)
+            px, lb, *_ = pre(encoded)
             pixels[start : start + len(chunk)] = px
             letterbox[start : start + len(chunk)] = lb
         cache.mkdir(parents=True, exist_ok=True)

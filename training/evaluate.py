@@ -18,7 +18,7 @@ from marrowdx.export.build import OnnxModels
 from marrowdx.training import metrics
 from marrowdx.training.data import PreparedCohort
 
-from marrowdx import config, taxonomy
+from marrowdx import config, differential, taxonomy
 
 T = config.TENSORS
 #: Images per ONNX Runtime call during evaluation.
@@ -32,6 +32,12 @@ PAPER = {
     "attribute_accuracy": None,
     "count_tv_distance": None,
     "diagnosis_macro_f1": 0.90,
+    "cell_ece_uncalibrated": None,
+    "cell_ece": None,
+    "diagnosis_ece_uncalibrated": None,
+    "diagnosis_ece": None,
+    "unidentified_fraction": None,
+    "unidentified_catches": None,
 }
 #: What the reference build must reach on a held-out simulated cohort (issue 4).
 TARGETS = {
@@ -39,6 +45,9 @@ TARGETS = {
     "cell_macro_f1": (">=", 0.90),
     "count_tv_distance": ("<=", 0.05),
     "diagnosis_macro_f1": (">=", 0.90),
+    # issue 17: probabilities that mean what they say, after temperature scaling
+    "cell_ece": ("<=", 0.05),
+    "diagnosis_ece": ("<=", 0.05),
 }
 LABELS = {
     "detection_ap50": "detection AP50",
@@ -47,6 +56,12 @@ LABELS = {
     "attribute_accuracy": "attribute accuracy (7 binary)",
     "count_tv_distance": "count distribution TV distance",
     "diagnosis_macro_f1": "diagnosis macro F1 (predicted counts)",
+    "cell_ece_uncalibrated": "cell ECE before calibration (T = 1)",
+    "cell_ece": "cell ECE (served, calibrated)",
+    "diagnosis_ece_uncalibrated": "diagnosis ECE before calibration",
+    "diagnosis_ece": "diagnosis ECE (served, calibrated)",
+    "unidentified_fraction": f"cells unidentified (p < {config.UNIDENTIFIED_BELOW:g})",
+    "unidentified_catches": "wrong labels caught as unidentified",
 }
 
 
@@ -65,6 +80,15 @@ class EvaluationReport:
     seconds: float
     per_class_f1: dict[str, float] = field(default_factory=dict)
     diagnosis_confusion: list[list[int]] = field(default_factory=list)
+    # calibration (expected calibration error, top label, 15 bins) and the unidentified
+    # rule at config.UNIDENTIFIED_BELOW: share of detected cells it flags, and share of the
+    # misclassified matched cells it flags (what it catches for review)
+    cell_ece: float = float("nan")
+    cell_ece_uncalibrated: float = float("nan")
+    diagnosis_ece: float = float("nan")
+    diagnosis_ece_uncalibrated: float = float("nan")
+    unidentified_fraction: float = float("nan")
+    unidentified_catches: float = float("nan")
 
     def meets_targets(self) -> dict[str, bool]:
         out = {}
@@ -114,13 +138,9 @@ def diagnose_counts(models: OnnxModels, counts: np.ndarray) -> np.ndarray:
     """Diagnosis probabilities [P,3] from per-patient predicted counts [P,33] (no lab values)."""
     from marrowdx.export.onnx_export import ort_session
 
-    total = counts.sum(1, keepdims=True).astype(np.float32)
-    fractions = (counts / np.maximum(total, 1.0)).astype(np.float32)
-    labs = np.zeros((len(counts), config.N_LAB_VALUES), np.float32)
-    (probs,) = ort_session(models.diagnosis).run(
-        [T.diagnosis_probs],
-        {T.fractions: fractions, T.total_cells: total, T.lab_values: labs, T.lab_mask: labs},
-    )
+    # The same inputs the client sends; a patient without cells is still scored (zeros).
+    inputs = differential.diagnosis_inputs(counts)
+    (probs,) = ort_session(models.diagnosis).run([T.diagnosis_probs], inputs.tensors())
     return probs
 
 
@@ -149,9 +169,10 @@ def evaluate(data: PreparedCohort, models: OnnxModels) -> EvaluationReport:
     counts = np.zeros((n_patients, config.N_CLASSES))
     np.add.at(counts, data.image_patient, pred.class_counts)
     truth = data.true_counts()
-    pred_frac = counts / np.maximum(counts.sum(1, keepdims=True), 1)
-    true_frac = truth / np.maximum(truth.sum(1, keepdims=True), 1)
-    diag = diagnose_counts(models, counts).argmax(1)
+    pred_frac = differential.fractions(counts)
+    true_frac = differential.fractions(truth)
+    diag_probs = diagnose_counts(models, counts)
+    diag = diag_probs.argmax(1)
     known = data.diagnoses >= 0
     confusion = np.zeros((config.N_DIAGNOSES, config.N_DIAGNOSES), np.int64)
     np.add.at(confusion, (data.diagnoses[known], diag[known]), 1)
@@ -171,7 +192,41 @@ def evaluate(data: PreparedCohort, models: OnnxModels) -> EvaluationReport:
         seconds=time.monotonic() - started,
         per_class_f1={taxonomy.CLASSES[c]: float(v) for c, v in enumerate(f1) if np.isfinite(v)},
         diagnosis_confusion=confusion.tolist(),
+        **calibration_fields(models, pred, probs, labels, diag_probs[known], data.diagnoses[known]),
     )
+
+
+def calibration_fields(
+    models: OnnxModels,
+    pred: CohortPredictions,
+    probs: np.ndarray,
+    labels: np.ndarray,
+    diag_probs: np.ndarray,
+    diagnoses: np.ndarray,
+) -> dict[str, float]:
+    """ECE before/after calibration for cells (matched ``probs`` vs true ``labels``) and
+    patients, and what the unidentified rule flags; "before" is recovered from the served
+    probabilities and the temperatures stored in the ONNX files."""
+    from marrowdx.export.onnx_export import read_calibration
+    from marrowdx.training import calibration as cal
+
+    t_cells = cal.served_temperature(read_calibration(models.classifier), "classes")
+    t_diag = cal.served_temperature(read_calibration(models.diagnosis), "diagnosis")
+    cell_before, cell_after = cal.ece_before_after(probs, labels, t_cells)
+    diag_before, diag_after = cal.ece_before_after(diag_probs, diagnoses, t_diag)
+    top = np.concatenate([p.max(1) for p in pred.class_probs if len(p)] or [np.zeros(0)])
+    wrong = probs.argmax(1) != labels if len(labels) else np.zeros(0, bool)
+    flagged = probs.max(1) < config.UNIDENTIFIED_BELOW if len(labels) else np.zeros(0, bool)
+    return {
+        "cell_ece": cell_after,
+        "cell_ece_uncalibrated": cell_before,
+        "diagnosis_ece": diag_after,
+        "diagnosis_ece_uncalibrated": diag_before,
+        "unidentified_fraction": float(np.mean(top < config.UNIDENTIFIED_BELOW))
+        if len(top)
+        else float("nan"),
+        "unidentified_catches": float(flagged[wrong].mean()) if wrong.any() else float("nan"),
+    }
 
 
 def evaluate_cohort(cohort_dir: Path, models: OnnxModels, work_dir: Path) -> EvaluationReport:

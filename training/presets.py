@@ -12,6 +12,7 @@ import json
 from dataclasses import asdict, dataclass, field
 
 from marrowdx.models.networks import ClassifierSpec, DetectorSpec, DiagnosisSpec
+from marrowdx.training.augment import AugmentSpec
 
 
 @dataclass(frozen=True)
@@ -38,6 +39,8 @@ class TrainingPreset:
     diag_patients: int = 20000
     diag_steps: int = 1500
     diag_lr: float = 3e-3
+    # inter-lab variation applied to the training images (training.augment; issue 16)
+    augment: AugmentSpec = field(default_factory=AugmentSpec)
 
     def fingerprint(self) -> str:
         """Stable hash of everything that affects the trained weights."""

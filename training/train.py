@@ -20,6 +20,13 @@ from marrowdx.models.networks import (
     DiagnosisModel,
     normalize_pixels,
 )
+from marrowdx.training.augment import (
+    augment_batch,
+    draw_scale,
+    photometric,
+    scaled_crop,
+    zoom_batch,
+)
 from marrowdx.training.data import PreparedCohort
 from marrowdx.training.heatmap_labels import detector_loss, flip_heatmap_labels, heatmap_labels
 from marrowdx.training.presets import TrainingPreset
@@ -93,21 +100,28 @@ def train_detector(
 
     crop, n_full = preset.det_crop, spec.input_size // DETECTOR_STRIDE
     crop_t = crop // DETECTOR_STRIDE
+    aug = preset.augment
     started = time.monotonic()
     model.train()
     for step in range(preset.det_steps):
         images = rng.integers(0, data.n_images, preset.det_batch)
         xs, ts = [], []
         for i in images:
-            fy, fx = rng.integers(0, n_full - crop_t + 1, 2)
-            py, px = fy * DETECTOR_STRIDE, fx * DETECTOR_STRIDE
-            x = data.pixels[i, :, py : py + crop, px : px + crop]
-            t = targets[i, :, fy : fy + crop_t, fx : fx + crop_t]
+            scale = draw_scale(aug, rng)
+            if scale == 1.0:  # stride-aligned window of the precomputed targets
+                fy, fx = rng.integers(0, n_full - crop_t + 1, 2)
+                py, px = fy * DETECTOR_STRIDE, fx * DETECTOR_STRIDE
+                x = data.pixels[i, :, py : py + crop, px : px + crop]
+                t = targets[i, :, fy : fy + crop_t, fx : fx + crop_t]
+            else:  # zoomed window: targets from the mapped boxes
+                boxes = data.cells.boxes[data.cells_of(i)]
+                x, kept = scaled_crop(np.asarray(data.pixels[i]), boxes, crop, scale, rng)
+                t = heatmap_labels(kept, crop)
             if rng.random() < 0.5:
                 x, t = x[:, :, ::-1], flip_heatmap_labels(t, horizontal=True)
             if rng.random() < 0.5:
                 x, t = x[:, ::-1, :], flip_heatmap_labels(t, horizontal=False)
-            xs.append(np.ascontiguousarray(x))
+            xs.append(photometric(np.ascontiguousarray(x), aug, rng))
             ts.append(t)
         x = normalize_pixels(torch.from_numpy(np.stack(xs)))
         t = torch.from_numpy(np.stack(ts))
@@ -178,8 +192,10 @@ def train_classifier(
             boxes.append(jitter_boxes(cells.boxes[pick], rng))
             labels.append(cells.labels[pick])
             attrs.append(cells.attributes[pick])
-        pixels = normalize_pixels(torch.from_numpy(data.image_pixels(images)))
-        box_t = torch.from_numpy(np.stack(boxes))
+        raw = augment_batch(data.image_pixels(images), preset.augment, rng)
+        raw, box_np = zoom_batch(raw, np.stack(boxes), draw_scale(preset.augment, rng))
+        pixels = normalize_pixels(torch.from_numpy(raw))
+        box_t = torch.from_numpy(box_np)
         crops = augment_crops(model.crops(pixels, box_t), rng)
         cls, att = model.classify_crops(crops, box_t)
         y = torch.from_numpy(np.concatenate(labels))

@@ -26,14 +26,18 @@ mkdir -p "$root/releases" "$root/staging"
 trap 'rm -rf "$stage" "$engines"' EXIT
 
 # 1. TensorRT engines on this GPU with this TensorRT, from the exported ONNX files; each
-#    <model>.<precision>.plan gets a sidecar .plan.json naming the GPU and TensorRT version
+#    <model>.<precision>.plan gets a sidecar .plan.json naming the GPU and TensorRT version;
+#    each optimisation profile covers max_batch_size of the configs/gpu.pbtxt serving it
+#    (read from the installed package: no batch-size flag is needed here)
 precision_flag=()
 [[ "$precision" == fp16 ]] && precision_flag=(--fp16)
 marrowdx export --tensorrt "${precision_flag[@]}" --preset "$preset" --out "$engines"
 # 2. the gpu target repository: DALI preprocess, tensorrt_plan models, ensemble, KIND_GPU
 marrowdx build --target gpu --preset "$preset" --out "$stage"
-# 3. each engine (and its sidecar) where Triton's tensorrt_plan platform loads it
-for model in detector classifier diagnosis; do
+# 3. each engine (and its sidecar) where Triton's tensorrt_plan platform loads it; the models
+#    with engines are those the tensor contract (marrowdx.contract) exports
+models=$(python3 -m marrowdx.contract models --exported)
+for model in $models; do
     cp "$engines/$model.$precision.plan" "$stage/$model/1/model.plan"
     cp "$engines/$model.$precision.plan.json" "$stage/$model/1/model.plan.json"
 done

@@ -8,6 +8,9 @@ a rollout. So the engine-build Job writes ``BUILD_INFO.json`` at the repository 
 built elsewhere (``verify``), naming what differs.
 
 Runs inside the NGC container (Python 3.10) and the build image: standard library only.
+Whether an engine fits this host is decided by ``marrowdx.engine_fit`` (one rule, shared with
+``marrowdx export --tensorrt``): imported from the installed package where there is one (the
+engine-build image), else from the copy the serving image places next to this script.
 """
 
 from __future__ import annotations
@@ -24,6 +27,12 @@ import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+try:
+    from marrowdx.engine_fit import EngineHost, fit_problems
+except ImportError:  # the serving image's python3 (3.10) has no marrowdx: use the copy here
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from engine_fit import EngineHost, fit_problems  # type: ignore[no-redef]
+
 #: Written at the repository root by ``record``.
 BUILD_INFO = "BUILD_INFO.json"
 #: Suffix of TensorRT engines in a Triton model repository.
@@ -31,9 +40,9 @@ ENGINE_SUFFIX = ".plan"
 #: Keys an engine's sidecar JSON (written by ``marrowdx export --tensorrt``) is compared on.
 SIDECAR_GPU_KEY = "gpu_name"
 SIDECAR_TRT_KEY = "tensorrt_version"
-#: Engines are portable across TensorRT builds of one major.minor.patch release, not across
-#: releases: compare this many leading version components.
-TRT_VERSION_PARTS = 3
+SIDECAR_CAPABILITY_KEY = "compute_capability"
+#: How the running side is named in refusals.
+HERE = "this pod"
 #: Where the NGC images keep libnvinfer when the tensorrt Python module is absent.
 LIBNVINFER_GLOBS = (
     "/usr/lib/x86_64-linux-gnu/libnvinfer.so.*.*.*",
@@ -108,11 +117,6 @@ def detect_tensorrt_version() -> str:
     raise DetectionError("cannot find TensorRT (no tensorrt module, TRT_VERSION or libnvinfer)")
 
 
-def same_tensorrt_release(a: str, b: str) -> bool:
-    """10.5.0.18 and 10.5.0 are one release; 10.5.0 and 10.6.0 are not."""
-    return a.split(".")[:TRT_VERSION_PARTS] == b.split(".")[:TRT_VERSION_PARTS]
-
-
 # --------------------------------------------------------------------------------- record
 def find_engines(repository: Path) -> list[Path]:
     return sorted(p for p in repository.rglob(f"*{ENGINE_SUFFIX}") if p.is_file())
@@ -136,7 +140,8 @@ def record(repository: Path, gpu_name: str, tensorrt_version: str) -> BuildInfo:
         tensorrt_version=tensorrt_version,
         engines={str(p.relative_to(repository)): sha256(p) for p in engines},
         triton_container=os.environ.get("NVIDIA_TRITON_SERVER_VERSION", ""),
-        built_at=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        # timezone.utc, not datetime.UTC: the NGC python3 is 3.10
+        built_at=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),  # noqa: UP017
     )
     (repository / BUILD_INFO).write_text(json.dumps(asdict(info), indent=2, sort_keys=True) + "\n")
     return info
@@ -154,14 +159,16 @@ def _sidecar_problems(engine: Path, rel: str, gpu_name: str, tensorrt_version: s
             continue
         if not isinstance(data, dict):
             continue
-        built_gpu = data.get(SIDECAR_GPU_KEY)
-        built_trt = data.get(SIDECAR_TRT_KEY)
-        if built_gpu is not None and str(built_gpu) != gpu_name:
-            problems.append(f"{rel}: built on GPU {built_gpu!r}, this pod has {gpu_name!r}")
-        if built_trt is not None and not same_tensorrt_release(str(built_trt), tensorrt_version):
-            problems.append(
-                f"{rel}: built with TensorRT {built_trt}, this pod has {tensorrt_version}"
-            )
+        if SIDECAR_GPU_KEY not in data and SIDECAR_TRT_KEY not in data:
+            continue  # some other JSON file: not an engine sidecar
+        # a key the sidecar lacks is taken as this host's, so only what it records is checked
+        built = EngineHost(
+            str(data.get(SIDECAR_GPU_KEY, gpu_name)),
+            str(data.get(SIDECAR_TRT_KEY, tensorrt_version)),
+            str(data.get(SIDECAR_CAPABILITY_KEY, "")),
+        )
+        running = EngineHost(gpu_name, tensorrt_version)
+        problems.extend(f"{rel}: {p}" for p in fit_problems(built, running, HERE))
     return problems
 
 
@@ -185,14 +192,14 @@ def verify(repository: Path, gpu_name: str | None, tensorrt_version: str | None)
         info = BuildInfo.load(info_path)
     except (OSError, ValueError) as exc:
         return [f"{info_path} is unreadable: {exc}"]
-    problems = []
-    if info.gpu_name != gpu_name:
-        problems.append(f"engines were built on GPU {info.gpu_name!r}, this pod has {gpu_name!r}")
-    if not same_tensorrt_release(info.tensorrt_version, tensorrt_version):
-        problems.append(
-            f"engines were built with TensorRT {info.tensorrt_version}, "
-            f"this pod has {tensorrt_version}"
+    problems = [
+        f"engines were {p}"
+        for p in fit_problems(
+            EngineHost(info.gpu_name, info.tensorrt_version),
+            EngineHost(gpu_name, tensorrt_version),
+            HERE,
         )
+    ]
     for engine in engines:
         rel = str(engine.relative_to(repository))
         if rel not in info.engines:

@@ -4,6 +4,10 @@ Each subcommand lives next to the part it drives (``<module>.configure_<cmd>(par
 ``<module>.run_<cmd>(args) -> int``); this file only routes. Command modules import their
 heavy dependencies (torch, DALI, tritonclient) inside ``run_*``, so ``marrowdx --help`` and
 the thin client stay fast and light.
+
+This is also the one place where an expected failure (``marrowdx.errors.MarrowdxError``)
+becomes a message on stderr and its exit code, and where a missing optional dependency
+becomes "install the extra ``marrowdx[...]``" instead of a traceback.
 """
 
 from __future__ import annotations
@@ -15,55 +19,60 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from marrowdx import __version__
+from marrowdx.errors import EXIT_INTERRUPTED, MarrowdxError, MissingExtra
 
 
 @dataclass(frozen=True)
 class Command:
     module: str
-    part: str  # which part of the system provides it, named in "not built" messages
+    #: The pip extras (``pyproject.toml``) that install what the command imports; named in
+    #: the message when one of its third-party modules is missing. Empty: the core suffices.
+    extras: tuple[str, ...]
     help: str
 
 
 COMMANDS: dict[str, Command] = {
-    "simulate": Command("marrowdx.simulate.cli", "simulator", "write a synthetic cohort"),
-    "sheet": Command("marrowdx.simulate.cli", "simulator", "write a PNG sheet, one cell per class"),
-    "train": Command("marrowdx.training.cli", "models", "train detector, classifier, diagnosis"),
-    "evaluate": Command("marrowdx.training.cli", "models", "paper metrics on a held-out cohort"),
-    "export": Command("marrowdx.export.cli", "models", "export ONNX (and TensorRT engines)"),
+    "simulate": Command("marrowdx.simulate.cli", (), "write a synthetic cohort"),
+    "sheet": Command("marrowdx.simulate.cli", (), "write a PNG sheet, one cell per class"),
+    "train": Command("marrowdx.training.cli", ("export",), "train detector, classifier, diagnosis"),
+    "evaluate": Command(
+        "marrowdx.training.cli", ("export", "server"), "paper metrics on a held-out cohort"
+    ),
+    "export": Command("marrowdx.export.cli", ("export",), "export ONNX (and TensorRT engines)"),
     "build": Command(
         "marrowdx.serving.cli",
-        "model repository",
+        ("server", "export"),
         "train if needed, export, write the model repository",
     ),
-    "serve": Command(
-        "marrowdx.serving.cli", "model repository", "run Triton on the model repository"
-    ),
+    "serve": Command("marrowdx.serving.cli", ("server",), "run Triton on the model repository"),
     "diagnose": Command(
-        "marrowdx.client.cli", "client", "diagnose every patient folder of a cohort"
+        "marrowdx.client.cli", ("client",), "diagnose every patient folder of a cohort"
     ),
-    "bench": Command("marrowdx.bench.cli", "benchmarks", "limit vs peer vs served throughput"),
+    "bench": Command("marrowdx.bench.cli", ("server",), "limit vs peer vs served throughput"),
+    "idc": Command(
+        "marrowdx.slides.idc",
+        ("slides",),
+        "list or download the paper's slides and labels from NCI Imaging Data Commons",
+    ),
 }
 
 
 def _load(name: str, what: str) -> Callable | None:
-    cmd = COMMANDS[name]
-    try:
-        module = importlib.import_module(cmd.module)
-    except ModuleNotFoundError as exc:
-        if exc.name and cmd.module.startswith(exc.name):
-            return None
-        raise
+    """``<module>.<what>_<name>``; the command modules are part of the distribution, so a
+    failed import here is a bug and propagates."""
+    module = importlib.import_module(COMMANDS[name].module)
     return getattr(module, f"{what}_{name}", None)
 
 
-def _not_built(name: str) -> Callable[[argparse.Namespace], int]:
-    def run(_args: argparse.Namespace) -> int:
-        part = COMMANDS[name].part
-        print(f"marrowdx {name}: not built yet: the {part} part is missing", file=sys.stderr)
-        return 2
-
-    run.not_built = True  # type: ignore[attr-defined]
-    return run
+def missing_extra(command: str, exc: ModuleNotFoundError) -> MissingExtra | None:
+    """The user-facing error for a third-party module a command needs but cannot import, or
+    None when the missing module is marrowdx's own (a packaging bug: keep the traceback)."""
+    missing = (exc.name or "").split(".")[0]
+    if not missing or missing == "marrowdx":
+        return None
+    extras = COMMANDS[command].extras
+    hint = f"pip install 'marrowdx[{','.join(extras)}]'" if extras else f"pip install {missing}"
+    return MissingExtra(f"needs the Python module '{missing}', which is not installed: {hint}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -76,21 +85,33 @@ def build_parser() -> argparse.ArgumentParser:
     for name, cmd in COMMANDS.items():
         configure = _load(name, "configure")
         run = _load(name, "run")
-        help_text = cmd.help if run else f"{cmd.help} [not built yet: {cmd.part} missing]"
-        p = sub.add_parser(name, help=help_text, description=help_text)
+        if run is None:
+            raise RuntimeError(f"{cmd.module} has no run_{name}")
+        p = sub.add_parser(name, help=cmd.help, description=cmd.help)
         if configure is not None:
             configure(p)
-        p.set_defaults(_run=run or _not_built(name))
+        p.set_defaults(_run=run)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command; expected failures become ``marrowdx CMD: message`` on stderr and
+    the error's exit code (``marrowdx.errors``), anything else keeps its traceback."""
     args = build_parser().parse_args(argv)
     try:
         return int(args._run(args) or 0)
+    except MarrowdxError as exc:
+        print(f"marrowdx {args.command}: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except ModuleNotFoundError as exc:
+        error = missing_extra(args.command, exc)
+        if error is None:
+            raise
+        print(f"marrowdx {args.command}: {error}", file=sys.stderr)
+        return error.exit_code
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Configuration in one place: model and tensor names, sizes, limits and default ports.
 
-The names here are contracts between the exported models, the Triton model repository,
-the client and the load tests; change them here and nowhere else. Import-light (stdlib
+The names and sizes here are what ``marrowdx.contract`` builds the typed tensor contract
+from (dtypes, shapes, per model); change them here and nowhere else. Import-light (stdlib
 only) because the thin client imports it.
 """
 
@@ -18,6 +18,10 @@ from marrowdx import taxonomy
 INPUT_SIZE = 512
 #: Default simulated field of view (width, height).
 FIELD_SIZE = (1024, 1024)
+#: Pixel spacing (µm per pixel) the simulator renders fields at and the models are trained
+#: at: red cells 28-36 px across are 7-9 µm. A slide at another spacing is resampled to it
+#: before its fields are sent (``marrowdx.slides``).
+MODEL_UM_PER_PIXEL = 0.25
 #: Fixed maximum number of detections per image (top-K inside the detector graph).
 MAX_DETECTIONS = 256
 #: Side of the square crop the classifier takes around each detected cell (pixels).
@@ -53,26 +57,24 @@ class ModelNames:
 
 @dataclass(frozen=True)
 class TensorNames:
-    # ensemble and preprocess input: encoded JPEG/PNG bytes, UINT8 [-1]
+    """The served tensors' names; their dtypes, shapes and meaning are in marrowdx.contract."""
+
     image: str = "IMAGE"
-    # preprocess outputs
-    pixels: str = "PIXELS"  # UINT8 [3, INPUT_SIZE, INPUT_SIZE], letterboxed RGB (not normalised)
-    letterbox: str = "LETTERBOX"  # FP32 [4]: scale_x, scale_y, pad_x, pad_y; in = orig*scale + pad
-    image_size: str = "IMAGE_SIZE"  # INT32 [2]: original height, width
-    # detector outputs (boxes in letterboxed input pixels, x0 y0 x1 y1, sorted by score)
-    boxes: str = "BOXES"  # FP32 [MAX_DETECTIONS, 4]
-    scores: str = "SCORES"  # FP32 [MAX_DETECTIONS]
-    num_detections: str = "NUM_DETECTIONS"  # INT32 [1]: boxes[:n] are valid
-    # classifier outputs (rows >= NUM_DETECTIONS are zero)
-    class_probs: str = "CLASS_PROBS"  # FP32 [MAX_DETECTIONS, N_CLASSES]
-    attribute_probs: str = "ATTRIBUTE_PROBS"  # FP32 [MAX_DETECTIONS, N_ATTRIBUTES]
-    class_counts: str = "CLASS_COUNTS"  # FP32 [N_CLASSES]: per-image counts of valid cells
-    # diagnosis model
-    total_cells: str = "TOTAL_CELLS"  # FP32 [1]
-    fractions: str = "FRACTIONS"  # FP32 [N_CLASSES]
-    lab_values: str = "LAB_VALUES"  # FP32 [N_LAB_VALUES]
-    lab_mask: str = "LAB_MASK"  # FP32 [N_LAB_VALUES], 1 where the lab value is present
-    diagnosis_probs: str = "DIAGNOSIS_PROBS"  # FP32 [N_DIAGNOSES]
+    pixels: str = "PIXELS"
+    letterbox: str = "LETTERBOX"
+    image_size: str = "IMAGE_SIZE"
+    field_quality: str = "FIELD_QUALITY"
+    boxes: str = "BOXES"
+    scores: str = "SCORES"
+    num_detections: str = "NUM_DETECTIONS"
+    class_probs: str = "CLASS_PROBS"
+    attribute_probs: str = "ATTRIBUTE_PROBS"
+    class_counts: str = "CLASS_COUNTS"
+    total_cells: str = "TOTAL_CELLS"
+    fractions: str = "FRACTIONS"
+    lab_values: str = "LAB_VALUES"
+    lab_mask: str = "LAB_MASK"
+    diagnosis_probs: str = "DIAGNOSIS_PROBS"
 
 
 MODELS = ModelNames()
@@ -104,6 +106,10 @@ CLIENT_REQUEST_TIMEOUT_S = 60.0
 CLIENT_RETRY_TOTAL_S = 180.0
 #: Image requests a client keeps in flight; Triton batches concurrent requests dynamically.
 CLIENT_CONCURRENCY = 8
+#: A cell whose top class probability (calibrated at build time) is below this is
+#: "unidentified", as analysers mark low-confidence cells: listed for review, not counted in
+#: the differential nor sent to the diagnosis. 0.5 = no class beats all others together.
+UNIDENTIFIED_BELOW = 0.5
 
 
 # ------------------------------------------------------------------------------- paths

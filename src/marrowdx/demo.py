@@ -26,7 +26,9 @@ from marrowdx import config
 #: The sample cohort: fixed seed so every machine diagnoses the same images.
 DEMO_SEED = 2026
 DEMO_PATIENTS = 6
-DEMO_IMAGES_PER_PATIENT = 4
+#: Enough fields (about 26 nucleated cells each) for the ICSH count of 500 nucleated cells
+#: that ``diagnose`` stops at; fewer would refer every patient for "fewer cells than target".
+DEMO_IMAGES_PER_PATIENT = 24
 PRESET_ENV = "MARROWDX_PRESET"
 DEFAULT_PRESET = "reference"
 
@@ -91,26 +93,16 @@ def ensure_cohort(args: argparse.Namespace) -> dict:
     return gt
 
 
-def _server_config(repository: Path, free_ports: bool):
-    """Default ports when they are free (and not told otherwise), else free ones."""
-    from marrowdx.serving.server import ServerConfig, free_port, port_is_free
-
-    ports = config.DEFAULT_PORTS
-    if not free_ports and all(port_is_free(p) for p in (ports.http, ports.grpc, ports.metrics)):
-        return ServerConfig(repository=repository)
-    return ServerConfig(
-        repository=repository,
-        http_port=free_port(),
-        grpc_port=free_port(),
-        metrics_port=free_port(),
-    )
-
-
 def matches(ground_truth: dict, report_json: Path) -> tuple[int, int]:
     """(diagnoses equal to the simulated truth, patients)."""
     truth = {p["patient_id"]: p["diagnosis"] for p in ground_truth["patients"]}
     reports = json.loads(report_json.read_text())["patients"]
     return sum(truth.get(r["patient_id"]) == r["diagnosis"] for r in reports), len(truth)
+
+
+def referred(report_json: Path) -> int:
+    """Patients the report refers for review (``refer_for_review``)."""
+    return sum(p["refer_for_review"] for p in json.loads(report_json.read_text())["patients"])
 
 
 def _raise_interrupt(signum: int, _frame: object) -> None:
@@ -132,8 +124,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     from marrowdx import cli
-    from marrowdx.serving.server import TritonServer
-    from marrowdx.serving.triton_install import ensure_installed
+    from marrowdx.serving.server import PortPolicy, launch_triton
 
     if not args.no_build:
         _stage(f"building models and repository (preset {args.preset}; skipped when up to date)")
@@ -142,35 +133,39 @@ def _run(args: argparse.Namespace) -> int:
     _stage(f"sample cohort: {n} patients x {k} images, seed {args.seed}")
     ground_truth = ensure_cohort(args)
 
-    cfg = _server_config(args.repository, args.free_ports)
-    install = ensure_installed(args.work_dir / "triton")
     args.out.mkdir(parents=True, exist_ok=True)
     log_path = args.out / "server.log"
     report_json = args.out / "diagnosis.json"
     report_json.unlink(missing_ok=True)  # a stale report must not be counted as this run's
-    with open(log_path, "wb") as log:
-        server = TritonServer(cfg, install, stdout=log)
+    ports = PortPolicy.free() if args.free_ports else PortPolicy.defaults_if_free()
+    with launch_triton(
+        args.repository, ports=ports, work_dir=args.work_dir, log_path=log_path, wait=False
+    ) as launched:
         try:
-            server.start()
-            _stage(f"starting Triton (pid {server.pid}) on {cfg.grpc_url}; log: {log_path}")
-            ready = server.wait_ready()
+            url = launched.grpc_url
+            _stage(f"starting Triton (pid {launched.pid}) on {url}; log: {log_path}")
+            ready = launched.server.wait_ready()
             _stage(f"server ready after {ready:.0f} s; diagnosing")
             diagnose_args = [
-                "diagnose", str(args.cohort), "--url", cfg.grpc_url, "--json", str(report_json),
+                "diagnose", str(args.cohort), "--url", url, "--json", str(report_json),
                 "--csv", str(args.out / "diagnosis.csv"), "--overlays", str(args.out / "overlays"),
+                "--html", str(args.out / "review"),
             ]  # fmt: skip
             if args.no_progress:
                 diagnose_args.append("--no-progress")
             code = cli.main(diagnose_args)
         finally:
-            _stage("stopping the server")
-            server.stop()
+            _stage("stopping the server")  # launch_triton stops it on the way out
     if code == 130:
         raise KeyboardInterrupt
     if report_json.exists():
         k, n = matches(ground_truth, report_json)
         print(f"{k}/{n} diagnoses match the simulated truth")
-    print(f"outputs: {report_json}, {args.out / 'diagnosis.csv'}, {args.out / 'overlays'}/")
+        print(f"{referred(report_json)}/{n} referred for review")
+    print(
+        f"outputs: {report_json}, {args.out / 'diagnosis.csv'}, {args.out / 'overlays'}/, "
+        f"review page {args.out / 'review' / 'index.html'}"
+    )
     return code
 
 

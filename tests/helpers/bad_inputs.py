@@ -99,6 +99,21 @@ def _first_half(data: bytes) -> bytes:
     return data[: len(data) // 2]
 
 
+def bit_flipped(data: bytes, n_bits: int = 8, start: float = 0.4, seed: int = SEED) -> bytes:
+    """``data`` with ``n_bits`` single-bit errors in its last ``1 - start`` (the compressed
+    pixel data, past the headers), as a bad disk, cable or upload would leave it."""
+    out = bytearray(data)
+    rng = np.random.default_rng(seed)
+    for pos in rng.integers(int(len(data) * start), len(data) - 4, n_bits):
+        out[int(pos)] ^= 1 << int(rng.integers(8))
+    return bytes(out)
+
+
+def png_without_iend(data: bytes) -> bytes:
+    """A PNG cut right before its IEND chunk: all pixel data present, the end missing."""
+    return data[: data.rindex(b"IEND") - 4]
+
+
 def _chunk(kind: bytes, payload: bytes) -> bytes:
     return (
         struct.pack(">I", len(payload))
@@ -273,6 +288,36 @@ def corpus(
             _first_half(png_bytes(256, 256)),
             ERROR,
             ("corrupt", "decode", "truncat"),
+            suffix=".png",
+        ),
+        # --- damaged compressed data (issue 16): decoders may still produce pixels
+        BadInput(
+            "bitflipped_jpeg",
+            bit_flipped(jpeg_bytes(256, 256)),
+            ERROR,
+            ("corrupt",),
+            why="8 flipped bits in the scan: libjpeg warns and returns garbled pixels",
+        ),
+        BadInput(
+            "bitflipped_png",
+            bit_flipped(png_bytes(256, 256), n_bits=1),
+            ERROR,
+            ("corrupt",),
+            suffix=".png",
+            why="one flipped bit: the chunk CRC no longer matches",
+        ),
+        BadInput(
+            "jpeg_without_eoi",
+            jpeg_bytes(256, 256)[:-2],
+            ERROR,
+            ("corrupt", "truncat"),
+            why="every scan byte present, only the end-of-image marker missing",
+        ),
+        BadInput(
+            "png_without_iend",
+            png_without_iend(png_bytes(256, 256)),
+            ERROR,
+            ("corrupt", "truncat"),
             suffix=".png",
         ),
         BadInput(

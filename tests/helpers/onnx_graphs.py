@@ -11,7 +11,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from marrowdx import config
+from marrowdx import config, contract
 
 T = config.TENSORS
 K = config.MAX_DETECTIONS
@@ -29,6 +29,18 @@ def _save(graph, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     onnx.save(model, str(path))
     return path
+
+
+def _io(model: str) -> tuple[list, list]:
+    """Graph inputs and outputs as the contract declares them (fixed box axis: the serving
+    side then runs every slot, which these graphs' constants assume)."""
+
+    def info(spec: contract.TensorSpec):
+        dtype = helper.np_dtype_to_tensor_dtype(np.dtype(spec.dtype.numpy))
+        return helper.make_tensor_value_info(spec.name, dtype, ["N", *spec.dims])
+
+    m = contract.model(model)
+    return [info(t) for t in m.inputs], [info(t) for t in m.outputs]
 
 
 def _normalised_pixels() -> list:
@@ -68,18 +80,7 @@ def detector(path: Path) -> Path:
         _const("boxes0", boxes0),
         _const("scores0", scores0),
     ]
-    s = config.INPUT_SIZE
-    graph = helper.make_graph(
-        nodes,
-        "detector",
-        [helper.make_tensor_value_info(T.pixels, TensorProto.UINT8, ["N", 3, s, s])],
-        [
-            helper.make_tensor_value_info(T.boxes, TensorProto.FLOAT, ["N", K, 4]),
-            helper.make_tensor_value_info(T.scores, TensorProto.FLOAT, ["N", K]),
-            helper.make_tensor_value_info(T.num_detections, TensorProto.INT32, ["N", 1]),
-        ],
-        inits,
-    )
+    graph = helper.make_graph(nodes, "detector", *_io(config.MODELS.detector), inits)
     return _save(graph, path)
 
 
@@ -119,22 +120,7 @@ def classifier(path: Path) -> Path:
         _const("depth", np.array(nc, np.int64)),
         _const("onoff", np.array([0.0, 1.0], np.float32)),
     ]
-    s = config.INPUT_SIZE
-    graph = helper.make_graph(
-        nodes,
-        "classifier",
-        [
-            helper.make_tensor_value_info(T.pixels, TensorProto.UINT8, ["N", 3, s, s]),
-            helper.make_tensor_value_info(T.boxes, TensorProto.FLOAT, ["N", K, 4]),
-            helper.make_tensor_value_info(T.num_detections, TensorProto.INT32, ["N", 1]),
-        ],
-        [
-            helper.make_tensor_value_info(T.class_probs, TensorProto.FLOAT, ["N", K, nc]),
-            helper.make_tensor_value_info(T.attribute_probs, TensorProto.FLOAT, ["N", K, na]),
-            helper.make_tensor_value_info(T.class_counts, TensorProto.FLOAT, ["N", nc]),
-        ],
-        inits,
-    )
+    graph = helper.make_graph(nodes, "classifier", *_io(config.MODELS.classifier), inits)
     return _save(graph, path)
 
 
@@ -149,33 +135,15 @@ def diagnosis(path: Path) -> Path:
         helper.make_node("Softmax", ["logits"], [T.diagnosis_probs], axis=-1),
     ]
     inits = [_const("w", rng.normal(0, 1, (width, config.N_DIAGNOSES)).astype(np.float32))]
-    graph = helper.make_graph(
-        nodes,
-        "diagnosis",
-        [
-            helper.make_tensor_value_info(T.fractions, TensorProto.FLOAT, ["N", config.N_CLASSES]),
-            helper.make_tensor_value_info(T.total_cells, TensorProto.FLOAT, ["N", 1]),
-            helper.make_tensor_value_info(
-                T.lab_values, TensorProto.FLOAT, ["N", config.N_LAB_VALUES]
-            ),
-            helper.make_tensor_value_info(
-                T.lab_mask, TensorProto.FLOAT, ["N", config.N_LAB_VALUES]
-            ),
-        ],
-        [
-            helper.make_tensor_value_info(
-                T.diagnosis_probs, TensorProto.FLOAT, ["N", config.N_DIAGNOSES]
-            )
-        ],
-        inits,
-    )
+    graph = helper.make_graph(nodes, "diagnosis", *_io(config.MODELS.diagnosis), inits)
     return _save(graph, path)
 
 
 def write_all(folder: Path) -> dict[str, Path]:
-    """Write the three graphs into ``folder``; returns {model name: path}."""
-    return {
-        config.MODELS.detector: detector(folder / "detector.onnx"),
-        config.MODELS.classifier: classifier(folder / "classifier.onnx"),
-        config.MODELS.diagnosis: diagnosis(folder / "diagnosis.onnx"),
+    """Write one graph per exported model into ``folder``; returns {model name: path}."""
+    writers = {
+        config.MODELS.detector: detector,
+        config.MODELS.classifier: classifier,
+        config.MODELS.diagnosis: diagnosis,
     }
+    return {name: writers[name](folder / f"{name}.onnx") for name in contract.EXPORTED_MODELS}

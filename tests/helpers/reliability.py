@@ -14,7 +14,6 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
 
 import numpy as np
 
@@ -85,72 +84,14 @@ def simulated_fields(out_dir: Path, n_images: int, seed: int) -> list[bytes]:
 
 
 # -------------------------------------------------------------------------- own servers
-@dataclass
-class OwnServer:
-    """A server this test started on free loopback ports; ``server`` is the launcher's."""
+def own_server(repository: Path, log_file: Path, **options):
+    """A server only this test uses (so it may kill or ``restart()`` it): the project's
+    launcher on free loopback ports, with the fixtures' Triton install, stdout and stderr to
+    ``log_file``; always stopped after. ``options``: ``launch_triton``'s (``wait``, ``bind``,
+    ``log_verbose``, ...)."""
+    from marrowdx.serving.server import launch_triton
 
-    server: object  # marrowdx.serving.server.TritonServer
-    log_file: Path
-    log: BinaryIO  # open on log_file: Triton's stdout and stderr, across restarts
-
-    @property
-    def grpc_url(self) -> str:
-        return self.server.cfg.grpc_url
-
-    @property
-    def pid(self) -> int:
-        return self.server.pid
-
-    def log_text(self) -> str:
-        return self.log_file.read_text(errors="replace") if self.log_file.exists() else ""
-
-
-def server_config(repository: Path, **overrides):
-    from marrowdx.serving.server import ServerConfig, free_port
-
-    ports = {"http_port": free_port(), "grpc_port": free_port(), "metrics_port": free_port()}
-    return ServerConfig(repository=repository, **{**ports, **overrides})
-
-
-@contextlib.contextmanager
-def own_server(
-    repository: Path, log_file: Path, *, wait: bool = True, **overrides
-) -> Iterator[OwnServer]:
-    """Start the project's launcher (stdout+stderr to ``log_file``); always stopped after."""
-    from marrowdx.serving.server import TritonServer
-    from marrowdx.serving.triton_install import ensure_installed
-
-    install = ensure_installed(TEST_CACHE / "triton")
-    cfg = server_config(repository, **overrides)
-    with open(log_file, "ab") as log:
-        handle = OwnServer(TritonServer(cfg, install, stdout=log), log_file, log)
-        try:
-            handle.server.start()
-            if wait:
-                handle.server.wait_ready()
-            yield handle
-        finally:
-            handle.server.stop()  # the current one: a test may have restarted it
-
-
-def restart_on_same_ports(own: OwnServer) -> None:
-    """Stop the server (SIGTERM, or reap a killed one) and start a new tritonserver with
-    its configuration (ports included); returns when the new one is ready."""
-    from marrowdx.serving.server import TritonServer
-
-    old = own.server
-    old.stop()  # reaps what is left of the killed process group
-    deadline = time.monotonic() + RECOVERY_TIMEOUT_S
-    while True:  # the kernel may hold the ports for a moment after a SIGKILL
-        try:
-            new = TritonServer(old.cfg, old.install, stdout=own.log).start()
-            break
-        except Exception:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.5)
-    own.server = new
-    new.wait_ready()  # a restart that fails must fail here, not as a stalled client
+    return launch_triton(repository, work_dir=TEST_CACHE, log_path=log_file, **options)
 
 
 # ------------------------------------------------------------------------ process tree
@@ -223,10 +164,10 @@ def serve_process(
     import signal
     import sys
 
-    from marrowdx.serving.server import free_port
+    from marrowdx.serving.server import free_ports
 
     folder.mkdir(parents=True, exist_ok=True)
-    ports = (free_port(), free_port(), free_port())
+    ports = free_ports(3)
     out, err = folder / "serve.out", folder / "serve.err"
     cmd = [
         sys.executable, "-m", "marrowdx", "serve", "--repository", str(repository),

@@ -30,6 +30,7 @@ def bench_doc(triton_server, tmp_path_factory) -> tuple[dict, object]:
         "--peer-concurrency", "1",
         "--batch-sizes", "1,2",
         "--rounds", "1",
+        "--workload", "fields",  # the slide workload has its own test (test_slides_serving.py)
         "--repository", str(triton_server.repository),
         "--url", triton_server.grpc_url,
         "--admin-key", triton_server.admin_key,

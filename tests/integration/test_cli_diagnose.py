@@ -46,7 +46,10 @@ def test_diagnose_writes_table_json_csv_and_overlays(triton_server, cohort, tmp_
     assert run.returncode == 0, run.stderr
     assert "100%" in run.stderr and "img" in run.stderr  # the progress bar ran to the end
     lines = run.stdout.splitlines()
-    assert lines[0].split() == ["patient", "images", "cells", "top", "classes", "diagnosis", "p"]
+    assert lines[0].split() == [
+        "patient", "images", "cells", "top", "classes", "diagnosis", "p", "blast", "%", "(95%",
+        "CI)", "M:E", "review",
+    ]  # fmt: skip
 
     data = json.loads((out / "d.json").read_text())
     patients = data["patients"]
@@ -58,7 +61,12 @@ def test_diagnose_writes_table_json_csv_and_overlays(triton_server, cohort, tmp_
         assert [i["file"] for i in report["images"]] == [i["file"] for i in truth["images"]]
         assert report["n_images"] == len(truth["images"])
         assert sum(report["counts"].values()) == report["n_cells"]
-        assert report["n_cells"] == sum(len(i["cells"]) for i in report["images"])
+        # unidentified cells (top probability below the threshold) are listed, not counted
+        cells = [c for i in report["images"] for c in i["cells"]]
+        threshold = report["unidentified_below"]
+        assert [c["unidentified"] for c in cells] == [c["probability"] < threshold for c in cells]
+        assert report["n_cells"] == sum(not c["unidentified"] for c in cells)
+        assert report["differential"]["unidentified"] == sum(c["unidentified"] for c in cells)
         if report["diagnosis"] is not None:
             assert sum(report["probabilities"].values()) == pytest.approx(1.0, abs=1e-5)
         for image in report["images"]:

@@ -66,6 +66,9 @@ def test_demo_builds_simulates_serves_diagnoses_and_stops(built_repository, tmp_
         for t, r in zip(truth["patients"], report["patients"], strict=True)
     )
     assert int(match.group(1)) == agree
+    referred = sum(p["refer_for_review"] for p in report["patients"])
+    assert re.search(rf"^{referred}/2 referred for review$", out, re.M), out
+    assert "blast % (95% CI)" in out and (tmp_path / "demo" / "review" / "index.html").exists()
     for patient in report["patients"]:
         folder = tmp_path / "demo" / "overlays" / patient["patient_id"]
         assert (folder / "differential.png").exists() and len(list(folder.glob("*.png"))) == 2

@@ -6,13 +6,11 @@ client's arithmetic and bookkeeping, not the (tiny-preset) models' quality.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import re
 import signal
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -83,13 +81,19 @@ def raw_diagnosis(url: str, counts: np.ndarray) -> np.ndarray:
 def test_counts_are_the_sum_of_the_ensembles_per_image_counts(triton_server, cohort):
     url = triton_server.grpc_url
     patient_id, paths = patient_paths(cohort, 0)
-    with MarrowClient(url) as client:
+    raws = [raw_pipeline(url, path.read_bytes()) for path in paths]
+    tops = [
+        r[config.TENSORS.class_probs][: int(r[config.TENSORS.num_detections][0])].max(axis=1)
+        for r in raws
+    ]
+    # a threshold with cells on both sides, so counting and flagging are both exercised
+    threshold = float(np.median(np.concatenate(tops))) if sum(map(len, tops)) else 0.5
+    with MarrowClient(url, unidentified_below=threshold) as client:
         report = client.diagnose_patient(patient_id, paths)
     assert report.complete, report.failed_images
 
     total = np.zeros(config.N_CLASSES, np.int64)
-    for path, image in zip(paths, report.images, strict=True):
-        raw = raw_pipeline(url, path.read_bytes())
+    for path, image, raw, top in zip(paths, report.images, raws, tops, strict=True):
         n = int(raw[config.TENSORS.num_detections][0])
         labels = raw[config.TENSORS.class_probs][:n].argmax(axis=1)
         server_counts = raw[config.TENSORS.class_counts]
@@ -97,7 +101,11 @@ def test_counts_are_the_sum_of_the_ensembles_per_image_counts(triton_server, coh
         np.testing.assert_array_equal(
             server_counts, np.bincount(labels, minlength=config.N_CLASSES)
         )
+        # the client counts them less its unidentified cells
+        flagged = top < threshold
+        assert [c.unidentified for c in image.cells] == flagged.tolist()
         total += server_counts.astype(np.int64)
+        total -= np.bincount(labels[flagged], minlength=config.N_CLASSES)
         assert image.file == str(path)
         assert [c.label for c in image.cells] == [taxonomy.CLASSES[i] for i in labels]
         assert image.size == (FIELD_SIZE[1], FIELD_SIZE[0])
@@ -109,6 +117,7 @@ def test_counts_are_the_sum_of_the_ensembles_per_image_counts(triton_server, coh
     assert total.sum() > 0, "the tiny models found no cell at all: nothing is being tested"
     assert [report.counts[c] for c in taxonomy.CLASSES] == total.tolist()
     assert report.n_cells == total.sum() and report.n_images == len(paths)
+    assert report.n_unidentified == sum(int((t < threshold).sum()) for t in tops)
     want = raw_diagnosis(url, total)
     assert report.diagnosis == taxonomy.DIAGNOSES[int(want.argmax())]
     assert [report.probabilities[d] for d in taxonomy.DIAGNOSES] == pytest.approx(
@@ -138,38 +147,11 @@ def test_bad_images_are_reported_with_the_servers_reason(triton_server, cohort, 
 
 
 # --------------------------------------------------------------------- server restart
-@contextlib.contextmanager
-def own_server(repository: Path, log_path: Path) -> Iterator[dict[str, object]]:
-    """A server only this test uses (so it may kill it), on free loopback ports, logging
-    every request verbosely (so the log can be searched for identifiers)."""
-    from marrowdx.serving.server import ServerConfig, TritonServer, free_port
-    from marrowdx.serving.triton_install import ensure_installed
-
-    install = ensure_installed(repository.parent / "triton")  # the fixtures' copy
-    cfg = ServerConfig(
-        repository=repository,
-        http_port=free_port(),
-        grpc_port=free_port(),
-        metrics_port=free_port(),
-        log_verbose=1,
-    )
-    holder: dict[str, object] = {"server": None}
-    with open(log_path, "ab") as log:
-        holder["log"] = log
-        try:
-            holder["server"] = TritonServer(cfg, install, stdout=log).start()
-            holder["server"].wait_ready(READY_TIMEOUT_S)
-            yield holder
-        finally:
-            if holder["server"] is not None:
-                holder["server"].stop()
-
-
 @pytest.mark.parametrize("stop", ["sigterm", "sigkill"])
 def test_a_server_restart_mid_patient_loses_and_double_counts_nothing(
     stop, built_repository, cohort, tmp_path
 ):
-    from marrowdx.serving.server import TritonServer
+    from tests.helpers.reliability import own_server
 
     _, paths = patient_paths(cohort, 0)
     patient_id = "PATIENT-ZX81-Doe"  # must never reach the server or its log
@@ -179,8 +161,11 @@ def test_a_server_restart_mid_patient_loses_and_double_counts_nothing(
     result: dict[str, object] = {}
 
     log_path = tmp_path / "server.log"
-    with own_server(built_repository, log_path) as holder:
-        url = holder["server"].cfg.grpc_url
+    # Logs every request verbosely, so the log can be searched for identifiers.
+    with own_server(
+        built_repository, log_path, log_verbose=1, ready_timeout=READY_TIMEOUT_S
+    ) as launched:
+        url = launched.grpc_url
         with MarrowClient(url, concurrency=1) as client:
             reference = client.diagnose_patient(patient_id, paths, names=names)
         assert reference.complete
@@ -195,20 +180,12 @@ def test_a_server_restart_mid_patient_loses_and_double_counts_nothing(
         worker = threading.Thread(target=diagnose)
         worker.start()
         assert first_done.wait(READY_TIMEOUT_S)
-        old = holder["server"]
         if stop == "sigkill":  # a crash: in-flight requests die with the server
-            os.killpg(old.pid, signal.SIGKILL)
-        old.stop()  # SIGTERM: Triton refuses new requests, unloads its models, exits
-        time.sleep(1.0)
-        deadline = time.monotonic() + 60
-        while True:  # the kernel may hold the ports briefly after the kill
-            try:
-                holder["server"] = TritonServer(old.cfg, old.install, stdout=holder["log"]).start()
-                break
-            except Exception:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.5)
+            os.killpg(launched.pid, signal.SIGKILL)
+        launched.server.stop()  # SIGTERM: Triton refuses new requests, unloads, exits
+        time.sleep(1.0)  # clients see the server gone
+        # A new Triton on the same ports, not waited for: the client's retries are tested.
+        launched.restart(wait=False)
         worker.join(READY_TIMEOUT_S + 60)
         assert not worker.is_alive()
 

@@ -23,7 +23,7 @@ from marrowdx.models.networks import (
 )
 from onnx import TensorProto, helper
 
-from marrowdx import cli, config, taxonomy
+from marrowdx import cli, config, contract, taxonomy
 
 T = config.TENSORS
 from tests.helpers import TEST_CACHE  # noqa: E402
@@ -32,34 +32,6 @@ SMALL = {
     "detector": lambda: CellDetector(DetectorSpec(width4=8, width8=8, width16=8, head=8)),
     "classifier": lambda: CellClassifier(ClassifierSpec(widths=(8, 8, 8), hidden=8)),
     "diagnosis": lambda: DiagnosisModel(DiagnosisSpec(hidden=8)),
-}
-EXPECTED_TYPES = {
-    T.pixels: TensorProto.UINT8,
-    T.boxes: TensorProto.FLOAT,
-    T.scores: TensorProto.FLOAT,
-    T.num_detections: TensorProto.INT32,
-    T.class_probs: TensorProto.FLOAT,
-    T.attribute_probs: TensorProto.FLOAT,
-    T.class_counts: TensorProto.FLOAT,
-    T.fractions: TensorProto.FLOAT,
-    T.total_cells: TensorProto.FLOAT,
-    T.lab_values: TensorProto.FLOAT,
-    T.lab_mask: TensorProto.FLOAT,
-    T.diagnosis_probs: TensorProto.FLOAT,
-}
-ITEM_SHAPES = {
-    T.pixels: [3, config.INPUT_SIZE, config.INPUT_SIZE],
-    T.boxes: [config.MAX_DETECTIONS, 4],
-    T.scores: [config.MAX_DETECTIONS],
-    T.num_detections: [1],
-    T.class_probs: [config.MAX_DETECTIONS, config.N_CLASSES],
-    T.attribute_probs: [config.MAX_DETECTIONS, config.N_ATTRIBUTES],
-    T.class_counts: [config.N_CLASSES],
-    T.fractions: [config.N_CLASSES],
-    T.total_cells: [1],
-    T.lab_values: [config.N_LAB_VALUES],
-    T.lab_mask: [config.N_LAB_VALUES],
-    T.diagnosis_probs: [config.N_DIAGNOSES],
 }
 
 
@@ -82,18 +54,15 @@ def test_onnx_graph_contract(exported, kind: str) -> None:
     proto = onnx.load(str(path))
     onnx.checker.check_model(proto, full_check=True)
     assert {o.domain: o.version for o in proto.opset_import}.get("", None) == onnx_export.OPSET
-    names_in, names_out = onnx_export.IO_NAMES[kind]
-    for values, names in ((proto.graph.input, names_in), (proto.graph.output, names_out)):
-        assert [v.name for v in values] == list(names)
-        for v in values:
-            dims = v.type.tensor_type.shape.dim
-            assert dims[0].dim_param == onnx_export.BATCH_DIM, f"{v.name}: batch dim not dynamic"
-            item = [d.dim_param or d.dim_value for d in dims[1:]]
-            expected = list(ITEM_SHAPES[v.name])
-            if kind == "classifier" and v.name in onnx_export.BOX_AXIS_TENSORS:
-                expected[0] = onnx_export.BOX_DIM  # dynamic box axis (served box-slot cut)
-            assert item == expected, v.name
-            assert v.type.tensor_type.elem_type == EXPECTED_TYPES[v.name], v.name
+    spec = contract.model(kind)
+    for values, specs in ((proto.graph.input, spec.inputs), (proto.graph.output, spec.outputs)):
+        assert [v.name for v in values] == [t.name for t in specs]
+        for v, t in zip(values, specs, strict=True):
+            # batch first and dynamic; the classifier's box axis dynamic too (contract)
+            dims = [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]
+            assert dims == list(t.onnx_dims()), v.name
+            elem = helper.np_dtype_to_tensor_dtype(np.dtype(t.dtype.numpy))
+            assert v.type.tensor_type.elem_type == elem, v.name
     props = {p.key: p.value for p in proto.metadata_props}
     assert json.loads(props["classes"]) == list(taxonomy.CLASSES)
     assert json.loads(props["taxonomy"]) == taxonomy.as_metadata()
@@ -155,6 +124,43 @@ def test_onnx_runtime_matches_torch_on_random_inputs(exported, kind: str, batch:
             assert diff <= onnx_export.PROB_TOLERANCE, (name, diff)
 
 
+@pytest.mark.parametrize("kind", ["classifier", "diagnosis"])
+def test_calibrated_export_serves_the_temperature_and_carries_it(kind: str, tmp_path) -> None:
+    """The fitted temperature is a constant of the exported graph (so ONNX Runtime and a
+    TensorRT engine built from it serve calibrated probabilities) and its numbers are in the
+    ONNX metadata under ``calibration``."""
+    torch.manual_seed(0)
+    model = SMALL[kind]().eval()
+    if kind == "classifier":
+        model.class_temperature.set(3.0)
+        model.attribute_temperature.set(0.5)
+    else:
+        model.temperature.set(3.0)
+    head = "classes" if kind == "classifier" else "diagnosis"
+    fitted = {"version": 1, head: {"temperature": 3.0}}
+    meta = {"preset": "test", "kind": kind, "calibration": fitted}
+    path = onnx_export.export_onnx(model, kind, tmp_path / f"{kind}.onnx", meta)
+    assert onnx_export.read_calibration(path) == fitted
+    assert onnx_export.read_onnx_metadata(path)["calibration"] == fitted
+    inputs = onnx_export.random_inputs(kind, 2, seed=3)
+    report = onnx_export.compare_with_torch(model, kind, path, [inputs])
+    assert report.ok, report.failures  # ONNX Runtime == torch's calibrated outputs
+    names_in, names_out = onnx_export.IO_NAMES[kind]
+    feeds = {n: t.numpy() for n, t in zip(names_in, inputs, strict=True)}
+    served = onnx_export.ort_session(path).run([names_out[0]], feeds)[0]
+    with torch.no_grad():
+        if kind == "classifier":
+            logits = model.logits(model.normalize(inputs[0]), inputs[1])[0]
+            valid = torch.arange(logits.shape[1])[None, :] < inputs[2]
+            want = (torch.softmax(logits / 3.0, -1) * valid[..., None]).numpy()
+        else:
+            want = torch.softmax(model.logits(*inputs) / 3.0, -1).numpy()
+    np.testing.assert_allclose(served, want, atol=onnx_export.PROB_TOLERANCE)
+    # an uncalibrated export (T = 1) carries no calibration entry
+    plain = onnx_export.export_onnx(SMALL[kind]().eval(), kind, tmp_path / "plain.onnx", {})
+    assert onnx_export.read_calibration(plain) is None
+
+
 # ------------------------------------------------------------------- tiny trained models
 @pytest.fixture(scope="session")
 def tiny_models():
@@ -182,6 +188,11 @@ def test_build_onnx_models_is_idempotent(tiny_models) -> None:
         taxonomy.DIAGNOSES
     )
     assert meta["input_size"] == config.INPUT_SIZE and meta["training_data"]["cells"] > 0
+    # the build calibrated both probability models on its held-out cohort (once)
+    for path, head in ((tiny_models.classifier, "classes"), (tiny_models.diagnosis, "diagnosis")):
+        fitted = onnx_export.read_calibration(path)
+        assert fitted is not None and fitted[head]["temperature"] > 0, path
+        assert fitted["cohort"]["ground_truth_sha"] != meta["training_data"]["ground_truth_sha"]
 
 
 def test_trained_models_agree_with_torch_on_simulated_images(tiny_models) -> None:
@@ -279,7 +290,7 @@ def test_batch_profile_from_triton_config(tmp_path) -> None:
     )
     assert tensorrt_build.triton_batch_profile(pbtxt) == tensorrt_build.BatchProfile(1, 8, 16)
     pbtxt.write_text('name: "detector"\nmax_batch_size: 0\n')
-    with pytest.raises(ValueError, match="max_batch_size"):
+    with pytest.raises(tensorrt_build.ExportError, match="max_batch_size"):
         tensorrt_build.triton_batch_profile(pbtxt)
 
 

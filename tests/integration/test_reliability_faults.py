@@ -27,7 +27,6 @@ from tests.helpers.reliability import (
     kill_triton_group,
     own_server,
     raw_client,
-    restart_on_same_ports,
     serve_process,
     simulated_fields,
     stub_processes,
@@ -131,7 +130,7 @@ def test_server_killed_or_restarted_mid_cohort_loses_and_doubles_nothing(
         if fault == "sigkill":
             os.kill(server.pid, signal.SIGKILL)  # tritonserver itself
             server.server.process.wait(timeout=30)
-        restart_on_same_ports(server)  # SIGTERMs a live server first, and waits for it
+        server.restart()  # SIGTERMs a live server first, same ports, waits for readiness
         worker.join(timeout=CLIENT_RETRY_S * 2)
         assert not worker.is_alive(), (
             f"the client never finished the cohort ({done}/{total} images reported; fault at "

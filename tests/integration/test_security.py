@@ -136,9 +136,9 @@ def test_grpc_over_tls_with_a_throwaway_ca(serve, certificates, tmp_path) -> Non
 
 def test_tls_needs_both_certificate_and_key(built_repository, certificates) -> None:
     """A certificate without its key is refused up front (never a plaintext fallback)."""
-    from marrowdx.serving.server import free_port
+    from marrowdx.serving.server import free_ports
 
-    ports = [str(free_port()) for _ in range(3)]
+    ports = [str(p) for p in free_ports(3)]
     proc = run_cli(
         ["serve", "--repository", str(built_repository), "--http-port", ports[0],
          "--grpc-port", ports[1], "--metrics-port", ports[2], "--work-dir", str(TEST_CACHE),

@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from marrowdx import config
+from marrowdx import config, contract
+from marrowdx.contract import PIPELINE_OUTPUTS
 from marrowdx.serving.guarded_preprocess import Rejected
-from marrowdx.serving.inprocess import PIPELINE_OUTPUTS
 from marrowdx.serving.server import ADMIN_KEY_HEADER
 
 pytestmark = pytest.mark.server
@@ -77,18 +77,15 @@ def expected(inprocess_pipeline, simulated_images) -> list[dict[str, np.ndarray]
 
 
 def test_metadata_lists_every_model_and_tensor(grpc) -> None:
-    for name in (M.preprocess, M.detector, M.classifier, M.pipeline, M.diagnosis):
+    """What Triton serves is the tensor contract: every model, tensor, datatype and shape
+    (batch axis first) as ``marrowdx.contract`` says for the cpu target."""
+    for name, spec in contract.MODELS.items():
         assert grpc.is_model_ready(name), name
-    meta = grpc.get_model_metadata(M.pipeline, as_json=True)
-    assert [i["name"] for i in meta["inputs"]] == [T.image]
-    assert {o["name"] for o in meta["outputs"]} == set(PIPELINE_OUTPUTS)
-    diag = grpc.get_model_metadata(M.diagnosis, as_json=True)
-    assert {i["name"] for i in diag["inputs"]} == {
-        T.fractions,
-        T.total_cells,
-        T.lab_values,
-        T.lab_mask,
-    }
+        meta = grpc.get_model_metadata(name, as_json=True)
+        for kind, want in zip(("inputs", "outputs"), spec.config_io("cpu"), strict=True):
+            served = [(t["name"], t["datatype"], [int(d) for d in t["shape"]]) for t in meta[kind]]
+            expected = [(t.name, t.data_type.removeprefix("TYPE_"), [-1, *t.dims]) for t in want]
+            assert served == expected, f"{name} {kind}"
 
 
 def test_served_ensemble_equals_in_process(grpc, simulated_images, expected) -> None:

@@ -9,80 +9,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from google.protobuf import text_format
 from PIL import Image, ImageOps
 from tritonclient.grpc import model_config_pb2 as mc
 
-from marrowdx import config
+from marrowdx import config, contract
 from marrowdx.serving import repository
 from marrowdx.serving.guarded_preprocess import GuardedPreprocessor, Preprocessed, Rejected
 from marrowdx.serving.image_checks import ImageLimits, ImageRejected, check_encoded_image
+from tests.helpers.model_configs import io_tensors, load_config
 
-T, M = config.TENSORS, config.MODELS
-K, NC, NA = config.MAX_DETECTIONS, config.N_CLASSES, config.N_ATTRIBUTES
-S = config.INPUT_SIZE
-
-#: The tensor contract (DESIGN.md / brief), per model: inputs and outputs as (name, dtype, dims).
-CONTRACT = {
-    M.preprocess: (
-        [(T.image, "TYPE_UINT8", [-1])],
-        [
-            (T.pixels, "TYPE_UINT8", [3, S, S]),
-            (T.letterbox, "TYPE_FP32", [4]),
-            (T.image_size, "TYPE_INT32", [2]),
-        ],
-    ),
-    M.detector: (
-        [(T.pixels, "TYPE_UINT8", [3, S, S])],
-        [
-            (T.boxes, "TYPE_FP32", [K, 4]),
-            (T.scores, "TYPE_FP32", [K]),
-            (T.num_detections, "TYPE_INT32", [1]),
-        ],
-    ),
-    M.classifier: (
-        [
-            (T.pixels, "TYPE_UINT8", [3, S, S]),
-            (T.boxes, "TYPE_FP32", [K, 4]),
-            (T.num_detections, "TYPE_INT32", [1]),
-        ],
-        [
-            (T.class_probs, "TYPE_FP32", [K, NC]),
-            (T.attribute_probs, "TYPE_FP32", [K, NA]),
-            (T.class_counts, "TYPE_FP32", [NC]),
-        ],
-    ),
-    M.diagnosis: (
-        [
-            (T.fractions, "TYPE_FP32", [NC]),
-            (T.total_cells, "TYPE_FP32", [1]),
-            (T.lab_values, "TYPE_FP32", [config.N_LAB_VALUES]),
-            (T.lab_mask, "TYPE_FP32", [config.N_LAB_VALUES]),
-        ],
-        [(T.diagnosis_probs, "TYPE_FP32", [config.N_DIAGNOSES])],
-    ),
-    M.pipeline: (
-        [(T.image, "TYPE_UINT8", [-1])],
-        [
-            (T.boxes, "TYPE_FP32", [K, 4]),
-            (T.scores, "TYPE_FP32", [K]),
-            (T.num_detections, "TYPE_INT32", [1]),
-            (T.class_probs, "TYPE_FP32", [K, NC]),
-            (T.attribute_probs, "TYPE_FP32", [K, NA]),
-            (T.class_counts, "TYPE_FP32", [NC]),
-            (T.letterbox, "TYPE_FP32", [4]),
-            (T.image_size, "TYPE_INT32", [2]),
-        ],
-    ),
-}
-
-
-def load_config(path: Path) -> mc.ModelConfig:
-    return text_format.Parse(path.read_text(), mc.ModelConfig())
-
-
-def tensors(specs) -> list[tuple[str, str, list[int]]]:
-    return [(t.name, mc.DataType.Name(t.data_type), list(t.dims)) for t in specs]
+M = config.MODELS
 
 
 @pytest.fixture(scope="module")
@@ -94,18 +30,18 @@ def onnx_dir(tmp_path_factory) -> Path:
     return folder
 
 
-@pytest.mark.parametrize("variant", ["config.pbtxt", "configs/gpu.pbtxt"])
-def test_source_configs_follow_the_tensor_contract(variant: str) -> None:
+@pytest.mark.parametrize("target", contract.TARGETS)
+def test_source_configs_follow_the_tensor_contract(target: str) -> None:
+    """Read by protobuf, the parser Triton uses (the contract's own check reads them with a
+    stdlib parser; tests/unit/test_contract.py)."""
     src = repository.source_repository()
-    for name, (inputs, outputs) in CONTRACT.items():
-        path = src / name / variant
-        if not path.exists():  # the ensemble has one config for both targets
-            assert name == M.pipeline
-            path = src / name / "config.pbtxt"
+    for name, spec in contract.MODELS.items():
+        path = src / name / spec.config_path(target)
         cfg = load_config(path)
+        inputs, outputs = spec.config_io(target)
         assert cfg.name == name
-        assert tensors(cfg.input) == inputs, f"{path}: inputs"
-        assert tensors(cfg.output) == outputs, f"{path}: outputs"
+        assert io_tensors(cfg.input) == inputs, f"{path}: inputs"
+        assert io_tensors(cfg.output) == outputs, f"{path}: outputs"
         assert cfg.max_batch_size > 0, f"{path}: must batch"
         if name != M.pipeline:
             assert cfg.HasField("dynamic_batching"), (
@@ -116,7 +52,7 @@ def test_source_configs_follow_the_tensor_contract(variant: str) -> None:
 def test_ensemble_routes_every_member_output() -> None:
     cfg = load_config(repository.source_repository() / M.pipeline / "config.pbtxt")
     steps = [s.model_name for s in cfg.ensemble_scheduling.step]
-    assert steps == [M.preprocess, M.detector, M.classifier]
+    assert steps == list(contract.PIPELINE.steps)
     produced = {v for s in cfg.ensemble_scheduling.step for v in s.output_map.values()}
     assert {o.name for o in cfg.output} <= produced
 
@@ -126,7 +62,7 @@ def test_cpu_build_is_complete_and_idempotent(tmp_path: Path, onnx_dir: Path) ->
     first = repository.build_repository(out, "cpu", onnx_dir=onnx_dir)
     assert first.changed and not first.pending
     assert repository.missing_artifacts(out) == []
-    for name in (M.preprocess, M.detector, M.classifier, M.diagnosis):
+    for name in (M.preprocess, *contract.EXPORTED_MODELS):
         assert load_config(out / name / "config.pbtxt").backend == "python"
         assert (out / name / "1" / "model.py").exists()
     second = repository.build_repository(out, "cpu", onnx_dir=onnx_dir)
@@ -142,7 +78,7 @@ def test_gpu_build_uses_dali_and_tensorrt_with_the_same_names(
     assert pre.backend == "dali"
     assert (out / M.preprocess / "1" / "dali.py").exists()
     assert not (out / M.preprocess / "1" / "model.py").exists()
-    for name in (M.detector, M.classifier, M.diagnosis):
+    for name in contract.EXPORTED_MODELS:
         cfg = load_config(out / name / "config.pbtxt")
         assert cfg.platform == "tensorrt_plan"
         assert all(g.kind == mc.ModelInstanceGroup.KIND_GPU for g in cfg.instance_group)

@@ -101,6 +101,8 @@ class StandIn(service_pb2_grpc.GRPCInferenceServiceServicer):
                 t.class_counts: counts,
                 t.letterbox: np.array([LETTERBOX_SCALE, LETTERBOX_SCALE, 0, 0], np.float32),
                 t.image_size: np.array([1024, 1024], np.int32),
+                # a sharp, stained, thin field: passes the quality gate (client.quality)
+                t.field_quality: np.array([2000.0, 0.08, 0.03, 190.0], np.float32),
             }
         )
 
@@ -337,13 +339,14 @@ def test_json_and_csv_files_follow_the_contract(stand_in, tmp_path):
         ]
     data = json.loads(write_json(reports, tmp_path / "out.json").read_text())
     first, second = data["patients"]
-    assert set(first) == {
+    # New keys are added, never renamed: the original keys stay (test_icsh checks the new ones).
+    assert set(first) >= {
         "patient_id", "n_images", "n_cells", "counts", "diagnosis", "probabilities", "images",
         "failed_images", "diagnosis_error",
     }  # fmt: skip
     assert list(first["counts"]) == list(taxonomy.CLASSES)
-    assert set(first["images"][0]) == {"file", "cells"}
-    assert set(first["images"][0]["cells"][0]) == {"box", "label", "score", "attributes"}
+    assert set(first["images"][0]) >= {"file", "cells"}  # + "quality" (issue 16)
+    assert set(first["images"][0]["cells"][0]) >= {"box", "label", "score", "attributes"}
     assert list(first["probabilities"]) == list(taxonomy.DIAGNOSES)
     assert second["diagnosis"] is None and second["failed_images"] == {
         "p2/x.png": "INVALID_ARGUMENT: IMAGE: cannot decode image (corrupt JPEG)"

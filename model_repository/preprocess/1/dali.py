@@ -1,6 +1,6 @@
 """preprocess (gpu target): the DALI backend autoserializes this file when the model loads.
 
-It exposes the one pipeline definition, marrowdx.preprocess.build_pipeline, with device="gpu"
+It wraps the one preprocessing graph, marrowdx.preprocess.preprocess_graph, with device="gpu"
 (nvJPEG "mixed" decoder). `marrowdx build --target gpu` places a copy of the marrowdx core
 sources next to this file (marrowdx_src/), so the NGC container needs no marrowdx install;
 an installed marrowdx takes precedence only if the copy is absent.

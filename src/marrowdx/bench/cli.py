@@ -87,6 +87,58 @@ def configure_bench(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--port", type=int, default=BENCH_BASE_PORT, help="first port for the bench's servers"
     )
+    from marrowdx.bench import slides
+
+    parser.add_argument(
+        "--workload",
+        choices=("all", "fields", "slides"),
+        default="all",
+        help="fields: limit/peer/served on JPEG fields; slides: the same fields from a DICOM "
+        "slide vs as JPEG files (marrowdx.bench.slides); all: both (default)",
+    )
+    parser.add_argument(
+        "--slide-rounds",
+        type=int,
+        default=slides.DEFAULT_SLIDE_ROUNDS,
+        help="interleaved files/slide rounds of the slide workload",
+    )
+    parser.add_argument(
+        "--slide-concurrency",
+        type=int,
+        default=slides.DEFAULT_SLIDE_CONCURRENCY,
+        help="client concurrency of the slide workload (both sides)",
+    )
+    from marrowdx.client.slides import TILINGS
+
+    parser.add_argument(
+        "--slide-tiling",
+        choices=TILINGS,
+        default=TILINGS[0],
+        help="what the slide workload sends, both as files and from the slide",
+    )
+    configure_gpu_bench(parser)
+
+
+def configure_gpu_bench(parser: argparse.ArgumentParser) -> None:
+    """``--gpu``: the in-process GPU limit instead (marrowdx.bench.gpu); no server."""
+    from marrowdx.bench import gpu
+
+    group = parser.add_argument_group("GPU bench (--gpu)")
+    group.add_argument(
+        "--gpu",
+        action="store_true",
+        help="measure the in-process GPU limit (decode, models, end to end, agreement with "
+        "ONNX Runtime on the CPU) instead; exits 0 with the reason on hosts without CUDA",
+    )
+    group.add_argument("--gpu-images", type=int, default=512, help="simulated fields to run")
+    group.add_argument("--gpu-batch", type=int, default=gpu.DEFAULT_GPU_BATCH, help="batch size")
+    group.add_argument(
+        "--gpu-passes", type=int, default=gpu.DEFAULT_PASSES, help="timed passes per stage"
+    )
+    group.add_argument("--preset", default="reference", help="training preset of the weights")
+    group.add_argument("--work-dir", type=Path, default=None, help="weights folder (build/)")
+    # the tests run the same logic on the CPU; not a way to measure anything
+    group.add_argument("--device", default="cuda", choices=("cuda", "cpu"), help=argparse.SUPPRESS)
 
 
 def detect_gpu() -> tuple[dict | None, str]:
@@ -103,8 +155,8 @@ def detect_gpu() -> tuple[dict | None, str]:
         ) + ")"
     return (
         None,
-        "a GPU may be present, but this bench has no CUDA model path yet "
-        "(needs onnxruntime-gpu or TensorRT engines)",
+        "a GPU may be present; this bench measures the CPU stack: "
+        "`marrowdx bench --gpu --json OUT` measures the GPU",
     )
 
 
@@ -132,44 +184,64 @@ def environment() -> dict:
     }
 
 
+def bench_server(stack, args: argparse.Namespace, repository: Path) -> tuple[str, str, int | None]:
+    """(gRPC url, admin key, server pid) of the server measured: ``--url`` (with
+    ``--admin-key``) or one of the bench's own, stopped when ``stack`` closes."""
+    import secrets
+
+    from marrowdx.bench.loadtest import pid_listening_on
+    from marrowdx.serving import server as srv
+
+    if args.url:
+        return args.url, args.admin_key, pid_listening_on(int(args.url.rsplit(":", 1)[1]))
+    # A fresh admin key: the bench reads Triton's (admin-only) statistics API.
+    server = stack.enter_context(
+        srv.launch_triton(
+            repository,
+            ports=srv.PortPolicy.search_from(args.port),
+            admin_key=secrets.token_urlsafe(16),
+        )
+    )
+    return server.grpc_url, server.admin_key, server.pid
+
+
 def run_bench(args: argparse.Namespace) -> int:
     import contextlib
 
     from marrowdx.bench import report
+    from marrowdx.bench import slides as slide_bench
     from marrowdx.bench.limit import DataParallelLimit, host_cores, measure_batch, open_pipeline
-    from marrowdx.bench.loadtest import pid_listening_on
     from marrowdx.bench.measure import LevelResult, cpu_seconds, run_threads, with_cpu
     from marrowdx.bench.peer import PeerClient, PeerProcess
-    from marrowdx.bench.served import free_base_port, measure_served, start_triton
+    from marrowdx.bench.served import measure_served
     from marrowdx.bench.workload import simulated_workload
+    from marrowdx.errors import RepositoryError
+    from marrowdx.serving import server as srv
 
+    log = lambda msg: print(f"[bench] {msg}", file=sys.stderr, flush=True)  # noqa: E731
+    if args.gpu:
+        from marrowdx.bench import gpu
+
+        return gpu.run_from_args(args, log)
+    if args.workload == "slides":
+        return slide_bench.run_slide_bench(args, log)
     repository = args.repository or config.default_model_repository()
     if not repository.is_dir():
-        print(
-            f"marrowdx bench: model repository {repository} not found; run `marrowdx build`",
-            file=sys.stderr,
-        )
-        return 2
+        raise RepositoryError(f"model repository {repository} not found; run `marrowdx build`")
     load0 = os.getloadavg()[0]
     wl = simulated_workload(args.images)
     images = list(wl.images)
     n = len(images)
-    log = lambda msg: print(f"[bench] {msg}", file=sys.stderr, flush=True)  # noqa: E731
     log(f"{n} simulated {wl.size[0]}x{wl.size[1]} images, {wl.encoded_bytes / 1e6:.1f} MB encoded")
 
     with contextlib.ExitStack() as stack:
         # Everything is up before the first measurement so the rounds can interleave.
-        peer = stack.enter_context(
-            PeerProcess(free_base_port(args.port + PEER_PORT_OFFSET, 1), repository)
-        )
+        peer_port = args.port + PEER_PORT_OFFSET
+        peer_port = srv.first_free_run(peer_port, 1, peer_port + srv.PORT_SEARCH_SPAN)
+        peer = stack.enter_context(PeerProcess(peer_port, repository))
         peer_client = PeerClient(peer.target)
         stack.callback(peer_client.close)
-        if args.url:
-            url, admin_key = args.url, args.admin_key
-            server_pid = pid_listening_on(int(url.rsplit(":", 1)[1]))
-        else:
-            server = stack.enter_context(start_triton(repository, args.port))
-            url, admin_key, server_pid = server.grpc_url, server.admin_key, server.pid
+        url, admin_key, server_pid = bench_server(stack, args, repository)
         # CPU time counted: this process (client or in-process pipeline) + the server's tree.
         limit_pids, peer_pids = [], [peer.process.pid]
         served_pids = [server_pid] if server_pid else []
@@ -227,6 +299,18 @@ def run_bench(args: argparse.Namespace) -> int:
                 + ", ".join(f"{k} {v:.2f}" for k, v in rounds[-1].items())
                 + " images/s"
             )
+        # 4. slides: the same fields read from a DICOM slide vs from JPEG files, same server.
+        slides_doc, slides_skipped = None, slide_bench.slides_available()
+        if args.workload == "all" and slides_skipped is None:
+            slides = slide_bench.measure_slides(
+                url,
+                slide_bench.slide_workload(tiling=args.slide_tiling),
+                concurrency=args.slide_concurrency,
+                rounds=args.slide_rounds,
+                cpu_pids=tuple(served_pids),
+            )
+            slides_doc = slides.to_dict()
+            log(slide_bench.summary_line(slides))
 
     gpu, gpu_reason = detect_gpu()
     env = environment() | {"repository": str(repository), "load_average_1m_start": load0}
@@ -241,6 +325,8 @@ def run_bench(args: argparse.Namespace) -> int:
             f"host was busy (load average {load0:.1f} -> {env['load_average_1m']:.1f} on {cores} "
             "cores): wall-clock numbers are noisy; cpu_efficiency is the steadier comparison"
         )
+    if args.workload == "all" and slides_skipped:
+        notes.append(slides_skipped)
     result = report.BenchResult(
         limit=limit_by_config[best_limit],
         limit_by_config=limit_by_config,
@@ -265,6 +351,7 @@ def run_bench(args: argparse.Namespace) -> int:
             | {f"{k}_cpu_ms_per_image": cpu[k] for k in ("limit", "peer", "served")}
             for r, cpu in zip(rounds, round_cpu, strict=True)
         ],
+        slides=slides_doc,
     )
     doc = report.write_json(result, args.json)
     cpu = result.cpu_efficiency()
@@ -280,4 +367,6 @@ def run_bench(args: argparse.Namespace) -> int:
         f"load average {doc['environment']['load_average_1m']:.1f} on "
         f"{doc['environment']['cpu_cores']} cores\nJSON: {args.json}  plot: {plot}"
     )
+    if slides_doc is not None:
+        print(slide_bench.summary_line(slides))
     return 0

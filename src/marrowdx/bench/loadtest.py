@@ -24,10 +24,11 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from marrowdx import config
+from marrowdx import config, resources
 from marrowdx.bench import workload
 
-LOCUSTFILE = config.project_root() / "loadtests" / "locustfile.py"
+#: The packaged locustfile (the checkout's loadtests/ in an editable install).
+LOCUSTFILE = resources.locustfile()
 #: Ports for a server this command starts itself (the bench's own range).
 SERVER_BASE_PORT = 18230
 DEFAULT_USERS = 4
@@ -130,9 +131,13 @@ def parse_run_time(text: str) -> float:
 @contextlib.contextmanager
 def own_server(repository: Path) -> Iterator[tuple[str, int]]:
     """A Triton server on this command's ports; yields (gRPC target, server pid)."""
-    from marrowdx.bench.served import start_triton
+    import secrets
 
-    with start_triton(repository, SERVER_BASE_PORT) as server:
+    from marrowdx.serving.server import PortPolicy, launch_triton
+
+    ports = PortPolicy.search_from(SERVER_BASE_PORT)
+    # A random admin key nobody knows: the admin endpoints stay closed during the test.
+    with launch_triton(repository, ports=ports, admin_key=secrets.token_urlsafe(16)) as server:
         yield server.grpc_url, server.pid
 
 

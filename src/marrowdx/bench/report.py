@@ -36,6 +36,8 @@ class BenchResult:
     #: Interleaved repeats of the three best configurations (limit, peer, served images/s),
     #: so slow drifts in background load hit all three alike; the ratios are their medians.
     rounds: list[dict[str, float]] = field(default_factory=list)
+    #: The slide workload (``marrowdx.bench.slides.SlideBench.to_dict``), when it ran.
+    slides: dict | None = None
 
     @staticmethod
     def best(levels: list[LevelResult]) -> LevelResult:
@@ -120,6 +122,7 @@ class BenchResult:
             "gpu": self.gpu,
             "gpu_reason": self.gpu_reason if self.gpu is None else "",
             "notes": self.notes,
+            "slides": self.slides,
         }
 
 

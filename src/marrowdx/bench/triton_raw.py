@@ -12,7 +12,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from marrowdx import config
+from marrowdx import config, differential
 
 #: numpy dtype -> KServe v2 datatype string, for the tensors this project sends.
 _V2_DATATYPES: dict[np.dtype, str] = {
@@ -68,17 +68,6 @@ def diagnosis_request(class_counts: np.ndarray, request_id: str = ""):
     Mirrors what the client does after a patient's images: fractions of the total, the total
     itself, and an all-absent lab mask.
     """
-    counts = np.asarray(class_counts, dtype=np.float32).reshape(-1)
-    total = float(counts.sum())
-    fractions = counts / total if total > 0 else np.zeros_like(counts)
-    t = config.TENSORS
-    return infer_request(
-        config.MODELS.diagnosis,
-        {
-            t.fractions: fractions[None, :].astype(np.float32),
-            t.total_cells: np.array([[total]], dtype=np.float32),
-            t.lab_values: np.zeros((1, config.N_LAB_VALUES), dtype=np.float32),
-            t.lab_mask: np.zeros((1, config.N_LAB_VALUES), dtype=np.float32),
-        },
-        request_id,
-    )
+    counts = np.asarray(class_counts, dtype=np.float64).reshape(1, -1)  # a batch of one
+    inputs = differential.diagnosis_inputs(counts)
+    return infer_request(config.MODELS.diagnosis, inputs.tensors(), request_id)

@@ -43,18 +43,38 @@ def configure_build(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="use prebuilt detector.onnx, classifier.onnx, diagnosis.onnx from DIR (no training)",
     )
+    from marrowdx.training.cli import add_data_options
+
+    add_data_options(parser)  # --data DIR: train on a DICOM slide cohort (marrowdx[slides])
+
+
+def _slide_trained_models(args: argparse.Namespace) -> dict[str, Path]:
+    """``--data``: train the preset on the slide cohort's fields, export; ONNX per model."""
+    from marrowdx.errors import InputError
+
+    if args.onnx_dir is not None:
+        raise InputError("--data trains models and --onnx-dir brings prebuilt ones: pick one")
+    from marrowdx.export.build import build_onnx_models
+    from marrowdx.training.cli import slide_data_cohort, work_dir_of
+
+    args.quiet = False
+    models = build_onnx_models(work_dir_of(args), args.preset, cohort=slide_data_cohort(args))
+    return models.paths()
 
 
 def run_build(args: argparse.Namespace) -> int:
-    from marrowdx.serving.repository import RepositoryError, build_repository
+    from marrowdx.serving.repository import build_repository
 
-    try:
-        result = build_repository(
-            args.out, args.target, args.work_dir, args.preset, onnx_dir=args.onnx_dir
-        )
-    except RepositoryError as exc:
-        print(f"marrowdx build: {exc}", file=sys.stderr)
-        return 2
+    onnx_files = _slide_trained_models(args) if getattr(args, "data", None) else None
+    # RepositoryError: marrowdx.cli.main prints it and exits 2.
+    result = build_repository(
+        args.out,
+        args.target,
+        args.work_dir,
+        args.preset,
+        onnx_dir=args.onnx_dir,
+        onnx_files=onnx_files,
+    )
     if result.changed:
         print(f"{args.target} model repository {result.out}: wrote {len(result.written)} file(s)")
     else:
@@ -122,25 +142,25 @@ def configure_serve(parser: argparse.ArgumentParser) -> None:
 
 
 def run_serve(args: argparse.Namespace) -> int:
+    from marrowdx.errors import RepositoryError
     from marrowdx.serving import server as srv
     from marrowdx.serving.repository import missing_artifacts
-    from marrowdx.serving.triton_install import TritonNotInstalled, ensure_installed
 
     repository = Path(args.repository or config.default_model_repository())
     missing = missing_artifacts(repository)
     if missing:
-        print(
-            f"marrowdx serve: {repository} is not built "
-            f"({', '.join(missing)} missing): run `marrowdx build`",
-            file=sys.stderr,
+        raise RepositoryError(
+            f"{repository} is not built ({', '.join(missing)} missing): run `marrowdx build`"
         )
-        return 2
     key, generated = srv.resolve_admin_key(args.admin_key)
-    cfg = srv.ServerConfig(
-        repository=repository,
-        http_port=args.http_port,
-        grpc_port=args.grpc_port,
-        metrics_port=args.metrics_port,
+    ports = config.Ports(http=args.http_port, grpc=args.grpc_port, metrics=args.metrics_port)
+    # ServerError / TritonNotInstalled / InputError: marrowdx.cli.main prints them.
+    with srv.launch_triton(
+        repository,
+        ports=srv.PortPolicy.fixed_ports(ports),
+        work_dir=args.work_dir,
+        inherit_output=True,
+        wait=False,  # supervise() waits, so that a Ctrl-C while loading stops cleanly
         bind=args.bind,
         admin_key=key,
         model_control_mode=args.model_control_mode,
@@ -148,14 +168,8 @@ def run_serve(args: argparse.Namespace) -> int:
         log_file=args.log_file,
         tls_cert=args.tls_cert,
         tls_key=args.tls_key,
-    )
-    try:
-        install = ensure_installed(Path(args.work_dir or config.default_work_dir()) / "triton")
-        server = srv.TritonServer(cfg, install)
-        return supervise(server, ready_timeout=args.ready_timeout, generated_key=generated)
-    except (TritonNotInstalled, srv.ServerError, ValueError) as exc:
-        print(f"marrowdx serve: {exc}", file=sys.stderr)
-        return 1
+    ) as launched:
+        return supervise(launched.server, ready_timeout=args.ready_timeout, generated_key=generated)
 
 
 def _stop_after_dead_models(server, dead) -> int:
@@ -180,10 +194,11 @@ def _stop_after_dead_models(server, dead) -> int:
 
 
 def supervise(server, *, ready_timeout: float, generated_key: bool) -> int:
-    """Start Triton, report the endpoints, forward SIGINT/SIGTERM, return only after Triton
-    (and its process group) is gone. Non-zero if Triton died on its own, or if one of its
-    model processes died (Triton would keep claiming ready while failing every request to
-    that model: better to exit and let the operator's restart policy bring up a whole one)."""
+    """Wait for the started Triton, report the endpoints, forward SIGINT/SIGTERM, return
+    only after Triton (and its process group) is gone. Non-zero if Triton died on its own, or
+    if one of its model processes died (Triton would keep claiming ready while failing every
+    request to that model: better to exit and let the operator's restart policy bring up a
+    whole one)."""
     from marrowdx.serving import server as srv
 
     requested: list[int] = []
@@ -194,7 +209,6 @@ def supervise(server, *, ready_timeout: float, generated_key: bool) -> int:
 
     previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        server.start()
         try:
             seconds = server.wait_ready(ready_timeout)
         except srv.ServerError:

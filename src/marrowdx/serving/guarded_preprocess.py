@@ -24,6 +24,7 @@ class Preprocessed:
     pixels: np.ndarray  # UINT8 [3, INPUT_SIZE, INPUT_SIZE]
     letterbox: np.ndarray  # FP32 [4]
     image_size: np.ndarray  # INT32 [2]
+    field_quality: np.ndarray  # FP32 [4] (contract.QUALITY_FIELDS)
 
 
 @dataclass(frozen=True)
@@ -55,8 +56,11 @@ class GuardedPreprocessor:
         return self._pre.rebuilds
 
     def _run(self, images: Sequence[np.ndarray]) -> list[Preprocessed]:
-        pixels, letterbox, image_size = self._pre.run_batch(list(images))
-        return [Preprocessed(pixels[i], letterbox[i], image_size[i]) for i in range(len(images))]
+        pixels, letterbox, image_size, quality = self._pre.run_batch(list(images))
+        return [
+            Preprocessed(pixels[i], letterbox[i], image_size[i], quality[i])
+            for i in range(len(images))
+        ]
 
     def __call__(self, images: Sequence[bytes | np.ndarray]) -> list[Preprocessed | Rejected]:
         results: list[Preprocessed | Rejected | None] = [None] * len(images)

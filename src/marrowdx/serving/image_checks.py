@@ -5,7 +5,18 @@ pixels) allocates first and fails late; a DALI pipeline that raised is unusable 
 rebuilt, which costs the other images of the batch time. Reading the header with Pillow
 (``Image.open`` parses the header only, it never decodes pixel data) gives the format and the
 declared size cheaply, so most bad requests are refused with a precise message without
-touching DALI. What the header cannot reveal (a truncated or corrupt pixel stream) is still
+touching DALI.
+
+Damaged compressed data (issue 16): a decoder often still produces pixels from a truncated or
+bit-flipped stream (libjpeg-turbo inside DALI 2.4 warns "Corrupt JPEG data: N extraneous
+bytes" and returns a half-garbled field; measured: mean pixel error 26 grey levels from 8
+flipped bits), and counting cells in it silently changes a patient's differential.
+:func:`check_integrity` therefore checks the stream itself, cheaply: PNG chunk CRCs and the
+IEND chunk (zlib's CRC-32, about 1 ms for a 2 MB field), JPEG's end-of-image marker and the
+markers inside the entropy-coded data, and, where ``simplejpeg`` is installed (the server
+extra), a strict libjpeg-turbo decode at 1/8 scale: entropy decoding touches every coded
+bit, so libjpeg's corrupt-data warnings become errors while the inverse DCT is skipped
+(2 ms for a 1 MP field against about 8 ms for a full decode). What still slips through is
 caught by the preprocess step when DALI raises.
 
 Valid-but-odd images (grayscale, palette, RGBA/LA, 16-bit PNG, CMYK JPEG, EXIF-rotated JPEG)
@@ -20,19 +31,20 @@ to log and to return to clients.
 from __future__ import annotations
 
 import io
+import struct
+import zlib
 from dataclasses import dataclass
 
+import numpy as np
+
 from marrowdx import config
+from marrowdx.errors import ImageRejected
 
 #: Leading bytes of the formats the pipeline accepts (the DESIGN contract: JPEG or PNG).
 _MAGIC: dict[str, tuple[bytes, ...]] = {
     "JPEG": (b"\xff\xd8\xff",),
     "PNG": (b"\x89PNG\r\n\x1a\n",),
 }
-
-
-class ImageRejected(ValueError):
-    """The encoded bytes are not an image the pipeline accepts; the message says why."""
 
 
 @dataclass(frozen=True)
@@ -109,4 +121,92 @@ def check_encoded_image(
             f"image too small: declared {width}x{height}, "
             f"the shorter side must be at least {limits.min_side} pixels"
         )
+    check_integrity(data, fmt)
     return ImageHeader(format=fmt, width=width, height=height, mode=mode)
+
+
+# ------------------------------------------------------------------ compressed-data integrity
+_PNG_SIGNATURE_LEN = 8
+_JPEG_EOI = b"\xff\xd9"
+#: Bytes that may follow 0xFF inside JPEG entropy-coded data: stuffing (00), restart markers
+#: (D0-D7), fill bytes (FF), and the markers that may end a scan or separate scans.
+_JPEG_SCAN_OK = frozenset(
+    [0x00, 0xFF, *range(0xD0, 0xD8), 0xD9, 0xDA, 0xC4, 0xDB, 0xDD, *range(0xE0, 0xF0), 0xFE]
+)
+
+
+def _damaged(fmt: str, detail: str) -> ImageRejected:
+    """The rejection of damaged data; worded like DALI's own decode failures
+    (``guarded_preprocess.dali_error_reason``), so a client sees one kind of message."""
+    return ImageRejected(f"image could not be decoded (corrupt {fmt} data): {detail}")
+
+
+def check_integrity(data: bytes, fmt: str, *, strict_decode: bool = True) -> None:
+    """Raise :class:`ImageRejected` if the compressed stream is damaged (truncated, a
+    failed checksum, a marker where none may be, or, with ``strict_decode``, a decoder
+    warning about corrupt data). The client runs it without ``strict_decode`` before
+    sending (the structural part, under a millisecond), so the gpu target, whose DALI
+    backend has no Python hook, never counts a truncated or checksum-failing field either."""
+    if fmt == "PNG":
+        check_png_integrity(data)
+    elif fmt == "JPEG":
+        check_jpeg_integrity(data, strict_decode=strict_decode)
+
+
+def check_png_integrity(data: bytes) -> None:
+    """Every chunk's CRC-32 matches and the stream ends with IEND."""
+    pos, n = _PNG_SIGNATURE_LEN, len(data)
+    seen_idat = False
+    while True:
+        if pos + 12 > n:
+            raise _damaged("PNG", f"truncated after {pos} of {n} bytes (no IEND chunk)")
+        (length,) = struct.unpack_from(">I", data, pos)
+        kind = data[pos + 4 : pos + 8]
+        end = pos + 12 + length
+        if end > n:
+            raise _damaged("PNG", f"truncated inside chunk {kind!r} ({n} bytes, chunk needs {end})")
+        (crc,) = struct.unpack_from(">I", data, end - 4)
+        if zlib.crc32(data[pos + 4 : end - 4]) != crc:
+            raise _damaged("PNG", f"CRC mismatch in chunk {kind!r} at byte {pos}")
+        seen_idat |= kind == b"IDAT"
+        if kind == b"IEND":
+            if not seen_idat:
+                raise _damaged("PNG", "no image data (IDAT) before IEND")
+            return
+        pos = end
+
+
+def check_jpeg_integrity(data: bytes, *, strict_decode: bool = True) -> None:
+    """End-of-image marker present, no stray marker inside the scans, and (with simplejpeg)
+    no libjpeg warning during a strict 1/8-scale decode."""
+    body = data.rstrip(b"\x00")  # zero padding after EOI is harmless (some cameras write it)
+    if not body.endswith(_JPEG_EOI):
+        raise _damaged("JPEG", f"truncated ({len(data)} bytes, no end-of-image marker)")
+    sos = body.find(b"\xff\xda")
+    if sos < 0:
+        raise _damaged("JPEG", "no start-of-scan marker")
+    scan = np.frombuffer(body, np.uint8, count=len(body) - sos - 2, offset=sos + 2)
+    ff = np.flatnonzero(scan[:-1] == 0xFF)
+    if len(ff):
+        follow = scan[ff + 1]
+        bad = ~np.isin(follow, np.fromiter(_JPEG_SCAN_OK, np.uint8))
+        if bad.any():
+            where = sos + 2 + int(ff[np.argmax(bad)])
+            marker = int(follow[np.argmax(bad)])
+            raise _damaged("JPEG", f"marker 0xFF{marker:02X} inside the scan at byte {where}")
+    if strict_decode:
+        _strict_jpeg_decode(data)
+
+
+def _strict_jpeg_decode(data: bytes) -> None:
+    try:
+        import simplejpeg
+    except ImportError:  # the thin client installs without it: structural checks only
+        return
+    try:
+        simplejpeg.decode_jpeg(data, colorspace="RGB", strict=True, min_height=1, min_width=1)
+    except ValueError as exc:
+        text = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else "decoder error"
+        if "unsupported color conversion" in text.lower():  # CMYK/YCCK: DALI converts these
+            return
+        raise _damaged("JPEG", f"the decoder reports: {text}") from None

@@ -14,23 +14,12 @@ from pathlib import Path
 import numpy as np
 
 from marrowdx import config
+from marrowdx.contract import DIAGNOSIS, PIPELINE_OUTPUTS
 from marrowdx.serving.guarded_preprocess import GuardedPreprocessor, Preprocessed, Rejected
 from marrowdx.serving.onnx_runner import ONNX_FILENAME, OnnxRunner, SessionThreads, open_runner
 
 T = config.TENSORS
 M = config.MODELS
-
-#: Ensemble output names, in the ensemble config's order.
-PIPELINE_OUTPUTS = (
-    T.boxes,
-    T.scores,
-    T.num_detections,
-    T.class_probs,
-    T.attribute_probs,
-    T.class_counts,
-    T.letterbox,
-    T.image_size,
-)
 
 
 class InProcessPipeline:
@@ -78,6 +67,7 @@ class InProcessPipeline:
                 item = {name: outputs[name][k] for name in outputs}
                 item[T.letterbox] = items[k].letterbox
                 item[T.image_size] = items[k].image_size
+                item[T.field_quality] = items[k].field_quality
                 results[i] = {name: item[name] for name in PIPELINE_OUTPUTS}
         return results
 
@@ -91,19 +81,16 @@ class InProcessPipeline:
         """DIAGNOSIS_PROBS [N, 3] for N patients (absent lab values: mask 0)."""
         if self._diagnosis is None:
             self._diagnosis = OnnxRunner(self._diagnosis_path, SessionThreads(intra_op=1))
-        fractions = np.asarray(fractions, np.float32).reshape(-1, config.N_CLASSES)
-        n = fractions.shape[0]
-        zeros = np.zeros((n, config.N_LAB_VALUES), np.float32)
-        out = self._diagnosis.run(
-            {
-                T.fractions: fractions,
-                T.total_cells: np.asarray(total_cells, np.float32).reshape(n, 1),
-                T.lab_values: zeros
-                if lab_values is None
-                else np.asarray(lab_values, np.float32).reshape(n, -1),
-                T.lab_mask: zeros
-                if lab_mask is None
-                else np.asarray(lab_mask, np.float32).reshape(n, -1),
-            }
-        )
-        return out[T.diagnosis_probs]
+        n = np.asarray(fractions).reshape(-1, config.N_CLASSES).shape[0]
+        absent = np.zeros((n, config.N_LAB_VALUES))
+        values = {
+            T.fractions: fractions,
+            T.total_cells: total_cells,
+            T.lab_values: absent if lab_values is None else lab_values,
+            T.lab_mask: absent if lab_mask is None else lab_mask,
+        }
+        feeds = {  # typed and shaped as the contract says
+            spec.name: np.asarray(values[spec.name], spec.dtype.numpy).reshape(n, *spec.dims)
+            for spec in DIAGNOSIS.inputs
+        }
+        return self._diagnosis.run(feeds)[T.diagnosis_probs]

@@ -123,6 +123,7 @@ class PreprocessModel(_BaseModel):
                             t.pixels: _rows([r.pixels for r in ok]),
                             t.letterbox: _rows([r.letterbox for r in ok]),
                             t.image_size: _rows([r.image_size for r in ok]),
+                            t.field_quality: _rows([r.field_quality for r in ok]),
                         }
                     )
                 )
@@ -144,9 +145,10 @@ class OnnxModel(_BaseModel):
         self.runner = open_runner(self.version_dir / ONNX_FILENAME, threads)
         self.inputs = self.model_config["input"]
 
-    def _input(self, request, spec: dict) -> np.ndarray | None:
-        tensor = self.pb_utils.get_input_tensor_by_name(request, spec["name"])
-        return None if tensor is None else tensor.as_numpy()
+    def _input(self, request, spec: dict) -> np.ndarray:
+        """Every input is required in the configs (none is ``optional``), so Triton refuses a
+        request without one before ``execute``: a missing tensor cannot reach this point."""
+        return self.pb_utils.get_input_tensor_by_name(request, spec["name"]).as_numpy()
 
     def execute(self, requests: list) -> list:
         columns: dict[str, list[np.ndarray]] = {spec["name"]: [] for spec in self.inputs}
@@ -154,14 +156,7 @@ class OnnxModel(_BaseModel):
         responses: list = [None] * len(requests)
         for r, request in enumerate(requests):
             arrays = {spec["name"]: self._input(request, spec) for spec in self.inputs}
-            present = [a for a in arrays.values() if a is not None]
-            n = present[0].shape[0] if present else 0
-            for spec in self.inputs:
-                if arrays[spec["name"]] is None:  # optional input not sent: zeros (e.g. LAB_MASK=0)
-                    dtype = self.pb_utils.triton_string_to_numpy(spec["data_type"])
-                    arrays[spec["name"]] = np.zeros(
-                        [n, *[int(d) for d in spec["dims"]]], dtype=dtype
-                    )
+            n = next(iter(arrays.values())).shape[0]
             if any(a.shape[0] != n for a in arrays.values()):
                 responses[r] = self._error("inputs disagree on the batch size")
                 continue

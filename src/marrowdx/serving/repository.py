@@ -23,15 +23,16 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from marrowdx import config
+from marrowdx import config, contract, resources
+from marrowdx.errors import RepositoryError
 from marrowdx.serving.onnx_runner import ONNX_FILENAME
 
-TARGETS = ("cpu", "gpu")
+TARGETS = contract.TARGETS
 #: The gpu variant of each config, Triton's ``configs/<name>.pbtxt`` layout.
-GPU_CONFIG = Path("configs") / "gpu.pbtxt"
+GPU_CONFIG = contract.GPU_CONFIG
 #: Models that run an exported ONNX graph (python backend on cpu, TensorRT engine on gpu).
-ONNX_MODELS = (config.MODELS.detector, config.MODELS.classifier, config.MODELS.diagnosis)
-ALL_MODELS = (config.MODELS.preprocess, *ONNX_MODELS, config.MODELS.pipeline)
+ONNX_MODELS = contract.EXPORTED_MODELS
+ALL_MODELS = tuple(contract.MODELS)
 #: TensorRT engine name Triton's tensorrt_plan platform loads by default.
 PLAN_FILENAME = "model.plan"
 #: The DALI backend autoserializes this file on load (needs marrowdx.preprocess importable).
@@ -40,10 +41,6 @@ DALI_FILENAME = "dali.py"
 #: no marrowdx install: the one pipeline definition plus what it imports.
 PIPELINE_SOURCES = ("__init__.py", "config.py", "taxonomy.py", "preprocess.py")
 VENDOR_DIR = "marrowdx_src"
-
-
-class RepositoryError(RuntimeError):
-    """The source repository is incomplete or the build cannot proceed."""
 
 
 @dataclass
@@ -60,7 +57,9 @@ class BuildResult:
 
 
 def source_repository() -> Path:
-    return config.project_root() / "model_repository"
+    """The hand-written sources, from the installed package (the checkout's
+    ``model_repository/`` in an editable install), so a wheel alone can build."""
+    return resources.model_repository_sources()
 
 
 def _digest(path: Path) -> str:
@@ -140,6 +139,7 @@ def build_repository(
         raise RepositoryError(f"unknown target {target!r}; choose one of {', '.join(TARGETS)}")
     src = source_repository()
     _check_source(src)
+    contract.check_repository(src, (target,))  # before anything is trained or written
     out = Path(out) if out is not None else default_output(target, work_dir)
     if target == "gpu" and out.resolve() == src.resolve():
         raise RepositoryError(

@@ -1,6 +1,9 @@
 """Launch and supervise the real ``tritonserver`` binary (the one inside ``nvidia-pytriton``).
 
-Used by ``marrowdx serve`` and by the test fixture, so the fixture exercises the launcher.
+:func:`launch_triton` is the one way this project starts Triton: ``marrowdx serve``, the
+demo, the benchmarks, the load test and the tests all use it, so they share the install
+folder, the command line, the port policy (:class:`PortPolicy`), the readiness wait, the log
+and the shutdown, and the tests exercise exactly what users run.
 
 Hardening defaults (why): the embedded server runs next to lab data, so by default it
 listens on 127.0.0.1 only, and the administrative endpoints (model load/unload, shared
@@ -14,6 +17,7 @@ a python-backend model process that died and keeps claiming ready, so the launch
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import signal
@@ -23,11 +27,14 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import IO
 
 from marrowdx import config
-from marrowdx.serving.triton_install import TritonInstall
+from marrowdx.errors import InputError, ServerError
+from marrowdx.serving.triton_install import TritonInstall, ensure_installed
 
 #: Name of the key in Triton's --grpc-restricted-protocol flag.
 ADMIN_KEY_NAME = "marrowdx-admin-key"
@@ -55,10 +62,11 @@ TRITON_EXIT_TIMEOUT_S = 10
 DEAD_MODEL_STOP_TIMEOUT_S = 5.0
 #: Executable name of the python backend's per-instance model process.
 STUB_NAME = "triton_python_backend_stub"
-
-
-class ServerError(RuntimeError):
-    """Triton failed to start, or died."""
+#: Folder under the work dir where the launcher keeps its copy of the Triton tree.
+TRITON_INSTALL_DIR = "triton"
+#: After a kill the kernel may hold the ports for a moment: how long a restart on the same
+#: ports keeps retrying.
+RESTART_PORT_WAIT_S = 60.0
 
 
 @dataclass(frozen=True)
@@ -109,9 +117,27 @@ def resolve_admin_key(explicit: str | None) -> tuple[str, bool]:
 
 
 def free_port(host: str = DEFAULT_BIND) -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
+    """A port the OS says is free now (for a server started right after)."""
+    return free_ports(1, host)[0]
+
+
+def free_ports(count: int, host: str = DEFAULT_BIND) -> tuple[int, ...]:
+    """``count`` distinct free ports: the sockets are held open together, so the OS cannot
+    hand out the same port twice (as separate :func:`free_port` calls may)."""
+    with contextlib.ExitStack() as stack:
+        socks = [stack.enter_context(socket.socket()) for _ in range(count)]
+        for s in socks:
+            s.bind((host, 0))
+        return tuple(s.getsockname()[1] for s in socks)
+
+
+def first_free_run(start: int, count: int, end: int, host: str = DEFAULT_BIND) -> int:
+    """First ``p >= start`` (in steps of ``count``) with ``p .. p+count-1`` all bindable and
+    below ``end``, so a rerun does not trip over sockets of the previous run in TIME_WAIT."""
+    for base in range(start, end - count + 1, count):
+        if all(port_is_free(base + k, host) for k in range(count)):
+            return base
+    raise ServerError(f"no {count} free consecutive ports in {start}..{end}")
 
 
 def port_is_free(port: int, host: str = DEFAULT_BIND) -> bool:
@@ -184,7 +210,7 @@ def triton_arguments(cfg: ServerConfig, install: TritonInstall) -> list[str]:
         ]
     if cfg.tls_cert or cfg.tls_key:
         if not (cfg.tls_cert and cfg.tls_key):
-            raise ValueError("TLS needs both --tls-cert and --tls-key")
+            raise InputError("TLS needs both --tls-cert and --tls-key")
         args += [
             "--grpc-use-ssl=true",
             f"--grpc-server-cert={Path(cfg.tls_cert).resolve()}",
@@ -412,3 +438,176 @@ class TritonServer:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+# ---------------------------------------------------------------------------- launcher
+#: How far above its start a port search (:meth:`PortPolicy.search_from`) may go.
+PORT_SEARCH_SPAN = 100
+
+
+@dataclass(frozen=True)
+class PortPolicy:
+    """Which ports (HTTP, gRPC, metrics) a launched Triton listens on; decided here for
+    every caller. ``marrowdx serve`` listens on fixed ports (8000/8001/8002 unless told) and
+    fails if one is busy, because clients are configured with them; tests, the demo and the
+    benchmarks take free ones, because they run next to each other and next to a user's
+    server. Build one with the class methods."""
+
+    fixed: config.Ports | None = None  # exactly these (unless busy and fall_back_to_free)
+    fall_back_to_free: bool = False  # fixed ports busy: free ones instead of failing
+    search_start: int | None = None  # first free consecutive triple at or above this
+
+    @classmethod
+    def fixed_ports(cls, ports: config.Ports = config.DEFAULT_PORTS) -> PortPolicy:
+        """``marrowdx serve``: these ports or an error naming the busy one."""
+        return cls(fixed=ports)
+
+    @classmethod
+    def free(cls) -> PortPolicy:
+        """Tests: any three free ports."""
+        return cls()
+
+    @classmethod
+    def defaults_if_free(cls) -> PortPolicy:
+        """The demo: the default ports when all are free (a user can reach it at the usual
+        address), else free ones."""
+        return cls(fixed=config.DEFAULT_PORTS, fall_back_to_free=True)
+
+    @classmethod
+    def search_from(cls, start: int) -> PortPolicy:
+        """Benchmarks (``--port``): the first free consecutive HTTP/gRPC/metrics triple at or
+        above ``start``, so their servers sit in a known range a firewall may open."""
+        return cls(search_start=start)
+
+    def resolve(self, host: str = DEFAULT_BIND) -> config.Ports:
+        """The ports to start on now (free ones are free at this moment only)."""
+        if self.fixed is not None:
+            ports = (self.fixed.http, self.fixed.grpc, self.fixed.metrics)
+            if not self.fall_back_to_free or all(port_is_free(p, host) for p in ports):
+                return self.fixed
+        if self.search_start is not None:
+            base = first_free_run(self.search_start, 3, self.search_start + PORT_SEARCH_SPAN, host)
+            return config.Ports(http=base, grpc=base + 1, metrics=base + 2)
+        http, grpc, metrics = free_ports(3, host)
+        return config.Ports(http=http, grpc=grpc, metrics=metrics)
+
+
+def _dialable_bind(bind: str) -> str:
+    """The address to probe a port on for a bind address (wildcards probe every interface)."""
+    return "0.0.0.0" if bind in ("", "::") else bind
+
+
+@dataclass
+class LaunchedTriton:
+    """A Triton started by :func:`launch_triton`: where it listens, its pid and its log.
+    ``server`` is the process handle (signals, model-process watch); it changes on
+    :meth:`restart`."""
+
+    server: TritonServer
+    log_path: Path | None
+    _log: IO[bytes] | int | None = None  # where Triton's stdout+stderr go (kept for restarts)
+
+    @property
+    def cfg(self) -> ServerConfig:
+        return self.server.cfg
+
+    @property
+    def repository(self) -> Path:
+        return Path(self.cfg.repository)
+
+    @property
+    def ports(self) -> config.Ports:
+        return config.Ports(self.cfg.http_port, self.cfg.grpc_port, self.cfg.metrics_port)
+
+    @property
+    def grpc_url(self) -> str:
+        return self.cfg.grpc_url
+
+    @property
+    def http_url(self) -> str:
+        return self.cfg.http_url
+
+    @property
+    def metrics_url(self) -> str:
+        return self.cfg.metrics_url
+
+    @property
+    def admin_key(self) -> str:
+        return self.cfg.admin_key
+
+    @property
+    def pid(self) -> int:
+        return self.server.pid or 0
+
+    def log_text(self) -> str:
+        """Triton's output so far ("" when it was not written to a file)."""
+        if self.log_path is None or not self.log_path.exists():
+            return ""
+        return self.log_path.read_text(errors="replace")
+
+    def restart(self, ready_timeout: float = DEFAULT_READY_TIMEOUT_S, *, wait: bool = True) -> None:
+        """Stop this Triton (SIGTERM, or reap a killed one) and start a new one with the same
+        configuration, ports included (retrying while the kernel still holds them); by
+        default returns when it is ready, so a restart that fails fails here."""
+        self.server.stop()
+        deadline = time.monotonic() + RESTART_PORT_WAIT_S
+        while True:
+            new = TritonServer(self.cfg, self.server.install, stdout=self._log)
+            try:
+                new.start()
+                break
+            except ServerError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.5)
+        self.server = new
+        if wait:
+            new.wait_ready(ready_timeout)
+
+
+@contextlib.contextmanager
+def launch_triton(
+    repository: Path,
+    *,
+    ports: PortPolicy | None = None,
+    work_dir: Path | None = None,
+    log_path: Path | None = None,
+    inherit_output: bool = False,
+    wait: bool = True,
+    ready_timeout: float = DEFAULT_READY_TIMEOUT_S,
+    **options,
+) -> Iterator[LaunchedTriton]:
+    """Start Triton on ``repository`` and stop it (and every model process) on exit.
+
+    ``ports`` defaults to free ports (:meth:`PortPolicy.free`); ``work_dir`` holds the
+    unpacked server (default ``build/``); Triton's stdout and stderr go to ``log_path``
+    (truncated), to this process's own when ``inherit_output`` (``marrowdx serve``), else
+    nowhere. ``wait``: return only once every model is ready (``ServerError`` if Triton
+    exits or times out). ``options`` are further :class:`ServerConfig` fields (``bind``,
+    ``admin_key``, ``log_verbose``, ``model_control_mode``, ``tls_cert``, ...)."""
+    if log_path is not None and inherit_output:
+        raise ValueError("launch_triton: log_path and inherit_output exclude each other")
+    bind = options.get("bind", DEFAULT_BIND)
+    chosen = (ports or PortPolicy.free()).resolve(_dialable_bind(bind))
+    cfg = ServerConfig(
+        repository=Path(repository),
+        http_port=chosen.http,
+        grpc_port=chosen.grpc,
+        metrics_port=chosen.metrics,
+        **options,
+    )
+    install = ensure_installed(Path(work_dir or config.default_work_dir()) / TRITON_INSTALL_DIR)
+    with contextlib.ExitStack() as stack:
+        if log_path is not None:
+            Path(log_path).parent.mkdir(parents=True, exist_ok=True)
+            out: IO[bytes] | int | None = stack.enter_context(open(log_path, "wb"))
+        else:
+            out = None if inherit_output else subprocess.DEVNULL
+        launched = LaunchedTriton(TritonServer(cfg, install, stdout=out), log_path, out)
+        try:
+            launched.server.start()
+            if wait:
+                launched.server.wait_ready(ready_timeout)
+            yield launched
+        finally:
+            launched.server.stop()  # the current one: a caller may have restarted it

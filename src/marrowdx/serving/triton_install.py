@@ -19,14 +19,12 @@ import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
 
+from marrowdx.errors import TritonNotInstalled
+
 #: The distribution that ships the server binary.
 TRITON_DISTRIBUTION = "nvidia-pytriton"
 #: Written last into the cache folder; its content says which wheel/Python the copy is for.
 _MARKER = "marrowdx-install.json"
-
-
-class TritonNotInstalled(RuntimeError):
-    """The nvidia-pytriton wheel (and with it the server binary) is missing."""
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,6 @@
 """Synthetic bone-marrow aspirate cohorts with exact ground truth, and dataset formats (COCO).
 
-API: simulate_cohort, load_ground_truth, write_coco, read_coco (see DESIGN.md for the schema).
+API: simulate_cohort, load_ground_truth, write_coco, read_coco (schema: docs/contracts.md).
 Heavy-free: numpy, Pillow and tqdm only.
 """
 

@@ -29,8 +29,29 @@ def configure_simulate(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="same seed, same bytes")
     parser.add_argument("--out", type=Path, required=True, help="output folder")
     parser.add_argument("--images-per-patient", type=int, default=8)
-    parser.add_argument("--size", type=_size, default=None, help="WxH, default 1024x1024")
-    parser.add_argument("--format", choices=("jpg", "png"), default="jpg")
+    parser.add_argument(
+        "--size",
+        type=_size,
+        default=None,
+        help="WxH of each field, default 1024x1024 (with --format dicom: of the whole slide, "
+        "default 4096x3072)",
+    )
+    parser.add_argument(
+        "--format",
+        choices=("jpg", "png", "dicom"),
+        default="jpg",
+        help="jpg/png: a folder of fields per patient; dicom: one DICOM whole-slide image per "
+        "patient with ROI, Consensus and session annotation series",
+    )
+    parser.add_argument(
+        "--rois", type=int, default=None, help="with --format dicom: monolayer ROIs per slide (3)"
+    )
+    parser.add_argument(
+        "--roi-size",
+        type=_size,
+        default=None,
+        help="with --format dicom: WxH of each ROI (default 1280x1280)",
+    )
     parser.add_argument(
         "--cells",
         type=_range,
@@ -48,12 +69,83 @@ def configure_simulate(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workers", type=int, default=1, help="patients rendered in parallel")
     parser.add_argument("--first-patient", type=int, default=1, help="number of the first patient")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    from marrowdx.simulate.lab_variation import SHIFT_KINDS
+
+    parser.add_argument(
+        "--shift",
+        choices=SHIFT_KINDS,
+        default="none",
+        help="per-slide lab/scanner variation: stain (optical density), defocus (blur), "
+        "scanner (gamma, gains, noise), jpeg (heavy compression), mixed (any of them)",
+    )
+    parser.add_argument(
+        "--shift-strength",
+        type=float,
+        default=1.0,
+        help="scales every shift magnitude: 1.0 = issue 16's cohorts, 0 = none (max 3)",
+    )
+
+
+def _run_simulate_dicom(args: argparse.Namespace) -> int:
+    import importlib.util
+
+    from marrowdx.errors import MissingExtra
+    from marrowdx.simulate.dicom_slide import (
+        DEFAULT_CANVAS,
+        DEFAULT_ROI_SIZE,
+        DEFAULT_ROIS,
+        DicomCohortSpec,
+        simulate_dicom_cohort,
+    )
+
+    missing = [m for m in ("pydicom", "highdicom") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise MissingExtra(
+            f"--format dicom needs {', '.join(missing)}: pip install 'marrowdx[slides]'"
+        )
+    if args.coco is not None or args.shift != "none":
+        print("marrowdx simulate: --coco and --shift apply to jpg/png cohorts", file=sys.stderr)
+        return 2
+    spec = DicomCohortSpec(
+        seed=args.seed,
+        canvas=args.size or DEFAULT_CANVAS,
+        n_rois=DEFAULT_ROIS if args.rois is None else args.rois,
+        roi_size=args.roi_size or DEFAULT_ROI_SIZE,
+        cells_per_field=args.cells,
+    )
+    start = time.perf_counter()
+    try:
+        gt = simulate_dicom_cohort(
+            args.out,
+            args.patients,
+            spec,
+            workers=args.workers,
+            progress=not args.no_progress,
+            patient_offset=args.first_patient - 1,
+        )
+    except ValueError as exc:
+        print(f"marrowdx simulate: {exc}", file=sys.stderr)
+        return 2
+    elapsed = time.perf_counter() - start
+    n_rois = sum(len(p["images"]) for p in gt["patients"])
+    n_cells = sum(len(im["cells"]) for p in gt["patients"] for im in p["images"])
+    w, h = spec.canvas
+    print(
+        f"wrote {len(gt['patients'])} DICOM slides ({w}x{h}), {n_rois} ROIs, {n_cells} cells "
+        f"to {args.out} in {elapsed:.1f}s ({args.workers} worker(s))"
+    )
+    return 0
 
 
 def run_simulate(args: argparse.Namespace) -> int:
     from marrowdx import config
     from marrowdx.simulate import simulate_cohort, write_coco
 
+    if args.format == "dicom":
+        return _run_simulate_dicom(args)
+    if args.rois is not None or args.roi_size is not None:
+        print("marrowdx simulate: --rois and --roi-size need --format dicom", file=sys.stderr)
+        return 2
     size = args.size or config.FIELD_SIZE
     start = time.perf_counter()
     try:
@@ -68,6 +160,8 @@ def run_simulate(args: argparse.Namespace) -> int:
             cells_per_image=args.cells,
             workers=args.workers,
             patient_offset=args.first_patient - 1,
+            shift=args.shift,
+            shift_strength=args.shift_strength,
         )
     except ValueError as exc:
         print(f"marrowdx simulate: {exc}", file=sys.stderr)

@@ -7,7 +7,7 @@ be rendered independently (in parallel) and the same seed always gives the same 
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +16,7 @@ import numpy as np
 
 from marrowdx import config, taxonomy
 from marrowdx.simulate import field as fl
+from marrowdx.simulate.lab_variation import LabShift, shift_rng
 
 #: Every class keeps at least this probability for every patient, so all 33 occur regularly.
 CLASS_FLOOR = 0.008
@@ -132,6 +133,8 @@ class CohortSpec:
     image_format: str = "jpg"
     cells_per_image: tuple[int, int] | None = None  # default: 15-40 scaled by field area
     class_floor: float = CLASS_FLOOR
+    shift: str = "none"  # per-slide lab/scanner variation (simulate.lab_variation)
+    shift_strength: float = 1.0
 
 
 def simulate_patient(out_dir: Path, index: int, spec: CohortSpec) -> dict:
@@ -142,6 +145,9 @@ def simulate_patient(out_dir: Path, index: int, spec: CohortSpec) -> dict:
     fractions = draw_fractions(diagnosis, rng, spec.class_floor)
     style = fl.SlideStyle.draw(rng)
     labs = draw_lab_values(diagnosis, rng)
+    # Own stream: the renderer's draws (cells, boxes) are the same with and without a shift.
+    lab_rng = shift_rng(spec.seed, index)
+    lab_shift = LabShift.draw(spec.shift, spec.shift_strength, lab_rng)
     w, h = spec.size
     lo, hi = spec.cells_per_image or fl.cells_for_area(w, h)
     (out_dir / pid).mkdir(parents=True, exist_ok=True)
@@ -153,7 +159,11 @@ def simulate_patient(out_dir: Path, index: int, spec: CohortSpec) -> dict:
         labels = [taxonomy.CLASSES[i] for i in idx]
         render = fl.render_field(labels, (w, h), style, rng)
         rel = f"{pid}/img_{k:03d}.{ext}"
-        (out_dir / rel).write_bytes(fl.encode(render.image, spec.image_format))
+        if lab_shift.is_identity:
+            encoded = fl.encode(render.image, spec.image_format)
+        else:
+            encoded = lab_shift.encode(lab_shift.apply(render.image, lab_rng), spec.image_format)
+        (out_dir / rel).write_bytes(encoded)
         images.append(
             {
                 "file": rel,
@@ -165,7 +175,7 @@ def simulate_patient(out_dir: Path, index: int, spec: CohortSpec) -> dict:
                 ],
             }
         )
-    return {
+    patient = {
         "patient_id": pid,
         "diagnosis": diagnosis,
         "fractions": {
@@ -175,10 +185,47 @@ def simulate_patient(out_dir: Path, index: int, spec: CohortSpec) -> dict:
         "slide": style.as_dict(),
         "images": images,
     }
+    if spec.shift != "none":  # unshifted ground truth stays byte-identical to earlier versions
+        patient["lab_shift"] = lab_shift.as_dict()
+    return patient
 
 
 def _simulate_patient_star(args: tuple[Path, int, CohortSpec]) -> dict:
     return simulate_patient(*args)
+
+
+def render_patients(
+    render: Callable[[tuple], dict],
+    jobs: Sequence[tuple],
+    *,
+    workers: int = 1,
+    progress: bool = False,
+    desc: str = "simulate",
+) -> list[dict]:
+    """Run ``render`` over the per-patient jobs, in order, in ``workers`` processes (> 1)
+    or here, with an optional progress bar; the results are the same either way. Shared by
+    the JPEG/PNG and the DICOM cohorts (``render`` must be a module-level function)."""
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(jobs), unit="patient", desc=desc)
+    patients: list[dict] = []
+    if workers > 1 and len(jobs) > 1:
+        with ProcessPoolExecutor(max_workers=workers) as pool:
+            results = pool.map(render, jobs)
+            for p in results:
+                patients.append(p)
+                if bar:
+                    bar.update(1)
+    else:
+        for job in jobs:
+            patients.append(render(job))
+            if bar:
+                bar.update(1)
+    if bar:
+        bar.close()
+    return patients
 
 
 def simulate_cohort(
@@ -194,12 +241,15 @@ def simulate_cohort(
     class_floor: float = CLASS_FLOOR,
     workers: int = 1,
     patient_offset: int = 0,
+    shift: str = "none",
+    shift_strength: float = 1.0,
 ) -> dict:
     """Write a synthetic cohort to out_dir and return its ground truth (also in ground_truth.json).
 
     ``size`` is (width, height). ``patient_offset`` starts numbering at P{offset+1}, so disjoint
     cohorts (train / validation) can come from one seed. ``workers`` > 1 renders patients in
-    parallel processes; the bytes are identical either way.
+    parallel processes; the bytes are identical either way. ``shift`` (one of
+    ``lab_variation.SHIFT_KINDS``) applies per-slide lab/scanner variation of ``shift_strength``.
     """
     if n_patients < 0 or images_per_patient < 1:
         raise ValueError("n_patients must be >= 0 and images_per_patient >= 1")
@@ -210,6 +260,7 @@ def simulate_cohort(
         raise ValueError(f"image size {w}x{h} below the minimum side {config.MIN_IMAGE_SIDE}")
     if cells_per_image is not None and not 0 < cells_per_image[0] <= cells_per_image[1]:
         raise ValueError(f"cells_per_image must be (lo, hi) with 0 < lo <= hi: {cells_per_image}")
+    LabShift.draw(shift, shift_strength, np.random.default_rng(0))  # validates both, early
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     spec = CohortSpec(
@@ -219,27 +270,11 @@ def simulate_cohort(
         image_format=image_format,
         cells_per_image=tuple(cells_per_image) if cells_per_image else None,
         class_floor=class_floor,
+        shift=shift,
+        shift_strength=float(shift_strength),
     )
     jobs = [(out_dir, patient_offset + i, spec) for i in range(n_patients)]
-    bar = None
-    if progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=n_patients, unit="patient", desc="simulate")
-    patients: list[dict] = []
-    if workers > 1 and n_patients > 1:
-        with ProcessPoolExecutor(max_workers=workers) as pool:
-            for p in pool.map(_simulate_patient_star, jobs):
-                patients.append(p)
-                if bar:
-                    bar.update(1)
-    else:
-        for job in jobs:
-            patients.append(simulate_patient(*job))
-            if bar:
-                bar.update(1)
-    if bar:
-        bar.close()
+    patients = render_patients(_simulate_patient_star, jobs, workers=workers, progress=progress)
     gt = {
         **taxonomy.as_metadata(),
         "simulator": {
@@ -249,6 +284,7 @@ def simulate_cohort(
             "size": [int(w), int(h)],
             "image_format": image_format,
             "class_floor": class_floor,
+            **({"shift": shift, "shift_strength": shift_strength} if shift != "none" else {}),
         },
         "patients": patients,
     }
@@ -266,7 +302,7 @@ _REQUIRED_TOP = ("classes", "attributes", "diagnoses", "patients")
 
 
 def validate_ground_truth(gt: dict) -> None:
-    """Raise ValueError naming the first problem if gt does not follow DESIGN.md's schema."""
+    """Raise ValueError naming the first problem if gt breaks docs/contracts.md's schema."""
     for key in _REQUIRED_TOP:
         if key not in gt:
             raise ValueError(f"ground truth lacks top-level key {key!r}")

@@ -1,0 +1,298 @@
+"""The slide workload: are fields read from a slide served as fast as the same fields as files?
+
+Reading a slide (decoding its JPEG tile frames, cutting and re-encoding fields) runs in the
+client while the server works; on a 2-core host both compete for the same cores. The
+measurement sends the SAME fields two ways through the same server and client, interleaved
+in rounds so drifting background load hits both alike:
+
+- files: the slide's fields, written once as JPEG files, diagnosed as an image folder
+  (``AsyncMarrowClient.diagnose_patient``: read file, send, decode, sum, diagnose);
+- slide: the slide folder diagnosed as a slide (``marrowdx.client.slides.diagnose_slide``:
+  open, tile, send, decode, merge overlapping fields, diagnose).
+
+Fields/s of each side and their ratio (goal: slide >= 0.9 x files) go into the bench JSON
+under ``slides``, with slides/hour for the stated slide size (ROIs, their pixels, fields)
+and the cost of reading alone (tiling the slide without serving, fields/s on one thread).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from marrowdx import config
+from marrowdx.bench.measure import SECONDS_PER_HOUR, cpu_seconds
+
+#: The issue's goal: slide fields/s >= this x file fields/s, in the same run.
+GOAL_SLIDE_OVER_FILES = 0.9
+#: Seed of the bench's simulated slide (same seed, same bytes: reruns compare like with like).
+SLIDE_SEED = 7015
+DEFAULT_SLIDE_ROUNDS = 3
+#: Client concurrency of both sides: the served sweep's best level on 2 cores is 16-32.
+DEFAULT_SLIDE_CONCURRENCY = 16
+#: The stated slide size: 3 monolayer ROIs of 2048 x 2048 base pixels (the collection's ROI
+#: size at 40x; about 350 cells, the ICSH count) in an 8192 x 4096 canvas at the models'
+#: spacing, so each ROI is 3 x 3 overlapping fields of 1024 (27 fields per slide).
+SLIDE_CANVAS = "8192x4096"
+SLIDE_ROIS = 3
+SLIDE_ROI_SIZE = "2048x2048"
+
+
+@dataclass(frozen=True)
+class SlideWorkload:
+    """One simulated slide and the same fields as JPEG files."""
+
+    folder: Path  # the slide patient's folder (DICOM files)
+    tiling: str  # which SlideSource tiling both sides send (marrowdx.client.slides.TILINGS)
+    field_files: tuple[Path, ...]
+    n_rois: int
+    roi_megapixels: float  # base-level pixels in all ROIs
+    um_per_pixel: float
+    slide_megabytes: float  # DICOM files on disk (all levels + annotation series)
+    read_fields_per_s: float  # tiling alone, one thread, no serving
+    read_cpu_ms_per_field: float
+    #: Every tiling the reader offers (``fields``, and where present ``input_fields``,
+    #: ``frame_fields``), tiling alone: {"fields": n, "cpu_ms_per_field": ms} or {"error"}.
+    tilings: dict[str, dict] = field(default_factory=dict)
+
+    def describe(self) -> dict:
+        d = asdict(self)
+        d["folder"], d["field_files"] = str(self.folder), len(self.field_files)
+        d["fields"] = len(self.field_files)
+        return d
+
+
+def _simulate_slide(out: Path, seed: int) -> Path:
+    """One simulated slide patient under ``out`` (``marrowdx simulate --format dicom``)."""
+    from marrowdx import cli
+
+    if not (out / "ground_truth.json").exists():
+        argv = ["simulate", "--format", "dicom", "--patients", "1", "--seed", str(seed)]
+        shape = ["--size", SLIDE_CANVAS, "--rois", str(SLIDE_ROIS), "--roi-size", SLIDE_ROI_SIZE]
+        code = cli.main([*argv, *shape, "--out", str(out), "--no-progress"])
+        if code != 0:
+            raise RuntimeError(f"simulating the bench slide failed (exit {code})")
+    (folder,) = [p for p in sorted(out.iterdir()) if p.is_dir()]
+    return folder
+
+
+def slide_workload(
+    root: Path | None = None, *, seed: int = SLIDE_SEED, tiling: str = "auto"
+) -> SlideWorkload:
+    """The bench slide (simulated once, cached) and its fields as files; times tiling alone."""
+    import resource
+
+    from marrowdx.bench.workload import cache_dir
+    from marrowdx.client.slides import tile
+    from marrowdx.slides import open_slide
+
+    base = (root or cache_dir()) / f"slide-s{seed}-{SLIDE_CANVAS}-{SLIDE_ROIS}x{SLIDE_ROI_SIZE}"
+    folder = _simulate_slide(base / "cohort", seed)
+    files_dir = base / tiling / folder.name
+    files_dir.mkdir(parents=True, exist_ok=True)
+    usage0 = resource.getrusage(resource.RUSAGE_SELF)
+    t0 = time.perf_counter()
+    with open_slide(folder) as slide:
+        fields = list(tile(slide, tiling))
+        rois = list(slide.rois)
+        um = slide.um_per_pixel
+        seconds = time.perf_counter() - t0  # opening (cold) and the fields sent
+        usage1 = resource.getrusage(resource.RUSAGE_SELF)
+        tilings = {name: _tiling_cost(slide, name) for name in TILINGS if hasattr(slide, name)}
+    cpu = (usage1.ru_utime - usage0.ru_utime) + (usage1.ru_stime - usage0.ru_stime)
+    files = []
+    for i, f in enumerate(fields):
+        path = files_dir / f"field{i:04d}.jpg"
+        if not path.exists() or path.stat().st_size != len(f.data):
+            path.write_bytes(f.data)
+        files.append(path)
+    on_disk = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+    return SlideWorkload(
+        folder=folder,
+        tiling=tiling,
+        field_files=tuple(files),
+        n_rois=len(rois),
+        roi_megapixels=sum(r.width * r.height for r in rois) / 1e6,
+        um_per_pixel=um,
+        slide_megabytes=on_disk / 1e6,
+        read_fields_per_s=len(fields) / seconds if seconds > 0 else float("nan"),
+        read_cpu_ms_per_field=1000.0 * cpu / max(1, len(fields)),
+        tilings=tilings,
+    )
+
+
+#: The reader's ways to cut a slide into what is sent: decoded and re-encoded overlapping
+#: crops at the field size, the same at the detector's input size, the slide's own frames.
+TILINGS = ("fields", "input_fields", "frame_fields")
+
+
+def _tiling_cost(slide: object, name: str) -> dict:
+    """CPU per field of one tiling of an open slide (warm: the first pass opened it)."""
+    import resource
+
+    def cpu() -> float:
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        return usage.ru_utime + usage.ru_stime
+
+    c0 = cpu()
+    try:
+        views = list(getattr(slide, name)())
+    except Exception as exc:  # noqa: BLE001 - a tiling this slide does not allow (spacing)
+        return {"error": f"{type(exc).__name__}: {exc}"}
+    spent = cpu() - c0
+    return {
+        "fields": len(views),
+        "cpu_ms_per_field": 1000.0 * spent / max(1, len(views)),
+        "mean_kb": sum(len(v.data) for v in views) / max(1, len(views)) / 1e3,
+    }
+
+
+@dataclass
+class SlideBench:
+    """Both sides' fields/s per round; the ratio is the median of the rounds' ratios."""
+
+    workload: SlideWorkload
+    concurrency: int
+    rounds: list[dict[str, float]] = field(default_factory=list)
+
+    def ratio(self) -> float:
+        return statistics.median(
+            r["slide_fields_per_s"] / r["files_fields_per_s"] for r in self.rounds
+        )
+
+    def slides_per_hour(self) -> float:
+        return SECONDS_PER_HOUR / statistics.median(r["slide_seconds"] for r in self.rounds)
+
+    def to_dict(self) -> dict:
+        ratio = self.ratio()
+        return {
+            "slide_over_files": ratio,
+            "goal": {
+                "slide_over_files": GOAL_SLIDE_OVER_FILES,
+                "met": ratio >= GOAL_SLIDE_OVER_FILES,
+            },
+            "slides_per_hour": self.slides_per_hour(),
+            "files_fields_per_s": statistics.median(r["files_fields_per_s"] for r in self.rounds),
+            "slide_fields_per_s": statistics.median(r["slide_fields_per_s"] for r in self.rounds),
+            "concurrency": self.concurrency,
+            "slide": self.workload.describe(),
+            "rounds": self.rounds,
+        }
+
+
+async def _rounds(
+    url: str, wl: SlideWorkload, concurrency: int, n_rounds: int, cpu_pids: tuple[int, ...]
+) -> list[dict[str, float]]:
+    from marrowdx.client import AsyncMarrowClient
+    from marrowdx.client.slides import SlidePatient, diagnose_slide
+
+    # Every field is counted on both sides (no ICSH early stop): the same work each way.
+    async with AsyncMarrowClient(url, concurrency=concurrency, target_cells=0) as client:
+        await client.wait_until_ready()
+        patient = SlidePatient("bench", wl.folder, wl.folder.name, tiling=wl.tiling)
+
+        async def files() -> tuple[int, int]:
+            report = await client.diagnose_patient("bench", list(wl.field_files))
+            # fields the quality gate set aside (empty glass beside a ROI) were served too
+            failed = len(report.failed_images)
+            return report.fields_used - failed, failed
+
+        async def slide() -> tuple[int, int]:
+            report = await diagnose_slide(client, patient)
+            return report.n_fields, len(report.failed_images)
+
+        await files()  # warm-up: connections, server caches, the page cache of both inputs
+        await slide()
+        out = []
+        for r in range(n_rounds):
+            row: dict[str, float] = {}
+            sides = (("files", files), ("slide", slide))
+            for name, run in sides if r % 2 == 0 else sides[::-1]:
+                cpu0, t0 = cpu_seconds(cpu_pids), time.perf_counter()
+                n, failed = await run()
+                seconds = time.perf_counter() - t0
+                row[f"{name}_fields"] = n
+                row[f"{name}_failed"] = failed
+                row[f"{name}_seconds"] = seconds
+                row[f"{name}_fields_per_s"] = n / seconds
+                row[f"{name}_cpu_ms_per_field"] = (
+                    1000.0 * (cpu_seconds(cpu_pids) - cpu0) / max(1, n)
+                )
+            out.append(row)
+    return out
+
+
+def measure_slides(
+    url: str,
+    wl: SlideWorkload,
+    *,
+    concurrency: int = DEFAULT_SLIDE_CONCURRENCY,
+    rounds: int = DEFAULT_SLIDE_ROUNDS,
+    cpu_pids: tuple[int, ...] = (),
+) -> SlideBench:
+    """Files vs slide, side by side against the server at ``url``; ``cpu_pids`` are the
+    server processes whose CPU time counts with this client's."""
+    if rounds < 1:
+        raise ValueError(f"rounds must be >= 1, got {rounds}")
+    rows = asyncio.run(_rounds(url, wl, concurrency, rounds, cpu_pids))
+    return SlideBench(wl, concurrency, rows)
+
+
+def summary_line(bench: SlideBench) -> str:
+    d = bench.to_dict()
+    s = d["slide"]
+    return (
+        f"slides ({s['tiling']}): {d['slide_fields_per_s']:.1f} fields/s from the slide vs "
+        f"{d['files_fields_per_s']:.1f} from JPEG files: ratio {d['slide_over_files']:.3f} "
+        f"(goal >= {GOAL_SLIDE_OVER_FILES}); {d['slides_per_hour']:.0f} slides/hour for a slide "
+        f"of {s['n_rois']} ROIs, {s['roi_megapixels']:.1f} MP, {s['fields']} fields at "
+        f"{config.MODEL_UM_PER_PIXEL} um/px; tiling alone {s['read_fields_per_s']:.0f} fields/s "
+        f"({s['read_cpu_ms_per_field']:.1f} ms CPU per field)"
+    )
+
+
+def slides_available() -> str | None:
+    """None when the slide workload can run here, else why not (the ``slides`` extra)."""
+    import importlib.util
+
+    missing = [m for m in ("wsidicom", "highdicom") if importlib.util.find_spec(m) is None]
+    if not missing:
+        return None
+    return f"slide workload skipped: pip install 'marrowdx[slides]' ({', '.join(missing)})"
+
+
+def run_slide_bench(args, log) -> int:
+    """``marrowdx bench --workload slides``: only the files-vs-slide comparison (minutes
+    less than the whole bench), against ``--url`` or a server of its own."""
+    import contextlib
+    import json
+
+    from marrowdx.bench.cli import bench_server, environment
+    from marrowdx.errors import MissingExtra, RepositoryError
+
+    why = slides_available()
+    if why:
+        raise MissingExtra(why)
+    repository = args.repository or config.default_model_repository()
+    if not args.url and not repository.is_dir():
+        raise RepositoryError(f"model repository {repository} not found; run `marrowdx build`")
+    wl = slide_workload(tiling=args.slide_tiling)
+    log(f"slide {wl.folder.name}: {wl.n_rois} ROIs, {len(wl.field_files)} fields")
+    with contextlib.ExitStack() as stack:
+        url, _, pid = bench_server(stack, args, repository)
+        bench = measure_slides(
+            url,
+            wl,
+            concurrency=args.slide_concurrency,
+            rounds=args.slide_rounds,
+            cpu_pids=(pid,) if pid else (),
+        )
+    doc = {"slides": bench.to_dict(), "environment": environment()}
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(doc, indent=2) + "\n")
+    print(summary_line(bench))
+    print(f"JSON: {args.json}")
+    return 0

@@ -1,0 +1,255 @@
+"""From class counts to the differential and the diagnosis model's inputs.
+
+One place for this arithmetic because three callers need exactly the same numbers: the
+client (a patient's summed counts -> the ``diagnosis`` request and the report's fractions),
+the raw-gRPC load test (the same request without the client) and the evaluation (the same
+model run in-process on predicted counts). If they differed, the evaluation would measure
+a model the server is not asked.
+
+The zero-cells rule, decided here once: with no counted cell the differential is all zeros
+(not NaN, not uniform) and ``TOTAL_CELLS`` is 0. Whether to ask the diagnosis model about
+such a patient is the caller's decision: the client does not (the report says why), the
+evaluation does (every patient gets a prediction to score). Counts must be finite and
+non-negative; anything else is an :class:`~marrowdx.errors.InputError`.
+
+Numpy and the config only: the thin client imports it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from marrowdx import config, taxonomy
+from marrowdx.errors import InputError
+
+
+def checked_counts(counts: np.ndarray | list[float]) -> np.ndarray:
+    """``counts`` as float64 ``[..., N_CLASSES]``, refused if malformed (wrong last axis,
+    negative or non-finite values), so a bad sum cannot become a plausible differential."""
+    array = np.asarray(counts, dtype=np.float64)
+    if array.ndim == 0 or array.shape[-1] != config.N_CLASSES:
+        raise InputError(
+            f"class counts have shape {list(array.shape)}, expected [..., {config.N_CLASSES}]"
+        )
+    if not np.all(np.isfinite(array)) or np.any(array < 0):
+        raise InputError("class counts must be finite and non-negative")
+    return array
+
+
+def fractions(counts: np.ndarray | list[float]) -> np.ndarray:
+    """The differential: each class's share of the counted cells, per row of ``counts``
+    (``[..., N_CLASSES]``, float64). A row without cells is all zeros (see the module doc)."""
+    array = checked_counts(counts)
+    total = array.sum(axis=-1, keepdims=True)
+    return np.divide(array, total, out=np.zeros_like(array), where=total > 0)
+
+
+@dataclass(frozen=True)
+class DiagnosisInputs:
+    """The ``diagnosis`` model's four inputs, float32, with the counts' leading shape:
+    ``[N_CLASSES]`` counts give unbatched tensors, ``[P, N_CLASSES]`` give a batch of P."""
+
+    fractions: np.ndarray  # [..., N_CLASSES]: sums to 1, or all zero when no cells
+    total_cells: np.ndarray  # [..., 1]
+    lab_values: np.ndarray  # [..., N_LAB_VALUES]: zero where absent
+    lab_mask: np.ndarray  # [..., N_LAB_VALUES]: 1 where present
+
+    @property
+    def has_cells(self) -> np.ndarray | bool:
+        """Whether each row counted any cell (the model's answer means little otherwise)."""
+        present = self.total_cells[..., 0] > 0
+        return bool(present) if present.ndim == 0 else present
+
+    def tensors(self) -> dict[str, np.ndarray]:
+        """Tensor name -> array, as the model's inputs are named in the contract."""
+        t = config.TENSORS
+        return {
+            t.fractions: self.fractions,
+            t.total_cells: self.total_cells,
+            t.lab_values: self.lab_values,
+            t.lab_mask: self.lab_mask,
+        }
+
+
+def lab_arrays(labs: Mapping[str, float | None] | None) -> tuple[np.ndarray, np.ndarray]:
+    """Lab values in the model's order plus a presence mask; None or missing = absent.
+    Unknown names and non-finite values are refused (a typo must not silently drop a lab)."""
+    values = np.zeros(config.N_LAB_VALUES, dtype=np.float32)
+    mask = np.zeros(config.N_LAB_VALUES, dtype=np.float32)
+    if not labs:
+        return values, mask
+    unknown = sorted(set(labs) - set(config.LAB_VALUE_NAMES))
+    if unknown:
+        raise InputError(f"unknown lab value(s) {unknown}; known: {list(config.LAB_VALUE_NAMES)}")
+    for i, name in enumerate(config.LAB_VALUE_NAMES):
+        value = labs.get(name)
+        if value is None:
+            continue
+        value = float(value)
+        if not np.isfinite(value):
+            raise InputError(f"lab value {name!r} is not a finite number: {value}")
+        values[i], mask[i] = value, 1.0
+    return values, mask
+
+
+def diagnosis_inputs(
+    counts: np.ndarray | list[float], labs: Mapping[str, float | None] | None = None
+) -> DiagnosisInputs:
+    """The diagnosis model's inputs from class counts (``[N_CLASSES]`` for one patient or
+    ``[P, N_CLASSES]`` for several) and the same ``labs`` for every row (None: no labs)."""
+    array = checked_counts(counts)
+    lead = array.shape[:-1]
+    values, mask = lab_arrays(labs)
+    return DiagnosisInputs(
+        fractions=fractions(array).astype(np.float32),
+        total_cells=array.sum(axis=-1, keepdims=True).astype(np.float32),
+        lab_values=np.broadcast_to(values, (*lead, config.N_LAB_VALUES)).copy(),
+        lab_mask=np.broadcast_to(mask, (*lead, config.N_LAB_VALUES)).copy(),
+    )
+
+
+# ----------------------------------------------------------- ICSH-style nucleated differential
+# Which class counts as what is the taxonomy's ``COUNTING_ROLES`` table; the formulas are here.
+
+#: Two-sided 95% normal quantile (``scipy.stats.norm.ppf(0.975)``), the Wilson interval's z.
+Z_95 = 1.959963984540054
+#: WHO blast threshold for acute leukaemia (fraction of nucleated marrow cells).
+BLAST_THRESHOLD = 0.20
+#: Nucleated cells ICSH asks for in an aspirate differential (300-500); the client's default.
+DEFAULT_TARGET_CELLS = 500
+
+#: ``blast_call`` values: the whole 95% interval at or above the threshold, wholly below it,
+#: or straddling it (or no nucleated cell counted).
+ABOVE, BELOW, INDETERMINATE = "above", "below", "indeterminate"
+
+
+def wilson_interval(successes: int, trials: int, z: float = Z_95) -> tuple[float, float]:
+    """Wilson score interval of a binomial proportion.
+
+    Why Wilson and not the textbook p +- z*sqrt(p(1-p)/n): with 0 or few blasts (common in
+    a normal marrow) the Wald interval collapses to zero width or leaves [0, 1]; Wilson keeps
+    a sensible width and stays inside [0, 1]. With no trials nothing is known: (0, 1).
+    """
+    if isinstance(successes, bool) or isinstance(trials, bool):
+        raise InputError("successes and trials must be counts, not booleans")
+    if int(successes) != successes or int(trials) != trials:
+        raise InputError(f"successes and trials must be whole numbers, got {successes}/{trials}")
+    if trials < 0 or not 0 <= successes <= trials:
+        raise InputError(f"need 0 <= successes <= trials, got {successes}/{trials}")
+    if not z > 0:
+        raise InputError(f"z must be positive, got {z}")
+    if trials == 0:
+        return 0.0, 1.0
+    n, p = float(trials), successes / trials
+    z2 = z * z
+    centre = (p + z2 / (2 * n)) / (1 + z2 / n)
+    half = z / (1 + z2 / n) * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n))
+    # Exact ends at 0 and n (the formula gives them up to rounding).
+    low = 0.0 if successes == 0 else max(0.0, centre - half)
+    high = 1.0 if successes == trials else min(1.0, centre + half)
+    return low, high
+
+
+def blast_call(low: float, high: float, threshold: float = BLAST_THRESHOLD) -> str:
+    """Above / below / indeterminate against ``threshold`` given the interval [low, high]."""
+    if low >= threshold:
+        return ABOVE
+    if high < threshold:
+        return BELOW
+    return INDETERMINATE
+
+
+def nucleated_count(counts: Mapping[str, int]) -> int:
+    """Cells of one field (or patient) that enter the nucleated differential."""
+    return int(sum(counts.get(c, 0) for c in taxonomy.NUCLEATED_CLASSES))
+
+
+@dataclass(frozen=True)
+class Differential:
+    """One patient's nucleated differential.
+
+    Fractions are of ``nucleated_cells``; ``blast_fraction`` is None when no nucleated cell
+    was counted, ``me_ratio`` when no erythroid cell was (undefined, not infinite).
+    ``not_counted`` holds the classes reported beside the differential (thrombocytes,
+    smudge cells, artifacts); ``unidentified`` the cells no class was confident enough for.
+    """
+
+    nucleated_cells: int
+    blasts: int
+    blast_fraction: float | None
+    blast_ci95: tuple[float, float]
+    blast_call: str
+    blast_threshold: float
+    myeloid_cells: int
+    erythroid_cells: int
+    me_ratio: float | None
+    lineages: dict[str, int]
+    not_counted: dict[str, int]
+    unidentified: int
+
+
+def differential(
+    counts: Mapping[str, int], unidentified: int = 0, threshold: float = BLAST_THRESHOLD
+) -> Differential:
+    """The differential of per-class counts (unknown class names are refused)."""
+    unknown = sorted(set(counts) - set(taxonomy.CLASSES))
+    if unknown:
+        raise InputError(f"unknown class name(s) {unknown}")
+    negative = sorted(c for c, n in counts.items() if n < 0)
+    if negative or unidentified < 0:
+        raise InputError(f"counts must be >= 0 (negative: {negative or ['unidentified']})")
+    if not 0 < threshold < 1:
+        raise InputError(f"blast threshold must be a fraction in (0, 1), got {threshold}")
+    roles = taxonomy.COUNTING_ROLES
+    lineages = dict.fromkeys(taxonomy.LINEAGES, 0)
+    myeloid = 0
+    for c in taxonomy.NUCLEATED_CLASSES:
+        n = int(counts.get(c, 0))
+        lineages[roles[c].lineage] += n
+        myeloid += n if roles[c].myeloid else 0
+    nucleated = sum(lineages.values())
+    blasts, erythroid = lineages["blasts"], lineages["erythroid"]
+    low, high = wilson_interval(blasts, nucleated)
+    return Differential(
+        nucleated_cells=nucleated,
+        blasts=blasts,
+        blast_fraction=blasts / nucleated if nucleated else None,
+        blast_ci95=(low, high),
+        blast_call=blast_call(low, high, threshold) if nucleated else INDETERMINATE,
+        blast_threshold=threshold,
+        myeloid_cells=myeloid,
+        erythroid_cells=erythroid,
+        me_ratio=myeloid / erythroid if erythroid else None,
+        lineages=lineages,
+        not_counted={c: int(counts.get(c, 0)) for c in taxonomy.NOT_COUNTED_CLASSES},
+        unidentified=int(unidentified),
+    )
+
+
+def fields_to_target(nucleated_per_field: Sequence[int | None], target: int) -> int | None:
+    """How many leading fields a count needs to reach ``target`` nucleated cells.
+
+    The rule that makes the count independent of timing: fields are taken in their given
+    order; the count covers fields 1..k, where k is the first index at which the cumulative
+    nucleated count reaches the target. A field whose result is not known yet is None and
+    stops the scan (k is not decided before every earlier field is known); a failed or
+    excluded field is known and adds 0. Fields after k are discarded even if they were
+    already analysed. Returns k, or None when the target is 0 (count every field), not
+    reached, or not decided yet.
+    """
+    if target < 0:
+        raise InputError(f"target cells must be >= 0, got {target}")
+    if target == 0:
+        return None
+    running = 0
+    for k, n in enumerate(nucleated_per_field, start=1):
+        if n is None:
+            return None
+        running += n
+        if running >= target:
+            return k
+    return None

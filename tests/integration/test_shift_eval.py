@@ -1,0 +1,69 @@
+"""``marrowdx evaluate --shifts`` (issue 16): the held-out cohort is re-rendered under each
+shift with the same cells, evaluated side by side with the unshifted row, and reported as a
+table and JSON; a cohort that cannot be re-rendered is refused with the reason."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import pytest
+
+from marrowdx import cli
+from marrowdx.errors import InputError
+from marrowdx.simulate import simulate_cohort
+from tests.helpers import TEST_CACHE
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def heldout(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("heldout")
+    simulate_cohort(out, 3, 4242, images_per_patient=1, size=(384, 384))
+    return out
+
+
+def test_evaluate_shifts_table_and_json(heldout: Path, tmp_path: Path, capsys) -> None:
+    from marrowdx.export import build_onnx_models
+    from marrowdx.training.shift_eval import SHIFT_TARGETS, evaluate_shifts
+
+    models = build_onnx_models(TEST_CACHE, "tiny", progress=False)
+    work = tmp_path / "work"
+    results = evaluate_shifts(heldout, models, work, ("defocus", "jpeg"), 1.0)
+    assert [r.shift for r in results] == ["none", "defocus", "jpeg"]
+    cells = {r.report.n_cells for r in results}
+    assert len(cells) == 1, "every shifted twin holds exactly the unshifted cohort's cells"
+    for r in results:  # the tiny models' quality is no target: NaN (nothing matched) is fine
+        for key in SHIFT_TARGETS:
+            value = getattr(r.report, key)
+            assert math.isnan(value) or 0.0 <= value <= 1.0
+    # twins are cached: a second run re-renders nothing
+    twins = sorted(p.name for p in (work / "cohorts").iterdir())
+    assert len(twins) == 2 and all(n.startswith("shift-") for n in twins)
+
+    out = tmp_path / "shifts.json"
+    args = ["evaluate", "--work-dir", str(TEST_CACHE), "--preset", "tiny", "--quiet"]
+    code = cli.main([*args, "--cohort", str(heldout), "--shifts", "stain", "--json", str(out)])
+    assert code == 0
+    table = capsys.readouterr().out
+    assert "| unshifted |" in table and "| stain (strength 1) |" in table
+    data = json.loads(out.read_text())
+    assert [row["shift"] for row in data["shifts"]] == ["none", "stain"]
+    assert set(data["reports"]) == {"none", "stain"}
+    shutil.rmtree(TEST_CACHE / "cohorts" / data["shifts"][1]["cohort"], ignore_errors=True)
+
+
+def test_shifts_need_a_simulated_unshifted_cohort(heldout: Path, tmp_path: Path) -> None:
+    from marrowdx.training.shift_eval import shifted_cohort
+
+    foreign = tmp_path / "foreign"
+    shutil.copytree(heldout, foreign)
+    gt = json.loads((foreign / "ground_truth.json").read_text())
+    del gt["simulator"]
+    (foreign / "ground_truth.json").write_text(json.dumps(gt))
+    with pytest.raises(InputError, match="not written by `marrowdx simulate`"):
+        shifted_cohort(foreign, "stain", 1.0, tmp_path, print)
+    assert cli.main(["evaluate", "--cohort", str(heldout), "--shifts", "sepia"]) == 2

@@ -1,0 +1,167 @@
+"""Simulated lab/scanner variation (issue 16): each shift kind changes the pixels the way its
+name says, leaves cells and boxes alone, is deterministic per seed, and is recorded in the
+ground truth; an unknown kind or strength is refused with a clear message."""
+
+from __future__ import annotations
+
+import io
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from marrowdx.errors import InputError
+from marrowdx.simulate import lab_variation as lv
+from marrowdx.simulate import load_ground_truth, simulate_cohort
+
+SIZE = (256, 256)
+
+
+def _field(seed: int = 0) -> np.ndarray:
+    """A small field with sharp stained discs on a pale background (edges for blur tests)."""
+    from marrowdx.simulate import field as fl
+
+    rng = np.random.default_rng(seed)
+    labels = ["lymphocyte", "myelocytic_blast", "segmented_neutrophil", "thrombocyte"]
+    return fl.render_field(labels, SIZE, fl.NEUTRAL_STYLE, rng).image
+
+
+def _laplacian_var(image: np.ndarray) -> float:
+    g = image.astype(np.float64).mean(axis=2)
+    lap = g[1:-1, :-2] + g[1:-1, 2:] + g[:-2, 1:-1] + g[2:, 1:-1] - 4 * g[1:-1, 1:-1]
+    return float(lap.var())
+
+
+@pytest.mark.parametrize("kind", lv.SHIFT_KINDS)
+def test_draw_is_deterministic_and_round_trips_to_dict(kind: str) -> None:
+    a = lv.LabShift.draw(kind, 1.0, lv.shift_rng(7, 0))
+    b = lv.LabShift.draw(kind, 1.0, lv.shift_rng(7, 0))
+    c = lv.LabShift.draw(kind, 1.0, lv.shift_rng(7, 1))
+    assert a == b
+    assert a.kind == kind
+    assert a.as_dict()["kind"] == kind
+    if kind == "none":
+        assert a.is_identity
+    else:
+        assert not a.is_identity
+        assert a != c or kind == "jpeg"  # another slide, another draw (jpeg: few qualities)
+
+
+def test_identity_and_zero_strength_change_nothing() -> None:
+    image = _field()
+    rng = np.random.default_rng(0)
+    assert np.array_equal(lv.LabShift().apply(image, rng), image)
+    assert lv.LabShift.draw("mixed", 0.0, rng).is_identity
+    # the stain path itself is exact with unit scales and the original vectors
+    same = lv.LabShift(stain_vectors=tuple(map(tuple, lv.STAIN_VECTORS)))
+    assert np.abs(same.apply(image, rng).astype(int) - image.astype(int)).max() <= 1
+
+
+def test_defocus_blurs_and_stronger_blurs_more() -> None:
+    image = _field()
+    rng = np.random.default_rng(0)
+    sharp = _laplacian_var(image)
+    # sigma is given at 1024 px width: 4 and 16 are 1 and 4 px on this 256 px field
+    mild = _laplacian_var(lv.LabShift(blur_sigma=4.0).apply(image, rng))
+    heavy = _laplacian_var(lv.LabShift(blur_sigma=16.0).apply(image, rng))
+    assert heavy < mild < sharp * 0.8
+
+
+def test_stain_shift_changes_colour_not_geometry() -> None:
+    image = _field()
+    shift = lv.LabShift.draw("stain", 1.0, lv.shift_rng(3, 0))
+    out = shift.apply(image, np.random.default_rng(0))
+    assert out.shape == image.shape and out.dtype == np.uint8
+    diff = np.abs(out.astype(int) - image.astype(int)).mean(axis=(0, 1))
+    assert diff.max() > 3.0  # a visible colour change
+    # dark (stained) pixels stay the darkest: the shift acts on stain, not on layout
+    dark = image.mean(axis=2) < np.percentile(image.mean(axis=2), 5)
+    assert out.mean(axis=2)[dark].mean() < out.mean(axis=2)[~dark].mean()
+
+
+def test_scanner_shift_applies_gamma_gains_and_noise() -> None:
+    flat = np.full((64, 64, 3), 128, np.uint8)
+    shift = lv.LabShift(gamma=2.0, gains=(1.0, 0.5, 1.0), noise_sigma=5.0)
+    out = shift.apply(flat, np.random.default_rng(0)).astype(np.float64)
+    expected = 255 * (128 / 255) ** 2.0
+    assert abs(out[..., 0].mean() - expected) < 1.5
+    assert abs(out[..., 1].mean() - expected * 0.5) < 1.5
+    assert 4.0 < out[..., 0].std() < 6.0
+
+
+def test_jpeg_shift_encodes_at_its_quality() -> None:
+    image = _field()
+    low = lv.LabShift(jpeg_quality=20).encode(image, "jpg")
+    default = lv.LabShift().encode(image, "jpg")
+    assert len(low) < len(default)
+    decoded = np.asarray(Image.open(io.BytesIO(low)).convert("RGB"))
+    assert decoded.shape == image.shape
+    # png output is lossless whatever the shift says
+    png = lv.LabShift(jpeg_quality=20).encode(image, "png")
+    assert np.array_equal(np.asarray(Image.open(io.BytesIO(png)).convert("RGB")), image)
+
+
+@pytest.mark.parametrize(
+    ("kind", "strength", "needle"),
+    [("blue", 1.0, "unknown shift kind"), ("stain", -1.0, "strength"), ("stain", 9, "strength")],
+)
+def test_bad_kind_or_strength_is_refused(kind: str, strength: float, needle: str) -> None:
+    with pytest.raises(InputError, match=needle):
+        lv.LabShift.draw(kind, strength, np.random.default_rng(0))
+
+
+def test_parse_shift_list() -> None:
+    assert lv.parse_shift_list("stain, jpeg") == ("stain", "jpeg")
+    with pytest.raises(InputError, match="sepia"):
+        lv.parse_shift_list("stain,sepia")
+    with pytest.raises(InputError):
+        lv.parse_shift_list(" , ")
+
+
+def test_shifted_cohort_keeps_cells_and_records_the_shift(tmp_path: Path) -> None:
+    plain = simulate_cohort(tmp_path / "plain", 2, 5, images_per_patient=1, size=SIZE)
+    shifted = simulate_cohort(
+        tmp_path / "stain", 2, 5, images_per_patient=1, size=SIZE, shift="stain"
+    )
+    # same cells, boxes and labels: only the pixels differ
+    for p, q in zip(plain["patients"], shifted["patients"], strict=True):
+        assert p["images"][0]["cells"] == q["images"][0]["cells"]
+        assert "lab_shift" not in p
+        assert q["lab_shift"]["kind"] == "stain"
+    assert "shift" not in plain["simulator"]
+    assert shifted["simulator"]["shift"] == "stain"
+    a = (tmp_path / "plain" / "P0001" / "img_000.jpg").read_bytes()
+    b = (tmp_path / "stain" / "P0001" / "img_000.jpg").read_bytes()
+    assert a != b
+    assert load_ground_truth(tmp_path / "stain")["patients"][0]["lab_shift"]["kind"] == "stain"
+    # deterministic: the same seed gives the same bytes
+    again = simulate_cohort(
+        tmp_path / "again", 1, 5, images_per_patient=1, size=SIZE, shift="stain"
+    )
+    assert again["patients"][0]["lab_shift"] == shifted["patients"][0]["lab_shift"]
+    assert (tmp_path / "again" / "P0001" / "img_000.jpg").read_bytes() == b
+
+
+def test_simulate_cli_shift_options(tmp_path: Path) -> None:
+    cmd = [sys.executable, "-m", "marrowdx", "simulate", "--patients", "1", "--seed", "2"]
+    cmd += ["--images-per-patient", "1", "--size", "256x256", "--no-progress"]
+    ok = subprocess.run(
+        [*cmd, "--out", str(tmp_path / "c"), "--shift", "defocus", "--shift-strength", "0.5"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert ok.returncode == 0, ok.stderr
+    shift = load_ground_truth(tmp_path / "c")["patients"][0]["lab_shift"]
+    assert shift["kind"] == "defocus" and 0.7 <= shift["blur_sigma"] <= 1.3
+    bad = subprocess.run(
+        [*cmd, "--out", str(tmp_path / "d"), "--shift", "defocus", "--shift-strength", "7"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert bad.returncode == 2
+    assert "strength" in bad.stderr

@@ -1,0 +1,190 @@
+"""Field quality gating (issue 16): the preprocessing graph measures each field, the client's
+default thresholds count sharp, mildly blurred and lab-shifted 1024 x 1024 fields and exclude
+blurred-beyond-recognition, empty and thick ones with a reason, and an excluded field is
+reported apart and adds nothing to the counts."""
+
+from __future__ import annotations
+
+import argparse
+import io
+
+import numpy as np
+import pytest
+from marrowdx.client import aggregate
+from marrowdx.client import quality as q
+from PIL import Image, ImageFilter
+
+from marrowdx import config, taxonomy
+from marrowdx.contract import QUALITY_FIELDS
+from marrowdx.errors import BadServerOutput, InputError
+
+SIDE = 1024
+
+
+def _jpeg(image: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, format="JPEG", quality=92)
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def fields() -> dict[str, np.ndarray]:
+    """1024 x 1024 simulated fields, one per situation the gate must tell apart."""
+    from marrowdx.simulate import field as fl
+    from marrowdx.simulate import lab_variation as lv
+
+    rng = np.random.default_rng(16)
+    style = fl.SlideStyle.draw(rng)
+    labels = [taxonomy.CLASSES[i] for i in rng.integers(0, taxonomy.N_CLASSES, 30)]
+    sharp = fl.render_field(labels, (SIDE, SIDE), style, rng).image
+
+    def blur(sigma: float) -> np.ndarray:
+        return np.asarray(Image.fromarray(sharp).filter(ImageFilter.GaussianBlur(sigma)))
+
+    od = -np.log(np.maximum(sharp[:640, :640].astype(np.float32), 1.0) / 255.0)
+    thick = sharp.copy()
+    # a dense clump over 40% of the field: optical density of stacked cells
+    thick[:640, :640] = np.clip(255.0 * np.exp(-(3.0 * od + 0.8)), 0, 255).astype(np.uint8)
+    out = {
+        "sharp": sharp,
+        "defocus_sigma2": blur(2.0),
+        "defocus_sigma3": blur(3.0),
+        "blurred_sigma8": blur(8.0),
+        "empty": fl.render_field([], (SIDE, SIDE), style, rng).image,
+        "thick": thick,
+    }
+    for kind in ("stain", "scanner"):
+        shift = lv.LabShift.draw(kind, 1.0, lv.shift_rng(16, 0))
+        out[f"{kind}_shift"] = shift.apply(sharp, rng)
+    return out
+
+
+@pytest.fixture(scope="module")
+def measured(fields: dict[str, np.ndarray]) -> dict[str, dict[str, float]]:
+    pytest.importorskip("nvidia.dali", reason="DALI (server extra) not installed")
+    from marrowdx.preprocess import CpuPreprocessor
+
+    names = list(fields)
+    *_, quality = CpuPreprocessor(max_batch_size=4)([_jpeg(fields[n]) for n in names])
+    assert quality.shape == (len(names), len(QUALITY_FIELDS)) and quality.dtype == np.float32
+    return {
+        n: dict(zip(QUALITY_FIELDS, map(float, quality[i]), strict=True))
+        for i, n in enumerate(names)
+    }
+
+
+@pytest.mark.parametrize(
+    ("name", "verdict"),
+    [
+        ("sharp", None),
+        ("defocus_sigma2", None),
+        ("defocus_sigma3", None),
+        ("stain_shift", None),
+        ("scanner_shift", None),
+        ("blurred_sigma8", "out of focus"),
+        ("empty", "empty"),
+        ("thick", "too thick"),
+    ],
+)
+def test_default_thresholds_count_and_exclude_the_right_fields(measured, name, verdict) -> None:
+    reason = q.quality_verdict(measured[name])
+    if verdict is None:
+        assert reason is None, f"{name} {measured[name]} excluded: {reason}"
+    else:
+        assert reason is not None and reason.startswith(verdict), (name, measured[name], reason)
+
+
+def test_measures_move_the_way_their_names_say(measured) -> None:
+    m = measured
+    assert m["sharp"]["focus"] > m["defocus_sigma2"]["focus"] > m["blurred_sigma8"]["focus"]
+    assert m["empty"]["foreground"] == 0.0 < m["sharp"]["foreground"]
+    assert m["thick"]["thick"] > 5 * m["sharp"]["thick"]
+    assert m["thick"]["brightness"] < m["sharp"]["brightness"]
+    # thresholds sit well beyond the trained tolerance: sigma 2 keeps a wide margin
+    assert m["defocus_sigma2"]["focus"] > 4 * q.DEFAULT_MIN_FOCUS
+
+
+def test_guarded_preprocessor_and_served_rows_carry_the_measures(fields) -> None:
+    pytest.importorskip("nvidia.dali", reason="DALI (server extra) not installed")
+    from marrowdx.preprocess import CpuPreprocessor
+    from marrowdx.serving.guarded_preprocess import GuardedPreprocessor
+
+    data = [_jpeg(fields["sharp"]), _jpeg(fields["empty"])]
+    guarded = GuardedPreprocessor(max_batch_size=2)(data)
+    *_, direct = CpuPreprocessor(max_batch_size=2)(data)
+    np.testing.assert_array_equal(np.stack([r.field_quality for r in guarded]), direct)
+
+
+def _outputs(quality: list[float] | None, labels=(0, 0, 5)) -> dict[str, np.ndarray]:
+    t, k = config.TENSORS, config.MAX_DETECTIONS
+    n = len(labels)
+    boxes = np.zeros((k, 4), np.float32)
+    probs = np.zeros((k, config.N_CLASSES), np.float32)
+    for i, label in enumerate(labels):
+        boxes[i] = (10 * i, 10, 10 * i + 8, 18)
+        probs[i, label] = 1.0
+    out = {
+        t.boxes: boxes,
+        t.scores: np.where(np.arange(k) < n, 0.9, 0.0).astype(np.float32),
+        t.num_detections: np.array([n], np.int32),
+        t.class_probs: probs,
+        t.attribute_probs: np.zeros((k, config.N_ATTRIBUTES), np.float32),
+        t.class_counts: np.bincount(labels, minlength=config.N_CLASSES).astype(np.float32),
+        t.letterbox: np.array([0.5, 0.5, 0, 0], np.float32),
+        t.image_size: np.array([SIDE, SIDE], np.int32),
+    }
+    if quality is not None:
+        out[t.field_quality] = np.array(quality, np.float32)
+    return out
+
+
+def test_excluded_field_adds_nothing_and_is_reported_apart() -> None:
+    good = aggregate.decode_image("a.jpg", _outputs([2000.0, 0.08, 0.03, 190.0]))
+    blurred = aggregate.decode_image("b.jpg", _outputs([10.0, 0.08, 0.03, 190.0]))
+    old_server = aggregate.decode_image("c.jpg", _outputs(None))
+    assert good.excluded is None and good.quality["focus"] == 2000.0
+    assert old_server.excluded is None and old_server.quality is None
+    assert blurred.excluded.startswith("out of focus")
+    assert sum(blurred.counts.values()) == 0 and len(blurred.cells) == 3  # kept for review
+    images = [good, blurred, old_server]
+    counts = aggregate.sum_counts(images)
+    assert counts.sum() == 6
+    report = aggregate.build_report("P1", images, {}, counts, None, "no cells")
+    assert report.n_images == 2
+    assert report.excluded_images == {"b.jpg": blurred.excluded}
+    assert [im.file for im in report.images] == ["a.jpg", "c.jpg"]
+    assert report.fields_used == 3
+    d = report.to_dict()
+    assert d["excluded_images"] == {"b.jpg": blurred.excluded}
+    assert set(d["images"][0]["quality"]) == set(QUALITY_FIELDS)
+    # gating off: the same field counts
+    kept = aggregate.decode_image("b.jpg", _outputs([10.0, 0.08, 0.03, 190.0]), quality=q.NO_GATING)
+    assert kept.excluded is None and sum(kept.counts.values()) == 3
+
+
+def test_thresholds_are_configurable_and_checked() -> None:
+    m = {"focus": 400.0, "foreground": 0.01, "thick": 0.1, "brightness": 200.0}
+    assert q.quality_verdict(m) is None
+    assert q.quality_verdict(m, q.QualityThresholds(min_focus=500)).startswith("out of focus")
+    assert q.quality_verdict(m, q.QualityThresholds(min_foreground=0.05)).startswith("empty")
+    assert q.quality_verdict(m, q.QualityThresholds(max_thick=0.05)).startswith("too thick")
+    for bad in ({"min_focus": -1}, {"min_foreground": 2}, {"max_thick": -0.1}):
+        with pytest.raises(InputError):
+            q.QualityThresholds(**bad)
+    with pytest.raises(BadServerOutput):
+        q.field_quality({config.TENSORS.field_quality: np.array([1.0, np.nan, 0, 0])})
+
+
+def test_diagnose_flags_build_the_thresholds() -> None:
+    from marrowdx.client.cli import add_quality_options, quality_thresholds
+
+    parser = argparse.ArgumentParser()
+    add_quality_options(parser)
+    default = quality_thresholds(parser.parse_args([]))
+    assert default == q.DEFAULT_QUALITY
+    custom = quality_thresholds(
+        parser.parse_args(["--min-focus", "10", "--max-thick", "0.5", "--no-quality-gate"])
+    )
+    assert custom.min_focus == 10 and custom.max_thick == 0.5 and not custom.enabled
+    with pytest.raises(InputError, match="min_foreground"):
+        quality_thresholds(parser.parse_args(["--min-foreground", "3"]))

@@ -1,0 +1,194 @@
+"""Refer-for-review rules, their thresholds, and how ``diagnose`` shows and validates them."""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pytest
+from marrowdx.client import aggregate, html_report
+from marrowdx.client.cli import format_table
+from marrowdx.client.report import Cell, ImageResult
+from marrowdx.client.review import (
+    BLAST_STRADDLES,
+    DEFAULT_THRESHOLDS,
+    FAILED_FIELDS,
+    FEW_CELLS,
+    LOW_PROBABILITY,
+    NO_DIAGNOSIS,
+    UNIDENTIFIED,
+    ReviewThresholds,
+    review_reasons,
+)
+
+from marrowdx import cli, taxonomy
+from tests.helpers.html_page import expected_lineages, expected_row, read_page, shown_row
+
+CONFIDENT = {"ALL": 0.01, "AML": 0.98, "CML": 0.01}
+
+
+def _counts(blasts: int, others: int) -> np.ndarray:
+    counts = np.zeros(taxonomy.N_CLASSES, np.int64)
+    counts[taxonomy.CLASS_INDEX["myelocytic_blast"]] = blasts
+    counts[taxonomy.CLASS_INDEX["neutrophilic_band"]] = others
+    counts[taxonomy.CLASS_INDEX["thrombocyte"]] = 40  # never in the differential
+    return counts
+
+
+def _report(
+    blasts: int = 200,
+    others: int = 300,
+    probs: dict[str, float] | None = CONFIDENT,
+    n_images: int = 10,
+    failed: int = 0,
+    target: int = 500,
+    review: ReviewThresholds = DEFAULT_THRESHOLDS,
+):
+    images = [ImageResult(f"f{i}.jpg", (), {}, (1024, 1024)) for i in range(n_images)]
+    failures = {f"bad{i}.jpg": "corrupt JPEG" for i in range(failed)}
+    why = None if probs else "all images failed"
+    return aggregate.build_report(
+        "P1", images, failures, _counts(blasts, others), probs, why, target_cells=target,
+        review=review,
+    )  # fmt: skip
+
+
+def codes(report) -> list[str]:
+    return [r.code for r in report.review_reasons]
+
+
+def test_a_clear_confident_full_count_is_not_referred():
+    report = _report(blasts=200, others=300)  # 40 % blasts of 500: clearly above 20 %
+    assert codes(report) == [] and not report.refer_for_review
+    assert report.differential.nucleated_cells == 500 and report.target_reached
+    below = _report(blasts=20, others=480)  # 4 %: clearly below
+    assert codes(below) == [] and below.differential.blast_call == "below"
+
+
+def test_each_reason_fires_on_its_own():
+    assert codes(_report(probs={"ALL": 0.2, "AML": 0.7, "CML": 0.1})) == [LOW_PROBABILITY]
+    assert codes(_report(blasts=100, others=400)) == [BLAST_STRADDLES]  # 20 % of 500
+    assert codes(_report(blasts=160, others=240)) == [FEW_CELLS]  # 400 of 500
+    assert codes(_report(n_images=8, failed=2)) == [FAILED_FIELDS]  # 2 of 10 > 10 %
+    assert codes(_report(n_images=9, failed=1)) == []  # 1 of 10 is not above 10 %
+    assert codes(_report(probs=None))[0] == NO_DIAGNOSIS
+
+
+def test_quality_excluded_fields_count_as_failed_ones():
+    report = _report(n_images=8)
+    report.excluded_images = {"x1.jpg": "focus 120 < 250", "x2.jpg": "empty"}
+    assert [r.code for r in review_reasons(report)] == [FAILED_FIELDS]  # 2 of 10
+
+
+def test_many_unidentified_cells_refer(tmp_path):
+    report = _report()
+    report.n_unidentified = 40  # 40 of 540 cells: 7.4 % > 5 %
+    assert [r.code for r in review_reasons(report)] == [UNIDENTIFIED]
+    report.n_unidentified = 20  # 3.7 %
+    assert review_reasons(report) == []
+
+
+def test_thresholds_are_configurable_and_checked():
+    lenient = ReviewThresholds(min_diagnosis_probability=0.5, max_failed_fraction=0.5)
+    assert codes(_report(probs={"ALL": 0.2, "AML": 0.7, "CML": 0.1}, review=lenient)) == []
+    assert codes(_report(n_images=8, failed=2, review=lenient)) == []
+    with pytest.raises(ValueError, match="min_diagnosis_probability"):
+        ReviewThresholds(min_diagnosis_probability=1.5)
+    assert codes(_report(blasts=2, others=48, target=0)) == []  # no target, no shortfall
+
+
+def test_reasons_carry_the_numbers_for_people():
+    (reason,) = _report(blasts=100, others=400).review_reasons
+    assert "16.7-23.7%" in reason.message and "20%" in reason.message
+    (few,) = _report(blasts=160, others=240).review_reasons
+    assert few.message == "400 nucleated cells counted, target 500"
+
+
+def test_table_shows_blast_interval_me_ratio_and_flags():
+    table = format_table([_report(), _report(blasts=100, others=400)])
+    header, _, first, second = table.splitlines()
+    assert "blast % (95% CI)" in header and "M:E" in header and "review" in header
+    assert "40.0 (35.8-44.4)" in first and first.rstrip().endswith("-")
+    assert "20.0 (16.7-23.7)" in second and BLAST_STRADDLES in second
+
+
+@pytest.mark.parametrize(
+    ("flag", "value", "message"),
+    [
+        ("--target-cells", "-1", "--target-cells must be >= 0"),
+        ("--review-min-probability", "1.5", "min_diagnosis_probability"),
+        ("--review-max-unidentified", "-0.1", "max_unidentified_fraction"),
+    ],
+)
+def test_bad_flags_are_refused_before_any_request(tmp_path, capsys, flag, value, message):
+    (tmp_path / "P1").mkdir()
+    code = cli.main(["diagnose", str(tmp_path), "--url", "127.0.0.1:1", flag, value])
+    assert code == 2
+    assert message in capsys.readouterr().err
+
+
+# ------------------------------------------------- the review page, without a browser
+def _jpeg(seed: int) -> bytes:
+    import io
+
+    from PIL import Image
+
+    pixels = np.random.default_rng(seed).integers(0, 255, (96, 128, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="JPEG")
+    return buffer.getvalue()
+
+
+def _cell(label: str, unidentified: bool = False) -> Cell:
+    attributes = {name: taxonomy.attribute_value(name, False) for name in taxonomy.ATTRIBUTE_NAMES}
+    return Cell((10.0, 12.0, 40.0, 44.0), label, 0.9, attributes, 0.4 if unidentified else 0.95,
+                unidentified)  # fmt: skip
+
+
+def test_review_page_shows_the_json_numbers_and_puts_unidentified_cells_first():
+    cells = (_cell("lymphocyte"), _cell("myelocytic_blast"), _cell("monocyte", unidentified=True))
+    counts = dict.fromkeys(taxonomy.CLASSES, 0) | {"lymphocyte": 1, "myelocytic_blast": 1}
+    image = ImageResult("P<1>/a.jpg", cells, counts, (96, 128))
+    first = aggregate.build_report(
+        "P<1>", [image], {}, np.array([counts[c] for c in taxonomy.CLASSES]), CONFIDENT, None,
+        target_cells=500,
+    )  # fmt: skip
+    second = _report(blasts=100, others=400)
+    page = html_report.render_html([first, second], {"P<1>": {"P<1>/a.jpg": _jpeg(1)}})
+    dom = read_page(page)
+    data = [r.to_dict() for r in (first, second)]
+    assert list(dom.rows) == ["P<1>", "P1"]  # escaped in the page, read back intact
+    for patient in data:
+        assert shown_row(dom.rows[patient["patient_id"]]) == expected_row(patient)
+        lineages = {k: int(v) for k, v in dom.lineages[patient["patient_id"]].items()}
+        assert lineages == expected_lineages(patient)
+    missing = html_report.MISSING
+    assert dom.rows["P<1>"]["me_ratio"] == missing  # no erythroid cell: null in the JSON
+    assert all(src.startswith("data:image/jpeg;base64,") for src in dom.image_sources)
+    assert len(dom.image_sources) == 1 + 3  # one field, three crops
+    assert not [u for u in dom.urls if "://" in u] and "<script" not in page
+    first_section = page[: page.index('id="patient-P1"')]
+    galleries = re.findall(r'data-gallery="([^"]+)"', first_section)
+    assert galleries == [html_report.UNIDENTIFIED, "myelocytic_blast", "lymphocyte"]
+    assert "<P<1>" not in page and "P&lt;1&gt;" in page
+
+
+def test_referral_measurement_counts_caught_and_flagged_per_cohort():
+    from marrowdx.bench.referral import score
+
+    clear = _report()  # AML, confident, 40 % blasts
+    unsure = _report(probs={"ALL": 0.3, "AML": 0.6, "CML": 0.1})
+    straddling = _report(blasts=100, others=400)
+    labelled = [("a", clear, "AML"), ("a", unsure, "ALL"), ("b", straddling, "AML")]
+    a, b, total = score(labelled, DEFAULT_THRESHOLDS)
+    assert (a.cohort, a.patients, a.wrong, a.wrong_referred, a.correct_referred) == (
+        "a",
+        2,
+        1,
+        1,
+        0,
+    )
+    assert (b.correct, b.correct_referred, b.reasons) == (1, 1, {BLAST_STRADDLES: 1})
+    assert (total.caught, total.flagged) == (1.0, 0.5)
+    lenient = ReviewThresholds(min_diagnosis_probability=0.5)
+    assert score(labelled, lenient)[-1].caught == 0.0  # re-scored without running anything
