@@ -92,6 +92,11 @@ def discover(root: str | Path) -> Cohort:
             f"images in its own sub-folder {root}/<patient_id>/"
         )
     if not folders:
+        if is_slide_folder(root):  # one slide given instead of the cohort that holds it
+            raise CohortError(
+                f"{root} is one slide, not a cohort: put it in a patient folder and give its "
+                f"parent, DIR/<patient_id>/<the slide's DICOM files>"
+            )
         raise CohortError(
             f"{root} has no patient sub-folders; expected {root}/<patient_id>/<images>"
         )

@@ -41,9 +41,9 @@ ANNOTATION_DESCRIPTION = "marrowdx predicted cells (overlapping fields merged)"
 #: as stored (abutting; cells cut on their seams are joined by the merge; needs a pyramid level
 #: at the models' spacing and JPEG frames), or ``fields``, overlapping 1024 px fields decoded,
 #: resampled if needed and re-encoded. ``auto`` (default) takes the frames where the slide
-#: allows, else fields: measured on 2 cores (README, "Real slides"), re-encoding costs about
-#: 12-30 ms of CPU per field beside 37-41 ms of serving, and slide fields/s fell to 0.61 x
-#: the same fields as files; frames cost 0.1 ms and kept pace (1.3 x).
+#: allows, else fields: measured on 2 shared cores (README, "Real slides"), re-encoding costs
+#: the client 15-20 ms of CPU per field beside 33 ms of serving, and slide fields/s were
+#: 0.61-0.90 x the same fields as files; frames cost 0.1 ms and kept pace (1.06-1.33 x).
 TILINGS = ("auto", "fields", "frame_fields")
 #: Fields read ahead of the answers, per unit of client concurrency: enough that reading
 #: never starves the server, few enough that a slide's fields are not all held in memory.
@@ -191,8 +191,8 @@ async def _serve_fields(
     """Every field of the slide through the ensemble, read ahead in a worker thread.
 
     Returns, per ROI index, the processed (field, result) pairs in tiling order, and the
-    failed fields (name -> reason). A read error part-way
-    (a truncated frame) ends the slide's tiling and is reported under the slide's name.
+    failed fields (name -> reason). A read error part-way (a truncated frame) ends the
+    slide's tiling and is reported under the slide's name.
     """
     from marrowdx.slides import SlideError
 
@@ -207,12 +207,14 @@ async def _serve_fields(
     tasks: list[asyncio.Task[None]] = []
 
     async def one(view: Field, index: int, name: str) -> None:
+        error: str | None
         try:
             try:
                 result = await client.analyse_image(view.data, name)
             except RequestFailed as exc:
-                failed[name] = exc.reason
-                error: str | None = exc.reason
+                failed[name] = error = exc.reason
+            except Exception as exc:  # noqa: BLE001 - one odd field must not sink the cohort
+                failed[name] = error = f"client error: {type(exc).__name__}: {exc}"
             else:
                 per_roi.setdefault(view.roi.index, []).append((index, view, result))
                 error = None

@@ -23,7 +23,7 @@ import numpy as np
 from marrowdx import config
 
 #: Bump when the fitting or the held-out data change, so existing checkpoints are recalibrated.
-CALIBRATION_VERSION = 1
+CALIBRATION_VERSION = 2
 #: Metadata key (checkpoint metadata and ONNX metadata_props) holding the fitted numbers.
 METADATA_KEY = "calibration"
 #: Range the fitted temperature is kept in: outside it the held-out data say nothing useful
@@ -178,14 +178,23 @@ class HeadCalibration:
     nll_before: float
     nll_after: float
     n_samples: int
+    separable: bool = False
 
     def as_dict(self) -> dict[str, float | int]:
         return {k: (round(v, 6) if isinstance(v, float) else v) for k, v in asdict(self).items()}
 
 
 def calibrate_head(logits: np.ndarray, labels: np.ndarray) -> HeadCalibration:
-    """Fit T on held-out logits and measure ECE/NLL before (T = 1) and after."""
-    t = fit_temperature(logits, labels)
+    """Fit T on held-out logits and measure ECE/NLL before (T = 1) and after.
+
+    When the fit reaches MIN_TEMPERATURE, every held-out sample is answered right with a
+    margin (``separable``): such data set no limit on how sharp the model may be, and
+    sharpening it would only make its rare errors, on data unlike the held-out cohort,
+    certain. T stays 1 then (the diagnosis model on simulated patients is such a case).
+    """
+    fitted = fit_temperature(logits, labels)
+    separable = fitted <= MIN_TEMPERATURE
+    t = 1.0 if separable else fitted
     return HeadCalibration(
         temperature=t,
         ece_before=expected_calibration_error(softmax(logits), labels),
@@ -193,6 +202,7 @@ def calibrate_head(logits: np.ndarray, labels: np.ndarray) -> HeadCalibration:
         nll_before=negative_log_likelihood(logits, labels, 1.0),
         nll_after=negative_log_likelihood(logits, labels, t),
         n_samples=int(len(labels)),
+        separable=bool(separable),
     )
 
 

@@ -20,7 +20,10 @@ def add_common_options(parser: argparse.ArgumentParser) -> None:
         help="weights, ONNX files and caches (default: build/)",
     )
     parser.add_argument(
-        "--preset", default="reference", help="training preset: reference (full) or tiny (tests)"
+        "--preset",
+        default="reference",
+        help="training preset: reference (full), augmented (reference with inter-lab "
+        "augmentation) or tiny (tests)",
     )
     parser.add_argument("--quiet", action="store_true", help="no progress lines")
 

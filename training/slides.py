@@ -3,20 +3,22 @@
 ``marrowdx build --data DIR``, ``marrowdx train --data DIR`` and ``marrowdx evaluate --data
 DIR`` take a folder of slide patients (DIR/<patient_id>/ holding one slide's DICOM files and
 its annotation series, found by content). Training on slides must use the same pixels the
-served stack is sent, so each slide is tiled exactly as ``diagnose`` tiles it
-(``marrowdx.client.slides.tile``: the slide's own frames where it has a level at the models'
-spacing, else overlapping fields resampled to it), and each ground-truth cell (Consensus
-by default, or one annotator's session) is mapped from base-level slide pixels into field
-pixels. The result is an ordinary cohort folder (fields as image files, ``ground_truth.json``
-in field pixels) cached under the work dir, so training and evaluation run their usual code
-and print the usual metrics table.
+served stack is sent, so each slide is tiled by the client's tiler
+(``marrowdx.client.slides.tile``) into the overlapping fields ``diagnose --slide-tiling
+fields`` sends: they lie inside the labelled ROIs, whereas the slide's own frames (what
+``auto`` sends) reach beyond them, where cells are not labelled and would be taught as
+background. Each ground-truth cell (Consensus by default, or one annotator's session) is
+mapped from base-level slide pixels into field pixels. The result is an ordinary cohort
+folder (fields as image files, ``ground_truth.json`` in field pixels) cached under the work
+dir, so training and evaluation run their usual code and print the usual metrics table.
 
 Cells cut by a field's edge are kept, clipped to the field, when at least ``MIN_VISIBLE`` of
-the cell lies inside it: that is what the detector sees there, and with the slide's own
-frames (which abut) a cell on a corner is seen only in quarters, which the merge joins, so
-the detector must learn to find them; a thinner sliver is left out. A cell in an overlap belongs to every field that holds it,
-so per-patient counts in ``evaluate --data`` count it once per such field on both sides
-(truth and prediction alike); ``diagnose`` merges fields and counts it once.
+the cell lies inside it: that is what the detector sees there, and the slide's own frames
+(what ``diagnose`` sends by default) abut, so a cell on a frame corner is seen only in
+quarters, which the merge joins: the detector must learn to find such pieces. A thinner
+sliver is left out. A cell in an overlap belongs to every field that holds it, so
+per-patient counts in ``evaluate --data`` count it once per such field on both sides (truth
+and prediction alike); ``diagnose`` merges fields and counts it once.
 """
 
 from __future__ import annotations
@@ -135,7 +137,7 @@ def field_cohort(
     work_dir: Path,
     *,
     source: str = "consensus",
-    tiling: str = "auto",
+    tiling: str = "fields",
     log: Callable[[str], None] | None = None,
 ) -> FieldCohort:
     """Convert (once; cached by content) a slide cohort into a field cohort under

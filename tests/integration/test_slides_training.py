@@ -28,7 +28,7 @@ METRICS = (
 
 
 def n_served(data: Path) -> int:
-    """Fields ``diagnose`` would send for every slide of ``data`` (its default tiling)."""
+    """Fields of every slide of ``data`` in the training tiling (overlapping, inside ROIs)."""
     from marrowdx.client.slides import tile
 
     from marrowdx.slides import open_slide
@@ -36,7 +36,7 @@ def n_served(data: Path) -> int:
     total = 0
     for folder in sorted(p for p in data.iterdir() if p.is_dir()):
         with open_slide(folder) as slide:
-            total += sum(1 for _ in tile(slide, "auto"))
+            total += sum(1 for _ in tile(slide, "fields"))
     return total
 
 
@@ -59,7 +59,7 @@ def test_field_cohort_labels_what_the_server_sees(slide_data: Path, tmp_path: Pa
     assert cohort.patients == 3 and cohort.fields == n_served(slide_data) and not cohort.skipped
     first = gt["patients"][0]
     with open_slide(slide_data / "P0001") as slide:
-        fields = list(tile(slide, "auto"))  # what diagnose sends by default
+        fields = list(tile(slide, "fields"))  # what diagnose --slide-tiling fields sends
         truth = slide.ground_truth()
         assert first["diagnosis"] == slide.diagnosis
     # The written fields are byte for byte what diagnose sends.

@@ -127,9 +127,17 @@ def test_zoom_batch_scales_boxes_with_the_pixels() -> None:
 
 def test_presets_augment_and_fingerprint_follows_the_spec() -> None:
     import dataclasses
+    import hashlib
+    import json
 
-    for preset in PRESETS.values():
-        assert preset.augment.enabled
     ref = PRESETS["reference"]
-    changed = dataclasses.replace(ref, augment=ag.NO_AUGMENT)
+    assert not ref.augment.enabled  # off by default (README "Model quality")
+    assert PRESETS["augmented"].augment.enabled and PRESETS["tiny"].augment.enabled
+    # without augmentation the fingerprint is what it was before the field existed
+    fields = dataclasses.asdict(ref)
+    del fields["augment"]
+    old = hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()
+    assert ref.fingerprint() == old[:16]
+    changed = dataclasses.replace(ref, augment=ag.AugmentSpec())
     assert changed.fingerprint() != ref.fingerprint()
+    assert dataclasses.replace(changed, name="augmented") == PRESETS["augmented"]

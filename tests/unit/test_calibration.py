@@ -53,6 +53,14 @@ def test_fit_stays_in_range_on_separable_data() -> None:
     assert cal.fit_temperature(logits, np.array([1, 0])) == cal.MAX_TEMPERATURE
 
 
+def test_separable_held_out_data_leave_the_temperature_at_one() -> None:
+    logits = np.array([[6.0, 0.0, 0.0], [0.0, 6.0, 0.0], [0.0, 0.0, 6.0]] * 10)
+    head = cal.calibrate_head(logits, np.array([0, 1, 2] * 10))
+    assert head.separable and head.temperature == 1.0
+    assert head.ece_after == pytest.approx(head.ece_before)
+    assert not cal.calibrate_head(*_overconfident(2.0)).separable
+
+
 def test_ece_formula_on_a_hand_worked_case() -> None:
     probs = np.array([[0.9, 0.1], [0.9, 0.1], [0.4, 0.6], [0.4, 0.6]])
     labels = np.array([0, 1, 1, 1])

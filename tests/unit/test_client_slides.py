@@ -222,3 +222,17 @@ def test_auto_sends_frames_and_joins_cells_cut_on_their_seams(monkeypatch) -> No
     assert report.failed_images == {} and report.n_fields == 2
     got = sorted(c.box for c in report.images[0].cells)
     assert np.allclose(got, sorted(map(tuple, cells[0])), atol=1e-6)
+
+
+def test_one_slide_given_instead_of_a_cohort_is_named(tmp_path: Path) -> None:
+    """DIR holding a slide's DICOM files directly: the error says to give the parent."""
+    from marrowdx.client.cohort import discover
+
+    from marrowdx.errors import CohortError
+    from marrowdx.slides.detect import WSI_SOP_CLASS
+
+    uid = WSI_SOP_CLASS.encode() + b"\0"
+    meta = b"\x02\x00\x02\x00UI" + len(uid).to_bytes(2, "little") + uid
+    (tmp_path / "level_0.dcm").write_bytes(b"\0" * 128 + b"DICM" + meta)
+    with pytest.raises(CohortError, match="is one slide, not a cohort"):
+        discover(tmp_path)

@@ -82,9 +82,9 @@ def test_quality_excluded_fields_count_as_failed_ones():
 
 def test_many_unidentified_cells_refer(tmp_path):
     report = _report()
-    report.n_unidentified = 40  # 40 of 540 cells: 7.4 % > 5 %
+    report.n_unidentified = 60  # 60 of 560 cells: 10.7 % > 10 %
     assert [r.code for r in review_reasons(report)] == [UNIDENTIFIED]
-    report.n_unidentified = 20  # 3.7 %
+    report.n_unidentified = 50  # 9.1 %
     assert review_reasons(report) == []
 
 
