@@ -148,7 +148,23 @@ def test_image_checks_refuse_declared_dimensions_before_decoding() -> None:
         check_encoded_image(png, ImageLimits(max_bytes=len(png) - 1))
 
 
-def test_guarded_preprocess_isolates_a_corrupt_image_and_recovers() -> None:
+def test_guarded_preprocess_rejects_corrupt_data_before_dali() -> None:
+    """The byte checks catch broken scan data, so DALI never sees it (no rebuild needed)."""
+    good = [_encode(Image.fromarray(_field(seed=i)), "JPEG") for i in range(2)]
+    corrupt = good[0][:600] + bytes(300) + good[0][900:]  # header fine, scan data broken
+    pre = GuardedPreprocessor(max_batch_size=4)
+    mixed = pre([good[0], corrupt, good[1]])
+    assert isinstance(mixed[1], Rejected) and "corrupt" in mixed[1].reason
+    assert pre.rebuilds == 0
+    assert all(isinstance(r, Preprocessed) for r in (mixed[0], mixed[2]))
+
+
+def test_guarded_preprocess_isolates_a_dali_failure_and_recovers(monkeypatch) -> None:
+    """Should DALI still raise on data the checks passed, the pipeline is rebuilt and only
+    the culprit fails (the checks are switched off here to reach that path)."""
+    from marrowdx.serving import guarded_preprocess
+
+    monkeypatch.setattr(guarded_preprocess, "check_encoded_image", lambda data, limits: None)
     good = [_encode(Image.fromarray(_field(seed=i)), "JPEG") for i in range(3)]
     corrupt = good[0][:600] + bytes(300) + good[0][900:]  # header fine, scan data broken
     pre = GuardedPreprocessor(max_batch_size=4)
