@@ -29,9 +29,9 @@ class QualitySpec:
 
     Why in the preprocessing graph: the pixels are already decoded and resized there, on both
     targets (DALI CPU or GPU), so no second decode is needed. Why at 256 pixels: measured on
-    the 2-core host, the same measures on the 512-pixel image cost 4.4 ms of CPU per image
-    (float copies of a quarter-megapixel image), at 256 pixels they are within noise of none
-    (13.99 vs 13.97 ms per image for the whole preprocess step). The fields
+    the 2-core host, the measures cost 2.4 ms of CPU per 1024x1024 field at 256 pixels
+    (13.7-14.1 vs 11.4-11.6 ms for the whole preprocess step) and 4.4 ms more on the
+    512-pixel image (float copies of a quarter-megapixel image). The fields
     (``contract.QUALITY_FIELDS``):
 
     - focus: variance of the 3x3 Laplacian (sharp edges give large values; blur removes them);

@@ -130,8 +130,9 @@ _PNG_SIGNATURE_LEN = 8
 _JPEG_EOI = b"\xff\xd9"
 #: Bytes that may follow 0xFF inside JPEG entropy-coded data: stuffing (00), restart markers
 #: (D0-D7), fill bytes (FF), and the markers that may end a scan or separate scans.
-_JPEG_SCAN_OK = frozenset(
-    [0x00, 0xFF, *range(0xD0, 0xD8), 0xD9, 0xDA, 0xC4, 0xDB, 0xDD, *range(0xE0, 0xF0), 0xFE]
+_JPEG_SCAN_OK = np.array(
+    [0x00, 0xFF, *range(0xD0, 0xD8), 0xD9, 0xDA, 0xC4, 0xDB, 0xDD, *range(0xE0, 0xF0), 0xFE],
+    np.uint8,
 )
 
 
@@ -189,7 +190,7 @@ def check_jpeg_integrity(data: bytes, *, strict_decode: bool = True) -> None:
     ff = np.flatnonzero(scan[:-1] == 0xFF)
     if len(ff):
         follow = scan[ff + 1]
-        bad = ~np.isin(follow, np.fromiter(_JPEG_SCAN_OK, np.uint8))
+        bad = ~np.isin(follow, _JPEG_SCAN_OK)
         if bad.any():
             where = sos + 2 + int(ff[np.argmax(bad)])
             marker = int(follow[np.argmax(bad)])
