@@ -24,6 +24,7 @@ from tritonclient.utils import InferenceServerException
 
 from marrowdx import config, contract
 from marrowdx.contract import PIPELINE_OUTPUTS
+from marrowdx.differential import DiagnosisInputs
 from marrowdx.errors import RequestFailed
 
 T = TypeVar("T")
@@ -147,13 +148,9 @@ def image_inputs(data: bytes) -> list[grpcclient.InferInput]:
 def diagnosis_inputs(
     fractions: np.ndarray, total_cells: float, lab_values: np.ndarray, lab_mask: np.ndarray
 ) -> list[grpcclient.InferInput]:
-    t = config.TENSORS
-    values = {
-        t.fractions: fractions,
-        t.total_cells: total_cells,
-        t.lab_values: lab_values,
-        t.lab_mask: lab_mask,
-    }
+    values = DiagnosisInputs(
+        fractions, np.asarray([total_cells], np.float32), lab_values, lab_mask
+    ).tensors()
     return [_infer_input(spec, values[spec.name]) for spec in contract.DIAGNOSIS.inputs]
 
 
