@@ -25,7 +25,7 @@ KINDS = contract.EXPORTED_MODELS
 #: Processes rendering the training cohort (the simulator's output is identical for any count).
 SIMULATION_WORKERS = 2
 #: Bump when model code changes in a way that invalidates trained weights.
-MODEL_CODE_VERSION = 4
+MODEL_CODE_VERSION = 5
 
 
 @dataclass

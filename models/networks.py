@@ -28,9 +28,63 @@ LOG_CELL_SIDE_CENTER = math.log(32.0)
 LOG_TOTAL_CELLS_SCALE = 7.0
 
 
+#: Per-field stain normalisation (:class:`StainNormalizer`). Statistics are taken on a copy
+#: pooled by STAIN_POOL: pooling averages sensor noise and leaves 16x fewer values to rank.
+STAIN_POOL = 4
+#: Background (the brightest area, plasma) = the brightest block of this many pooled pixels
+#: per side (8 x 8 input pixels): small enough to find a gap between crowded cells.
+BACKGROUND_BLOCK = 2
+#: Each channel's stain strength = mean OD of its darkest STAIN_TOP_FRACTION of the field:
+#: nuclei and red cells, i.e. how strongly the slide took up stain, not how much of it is cells.
+STAIN_TOP_FRACTION = 0.05
+#: Where that strength is moved to, per RGB channel (OD above background): the median over
+#: unshifted simulated fields, so the images the models were trained on barely change.
+STAIN_TARGET_OD = (0.82, 1.13, 0.56)
+#: Gains beyond these are not a stain difference but an empty or blank field: capped.
+STAIN_GAIN_LIMITS = (0.25, 4.0)
+#: Optical density of a grey level v is ln(OD_WHITE / (v + 1)): 255 -> 0, 0 -> finite.
+OD_WHITE = 256.0
+
+
+class StainNormalizer(nn.Module):
+    """Per-field stain and light normalisation in optical density (Beer-Lambert), in-graph.
+
+    Why: labs differ in stain batch and time, lamp, white balance and camera gamma. In OD
+    (``ln(white / I)``) these act simply: white balance and brightness add a constant per
+    channel, gamma and stain strength multiply it. So each field's background OD is
+    subtracted per channel (brightest 8 x 8 block) and each channel's OD is scaled so that
+    its darkest 5% sit at :data:`STAIN_TARGET_OD`. The layers take that normalised OD
+    (0 = background, about 0-2): going back to grey levels would cost two more passes over
+    the field for nothing the layers need.
+
+    Being part of the detector's and classifier's ``forward``, it is exported with them and
+    runs identically in torch, ONNX Runtime and TensorRT (both targets); training sees the
+    same normalisation after its augmentation. What it cannot undo (a change of stain hue,
+    blur, noise, JPEG) is left to the training augmentation (``training.augment``).
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        target = torch.tensor(STAIN_TARGET_OD, dtype=torch.float32).reshape(1, 3, 1)
+        self.register_buffer("target", target, persistent=False)
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        """uint8 or float pixels [B,3,H,W] (0-255) -> normalised OD [B,3,H,W] (float)."""
+        # OD - background = ln(OD_WHITE) - background - ln(x + 1): one log pass over the field
+        log_light = torch.log(pixels.to(self.target.dtype) + 1.0)
+        pooled = F.avg_pool2d(log_light, STAIN_POOL)
+        brightest = F.avg_pool2d(pooled, BACKGROUND_BLOCK).amax(dim=(2, 3), keepdim=True)
+        stained = F.relu(brightest - pooled).flatten(2)  # pooled OD above background [B,3,N]
+        top = max(1, int(stained.shape[2] * STAIN_TOP_FRACTION))
+        strength = torch.topk(stained, top, dim=2).values.mean(dim=2, keepdim=True)
+        gain = torch.clamp(self.target / torch.clamp(strength, min=1e-3), *STAIN_GAIN_LIMITS)
+        return F.relu(brightest - log_light) * gain.unsqueeze(-1)
+
+
 class PixelNormalizer(nn.Module):
     """UINT8 PIXELS (0-255, as the preprocess step sends them) -> the float input the layers
-    were trained on, ``(x - NORM_MEAN) / NORM_STD`` per channel.
+    were trained on: :class:`StainNormalizer`'s OD when ``stain`` (all trained presets), else
+    ``(x - NORM_MEAN) / NORM_STD`` per channel.
 
     It is the first op of the detector's and the classifier's graphs rather than part of
     preprocessing so that the tensor moved between the served steps stays uint8: a quarter
@@ -42,25 +96,18 @@ class PixelNormalizer(nn.Module):
     keeps them out of checkpoints: they come from ``config``, not from training.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, stain: bool = True) -> None:
         super().__init__()
+        self.stain = StainNormalizer() if stain else None
         mean = torch.tensor(config.NORM_MEAN, dtype=torch.float32).reshape(1, 3, 1, 1)
         std = torch.tensor(config.NORM_STD, dtype=torch.float32).reshape(1, 3, 1, 1)
         self.register_buffer("mean", mean, persistent=False)
         self.register_buffer("inv_std", 1.0 / std, persistent=False)
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        if self.stain is not None:
+            return self.stain(pixels)
         return (pixels.to(self.mean.dtype) - self.mean) * self.inv_std
-
-
-#: Host-side instance for callers outside a model (training batches on the CPU).
-_HOST_NORMALIZER = PixelNormalizer()
-
-
-def normalize_pixels(pixels: torch.Tensor) -> torch.Tensor:
-    """:class:`PixelNormalizer` for tensors outside a model (training data on the host):
-    the same definition the served graphs use, on ``pixels``' device."""
-    return _HOST_NORMALIZER.to(pixels.device)(pixels)
 
 
 class Temperature(nn.Module):
@@ -111,6 +158,8 @@ class DetectorSpec:
     max_detections: int = config.MAX_DETECTIONS
     score_threshold: float = 0.3
     input_size: int = config.INPUT_SIZE
+    # per-field stain/light normalisation as the graph's first op (StainNormalizer)
+    stain_normalization: bool = True
 
 
 class CellDetector(nn.Module):
@@ -125,7 +174,7 @@ class CellDetector(nn.Module):
     def __init__(self, spec: DetectorSpec = DetectorSpec()) -> None:
         super().__init__()
         self.spec = spec
-        self.normalize = PixelNormalizer()
+        self.normalize = PixelNormalizer(spec.stain_normalization)
         w4, w8, w16, hd = spec.width4, spec.width8, spec.width16, spec.head
         self.stem = nn.Sequential(conv_bn(3, 16, 2), conv_bn(16, w4, 2), conv_bn(w4, w4))
         self.down8 = nn.Sequential(conv_bn(w4, w8, 2), conv_bn(w8, w8))
@@ -222,6 +271,8 @@ class ClassifierSpec:
     max_boxes: int = config.MAX_DETECTIONS
     n_classes: int = config.N_CLASSES
     n_attributes: int = config.N_ATTRIBUTES
+    # per-field stain/light normalisation as the graph's first op (StainNormalizer)
+    stain_normalization: bool = True
 
 
 class CellClassifier(nn.Module):
@@ -236,7 +287,7 @@ class CellClassifier(nn.Module):
     def __init__(self, spec: ClassifierSpec = ClassifierSpec()) -> None:
         super().__init__()
         self.spec = spec
-        self.normalize = PixelNormalizer()
+        self.normalize = PixelNormalizer(spec.stain_normalization)
         w1, w2, w3 = spec.widths
         self.backbone = nn.Sequential(
             conv_bn(3, w1, 2),

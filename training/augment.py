@@ -45,15 +45,16 @@ class AugmentSpec:
     stain_scale: float = 0.45  # per-stain concentration multiplier exp(U(-a, a))
     stain_shift: float = 0.02  # per-stain additive OD
     od_channel_gain: float = 0.15  # per-RGB-channel OD multiplier exp(U(-a, a)) (hue)
+    od_mixing: float = 0.15  # OD mixed across channels by I + U(-a, a) (dye colour change)
     brightness: float = 0.12  # multiplier 1 + U(-a, a)
     gamma: float = 0.5  # exponent exp(U(-a, a))
     white_balance: float = 0.2  # per-channel gain 1 + U(-a, a)
     blur_probability: float = 0.4
-    blur_sigma: float = 1.6  # max Gaussian sigma (512-pixel input)
+    blur_sigma: float = 2.0  # max Gaussian sigma (512-pixel input)
     noise_probability: float = 0.5
     noise_sigma: float = 5.0  # max grey levels
     jpeg_probability: float = 0.3
-    jpeg_quality: tuple[int, int] = (15, 90)
+    jpeg_quality: tuple[int, int] = (8, 90)
     scale_probability: float = 0.5
     scale: float = 0.15  # zoom factor U(1 - a, 1 + a)
 
@@ -100,9 +101,10 @@ def od_transform(spec: AugmentSpec, rng: np.random.Generator) -> tuple[np.ndarra
     scale = np.exp(rng.uniform(-spec.stain_scale, spec.stain_scale, 3))
     shift = rng.uniform(-spec.stain_shift, spec.stain_shift, 3)
     gain = np.exp(rng.uniform(-spec.od_channel_gain, spec.od_channel_gain, 3))
+    mixing = np.eye(3) + rng.uniform(-spec.od_mixing, spec.od_mixing, (3, 3))
     stain = STAIN_VECTORS
-    a = np.linalg.inv(stain) @ np.diag(scale) @ stain @ np.diag(gain)
-    b = shift @ stain @ np.diag(gain)
+    a = np.linalg.inv(stain) @ np.diag(scale) @ stain @ np.diag(gain) @ mixing
+    b = shift @ stain @ np.diag(gain) @ mixing
     return a.astype(np.float32), b.astype(np.float32)
 
 

@@ -230,7 +230,6 @@ def held_out_cells(detector, classifier, data) -> HeldOutCells:
     the classifier sees the detector's boxes, and a box counts when it matches a true cell
     at IoU 0.5 (the evaluation's rule), so detector error is part of what is calibrated."""
     import torch
-    from marrowdx.models.networks import normalize_pixels
     from marrowdx.training import metrics
 
     cls_out, att_out, labels, attrs = [], [], [], []
@@ -246,7 +245,7 @@ def held_out_cells(detector, classifier, data) -> HeldOutCells:
             if len(match.pred_index) == 0:
                 continue
             picked = boxes[:, torch.from_numpy(match.pred_index)]
-            cls, att = classifier.logits(normalize_pixels(pixels), picked)
+            cls, att = classifier.logits(classifier.normalize(pixels), picked)
             cls_out.append(cls[0].numpy())
             att_out.append(att[0].numpy())
             labels.append(data.cells.labels[gt][match.gt_index])

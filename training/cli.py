@@ -22,8 +22,7 @@ def add_common_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--preset",
         default="reference",
-        help="training preset: reference (full), augmented (reference with inter-lab "
-        "augmentation) or tiny (tests)",
+        help="training preset: reference (full) or tiny (tests)",
     )
     parser.add_argument("--quiet", action="store_true", help="no progress lines")
 

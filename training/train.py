@@ -18,7 +18,6 @@ from marrowdx.models.networks import (
     CellClassifier,
     CellDetector,
     DiagnosisModel,
-    normalize_pixels,
 )
 from marrowdx.training.augment import (
     augment_batch,
@@ -123,7 +122,7 @@ def train_detector(
                 x, t = x[:, ::-1, :], flip_heatmap_labels(t, horizontal=False)
             xs.append(photometric(np.ascontiguousarray(x), aug, rng))
             ts.append(t)
-        x = normalize_pixels(torch.from_numpy(np.stack(xs)))
+        x = model.normalize(torch.from_numpy(np.stack(xs)))
         t = torch.from_numpy(np.stack(ts))
         _cosine_lr(opt, preset.det_lr, step, preset.det_steps)
         logits, regress = model.features(x)
@@ -194,7 +193,7 @@ def train_classifier(
             attrs.append(cells.attributes[pick])
         raw = augment_batch(data.image_pixels(images), preset.augment, rng)
         raw, box_np = zoom_batch(raw, np.stack(boxes), draw_scale(preset.augment, rng))
-        pixels = normalize_pixels(torch.from_numpy(raw))
+        pixels = model.normalize(torch.from_numpy(raw))
         box_t = torch.from_numpy(box_np)
         crops = augment_crops(model.crops(pixels, box_t), rng)
         cls, att = model.classify_crops(crops, box_t)
@@ -224,7 +223,7 @@ def classifier_confusion(
         idx = data.cells_of(i)
         if len(idx) == 0:
             continue
-        pixels = normalize_pixels(torch.from_numpy(data.image_pixels([i])))
+        pixels = model.normalize(torch.from_numpy(data.image_pixels([i])))
         cls, _ = model.logits(pixels, torch.from_numpy(data.cells.boxes[idx][None]))
         np.add.at(conf, (data.cells.labels[idx], cls[0].argmax(-1).numpy()), 1.0)
     rows = conf.sum(1, keepdims=True)

@@ -26,8 +26,8 @@ MODEL_UM_PER_PIXEL = 0.25
 MAX_DETECTIONS = 256
 #: Side of the square crop the classifier takes around each detected cell (pixels).
 CROP_SIZE = 64
-#: Per-channel normalisation (RGB, 0-255 scale): the first op of the detector and classifier
-#: graphs, so PIXELS travel between the served steps as uint8.
+#: Per-channel scaling (RGB, 0-255) of models built without stain normalisation
+#: (``stain_normalization=False`` in their spec; every preset normalises stain in-graph).
 NORM_MEAN = (0.0, 0.0, 0.0)
 NORM_STD = (255.0, 255.0, 255.0)
 #: Grey level used to pad the letterbox (RGB, 0-255).

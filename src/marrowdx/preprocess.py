@@ -7,9 +7,9 @@ decoder). The letterbox is anchored top-left: the longer side is resized to
 image needs only the per-axis scales (``LETTERBOX = [scale_x, scale_y, pad_x, pad_y]``,
 pads are zero but kept in the contract).
 
-PIXELS stay uint8: normalisation (``config.NORM_MEAN``/``NORM_STD``) is the first op of the
-detector and classifier graphs (``marrowdx.models.networks.normalize_pixels``), so the tensor
-every served step passes on is a quarter of the float32 size.
+PIXELS stay uint8: normalisation (per-field stain and light normalisation in optical density,
+``marrowdx.models.networks.PixelNormalizer``) is the first op of the detector and classifier
+graphs, so the tensor every served step passes on is a quarter of the float32 size.
 """
 
 from __future__ import annotations
@@ -43,12 +43,24 @@ class QualitySpec:
     - brightness: mean grey level (0-255), for reports.
 
     Thresholds that decide pass/fail live in the client (``marrowdx.client.quality``).
+
+    ``enabled=False`` replaces the measures with :data:`UNMEASURED_QUALITY`, so that
+    ``marrowdx bench --workload gate`` can serve the same graph with and without their cost
+    (the cpu preprocess model's ``measure_field_quality`` parameter); never for diagnosis.
     """
 
     side: int = 256
     stained_below: int = 150
     thick_below: int = 120
     thick_grid: int = 32
+    enabled: bool = True
+
+
+#: FIELD_QUALITY when the measures are off (``QualitySpec(enabled=False)``): finite, and a pass
+#: under any thresholds the client accepts (focus at float32's maximum, every pixel stained,
+#: nothing thick, brightness 0), so the tensor keeps its dtype and shape and the gate counts
+#: every field.
+UNMEASURED_QUALITY = (float(np.finfo(np.float32).max), 1.0, 0.0, 0.0)
 
 
 @dataclass(frozen=True)
@@ -62,6 +74,11 @@ def quality_graph(resized, spec: QualitySpec = QualitySpec()):
     """FIELD_QUALITY float32[4] of a resized RGB (HWC uint8) field, inside a DALI graph."""
     from nvidia.dali import fn, types
 
+    if not spec.enabled:
+        # Per-sample constants tied to ``resized`` (its shape only, no pixel is read), so the
+        # batch size follows the input's.
+        zero = fn.cast(resized.shape(), dtype=types.FLOAT)[0] * 0.0
+        return fn.stack(*(zero + value for value in UNMEASURED_QUALITY))
     small = fn.resize(resized, resize_longer=float(spec.side), antialias=False)
     grey = fn.color_space_conversion(small, image_type=types.RGB, output_type=types.GRAY)
     laplacian = fn.laplacian(grey, window_size=3, dtype=types.FLOAT)
@@ -180,16 +197,19 @@ class CpuPreprocessor:
     raised is unusable). Training, the in-process pipeline and the served preprocess model
     all run their batches through this one class."""
 
-    def __init__(self, max_batch_size: int = 8, num_threads: int = 1) -> None:
+    def __init__(
+        self, max_batch_size: int = 8, num_threads: int = 1, spec: PreprocessSpec = PreprocessSpec()
+    ) -> None:
         self.max_batch_size = max_batch_size
         self.num_threads = num_threads
+        self.spec = spec
         self._pipe = None
         self.rebuilds = 0  # failing pipelines replaced so far (for tests and diagnostics)
 
     def _pipeline(self):
         if self._pipe is None:
             self._pipe = build_pipeline(
-                batch_size=self.max_batch_size, num_threads=self.num_threads
+                batch_size=self.max_batch_size, num_threads=self.num_threads, spec=self.spec
             )
             self._pipe.build()
         return self._pipe

@@ -1,7 +1,8 @@
 """``marrowdx bench`` end to end on the tiny models: JSON schema and plot, not speed.
 
 Speed is what the bench measures, never what a test asserts; this checks that the three
-measurements ran on the same images against the real server and reported what the issue asks.
+measurements ran on the same images against the real server and reported what the issue asks,
+and that the gate workload served both sides (measures on and off) from two servers of its own.
 """
 
 from __future__ import annotations
@@ -106,3 +107,33 @@ def test_no_gpu_is_reported_with_a_reason_and_a_plot_is_written(bench_doc) -> No
         assert doc["gpu_reason"]
     png = out.with_suffix(".png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def gate_doc(built_repository, tmp_path_factory) -> dict:
+    out = tmp_path_factory.mktemp("gate") / "gate.json"
+    argv = [
+        "bench",
+        "--workload", "gate",
+        "--json", str(out),
+        "--images", "2",
+        "--rounds", "1",
+        "--gate-concurrency", "1",
+        "--repository", str(built_repository),
+    ]  # fmt: skip
+    assert cli.main(argv) == 0  # both servers answered as their side says (gate.check_sides)
+    return json.loads(out.read_text())
+
+
+def test_gate_workload_measures_both_sides_and_their_ratio(gate_doc) -> None:
+    gate = gate_doc["gate"]
+    (r,) = gate["rounds"]
+    fields = 2 * -(-MIN_WINDOW_ROUNDS // 2)  # whole passes over 2 images, 1 client
+    for side in ("on", "off"):
+        assert r[f"{side}_failures"] == 0 and r[f"{side}_fields"] == fields
+        assert r[f"{side}_fields_per_s"] > 0 and r[f"{side}_cpu_ms_per_field"] > 0
+        rows = {row["model"]: row for row in gate["triton_statistics"][side]}
+        assert rows[config.MODELS.preprocess]["inferences"] >= 2
+    assert gate["off_over_on"] == pytest.approx(r["off_fields_per_s"] / r["on_fields_per_s"])
+    assert gate["gate_cost"] == pytest.approx(1 - 1 / gate["off_over_on"])
+    assert gate_doc["workload"]["images"] == 2 and gate_doc["environment"]["cpu_cores"] >= 1

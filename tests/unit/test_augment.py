@@ -28,6 +28,7 @@ def _only(**on) -> ag.AugmentSpec:
         stain_scale=0.0,
         stain_shift=0.0,
         od_channel_gain=0.0,
+        od_mixing=0.0,
         brightness=0.0,
         gamma=0.0,
         white_balance=0.0,
@@ -130,14 +131,13 @@ def test_presets_augment_and_fingerprint_follows_the_spec() -> None:
     import hashlib
     import json
 
-    ref = PRESETS["reference"]
-    assert not ref.augment.enabled  # off by default (README "Model quality")
-    assert PRESETS["augmented"].augment.enabled and PRESETS["tiny"].augment.enabled
+    assert PRESETS["reference"].augment.enabled and PRESETS["tiny"].augment.enabled
+    plain = dataclasses.replace(PRESETS["reference"], augment=ag.NO_AUGMENT)
     # without augmentation the fingerprint is what it was before the field existed
-    fields = dataclasses.asdict(ref)
+    fields = dataclasses.asdict(plain)
     del fields["augment"]
     old = hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()
-    assert ref.fingerprint() == old[:16]
-    changed = dataclasses.replace(ref, augment=ag.AugmentSpec())
-    assert changed.fingerprint() != ref.fingerprint()
-    assert dataclasses.replace(changed, name="augmented") == PRESETS["augmented"]
+    assert plain.fingerprint() == old[:16]
+    assert PRESETS["reference"].fingerprint() != plain.fingerprint()
+    milder = dataclasses.replace(PRESETS["reference"], augment=ag.AugmentSpec(od_mixing=0.01))
+    assert milder.fingerprint() != PRESETS["reference"].fingerprint()

@@ -170,3 +170,98 @@ def test_ratios_are_null_not_nan_when_a_side_measured_nothing(tmp_path) -> None:
     doc = json.loads((tmp_path / "b.json").read_text())
     assert doc["served_over_limit"] is None and doc["served_over_peer"] is None
     assert not math.isnan(doc["served"]["best"]["images_per_s"])
+
+
+# ------------------------------------------------------------------ gate workload (no server)
+def _bench_args(*extra: str):
+    import argparse
+
+    from marrowdx.bench.cli import configure_bench
+
+    parser = argparse.ArgumentParser()
+    configure_bench(parser)
+    return parser.parse_args(["--json", "out.json", *extra])
+
+
+def test_bench_cli_takes_the_gate_workload_and_all_leaves_it_out() -> None:
+    from marrowdx.bench import gate
+
+    args = _bench_args("--workload", "gate", "--gate-concurrency", "4", "--rounds", "2")
+    assert (args.workload, args.gate_concurrency, args.rounds) == ("gate", 4, 2)
+    default = _bench_args()
+    assert default.workload == "all" and default.gate_concurrency == gate.DEFAULT_GATE_CONCURRENCY
+
+
+def test_gate_refuses_a_running_server_before_starting_anything() -> None:
+    from marrowdx.bench.cli import run_bench
+    from marrowdx.errors import InputError
+
+    with pytest.raises(InputError, match="two servers"):
+        run_bench(_bench_args("--workload", "gate", "--url", "127.0.0.1:1"))
+    with pytest.raises(InputError, match="rounds"):
+        run_bench(_bench_args("--workload", "gate", "--rounds", "0"))
+
+
+def test_gate_off_repository_changes_only_the_preprocess_parameter(tmp_path) -> None:
+    from marrowdx import contract
+    from marrowdx.bench.gate import gate_off_repository
+    from marrowdx.resources import model_repository_sources
+    from marrowdx.serving.python_models import MEASURE_FIELD_QUALITY
+
+    src = model_repository_sources()
+    before = (src / "preprocess" / "config.pbtxt").read_text()
+    out = gate_off_repository(src, tmp_path / "repo")  # checks the contract itself, too
+    contract.check_repository(out, ("cpu",))
+    for name in contract.MODELS:
+        if name != config.MODELS.preprocess:
+            assert (out / name).resolve() == (src / name).resolve()
+    pre = out / config.MODELS.preprocess
+    assert (pre / "1").resolve() == (src / "preprocess" / "1").resolve()
+    text = (pre / "config.pbtxt").read_text()
+    assert text.startswith(before) and (src / "preprocess" / "config.pbtxt").read_text() == before
+    params = {p["key"][0]: p["value"][0] for p in contract.parse_pbtxt(text)["parameters"]}
+    assert params[MEASURE_FIELD_QUALITY] == {"string_value": ["0"]}
+    assert params["dali_num_threads"] == {"string_value": ["1"]}  # the source's stay as they are
+
+
+def test_gate_rounds_alternate_the_sides_and_the_ratio_is_their_median(monkeypatch) -> None:
+    import dataclasses
+
+    from marrowdx.bench import gate, served
+
+    speeds = {"on-url": iter([9.0, 4.0, 8.0, 3.0]), "off-url": iter([9.0, 5.0, 9.0, 3.3])}
+    calls: list[str] = []
+
+    def fake_measure_served(url, images, concurrencies, n, admin_key, pids):
+        assert concurrencies == [4] and n == len(images) == 3 and pids == [42]
+        calls.append(url)
+        level = _level(4, next(speeds[url]))
+        cpu = level.images * (0.050 if url == "on-url" else 0.048)
+        return [served.ServedLevel(dataclasses.replace(level, cpu_seconds=cpu), [])]
+
+    monkeypatch.setattr(served, "measure_served", fake_measure_served)
+    servers = {"on": ("on-url", "", 42), "off": ("off-url", "", 42)}
+    bench = gate.measure_gate(servers, [b"a", b"b", b"c"], concurrency=4, rounds=3)
+    # one warm-up per side, then on/off, off/on, on/off
+    on, off = "on-url", "off-url"
+    assert calls == [on, off, on, off, off, on, on, off]
+    doc = bench.to_dict()
+    assert doc["off_over_on"] == pytest.approx(9.0 / 8.0)  # of 5/4, 9/8 and 3.3/3
+    assert doc["gate_cost"] == pytest.approx(1 - 8.0 / 9.0)
+    assert doc["goal"] == {"max_gate_cost": 0.05, "met": False}
+    assert (doc["on_fields_per_s"], doc["off_fields_per_s"]) == pytest.approx((4.0, 5.0))
+    assert doc["measures_cpu_ms_per_field"] == pytest.approx(2.0)
+    assert set(doc["triton_statistics"]) == {"on", "off"}
+    line = gate.summary_line(doc, {"load_average_1m": 2.5, "cpu_cores": 2})
+    assert "off/on 1.125" in line and "not met" in line and "load average 2.5 on 2 cores" in line
+
+
+def test_gate_ratio_is_null_when_a_side_measured_nothing(tmp_path) -> None:
+    from marrowdx.bench import gate
+
+    row = {"on_fields_per_s": 0.0, "off_fields_per_s": 5.0}
+    row |= {"on_cpu_ms_per_field": math.nan, "off_cpu_ms_per_field": 40.0}
+    doc = report.write_doc(gate.GateBench(4, 3, [row]).to_dict(), tmp_path / "g.json")
+    assert math.isnan(doc["off_over_on"]) and doc["goal"]["met"] is False
+    on_disk = json.loads((tmp_path / "g.json").read_text())
+    assert on_disk["off_over_on"] is None and on_disk["gate_cost"] is None

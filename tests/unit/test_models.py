@@ -19,7 +19,6 @@ from marrowdx.models.networks import (
     DetectorSpec,
     DiagnosisModel,
     DiagnosisSpec,
-    normalize_pixels,
 )
 from marrowdx.training import metrics
 from marrowdx.training.data import CellTable, PreparedCohort, attribute_bits
@@ -89,7 +88,7 @@ def test_classifier_masks_padded_rows_and_counts_argmax() -> None:
     num = torch.tensor([[5], [0]], dtype=torch.int32)
     with torch.no_grad():
         probs, attrs, counts = cls(pixels, boxes, num)
-        logits, _ = cls.logits(normalize_pixels(pixels), boxes)
+        logits, _ = cls.logits(cls.normalize(pixels), boxes)
     assert probs.shape == (2, K, config.N_CLASSES) and attrs.shape == (2, K, config.N_ATTRIBUTES)
     assert counts.shape == (2, config.N_CLASSES)
     assert probs[0, :5].sum(-1).tolist() == pytest.approx([1.0] * 5, abs=1e-5)
@@ -219,14 +218,12 @@ def test_training_is_deterministic() -> None:
 
 def test_models_take_uint8_pixels_and_normalise_like_training() -> None:
     """The served contract sends PIXELS as uint8; forward() must equal the float path the
-    layers were trained on (normalize_pixels then features/logits)."""
+    layers were trained on (the model's normalize then features/logits)."""
     det = CellDetector(DetectorSpec(width4=8, width8=8, width16=8, head=8)).eval()
     pixels = torch.randint(0, 256, (1, 3, S, S), dtype=torch.uint8)
-    normalised = normalize_pixels(pixels)
+    normalised = det.normalize(pixels)
     assert normalised.dtype == torch.float32
-    mean = torch.tensor(config.NORM_MEAN).reshape(1, 3, 1, 1)
-    std = torch.tensor(config.NORM_STD).reshape(1, 3, 1, 1)
-    torch.testing.assert_close(normalised, (pixels.float() - mean) / std)
+    torch.testing.assert_close(normalised, det.normalize(pixels.float()))
     with torch.no_grad():
         boxes, scores, _ = det(pixels)
         want = det.decode(*det.features(normalised))

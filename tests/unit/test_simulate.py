@@ -136,7 +136,9 @@ def test_attributes_follow_drawn_morphology(label: str) -> None:
         attrs = cl.cell_attributes(spec, render)
         assert morphology.diameter[0] <= spec.diameter <= morphology.diameter[1]
         assert (attrs["cell_size"] == "big") == (spec.diameter >= morph.BIG_CELL_PX)
-        assert (attrs["nuclear_shape"] == "irregular") == (morphology.nucleus not in morph.REGULAR_SHAPES)
+        assert (attrs["nuclear_shape"] == "irregular") == (
+            morphology.nucleus not in morph.REGULAR_SHAPES
+        )
         assert (attrs["nucleolus"] == "prominent") == (render.nucleoli_drawn > 0)
         assert render.nucleoli_drawn <= spec.nucleoli
         assert (attrs["cytoplasmic_vacuoles"] == "prominent") == (render.vacuoles_drawn > 0)

@@ -71,7 +71,8 @@ def configure_bench(parser: argparse.ArgumentParser) -> None:
         "--rounds",
         type=int,
         default=DEFAULT_ROUNDS,
-        help="interleaved repeats of the best limit/peer/served setups (0: ratios from sweeps)",
+        help="interleaved repeats of the best limit/peer/served setups (0: ratios from sweeps); "
+        "the gate workload's on/off rounds",
     )
     parser.add_argument(
         "--repository", type=Path, default=None, help="model repository (default: built one)"
@@ -87,14 +88,21 @@ def configure_bench(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--port", type=int, default=BENCH_BASE_PORT, help="first port for the bench's servers"
     )
-    from marrowdx.bench import slides
+    from marrowdx.bench import gate, slides
 
     parser.add_argument(
         "--workload",
-        choices=("all", "fields", "slides"),
+        choices=("all", "fields", "slides", "gate"),
         default="all",
         help="fields: limit/peer/served on JPEG fields; slides: the same fields from a DICOM "
-        "slide vs as JPEG files (marrowdx.bench.slides); all: both (default)",
+        "slide vs as JPEG files (marrowdx.bench.slides); all: both (default); gate: served "
+        "fields/s with the field-quality measures on vs off (marrowdx.bench.gate; not in all)",
+    )
+    parser.add_argument(
+        "--gate-concurrency",
+        type=int,
+        default=gate.DEFAULT_GATE_CONCURRENCY,
+        help="client concurrency of the gate workload (both sides)",
     )
     parser.add_argument(
         "--slide-rounds",
@@ -184,6 +192,28 @@ def environment() -> dict:
     }
 
 
+def bench_repository(args: argparse.Namespace) -> Path:
+    """``--repository`` or the default one, which must exist."""
+    from marrowdx.errors import RepositoryError
+
+    repository = args.repository or config.default_model_repository()
+    if not repository.is_dir():
+        raise RepositoryError(f"model repository {repository} not found; run `marrowdx build`")
+    return repository
+
+
+def busy_note(load_start: float, env: dict, steadier: str = "cpu_efficiency") -> str | None:
+    """The JSON's warning when other work on the host skewed wall-clock numbers, naming the
+    ``steadier`` figure; None on a quiet host."""
+    load_end, cores = env["load_average_1m"], env["cpu_cores"]
+    if max(load_start, load_end) <= BUSY_LOAD_PER_CORE * cores:
+        return None
+    return (
+        f"host was busy (load average {load_start:.1f} -> {load_end:.1f} on {cores} "
+        f"cores): wall-clock numbers are noisy; {steadier} is the steadier comparison"
+    )
+
+
 def bench_server(stack, args: argparse.Namespace, repository: Path) -> tuple[str, str, int | None]:
     """(gRPC url, admin key, server pid) of the server measured: ``--url`` (with
     ``--admin-key``) or one of the bench's own, stopped when ``stack`` closes."""
@@ -215,7 +245,6 @@ def run_bench(args: argparse.Namespace) -> int:
     from marrowdx.bench.peer import PeerClient, PeerProcess
     from marrowdx.bench.served import measure_served
     from marrowdx.bench.workload import simulated_workload
-    from marrowdx.errors import RepositoryError
     from marrowdx.serving import server as srv
 
     log = lambda msg: print(f"[bench] {msg}", file=sys.stderr, flush=True)  # noqa: E731
@@ -225,9 +254,11 @@ def run_bench(args: argparse.Namespace) -> int:
         return gpu.run_from_args(args, log)
     if args.workload == "slides":
         return slide_bench.run_slide_bench(args, log)
-    repository = args.repository or config.default_model_repository()
-    if not repository.is_dir():
-        raise RepositoryError(f"model repository {repository} not found; run `marrowdx build`")
+    if args.workload == "gate":
+        from marrowdx.bench.gate import run_gate_bench
+
+        return run_gate_bench(args, log)
+    repository = bench_repository(args)
     load0 = os.getloadavg()[0]
     wl = simulated_workload(args.images)
     images = list(wl.images)
@@ -320,11 +351,9 @@ def run_bench(args: argparse.Namespace) -> int:
         "served: the Triton ensemble through marrowdx.client.AsyncMarrowClient (its decoding "
         "included); peer: the same in-process pipeline behind a one-request-at-a-time gRPC server",
     ]
-    if max(load0, env["load_average_1m"]) > BUSY_LOAD_PER_CORE * cores:
-        notes.append(
-            f"host was busy (load average {load0:.1f} -> {env['load_average_1m']:.1f} on {cores} "
-            "cores): wall-clock numbers are noisy; cpu_efficiency is the steadier comparison"
-        )
+    busy = busy_note(load0, env)
+    if busy:
+        notes.append(busy)
     if args.workload == "all" and slides_skipped:
         notes.append(slides_skipped)
     result = report.BenchResult(
@@ -335,13 +364,7 @@ def run_bench(args: argparse.Namespace) -> int:
         triton_statistics={
             s.result.concurrency: [w.to_dict() for w in s.statistics] for s in served
         },
-        workload={
-            "images": n,
-            "size": list(wl.size),
-            "encoded_mb": wl.encoded_bytes / 1e6,
-            "true_cells": wl.true_cells,
-            "source": str(wl.source),
-        },
+        workload=wl.describe(),
         environment=env,
         notes=notes,
         gpu=gpu,

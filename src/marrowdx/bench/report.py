@@ -143,7 +143,11 @@ def _median(values: list[float]) -> float:
 
 
 def write_json(result: BenchResult, path: Path) -> dict:
-    doc = result.to_dict()
+    return write_doc(result.to_dict(), path)
+
+
+def write_doc(doc: dict, path: Path) -> dict:
+    """Write a bench document; returns it as given (NaN, not null)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     # NaN is not JSON: a ratio that cannot be computed is written as null.
     path.write_text(json.dumps(_nan_to_none(doc), indent=2) + "\n")

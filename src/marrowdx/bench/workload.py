@@ -38,6 +38,16 @@ class Workload:
     def encoded_bytes(self) -> int:
         return sum(len(x) for x in self.images)
 
+    def describe(self) -> dict:
+        """The JSON's ``workload`` entry."""
+        return {
+            "images": len(self.images),
+            "size": list(self.size),
+            "encoded_mb": self.encoded_bytes / 1e6,
+            "true_cells": self.true_cells,
+            "source": str(self.source),
+        }
+
 
 def cache_dir() -> Path:
     return config.default_work_dir() / "bench-cache"

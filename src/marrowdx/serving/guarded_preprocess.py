@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from marrowdx.preprocess import CpuPreprocessor
+from marrowdx.preprocess import CpuPreprocessor, PreprocessSpec
 from marrowdx.serving.image_checks import ImageLimits, ImageRejected, check_encoded_image
 
 
@@ -44,11 +44,17 @@ class GuardedPreprocessor:
     """Validates, then runs the shared DALI CPU pipeline (``preprocess.CpuPreprocessor``)."""
 
     def __init__(
-        self, max_batch_size: int, num_threads: int = 1, limits: ImageLimits | None = None
+        self,
+        max_batch_size: int,
+        num_threads: int = 1,
+        limits: ImageLimits | None = None,
+        spec: PreprocessSpec | None = None,
     ) -> None:
         self.max_batch_size = max_batch_size
         self.limits = limits or ImageLimits()
-        self._pre = CpuPreprocessor(max_batch_size=max_batch_size, num_threads=num_threads)
+        self._pre = CpuPreprocessor(
+            max_batch_size=max_batch_size, num_threads=num_threads, spec=spec or PreprocessSpec()
+        )
 
     @property
     def rebuilds(self) -> int:

@@ -15,9 +15,15 @@ from typing import Any
 
 import numpy as np
 
+from marrowdx.preprocess import PreprocessSpec, QualitySpec
 from marrowdx.serving.guarded_preprocess import GuardedPreprocessor, Preprocessed, Rejected
 from marrowdx.serving.image_checks import ImageLimits
 from marrowdx.serving.onnx_runner import ONNX_FILENAME, SessionThreads, open_runner
+
+#: The preprocess config's switch for the field-quality measures: "0" serves a constant
+#: FIELD_QUALITY (``marrowdx.preprocess.UNMEASURED_QUALITY``), only so that
+#: ``marrowdx bench --workload gate`` can measure what the measures cost a served field.
+MEASURE_FIELD_QUALITY = "measure_field_quality"
 
 
 def _parameter(model_config: dict, key: str, default: int) -> int:
@@ -82,10 +88,12 @@ class PreprocessModel(_BaseModel):
             max_pixels=_parameter(self.model_config, "max_image_pixels", defaults.max_pixels),
             min_side=_parameter(self.model_config, "min_image_side", defaults.min_side),
         )
+        measure = bool(_parameter(self.model_config, MEASURE_FIELD_QUALITY, 1))
         self.preprocessor = GuardedPreprocessor(
             max_batch_size=max(1, int(self.model_config.get("max_batch_size", 1))),
             num_threads=_parameter(self.model_config, "dali_num_threads", 1),
             limits=limits,
+            spec=PreprocessSpec(quality=QualitySpec(enabled=measure)),
         )
 
     def execute(self, requests: list) -> list:

@@ -1,4 +1,5 @@
-"""A PNG sheet with one example cell per class, for the README and for eyeballing the morphology table."""
+"""A PNG sheet with one example cell per class, for the README and for eyeballing the
+morphology table."""
 
 from __future__ import annotations
 
