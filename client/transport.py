@@ -145,9 +145,11 @@ def image_inputs(data: bytes) -> list[grpcclient.InferInput]:
     return [_infer_input(spec, np.frombuffer(data, dtype=spec.dtype.numpy))]
 
 
-def diagnosis_inputs(
+def diagnosis_infer_inputs(
     fractions: np.ndarray, total_cells: float, lab_values: np.ndarray, lab_mask: np.ndarray
 ) -> list[grpcclient.InferInput]:
+    """The gRPC request of the diagnosis model (the arithmetic that makes the values is
+    ``marrowdx.differential.diagnosis_inputs``)."""
     values = DiagnosisInputs(
         fractions, np.asarray([total_cells], np.float32), lab_values, lab_mask
     ).tensors()
@@ -229,7 +231,7 @@ class TritonTransport:
         lab_values: np.ndarray,
         lab_mask: np.ndarray,
     ) -> np.ndarray:
-        inputs = diagnosis_inputs(fractions, total_cells, lab_values, lab_mask)
+        inputs = diagnosis_infer_inputs(fractions, total_cells, lab_values, lab_mask)
         outputs = await self._infer(
             config.MODELS.diagnosis, inputs, (config.TENSORS.diagnosis_probs,)
         )

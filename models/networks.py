@@ -76,7 +76,11 @@ class StainNormalizer(nn.Module):
         brightest = F.avg_pool2d(pooled, BACKGROUND_BLOCK).amax(dim=(2, 3), keepdim=True)
         stained = F.relu(brightest - pooled).flatten(2)  # pooled OD above background [B,3,N]
         top = max(1, int(stained.shape[2] * STAIN_TOP_FRACTION))
-        strength = torch.topk(stained, top, dim=2).values.mean(dim=2, keepdim=True)
+        darkest = torch.topk(stained, top, dim=2).values.unsqueeze(2)  # [B,3,1,top]
+        # Their mean as an average pool, not ReduceMean: ONNX Runtime's ReduceMean sums in an
+        # order that depends on the batch size (last-bit differences), a pool window does not,
+        # so a field's result never depends on the fields batched with it.
+        strength = F.avg_pool2d(darkest, (1, top)).squeeze(2)  # [B,3,1]
         gain = torch.clamp(self.target / torch.clamp(strength, min=1e-3), *STAIN_GAIN_LIMITS)
         return F.relu(brightest - log_light) * gain.unsqueeze(-1)
 

@@ -240,7 +240,7 @@ def test_client_and_in_process_pipeline_read_the_contract() -> None:
     assert inprocess.PIPELINE_OUTPUTS is contract.PIPELINE_OUTPUTS
     (image,) = transport.image_inputs(b"\xff\xd8 not really a jpeg")
     assert (image.name(), image.datatype(), image.shape()) == (T.image, "UINT8", [1, 20])
-    sent = transport.diagnosis_inputs(
+    sent = transport.diagnosis_infer_inputs(
         np.full(config.N_CLASSES, 1 / config.N_CLASSES), 120, np.zeros(4), np.zeros(4)
     )
     assert [(t.name(), t.datatype(), t.shape()) for t in sent] == [

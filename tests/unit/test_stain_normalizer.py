@@ -89,3 +89,30 @@ def test_each_image_of_a_batch_is_normalised_on_its_own(field: np.ndarray) -> No
         together = StainNormalizer()(batch)
         alone = StainNormalizer()(_chw(dark))
     torch.testing.assert_close(together[1:], alone)
+
+
+def test_exported_normaliser_does_not_depend_on_batch_mates(field: np.ndarray) -> None:
+    """Served, a field is batched with whatever else is in flight: its answer must be
+    bitwise the same alone (ONNX Runtime's ReduceMean was not; see StainNormalizer)."""
+    import io
+
+    ort = pytest.importorskip("onnxruntime")
+    shifted = LabShift(kind="scanner", gamma=1.3).apply(field, np.random.default_rng(0))
+    batch = torch.cat([_chw(field), _chw(shifted), _chw(field[::-1].copy())] * 2)
+    buffer = io.BytesIO()
+    torch.onnx.export(
+        StainNormalizer().eval(),
+        (batch[:1],),
+        buffer,
+        input_names=["x"],
+        output_names=["y"],
+        dynamic_axes={"x": {0: "b"}, "y": {0: "b"}},
+        dynamo=False,
+    )
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    session = ort.InferenceSession(buffer.getvalue(), options, providers=["CPUExecutionProvider"])
+    together = session.run(None, {"x": batch.numpy()})[0]
+    for i in range(len(batch)):
+        alone = session.run(None, {"x": batch[i : i + 1].numpy()})[0]
+        np.testing.assert_array_equal(together[i : i + 1], alone)
