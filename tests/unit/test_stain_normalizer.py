@@ -91,6 +91,7 @@ def test_each_image_of_a_batch_is_normalised_on_its_own(field: np.ndarray) -> No
     torch.testing.assert_close(together[1:], alone)
 
 
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning", "ignore::DeprecationWarning")
 def test_exported_normaliser_does_not_depend_on_batch_mates(field: np.ndarray) -> None:
     """Served, a field is batched with whatever else is in flight: its answer must be
     bitwise the same alone (ONNX Runtime's ReduceMean was not; see StainNormalizer)."""
