@@ -3,7 +3,7 @@
 Images go through :class:`marrowdx.preprocess.CpuPreprocessor`, the same DALI pipeline the
 server runs, so the models train on exactly what they will be fed. Its PIXELS are uint8
 (the models normalise in their first op), cached as ``.npy`` keyed by a hash of the ground
-truth.
+truth and one of the image bytes.
 """
 
 from __future__ import annotations
@@ -112,6 +112,17 @@ def ground_truth_key(gt: dict) -> str:
     return hashlib.sha256(blob + f"format={CACHE_FORMAT}".encode()).hexdigest()[:16]
 
 
+def images_key(cohort_dir: Path, files: list[str]) -> str:
+    """Hash of the cohort's image bytes. Why beside :func:`ground_truth_key`: the same
+    annotations over other pixels (fields re-scanned, re-exported, shifted by another tool)
+    must not reuse cached pixels; reading the bytes costs far less than decoding them."""
+    digest = hashlib.blake2b(digest_size=8)
+    for name in files:
+        digest.update(name.encode() + b"\0")
+        digest.update((cohort_dir / name).read_bytes())
+    return digest.hexdigest()
+
+
 def _check_vocabulary(gt: dict) -> None:
     if list(gt.get("classes", taxonomy.CLASSES)) != list(taxonomy.CLASSES):
         raise ValueError("ground truth class list differs from marrowdx.taxonomy.CLASSES")
@@ -133,7 +144,6 @@ def prepare_cohort(
     gt = gt if gt is not None else read_ground_truth(cohort_dir)
     _check_vocabulary(gt)
     key = ground_truth_key(gt)
-    cache = Path(cache_dir) / f"cohort-{key}"
     files, image_patient, cell_rows = [], [], []
     patient_ids, diagnoses = [], []
     for p, patient in enumerate(gt["patients"]):
@@ -148,6 +158,7 @@ def prepare_cohort(
                 bits = attribute_bits(cell.get("attributes", {}))
                 cell_rows.append((index, [float(v) for v in cell["box"]], label, bits))
 
+    cache = Path(cache_dir) / f"cohort-{key}-{images_key(cohort_dir, files)}"
     pixels_path, letterbox_path = cache / "pixels.npy", cache / "letterbox.npy"
     if pixels_path.exists() and letterbox_path.exists():
         pixels = np.load(pixels_path, mmap_mode="r")
