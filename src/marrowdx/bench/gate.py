@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from marrowdx import config, contract
-from marrowdx.bench.report import _median, _ratio
+from marrowdx.bench.report import finite_median, ratio
 from marrowdx.errors import RepositoryError
 
 #: The issue's goal: the measures may cost at most this share of served throughput.
@@ -105,17 +105,19 @@ class GateBench:
     triton_statistics: dict[str, list[dict]] = field(default_factory=dict)
 
     def off_over_on(self) -> float:
-        return _median([_ratio(r["off_fields_per_s"], r["on_fields_per_s"]) for r in self.rounds])
+        return finite_median(
+            [ratio(r["off_fields_per_s"], r["on_fields_per_s"]) for r in self.rounds]
+        )
 
     def median(self, key: str) -> float:
-        return _median([r[key] for r in self.rounds])
+        return finite_median([r[key] for r in self.rounds])
 
     def to_dict(self) -> dict:
-        ratio = self.off_over_on()
-        cost = 1.0 - 1.0 / ratio if ratio > 0 else math.nan  # share of "off" fields/s lost
+        off_over_on = self.off_over_on()
+        cost = 1.0 - 1.0 / off_over_on if off_over_on > 0 else math.nan  # "off" fields/s lost
         on_cpu, off_cpu = self.median("on_cpu_ms_per_field"), self.median("off_cpu_ms_per_field")
         return {
-            "off_over_on": ratio,
+            "off_over_on": off_over_on,
             "gate_cost": cost,
             "goal": {"max_gate_cost": GOAL_MAX_GATE_COST, "met": cost <= GOAL_MAX_GATE_COST},
             "on_fields_per_s": self.median("on_fields_per_s"),

@@ -47,8 +47,8 @@ class BenchResult:
         """Ratios of the best levels of the sweeps (measured minutes apart)."""
         served = self.best(self.served).images_per_s
         return {
-            "served_over_limit": _ratio(served, self.limit.images_per_s),
-            "served_over_peer": _ratio(served, self.best(self.peer).images_per_s),
+            "served_over_limit": ratio(served, self.limit.images_per_s),
+            "served_over_peer": ratio(served, self.best(self.peer).images_per_s),
         }
 
     def ratios(self) -> dict[str, float]:
@@ -56,8 +56,10 @@ class BenchResult:
         if not self.rounds:
             return self.sweep_ratios()
         return {
-            "served_over_limit": _median([_ratio(r["served"], r["limit"]) for r in self.rounds]),
-            "served_over_peer": _median([_ratio(r["served"], r["peer"]) for r in self.rounds]),
+            "served_over_limit": finite_median(
+                [ratio(r["served"], r["limit"]) for r in self.rounds]
+            ),
+            "served_over_peer": finite_median([ratio(r["served"], r["peer"]) for r in self.rounds]),
         }
 
     def cpu_efficiency(self) -> dict[str, float]:
@@ -66,7 +68,9 @@ class BenchResult:
         if self.rounds:
 
             def side(name: str) -> float:
-                return _median([r.get(f"{name}_cpu_ms_per_image", math.nan) for r in self.rounds])
+                return finite_median(
+                    [r.get(f"{name}_cpu_ms_per_image", math.nan) for r in self.rounds]
+                )
 
             limit, peer, served = side("limit"), side("peer"), side("served")
         else:
@@ -79,8 +83,8 @@ class BenchResult:
             "limit_cpu_ms_per_image": limit,
             "peer_cpu_ms_per_image": peer,
             "served_cpu_ms_per_image": served,
-            "served_over_limit": _ratio(limit, served),
-            "served_over_peer": _ratio(peer, served),
+            "served_over_limit": ratio(limit, served),
+            "served_over_peer": ratio(peer, served),
         }
 
     def to_dict(self) -> dict:
@@ -126,7 +130,8 @@ class BenchResult:
         }
 
 
-def _ratio(a: float, b: float) -> float:
+def ratio(a: float, b: float) -> float:
+    """a / b, NaN when it cannot be computed (no b, or a not finite)."""
     return a / b if b > 0 and math.isfinite(a) else math.nan
 
 
@@ -134,7 +139,8 @@ def _cpu_ms(level: LevelResult) -> float:
     return 1000.0 * level.cpu_seconds / level.images if level.images else math.nan
 
 
-def _median(values: list[float]) -> float:
+def finite_median(values: list[float]) -> float:
+    """Median of the finite values (NaN when none): a failed round does not skew it."""
     finite = sorted(v for v in values if math.isfinite(v))
     if not finite:
         return math.nan
