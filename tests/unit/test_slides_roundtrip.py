@@ -30,6 +30,7 @@ from marrowdx.slides import (  # noqa: E402
     write_annotations,
 )
 from marrowdx.slides.annotations import (  # noqa: E402
+    DEFAULT_GRAPHIC,
     SCORE_CODE,
     load_annotation_object,
     write_cell_annotations,
@@ -94,7 +95,7 @@ def test_highdicom_reads_each_object_and_agrees_with_our_reader(
         ours = load_annotation_object(path)
         theirs = []
         for group in ann.get_annotation_groups():
-            assert group.graphic_type == hd.ann.GraphicTypeValues.RECTANGLE
+            assert group.graphic_type.value == DEFAULT_GRAPHIC
             for coords in group.get_graphic_data(ann.annotation_coordinate_type):
                 theirs.append((str(group.label), tuple(coords.min(0)) + tuple(coords.max(0))))
         assert sorted((r.label, r.box) for r in ours.records) == sorted(theirs)

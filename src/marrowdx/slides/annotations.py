@@ -2,11 +2,17 @@
 
 Used for simulated ROIs, Consensus and session labels and for served predictions alike, so
 what a viewer (Slim, QuPath) overlays from marrowdx always has one shape, the one the IDC
-collection ``bonemarrowwsi_pediatricleukemia`` uses: RECTANGLE graphics (4 corners) in the
-slide's 2D total pixel matrix (SCOORD), referencing the base-level SM instance; one annotation
-group per class, labelled with the class name and carrying the collection's coded concept
-(``taxonomy.CLASS_CODES``); per-annotation measurements for the cell identifier, the ROI it
-lies in, and (for predictions) the score and the 7 attributes.
+collection ``bonemarrowwsi_pediatricleukemia`` uses: box outlines (4 corners) in the slide's
+2D total pixel matrix (SCOORD), referencing the base-level SM instance; one annotation group
+per class, labelled with the class name, carrying the collection's coded concept
+(``taxonomy.CLASS_CODES``) and the class's display colour (the overlays' colour, as CIELab);
+per-annotation measurements for the cell identifier, the ROI it lies in, and (for
+predictions) the score and the 7 attributes.
+
+The outlines are POLYGON graphics by default and RECTANGLE (the collection's) on request
+(``GRAPHIC_TYPES``): the same 4 corners either way, but wsidicom reads only points, polylines
+and polygons, and refuses a whole slide folder (``WsiDicom.open``) that holds a RECTANGLE
+object; highdicom, the reference viewer and this module's reader take both.
 """
 
 from __future__ import annotations
@@ -29,6 +35,26 @@ from marrowdx.slides.base import Box, Roi, SlideCell, SlideError
 #: Private coding scheme (DICOM reserves designators starting with "99" for local codes) for
 #: what no public terminology names: the detector's score and the 7 binary attributes.
 PRIVATE_SCHEME = "99MARROWDX"
+#: How an object names the coding schemes that are not in DICOM's own list (PS3.16 8.1), so a
+#: reader knows who defines them: written as CodingSchemeIdentificationSequence items.
+CODING_SCHEMES: dict[str, dict[str, str]] = {
+    PRIVATE_SCHEME: {
+        "CodingSchemeName": "marrowdx local codes (detector score, cell attributes, labels)",
+        "CodingSchemeResponsibleOrganization": "marrowdx",
+        "CodingSchemeVersion": __version__,
+    },
+    "EFO": {
+        "CodingSchemeName": "Experimental Factor Ontology",
+        "CodingSchemeResponsibleOrganization": "EMBL-EBI",
+        "CodingSchemeExternalID": "http://www.ebi.ac.uk/efo/",
+    },
+}
+#: Outline graphics an object can be written with; POLYGON by default (see the module doc).
+GRAPHIC_TYPES = ("POLYGON", "RECTANGLE")
+DEFAULT_GRAPHIC = GRAPHIC_TYPES[0]
+#: Display colours (RGB) of the groups that are not one of the 33 classes.
+ROI_COLOUR = (255, 255, 255)
+OTHER_LABEL_COLOUR = (128, 128, 128)
 SCORE_CODE = Code("score", PRIVATE_SCHEME, "Cell detection and classification score")
 _ATTRIBUTE_CODE_VALUES = {  # DICOM code values are at most 16 characters
     "cell_size": "cell_size",
@@ -75,9 +101,66 @@ def _label_codes(label: str) -> tuple[Code, Code]:
     return _code(taxonomy.ANATOMICAL_STRUCTURE), Code(label, PRIVATE_SCHEME, label)
 
 
-def _rectangle(box: Box) -> np.ndarray:
+def _corners(box: Box) -> np.ndarray:
+    """The 4 corners of a box, clockwise from the top left: a RECTANGLE's points, and a
+    POLYGON's (which DICOM closes implicitly: the first point is not repeated)."""
     x0, y0, x1, y1 = (float(v) for v in box)
     return np.array([[x0, y0], [x1, y0], [x1, y1], [x0, y1]], dtype=np.float32)
+
+
+def _graphic_type(graphic: str):
+    import highdicom as hd
+
+    name = graphic.upper()
+    if name not in GRAPHIC_TYPES:
+        raise ValueError(f"unknown graphic type {graphic!r}; choose one of {GRAPHIC_TYPES}")
+    return hd.ann.GraphicTypeValues[name]
+
+
+def display_colour(label: str) -> tuple[int, int, int]:
+    """The RGB colour a viewer draws a group in: the class's overlay colour (one table for
+    the PNG overlays, the review page and DICOM), grey for labels of no class."""
+    from marrowdx.client.overlays import class_colour
+
+    if label in taxonomy.CLASS_INDEX:
+        return class_colour(label)
+    return ROI_COLOUR if label == ROI_GROUP_LABEL else OTHER_LABEL_COLOUR
+
+
+def _display_colour(label: str):
+    import highdicom as hd
+
+    return hd.color.CIELabColor.from_rgb(*display_colour(label))
+
+
+def _schemes_used(ann: Dataset) -> list[str]:
+    """Coding scheme designators of CODING_SCHEMES that appear anywhere in the object."""
+    found: set[str] = set()
+
+    def visit(ds: Dataset) -> None:
+        for elem in ds:
+            if elem.keyword == "CodingSchemeDesignator" and str(elem.value) in CODING_SCHEMES:
+                found.add(str(elem.value))
+            elif elem.VR == "SQ":
+                for item in elem.value:
+                    visit(item)
+
+    visit(ann)
+    return [s for s in CODING_SCHEMES if s in found]
+
+
+def _identify_schemes(ann: Dataset) -> None:
+    from pydicom.sequence import Sequence as DicomSequence
+
+    items = []
+    for designator in _schemes_used(ann):
+        item = Dataset()
+        item.CodingSchemeDesignator = designator
+        for keyword, value in CODING_SCHEMES[designator].items():
+            setattr(item, keyword, value)
+        items.append(item)
+    if items:
+        ann.CodingSchemeIdentificationSequence = DicomSequence(items)
 
 
 def _roi_of(box: Box, rois: Sequence[Roi]) -> int:
@@ -122,6 +205,8 @@ def _write(
     )
     if session is not None:
         ann.ClinicalTrialSeriesID = session
+        ann.ClinicalTrialCoordinatingCenterName = ""  # Type 2 in the module: present, unknown
+    _identify_schemes(ann)
     path = out_dir / f"ann_{_slug(description)}.dcm"
     ann.save_as(path, enforce_file_format=True)
     return path
@@ -135,15 +220,18 @@ def write_cell_annotations(
     description: str,
     rois: Sequence[Roi] = (),
     session: str | None = None,
+    graphic: str = DEFAULT_GRAPHIC,
 ) -> Path:
     """Write cells as one annotation object referencing the SM instance ``base`` (its
-    metadata; no pixels needed). One group per label, in taxonomy order then foreign labels.
+    metadata; no pixels needed). One group per label, in taxonomy order then foreign labels,
+    each outlined as ``graphic`` (GRAPHIC_TYPES) and coloured by its class.
 
     Scores and attributes become measurements when every cell of a group has them (a human
     label has neither); boxes keep their float coordinates.
     """
     import highdicom as hd
 
+    graphic_type = _graphic_type(graphic)
     by_label: dict[str, list[tuple[int, SlideCell]]] = defaultdict(list)
     for i, cell in enumerate(cells):
         by_label[cell.label].append((i + 1, cell))
@@ -204,8 +292,8 @@ def write_cell_annotations(
                 label=label,
                 annotated_property_category=category,
                 annotated_property_type=concept,
-                graphic_type=hd.ann.GraphicTypeValues.RECTANGLE,
-                graphic_data=[_rectangle(c.box) for _, c in members],
+                graphic_type=graphic_type,
+                graphic_data=[_corners(c.box) for _, c in members],
                 algorithm_type=(
                     hd.ann.AnnotationGroupGenerationTypeValues.AUTOMATIC
                     if automatic
@@ -213,6 +301,7 @@ def write_cell_annotations(
                 ),
                 algorithm_identification=algorithm,
                 measurements=measurements,
+                display_color=_display_colour(label),
             )
         )
     if not groups:
@@ -220,11 +309,14 @@ def write_cell_annotations(
     return _write(base, groups, out_dir, description, session)
 
 
-def write_roi_annotations(base: Dataset, rois: Sequence[Roi], out_dir: Path) -> Path:
+def write_roi_annotations(
+    base: Dataset, rois: Sequence[Roi], out_dir: Path, *, graphic: str = DEFAULT_GRAPHIC
+) -> Path:
     """Write the monolayer ROIs as the collection does: one group ``region_of_interest``,
-    RECTANGLE graphics, the ROI identifier as the ``Image Region`` measurement."""
+    box outlines, the ROI identifier as the ``Image Region`` measurement."""
     import highdicom as hd
 
+    graphic_type = _graphic_type(graphic)
     if not rois:
         raise SlideError("no ROIs to write")
     group = hd.ann.AnnotationGroup(
@@ -233,8 +325,8 @@ def write_roi_annotations(base: Dataset, rois: Sequence[Roi], out_dir: Path) -> 
         label=ROI_GROUP_LABEL,
         annotated_property_category=_code(taxonomy.SPATIAL_CONCEPT),
         annotated_property_type=_code(taxonomy.SELECTED_REGION),
-        graphic_type=hd.ann.GraphicTypeValues.RECTANGLE,
-        graphic_data=[_rectangle(r.box) for r in rois],
+        graphic_type=graphic_type,
+        graphic_data=[_corners(r.box) for r in rois],
         algorithm_type=hd.ann.AnnotationGroupGenerationTypeValues.MANUAL,
         measurements=[
             hd.ann.Measurements(
@@ -243,6 +335,7 @@ def write_roi_annotations(base: Dataset, rois: Sequence[Roi], out_dir: Path) -> 
                 unit=NO_UNITS,
             )
         ],
+        display_color=_display_colour(ROI_GROUP_LABEL),
     )
     return _write(base, [group], out_dir, ROI_DESCRIPTION, None)
 
@@ -254,6 +347,7 @@ def write_annotations(
     *,
     description: str,
     session: str | None = None,
+    graphic: str = DEFAULT_GRAPHIC,
 ) -> Path:
     """Write ``cells`` of an opened slide (``SlideSource``) as one annotation object that
     references its base-level SM instance; the ROI each cell lies in is recorded too."""
@@ -264,6 +358,7 @@ def write_annotations(
         description=description,
         rois=source.rois,  # type: ignore[attr-defined]
         session=session,
+        graphic=graphic,
     )
 
 

@@ -11,10 +11,11 @@ from __future__ import annotations
 import datetime as dt
 import io
 from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageCms
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import encapsulate
 from pydicom.sequence import Sequence as DicomSequence
@@ -66,6 +67,21 @@ def _code(concept: taxonomy.CodedConcept | Code) -> Dataset:
     )
     ds.CodeMeaning = concept.meaning
     return ds
+
+
+@cache
+def srgb_icc_profile() -> bytes:
+    """An sRGB ICC profile for the optical path: an RGB image without one is refused by
+    DICOM validators and viewers warn and guess. The simulator renders in sRGB.
+
+    LittleCMS stamps the creation time into the header (bytes 24:36) and writes a display
+    ('mntr') profile; zeroing the date keeps the files reproducible, and DICOM asks for an
+    input-device ('scnr') profile class (PS3.3 C.11.15.1.1), the colorimetry being the same.
+    """
+    profile = bytearray(ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes())
+    profile[24:36] = bytes(12)
+    profile[12:16] = b"scnr"
+    return bytes(profile)
 
 
 def _encode_tile(tile: np.ndarray) -> bytes:
@@ -171,6 +187,12 @@ def _level_dataset(
     origin.XOffsetInSlideCoordinateSystem = 20.0
     origin.YOffsetInSlideCoordinateSystem = 40.0
     ds.TotalPixelMatrixOriginSequence = DicomSequence([origin])
+    # TILED_FULL: the frame order is implied, so one dimension organization and no index
+    organization = Dataset()
+    organization.DimensionOrganizationUID = generate_uid(
+        entropy_srcs=[ident.series_uid, "dimension-organization"]
+    )
+    ds.DimensionOrganizationSequence = DicomSequence([organization])
     measures = Dataset()
     measures.PixelSpacing = [round(spacing_mm, 10), round(spacing_mm, 10)]
     measures.SliceThickness = 0.001
@@ -180,11 +202,16 @@ def _level_dataset(
     shared = Dataset()
     shared.PixelMeasuresSequence = DicomSequence([measures])
     shared.OpticalPathIdentificationSequence = DicomSequence([optical_ref])
+    frame_type = Dataset()
+    frame_type.FrameType = ds.ImageType  # every frame is what the image is
+    shared.WholeSlideMicroscopyImageFrameTypeSequence = DicomSequence([frame_type])
     ds.SharedFunctionalGroupsSequence = DicomSequence([shared])
     optical = Dataset()
     optical.OpticalPathIdentifier = "1"
     optical.IlluminationTypeCodeSequence = DicomSequence([_code(codes.DCM.BrightfieldIllumination)])
     optical.IlluminationColorCodeSequence = DicomSequence([_code(codes.SCT.FullSpectrum)])
+    optical.ICCProfile = srgb_icc_profile()
+    optical.ColorSpace = "SRGB"
     ds.NumberOfOpticalPaths = 1
     ds.OpticalPathSequence = DicomSequence([optical])
     ds.AcquisitionContextSequence = DicomSequence([])
