@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
 comma := ,
 PYTEST_ARGS ?=
 
-.PHONY: setup test demo build serve lint clean loadtest soak bench sheet audit browser
+.PHONY: setup test demo build serve lint clean loadtest soak bench sheet audit browser dicomtools
 
 setup: $(STAMP)
 
@@ -28,7 +28,18 @@ browser:
 	  && apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium \
 	  || echo "chromium not installed (needs root and apt-get): the browser test will skip"; }
 
-test: setup browser
+# DICOM checks: dicom3tools' validator (dciodvfy) and Orthanc with its DICOMweb plugin, which
+# the DICOMweb and viewer tests start themselves on loopback (the package starts no service).
+# Installed only what is missing and only as root with apt-get; elsewhere those tests skip.
+DICOM_TOOLS := dicom3tools:dciodvfy orthanc:/usr/sbin/Orthanc orthanc-dicomweb:/usr/share/orthanc/plugins/libOrthancDicomWeb.so
+dicomtools:
+	@missing=""; for pair in $(DICOM_TOOLS); do pkg=$${pair%%:*}; probe=$${pair#*:}; \
+	  { [ -e "$$probe" ] || command -v "$$probe" >/dev/null 2>&1; } || missing="$$missing $$pkg"; done; \
+	  [ -z "$$missing" ] || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null \
+	  && apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing \
+	  || echo "not installed (needs root and apt-get):$$missing; the DICOM validity/DICOMweb tests will skip"; }
+
+test: setup browser dicomtools
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 demo: setup
