@@ -54,6 +54,11 @@ COMMANDS: dict[str, Command] = {
         ("slides",),
         "list or download the paper's slides and labels from NCI Imaging Data Commons",
     ),
+    "data": Command(
+        "marrowdx.datasets.cli",
+        (),
+        "public annotated data sets: list them, declare one, check a data folder",
+    ),
 }
 
 

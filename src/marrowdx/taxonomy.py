@@ -142,6 +142,37 @@ NUCLEATED_CLASSES: tuple[str, ...] = tuple(c for c in CLASSES if COUNTING_ROLES[
 NOT_COUNTED_CLASSES: tuple[str, ...] = tuple(c for c in CLASSES if not COUNTING_ROLES[c].nucleated)
 
 
+def _lineage_classes(lineage: str) -> tuple[str, ...]:
+    return tuple(c for c in CLASSES if COUNTING_ROLES[c].lineage == lineage)
+
+
+#: Named groups of classes, for labels of real data sets coarser than the 33 classes ("BLA"
+#: -> any blast, "WBC" -> any nucleated cell). Training treats a group label as a partial
+#: label: the cell is one of these classes, which one is not stated. Lineage groups come from
+#: COUNTING_ROLES so they can never disagree with the differential; the rest name morphology
+#: that no counting role captures.
+LABEL_GROUPS: dict[str, tuple[str, ...]] = {
+    "blasts": _lineage_classes("blasts"),
+    "nucleated": NUCLEATED_CLASSES,
+    "wbc": NUCLEATED_CLASSES,  # what peripheral-blood sets call a white cell
+    "granulocytic": _lineage_classes("granulocytic"),
+    "erythroblasts": _lineage_classes("erythroid"),
+    "lymphoid": _lineage_classes("lymphoid"),
+    "monocytic": _lineage_classes("monocytic"),
+    "eosinophils": tuple(c for c in CLASSES if "eosinophil" in c),
+    "basophils": ("basophil_precursor", "segmented_basophil"),
+    "neutrophils_mature": ("neutrophilic_band", "segmented_neutrophil"),
+    # "IG" of peripheral-blood analysers: promyelocytes, myelocytes and metamyelocytes
+    "immature_granulocytes": (
+        "promyelocyte",
+        "neutrophilic_myelocyte",
+        "neutrophilic_metamyelocyte",
+    ),
+    "not_identifiable": ("smudge_cell", "artifact"),
+    "platelet": ("thrombocyte",),
+}
+
+
 def attribute_value(name: str, present: bool) -> str:
     """Human-readable value of a binary attribute (e.g. ``cell_size``, True -> ``big``)."""
     return ATTRIBUTES[name][int(present)]
