@@ -1,5 +1,6 @@
 """Bad slides, each made from a simulated one, fail at open with a SlideError naming the
-problem: missing levels, no ROI annotation, unsupported transfer syntax, truncated frames."""
+problem: missing levels, no ROIs (neither annotated nor found), unsupported transfer syntax,
+truncated frames."""
 
 from __future__ import annotations
 
@@ -22,9 +23,9 @@ def slide(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root / gt["patients"][0]["patient_id"]
 
 
-def _fails(folder: Path, *words: str) -> str:
+def _fails(folder: Path, *words: str, rois: str = "auto") -> str:
     with pytest.raises(SlideError) as info:
-        open_slide(folder)
+        open_slide(folder, rois)
     message = str(info.value)
     assert str(folder) in message
     for word in words:
@@ -51,9 +52,25 @@ def test_no_level_at_all(slide: Path, tmp_path: Path) -> None:
 
 
 def test_no_roi_annotation(slide: Path, tmp_path: Path) -> None:
+    """Without its ROI series a slide is counted from automatically found monolayer areas,
+    and says so; asked for annotated ROIs only, it is refused with the series it has."""
     folder = copy_slide(slide, tmp_path)
     (folder / "ann_monolayer_regions_of_interest_for_cell_classification.dcm").unlink()
-    _fails(folder, "no ROI annotation", "Consensus")
+    with open_slide(folder) as source:
+        assert source.roi_source == "automatic" and source.rois
+    _fails(folder, "no ROI annotation", "Consensus", rois="annotation")
+
+
+def test_no_monolayer_found(slide: Path, tmp_path: Path) -> None:
+    """A slide of empty glass without ROI annotations: refused, naming both problems."""
+    import numpy as np
+
+    from marrowdx.slides.wsi_writer import SlideIdentity, write_wsi
+
+    folder = tmp_path / "GLASS"
+    glass = np.full((1024, 1536, 3), 236, np.uint8)
+    write_wsi(glass, folder, SlideIdentity.new("GLASS"), um_per_pixel=0.25, tile=512)
+    _fails(folder, "no ROI annotation", "no monolayer area found")
 
 
 def test_unsupported_transfer_syntax(slide: Path, tmp_path: Path) -> None:

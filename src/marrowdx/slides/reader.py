@@ -19,13 +19,11 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-
 from marrowdx import config, taxonomy
 from marrowdx.slides.annotations import AnnotationObject, load_annotation_object
 from marrowdx.slides.base import Field, Roi, SlideError
 from marrowdx.slides.detect import ANN_SOP_CLASS, WSI_SOP_CLASS, dicom_files
-from marrowdx.slides.tiling import DEFAULT_OVERLAP_PX, field_boxes
+from marrowdx.slides.pyramid import PyramidLevel, PyramidSlide
 
 #: Transfer syntaxes whose frames this reader decodes: JPEG Baseline (what the collection and
 #: the simulator write) and the uncompressed ones. Anything else is refused when the slide is
@@ -41,19 +39,17 @@ _SEQUENCE_DELIMITER = b"\xfe\xff\xdd\xe0\x00\x00\x00\x00"
 #: Relative spacing mismatch under which a pyramid level's own frames count as being at the
 #: models' spacing (``frame_fields``); the simulator's cells vary in size by more than this.
 FRAME_SPACING_TOLERANCE = 0.1
+#: ``open_slide(rois=...)``: annotation when present else automatic / annotation / automatic.
+ROI_CHOICES = ("auto", "annotation", "automatic")
 
 
 @dataclass(frozen=True)
-class Level:
-    """One pyramid level: its file, size, frame (tile) size and downsample from the base."""
+class Level(PyramidLevel):
+    """One DICOM pyramid level: its file and SOP instance beside the size, frame (tile) size
+    and downsample from the base."""
 
-    path: Path
-    sop_instance_uid: str
-    width: int
-    height: int
-    tile_width: int
-    tile_height: int
-    downsample: int
+    path: Path = Path()
+    sop_instance_uid: str = ""
 
 
 def _fail(folder: Path, problem: str) -> SlideError:
@@ -113,8 +109,8 @@ def _session_key(obj: AnnotationObject) -> str | None:
     return m.group(1) if m else None
 
 
-class SlideSource:
-    """One opened slide. Use as a context manager (``with open_slide(folder) as s:``).
+class SlideSource(PyramidSlide):
+    """One opened DICOM slide. Use as a context manager (``with open_slide(folder) as s:``).
 
     Attributes: ``folder``, ``patient_id`` (DICOM PatientID, else the folder name), ``rois``,
     ``diagnosis`` (ALL/AML/CML from coded DICOM attributes, else None), ``diagnosis_note``
@@ -132,6 +128,7 @@ class SlideSource:
         annotations: list[AnnotationObject],
         rois: list[Roi],
     ) -> None:
+        super().__init__()
         self.folder = folder
         self._wsi = wsi
         self.levels = levels
@@ -145,100 +142,6 @@ class SlideSource:
         spacing = base_dataset.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0]
         self.um_per_pixel = float(spacing.PixelSpacing[1]) * 1000.0
 
-    # ------------------------------------------------------------------ fields
-    def _scale(self, um_per_pixel: float) -> float:
-        if not (um_per_pixel > 0 and math.isfinite(um_per_pixel)):
-            raise ValueError(f"um_per_pixel must be a positive number, got {um_per_pixel}")
-        return um_per_pixel / self.um_per_pixel
-
-    def field_boxes(
-        self,
-        um_per_pixel: float = config.MODEL_UM_PER_PIXEL,
-        overlap_px: int = DEFAULT_OVERLAP_PX,
-        *,
-        field_px: int = config.FIELD_SIZE[0],
-    ) -> list[tuple[Roi, tuple[float, float, float, float], float]]:
-        """(ROI, base-level box, scale) of every field ``fields`` yields, without reading."""
-        scale = self._scale(um_per_pixel)
-        if not 0 <= overlap_px < field_px - 1:
-            raise ValueError(f"overlap_px must be in [0, {field_px - 1}), got {overlap_px}")
-        level = self._level_for(scale)
-        out = []
-        for roi in self.rois:
-            for box in field_boxes(
-                roi.box,
-                field_px * scale,
-                overlap_px * scale,
-                (self.width, self.height),
-                grid=level.downsample,
-            ):
-                out.append((roi, box, scale))
-        return out
-
-    def _level_for(self, scale: float) -> Level:
-        """The coarsest level still at least as fine as the target spacing."""
-        best = self.levels[0]
-        for level in self.levels:
-            if level.downsample <= scale * (1 + 1e-6) and level.downsample > best.downsample:
-                best = level
-        return best
-
-    def read_box(self, box: tuple[float, float, float, float], scale: float):
-        """Pixels of a base-level box resampled by 1/scale (a PIL RGB image)."""
-        from PIL import Image
-
-        level = self._level_for(scale)
-        index = self.levels.index(level)
-        d = level.downsample
-        lx0, ly0 = box[0] / d, box[1] / d
-        lx1, ly1 = box[2] / d, box[3] / d
-        ix0, iy0 = max(0, math.floor(lx0)), max(0, math.floor(ly0))
-        ix1, iy1 = min(level.width, math.ceil(lx1)), min(level.height, math.ceil(ly1))
-        try:
-            region = self._wsi.read_region((ix0, iy0), index, (ix1 - ix0, iy1 - iy0))
-        except Exception as exc:  # wsidicom/pydicom/PIL: a frame that will not decode
-            raise _fail(self.folder, f"cannot read level {index} at {box}: {exc}") from exc
-        out_w = round((box[2] - box[0]) / scale)
-        out_h = round((box[3] - box[1]) / scale)
-        if (ix0, iy0, ix1, iy1) == (lx0, ly0, lx1, ly1) and region.size == (out_w, out_h):
-            return region.convert("RGB")
-        return region.convert("RGB").resize(
-            (out_w, out_h),
-            Image.Resampling.BILINEAR,
-            box=(lx0 - ix0, ly0 - iy0, lx1 - ix0, ly1 - iy0),
-        )
-
-    def fields(
-        self,
-        um_per_pixel: float = config.MODEL_UM_PER_PIXEL,
-        overlap_px: int = DEFAULT_OVERLAP_PX,
-        *,
-        field_px: int = config.FIELD_SIZE[0],
-    ) -> Iterator[Field]:
-        """Tile every ROI into square fields of ``field_px`` model pixels overlapping by at
-        least ``overlap_px`` model pixels (>= the largest cell, so every cell lies whole in
-        one field), read from the pyramid level nearest the target spacing, resampled when
-        it differs, JPEG-encoded as the simulator encodes its fields."""
-        from marrowdx.simulate.field import encode
-
-        for roi, box, scale in self.field_boxes(um_per_pixel, overlap_px, field_px=field_px):
-            image = self.read_box(box, scale)
-            yield Field(roi=roi, box=box, data=encode(np.asarray(image), "jpg"), scale=scale)
-
-    def input_fields(self, overlap_px: int = DEFAULT_OVERLAP_PX) -> Iterator[Field]:
-        """Fields already at the detector's input resolution: ``config.INPUT_SIZE`` pixels
-        at the spacing the letterbox would give a ``config.FIELD_SIZE`` field (2x the model
-        spacing), so preprocessing's resize is the identity. They cover the same slide area
-        as ``fields()`` with the same overlap in base pixels, read from the pyramid level at
-        that spacing when there is one: about a quarter of the pixels to decode, encode and
-        send. ``overlap_px`` is in model (``fields()``) pixels."""
-        factor = config.FIELD_SIZE[0] / config.INPUT_SIZE
-        yield from self.fields(
-            config.MODEL_UM_PER_PIXEL * factor,
-            round(overlap_px / factor),
-            field_px=config.INPUT_SIZE,
-        )
-
     def frame_level(
         self, um_per_pixel: float = config.MODEL_UM_PER_PIXEL
     ) -> tuple[int, Level] | None:
@@ -250,13 +153,20 @@ class SlideSource:
                 return index, level
         return None
 
-    def frame_fields(self, um_per_pixel: float = config.MODEL_UM_PER_PIXEL) -> Iterator[Field]:
-        """The fast path: the slide's own JPEG frames covering each ROI, sent as they are
-        stored (no decode, no re-encode), from the level at the models' spacing.
+    def _read_region(self, index: int, x: int, y: int, w: int, h: int):
+        return self._wsi.read_region((x, y), index, (w, h))
 
-        Frames do not overlap: a cell on a frame seam is seen cut in two fields, which the
-        merge step must join. SlideError when no level is at the models' spacing or the
-        frames are not JPEG (use ``fields`` then).
+    def frame_fields(self, um_per_pixel: float = config.MODEL_UM_PER_PIXEL) -> Iterator[Field]:
+        """The slide's own JPEG frames covering each ROI, sent as they are stored (no decode,
+        no re-encode), from the level at the models' spacing: cheap, but not what the models
+        were trained on (``--slide-tiling frame_fields``, not the default).
+
+        Frames do not overlap, so a cell on a frame seam is seen cut in two fields (the merge
+        joins the pieces, but each piece was classified alone), and a frame reaches beyond
+        its ROI, so the per-field stain normalisation is computed over the thick area or
+        empty glass next to it. SlideError when no level is at the models' spacing, the
+        frames are not JPEG or not the models' field size (a smaller frame would be
+        letterboxed up, its cells larger than any the models saw): use ``fields`` then.
         """
         found = self.frame_level(um_per_pixel)
         if found is None:
@@ -268,6 +178,12 @@ class SlideSource:
         index, level = found
         if str(self.base_dataset.file_meta.TransferSyntaxUID) not in _ENCAPSULATED:
             raise _fail(self.folder, "frames are not JPEG; use fields(), which encodes")
+        if (level.tile_width, level.tile_height) != tuple(config.FIELD_SIZE):
+            raise _fail(
+                self.folder,
+                f"frames of {level.tile_width}x{level.tile_height} are not the models' "
+                f"{config.FIELD_SIZE[0]}x{config.FIELD_SIZE[1]} field; use fields()",
+            )
         d, tw, th = level.downsample, level.tile_width, level.tile_height
         for roi in self.rois:
             x0, y0, x1, y1 = roi.box
@@ -276,6 +192,7 @@ class SlideSource:
                     bx0, by0 = tx * tw * d, ty * th * d
                     if bx0 >= x1 or by0 >= y1:
                         continue
+                    self.read_log.record(index, level, tx * tw, ty * th, tw, th)
                     try:
                         data = self._wsi.read_encoded_tile(
                             index, (tx, ty), crop_to_image_boundary=False
@@ -318,7 +235,9 @@ class SlideSource:
             if rec.cls is None:
                 unmapped[rec.label] += 1
                 continue
-            roi = by_index.get(rec.roi_id) if rec.roi_id is not None else None
+            # an annotated cell's ROI number means nothing against automatically found ROIs
+            by_id = rec.roi_id is not None and self.roi_source == "annotation"
+            roi = by_index.get(rec.roi_id) if by_id else None
             if roi is None:
                 cx, cy = (rec.box[0] + rec.box[2]) / 2, (rec.box[1] + rec.box[3]) / 2
                 roi = next(
@@ -364,12 +283,6 @@ class SlideSource:
         if self._wsi is not None:
             self._wsi.close()
             self._wsi = None
-
-    def __enter__(self) -> SlideSource:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
 
 def _read_levels(folder: Path, wsi_files: list[Path]) -> tuple[list[Level], object, list[Path]]:
@@ -428,13 +341,27 @@ def _read_levels(folder: Path, wsi_files: list[Path]) -> tuple[list[Level], obje
     return levels, base_ds, [p for p, _ in volumes]
 
 
-def open_slide(folder: Path) -> SlideSource:
-    """Open the slide in folder; SlideError naming the problem when it cannot be used:
-    no slide, unsupported transfer syntax, truncated frames, missing levels (the base
-    level the annotations reference is absent), no ROI annotation."""
+def open_slide(folder: Path, rois: str = "auto") -> PyramidSlide:
+    """Open the slide in folder (DICOM, else one scanner file: ``scanner.open_scanner_slide``);
+    SlideError naming the problem when it cannot be used: no slide, unsupported transfer
+    syntax, truncated frames, missing levels (the base level the annotations reference is
+    absent), no ROIs.
+
+    ``rois``: ``auto`` (default) takes the ROI annotation series when the slide has one, else
+    finds the monolayer areas (``roi_finder``); ``annotation`` requires the series;
+    ``automatic`` finds them even when annotated. ``roi_source`` says which was used.
+    """
+    if rois not in ROI_CHOICES:
+        raise ValueError(f"rois must be one of {', '.join(ROI_CHOICES)}, got {rois!r}")
     folder = Path(folder)
     if not folder.is_dir():
         raise _fail(folder, "not a folder")
+    from marrowdx.slides.detect import scanner_file
+
+    if scanner_file(folder) is not None:
+        from marrowdx.slides.scanner import open_scanner_slide
+
+        return open_scanner_slide(folder, rois)
     files = dicom_files(folder)
     wsi_files = [p for p, sop in files.items() if sop == WSI_SOP_CLASS]
     ann_files = [p for p, sop in files.items() if sop == ANN_SOP_CLASS]
@@ -445,7 +372,7 @@ def open_slide(folder: Path) -> SlideSource:
     # the ROI object is parsed now (small); the cell objects only when their labels are read
     likely = sorted(annotations, key=lambda a: not a.looks_like_roi)
     roi_objects = next(([a] for a in likely if a.is_roi), [])
-    if not roi_objects:
+    if not roi_objects and rois == "annotation":
         have = ", ".join(repr(a.description) for a in annotations) or "none"
         raise _fail(
             folder,
@@ -468,14 +395,14 @@ def open_slide(folder: Path) -> SlideSource:
                     f"missing levels: {obj.description!r} is drawn on a level downsampled "
                     f"{level_uids[u].downsample}x, and the full-resolution level is absent",
                 )
-    rois = []
-    for k, rec in enumerate(roi_objects[0].records):
+    found: list[Roi] = []
+    for k, rec in enumerate(roi_objects[0].records if roi_objects and rois != "automatic" else []):
         x0, y0 = max(0, math.floor(rec.box[0])), max(0, math.floor(rec.box[1]))
         x1 = min(levels[0].width, math.ceil(rec.box[2]))
         y1 = min(levels[0].height, math.ceil(rec.box[3]))
         if x1 <= x0 or y1 <= y0:
             raise _fail(folder, f"ROI {rec.box} lies outside the slide")
-        rois.append(
+        found.append(
             Roi(index=rec.roi_id if rec.roi_id is not None else k + 1, box=(x0, y0, x1, y1))
         )
     try:
@@ -484,4 +411,27 @@ def open_slide(folder: Path) -> SlideSource:
         wsi = WsiDicom.open(volume_files)
     except Exception as exc:
         raise _fail(folder, f"wsidicom cannot open the levels: {exc}") from exc
-    return SlideSource(folder, wsi, levels, base_ds, annotations, rois)
+    source = SlideSource(folder, wsi, levels, base_ds, annotations, found)
+    if not found:
+        use_automatic_rois(source)
+    return source
+
+
+def use_automatic_rois(source: PyramidSlide) -> None:
+    """Give ``source`` the monolayer areas the ROI finder sees (``roi_finder.find_rois``);
+    SlideError naming the slide when it finds none."""
+    from marrowdx.slides.roi_finder import find_rois
+
+    try:
+        search = find_rois(source)
+    except Exception:
+        source.close()
+        raise
+    source.rois, source.roi_source, source.roi_search = search.rois, "automatic", search
+    if not search.rois:
+        source.close()
+        dropped = "; ".join(f"{c.box}: {c.why}" for c in search.candidates) or "none"
+        raise _fail(
+            source.folder,
+            f"no ROI annotation and no monolayer area found automatically (candidates: {dropped})",
+        )
