@@ -356,7 +356,7 @@ def _coco_split(path: Path) -> str | None:
 
 
 def _coco_image(file_name: str, json_path: Path, root: Path, split: str | None) -> Path:
-    bases = [json_path.parent, json_path.parent.parent, root, root / "images"]
+    bases = [json_path.parent, root, root / "images"]
     if split is not None:
         bases += [root / "images" / split, root / split]
     for base in dict.fromkeys(bases):
@@ -372,7 +372,9 @@ def read_coco(root: Path, *, verify: bool = False) -> list[RawField]:
     (``instances_train.json``); images are looked up beside the JSON, in ROOT, ROOT/images and
     ROOT/images/<split>."""
     root = Path(root)
-    data_root = root.parent if root.is_file() else root
+    data_root = root
+    if root.is_file():  # a JSON file given: the data set is its folder, or the one above
+        data_root = root.parent.parent if root.parent.name.lower() == "annotations" else root.parent
     fields = []
     for json_path in coco_files(root):
         try:

@@ -1,0 +1,406 @@
+"""marrowdx.datasets on the tiny real samples in tests/data/real (and broken copies of them)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from marrowdx import taxonomy
+from marrowdx.cli import main
+from marrowdx.datasets import (
+    DECLARATION_NAME,
+    PUBLIC_SETS,
+    DatasetError,
+    detect_format,
+    load_dataset,
+    read_declaration,
+    resolve_target,
+    write_coco,
+    write_voc,
+)
+from marrowdx.errors import InputError
+
+REAL = Path(__file__).resolve().parents[1] / "data" / "real"
+CROPS = REAL / "matek_bm_crops"
+YOLO = REAL / "txl_pbc_yolo"
+VOC = REAL / "txl_pbc_voc"
+COCO = REAL / "txl_pbc_coco"
+
+
+def _copy(src: Path, dst: Path, *, declaration: bool = True) -> Path:
+    shutil.copytree(src, dst)
+    if not declaration and (dst / DECLARATION_NAME).exists():
+        (dst / DECLARATION_NAME).unlink()
+    return dst
+
+
+def _yolo_truth(root: Path) -> dict[str, tuple[list[str], np.ndarray]]:
+    """Boxes of the YOLO sample computed here from the txt files, independently of the
+    reader: image stem -> (labels, pixel boxes)."""
+    from PIL import Image
+
+    names = (root / "labels" / "classes.txt").read_text().split()
+    truth = {}
+    for image in sorted((root / "images" / "train").glob("*.jpg")):
+        width, height = Image.open(image).size
+        labels, rows = [], []
+        for line in (root / "labels" / "train" / f"{image.stem}.txt").read_text().splitlines():
+            c, cx, cy, w, h = line.split()
+            cx, cy, w, h = (
+                float(cx) * width,
+                float(cy) * height,
+                float(w) * width,
+                float(h) * height,
+            )
+            labels.append(names[int(c)])
+            rows.append([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2])
+        boxes = np.clip(np.array(rows), 0, [width, height, width, height])
+        truth[image.stem] = (labels, boxes)
+    return truth
+
+
+def _all_boxes(field) -> tuple[list[str], np.ndarray]:
+    labels = field.labels + field.unmapped_labels
+    return labels, np.concatenate([field.boxes, field.unmapped_boxes]).astype(np.float64)
+
+
+# ----------------------------------------------------------------------------- label groups
+def test_label_groups_come_from_the_taxonomy() -> None:
+    groups = taxonomy.LABEL_GROUPS
+    assert not set(groups) & set(taxonomy.CLASSES)
+    assert all(c in taxonomy.CLASS_INDEX for members in groups.values() for c in members)
+    assert groups["blasts"] == tuple(
+        c for c in taxonomy.CLASSES if taxonomy.COUNTING_ROLES[c].lineage == "blasts"
+    )
+    assert len(groups["blasts"]) == 4 and all(c.endswith("_blast") for c in groups["blasts"])
+    assert groups["nucleated"] == groups["wbc"] == taxonomy.NUCLEATED_CLASSES
+    assert "thrombocyte" not in groups["nucleated"]
+    assert set(groups["not_identifiable"]) == {"smudge_cell", "artifact"}
+    assert set(groups["neutrophils_mature"]) == {"neutrophilic_band", "segmented_neutrophil"}
+    assert "segmented_eosinophil" in groups["eosinophils"]
+    assert all("eosinophil" in c for c in groups["eosinophils"])
+    assert all(taxonomy.COUNTING_ROLES[c].lineage == "erythroid" for c in groups["erythroblasts"])
+
+
+def test_resolve_target_kinds() -> None:
+    one = resolve_target("segmented_neutrophil")
+    assert one.kind == "classes" and not one.is_group
+    assert one.classes == (taxonomy.CLASS_INDEX["segmented_neutrophil"],)
+    blasts = resolve_target("Blasts")
+    assert blasts.is_group and blasts.name == "blasts"
+    assert blasts.class_names == taxonomy.LABEL_GROUPS["blasts"]
+    union = resolve_target(["artifact", "smudge_cell"])
+    assert union.is_group and union.classes == tuple(
+        sorted(taxonomy.CLASS_INDEX[c] for c in ("artifact", "smudge_cell"))
+    )
+    assert union.name == "artifact+smudge_cell"
+    assert resolve_target(["lymphocyte"]) == resolve_target("lymphocyte")
+    for special in ("ignore", "red_cell"):
+        target = resolve_target(special)
+        assert target.kind == special and target.classes == () and not target.is_group
+
+
+@pytest.mark.parametrize("bad", ["blast", "neutrophil", ["blasts", "ignore"], [], 3])
+def test_resolve_target_rejects_unknown_names(bad: object) -> None:
+    with pytest.raises(InputError) as err:
+        resolve_target(bad)  # type: ignore[arg-type]
+    if bad in ("blast", "neutrophil"):
+        assert "segmented_neutrophil" in str(err.value) and "blasts" in str(err.value)
+
+
+# ----------------------------------------------------------------------------- crops
+def test_crops_with_their_declaration() -> None:
+    ds = load_dataset(CROPS)
+    assert ds.format == "crops" and ds.name == "matek_bm_crops_sample"
+    assert ds.um_per_pixel is None and ds.declaration == CROPS / DECLARATION_NAME
+    assert len(ds.crops) == len(list(CROPS.glob("*/*.jpg"))) == 6
+    assert ds.unmapped == {} and ds.fields == [] and ds.splits == []
+    by_label = {c.label: c.target for c in ds.crops}
+    assert (
+        by_label["BLA"].is_group and by_label["BLA"].class_names == taxonomy.LABEL_GROUPS["blasts"]
+    )
+    assert by_label["NGS"].class_names == ("segmented_neutrophil",)
+    assert set(by_label["NIF"].class_names) == {"smudge_cell", "artifact"}
+    assert all(c.path.parent.name == c.label for c in ds.crops)
+
+
+def test_crops_without_declaration_are_matched_by_name_only(tmp_path: Path) -> None:
+    root = _copy(CROPS, tmp_path / "crops", declaration=False)
+    (root / "NGS").rename(root / "Segmented neutrophil")
+    ds = load_dataset(root)
+    assert ds.label_source == "names"
+    assert ds.unmapped == {"BLA": 2, "NIF": 2}  # codes are never guessed
+    assert [c.target.name for c in ds.crops] == ["segmented_neutrophil"] * 2
+
+
+def test_crops_split_folders_nested_images_and_split_filter(tmp_path: Path) -> None:
+    root = tmp_path / "split"
+    for split, label in (("train", "BLA"), ("Valid", "NGS"), ("TestA", "NIF")):
+        # the Munich set's own layout nests numbered folders inside each class folder
+        shutil.copytree(CROPS / label, root / split / label / "0001-1000")
+    ds = load_dataset(root, labels={"BLA": "blasts", "NGS": "segmented_neutrophil"})
+    assert ds.splits == ["train", "val"]
+    assert ds.unmapped == {"NIF": 2}
+    assert {c.split for c in ds.crops} == {"train", "val"}
+    val = load_dataset(root, labels={"BLA": "blasts", "NGS": "nucleated"}, split="val")
+    assert {c.label for c in val.crops} == {"NGS"} and len(val.crops) == 2
+    with pytest.raises(DatasetError, match="no split 'holdout'"):
+        load_dataset(root, split="holdout")
+    with pytest.raises(DatasetError, match="names no splits"):
+        load_dataset(CROPS, split="train")
+
+
+# ----------------------------------------------------------------------------- YOLO
+def test_yolo_sample_matches_its_label_files() -> None:
+    assert detect_format(YOLO) == "yolo"
+    ds = load_dataset(YOLO)  # no declaration: WBC and Platelet are group names, RBC is not
+    truth = _yolo_truth(YOLO)
+    assert ds.format == "yolo" and ds.splits == ["train"] and len(ds.fields) == len(truth)
+    assert ds.label_map["WBC"].name == "wbc" and ds.label_map["WBC"].is_group
+    assert ds.label_map["Platelet"].class_names == ("thrombocyte",)
+    n_rbc = sum(labels.count("RBC") for labels, _ in truth.values())
+    assert ds.unmapped == {"RBC": n_rbc} and n_rbc > 0
+    for field in ds.fields:
+        labels, boxes = truth[field.path.stem]
+        assert "RBC" not in field.labels and set(field.unmapped_labels) == {"RBC"}
+        got_labels, got = _all_boxes(field)
+        order = [
+            *(i for i, lab in enumerate(labels) if lab != "RBC"),
+            *(i for i, lab in enumerate(labels) if lab == "RBC"),
+        ]
+        assert got_labels == [labels[i] for i in order]
+        np.testing.assert_allclose(got, boxes[order], atol=1e-3)
+        assert field.boxes.dtype == np.float32 and field.um_per_pixel is None
+        assert (field.boxes[:, 2] <= field.width).all() and (
+            field.boxes[:, 3] <= field.height
+        ).all()
+
+
+def test_declaration_and_keyword_overrides(tmp_path: Path) -> None:
+    root = _copy(YOLO, tmp_path / "yolo")
+    (root / DECLARATION_NAME).write_text(
+        'name = "txl"\num_per_pixel = 0.1\nheld_out_splits = ["test"]\n'
+        '[labels]\nWBC = "nucleated"\nRBC = "red_cell"\n'
+    )
+    ds = load_dataset(root)
+    assert ds.name == "txl" and ds.um_per_pixel == 0.1 and ds.held_out_splits == ("test",)
+    assert ds.label_source == "declared"
+    assert ds.unmapped == {"Platelet": sum(f.unmapped_labels.count("Platelet") for f in ds.fields)}
+    assert all(f.um_per_pixel == 0.1 for f in ds.fields)
+    red = [t for f in ds.fields for t in f.targets if t.kind == "red_cell"]
+    assert len(red) == ds.label_counts["RBC"]
+    over = load_dataset(
+        root, um_per_pixel=0.25, labels={"Platelet": "thrombocyte", "RBC": "ignore"}
+    )
+    assert over.um_per_pixel == 0.25 and over.unmapped == {}
+    assert over.label_map["RBC"].kind == "ignore" and over.label_map["WBC"].name == "nucleated"
+    assert load_dataset(root, um_per_pixel="unknown").um_per_pixel is None
+    other = tmp_path / "other.toml"
+    other.write_text('format = "yolo"\n[labels]\nWBC = "blasts"\n')
+    assert load_dataset(root, declaration=other).label_map["WBC"].name == "blasts"
+
+
+@pytest.mark.parametrize(
+    "yaml_text",
+    [
+        "names: [WBC, RBC, Platelet]\nnc: 3\n",
+        "names:\n  0: WBC  # white\n  1: RBC\n  2: Platelet\n",
+    ],
+)
+def test_yolo_data_yaml_names(tmp_path: Path, yaml_text: str) -> None:
+    root = _copy(YOLO, tmp_path / "yolo")
+    (root / "labels" / "classes.txt").unlink()
+    (root / "data.yaml").write_text(yaml_text)
+    ds = load_dataset(
+        root, labels={"WBC": "nucleated", "RBC": "red_cell", "Platelet": "thrombocyte"}
+    )
+    assert ds.label_counts == load_dataset(YOLO).label_counts
+
+
+def test_yolo_without_names_keeps_indices_as_labels(tmp_path: Path) -> None:
+    root = _copy(YOLO, tmp_path / "yolo")
+    (root / "labels" / "classes.txt").unlink()
+    ds = load_dataset(root, labels={"0": "nucleated"})
+    assert set(ds.unmapped) == {"1", "2"} and set(ds.label_map) == {"0"}
+
+
+# ----------------------------------------------------------------------------- VOC, COCO
+@pytest.mark.parametrize(("root", "fmt", "tolerance"), [(VOC, "voc", 0.51), (COCO, "coco", 0.01)])
+def test_voc_and_coco_samples_hold_the_yolo_boxes(root: Path, fmt: str, tolerance: float) -> None:
+    assert detect_format(root) == fmt
+    ds = load_dataset(root)
+    ref = {f.path.stem: f for f in load_dataset(YOLO).fields}
+    assert ds.format == fmt and ds.splits == ["train"] and len(ds.fields) == len(ref)
+    assert ds.unmapped == load_dataset(YOLO).unmapped
+    for field in ds.fields:
+        want = ref[field.path.stem]
+        assert (field.width, field.height) == (want.width, want.height)
+        assert sorted(_all_boxes(field)[0]) == sorted(_all_boxes(want)[0])
+        got, exp = _all_boxes(field)[1], _all_boxes(want)[1]
+        np.testing.assert_allclose(np.sort(got, axis=0), np.sort(exp, axis=0), atol=tolerance)
+
+
+def test_coco_json_file_given_directly() -> None:
+    ds = load_dataset(COCO / "annotations" / "instances_train.json")
+    assert ds.format == "coco" and len(ds.fields) == 3
+
+
+def test_writers_round_trip(tmp_path: Path) -> None:
+    fields = load_dataset(YOLO, labels={}).fields
+    voc = load_dataset(write_voc(fields, tmp_path / "voc"), labels={})
+    write_coco(fields, tmp_path / "coco")
+    coco = load_dataset(tmp_path / "coco", labels={})
+    for copy, tolerance in ((voc, 0.51), (coco, 0.01)):
+        for a, b in zip(fields, copy.fields, strict=True):
+            assert a.path.name == b.path.name and a.unmapped_labels == b.unmapped_labels
+            np.testing.assert_allclose(a.unmapped_boxes, b.unmapped_boxes, atol=tolerance)
+
+
+# ----------------------------------------------------------------------------- errors
+def test_unknown_layout_names_what_it_found(tmp_path: Path) -> None:
+    (tmp_path / "scans").mkdir()
+    (tmp_path / "notes.txt").write_text("x")
+    with pytest.raises(DatasetError) as err:
+        load_dataset(tmp_path)
+    text = str(err.value)
+    assert "scans/" in text and "notes.txt" in text
+    assert all(name in text for name in ("crops", "yolo", "voc", "coco"))
+
+
+@pytest.mark.parametrize(
+    ("line", "match"),
+    [
+        ("0 0.5 0.5 0.2", "expected 'class cx cy w h'"),
+        ("x 0.5 0.5 0.2 0.2", "not numbers"),
+        ("7 0.5 0.5 0.2 0.2", "class 7, but only 3 class names"),
+        ("0 0.5 0.5 0.0 0.2", "must be positive"),
+        ("0 0.95 0.5 0.3 0.2", "outside"),
+    ],
+)
+def test_yolo_bad_line_names_file_and_line(tmp_path: Path, line: str, match: str) -> None:
+    root = _copy(YOLO, tmp_path / "yolo")
+    label_file = sorted((root / "labels" / "train").glob("*.txt"))[0]
+    lines = label_file.read_text().splitlines()
+    label_file.write_text("\n".join([lines[0], line, *lines[1:]]) + "\n")
+    with pytest.raises(DatasetError, match=match) as err:
+        load_dataset(root)
+    assert f"{label_file}:2" in str(err.value)
+
+
+def test_yolo_label_file_without_image(tmp_path: Path) -> None:
+    root = _copy(YOLO, tmp_path / "yolo")
+    (root / "labels" / "train" / "lost.txt").write_text("0 0.5 0.5 0.1 0.1\n")
+    with pytest.raises(DatasetError, match="lost.txt"):
+        load_dataset(root)
+
+
+def test_voc_box_outside_and_size_mismatch(tmp_path: Path) -> None:
+    root = _copy(VOC, tmp_path / "voc")
+    xml = sorted((root / "Annotations").glob("*.xml"))[0]
+    text = xml.read_text()
+    width = int(text.split("<width>")[1].split("<")[0])
+    xml.write_text(
+        text.replace("<xmax>", f"<xmax>{width + 40}<!--", 1).replace("</xmax>", "--></xmax>", 1)
+    )
+    with pytest.raises(DatasetError, match="outside") as err:
+        load_dataset(root)
+    assert xml.name in str(err.value) and "object 1" in str(err.value)
+    xml.write_text(text.replace(f"<width>{width}</width>", f"<width>{width * 2}</width>"))
+    with pytest.raises(DatasetError, match="<size> says"):
+        load_dataset(root)
+
+
+def test_coco_errors(tmp_path: Path) -> None:
+    root = _copy(COCO, tmp_path / "coco")
+    path = root / "annotations" / "instances_train.json"
+    coco = json.loads(path.read_text())
+    bad = json.loads(json.dumps(coco))
+    bad["annotations"][0]["bbox"][0] = bad["images"][0]["width"] + 50.0
+    path.write_text(json.dumps(bad))
+    with pytest.raises(DatasetError, match="annotation 1: box .* outside"):
+        load_dataset(root)
+    bad = json.loads(json.dumps(coco))
+    bad["images"][0]["file_name"] = "missing.jpg"
+    path.write_text(json.dumps(bad))
+    with pytest.raises(DatasetError, match="missing.jpg"):
+        load_dataset(root)
+    path.write_text("{not json")
+    with pytest.raises(DatasetError, match="not valid JSON"):
+        load_dataset(root)
+
+
+def test_image_that_does_not_open(tmp_path: Path) -> None:
+    root = _copy(CROPS, tmp_path / "crops")
+    (root / "BLA" / "broken.jpg").write_bytes(b"not an image at all")
+    with pytest.raises(DatasetError, match="broken.jpg: cannot open"):
+        load_dataset(root)
+    (root / "BLA" / "broken.jpg").unlink()
+    good = sorted((root / "NGS").glob("*.jpg"))[0]
+    (root / "NGS" / "cut.jpg").write_bytes(good.read_bytes()[:2000])  # header intact, data cut
+    assert len(load_dataset(root).crops) == 7  # a header read cannot tell
+    with pytest.raises(DatasetError, match="cut.jpg: cannot open"):
+        load_dataset(root, verify=True)
+
+
+@pytest.mark.parametrize(
+    ("text", "match"),
+    [
+        ('name = "x"\nspacing = 0.1\n', "unknown key"),
+        ("um_per_pixel = -1\n", "positive"),
+        ('um_per_pixel = "fine"\n', "number or 'unknown'"),
+        ('format = "csv"\n', "format must be one of"),
+        ('[labels]\nBLA = "blast"\n', "label 'BLA'.*unknown label target"),
+        ("[labels]\nBLA = 3\n", "give a name or a list"),
+        ("name = \n", "not valid TOML"),
+    ],
+)
+def test_bad_declarations(tmp_path: Path, text: str, match: str) -> None:
+    root = _copy(CROPS, tmp_path / "crops")
+    (root / DECLARATION_NAME).write_text(text)
+    with pytest.raises(DatasetError, match=match):
+        load_dataset(root)
+
+
+# ----------------------------------------------------------------------------- catalogue, CLI
+def test_every_public_set_template_resolves(tmp_path: Path) -> None:
+    assert {"matek_bm_crops", "txl_pbc", "pbc", "raabin_wbc", "aml_cytomorphology_lmu"} <= set(
+        PUBLIC_SETS
+    )
+    for key, ps in PUBLIC_SETS.items():
+        path = tmp_path / f"{key}.toml"
+        path.write_text(ps.declaration(), encoding="utf-8")
+        decl = read_declaration(path)
+        assert decl.name == key and decl.format == ps.format
+        assert set(decl.labels or {}) == set(ps.labels)
+        for target in (decl.labels or {}).values():
+            resolve_target(target)
+    assert PUBLIC_SETS["txl_pbc"].held_out_splits == ("test",)
+
+
+def test_cli_list_declare_check(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["data", "list", "--json", str(tmp_path / "sets.json")]) == 0
+    out = capsys.readouterr().out
+    assert "10.7937/TCIA.AXH3-T579" in out and "2407.13214" in out and "CC BY 4.0" in out
+    assert len(json.loads((tmp_path / "sets.json").read_text())) == len(PUBLIC_SETS)
+
+    root = _copy(YOLO, tmp_path / "yolo")
+    assert main(["data", "declare", str(root), "--set", "txl_pbc"]) == 0
+    assert main(["data", "declare", str(root), "--set", "txl_pbc"]) == 2  # exists: no --force
+    capsys.readouterr()
+    assert main(["data", "check", str(root), "--json", str(tmp_path / "check.json")]) == 0
+    out = capsys.readouterr().out
+    summary = json.loads((tmp_path / "check.json").read_text())
+    assert summary["format"] == "yolo" and summary["unmapped"] == {}
+    assert summary["labels"]["RBC"]["kind"] == "red_cell"
+    assert "held out" in out and "RBC" in out
+
+    assert (
+        main(["data", "check", str(CROPS), "--label", "NIF=ignore", "--um-per-pixel", "0.1"]) == 0
+    )
+    assert "0.1 µm/px" in capsys.readouterr().out
+    assert main(["data", "check", str(tmp_path / "nothing")]) == 2
+    assert "no such folder" in capsys.readouterr().err
