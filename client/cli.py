@@ -112,9 +112,17 @@ def configure_diagnose(parser: argparse.ArgumentParser) -> None:
         "--slide-tiling",
         choices=TILINGS,
         default=TILINGS[0],
-        help="what a slide sends: frame_fields (its own JPEG frames as stored, cells on seams "
-        "joined), fields (overlapping 1024 px fields, decoded and re-encoded), or auto "
-        "(default: frames where the slide has a level at the models' spacing, else fields)",
+        help="what a slide sends: fields (default: overlapping 1024 px fields inside each ROI, "
+        "decoded and re-encoded: what the models were trained on), frame_fields (a DICOM "
+        "slide's own JPEG frames as stored: cheaper, counts worse), or auto (frames where the "
+        "slide has them at the models' spacing and field size, else fields)",
+    )
+    parser.add_argument(
+        "--geojson",
+        type=Path,
+        metavar="OUTDIR",
+        help="per slide patient, write the counted cells and ROIs as OUTDIR/<patient_id>.geojson "
+        "for QuPath (default with --json: OUT's folder/<OUT's stem>-geojson)",
     )
     parser.add_argument(
         "--unidentified-below",
@@ -295,7 +303,17 @@ def _patient_input(folder: PatientFolder, args: argparse.Namespace):
         folder.labs,
         args.dicom_annotations,
         tiling=args.slide_tiling,
+        geojson_dir=_geojson_dir(args),
     )
+
+
+def _geojson_dir(args: argparse.Namespace) -> Path | None:
+    """Where slide cells go as GeoJSON: --geojson, else beside the JSON report."""
+    if args.geojson is not None:
+        return args.geojson
+    if args.json is not None:
+        return args.json.parent / f"{args.json.stem}-geojson"
+    return None
 
 
 def _check_slide_extra(cohort: Cohort, args: argparse.Namespace) -> None:

@@ -37,14 +37,17 @@ if TYPE_CHECKING:
 
 #: Series description of the written annotation objects (a DICOM LO: at most 64 characters).
 ANNOTATION_DESCRIPTION = "marrowdx predicted cells (overlapping fields merged)"
-#: What a slide sends (``SlidePatient.tiling``): ``frame_fields``, the slide's own JPEG frames
-#: as stored (abutting; cells cut on their seams are joined by the merge; needs a pyramid level
-#: at the models' spacing and JPEG frames), or ``fields``, overlapping 1024 px fields decoded,
-#: resampled if needed and re-encoded. ``auto`` (default) takes the frames where the slide
-#: allows, else fields: measured on 2 shared cores (README, "Real slides"), re-encoding costs
-#: the client 15-20 ms of CPU per field beside 33 ms of serving, and slide fields/s were
-#: 0.61-0.90 x the same fields as files; frames cost 0.1 ms and kept pace (1.06-1.33 x).
-TILINGS = ("auto", "fields", "frame_fields")
+#: What a slide sends (``SlidePatient.tiling``). ``fields`` (default): overlapping 1024 px
+#: fields inside each ROI at the models' spacing, decoded, resampled if needed and re-encoded:
+#: the pixels the models were trained on, every cell whole in one field. ``frame_fields``: the
+#: slide's own JPEG frames as stored (no decode; needs a DICOM level at the models' spacing
+#: with frames of the field size); ``auto``: frames where the slide allows, else fields. The
+#: frames are cheaper (0.1 ms against 15-20 ms of client CPU per field) but count worse: a
+#: frame reaches beyond its ROI into the thick area or empty glass, so the models' per-field
+#: stain normalisation is computed on other pixels (gains of 0.5-4 against 0.7-1.4 on
+#: fields), and cells cut by frame seams are classified from their pieces (README, "Real
+#: slides", has the measured figures).
+TILINGS = ("fields", "frame_fields", "auto")
 #: Fields read ahead of the answers, per unit of client concurrency: enough that reading
 #: never starves the server, few enough that a slide's fields are not all held in memory.
 READ_AHEAD_PER_SLOT = 2
@@ -75,10 +78,19 @@ class SlideReport(PatientReport):
 
     n_fields: int = 0
     dicom_annotations: str | None = None
+    #: "annotation" (the slide's ROI series) or "automatic" (``marrowdx.slides.roi_finder``,
+    #: whose record, what it read included, is ``roi_search``).
+    roi_source: str | None = None
+    roi_search: dict[str, object] | None = None
+    #: The cells as GeoJSON for QuPath (``SlidePatient.geojson_dir``), or None.
+    geojson: str | None = None
 
     def to_dict(self) -> dict[str, object]:
         return super().to_dict() | {
             "n_fields": self.n_fields,
+            "roi_source": self.roi_source,
+            "roi_search": self.roi_search,
+            "geojson": self.geojson,
             "dicom_annotations": self.dicom_annotations,
         }
 
@@ -163,6 +175,8 @@ class SlidePatient:
     problems: dict[str, str] = field(default_factory=dict)
     #: Which of the reader's tilings is sent (``SlideSource.<tiling>()``, see TILINGS).
     tiling: str = TILINGS[0]
+    #: Write the merged cells there as ``<patient_id>.geojson`` (QuPath; any slide format).
+    geojson_dir: Path | None = None
 
     async def run(
         self, client: AsyncMarrowClient, on_image: ImageCallback | None = None
@@ -299,6 +313,14 @@ async def diagnose_slide(
                 written = await asyncio.to_thread(write_slide_annotations, source, rois, patient)
             except Exception as exc:  # noqa: BLE001 - the count stands; the output failed
                 failed[f"{patient.name}#dicom-annotations"] = f"not written: {exc}"
+        geojson = None
+        if patient.geojson_dir is not None:
+            try:
+                geojson = await asyncio.to_thread(write_slide_geojson, rois, patient)
+            except Exception as exc:  # noqa: BLE001 - the count stands; the output failed
+                failed[f"{patient.name}#geojson"] = f"not written: {exc}"
+        search = getattr(source, "roi_search", None)
+        roi_source = getattr(source, "roi_source", None)
     finally:
         await asyncio.to_thread(source.close)
     base = aggregate.build_report(
@@ -314,7 +336,27 @@ async def diagnose_slide(
         unidentified_below=client.unidentified_below,
     )
     return _slide_report(
-        base, n_fields=n_fields, dicom_annotations=None if written is None else str(written)
+        base,
+        roi_source=roi_source,
+        roi_search=None if search is None else search.to_dict(),
+        geojson=None if geojson is None else str(geojson),
+        n_fields=n_fields,
+        dicom_annotations=None if written is None else str(written),
+    )
+
+
+def write_slide_geojson(rois: list[RoiResult], patient: SlidePatient) -> Path:
+    """The merged cells of every ROI, and the ROIs, as ``geojson_dir/<patient_id>.geojson``."""
+    from marrowdx.client.overlays import class_colour
+
+    from marrowdx.slides.geojson import write_geojson
+
+    assert patient.geojson_dir is not None
+    return write_geojson(
+        patient.geojson_dir / f"{patient.patient_id}.geojson",
+        [c for roi in rois for c in roi.cells],
+        class_colour,
+        [roi.roi for roi in rois],
     )
 
 
@@ -324,6 +366,9 @@ def write_slide_annotations(source: object, rois: list[RoiResult], patient: Slid
     from marrowdx.slides import SlideCell, write_annotations
 
     assert patient.annotations_dir is not None
+    if not hasattr(source, "base_dataset"):  # a scanner file: nothing DICOM to reference
+        vendor = getattr(source, "vendor", "scanner")
+        raise ValueError(f"a {vendor} slide file has no DICOM instance to reference; see GeoJSON")
     cells = [
         SlideCell(c.box, c.label, c.score, dict(c.attributes)) for roi in rois for c in roi.cells
     ]

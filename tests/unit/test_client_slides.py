@@ -218,10 +218,44 @@ def test_auto_sends_frames_and_joins_cells_cut_on_their_seams(monkeypatch) -> No
     # one cell halved by the seam at x=1536, one whole in each frame
     cells = {0: boxes([(1536, 1200), (1200, 1300), (1800, 1300)])}
     client = FakeClient(cells, frames, fail=set())
-    report = run(SlidePatient("P5", Path("x/P5"), "P5"), client, FramesSource(frames), monkeypatch)
+    patient = SlidePatient("P5", Path("x/P5"), "P5", tiling="auto")
+    report = run(patient, client, FramesSource(frames), monkeypatch)
     assert report.failed_images == {} and report.n_fields == 2
     got = sorted(c.box for c in report.images[0].cells)
     assert np.allclose(got, sorted(map(tuple, cells[0])), atol=1e-6)
+
+
+class FieldsOnlySource(FakeSource):
+    """A slide that could send its frames: the default must send fields all the same."""
+
+    def frame_fields(self):
+        raise AssertionError("the default tiling must not send the slide's frames")
+
+
+def test_the_default_tiling_sends_fields_and_writes_geojson(monkeypatch, tmp_path) -> None:
+    """Frames reach beyond their ROI (thick area, glass) and cut cells on their seams, which
+    the models' per-field stain normalisation and classifier never saw: the default sends the
+    overlapping fields. The counted cells go out as GeoJSON for QuPath, one detection each."""
+    fields = fields_for(ROI_A, 500, 200, 1.0)
+    cells = {0: boxes([(1200, 1200), (1700, 1300)])}
+    client = FakeClient(cells, fields, fail=set())
+    patient = SlidePatient("P6", Path("x/P6"), "P6", geojson_dir=tmp_path / "geo")
+    report = run(patient, client, FieldsOnlySource(fields), monkeypatch)
+    assert report.failed_images == {} and report.n_fields == 2
+    doc = json.loads(Path(report.geojson).read_text())
+    assert doc["type"] == "FeatureCollection"
+    detections = [f for f in doc["features"] if f["properties"]["objectType"] == "detection"]
+    rois = [f for f in doc["features"] if f["properties"]["objectType"] == "annotation"]
+    assert len(detections) == sum(len(r.cells) for r in report.images) == 2
+    assert len(rois) == 1 and rois[0]["geometry"]["coordinates"][0][0] == [1000, 1000]
+    for feature, cell in zip(detections, report.images[0].cells, strict=True):
+        ring = feature["geometry"]["coordinates"][0]
+        assert feature["geometry"]["type"] == "Polygon" and ring[0] == ring[-1]
+        assert ring[0] == [round(cell.box[0], 1), round(cell.box[1], 1)]
+        props = feature["properties"]
+        assert props["classification"]["name"] == cell.label
+        assert len(props["classification"]["color"]) == 3
+        assert 0 <= props["measurements"]["probability"] <= 1
 
 
 def test_one_slide_given_instead_of_a_cohort_is_named(tmp_path: Path) -> None:
