@@ -221,6 +221,17 @@ def test_yolo_data_yaml_names(tmp_path: Path, yaml_text: str) -> None:
     assert ds.label_counts == load_dataset(YOLO).label_counts
 
 
+def test_yolo_split_first_layout(tmp_path: Path) -> None:
+    """The layout Roboflow and Ultralytics exports use: <split>/images + <split>/labels."""
+    root = tmp_path / "export"
+    shutil.copytree(YOLO / "images" / "train", root / "valid" / "images")
+    shutil.copytree(YOLO / "labels" / "train", root / "valid" / "labels")
+    (root / "data.yaml").write_text("val: valid/images\nnames: ['WBC', 'RBC', 'Platelet']\n")
+    ds = load_dataset(root)
+    assert ds.format == "yolo" and ds.splits == ["val"]
+    assert ds.label_counts == load_dataset(YOLO).label_counts
+
+
 def test_yolo_without_names_keeps_indices_as_labels(tmp_path: Path) -> None:
     root = _copy(YOLO, tmp_path / "yolo")
     (root / "labels" / "classes.txt").unlink()
