@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import sys
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TextIO
@@ -35,7 +36,11 @@ EXIT_INCOMPLETE = EXIT_FAILED
 
 def configure_diagnose(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "dir", type=Path, metavar="DIR", help="cohort folder: one sub-folder of images per patient"
+        "dir",
+        type=Path,
+        nargs="?",
+        metavar="DIR",
+        help="cohort folder: one sub-folder of images per patient (or --dicomweb instead)",
     )
     parser.add_argument(
         "--url",
@@ -106,6 +111,15 @@ def configure_diagnose(parser: argparse.ArgumentParser) -> None:
         help="per slide patient, write the predicted cells as one DICOM Microscopy Bulk Simple "
         "Annotations object under OUTDIR/<patient_id>/ (needs marrowdx[slides])",
     )
+    parser.add_argument(
+        "--dicom-graphic",
+        type=str.upper,
+        default=None,
+        metavar="TYPE",
+        help="cell outlines of the written annotation objects: POLYGON (default; wsidicom, "
+        "highdicom and the viewers read it) or RECTANGLE (the IDC collection's)",
+    )
+    _add_dicomweb_options(parser)
     from marrowdx.client.slides import TILINGS
 
     parser.add_argument(
@@ -287,6 +301,53 @@ async def _wait_for_server(client, args: argparse.Namespace) -> None:
         raise ServerNotReady(f"server at {args.url} not ready: {exc.reason}") from None
 
 
+def _add_dicomweb_options(parser: argparse.ArgumentParser) -> None:
+    from marrowdx.slides.dicomweb import TOKEN_ENV
+
+    web = parser.add_argument_group("a slide in a DICOMweb archive (instead of DIR)")
+    web.add_argument(
+        "--dicomweb",
+        metavar="URL",
+        help="DICOMweb root of the archive (QIDO-RS, WADO-RS, STOW-RS under it), "
+        "e.g. https://pacs.example.org/dicom-web",
+    )
+    web.add_argument("--study", metavar="UID", help="the study that holds the slide")
+    web.add_argument(
+        "--series", metavar="UID", help="the slide's SM series (when the study has several)"
+    )
+    web.add_argument(
+        "--store",
+        action="store_true",
+        help="store the result annotation object back into the study (STOW-RS)",
+    )
+    web.add_argument(
+        "--dicomweb-token-file",
+        type=Path,
+        metavar="FILE",
+        help=f"bearer token for the archive (default: ${TOKEN_ENV} when set)",
+    )
+    web.add_argument(
+        "--dicomweb-ca", type=Path, metavar="PEM", help="CA bundle for the archive's TLS"
+    )
+
+
+def _dicomweb_cohort(args: argparse.Namespace) -> Cohort:
+    """One patient: the archived slide (``marrowdx.slides.dicomweb``), named by its URL."""
+    from marrowdx.slides.dicomweb import WebSlide, endpoint_from_options
+
+    if args.dir is not None:
+        raise InputError("give either a cohort folder DIR or --dicomweb URL --study UID")
+    if not args.study:
+        raise InputError("--dicomweb needs --study UID (and --series UID if it has several)")
+    missing = [m for m in ("wsidicom", "highdicom") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise MissingExtra(f"slides need {', '.join(missing)}: pip install 'marrowdx[slides]'")
+    endpoint = endpoint_from_options(args.dicomweb, args.dicomweb_token_file, args.dicomweb_ca)
+    slide = WebSlide(endpoint, args.study, args.series, store_results=args.store)
+    patient = PatientFolder(slide.patient_id(), [], [slide.name], slide=slide)  # type: ignore[arg-type]
+    return Cohort(Path("."), [patient], [])
+
+
 def _patient_input(folder: PatientFolder, args: argparse.Namespace):
     """A folder of images becomes a PatientInput; a slide folder a SlidePatient (tiled, its
     fields merged; ``marrowdx.client.slides``)."""
@@ -304,6 +365,7 @@ def _patient_input(folder: PatientFolder, args: argparse.Namespace):
         args.dicom_annotations,
         tiling=args.slide_tiling,
         geojson_dir=_geojson_dir(args),
+        graphic=args.dicom_graphic,
     )
 
 
@@ -326,6 +388,11 @@ def _check_slide_extra(cohort: Cohort, args: argparse.Namespace) -> None:
         raise MissingExtra(f"slides need {', '.join(missing)}: pip install 'marrowdx[slides]'")
     if args.dicom_annotations is not None and not cohort.n_slides:
         print("warning: --dicom-annotations: no slide folder in the cohort", file=sys.stderr)
+    if args.dicom_graphic is not None and cohort.n_slides:
+        from marrowdx.slides.annotations import GRAPHIC_TYPES
+
+        if args.dicom_graphic not in GRAPHIC_TYPES:
+            raise InputError(f"--dicom-graphic: choose one of {', '.join(GRAPHIC_TYPES)}")
 
 
 async def _diagnose(args: argparse.Namespace, cohort: Cohort) -> list[PatientReport]:
@@ -380,11 +447,31 @@ def run_diagnose(args: argparse.Namespace) -> int:
     missing = [m for m in OVERLAY_MODULES if args.overlays and importlib.util.find_spec(m) is None]
     if missing:  # found out before any request, not after the whole cohort ran
         raise InputError(f"--overlays needs {', '.join(missing)}: pip install matplotlib")
-    cohort = discover(args.dir)  # CohortError -> marrowdx.cli.main: message, EXIT_CANNOT_START
+    web_only = [f for f in ("study", "series", "store") if getattr(args, f) and not args.dicomweb]
+    if web_only:
+        raise InputError(f"--{web_only[0]} needs --dicomweb URL")
+    if args.dicomweb:
+        cohort = _dicomweb_cohort(args)
+    elif args.dir is None:
+        raise InputError("give a cohort folder DIR, or --dicomweb URL --study UID")
+    else:
+        cohort = discover(args.dir)  # CohortError -> main: message, EXIT_CANNOT_START
     for warning in cohort.warnings:
         print(f"warning: {warning}", file=sys.stderr)
     _check_slide_extra(cohort, args)
-    reports = asyncio.run(_diagnose(args, cohort))  # ServerNotReady: EXIT_CANNOT_START
+    scratch = None
+    if args.store and args.dicom_annotations is None:  # written only to be stored
+        scratch = tempfile.TemporaryDirectory(prefix="marrowdx-store-")
+        args.dicom_annotations = Path(scratch.name)
+    try:
+        reports = asyncio.run(_diagnose(args, cohort))  # ServerNotReady: EXIT_CANNOT_START
+    finally:
+        if scratch is not None:
+            scratch.cleanup()
+    if scratch is not None:  # the JSON keeps the stored URL, not a deleted file
+        for report in reports:
+            if hasattr(report, "dicom_annotations"):
+                report.dicom_annotations = None  # type: ignore[attr-defined]
 
     print(format_table(reports))
     if args.json:

@@ -74,7 +74,8 @@ class RoiResult(ImageResult):
 @dataclass
 class SlideReport(PatientReport):
     """A slide patient's report: ``images`` are its ROIs (:class:`RoiResult`); the JSON adds
-    ``n_fields`` (fields processed) and ``dicom_annotations`` (the written object, or null)."""
+    ``n_fields`` (fields processed), ``dicom_annotations`` (the written object, or null) and
+    ``stored_annotations`` (its URL in the DICOMweb archive after ``--store``, or null)."""
 
     n_fields: int = 0
     dicom_annotations: str | None = None
@@ -84,6 +85,7 @@ class SlideReport(PatientReport):
     roi_search: dict[str, object] | None = None
     #: The cells as GeoJSON for QuPath (``SlidePatient.geojson_dir``), or None.
     geojson: str | None = None
+    stored_annotations: str | None = None
 
     def to_dict(self) -> dict[str, object]:
         return super().to_dict() | {
@@ -92,6 +94,7 @@ class SlideReport(PatientReport):
             "roi_search": self.roi_search,
             "geojson": self.geojson,
             "dicom_annotations": self.dicom_annotations,
+            "stored_annotations": self.stored_annotations,
         }
 
 
@@ -164,7 +167,10 @@ class SlidePatient:
 
     ``name`` labels the slide in the report (the folder relative to the cohort);
     ``annotations_dir``: write the predicted cells there as one DICOM Microscopy Bulk Simple
-    Annotations object per slide.
+    Annotations object per slide, outlined as ``graphic`` (None: the writer's default).
+    ``folder`` may instead be an archived slide (``marrowdx.slides.dicomweb.WebSlide``): it
+    is opened with its ``open_source()``, and with ``store_results`` the written object is
+    sent back to the archive.
     """
 
     patient_id: str
@@ -177,6 +183,7 @@ class SlidePatient:
     tiling: str = TILINGS[0]
     #: Write the merged cells there as ``<patient_id>.geojson`` (QuPath; any slide format).
     geojson_dir: Path | None = None
+    graphic: str | None = None
 
     async def run(
         self, client: AsyncMarrowClient, on_image: ImageCallback | None = None
@@ -282,8 +289,12 @@ async def diagnose_slide(
 
     differential.lab_arrays(patient.labs)  # unknown lab names fail before any request
     failed = dict(patient.problems)
+    archived = getattr(patient.folder, "open_source", None)  # a slide in a DICOMweb archive
     try:
-        source = await asyncio.to_thread(open_slide, patient.folder)
+        if archived is not None:
+            source = await asyncio.to_thread(archived)
+        else:
+            source = await asyncio.to_thread(open_slide, patient.folder)
     except SlideError as exc:
         failed[patient.name] = str(exc)
         return _failed(patient, failed, "the slide could not be read")
@@ -307,12 +318,17 @@ async def diagnose_slide(
             why = f"no cells detected in {n_fields} processed fields"
         else:
             probs, why = await client.diagnose_counts(counts, patient.labs)
-        written = None
+        written = stored = None
         if patient.annotations_dir is not None:
             try:
                 written = await asyncio.to_thread(write_slide_annotations, source, rois, patient)
             except Exception as exc:  # noqa: BLE001 - the count stands; the output failed
                 failed[f"{patient.name}#dicom-annotations"] = f"not written: {exc}"
+        if written is not None and getattr(patient.folder, "store_results", False):
+            try:
+                stored = await asyncio.to_thread(patient.folder.store, written)  # type: ignore[union-attr]
+            except Exception as exc:  # noqa: BLE001 - the count stands; the output failed
+                failed[f"{patient.name}#dicom-store"] = f"not stored: {exc}"
         geojson = None
         if patient.geojson_dir is not None:
             try:
@@ -342,6 +358,7 @@ async def diagnose_slide(
         geojson=None if geojson is None else str(geojson),
         n_fields=n_fields,
         dicom_annotations=None if written is None else str(written),
+        stored_annotations=stored,
     )
 
 
@@ -374,9 +391,11 @@ def write_slide_annotations(source: object, rois: list[RoiResult], patient: Slid
     ]
     out = patient.annotations_dir / patient.patient_id
     out.mkdir(parents=True, exist_ok=True)
+    graphic = {} if patient.graphic is None else {"graphic": patient.graphic}
     return write_annotations(
         source,  # type: ignore[arg-type]
         cells,
         out,
         description=ANNOTATION_DESCRIPTION,
+        **graphic,
     )
