@@ -80,14 +80,18 @@ def _simulate_slide(out: Path, seed: int) -> Path:
 
 
 def slide_workload(
-    root: Path | None = None, *, seed: int = SLIDE_SEED, tiling: str = "auto"
+    root: Path | None = None, *, seed: int = SLIDE_SEED, tiling: str | None = None
 ) -> SlideWorkload:
-    """The bench slide (simulated once, cached) and its fields as files; times tiling alone."""
+    """The bench slide (simulated once, cached) and its fields as files; times tiling alone.
+    ``tiling``: what both sides send (default: the client's default tiling)."""
     import resource
 
     from marrowdx.bench.workload import cache_dir
+    from marrowdx.client.slides import TILINGS as CLIENT_TILINGS
     from marrowdx.client.slides import tile
     from marrowdx.slides import open_slide
+
+    tiling = tiling or CLIENT_TILINGS[0]
 
     base = (root or cache_dir()) / f"slide-s{seed}-{SLIDE_CANVAS}-{SLIDE_ROIS}x{SLIDE_ROI_SIZE}"
     folder = _simulate_slide(base / "cohort", seed)
@@ -296,3 +300,168 @@ def run_slide_bench(args, log) -> int:
     print(summary_line(bench))
     print(f"JSON: {args.json}")
     return 0
+
+
+# ------------------------------------------------------------- a whole slide at real size
+#: Goals of the big-slide measurement: peak memory of the process that opens the slide, finds
+#: its ROIs and reads every field a diagnosis sends, and the share of base-level tiles the
+#: ROI search reads.
+GOAL_BIG_SLIDE_RSS_MB = 2048
+GOAL_BIG_SLIDE_BASE_FRACTION = 0.10
+
+
+def read_big_slide(folder: Path) -> dict[str, object]:
+    """Open a slide, find its ROIs, read and encode every field ``diagnose`` would send; what
+    was read (tiles per level), how long, and this process's peak RSS. Run it in a fresh
+    process (``python -m marrowdx.bench.slides read DIR``) so the peak is the reader's."""
+    import resource
+
+    from marrowdx.slides import open_slide
+
+    t0 = time.perf_counter()
+    with open_slide(folder) as slide:
+        opened = time.perf_counter() - t0
+        search = slide.roi_search
+        searched = {i: slide.read_log.n_read(i) for i in range(len(slide.levels))}
+        n_fields = field_bytes = 0
+        t1 = time.perf_counter()
+        for f in slide.fields():
+            n_fields += 1
+            field_bytes += len(f.data)
+        tiled = time.perf_counter() - t1
+        total = {i: slide.read_log.n_read(i) for i in range(len(slide.levels))}
+        levels = [
+            {
+                "size": [lv.width, lv.height],
+                "tile": [lv.tile_width, lv.tile_height],
+                "downsample": lv.downsample,
+                "tiles": lv.n_tiles,
+                "tiles_read_by_roi_search": searched[i],
+                "tiles_read_in_all": total[i],
+            }
+            for i, lv in enumerate(slide.levels)
+        ]
+        doc = {
+            "slide": str(folder),
+            "size": [slide.width, slide.height],
+            "um_per_pixel": slide.um_per_pixel,
+            "roi_source": slide.roi_source,
+            "rois": [list(r.box) for r in slide.rois],
+            "roi_search": None if search is None else search.to_dict(),
+            "levels": levels,
+            "fields": n_fields,
+            "field_megabytes": round(field_bytes / 1e6, 2),
+            "open_and_search_s": round(opened, 2),
+            "tiling_s": round(tiled, 2),
+        }
+    doc["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    return doc
+
+
+def big_slide_bench(
+    out: Path, width: int = 100_000, height: int = 50_000, *, log=print
+) -> dict[str, object]:
+    """Write the big simulated slide (tile by tile; skipped when already written with the same
+    size), then read it in a fresh process (``read_big_slide``); the found areas against the
+    simulated ones, and the goals."""
+    import json
+    import subprocess
+    import sys
+
+    from marrowdx.slides.roi_finder import rois_iou
+
+    folder = Path(out) / f"big-{width}x{height}" / "BIG01"
+    meta = folder.parent / "big_slide.json"
+    if not meta.is_file() or json.loads(meta.read_text()).get("size") != [width, height]:
+        code = (
+            "import json, resource, sys, time; from pathlib import Path\n"
+            "from marrowdx.simulate.scanner_slide import BigSlideSpec, write_big_slide\n"
+            "t = time.perf_counter()\n"
+            f"big = write_big_slide(Path({str(folder / 'slide.svs')!r}), "
+            f"BigSlideSpec(width={width}, height={height}))\n"
+            "print(json.dumps({'size': [big.spec.width, big.spec.height], 'areas': big.areas,"
+            " 'cells': len(big.cells), 'write_s': round(time.perf_counter() - t, 1),"
+            " 'writer_peak_rss_mb': round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss"
+            " / 1024, 1)}))\n"
+        )
+        log(f"writing a {width} x {height} slide under {folder} (tile by tile)")
+        done = subprocess.run(
+            [sys.executable, "-c", code], check=True, capture_output=True, text=True
+        )
+        meta.write_text(done.stdout)
+    written = json.loads(meta.read_text())
+    log("reading it in a fresh process: ROI search, then every field")
+    done = subprocess.run(
+        [sys.executable, "-m", "marrowdx.bench.slides", "read", str(folder)],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    read = json.loads(done.stdout)
+    search = read["roi_search"] or {}
+    found = [tuple(b) for b in read["rois"]]
+    doc = {
+        "written": written,
+        "read": read,
+        "slide_megabytes": round((folder / "slide.svs").stat().st_size / 1e6, 1),
+        "areas_iou": rois_iou([tuple(a) for a in written["areas"]], found),
+        "goals": {
+            "peak_rss_mb": {
+                "value": read["peak_rss_mb"],
+                "goal": GOAL_BIG_SLIDE_RSS_MB,
+                "met": read["peak_rss_mb"] <= GOAL_BIG_SLIDE_RSS_MB,
+            },
+            "base_fraction_read_by_roi_search": {
+                "value": search.get("base_fraction_read"),
+                "goal": GOAL_BIG_SLIDE_BASE_FRACTION,
+                "met": (search.get("base_fraction_read") or 1.0) <= GOAL_BIG_SLIDE_BASE_FRACTION,
+            },
+        },
+    }
+    for level in read["levels"]:
+        log(
+            f"level {level['size'][0]}x{level['size'][1]}: {level['tiles_read_by_roi_search']} "
+            f"of {level['tiles']} tiles read by the ROI search, {level['tiles_read_in_all']} "
+            "with the fields"
+        )
+    log(
+        f"{len(found)} ROIs (IoU {doc['areas_iou']:.3f} with the simulated areas), "
+        f"{read['fields']} fields; peak RSS {read['peak_rss_mb']} MB; search "
+        f"{read['open_and_search_s']} s, fields {read['tiling_s']} s"
+    )
+    return doc
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m marrowdx.bench.slides big [--out DIR] [--size WxH] [--json OUT]``: the
+    whole-slide-at-real-size measurement; ``read DIR``: its reading half (one process)."""
+    import argparse
+    import json
+
+    parser = argparse.ArgumentParser(prog="python -m marrowdx.bench.slides")
+    sub = parser.add_subparsers(dest="command", required=True)
+    big = sub.add_parser("big", help="write a big simulated slide and measure reading it")
+    big.add_argument("--out", type=Path, default=Path("build/bench-big-slide"))
+    big.add_argument("--size", default="100000x50000", help="WxH base pixels")
+    big.add_argument("--json", type=Path, help="write the measurement here")
+    read = sub.add_parser("read", help="open one slide folder, find ROIs, read every field")
+    read.add_argument("folder", type=Path)
+    args = parser.parse_args(argv)
+    if args.command == "read":
+        print(json.dumps(read_big_slide(args.folder)))
+        return 0
+    width, height = (int(v) for v in args.size.lower().split("x"))
+    import sys
+
+    log = lambda msg: print(f"[big slide] {msg}", file=sys.stderr, flush=True)  # noqa: E731
+    doc = big_slide_bench(args.out, width, height, log=log)
+    text = json.dumps(doc, indent=2) + "\n"
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(text)
+    print(text)
+    return 0 if all(g["met"] for g in doc["goals"].values()) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -109,11 +109,17 @@ def _estimated_spacing(osr, path: Path) -> tuple[float, str]:
     w, h = osr.level_dimensions[0]
     side = min(2048, w, h)
     patch = osr.read_region(((w - side) // 2, (h - side) // 2), 0, (side, side)).convert("RGB")
-    estimate = estimate_um_per_pixel(np.asarray(patch))
-    value = float(getattr(estimate, "um_per_pixel", estimate))
-    if not (value > 0 and math.isfinite(value)):
-        raise _fail(path, "pixel spacing unknown (no estimate from red cells): give --um-per-pixel")
-    return value, "estimated from red cells"
+    try:
+        estimate = estimate_um_per_pixel(np.asarray(patch))
+    except Exception as exc:  # noqa: BLE001 - the estimate failed: say so, ask for the value
+        raise _fail(
+            path, f"pixel spacing unknown (red-cell estimate failed: {exc}): give --um-per-pixel"
+        ) from exc
+    value = estimate.um_per_pixel
+    if value is None or not (value > 0 and math.isfinite(value)) or estimate.uncertain:
+        why = getattr(estimate, "reason", None) or "the red cells' sizes disagree"
+        raise _fail(path, f"pixel spacing unknown ({why}): give --um-per-pixel")
+    return float(value), "estimated from red cells"
 
 
 def open_scanner_slide(
