@@ -132,6 +132,14 @@ def configure_diagnose(parser: argparse.ArgumentParser) -> None:
         "slide has them at the models' spacing and field size, else fields)",
     )
     parser.add_argument(
+        "--slide-rois",
+        choices=("auto", "annotation", "automatic"),
+        default="auto",
+        help="which areas of a slide are counted: its ROI annotation series (annotation), the "
+        "monolayer areas found automatically (automatic), or auto (default: the series when "
+        "the slide has one, else found; the JSON's roi_source says which)",
+    )
+    parser.add_argument(
         "--geojson",
         type=Path,
         metavar="OUTDIR",
@@ -365,6 +373,7 @@ def _patient_input(folder: PatientFolder, args: argparse.Namespace):
         args.dicom_annotations,
         tiling=args.slide_tiling,
         geojson_dir=_geojson_dir(args),
+        rois=args.slide_rois,
         graphic=args.dicom_graphic,
     )
 

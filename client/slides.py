@@ -183,6 +183,9 @@ class SlidePatient:
     tiling: str = TILINGS[0]
     #: Write the merged cells there as ``<patient_id>.geojson`` (QuPath; any slide format).
     geojson_dir: Path | None = None
+    #: Which ROIs are counted (``open_slide``'s ``rois``): ``auto`` = the ROI annotation
+    #: series when the slide has one, else the monolayer areas found automatically.
+    rois: str = "auto"
     graphic: str | None = None
 
     async def run(
@@ -294,7 +297,7 @@ async def diagnose_slide(
         if archived is not None:
             source = await asyncio.to_thread(archived)
         else:
-            source = await asyncio.to_thread(open_slide, patient.folder)
+            source = await asyncio.to_thread(open_slide, patient.folder, patient.rois)
     except SlideError as exc:
         failed[patient.name] = str(exc)
         return _failed(patient, failed, "the slide could not be read")

@@ -105,7 +105,7 @@ def boxes(centres: list[tuple[float, float]]) -> np.ndarray:
 
 
 def run(patient: SlidePatient, client: FakeClient, source, monkeypatch) -> SlideReport:
-    def fake_open(folder: Path):
+    def fake_open(folder: Path, rois: str = "auto"):
         if isinstance(source, Exception):
             raise source
         return source

@@ -23,6 +23,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from marrowdx import config
 from marrowdx.bench.measure import SECONDS_PER_HOUR, cpu_seconds
 
@@ -465,3 +467,128 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     raise SystemExit(main())
+
+
+# ------------------------------------------------------------- slide counting quality
+@dataclass
+class SlideQuality:
+    """How a slide cohort's diagnosed cells compare with its ground truth (base pixels).
+
+    The same measures as ``marrowdx evaluate`` (AP50 of the kept detections, 33-class macro
+    F1 of the matched cells, mean per-patient count TVD), on what ``diagnose`` reports after
+    merging, plus ``double_counted``: true cells that hold the centres of two or more kept
+    cells (each extra one counted), the seams' failure.
+    """
+
+    tiling: str
+    roi_source: str
+    patients: int
+    cells: int
+    kept: int
+    matched: int
+    detection_ap50: float
+    cell_macro_f1: float
+    count_tv_distance: float
+    double_counted: int
+    seconds: float
+
+    def to_dict(self) -> dict[str, object]:
+        return asdict(self)
+
+
+def _double_counted(pred: np.ndarray, gt: np.ndarray) -> int:
+    """Extra kept cells whose centres fall in a true cell that already holds one."""
+    if not len(pred) or not len(gt):
+        return 0
+    cx = (pred[:, 0] + pred[:, 2]) / 2
+    cy = (pred[:, 1] + pred[:, 3]) / 2
+    inside = (
+        (cx[:, None] >= gt[None, :, 0])
+        & (cx[:, None] < gt[None, :, 2])
+        & (cy[:, None] >= gt[None, :, 1])
+        & (cy[:, None] < gt[None, :, 3])
+    )
+    # each kept cell to the smallest true cell holding its centre (nested boxes are rare)
+    area = (gt[:, 2] - gt[:, 0]) * (gt[:, 3] - gt[:, 1])
+    owner = np.where(inside, area[None, :], np.inf).argmin(axis=1)[inside.any(axis=1)]
+    per_cell = np.bincount(owner, minlength=len(gt))
+    return int(np.clip(per_cell - 1, 0, None).sum())
+
+
+def slide_quality(
+    cohort: Path, repository: Path, tiling: str | None = None, rois: str = "auto"
+) -> SlideQuality:
+    """Diagnose every slide of a simulated cohort in-process (``diagnose``'s own client code
+    on the served models' code, ``bench.referral.InProcessTransport``) and score the merged
+    cells against ``ground_truth.json``. ``rois``: as ``open_slide``'s (``automatic`` finds
+    the areas even where the slide has its ROI series)."""
+    import json
+
+    from marrowdx import differential, taxonomy
+    from marrowdx.bench.referral import InProcessTransport
+    from marrowdx.client.async_client import AsyncMarrowClient
+    from marrowdx.client.slides import TILINGS as CLIENT_TILINGS
+    from marrowdx.client.slides import SlidePatient, diagnose_slide
+    from marrowdx.serving.inprocess import InProcessPipeline
+    from marrowdx.training import metrics
+
+    tiling = tiling or CLIENT_TILINGS[0]
+    gt = json.loads((Path(cohort) / "ground_truth.json").read_text())
+    pipeline = InProcessPipeline(repository)
+    t0 = time.perf_counter()
+    scores, tps, labels, predicted = [], [], [], []
+    true_counts, pred_counts = [], []
+    doubles = n_gt = n_kept = 0
+    index = {c: i for i, c in enumerate(taxonomy.CLASSES)}
+
+    async def run() -> list:
+        transport = InProcessTransport(pipeline)
+        async with AsyncMarrowClient(transport=transport, concurrency=4) as client:
+            out = []
+            for p in gt["patients"]:
+                pid = p["patient_id"]
+                patient = SlidePatient(pid, Path(cohort) / pid, pid, tiling=tiling, rois=rois)
+                out.append((p, await diagnose_slide(client, patient)))
+            return out
+
+    done = asyncio.run(run())
+    roi_source = "annotation"
+    for p, report in done:
+        if report.failed_images:
+            raise RuntimeError(f"{p['patient_id']}: {report.failed_images}")
+        roi_source = report.roi_source or roi_source
+        truth = [c for im in p["images"] for c in im["cells"]]
+        gt_boxes = np.array([c["box"] for c in truth], np.float64).reshape(-1, 4)
+        gt_labels = np.array([index[c["label"]] for c in truth], np.int64)
+        kept = [c for roi in report.images for c in roi.cells]
+        boxes = np.array([c.box for c in kept], np.float64).reshape(-1, 4)
+        cell_scores = np.array([c.score for c in kept], np.float64)
+        m = metrics.match_detections(boxes, cell_scores, gt_boxes)
+        scores.append(cell_scores)
+        tps.append(m.true_positive)
+        labels.append(gt_labels[m.gt_index])
+        predicted.append(np.array([index[kept[i].label] for i in m.pred_index], np.int64))
+        true_counts.append(np.bincount(gt_labels, minlength=taxonomy.N_CLASSES))
+        pred_counts.append(
+            np.array([report.counts.get(c, 0) for c in taxonomy.CLASSES], np.float64)
+        )
+        doubles += _double_counted(boxes, gt_boxes)
+        n_gt += len(truth)
+        n_kept += len(kept)
+    f1 = metrics.per_class_f1(np.concatenate(labels), np.concatenate(predicted), taxonomy.N_CLASSES)
+    tvd = metrics.total_variation(
+        differential.fractions(np.array(pred_counts)), differential.fractions(np.array(true_counts))
+    )
+    return SlideQuality(
+        tiling=tiling,
+        roi_source=roi_source,
+        patients=len(done),
+        cells=n_gt,
+        kept=n_kept,
+        matched=int(sum(len(x) for x in labels)),
+        detection_ap50=metrics.average_precision(np.concatenate(scores), np.concatenate(tps), n_gt),
+        cell_macro_f1=float(np.nanmean(f1)) if np.isfinite(f1).any() else float("nan"),
+        count_tv_distance=float(np.mean(tvd)),
+        double_counted=doubles,
+        seconds=time.perf_counter() - t0,
+    )
