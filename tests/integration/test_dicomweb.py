@@ -39,11 +39,9 @@ if (_why := orthanc_helper.skip_reason()) is not None:
     pytest.skip(_why, allow_module_level=True)
 
 import pydicom  # noqa: E402
-from marrowdx.client.report import Cell, ImageResult  # noqa: E402
-from marrowdx.client.review import DEFAULT_THRESHOLDS  # noqa: E402
-from marrowdx.client.slides import SlidePatient, diagnose_slide, tile  # noqa: E402
+from marrowdx.client.slides import SlidePatient, diagnose_slide  # noqa: E402
 
-from marrowdx import cli, taxonomy  # noqa: E402
+from marrowdx import cli  # noqa: E402
 from marrowdx.slides import SlideError, open_slide, read_annotations  # noqa: E402
 from marrowdx.slides.dicomweb import (  # noqa: E402
     TOKEN_ENV,
@@ -51,7 +49,7 @@ from marrowdx.slides.dicomweb import (  # noqa: E402
     WebSlide,
     endpoint_from_options,
 )
-from tests.helpers.slides import small_slide_cohort  # noqa: E402
+from tests.helpers.slides import ConsensusModel, small_slide_cohort  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -72,42 +70,6 @@ def archive(slide, tmp_path_factory) -> Iterator[tuple[orthanc_helper.RunningOrt
     with orthanc_helper.orthanc(tmp_path_factory.mktemp("orthanc")) as server:
         study = _stow(DicomWebEndpoint(server.dicomweb), slide[0])
         yield server, study
-
-
-class ConsensusModel:
-    """Stands in for the served models: answers a field with the Consensus cells that lie
-    whole in it (field pixels), recognising the field by its bytes among those the slide
-    folder tiles into, so a field read over DICOMweb that differs from the file's fails."""
-
-    concurrency = 4
-    review = DEFAULT_THRESHOLDS
-    unidentified_below = 0.0
-
-    def __init__(self, folder: Path, patient: dict) -> None:
-        with open_slide(folder) as local:
-            self.fields = {f.data: f for f in tile(local, "auto")}
-        self.cells = [c for image in patient["images"] for c in image["cells"]]
-        self.unknown = 0
-
-    async def analyse_image(self, data: bytes, name: str) -> ImageResult:
-        await asyncio.sleep(0)
-        field = self.fields.get(data)
-        if field is None:
-            self.unknown += 1
-            raise AssertionError(f"{name}: a field the slide folder does not have")
-        x0, y0, x1, y1 = field.box
-        found = tuple(
-            Cell(field.to_field(tuple(c["box"])), c["label"], 0.9, dict(c["attributes"]))
-            for c in self.cells
-            if c["box"][0] >= x0 and c["box"][1] >= y0 and c["box"][2] <= x1 and c["box"][3] <= y1
-        )
-        counts = {k: 0 for k in taxonomy.CLASSES}
-        for c in found:
-            counts[c.label] += 1
-        return ImageResult(name, found, counts, (1024, 1024))
-
-    async def diagnose_counts(self, counts, labs):
-        return {d: 1.0 / len(taxonomy.DIAGNOSES) for d in taxonomy.DIAGNOSES}, None
 
 
 def test_slide_over_dicomweb_is_the_slide_of_the_folder(archive, slide) -> None:
