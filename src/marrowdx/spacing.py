@@ -1,0 +1,427 @@
+"""Pixel spacing: how many µm one image pixel spans, and how an image reaches the models at theirs.
+
+The models were trained on fields at ``config.MODEL_UM_PER_PIXEL`` (0.25 µm/px, 1024 px =
+256 µm). An image at another spacing must be resampled before it is sent, or its cells reach
+the models at the wrong size (a 640x480 camera field at 0.075 µm/px would show cells about 3x
+too large, and the letterbox would enlarge it further). Real images rarely store their
+spacing, so it can also be estimated from the red cells, whose diameter is nearly constant
+(about 8 µm) across patients and labs.
+
+Two parts, one rule each:
+
+- :func:`estimate_um_per_pixel`: segment the pale red cells on a small copy of the image, fill
+  their central pallor, and take the median of each object's largest inscribed circle (an
+  object of two touching cells still inscribes one cell's circle). Spacing is
+  ``RED_CELL_UM`` over that diameter in the input's pixels.
+- :func:`plan_fields`: the geometry shared by images and slides. An image is resampled by
+  ``um_per_pixel / MODEL_UM_PER_PIXEL``; resampled, an image no larger than the model field
+  (``config.FIELD_SIZE``) is padded to it (never enlarged beyond its true scale), a larger one
+  is tiled into fields overlapping by ``slides.tiling.DEFAULT_OVERLAP_PX`` so that every cell
+  lies whole in one of them. Padding mirrors the image (numpy ``symmetric``), because a
+  constant border would change what the models normalise each field with (the brightest
+  8x8 block is the background, the darkest 5% the stain): mirrored pixels have the image's
+  own statistics. Cells whose box centre falls in the padding are not the image's cells.
+
+numpy, Pillow and scipy.ndimage only (scipy for labelling, hole filling and the exact
+Euclidean distance transform in C: the estimate must cost a few ms per image on the client).
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from marrowdx import config
+from marrowdx.simulate.field import RBC_DIAMETER
+from marrowdx.slides.tiling import DEFAULT_OVERLAP_PX, axis_starts
+
+#: Red-cell diameter (µm): the simulator's red cells are RBC_DIAMETER (28-36 px) across at the
+#: models' spacing, i.e. 7-9 µm, as human red cells are.
+RED_CELL_UM = sum(RBC_DIAMETER) / 2 * config.MODEL_UM_PER_PIXEL
+#: Relative spacing mismatch under which an input counts as being at the models' spacing and
+#: is sent without resampling (a slide's own frames, an image whose spacing is given or
+#: estimated): the models were trained with +-15% zoom, and the simulator's cells vary in size
+#: by more than this.
+MODEL_SPACING_TOLERANCE = 0.1
+#: Largest working size tried, and the red-cell diameter (working pixels) below which a
+#: larger one is tried.
+MAX_WORK_SIDE = 1024
+MIN_CELL_WORK_PX = 7.0
+#: The estimator's own tolerance: an estimate this close to the models' spacing counts as
+#: being at it (on simulated fields at 0.25 um/px, whose truth is exact, the estimates
+#: scatter by up to about 20%; docs/performance.md).
+ESTIMATE_TOLERANCE = 0.2
+#: Longer side (pixels) of the copy the estimate segments: a 1024 field at the models'
+#: spacing keeps its red cells 8 px across, enough for the median over a field's red cells,
+#: and the exact distance transform stays cheap (its cost grows faster than the pixels).
+WORK_SIDE = 256
+#: Fewer red cells than this, or a wider spread (interquartile range over median of the
+#: diameters) than ``MAX_RELATIVE_UNCERTAINTY``, make the estimate uncertain (warned).
+MIN_RED_CELLS = 5
+MAX_RELATIVE_UNCERTAINTY = 0.3
+#: Objects smaller than this share of the typical object's area (the object holding the
+#: median foreground pixel) are debris, platelets or fragments of the threshold.
+MIN_AREA_SHARE = 0.15
+#: An object with more than this share of nucleus-dark pixels is a nucleated cell.
+MAX_DARK_SHARE = 0.2
+#: Objects kept around the first median diameter (lower, upper factor): clumps and white
+#: cells above, fragments below.
+DIAMETER_BAND = (0.6, 1.5)
+#: Inscribed diameters below this (work pixels) are noise whatever the scale.
+MIN_DIAMETER_WORK_PX = 5.0
+#: Where a spacing came from (the ``spacing.source`` of the diagnose JSON).
+SOURCES = ("given", "patient", "estimated", "assumed")
+
+
+def scale_to_model(
+    um_per_pixel: float, model_um_per_pixel: float = config.MODEL_UM_PER_PIXEL
+) -> float:
+    """Model pixels per input pixel: the factor an input at ``um_per_pixel`` is resampled by.
+
+    The one scale rule of images and slides (``marrowdx.slides`` reads a slide level at
+    ``1 / scale_to_model(...)`` base pixels per field pixel)."""
+    check_um_per_pixel(um_per_pixel)
+    check_um_per_pixel(model_um_per_pixel)
+    return float(um_per_pixel) / float(model_um_per_pixel)
+
+
+def check_um_per_pixel(value: object, what: str = "um_per_pixel") -> float:
+    """``value`` as a positive finite float, or ValueError naming the problem."""
+    if isinstance(value, bool) or not isinstance(value, int | float | np.floating | np.integer):
+        raise ValueError(f"{what} must be a number (µm per pixel), got {value!r}")
+    out = float(value)
+    if not (math.isfinite(out) and out > 0):
+        raise ValueError(f"{what} must be a positive number of µm per pixel, got {value!r}")
+    return out
+
+
+def at_model_spacing(um_per_pixel: float, tolerance: float = MODEL_SPACING_TOLERANCE) -> bool:
+    """Within ``tolerance`` of the models' spacing: sent without resampling."""
+    return abs(scale_to_model(um_per_pixel) - 1.0) <= tolerance
+
+
+# ------------------------------------------------------------------------------ estimate
+@dataclass(frozen=True)
+class SpacingEstimate:
+    """A pixel spacing and how sure it is.
+
+    ``um_per_pixel`` is None when it could not be estimated (``reason`` says why);
+    ``relative_uncertainty`` is the interquartile range of the red cells' diameters over
+    their median; ``n_red_cells`` how many objects the median is over.
+    """
+
+    um_per_pixel: float | None
+    relative_uncertainty: float | None
+    n_red_cells: int
+    source: str = "estimated"
+    reason: str | None = None
+
+    @property
+    def uncertain(self) -> bool:
+        """Too few red cells or too wide a spread to trust (or no estimate at all)."""
+        return (
+            self.um_per_pixel is None
+            or self.n_red_cells < MIN_RED_CELLS
+            or (self.relative_uncertainty or 0.0) > MAX_RELATIVE_UNCERTAINTY
+        )
+
+    def warning(self) -> str | None:
+        """What to tell the user when the estimate is uncertain, else None."""
+        if self.source != "estimated" and self.source != "assumed":
+            return None
+        hint = "give the spacing with --um-per-pixel (or spacing.json in the patient folder)"
+        if self.um_per_pixel is None or self.source == "assumed":
+            why = self.reason or "no red cells found"
+            return f"pixel spacing could not be estimated ({why}); {hint}"
+        if not self.uncertain:
+            return None
+        spread = (
+            f"{self.relative_uncertainty:.0%} spread"
+            if self.relative_uncertainty is not None
+            else "unknown spread"
+        )
+        return (
+            f"pixel spacing estimate {self.um_per_pixel:.3g} um/px is uncertain "
+            f"({self.n_red_cells} red cells, {spread}); {hint}"
+        )
+
+
+def _otsu(values: np.ndarray, counts: np.ndarray) -> float:
+    """Otsu's threshold over a histogram: ``counts`` of pixels at each of ``values`` (the
+    split maximising the between-class variance); returns the highest value of the lower
+    class."""
+    order = np.argsort(values, kind="stable")
+    v, c = values[order], counts[order].astype(np.float64)
+    w0 = np.cumsum(c)
+    w1 = w0[-1] - w0
+    m0 = np.cumsum(c * v)
+    mu0 = m0 / np.maximum(w0, 1)
+    mu1 = (m0[-1] - m0) / np.maximum(w1, 1)
+    return float(v[int(np.argmax(w0 * w1 * (mu0 - mu1) ** 2))])
+
+
+def _open3(mask: np.ndarray) -> np.ndarray:
+    """Morphological opening with a 3x3 square (numpy shifts: a twentieth of scipy's binary
+    opening): drops specks and one-pixel bridges between cells."""
+    eroded = _erode3(mask)
+    return ~_erode3(~eroded)
+
+
+def _erode3(mask: np.ndarray) -> np.ndarray:
+    """Erosion with a 3x3 square, separably by shifted ANDs (pixels beyond the border
+    count as set, so objects cut by the border are not eaten from it)."""
+    rows = mask.copy()
+    rows[1:] &= mask[:-1]
+    rows[:-1] &= mask[1:]
+    out = rows.copy()
+    out[:, 1:] &= rows[:, :-1]
+    out[:, :-1] &= rows[:, 1:]
+    return out
+
+
+def _fill_holes(mask: np.ndarray) -> np.ndarray:
+    """``mask`` with every background region that does not touch the border filled (a red
+    cell's pale centre); one labelling of the background instead of scipy's iterated
+    dilation."""
+    from scipy import ndimage as ndi
+
+    background, n = ndi.label(~mask)
+    if n == 0:
+        return mask
+    hole = np.ones(n + 1, dtype=bool)
+    hole[0] = False
+    border = (background[0], background[-1], background[:, 0], background[:, -1])
+    hole[np.concatenate(border)] = False
+    return mask | hole[background]
+
+
+def _red_cell_diameters(rgb: np.ndarray) -> np.ndarray:
+    """Inscribed diameters (work pixels) of the pale, non-nucleated objects of ``rgb``.
+
+    Optical density of the green channel (eosin and haematoxylin both absorb green) over the
+    image's own background (its 99th percentile). The foreground threshold is Otsu's on the
+    density clipped at its 85th percentile, so that dark nuclei do not pull the split above
+    the red cells; a second Otsu split of the foreground marks nucleus-dark pixels. Both are
+    computed on the 256-level histogram, so each costs one pass over 256 values.
+    """
+    from scipy import ndimage as ndi
+
+    green = np.ascontiguousarray(rgb[..., 1])
+    hist = np.bincount(green.ravel(), minlength=256)
+    cumulative = np.cumsum(hist)
+    background = float(np.searchsorted(cumulative, 0.99 * green.size)) + 1.0
+    od = np.log(background / (np.arange(256, dtype=np.float64) + 1.0)).clip(0)
+    cap = od[int(np.searchsorted(cumulative, 0.15 * green.size))]
+    fg_threshold = _otsu(np.minimum(od, cap), hist)
+    foreground_levels = od > fg_threshold
+    dark_threshold = np.inf
+    if hist[foreground_levels].sum() > 16:
+        dark_threshold = _otsu(od[foreground_levels], hist[foreground_levels])
+    # density falls as the green level rises: thresholds become level comparisons
+    foreground = _open3((od > fg_threshold)[green])
+    dark_pixels = (od > dark_threshold)[green]
+    filled = _fill_holes(foreground)
+    labels, n = ndi.label(filled)
+    if n == 0:
+        return np.zeros(0)
+    distance = ndi.distance_transform_edt(filled)
+    radius = np.zeros(n)
+    for i, box in enumerate(ndi.find_objects(labels)):
+        if box is not None:
+            radius[i] = distance[box][labels[box] == i + 1].max()
+    flat = labels.ravel()
+    area = np.bincount(flat, minlength=n + 1)[1:]
+    dark = np.bincount(flat, weights=dark_pixels.ravel(), minlength=n + 1)[1:]
+    edge = np.unique(np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]]))
+    inner = np.ones(n, dtype=bool)
+    inner[edge[edge > 0] - 1] = False  # cut by the border: smaller than it is
+    diameter = 2.0 * radius
+    pale = (dark < MAX_DARK_SHARE * np.maximum(area, 1)) & (diameter >= MIN_DIAMETER_WORK_PX)
+    if pale.any():
+        # the area of the object holding the median pale pixel: specks are many but small
+        by_area = np.sort(area[pale])
+        typical = by_area[np.searchsorted(np.cumsum(by_area), by_area.sum() / 2)]
+        pale &= area >= MIN_AREA_SHARE * typical
+    chosen = pale & inner if np.count_nonzero(pale & inner) >= MIN_RED_CELLS else pale
+    return diameter[chosen]
+
+
+def _spacing_from_diameters(diameters: np.ndarray, work_scale: float) -> SpacingEstimate:
+    """Median of the diameters within ``DIAMETER_BAND`` of a first median; spacing from it."""
+    if diameters.size == 0:
+        return SpacingEstimate(None, None, 0, reason="no red cells found")
+    first = float(np.percentile(diameters, 50, method="lower"))
+    low, high = DIAMETER_BAND
+    kept = diameters[(diameters >= low * first) & (diameters <= high * first)]
+    median = float(np.median(kept))
+    q1, q3 = np.percentile(kept, [25, 75])
+    um = RED_CELL_UM / (median * work_scale)
+    return SpacingEstimate(um, float((q3 - q1) / median), int(kept.size))
+
+
+def _to_work_size(image, side: int) -> np.ndarray:
+    """A PIL image as RGB at most ``side`` pixels on its longer side."""
+    from PIL import Image
+
+    image = image.convert("RGB")
+    longer = max(image.size)
+    if longer > side:
+        factor = longer / side
+        size = (max(1, round(image.width / factor)), max(1, round(image.height / factor)))
+        image = image.resize(size, Image.Resampling.BOX)
+    return np.asarray(image)
+
+
+def _work_sides(longer: int) -> list[int]:
+    """Working sizes to try, smallest first: WORK_SIDE doubled up to MAX_WORK_SIDE (or the
+    image's own size), so a large image whose red cells are small in it is looked at again
+    more finely."""
+    sides = [WORK_SIDE]
+    while sides[-1] < min(longer, MAX_WORK_SIDE):
+        sides.append(sides[-1] * 2)
+    return sides
+
+
+def _estimate(read_work, width: int, longer: int) -> SpacingEstimate:
+    """The estimate at the smallest working size at which red cells are at least
+    MIN_CELL_WORK_PX across; ``read_work(side)`` gives the image at that size."""
+    estimate = SpacingEstimate(None, None, 0, reason="no red cells found")
+    for side in _work_sides(longer):
+        work = read_work(side)
+        scale = width / work.shape[1]
+        estimate = _spacing_from_diameters(_red_cell_diameters(work), scale)
+        if estimate.um_per_pixel is not None:
+            if RED_CELL_UM / (estimate.um_per_pixel * scale) >= MIN_CELL_WORK_PX:
+                return estimate
+    return estimate
+
+
+def estimate_um_per_pixel(rgb: np.ndarray) -> SpacingEstimate:
+    """Estimate the spacing of an RGB image (H x W x 3 uint8, input pixels) from its red cells.
+
+    Returns ``um_per_pixel`` None with a ``reason`` when no red cell is found; check
+    ``.uncertain`` before trusting it.
+    """
+    from PIL import Image
+
+    rgb = np.asarray(rgb)
+    if rgb.ndim != 3 or rgb.shape[2] < 3 or rgb.dtype != np.uint8:
+        raise ValueError(f"expected an H x W x 3 uint8 RGB image, got {rgb.dtype} {rgb.shape}")
+    image = Image.fromarray(np.ascontiguousarray(rgb[..., :3]))
+    return _estimate(lambda side: _to_work_size(image, side), image.width, max(image.size))
+
+
+def estimate_from_bytes(data: bytes) -> SpacingEstimate:
+    """Estimate the spacing of an encoded image; JPEGs decode at a reduced size (draft mode:
+    libjpeg's 1/2, 1/4, 1/8 scaling, far cheaper than a full decode)."""
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as image:
+        width, size = image.width, image.size
+
+    def read_work(side: int) -> np.ndarray:
+        with Image.open(io.BytesIO(data)) as image:
+            if image.format == "JPEG" and max(size) > side:
+                shrink = max(size) / side  # draft keeps the size >= the one asked
+                image.draft("RGB", (math.ceil(size[0] / shrink), math.ceil(size[1] / shrink)))
+            return _to_work_size(image, side)
+
+    return _estimate(read_work, width, max(size))
+
+
+# -------------------------------------------------------------------------------- fields
+@dataclass(frozen=True)
+class FieldPlan:
+    """One model field of an image: ``x0``, ``y0`` is its top-left corner in the resampled
+    image's pixels (negative where the field is padded), ``size`` its side; ``scale`` is model
+    pixels per input pixel. ``image_size`` = (width, height) of the resampled image."""
+
+    x0: int
+    y0: int
+    size: tuple[int, int]
+    scale: float
+    image_size: tuple[int, int]
+
+    @property
+    def pad(self) -> tuple[tuple[int, int], tuple[int, int]]:
+        """((top, bottom), (left, right)) mirrored rows/columns around the image part."""
+        w, h = self.image_size
+        fw, fh = self.size
+        return (
+            (max(0, -self.y0), max(0, self.y0 + fh - h)),
+            (max(0, -self.x0), max(0, self.x0 + fw - w)),
+        )
+
+    @property
+    def crop(self) -> tuple[int, int, int, int]:
+        """The part of the resampled image inside the field (x0, y0, x1, y1)."""
+        w, h = self.image_size
+        fw, fh = self.size
+        return (max(0, self.x0), max(0, self.y0), min(w, self.x0 + fw), min(h, self.y0 + fh))
+
+    @property
+    def input_box(self) -> tuple[float, float, float, float]:
+        """The input-image pixels this field holds (the padding excluded)."""
+        x0, y0, x1, y1 = self.crop
+        return (x0 / self.scale, y0 / self.scale, x1 / self.scale, y1 / self.scale)
+
+    def to_input(self, boxes: np.ndarray) -> np.ndarray:
+        """x0, y0, x1, y1 boxes from field pixels to input-image pixels."""
+        out = np.asarray(boxes, dtype=np.float64).copy()
+        out[..., [0, 2]] = (out[..., [0, 2]] + self.x0) / self.scale
+        out[..., [1, 3]] = (out[..., [1, 3]] + self.y0) / self.scale
+        return out
+
+    def render(self, resampled: np.ndarray) -> np.ndarray:
+        """This field's pixels cut from the resampled image, mirror-padded where it ends."""
+        x0, y0, x1, y1 = self.crop
+        part = resampled[y0:y1, x0:x1]
+        (top, bottom), (left, right) = self.pad
+        if top or bottom or left or right:
+            part = np.pad(part, ((top, bottom), (left, right), (0, 0)), mode="symmetric")
+        return part
+
+
+def resampled_size(width: int, height: int, um_per_pixel: float) -> tuple[int, int]:
+    """(width, height) of an input resampled to the models' spacing (at least 1 px)."""
+    scale = scale_to_model(um_per_pixel)
+    return max(1, round(width * scale)), max(1, round(height * scale))
+
+
+def plan_fields(
+    width: int,
+    height: int,
+    um_per_pixel: float,
+    *,
+    field_size: Sequence[int] = config.FIELD_SIZE,
+    overlap_px: int = DEFAULT_OVERLAP_PX,
+) -> list[FieldPlan]:
+    """The model fields of a ``width`` x ``height`` image at ``um_per_pixel`` (row-major).
+
+    Per axis, after resampling: a side no longer than the field gives one field centred on
+    it (padded, never enlarged); a longer side gives fields overlapping by >= ``overlap_px``
+    (``slides.tiling.axis_starts``, the slides' own rule).
+    """
+    if width < 1 or height < 1:
+        raise ValueError(f"image size must be positive, got {width}x{height}")
+    scale = scale_to_model(um_per_pixel)
+    rw, rh = resampled_size(width, height, um_per_pixel)
+    fw, fh = (int(v) for v in field_size)
+    xs = axis_starts(0, rw, fw, overlap_px)
+    ys = axis_starts(0, rh, fh, overlap_px)
+    return [FieldPlan(int(x), int(y), (fw, fh), scale, (rw, rh)) for y in ys for x in xs]
+
+
+def resample(image, um_per_pixel: float):
+    """A PIL image resampled to the models' spacing (Lanczos; area-averaging first when
+    shrinking by more than 2x, as Pillow's ``reducing_gap`` does)."""
+    from PIL import Image
+
+    size = resampled_size(image.width, image.height, um_per_pixel)
+    if size == image.size:
+        return image
+    return image.resize(size, Image.Resampling.LANCZOS, reducing_gap=2.0)
