@@ -54,6 +54,8 @@ COVER_MIN = 0.05
 COVER_MAX = 0.85
 #: Monolayer next to a thick area is the feathered transition; this much of it is left out.
 THICK_MARGIN_UM = 16.0
+#: Narrowest thick area (µm): a denser cluster of a few cells inside a monolayer is not one.
+THICK_MIN_UM = 48.0
 #: Smallest monolayer area kept (each side, µm): a quarter of a model field, so that a found
 #: area is worth tiling.
 MIN_SIDE_UM = 64.0
@@ -139,11 +141,27 @@ def _overview(slide: PyramidSlide) -> tuple[np.ndarray, int, float]:
     return overview, index, slide.um_per_pixel * level.downsample * shrink
 
 
+def glass_level(rgb: np.ndarray) -> np.ndarray:
+    """Per channel, the 99.5th percentile of a uint8 RGB image: the glass (the brightest),
+    from a histogram (a sort of a whole overview would cost seconds)."""
+    flat = np.asarray(rgb, np.uint8).reshape(-1, 3)
+    out = np.empty(3)
+    for c in range(3):
+        cumulative = np.cumsum(np.bincount(flat[:, c], minlength=256))
+        out[c] = float(np.searchsorted(cumulative, 0.995 * cumulative[-1]))
+    return out
+
+
 def optical_density(rgb: np.ndarray, glass: np.ndarray) -> np.ndarray:
-    """Per pixel, optical density above the glass summed over RGB (float32, >= 0)."""
-    rgb = np.asarray(rgb, np.float32)
-    od = np.log((np.asarray(glass, np.float32) + 1.0) / (rgb + 1.0))
-    return np.clip(od, 0, None).sum(axis=-1)
+    """Per pixel, optical density above the glass summed over RGB (float32, >= 0); one
+    256-entry table per channel instead of a log per pixel."""
+    rgb = np.asarray(rgb, np.uint8)
+    levels = np.arange(256, dtype=np.float32)
+    od = np.zeros(rgb.shape[:-1], np.float32)
+    for c in range(3):
+        table = np.clip(np.log((np.float32(glass[c]) + 1.0) / (levels + 1.0)), 0, None)
+        od += table[rgb[..., c]]
+    return od
 
 
 def stained(rgb: np.ndarray, glass: np.ndarray) -> np.ndarray:
@@ -222,14 +240,25 @@ def monolayer_boxes(mask: np.ndarray, min_side: float) -> list[tuple[int, int, i
         padded = np.zeros((ph, pw), bool)
         padded[:h, :w] = mask
         coarse = padded.reshape(ph // block, block, pw // block, block).mean(axis=(1, 3)) >= 0.5
-    coarse = ndimage.binary_opening(coarse, iterations=1)
+    # holes (a dense cluster inside a monolayer) do not split an area; thin strips go
+    coarse = ndimage.binary_opening(ndimage.binary_fill_holes(coarse), iterations=1)
     free = mask.copy()  # monolayer not yet in a box: boxes never overlap (a cell counts once)
+    found: list[tuple[int, tuple[int, int, int, int]]] = []
+    labels, _n = ndimage.label(coarse)
+    for k, where in enumerate(ndimage.find_objects(labels), start=1):
+        if where is None:
+            continue
+        ys, xs = where
+        part = labels[ys, xs] == k
+        for _ in range(64):  # an area is a few rectangles at most; this bounds the loop
+            x0, y0, x1, y1, area = _largest_rectangle(part)
+            if min(x1 - x0, y1 - y0) * block < min_side:
+                break
+            part[y0:y1, x0:x1] = False
+            box = (xs.start + x0, ys.start + y0, xs.start + x1, ys.start + y1)
+            found.append((area, box))
     boxes = []
-    for _ in range(64):  # a slide has a handful of monolayer areas; this bounds the loop
-        x0, y0, x1, y1, _area = _largest_rectangle(coarse)
-        if min(x1 - x0, y1 - y0) * block < min_side:
-            break
-        coarse[y0:y1, x0:x1] = False
+    for _area, (x0, y0, x1, y1) in sorted(found, key=lambda f: -f[0]):
         fine = _trim(free, [x0 * block, y0 * block, min(w, x1 * block), min(h, y1 * block)])
         if fine is None:
             continue
@@ -266,7 +295,7 @@ def find_rois(slide: PyramidSlide) -> RoiSearch:
 
     before = slide.read_log.n_read(0)
     overview, index, um = _overview(slide)
-    glass = np.percentile(overview.reshape(-1, 3), 99.5, axis=0)
+    glass = glass_level(overview)
     od = optical_density(overview, glass)
     del overview
     tissue = ndimage.uniform_filter(od, size=max(1, round(TISSUE_WINDOW_UM / um)), mode="nearest")
@@ -274,11 +303,18 @@ def find_rois(slide: PyramidSlide) -> RoiSearch:
     density = ndimage.uniform_filter(od, size=window, mode="nearest")
     del od
     thick = density > THICK_OD
-    margin = max(1, round(THICK_MARGIN_UM / um))
-    thick = ndimage.binary_dilation(thick, iterations=margin) if thick.any() else thick
-    mono = (tissue >= TISSUE_OD) & ~thick
+    # the window's blur ends the thick mask up to half a window inside the thick area
+    margin = max(1, round((THICK_MARGIN_UM + THICK_WINDOW_UM / 2) / um))
+    if thick.any():
+        # an opening drops dense clusters of a few cells (a thick area is wider than
+        # THICK_MIN_UM), then a dilation by the margin; square filters, separable: fast
+        thick = thick.view(np.uint8)
+        side = max(1, round(THICK_MIN_UM / um))
+        thick = ndimage.maximum_filter(ndimage.minimum_filter(thick, size=side), size=side)
+        thick = ndimage.maximum_filter(thick, size=2 * margin + 1).view(bool)
+    mono = ((tissue >= TISSUE_OD) & ~thick).view(np.uint8)
     coverage = density
-    mono = ndimage.binary_fill_holes(ndimage.binary_closing(mono, iterations=1))
+    mono = ndimage.minimum_filter(ndimage.maximum_filter(mono, size=3), size=3).view(bool)
     min_side = MIN_SIDE_UM / um
     scale = um / slide.um_per_pixel  # base pixels per overview pixel
     search = RoiSearch(rois=[], overview_level=index, overview_um=um)
