@@ -2,8 +2,9 @@
 
 A slide (``marrowdx.slides``: a DICOM WSI and its annotation series) is tiled into fields
 by its reader; every field goes through the same ``pipeline`` ensemble as a JPEG field of
-an image folder (``AsyncMarrowClient.analyse_image``), its boxes are mapped to base-level
-slide pixels and the fields of each ROI are merged so that a cell in an overlap counts
+an image folder, sent as it is (``AsyncMarrowClient.analyse_field``: the reader already
+tiled it at the models' spacing), its boxes are mapped to base-level slide pixels and the
+fields of each ROI are merged so that a cell in an overlap counts
 once (``marrowdx.slides.merge``). The patient's counts are the sum of the merged cells, and
 the diagnosis model is asked once, as for image folders.
 
@@ -234,7 +235,7 @@ async def _serve_fields(
         error: str | None
         try:
             try:
-                result = await client.analyse_image(view.data, name)
+                result = await client.analyse_field(view.data, name)
             except RequestFailed as exc:
                 failed[name] = error = exc.reason
             except Exception as exc:  # noqa: BLE001 - one odd field must not sink the cohort
@@ -295,7 +296,7 @@ async def diagnose_slide(
     archived = getattr(patient.folder, "open_source", None)  # a slide in a DICOMweb archive
     try:
         if archived is not None:
-            source = await asyncio.to_thread(archived)
+            source = await asyncio.to_thread(archived, patient.rois)
         else:
             source = await asyncio.to_thread(open_slide, patient.folder, patient.rois)
     except SlideError as exc:

@@ -95,6 +95,22 @@ def test_slide_over_dicomweb_is_the_slide_of_the_folder(archive, slide) -> None:
         assert study in str(web.folder)
 
 
+def test_archived_slide_without_roi_series_gets_automatic_rois(archive, tmp_path_factory) -> None:
+    """A slide straight from a scanner (its levels only) is counted where the ROI finder
+    sees monolayer areas, as a folder would be; ``annotation`` refuses it by name."""
+    server, _ = archive
+    root, gt = small_slide_cohort(tmp_path_factory.mktemp("dicomweb-slides"))
+    folder = root / gt["patients"][1]["patient_id"]
+    endpoint = DicomWebEndpoint(server.dicomweb)
+    levels = sorted(folder.glob("level_*.dcm"))
+    endpoint.client().store_instances([pydicom.dcmread(f) for f in levels])
+    study = str(pydicom.dcmread(levels[0], stop_before_pixels=True).StudyInstanceUID)
+    with WebSlide(endpoint, study).open_source() as web, open_slide(folder, "automatic") as local:
+        assert web.roi_source == "automatic" and web.rois and web.rois == local.rois
+    with pytest.raises(SlideError, match="no ROI annotation"):
+        WebSlide(endpoint, study).open_source("annotation")
+
+
 def test_round_trip_diagnose_store_and_read_back(archive, slide, tmp_path: Path) -> None:
     server, study = archive
     folder, patient = slide

@@ -6,7 +6,9 @@ as ``reader.open_slide(folder)`` (a ``SlideSource``: ROIs, fields, frames, groun
 ``diagnose`` counts an archived slide exactly as a folder:
 
 - QIDO-RS finds the study's VL whole-slide image series (the one given, or the only one) and
-  its annotation series; WADO-RS metadata gives each pyramid level's header;
+  its annotation series; WADO-RS metadata gives each pyramid level's header; the ROIs come
+  from the ROI series as for a folder (``reader.annotated_rois``), or from the ROI finder
+  when the slide has none;
 - the pixels are read through wsidicom's DICOMweb client (``WsiDicom.open_web``), frames as
   stored (JPEG Baseline is asked for first, so a baseline slide's frames arrive unchanged);
 - annotation objects are retrieved whole (WADO-RS instance, DICOM Part 10) rather than as
@@ -20,21 +22,21 @@ series) is a ``SlideError`` that names the archive and what to do.
 
 from __future__ import annotations
 
-import math
 import shutil
 import tempfile
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from marrowdx.slides.base import Roi, SlideError
+from marrowdx.slides.base import SlideError
 from marrowdx.slides.detect import ANN_SOP_CLASS, WSI_SOP_CLASS
 
 if TYPE_CHECKING:
     from marrowdx.slides.annotations import AnnotationObject
-    from marrowdx.slides.reader import Level, SlideSource
+    from marrowdx.slides.reader import SlideSource
 
 #: Environment variable read for the bearer token when no token file is given: a token on
 #: the command line would show in the process list.
@@ -168,41 +170,6 @@ def _dataset_from_json(item: dict):
 def _volume(ds) -> bool:
     image_type = [str(v).upper() for v in getattr(ds, "ImageType", [])]
     return len(image_type) < 3 or image_type[2] == "VOLUME"
-
-
-def rois_from_annotations(
-    location: str, annotations: list[AnnotationObject], levels: list[Level]
-) -> list[Roi]:
-    """The monolayer ROIs of the slide, from its ROI annotation object, clipped to the base
-    level; SlideError when there is none or an object is drawn on a level that is absent."""
-    likely = sorted(annotations, key=lambda a: not a.looks_like_roi)
-    roi_object = next((a for a in likely if a.is_roi), None)
-    if roi_object is None:
-        have = ", ".join(repr(a.description) for a in annotations) or "none"
-        raise SlideError(
-            f"slide {location}: no ROI annotation (a 'Monolayer regions of interest' series); "
-            f"annotation series found: {have}"
-        )
-    level_uids = {lv.sop_instance_uid: lv for lv in levels}
-    refs = roi_object.referenced_instances
-    if refs and not any(
-        level_uids.get(u) is not None and level_uids[u].downsample == 1 for u in refs
-    ):
-        raise SlideError(
-            f"slide {location}: missing levels: the ROIs are drawn on SM instance {refs[0]}, "
-            "which is not the base level of this series"
-        )
-    base = levels[0]
-    rois = []
-    for k, rec in enumerate(roi_object.records):
-        x0, y0 = max(0, math.floor(rec.box[0])), max(0, math.floor(rec.box[1]))
-        x1, y1 = min(base.width, math.ceil(rec.box[2])), min(base.height, math.ceil(rec.box[3]))
-        if x1 <= x0 or y1 <= y0:
-            raise SlideError(f"slide {location}: ROI {rec.box} lies outside the slide")
-        rois.append(
-            Roi(index=rec.roi_id if rec.roi_id is not None else k + 1, box=(x0, y0, x1, y1))
-        )
-    return rois
 
 
 @dataclass(frozen=True)
@@ -344,10 +311,17 @@ class WebSlide:
                 out.append(obj)
         return out
 
-    def open_source(self) -> SlideSource:
+    def open_source(self, rois: str = "auto") -> SlideSource:
         """Open the archived slide (levels, annotation series, ROIs); SlideError naming the
-        archive and the problem when it cannot be used."""
+        archive and the problem when it cannot be used. ``rois`` as for ``open_slide``:
+        the ROI annotation series when there is one (``auto``), else the monolayer areas
+        found automatically; ``annotation`` requires the series, ``automatic`` ignores it."""
         from wsidicom import WsiDicom, WsiDicomWebClient
+
+        from marrowdx.slides.reader import ROI_CHOICES, annotated_rois, use_automatic_rois
+
+        if rois not in ROI_CHOICES:
+            raise ValueError(f"rois must be one of {', '.join(ROI_CHOICES)}, got {rois!r}")
 
         client = self.endpoint.client()
         series = self._series(client)
@@ -360,14 +334,18 @@ class WebSlide:
         try:
             level_uids = {lv.sop_instance_uid for lv in levels}
             annotations = self._annotations(client, series, level_uids, workdir)
-            rois = rois_from_annotations(location, annotations, levels)
+            found = annotated_rois(location, annotations, levels, rois)  # type: ignore[arg-type]
             try:
-                wsi = WsiDicom.open_web(
-                    WsiDicomWebClient(client),
-                    self.study,
-                    series_uid,
-                    requested_transfer_syntax=JPEG_BASELINE,
-                )
+                with warnings.catch_warnings():
+                    # wsidicom reads the levels' JSON without fetching bulk data (the ICC
+                    # profile); pydicom warns about each, though nothing here needs them
+                    warnings.filterwarnings("ignore", "No bulk data URI handler", UserWarning)
+                    wsi = WsiDicom.open_web(
+                        WsiDicomWebClient(client),
+                        self.study,
+                        series_uid,
+                        requested_transfer_syntax=JPEG_BASELINE,
+                    )
             except SlideError:
                 raise
             except Exception as exc:
@@ -377,10 +355,13 @@ class WebSlide:
             base.file_meta.TransferSyntaxUID = (
                 JPEG_BASELINE if str(transfer) == JPEG_BASELINE else EXPLICIT_VR_LITTLE_ENDIAN
             )
-            return _web_source_class()(location, wsi, levels, base, annotations, rois, workdir)
+            source = _web_source_class()(location, wsi, levels, base, annotations, found, workdir)
         except BaseException:
             shutil.rmtree(workdir, ignore_errors=True)
             raise
+        if not found:
+            use_automatic_rois(source)  # closes the source when it finds none
+        return source
 
     def store(self, path: Path) -> str:
         """STOW-RS one written object into the slide's study; returns its WADO-RS URL."""

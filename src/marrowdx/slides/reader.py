@@ -341,34 +341,13 @@ def _read_levels(folder: Path, wsi_files: list[Path]) -> tuple[list[Level], obje
     return levels, base_ds, [p for p, _ in volumes]
 
 
-def open_slide(folder: Path, rois: str = "auto") -> PyramidSlide:
-    """Open the slide in folder (DICOM, else one scanner file: ``scanner.open_scanner_slide``);
-    SlideError naming the problem when it cannot be used: no slide, unsupported transfer
-    syntax, truncated frames, missing levels (the base level the annotations reference is
-    absent), no ROIs.
-
-    ``rois``: ``auto`` (default) takes the ROI annotation series when the slide has one, else
-    finds the monolayer areas (``roi_finder``); ``annotation`` requires the series;
-    ``automatic`` finds them even when annotated. ``roi_source`` says which was used.
-    """
-    if rois not in ROI_CHOICES:
-        raise ValueError(f"rois must be one of {', '.join(ROI_CHOICES)}, got {rois!r}")
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise _fail(folder, "not a folder")
-    from marrowdx.slides.detect import scanner_file
-
-    if scanner_file(folder) is not None:
-        from marrowdx.slides.scanner import open_scanner_slide
-
-        return open_scanner_slide(folder, rois)
-    files = dicom_files(folder)
-    wsi_files = [p for p, sop in files.items() if sop == WSI_SOP_CLASS]
-    ann_files = [p for p, sop in files.items() if sop == ANN_SOP_CLASS]
-    if not wsi_files:
-        raise _fail(folder, f"no VL whole-slide image instances ({len(files)} DICOM files found)")
-    levels, base_ds, volume_files = _read_levels(folder, wsi_files)
-    annotations = [load_annotation_object(p) for p in ann_files]
+def annotated_rois(
+    folder: Path, annotations: list[AnnotationObject], levels: list[Level], rois: str = "auto"
+) -> list[Roi]:
+    """The ROIs of the slide's ROI annotation object, clipped to the base level, once every
+    annotation object is checked to be drawn on a level that is present. Empty when ``rois``
+    is ``automatic`` or (``auto``) the slide has no ROI object; SlideError when ``rois`` is
+    ``annotation`` and it has none. Shared by folders and archived slides (``dicomweb``)."""
     # the ROI object is parsed now (small); the cell objects only when their labels are read
     likely = sorted(annotations, key=lambda a: not a.looks_like_roi)
     roi_objects = next(([a] for a in likely if a.is_roi), [])
@@ -405,6 +384,38 @@ def open_slide(folder: Path, rois: str = "auto") -> PyramidSlide:
         found.append(
             Roi(index=rec.roi_id if rec.roi_id is not None else k + 1, box=(x0, y0, x1, y1))
         )
+    return found
+
+
+def open_slide(folder: Path, rois: str = "auto") -> PyramidSlide:
+    """Open the slide in folder (DICOM, else one scanner file: ``scanner.open_scanner_slide``);
+    SlideError naming the problem when it cannot be used: no slide, unsupported transfer
+    syntax, truncated frames, missing levels (the base level the annotations reference is
+    absent), no ROIs.
+
+    ``rois``: ``auto`` (default) takes the ROI annotation series when the slide has one, else
+    finds the monolayer areas (``roi_finder``); ``annotation`` requires the series;
+    ``automatic`` finds them even when annotated. ``roi_source`` says which was used.
+    """
+    if rois not in ROI_CHOICES:
+        raise ValueError(f"rois must be one of {', '.join(ROI_CHOICES)}, got {rois!r}")
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise _fail(folder, "not a folder")
+    from marrowdx.slides.detect import scanner_file
+
+    if scanner_file(folder) is not None:
+        from marrowdx.slides.scanner import open_scanner_slide
+
+        return open_scanner_slide(folder, rois)
+    files = dicom_files(folder)
+    wsi_files = [p for p, sop in files.items() if sop == WSI_SOP_CLASS]
+    ann_files = [p for p, sop in files.items() if sop == ANN_SOP_CLASS]
+    if not wsi_files:
+        raise _fail(folder, f"no VL whole-slide image instances ({len(files)} DICOM files found)")
+    levels, base_ds, volume_files = _read_levels(folder, wsi_files)
+    annotations = [load_annotation_object(p) for p in ann_files]
+    found = annotated_rois(folder, annotations, levels, rois)
     try:
         from wsidicom import WsiDicom
 
