@@ -28,16 +28,17 @@ browser:
 	  && apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium \
 	  || echo "chromium not installed (needs root and apt-get): the browser test will skip"; }
 
-# DICOM checks: dicom3tools' validator (dciodvfy) and Orthanc with its DICOMweb plugin, which
-# the DICOMweb and viewer tests start themselves on loopback (the package starts no service).
+# DICOM checks: dicom3tools' validator (dciodvfy), Orthanc with its DICOMweb plugin, which
+# the DICOMweb and viewer tests start themselves on loopback (the package starts no service),
+# and npm, with which the viewer test installs the pinned viewer into build/viewer-npm.
 # Installed only what is missing and only as root with apt-get; elsewhere those tests skip.
-DICOM_TOOLS := dicom3tools:dciodvfy orthanc:/usr/sbin/Orthanc orthanc-dicomweb:/usr/share/orthanc/plugins/libOrthancDicomWeb.so
+DICOM_TOOLS := dicom3tools:dciodvfy orthanc:/usr/sbin/Orthanc orthanc-dicomweb:/usr/share/orthanc/plugins/libOrthancDicomWeb.so npm:npm
 dicomtools:
 	@missing=""; for pair in $(DICOM_TOOLS); do pkg=$${pair%%:*}; probe=$${pair#*:}; \
 	  { [ -e "$$probe" ] || command -v "$$probe" >/dev/null 2>&1; } || missing="$$missing $$pkg"; done; \
 	  [ -z "$$missing" ] || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null \
 	  && apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing \
-	  || echo "not installed (needs root and apt-get):$$missing; the DICOM validity/DICOMweb tests will skip"; }
+	  || echo "not installed (needs root and apt-get):$$missing; the DICOM validity/DICOMweb/viewer tests will skip"; }
 
 test: setup browser dicomtools
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
