@@ -11,8 +11,7 @@ draws one feature per cell of the JSON, and each class group gets the class's co
 The screenshot is kept in ``build/viewer/``.
 
 Skips with the reason where Orthanc, npm (or the npm registry), Chromium or Playwright is
-missing. About 15-20 s once the npm packages are installed (the first ``npm ci`` takes
-about 30 s more).
+missing. Marked slow: it installs npm packages once and starts a browser.
 """
 
 from __future__ import annotations
