@@ -161,3 +161,29 @@ def test_wsidicom_opens_the_whole_slide_folder(slide_folder: Path) -> None:
     for path in slide_folder.glob("ann_*.dcm"):
         ours += sum(g.number_of_annotations for g in hd.ann.annread(path).get_annotation_groups())
     assert theirs == ours > 0
+
+
+def test_rectangle_outlines_on_request(tmp_path: Path) -> None:
+    """``simulate --dicom-graphic RECTANGLE`` writes the collection's shape: still valid and
+    read by our reader and highdicom with the same boxes, but wsidicom refuses the folder
+    (why POLYGON is the default)."""
+    from wsidicom import WsiDicom
+
+    from marrowdx import cli
+
+    argv = ["simulate", "--format", "dicom", "--patients", "1", "--seed", "3", "--no-progress"]
+    small = ["--size", "1024x1024", "--rois", "1", "--roi-size", "512x512"]
+    out = tmp_path / "rect"
+    assert cli.main([*argv, *small, "--dicom-graphic", "rectangle", "--out", str(out)]) == 0
+    folder = next(p for p in out.iterdir() if p.is_dir())
+    consensus = next(folder.glob("ann_consensus*.dcm"))
+    assert {str(g.GraphicType) for g in pydicom.dcmread(consensus).AnnotationGroupSequence} == {
+        "RECTANGLE"
+    }
+    if DCIODVFY is not None:
+        assert validate(consensus)[0] == []
+    with open_slide(folder) as slide:
+        assert slide.rois and slide.ground_truth()["images"][0]["cells"]
+    with pytest.raises(NotImplementedError):
+        WsiDicom.open(folder)
+    assert cli.main([*argv, "--dicom-graphic", "circle", "--out", str(tmp_path / "x")]) == 2

@@ -53,6 +53,14 @@ def configure_simulate(parser: argparse.ArgumentParser) -> None:
         help="with --format dicom: WxH of each ROI (default 1280x1280)",
     )
     parser.add_argument(
+        "--dicom-graphic",
+        type=str.upper,
+        default=None,
+        metavar="TYPE",
+        help="with --format dicom: outline graphic of the annotation objects, POLYGON "
+        "(default; wsidicom reads it) or RECTANGLE (the IDC collection's)",
+    )
+    parser.add_argument(
         "--cells",
         type=_range,
         default=None,
@@ -112,6 +120,7 @@ def _run_simulate_dicom(args: argparse.Namespace) -> int:
         n_rois=DEFAULT_ROIS if args.rois is None else args.rois,
         roi_size=args.roi_size or DEFAULT_ROI_SIZE,
         cells_per_field=args.cells,
+        graphic=args.dicom_graphic,
     )
     start = time.perf_counter()
     try:
@@ -143,8 +152,11 @@ def run_simulate(args: argparse.Namespace) -> int:
 
     if args.format == "dicom":
         return _run_simulate_dicom(args)
-    if args.rois is not None or args.roi_size is not None:
-        print("marrowdx simulate: --rois and --roi-size need --format dicom", file=sys.stderr)
+    if args.rois is not None or args.roi_size is not None or args.dicom_graphic is not None:
+        print(
+            "marrowdx simulate: --rois, --roi-size and --dicom-graphic need --format dicom",
+            file=sys.stderr,
+        )
         return 2
     size = args.size or config.FIELD_SIZE
     start = time.perf_counter()

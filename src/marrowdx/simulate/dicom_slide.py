@@ -48,8 +48,15 @@ class DicomCohortSpec:
     um_per_pixel: float = config.MODEL_UM_PER_PIXEL
     cells_per_field: tuple[int, int] | None = None  # per 1024x1024 of ROI, default 15-40
     class_floor: float = co.CLASS_FLOOR
+    #: Outline graphic of the annotation objects (``annotations.GRAPHIC_TYPES``); None: the
+    #: writer's default (POLYGON; RECTANGLE gives the IDC collection's exact shape).
+    graphic: str | None = None
 
     def validate(self) -> None:
+        from marrowdx.slides.annotations import GRAPHIC_TYPES
+
+        if self.graphic is not None and self.graphic not in GRAPHIC_TYPES:
+            raise ValueError(f"graphic {self.graphic!r}: choose one of {', '.join(GRAPHIC_TYPES)}")
         w, h = self.canvas
         rw, rh = self.roi_size
         if self.n_rois < 1:
@@ -166,7 +173,8 @@ def simulate_dicom_patient(out_dir: Path, index: int, spec: DicomCohortSpec) -> 
     import pydicom
 
     base = pydicom.dcmread(folder / "level_0.dcm", stop_before_pixels=True)
-    write_roi_annotations(base, rois, folder)
+    graphic = {} if spec.graphic is None else {"graphic": spec.graphic}
+    write_roi_annotations(base, rois, folder, **graphic)
     consensus = [c for im in images for c in im["cells"]]
 
     def as_cells(items: list[dict]) -> list[SlideCell]:
@@ -179,6 +187,7 @@ def simulate_dicom_patient(out_dir: Path, index: int, spec: DicomCohortSpec) -> 
         description=CONSENSUS_DESCRIPTION,
         rois=rois,
         session="consensus",
+        **graphic,
     )
     taken: set[int] = set()
     disagreements = {}
@@ -194,6 +203,7 @@ def simulate_dicom_patient(out_dir: Path, index: int, spec: DicomCohortSpec) -> 
             description=session_description(session),
             rois=rois,
             session=session,
+            **graphic,
         )
     return {
         "patient_id": pid,
