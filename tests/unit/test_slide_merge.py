@@ -110,7 +110,7 @@ def test_every_cell_counted_once_on_seams_and_corners(scale: float) -> None:
     kept = base[result.kept]
     areas = (kept[:, 2] - kept[:, 0]) * (kept[:, 3] - kept[:, 1])
     assert np.allclose(areas, CELL**2, rtol=0.1)
-    assert len(result.duplicates) == len(truth) - len(cells)
+    assert len(result.duplicates) + len(result.cut_at_seam) == len(truth) - len(cells)
 
 
 def test_frames_cells_cut_on_seams_are_joined_once() -> None:
@@ -183,7 +183,7 @@ def test_cut_box_loses_to_the_whole_one() -> None:
         np.array([cut, whole], dtype=float), np.array([0.99, 0.6]), np.array([0, 1]), fields, ROI
     )
     assert result.kept.tolist() == [1]
-    assert result.duplicates == {0: 1}
+    assert result.cut_at_seam.tolist() == [0]  # a piece at a seam, inside field 1: dropped
 
 
 def test_cells_outside_the_roi_are_not_counted() -> None:
@@ -213,3 +213,36 @@ def test_bad_inputs_are_named() -> None:
 def test_no_detections() -> None:
     result = merge_fields(np.zeros((0, 4)), np.zeros(0), np.zeros(0), np.array([ROI]), ROI)
     assert result.kept.size == 0 and not result.duplicates
+
+
+def test_a_sliver_at_a_seam_with_a_loose_box_is_not_a_second_cell() -> None:
+    """A cell whole in the left field, a sliver at the right field's seam edge: the sliver's
+    box (as detectors draw them on a cut cell: a few pixels off) shares too little with the
+    whole box for the overlap tests, yet it is no cell of its own: the right field lies
+    inside the ROI's fields, so the left one saw that cell whole."""
+    roi = (0.0, 0.0, 1800.0, 1000.0)
+    fields = np.array([(0.0, 0.0, 1000.0, 1000.0), (800.0, 0.0, 1800.0, 1000.0)])
+    whole = (770.0, 400.0, 830.0, 460.0)  # right field's seam at x=800 cuts it
+    sliver = (800.0, 380.0, 834.0, 416.0)  # its piece in the right field, loosely boxed
+    boxes = np.array([whole, sliver])
+    merged = merge_fields(boxes, np.array([0.9, 0.95]), np.array([0, 1]), fields, roi)
+    assert merged.kept.tolist() == [0]
+    assert merged.cut_at_seam.tolist() == [1]
+
+
+def test_two_loose_boxes_of_one_cell_are_one_and_touching_cells_stay_two() -> None:
+    """Boxes of one cell from two overlapping fields, each a few pixels off (IoU and
+    containment under the thresholds) hold each other's centres: one cell. Two distinct
+    cells touching across the overlap do not: two."""
+    roi = (0.0, 0.0, 1800.0, 1000.0)
+    fields = np.array([(0.0, 0.0, 1000.0, 1000.0), (800.0, 0.0, 1800.0, 1000.0)])
+    a = (880.0, 500.0, 920.0, 560.0)
+    b = (865.0, 522.0, 945.0, 542.0)  # the same cell, boxed wide and flat in the other field
+    merged = merge_fields(np.array([a, b]), np.array([0.9, 0.9]), np.array([0, 1]), fields, roi)
+    assert len(merged.kept) == 1
+    left = (850.0, 300.0, 910.0, 360.0)
+    right = (905.0, 300.0, 965.0, 360.0)  # touching, overlapping by 5 px
+    merged = merge_fields(
+        np.array([left, right]), np.array([0.9, 0.9]), np.array([0, 1]), fields, roi
+    )
+    assert len(merged.kept) == 2

@@ -21,11 +21,17 @@ touch the shared edge (within ``SEAM_TOLERANCE`` base pixels) and share at least
 smaller piece's extent along it are one cell, whose box is their union and whose label is
 the largest piece's.
 
+Before step 3, a detection touching a seam of its field (within ``SEAM_TOLERANCE``) whose
+box lies inside another field is dropped (``cut_at_seam``): fields overlap by at least the
+largest cell, so that other field saw the cell whole, and a cut piece's box, often a few
+pixels off, can share too little with the whole box for the tests of step 4.
+
 4. Greedily keep detections in that order; a detection is a duplicate of a kept one from a
-   *different* field when their boxes overlap by IoU >= ``iou`` or when the smaller box lies
+   *different* field when their boxes overlap by IoU >= ``iou``, when the smaller box lies
    mostly inside the larger (intersection over the smaller >= ``containment``: a cut box
-   inside the whole one). Detections of the same field never suppress each other: the
-   detector already separated touching cells there.
+   inside the whole one), or when each box holds the other's centre (two loose boxes of one
+   cell; touching cells never do). Detections of the same field never suppress each other:
+   the detector already separated touching cells there.
 """
 
 from __future__ import annotations
@@ -56,13 +62,16 @@ class MergeResult:
     ``outside_roi`` lists the indices dropped because their centre lies outside the ROI;
     ``joined`` maps each piece of a cell cut by abutting fields to the piece that stands for
     the joined cell; ``boxes`` [N, 4] are the input boxes with each joined cell's union box
-    in its standing piece's row (report ``boxes[kept]``)."""
+    in its standing piece's row (report ``boxes[kept]``); ``cut_at_seam`` lists detections
+    dropped because they touch a seam of their field and lie inside another field, which
+    saw that cell whole (step 0)."""
 
     kept: np.ndarray
     duplicates: dict[int, int]
     outside_roi: np.ndarray
     joined: dict[int, int] = field(default_factory=dict)
     boxes: np.ndarray = field(default_factory=lambda: np.zeros((0, 4)))
+    cut_at_seam: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
 
 
 def seam_margins(boxes: np.ndarray, field_box: Sequence[float], roi: Sequence[float]) -> np.ndarray:
@@ -158,6 +167,17 @@ def _overlaps(box: np.ndarray, others: np.ndarray) -> tuple[np.ndarray, np.ndarr
     return iou, iom
 
 
+def _centres_inside_each_other(box: np.ndarray, others: np.ndarray) -> np.ndarray:
+    """Per row of ``others``: does each box hold the other's centre? Two looser boxes of one
+    cell (a few pixels off each way, IoU under the threshold) do; two distinct cells, even
+    touching ones, do not (each would have to cover half of the other on both axes)."""
+    cx, cy = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
+    ocx, ocy = (others[:, 0] + others[:, 2]) / 2, (others[:, 1] + others[:, 3]) / 2
+    mine = (others[:, 0] <= cx) & (cx < others[:, 2]) & (others[:, 1] <= cy) & (cy < others[:, 3])
+    theirs = (box[0] <= ocx) & (ocx < box[2]) & (box[1] <= ocy) & (ocy < box[3])
+    return mine & theirs
+
+
 def merge_fields(
     boxes: np.ndarray,
     scores: np.ndarray,
@@ -203,6 +223,8 @@ def merge_fields(
     for f in np.unique(field_ids):
         rows = field_ids == f
         margins[rows] = seam_margins(boxes[rows], field_boxes[f], roi)
+    cut = _cut_and_seen_whole(boxes, field_ids, field_boxes, margins) & active
+    active &= ~cut
     candidates = np.flatnonzero(inside & active)
     # Highest margin first, then highest score, then input order (stable, reproducible).
     order = candidates[np.lexsort((candidates, -scores[candidates], -margins[candidates]))]
@@ -216,7 +238,11 @@ def merge_fields(
             if other.any():
                 ko = k[other]
                 overlap_iou, overlap_min = _overlaps(boxes[i], boxes[ko])
-                same = (overlap_iou >= iou) | (overlap_min >= containment)
+                same = (
+                    (overlap_iou >= iou)
+                    | (overlap_min >= containment)
+                    | _centres_inside_each_other(boxes[i], boxes[ko])
+                )
                 if same.any():
                     duplicates[int(i)] = int(ko[np.argmax(np.where(same, overlap_iou, -1))])
                     continue
@@ -227,4 +253,29 @@ def merge_fields(
         outside_roi=np.flatnonzero(~inside & active),
         joined=joined,
         boxes=boxes,
+        cut_at_seam=np.flatnonzero(cut),
     )
+
+
+def _cut_and_seen_whole(
+    boxes: np.ndarray, field_ids: np.ndarray, field_boxes: np.ndarray, margins: np.ndarray
+) -> np.ndarray:
+    """Detections touching a seam of their field (margin <= SEAM_TOLERANCE) whose box lies
+    inside another field: with fields overlapping by at least a cell, that field holds the
+    whole cell, so the piece is not a cell of its own. The overlap tests cannot be trusted
+    with such pieces: a sliver's box, a few pixels off, shares too little with the whole
+    cell's box to be recognised as part of it, and was counted twice."""
+    cut = margins <= SEAM_TOLERANCE
+    out = np.zeros(len(boxes), dtype=bool)
+    for i in np.flatnonzero(cut):
+        others = np.arange(len(field_boxes)) != field_ids[i]
+        fb = field_boxes[others]
+        b = boxes[i]
+        within = (
+            (fb[:, 0] <= b[0] + SEAM_TOLERANCE)
+            & (fb[:, 1] <= b[1] + SEAM_TOLERANCE)
+            & (fb[:, 2] >= b[2] - SEAM_TOLERANCE)
+            & (fb[:, 3] >= b[3] - SEAM_TOLERANCE)
+        )
+        out[i] = bool(within.any())
+    return out
