@@ -4,17 +4,17 @@
 DIR`` take a folder of slide patients (DIR/<patient_id>/ holding one slide's DICOM files and
 its annotation series, found by content). Training on slides must use the same pixels the
 served stack is sent, so each slide is tiled by the client's tiler
-(``marrowdx.client.slides.tile``) into the overlapping fields ``diagnose --slide-tiling
-fields`` sends: they lie inside the labelled ROIs, whereas the slide's own frames (what
-``auto`` sends) reach beyond them, where cells are not labelled and would be taught as
-background. Each ground-truth cell (Consensus by default, or one annotator's session) is
+(``marrowdx.client.slides.tile``) into the overlapping fields ``diagnose`` sends by
+default (``--slide-tiling fields``): they lie inside the labelled ROIs, whereas the slide's
+own frames (``frame_fields``) reach beyond them, where cells are not labelled and would be
+taught as background. Each ground-truth cell (Consensus by default, or one annotator's session) is
 mapped from base-level slide pixels into field pixels. The result is an ordinary cohort
 folder (fields as image files, ``ground_truth.json`` in field pixels) cached under the work
 dir, so training and evaluation run their usual code and print the usual metrics table.
 
 Cells cut by a field's edge are kept, clipped to the field, when at least ``MIN_VISIBLE`` of
 the cell lies inside it: that is what the detector sees there, and the slide's own frames
-(what ``diagnose`` sends by default) abut, so a cell on a frame corner is seen only in
+(``--slide-tiling frame_fields``) abut, so a cell on a frame corner is seen only in
 quarters, which the merge joins: the detector must learn to find such pieces. A thinner
 sliver is left out. A cell in an overlap belongs to every field that holds it, so
 per-patient counts in ``evaluate --data`` count it once per such field on both sides (truth
