@@ -66,7 +66,10 @@ MAX_RELATIVE_UNCERTAINTY = 0.3
 #: Objects smaller than this share of the typical object's area (the object holding the
 #: median foreground pixel) are debris, platelets or fragments of the threshold.
 MIN_AREA_SHARE = 0.15
-#: An object with more than this share of nucleus-dark pixels is a nucleated cell.
+#: An object with more than this share of nucleus-dark pixels is a nucleated cell; a pixel
+#: is nucleus-dark above the Otsu split of the stained pixels' density and at least this
+#: many times the median stained pixel's.
+DARK_OVER_TYPICAL = 1.8
 MAX_DARK_SHARE = 0.2
 #: Objects kept around the first median diameter (lower, upper factor): clumps and white
 #: cells above, fragments below.
@@ -220,7 +223,14 @@ def _red_cell_diameters(rgb: np.ndarray) -> np.ndarray:
     foreground_levels = od > fg_threshold
     dark_threshold = np.inf
     if hist[foreground_levels].sum() > 16:
-        dark_threshold = _otsu(od[foreground_levels], hist[foreground_levels])
+        # a split inside one population (every object a red cell) is no nucleus: nuclei
+        # are far denser than the typical stained pixel
+        counts = hist[foreground_levels]
+        levels = od[foreground_levels]
+        typical = np.sort(levels)[
+            np.searchsorted(np.cumsum(counts[np.argsort(levels)]), counts.sum() / 2)
+        ]
+        dark_threshold = max(_otsu(levels, counts), DARK_OVER_TYPICAL * float(typical))
     # density falls as the green level rises: thresholds become level comparisons
     foreground = _open3((od > fg_threshold)[green])
     dark_pixels = (od > dark_threshold)[green]

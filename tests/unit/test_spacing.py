@@ -1,0 +1,153 @@
+"""Pixel spacing: the red-cell estimate follows a field resampled by known factors, and the
+one field plan pads a small image (never enlarging it) and tiles a large one."""
+
+from __future__ import annotations
+
+import functools
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from marrowdx import config, spacing
+from marrowdx.simulate.field import NEUTRAL_STYLE, encode, render_field
+from marrowdx.slides.tiling import DEFAULT_OVERLAP_PX
+
+FIELD = config.FIELD_SIZE[0]
+
+
+@functools.lru_cache(maxsize=1)
+def simulated_field() -> np.ndarray:
+    """One 1024 x 1024 simulated field at the models' spacing (0.25 µm/px, exact truth)."""
+    rng = np.random.default_rng(11)
+    labels = ["lymphocyte", "myelocytic_blast", "neutrophilic_band", "lymphocyte"]
+    return render_field(labels, config.FIELD_SIZE, NEUTRAL_STYLE, rng).image
+
+
+def resampled(image: np.ndarray, factor: float) -> np.ndarray:
+    size = (round(image.shape[1] * factor), round(image.shape[0] * factor))
+    return np.asarray(Image.fromarray(image).resize(size, Image.Resampling.LANCZOS))
+
+
+def test_red_cell_diameter_is_the_simulators() -> None:
+    assert spacing.RED_CELL_UM == pytest.approx(8.0)
+
+
+@pytest.mark.parametrize("factor", [0.6, 1.0, 1.7, 3.0])
+def test_estimate_follows_a_field_resampled_by_a_known_factor(factor: float) -> None:
+    """0.6x is a 614 px field at 0.42 µm/px; 3x a 3072 px one at 0.083 µm/px (a camera)."""
+    image = resampled(simulated_field(), factor)
+    truth = config.MODEL_UM_PER_PIXEL / factor
+    estimate = spacing.estimate_um_per_pixel(image)
+    assert estimate.source == "estimated" and estimate.n_red_cells >= spacing.MIN_RED_CELLS
+    assert estimate.um_per_pixel == pytest.approx(truth, rel=spacing.ESTIMATE_TOLERANCE)
+    assert not estimate.uncertain and estimate.warning() is None
+
+
+def test_estimate_from_jpeg_bytes_matches_the_decoded_estimate() -> None:
+    data = encode(simulated_field(), "jpg")
+    from_bytes = spacing.estimate_from_bytes(data)
+    assert from_bytes.um_per_pixel == pytest.approx(config.MODEL_UM_PER_PIXEL, rel=0.2)
+    assert spacing.at_model_spacing(from_bytes.um_per_pixel, spacing.ESTIMATE_TOLERANCE)
+
+
+def test_an_image_without_red_cells_gets_no_estimate_and_a_warning() -> None:
+    blank = np.full((300, 400, 3), 235, np.uint8)
+    estimate = spacing.estimate_um_per_pixel(blank)
+    assert estimate.um_per_pixel is None and estimate.uncertain
+    assert "--um-per-pixel" in (estimate.warning() or "")
+
+
+def test_few_red_cells_make_an_uncertain_estimate() -> None:
+    image = np.full((400, 400, 3), 235, np.uint8)
+    yy, xx = np.mgrid[0:400, 0:400]
+    for cx, cy in ((100, 100), (300, 120), (200, 300)):  # three pink discs, 40 px across
+        image[(xx - cx) ** 2 + (yy - cy) ** 2 < 20**2] = (220, 150, 150)
+    estimate = spacing.estimate_um_per_pixel(image)
+    assert estimate.n_red_cells == 3 and estimate.uncertain
+    assert estimate.um_per_pixel == pytest.approx(spacing.RED_CELL_UM / 40, rel=0.15)
+    assert "uncertain" in (estimate.warning() or "")
+
+
+@pytest.mark.parametrize("bad", [0, -0.1, float("nan"), float("inf"), "0.1", None, True])
+def test_a_spacing_must_be_a_positive_number(bad: object) -> None:
+    with pytest.raises(ValueError, match="um_per_pixel"):
+        spacing.check_um_per_pixel(bad)
+
+
+def test_scale_rule_is_spacing_over_the_models_spacing() -> None:
+    assert spacing.scale_to_model(0.125) == pytest.approx(0.5)
+    assert spacing.scale_to_model(0.5) == pytest.approx(2.0)
+    assert spacing.at_model_spacing(0.26) and not spacing.at_model_spacing(0.3)
+
+
+def test_a_small_image_is_padded_to_one_field_never_enlarged() -> None:
+    """640 x 480 at 0.075 µm/px is 192 x 144 model pixels: one field, centred, padded."""
+    (plan,) = spacing.plan_fields(640, 480, 0.075)
+    assert plan.size == (FIELD, FIELD) and plan.image_size == (192, 144)
+    assert plan.scale == pytest.approx(0.3)
+    assert plan.crop == (0, 0, 192, 144)
+    (top, bottom), (left, right) = plan.pad
+    assert top + bottom + 144 == FIELD and left + right + 192 == FIELD
+    assert abs(top - bottom) <= 1 and abs(left - right) <= 1
+    assert plan.input_box == pytest.approx((0, 0, 640, 480))
+
+
+def test_padding_mirrors_the_image_and_keeps_it_at_its_resampled_size() -> None:
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 255, (144, 192, 3), dtype=np.uint8)
+    (plan,) = spacing.plan_fields(192, 144, config.MODEL_UM_PER_PIXEL)
+    field = plan.render(image)
+    assert field.shape == (FIELD, FIELD, 3)
+    (top, _), (left, _) = plan.pad
+    np.testing.assert_array_equal(field[top : top + 144, left : left + 192], image)
+    # mirrored, not a constant colour: the padding holds the image's own pixel values
+    np.testing.assert_array_equal(field[top - 1, left : left + 192], image[0])
+    np.testing.assert_array_equal(field[top : top + 144, left - 1], image[:, 0])
+    assert set(np.unique(field)) <= set(np.unique(image))
+
+
+def test_boxes_map_back_to_input_pixels() -> None:
+    (plan,) = spacing.plan_fields(640, 480, 0.075)
+    (top, _), (left, _) = plan.pad
+    # a cell at input (100, 200)-(130, 230) is at model scale 0.3, shifted by the padding
+    field_box = np.array([[left + 30, top + 60, left + 39, top + 69]], np.float64)
+    np.testing.assert_allclose(plan.to_input(field_box), [[100, 200, 130, 230]])
+
+
+def test_a_large_image_is_tiled_with_overlapping_fields() -> None:
+    """4000 x 3000 at 0.1 µm/px is 1600 x 1200 model pixels: 2 x 2 fields."""
+    plans = spacing.plan_fields(4000, 3000, 0.1)
+    assert len(plans) == 4 and all(p.size == (FIELD, FIELD) for p in plans)
+    xs = sorted({p.x0 for p in plans})
+    ys = sorted({p.y0 for p in plans})
+    assert xs[0] == 0 and xs[-1] + FIELD == 1600 and ys[0] == 0 and ys[-1] + FIELD == 1200
+    assert FIELD - (xs[1] - xs[0]) >= DEFAULT_OVERLAP_PX
+    assert all(p.pad == ((0, 0), (0, 0)) for p in plans)
+
+
+def test_a_long_strip_is_tiled_along_its_length_and_padded_across() -> None:
+    plans = spacing.plan_fields(3000, 400, config.MODEL_UM_PER_PIXEL)
+    assert len(plans) == 4 and {p.y0 for p in plans} == {(400 - FIELD) // 2}
+
+
+def test_resample_shrinks_by_the_scale_rule() -> None:
+    image = Image.new("RGB", (640, 480), (200, 150, 150))
+    assert spacing.resample(image, 0.075).size == (192, 144)
+    assert spacing.resample(image, config.MODEL_UM_PER_PIXEL) is image
+
+
+def test_estimate_costs_little() -> None:
+    """The client estimates every image given without spacing: keep it cheap (the measured
+    figure is in docs/performance.md; this bound only catches a gross regression)."""
+    import time
+
+    buffer = io.BytesIO()
+    Image.fromarray(simulated_field()).save(buffer, "JPEG", quality=90)
+    data = buffer.getvalue()
+    spacing.estimate_from_bytes(data)
+    start = time.process_time()
+    for _ in range(5):
+        spacing.estimate_from_bytes(data)
+    assert (time.process_time() - start) / 5 < 0.25
