@@ -91,6 +91,33 @@ def _wanted_tiles(ds, rois: Sequence[tuple[int, int, int, int]], margin: int) ->
     return sorted(wanted)
 
 
+def _index_by_position(ds) -> None:
+    """A TILED_SPARSE level says how its frames are indexed (DimensionIndexSequence, Type 1C
+    then): by column and row of each frame's plane position, under the level's dimension
+    organization (kept from the source, or a new one when it had none)."""
+    from pydicom.datadict import tag_for_keyword
+    from pydicom.dataset import Dataset
+    from pydicom.sequence import Sequence as DicomSequence
+    from pydicom.uid import generate_uid
+
+    organizations = getattr(ds, "DimensionOrganizationSequence", None)
+    if organizations:
+        uid = str(organizations[0].DimensionOrganizationUID)
+    else:
+        uid = generate_uid(entropy_srcs=[str(ds.SOPInstanceUID), "dimension-organization"])
+        item = Dataset()
+        item.DimensionOrganizationUID = uid
+        ds.DimensionOrganizationSequence = DicomSequence([item])
+    index = []
+    for keyword in ("ColumnPositionInTotalImagePixelMatrix", "RowPositionInTotalImagePixelMatrix"):
+        item = Dataset()
+        item.DimensionOrganizationUID = uid
+        item.DimensionIndexPointer = tag_for_keyword(keyword)
+        item.FunctionalGroupPointer = tag_for_keyword("PlanePositionSlideSequence")
+        index.append(item)
+    ds.DimensionIndexSequence = DicomSequence(index)
+
+
 def _sparse_level(ds, frames: dict[int, bytes]) -> object:
     """The base level as TILED_SPARSE holding only ``frames`` (index -> JPEG bytes)."""
     from pydicom.dataset import Dataset
@@ -121,6 +148,7 @@ def _sparse_level(ds, frames: dict[int, bytes]) -> object:
     ds.DimensionOrganizationType = "TILED_SPARSE"
     ds.NumberOfFrames = len(frames)
     ds.PerFrameFunctionalGroupsSequence = DicomSequence(per_frame)
+    _index_by_position(ds)
     for keyword in ("ExtendedOffsetTable", "ExtendedOffsetTableLengths"):
         if keyword in ds:
             del ds[keyword]
