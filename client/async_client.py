@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Protocol
 
 import numpy as np
-from marrowdx.client import aggregate
+from marrowdx.client import aggregate, fields
 from marrowdx.client.quality import DEFAULT_QUALITY, QualityThresholds
 from marrowdx.client.report import ImageResult, PatientReport
 from marrowdx.client.review import DEFAULT_THRESHOLDS, ReviewThresholds
@@ -31,9 +31,13 @@ from marrowdx.client.transport import (
 )
 
 from marrowdx import config, differential
+from marrowdx.errors import InputError
 
 #: An image given as a file path or as encoded JPEG/PNG bytes.
 ImageSource = str | os.PathLike | bytes | bytearray | memoryview
+#: A pixel spacing (µm per pixel) for every image, or one per image (None: the client's
+#: default, else estimated from the red cells).
+SpacingArg = float | Sequence[float | None] | None
 #: Called once per image when it is done: (patient_id, image name, error or None).
 #: Runs in the client's event loop, locally: nothing of it is sent anywhere.
 ImageCallback = Callable[[str, str, str | None], None]
@@ -53,13 +57,18 @@ class PatientInput:
     """One patient to diagnose: its images (paths or bytes) and optional lab values.
 
     ``names`` label the images in the report (default: the path as given, or ``#index``
-    for bytes); they stay on this machine.
+    for bytes); they stay on this machine. ``um_per_pixel``: the images' pixel spacing, one
+    value for all or one per image (None: the client's default, else estimated);
+    ``spacing_source`` is what the JSON says it came from (``given``, or ``patient`` for a
+    patient folder's ``spacing.json``).
     """
 
     patient_id: str
     images: Sequence[ImageSource]
     labs: Mapping[str, float | None] | None = None
     names: Sequence[str] | None = None
+    um_per_pixel: SpacingArg = None
+    spacing_source: str = "given"
 
 
 class PatientJob(Protocol):
@@ -92,6 +101,31 @@ def image_names(images: Sequence[ImageSource], names: Sequence[str] | None) -> l
         if seen[name] > 1:
             out[i] = f"{name}#{i}"
     return out
+
+
+def check_spacing(value: object, what: str = "um_per_pixel") -> float:
+    """A pixel spacing as a positive float, or InputError naming the bad value."""
+    from marrowdx.spacing import check_um_per_pixel
+
+    try:
+        return check_um_per_pixel(value, what)
+    except ValueError as exc:
+        raise InputError(str(exc)) from None
+
+
+def per_image_spacing(um_per_pixel: SpacingArg, n_images: int) -> list[float | None]:
+    """One spacing (or None) per image from a single value or a sequence; InputError for a
+    wrong length or a value that is not a positive number, before any request."""
+    if um_per_pixel is None:
+        return [None] * n_images
+    if isinstance(um_per_pixel, str | bytes) or not isinstance(um_per_pixel, Sequence):
+        return [check_spacing(um_per_pixel)] * n_images
+    if len(um_per_pixel) != n_images:
+        raise InputError(f"{len(um_per_pixel)} um_per_pixel values for {n_images} images")
+    return [
+        None if v is None else check_spacing(v, f"um_per_pixel[{i}]")
+        for i, v in enumerate(um_per_pixel)
+    ]
 
 
 def read_image(source: ImageSource) -> bytes:
@@ -177,6 +211,10 @@ class AsyncMarrowClient:
       ``config.UNIDENTIFIED_BELOW``; 0 = never).
     - ``quality``: when a field is too blurred, empty or thick to be counted
       (:class:`~marrowdx.client.quality.QualityThresholds`; ``NO_GATING`` counts every field).
+    - ``um_per_pixel``: pixel spacing of every image (µm per pixel) unless a patient or an
+      image gives its own; None (default) estimates each image's from its red cells
+      (``marrowdx.spacing``). Images reach the server at the models' spacing: resampled,
+      padded when smaller than a model field, tiled when larger (``marrowdx.client.fields``).
 
     Raises ``ValueError`` for a ``concurrency``, ``patients_in_flight`` or ``target_cells``
     out of range; an ``unidentified_below`` outside [0, 1] is an ``InputError`` (also a
@@ -201,6 +239,7 @@ class AsyncMarrowClient:
         unidentified_below: float = aggregate.DEFAULT_UNIDENTIFIED_BELOW,
         quality: QualityThresholds = DEFAULT_QUALITY,
         transport: TritonTransport | None = None,
+        um_per_pixel: float | None = None,
     ) -> None:
         if concurrency < 1 or patients_in_flight < 1:
             raise ValueError("concurrency and patients_in_flight must be >= 1")
@@ -222,6 +261,8 @@ class AsyncMarrowClient:
         self.unidentified_below = aggregate.check_unidentified_below(unidentified_below)
         #: Field quality gate: failing fields are reported in ``excluded_images``, not counted.
         self.quality = quality
+        #: Pixel spacing of images that give none (µm per pixel); None: estimate each.
+        self.um_per_pixel = None if um_per_pixel is None else check_spacing(um_per_pixel)
         #: ``transport`` replaces the gRPC wire with any object offering TritonTransport's
         #: methods (``marrowdx.bench.referral`` plugs in the in-process pipeline, so an
         #: evaluation runs this very client logic without a server).
@@ -266,14 +307,44 @@ class AsyncMarrowClient:
             self._slots = asyncio.Semaphore(self.concurrency)
         return self._slots
 
-    async def analyse_image(self, source: ImageSource, name: str) -> ImageResult:
+    async def analyse_image(
+        self,
+        source: ImageSource,
+        name: str,
+        *,
+        um_per_pixel: float | None = None,
+        spacing_source: str = "given",
+    ) -> ImageResult:
         """One image through the ensemble (bounded by ``concurrency``): its cells in the
         original image's pixels and its counts. ``source`` is a file path or encoded JPEG/PNG
         bytes; ``name`` labels the result (it is not sent). Raises ``RequestFailed`` with the
-        reason (unreadable file, the server's refusal, retries exhausted, bad server output)."""
+        reason (unreadable file, the server's refusal, retries exhausted, bad server output).
+
+        The image is sent at the models' pixel spacing (``marrowdx.client.fields``):
+        ``um_per_pixel`` (default: the client's; None: estimated from the red cells). A
+        1024 x 1024 image at the models' spacing is sent as its own bytes; any other is
+        resampled, padded or tiled, and the answers merged back into its pixels. The result
+        says how (``spacing``) and warns when the estimate is uncertain."""
+        spacing = self.um_per_pixel if um_per_pixel is None else check_spacing(um_per_pixel)
+        source_label = spacing_source if um_per_pixel is not None else "given"
         async with self._semaphore():
             data = read_image(source)
-            outputs = await self._transport.infer_image(data)
+            prepared = await asyncio.to_thread(fields.prepare_image, data, spacing, source_label)
+            outputs = await asyncio.gather(
+                *(self._transport.infer_image(field) for field in prepared.fields)
+            )
+        results = [self._decode(name, out) for out in outputs]
+        return fields.merge_image(name, prepared, results, self.quality)
+
+    async def analyse_field(self, data: bytes, name: str) -> ImageResult:
+        """One model field sent exactly as given (a slide's field, already tiled at the
+        models' spacing): no spacing rule, no merge. Bounded by ``concurrency``; raises
+        ``RequestFailed`` as :meth:`analyse_image` does."""
+        async with self._semaphore():
+            outputs = await self._transport.infer_image(bytes(data))
+        return self._decode(name, outputs)
+
+    def _decode(self, name: str, outputs: Mapping[str, np.ndarray]) -> ImageResult:
         try:
             return aggregate.decode_image(name, outputs, self.unidentified_below, self.quality)
         except aggregate.BadServerOutput as exc:
@@ -288,6 +359,8 @@ class AsyncMarrowClient:
         names: Sequence[str] | None = None,
         on_image: ImageCallback | None = None,
         target_cells: int | None = None,
+        um_per_pixel: SpacingArg = None,
+        spacing_source: str = "given",
     ) -> PatientReport:
         """Analyse the images concurrently until ``target_cells`` nucleated cells are counted
         (default: the client's), sum the counts, call the diagnosis model once.
@@ -305,16 +378,23 @@ class AsyncMarrowClient:
         given, ``#index`` for bytes). ``on_image(patient_id, name, error)`` is called in the
         event loop as each image finishes (``error`` None on success). An image that fails
         does not raise: it is listed in the report's ``failed_images`` with the reason.
+        ``um_per_pixel``: the images' pixel spacing, one value for all or one per image (None:
+        the client's default, else estimated from the red cells; see :meth:`analyse_image`),
+        labelled ``spacing_source`` in the JSON; a bad value raises ``InputError`` before
+        any request.
         """
         labels = image_names(images, names)
+        spacings = per_image_spacing(um_per_pixel, len(images))
         differential.lab_arrays(labs)  # raises on unknown lab names before any request is sent
         target = self.target_cells if target_cells is None else target_cells
         if target < 0:
             raise ValueError(f"target_cells must be >= 0 (0 = every field), got {target}")
 
-        async def one(source: ImageSource, name: str) -> ImageResult | str:
+        async def one(source: ImageSource, name: str, um: float | None) -> ImageResult | str:
             try:
-                result: ImageResult | str = await self.analyse_image(source, name)
+                result: ImageResult | str = await self.analyse_image(
+                    source, name, um_per_pixel=um, spacing_source=spacing_source
+                )
             except RequestFailed as exc:
                 result = exc.reason
             except Exception as exc:  # noqa: BLE001 - one odd image must not sink the cohort
@@ -323,7 +403,10 @@ class AsyncMarrowClient:
                 on_image(patient_id, name, result if isinstance(result, str) else None)
             return result
 
-        tasks = [asyncio.ensure_future(one(s, n)) for s, n in zip(images, labels, strict=True)]
+        tasks = [
+            asyncio.ensure_future(one(s, n, um))
+            for s, n, um in zip(images, labels, spacings, strict=True)
+        ]
         try:
             outcomes = await _until_target(tasks, target)
         finally:
@@ -397,7 +480,13 @@ class AsyncMarrowClient:
         def start(p: PatientInput | PatientJob) -> None:
             if isinstance(p, PatientInput):
                 coro = self.diagnose_patient(
-                    p.patient_id, p.images, p.labs, names=p.names, on_image=on_image
+                    p.patient_id,
+                    p.images,
+                    p.labs,
+                    names=p.names,
+                    on_image=on_image,
+                    um_per_pixel=p.um_per_pixel,
+                    spacing_source=p.spacing_source,
                 )
             else:  # an input that runs itself (a slide: marrowdx.client.slides.SlidePatient)
                 coro = p.run(self, on_image)

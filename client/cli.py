@@ -155,6 +155,7 @@ def configure_diagnose(parser: argparse.ArgumentParser) -> None:
         "review, not counted (default %(default)s; 0 = never)",
     )
     add_quality_options(parser)
+    add_spacing_option(parser)
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -188,6 +189,31 @@ def add_quality_options(parser: argparse.ArgumentParser) -> None:
         "--no-quality-gate",
         action="store_true",
         help="count every field whatever its quality (measures are still reported)",
+    )
+
+
+def um_per_pixel_arg(text: str) -> float:
+    """argparse type: a pixel spacing in µm per pixel (a positive number)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not (value > 0 and value < float("inf")):
+        raise argparse.ArgumentTypeError(f"{text} is not a positive number of µm per pixel")
+    return value
+
+
+def add_spacing_option(parser: argparse.ArgumentParser) -> None:
+    """``--um-per-pixel``: the images' pixel spacing (README "Any magnification")."""
+    parser.add_argument(
+        "--um-per-pixel",
+        type=um_per_pixel_arg,
+        default=None,
+        metavar="X",
+        help="pixel spacing of every image, in µm per pixel (a patient folder's spacing.json "
+        "overrides it; default: estimated per image from the red cells). Images are "
+        f"resampled to the models' {config.MODEL_UM_PER_PIXEL} µm per pixel, padded when "
+        "smaller than a model field, tiled when larger",
     )
 
 
@@ -264,6 +290,14 @@ def format_table(reports: Sequence[PatientReport]) -> str:
     return "\n".join(lines)
 
 
+def print_spacing_warnings(reports: Sequence[PatientReport], stream: TextIO) -> None:
+    """One line per image whose pixel spacing is uncertain or unknown (``spacing``)."""
+    for r in reports:
+        for image in r.images:
+            for warning in getattr(image, "warnings", ()):
+                print(f"warning: {image.file}: {warning}", file=stream)
+
+
 def print_failures(reports: Sequence[PatientReport], stream: TextIO) -> None:
     for r in reports:
         for name, reason in r.failed_images.items():
@@ -288,6 +322,7 @@ def _client(args: argparse.Namespace):
         certificate_chain=args.certificate_chain,
         unidentified_below=args.unidentified_below,
         quality=quality_thresholds(args),
+        um_per_pixel=args.um_per_pixel,
     )
 
 
@@ -362,7 +397,14 @@ def _patient_input(folder: PatientFolder, args: argparse.Namespace):
     from marrowdx.client.async_client import PatientInput
 
     if folder.slide is None:
-        return PatientInput(folder.patient_id, folder.images, folder.labs, folder.names)
+        return PatientInput(
+            folder.patient_id,
+            folder.images,
+            folder.labs,
+            folder.names,
+            um_per_pixel=folder.um_per_pixel,
+            spacing_source="patient",
+        )
     from marrowdx.client.slides import SlidePatient
 
     return SlidePatient(
@@ -496,6 +538,7 @@ def run_diagnose(args: argparse.Namespace) -> int:
             if p.slide is None
         }
         print(f"review page: {write_html_report(reports, sources, args.html)}", file=sys.stderr)
+    print_spacing_warnings(reports, sys.stderr)
     print_failures(reports, sys.stderr)
     slides = [r for r in reports if hasattr(r, "n_fields")]  # marrowdx.client.slides.SlideReport
     n_failed = sum(len(r.failed_images) for r in reports if r not in slides)

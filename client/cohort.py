@@ -25,6 +25,9 @@ IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png"})
 #: Files the client knows and reads itself rather than reporting as unexpected.
 GROUND_TRUTH_FILE = "ground_truth.json"  # written next to the patient folders by the simulator
 LABS_FILE = "labs.json"  # optional, inside a patient folder: {lab name: value or null}
+#: Optional, inside a patient folder: {"um_per_pixel": 0.1}, the pixel spacing of the
+#: patient's images (overrides ``diagnose --um-per-pixel``; see marrowdx.spacing).
+SPACING_FILE = "spacing.json"
 #: How many offending paths an error message lists before "...".
 MAX_LISTED = 5
 
@@ -36,6 +39,8 @@ class PatientFolder:
     names: list[str]  # relative to the cohort DIR, as in ground_truth.json
     labs: Mapping[str, float | None] | None = None
     problems: dict[str, str] = field(default_factory=dict)  # name -> why it is not processed
+    #: Pixel spacing of the patient's images from its SPACING_FILE (µm per pixel), or None.
+    um_per_pixel: float | None = None
     #: A slide folder (DICOM WSI + annotation series, recognised by content by
     #: ``marrowdx.slides.is_slide_folder``): tiled into fields by ``marrowdx.client.slides``;
     #: ``images`` is then empty and ``names`` holds the folder's name relative to DIR.
@@ -77,6 +82,24 @@ def _read_labs(path: Path) -> Mapping[str, float | None]:
     return labs
 
 
+def read_spacing(path: Path) -> float:
+    """The ``um_per_pixel`` of a patient's SPACING_FILE; CohortError naming what is wrong."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise CohortError(f"{path}: not readable JSON: {exc}") from exc
+    if not isinstance(data, dict) or set(data) != {"um_per_pixel"}:
+        raise CohortError(
+            f'{path}: expected {{"um_per_pixel": <positive number>}}, got {json.dumps(data)}'
+        )
+    from marrowdx.spacing import check_um_per_pixel
+
+    try:
+        return check_um_per_pixel(data["um_per_pixel"])
+    except ValueError as exc:
+        raise CohortError(f"{path}: {exc}") from None
+
+
 def discover(root: str | Path) -> Cohort:
     """Every sub-folder of ``root`` is a patient; raises CohortError for unusable layouts."""
     root = Path(root)
@@ -114,13 +137,15 @@ def discover(root: str | Path) -> Cohort:
             name = str(folder.relative_to(root))
             patients.append(PatientFolder(folder.name, [], [name], labs, slide=folder))
             continue
-        images, names, problems, labs = [], [], {}, None
+        images, names, problems, labs, spacing = [], [], {}, None, None
         for entry in sorted(folder.iterdir()):
             name = str(entry.relative_to(root))
             if entry.is_dir():
                 nested.append(entry)
             elif entry.name == LABS_FILE:
                 labs = _read_labs(entry)
+            elif entry.name == SPACING_FILE:
+                spacing = read_spacing(entry)
             elif entry.suffix.lower() in IMAGE_SUFFIXES:
                 images.append(entry)
                 names.append(name)
@@ -131,7 +156,9 @@ def discover(root: str | Path) -> Cohort:
                 )
         if not images and not problems:
             problems[f"{folder.name}/"] = "no image files in the patient folder"
-        patients.append(PatientFolder(folder.name, images, names, labs, problems))
+        patients.append(
+            PatientFolder(folder.name, images, names, labs, problems, um_per_pixel=spacing)
+        )
     if nested:
         raise CohortError(
             f"patient folders must hold images only, found sub-folders: {_listing(nested, root)}"

@@ -12,7 +12,13 @@ import threading
 from collections.abc import Callable, Coroutine, Iterable, Iterator, Mapping, Sequence
 from typing import Any, TypeVar
 
-from marrowdx.client.async_client import AsyncMarrowClient, ImageCallback, ImageSource, PatientInput
+from marrowdx.client.async_client import (
+    AsyncMarrowClient,
+    ImageCallback,
+    ImageSource,
+    PatientInput,
+    SpacingArg,
+)
 from marrowdx.client.report import PatientReport
 from marrowdx.client.transport import DEFAULT_RETRY_TOTAL_S
 
@@ -47,7 +53,8 @@ class _LoopThread:
 class MarrowClient:
     """Blocking client: the same parameters as ``AsyncMarrowClient`` (see its docstring:
     ``timeout``, ``retry_total_s``, ``retry``, ``concurrency``, ``patients_in_flight``, the
-    TLS options, ``target_cells``, ``review``, ``unidentified_below``), and the same results.
+    TLS options, ``target_cells``, ``review``, ``unidentified_below``, ``um_per_pixel``), and
+    the same results.
     Use it as ``with MarrowClient(url) as client:`` or call :meth:`close`; callbacks run in
     the client's own thread."""
 
@@ -96,11 +103,20 @@ class MarrowClient:
         names: Sequence[str] | None = None,
         on_image: ImageCallback | None = None,
         target_cells: int | None = None,
+        um_per_pixel: SpacingArg = None,
+        spacing_source: str = "given",
     ) -> PatientReport:
         """See ``AsyncMarrowClient.diagnose_patient``; ``on_image`` runs in the client's thread."""
         return self._loop.run(
             self._async.diagnose_patient(
-                patient_id, images, labs, names=names, on_image=on_image, target_cells=target_cells
+                patient_id,
+                images,
+                labs,
+                names=names,
+                on_image=on_image,
+                target_cells=target_cells,
+                um_per_pixel=um_per_pixel,
+                spacing_source=spacing_source,
             )
         )
 

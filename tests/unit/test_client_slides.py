@@ -76,7 +76,7 @@ class FakeClient:
         self.cells, self.by_data, self.fail = cells, {f.data: f for f in fields}, fail
         self.diagnosed: list[np.ndarray] = []
 
-    async def analyse_image(self, data: bytes, name: str) -> ImageResult:
+    async def analyse_field(self, data: bytes, name: str) -> ImageResult:
         await asyncio.sleep(0)
         if data in self.fail:
             raise RequestFailed("image rejected: corrupt JPEG")

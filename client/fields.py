@@ -1,0 +1,243 @@
+"""An image at any magnification as the model fields the server is sent, and their answers back.
+
+The client side of ``marrowdx.spacing``: each image reaches the server at the models' pixel
+spacing. An image that is already one model field (``config.FIELD_SIZE``) at that spacing,
+given or estimated, is sent as its own bytes (no decode, no re-encode: simulated cohorts and
+the bench send exactly what they did). Any other image is decoded, resampled, mirror-padded
+or tiled (``spacing.plan_fields``), and each field is encoded as JPEG at quality 95 without
+chroma subsampling. The answers are mapped back to the input image's pixels, cells centred
+in the padding are dropped, and cells seen by two overlapping tiles are counted once by the
+slides' own merge (``marrowdx.slides.merge``).
+
+Pillow, scipy and the estimator load on first use, so importing the client stays thin.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Sequence
+from dataclasses import dataclass, fields, replace
+from typing import TYPE_CHECKING
+
+import numpy as np
+from marrowdx.client.quality import DEFAULT_QUALITY, QualityThresholds, quality_verdict
+from marrowdx.client.report import Cell, ImageResult
+
+from marrowdx import config, taxonomy
+
+if TYPE_CHECKING:
+    from marrowdx.spacing import FieldPlan, SpacingEstimate
+
+#: A detection with less than this share of its box inside the input image is a mirror image
+#: in the padding, not one of the image's cells. A cell cut by the image's border joins its
+#: own mirror image into one symmetric box, half inside: it is kept, clipped to the image
+#: (as the image shows it); a whole cell's mirror image lies entirely outside.
+MIN_INSIDE_SHARE = 0.4
+#: JPEG quality of a resampled field. Why JPEG rather than PNG: docs/performance.md
+#: ("Images at any magnification") has the cost and the count difference of both.
+FIELD_JPEG_QUALITY = 95
+
+
+@dataclass(frozen=True)
+class SpacingInfo:
+    """How an image was brought to the models' spacing: the ``spacing`` object of the
+    diagnose JSON. ``source``: ``given`` (the call or ``--um-per-pixel``), ``patient``
+    (the patient's ``spacing.json``), ``estimated`` (from the red cells) or ``assumed``
+    (no estimate: the models' spacing); ``fields``: requests the image took."""
+
+    um_per_pixel: float
+    source: str
+    relative_uncertainty: float | None = None
+    n_red_cells: int | None = None
+    fields: int = 1
+    warning: str | None = None
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "um_per_pixel": round(self.um_per_pixel, 5),
+            "source": self.source,
+            "relative_uncertainty": None
+            if self.relative_uncertainty is None
+            else round(self.relative_uncertainty, 4),
+            "n_red_cells": self.n_red_cells,
+            "fields": self.fields,
+        }
+
+
+@dataclass(frozen=True)
+class SpacedImageResult(ImageResult):
+    """An image's result with how it reached the models' spacing: the JSON adds
+    ``spacing`` (:class:`SpacingInfo`) and, when the spacing is uncertain, ``warnings``."""
+
+    spacing: SpacingInfo | None = None
+
+    @property
+    def warnings(self) -> list[str]:
+        return [self.spacing.warning] if self.spacing and self.spacing.warning else []
+
+    def to_dict(self) -> dict[str, object]:
+        out = super().to_dict()
+        if self.spacing is not None:
+            out["spacing"] = self.spacing.to_dict()
+        if self.warnings:
+            out["warnings"] = self.warnings
+        return out
+
+
+def with_spacing(result: ImageResult, spacing: SpacingInfo) -> SpacedImageResult:
+    """``result`` (any ImageResult) carrying ``spacing``."""
+    values = {f.name: getattr(result, f.name) for f in fields(result) if f.init}
+    values["spacing"] = spacing
+    return SpacedImageResult(**values)
+
+
+def _counted(cell: Cell) -> bool:
+    """A cell the differential counts: neither unidentified nor (where the client knows
+    the flag) unfamiliar."""
+    return not cell.unidentified and not getattr(cell, "unfamiliar", False)
+
+
+@dataclass(frozen=True)
+class PreparedImage:
+    """What one image sends: ``fields`` (encoded), and ``plans`` (None when the input's own
+    bytes are the one field); ``size`` = the input's (height, width)."""
+
+    fields: list[bytes]
+    plans: list[FieldPlan] | None
+    size: tuple[int, int]
+    spacing: SpacingInfo
+
+
+def _spacing(um_per_pixel: float | None, source: str, data: bytes, size: tuple[int, int]):
+    """(um_per_pixel, SpacingInfo less ``fields``, whether the value is only an estimate)."""
+    from marrowdx import spacing
+
+    if um_per_pixel is not None:
+        value = spacing.check_um_per_pixel(um_per_pixel)
+        return value, SpacingInfo(value, source), False
+    estimate: SpacingEstimate = spacing.estimate_from_bytes(data)
+    if estimate.um_per_pixel is None:
+        assumed = replace(estimate, source="assumed")
+        info = SpacingInfo(
+            config.MODEL_UM_PER_PIXEL,
+            "assumed",
+            None,
+            estimate.n_red_cells,
+            warning=assumed.warning(),
+        )
+        return config.MODEL_UM_PER_PIXEL, info, False
+    info = SpacingInfo(
+        estimate.um_per_pixel,
+        "estimated",
+        estimate.relative_uncertainty,
+        estimate.n_red_cells,
+        warning=estimate.warning(),
+    )
+    return estimate.um_per_pixel, info, True
+
+
+def encode_field(pixels: np.ndarray) -> bytes:
+    """One field as JPEG (FIELD_JPEG_QUALITY, 4:4:4: red and blue edges stay sharp)."""
+    from PIL import Image
+
+    out = io.BytesIO()
+    Image.fromarray(pixels).save(out, "JPEG", quality=FIELD_JPEG_QUALITY, subsampling=0)
+    return out.getvalue()
+
+
+def prepare_image(data: bytes, um_per_pixel: float | None, source: str = "given") -> PreparedImage:
+    """The fields one encoded image is sent as (see the module docstring).
+
+    ``um_per_pixel`` None estimates it from the red cells. Bytes Pillow cannot open are
+    sent as they are, for the server to name what is wrong with them.
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    from marrowdx import spacing
+
+    try:
+        with Image.open(io.BytesIO(data)) as probe:
+            width, height = probe.size
+    except (UnidentifiedImageError, OSError, ValueError) as exc:
+        info = SpacingInfo(
+            um_per_pixel or config.MODEL_UM_PER_PIXEL,
+            source if um_per_pixel is not None else "assumed",
+            warning=None if um_per_pixel is not None else f"pixel spacing not estimated: {exc}",
+        )
+        return PreparedImage([data], None, (0, 0), info)
+    value, info, estimated = _spacing(um_per_pixel, source, data, (height, width))
+    tolerance = spacing.ESTIMATE_TOLERANCE if estimated else spacing.MODEL_SPACING_TOLERANCE
+    if (width, height) == tuple(config.FIELD_SIZE) and spacing.at_model_spacing(value, tolerance):
+        return PreparedImage([data], None, (height, width), info)
+    with Image.open(io.BytesIO(data)) as image:
+        resampled = np.asarray(spacing.resample(image.convert("RGB"), value))
+    plans = spacing.plan_fields(width, height, value)
+    fields = [encode_field(np.ascontiguousarray(plan.render(resampled))) for plan in plans]
+    return PreparedImage(fields, plans, (height, width), replace(info, fields=len(fields)))
+
+
+def _median_quality(results: Sequence[ImageResult]) -> dict[str, float] | None:
+    """Per measure, the median over an image's fields (None if a field has none)."""
+    if not results or any(r.quality is None for r in results):
+        return None
+    keys = results[0].quality.keys()  # type: ignore[union-attr]
+    return {k: float(np.median([r.quality[k] for r in results])) for k in keys}  # type: ignore[index]
+
+
+def _area(boxes: np.ndarray) -> np.ndarray:
+    return np.clip(boxes[:, 2] - boxes[:, 0], 0, None) * np.clip(boxes[:, 3] - boxes[:, 1], 0, None)
+
+
+def merge_image(
+    name: str,
+    prepared: PreparedImage,
+    results: Sequence[ImageResult],
+    quality: QualityThresholds = DEFAULT_QUALITY,
+) -> ImageResult:
+    """One image's result from its fields' results: boxes in input pixels, mirror images in
+    the padding dropped (``MIN_INSIDE_SHARE``), cells in tile overlaps counted once
+    (``slides.merge``, which also drops any cell centred outside the image).
+
+    The counts are the kept cells' labels (unidentified cells listed, not counted, as for
+    any field); the quality measures are each measure's median over the fields, and the
+    gate decides on them (or the image is excluded when every field was).
+    """
+    from marrowdx.slides.merge import merge_fields
+
+    if prepared.plans is None:
+        (only,) = results
+        return with_spacing(only, prepared.spacing)
+    height, width = prepared.size
+    cells: list[Cell] = []
+    field_ids: list[int] = []
+    for f, (plan, result) in enumerate(zip(prepared.plans, results, strict=True)):
+        boxes = plan.to_input(np.array([c.box for c in result.cells]).reshape(-1, 4))
+        inside = np.clip(boxes, 0, [width, height, width, height])
+        share = _area(inside) / np.maximum(_area(boxes), 1e-9)
+        for cell, box, keep in zip(result.cells, inside, share >= MIN_INSIDE_SHARE, strict=True):
+            if keep:
+                cells.append(replace(cell, box=tuple(float(v) for v in box)))
+                field_ids.append(f)
+    merged = merge_fields(
+        np.array([c.box for c in cells], dtype=np.float64).reshape(-1, 4),
+        np.array([c.score for c in cells], dtype=np.float64),
+        np.array(field_ids, dtype=np.int64),
+        np.array([p.input_box for p in prepared.plans], dtype=np.float64),
+        (0.0, 0.0, float(width), float(height)),
+    )
+    kept = tuple(cells[i] for i in merged.kept)
+    counts = {c: 0 for c in taxonomy.CLASSES}
+    for cell in kept:
+        if _counted(cell):
+            counts[cell.label] += 1
+    measures = _median_quality(results)
+    excluded = quality_verdict(measures, quality)
+    if excluded is None and all(r.excluded for r in results):
+        excluded = results[0].excluded  # e.g. every field's cells far from the models' size
+    if excluded is not None:
+        counts = {c: 0 for c in taxonomy.CLASSES}
+    result = ImageResult(
+        file=name, cells=kept, counts=counts, size=(height, width), quality=measures,
+        excluded=excluded,
+    )  # fmt: skip
+    return with_spacing(result, prepared.spacing)

@@ -1,0 +1,224 @@
+"""The client sends every image at the models' spacing: a fake transport that detects dark
+squares in the fields it is sent checks that a 1024 x 1024 field at 0.25 µm/px goes out as
+its own bytes, that a small image is padded (not enlarged) and its mirrored cells dropped,
+that a large one is tiled and a cell on a seam counted once, and that boxes come back in the
+input image's pixels. Also the spacing options: per-image values, spacing.json, the flag."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from marrowdx.client import AsyncMarrowClient
+from marrowdx.client.cli import configure_diagnose
+from marrowdx.client.cohort import SPACING_FILE, discover
+from marrowdx.client.fields import SpacedImageResult
+from PIL import Image
+from scipy import ndimage as ndi
+
+from marrowdx import config, taxonomy
+from marrowdx.errors import CohortError, InputError
+from marrowdx.simulate.field import NEUTRAL_STYLE, encode, render_field
+
+T = config.TENSORS
+FIELD = config.FIELD_SIZE[0]
+BACKGROUND = (232, 222, 228)
+CELL = (90, 40, 140)  # a nucleus-dark purple square: what the fake detector finds
+
+
+class FakeTransport:
+    """Answers like the ensemble: one cell per dark square of the field it is sent, boxes in
+    letterboxed pixels (the longer side resized to INPUT_SIZE), label 'lymphocyte'."""
+
+    retries = 0
+
+    def __init__(self) -> None:
+        self.sent: list[bytes] = []
+
+    async def infer_image(self, data: bytes) -> dict[str, np.ndarray]:
+        self.sent.append(data)
+        pixels = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+        height, width = pixels.shape[:2]
+        scale = config.INPUT_SIZE / max(height, width)
+        labels, n = ndi.label(pixels[..., 1] < 100)
+        k = config.MAX_DETECTIONS
+        boxes = np.zeros((k, 4), np.float32)
+        probs = np.zeros((k, config.N_CLASSES), np.float32)
+        for i, (ys, xs) in enumerate(ndi.find_objects(labels)[:k]):
+            boxes[i] = np.array([xs.start, ys.start, xs.stop, ys.stop]) * scale
+            probs[i, taxonomy.CLASS_INDEX["lymphocyte"]] = 0.9
+            probs[i, 0] = 0.1
+        counts = np.bincount(probs[:n].argmax(1), minlength=config.N_CLASSES).astype(np.float32)
+        return {
+            T.boxes: boxes,
+            T.scores: np.where(np.arange(k) < n, 0.9, 0.0).astype(np.float32),
+            T.num_detections: np.array([n], np.int32),
+            T.class_probs: probs,
+            T.attribute_probs: np.zeros((k, config.N_ATTRIBUTES), np.float32),
+            T.class_counts: counts,
+            T.letterbox: np.array([scale, scale, 0, 0], np.float32),
+            T.image_size: np.array([height, width], np.int32),
+        }
+
+    async def infer_diagnosis(self, fractions, total, lab_values, lab_mask) -> np.ndarray:
+        return np.array([0.2, 0.5, 0.3], np.float32)
+
+    async def close(self) -> None:
+        pass
+
+
+def picture(size: tuple[int, int], squares: list[tuple[int, int, int]]) -> bytes:
+    """A PNG of ``size`` (w, h) with dark squares (x0, y0, side) on a pale background."""
+    image = np.empty((size[1], size[0], 3), np.uint8)
+    image[:] = BACKGROUND
+    for x0, y0, side in squares:
+        image[y0 : y0 + side, x0 : x0 + side] = CELL
+    out = io.BytesIO()
+    Image.fromarray(image).save(out, "PNG")
+    return out.getvalue()
+
+
+def analyse(data: bytes, **options: object) -> tuple[SpacedImageResult, FakeTransport]:
+    transport = FakeTransport()
+    client = AsyncMarrowClient(transport=transport)  # type: ignore[arg-type]
+    result = asyncio.run(client.analyse_image(data, "img", **options))  # type: ignore[arg-type]
+    assert isinstance(result, SpacedImageResult)
+    return result, transport
+
+
+def test_a_simulated_field_at_the_models_spacing_is_sent_byte_identical() -> None:
+    rng = np.random.default_rng(3)
+    field = render_field(["lymphocyte", "neutrophilic_band"], config.FIELD_SIZE, NEUTRAL_STYLE, rng)
+    data = encode(field.image, "jpg")
+    estimated, sent = analyse(data)
+    assert sent.sent == [data]
+    assert estimated.spacing.source == "estimated" and estimated.spacing.fields == 1
+    assert estimated.spacing.um_per_pixel == pytest.approx(config.MODEL_UM_PER_PIXEL, rel=0.2)
+    given, sent = analyse(data, um_per_pixel=config.MODEL_UM_PER_PIXEL)
+    assert sent.sent == [data] and given.spacing.source == "given"
+    assert given.to_dict()["spacing"] == {
+        "um_per_pixel": config.MODEL_UM_PER_PIXEL,
+        "source": "given",
+        "relative_uncertainty": None,
+        "n_red_cells": None,
+        "fields": 1,
+    }
+
+
+def test_a_small_image_is_padded_not_enlarged_and_its_mirrored_cells_are_dropped() -> None:
+    """640 x 480 at 0.075 µm/px -> 192 x 144 model pixels in one mirror-padded field."""
+    squares = [(100, 100, 100), (400, 300, 120), (560, 50, 80)]  # the last touches the edge
+    data = picture((640, 480), squares)
+    result, sent = analyse(data, um_per_pixel=0.075)
+    assert len(sent.sent) == 1
+    field = np.asarray(Image.open(io.BytesIO(sent.sent[0])))
+    assert field.shape == (FIELD, FIELD, 3)
+    # the image sits in the middle at its resampled size (0.3x), mirrored around it
+    top, left = (FIELD - 144) // 2, (FIELD - 192) // 2
+    dark = ndi.label(field[..., 1] < 100)[1]
+    assert dark > len(squares)  # the fake detector saw the mirrored copies too
+    assert result.size == (480, 640) and result.spacing.fields == 1
+    boxes = sorted(c.box for c in result.cells)
+    assert len(boxes) == len(squares)  # ... which are not the image's cells
+    for box, (x0, y0, side) in zip(boxes, sorted(squares), strict=True):
+        assert box == pytest.approx((x0, y0, x0 + side, y0 + side), abs=6)
+    assert result.counts["lymphocyte"] == len(squares)
+    assert field[top + 72, left + 96].tolist() != list(CELL)  # a background pixel, unscaled
+
+
+def test_a_large_image_is_tiled_and_a_cell_on_a_seam_is_counted_once() -> None:
+    """1600 x 1200 at the models' spacing: 2 x 2 fields overlapping by >= 256 px; one cell
+    in the middle of the overlaps (seen whole by all four fields), one cut by a field edge."""
+    squares = [(780, 580, 40), (100, 100, 40), (1500, 1100, 40), (1010, 300, 40)]
+    data = picture((1600, 1200), squares)
+    result, sent = analyse(data, um_per_pixel=config.MODEL_UM_PER_PIXEL)
+    assert len(sent.sent) == 4 and result.spacing.fields == 4
+    assert all(Image.open(io.BytesIO(f)).size == (FIELD, FIELD) for f in sent.sent)
+    boxes = sorted(c.box for c in result.cells)
+    assert len(boxes) == len(squares)
+    for box, (x0, y0, side) in zip(boxes, sorted(squares), strict=True):
+        assert box == pytest.approx((x0, y0, x0 + side, y0 + side), abs=2)
+    assert sum(result.counts.values()) == len(squares)
+
+
+def test_an_image_without_red_cells_is_assumed_at_the_models_spacing_and_warned() -> None:
+    data = picture((FIELD, FIELD), [])
+    result, sent = analyse(data)
+    assert sent.sent == [data]
+    assert result.spacing.source == "assumed"
+    assert result.spacing.um_per_pixel == config.MODEL_UM_PER_PIXEL
+    out = result.to_dict()
+    assert out["spacing"]["source"] == "assumed" and "--um-per-pixel" in out["warnings"][0]
+
+
+def test_an_estimate_from_one_object_is_used_but_warned_as_uncertain() -> None:
+    data = picture((FIELD, FIELD), [(100, 100, 40)])
+    result, _ = analyse(data)
+    assert result.spacing.source == "estimated" and result.spacing.n_red_cells == 1
+    assert "uncertain" in result.warnings[0] and "--um-per-pixel" in result.warnings[0]
+
+
+def test_client_default_and_per_image_spacings() -> None:
+    small = picture((640, 480), [(100, 100, 100)])
+    transport = FakeTransport()
+    client = AsyncMarrowClient(transport=transport, um_per_pixel=0.075)  # type: ignore[arg-type]
+    report = asyncio.run(
+        client.diagnose_patient("P", [small, small], um_per_pixel=[None, 0.15], target_cells=0)
+    )
+    first, second = report.images
+    assert first.spacing.um_per_pixel == 0.075 and first.spacing.source == "given"
+    assert second.spacing.um_per_pixel == 0.15
+    sides = []
+    for field in transport.sent:  # in any order: the two images are sent concurrently
+        labels, _ = ndi.label(np.asarray(Image.open(io.BytesIO(field)))[..., 1] < 100)
+        sides.append(max(xs.stop - xs.start for _, xs in ndi.find_objects(labels)))
+    # a 100 px cell: 30 model px at 0.075 µm/px, 60 at 0.15 (not the letterbox's 512/640)
+    assert sorted(sides) == [pytest.approx(30, abs=2), pytest.approx(60, abs=2)]
+
+
+@pytest.mark.parametrize("bad", [-0.1, 0, "0.1", float("nan"), [0.1]])
+def test_bad_spacings_are_refused_before_any_request(bad: object) -> None:
+    transport = FakeTransport()
+    client = AsyncMarrowClient(transport=transport)  # type: ignore[arg-type]
+    data = picture((640, 480), [(100, 100, 100)])
+    with pytest.raises(InputError, match="um_per_pixel"):
+        asyncio.run(client.diagnose_patient("P", [data, data], um_per_pixel=bad))  # type: ignore[arg-type]
+    assert transport.sent == []
+    with pytest.raises(InputError):
+        AsyncMarrowClient(transport=transport, um_per_pixel=-1.0)  # type: ignore[arg-type]
+
+
+def test_spacing_json_gives_a_patient_its_spacing(tmp_path: Path) -> None:
+    for patient in ("P1", "P2"):
+        (tmp_path / patient).mkdir()
+        (tmp_path / patient / "a.png").write_bytes(picture((64, 64), []))
+    (tmp_path / "P1" / SPACING_FILE).write_text(json.dumps({"um_per_pixel": 0.1}))
+    cohort = discover(tmp_path)
+    assert [p.um_per_pixel for p in cohort.patients] == [0.1, None]
+    assert not cohort.patients[0].problems  # spacing.json is read, not reported
+
+
+@pytest.mark.parametrize(
+    "content",
+    ['{"um_per_pixel": -0.1}', '{"um_per_pixel": 0}', '{"um_per_pixel": "x"}', "0.1", "{"],
+)
+def test_a_bad_spacing_json_is_refused_naming_the_file(tmp_path: Path, content: str) -> None:
+    (tmp_path / "P1").mkdir()
+    (tmp_path / "P1" / "a.png").write_bytes(picture((64, 64), []))
+    (tmp_path / "P1" / SPACING_FILE).write_text(content)
+    with pytest.raises(CohortError, match=SPACING_FILE):
+        discover(tmp_path)
+
+
+@pytest.mark.parametrize("text", ["-1", "0", "abc", "nan", "inf"])
+def test_the_um_per_pixel_flag_refuses_what_is_not_a_positive_number(text: str) -> None:
+    parser = argparse.ArgumentParser(exit_on_error=False)
+    configure_diagnose(parser)
+    with pytest.raises(argparse.ArgumentError, match="um-per-pixel"):
+        parser.parse_args(["DIR", f"--um-per-pixel={text}"])
+    assert parser.parse_args(["DIR", "--um-per-pixel", "0.1"]).um_per_pixel == 0.1
