@@ -113,9 +113,11 @@ class PyramidSlide:
 
     # ------------------------------------------------------------------ fields
     def _scale(self, um_per_pixel: float) -> float:
-        if not (um_per_pixel > 0 and math.isfinite(um_per_pixel)):
-            raise ValueError(f"um_per_pixel must be a positive number, got {um_per_pixel}")
-        return um_per_pixel / self.um_per_pixel
+        """Base pixels per field pixel at ``um_per_pixel``: the images' scale rule, inverted
+        (``marrowdx.spacing.scale_to_model``)."""
+        from marrowdx.spacing import scale_to_model
+
+        return 1.0 / scale_to_model(self.um_per_pixel, um_per_pixel)
 
     def level_for(self, scale: float) -> int:
         """Index of the coarsest level still at least as fine as ``scale`` base px / px."""

@@ -24,6 +24,7 @@ from marrowdx.slides.annotations import AnnotationObject, load_annotation_object
 from marrowdx.slides.base import Field, Roi, SlideError
 from marrowdx.slides.detect import ANN_SOP_CLASS, WSI_SOP_CLASS, dicom_files
 from marrowdx.slides.pyramid import PyramidLevel, PyramidSlide
+from marrowdx.spacing import MODEL_SPACING_TOLERANCE
 
 #: Transfer syntaxes whose frames this reader decodes: JPEG Baseline (what the collection and
 #: the simulator write) and the uncompressed ones. Anything else is refused when the slide is
@@ -38,7 +39,7 @@ _ENCAPSULATED = {"1.2.840.10008.1.2.4.50"}
 _SEQUENCE_DELIMITER = b"\xfe\xff\xdd\xe0\x00\x00\x00\x00"
 #: Relative spacing mismatch under which a pyramid level's own frames count as being at the
 #: models' spacing (``frame_fields``); the simulator's cells vary in size by more than this.
-FRAME_SPACING_TOLERANCE = 0.1
+FRAME_SPACING_TOLERANCE = MODEL_SPACING_TOLERANCE
 #: ``open_slide(rois=...)``: annotation when present else automatic / annotation / automatic.
 ROI_CHOICES = ("auto", "annotation", "automatic")
 
