@@ -436,7 +436,8 @@ def big_slide_bench(
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m marrowdx.bench.slides big [--out DIR] [--size WxH] [--json OUT]``: the
-    whole-slide-at-real-size measurement; ``read DIR``: its reading half (one process)."""
+    whole-slide-at-real-size measurement; ``read DIR``: its reading half (one process);
+    ``quality COHORT [--tiling T] [--rois R]``: ``slide_quality`` on a simulated cohort."""
     import argparse
     import json
 
@@ -448,9 +449,28 @@ def main(argv: list[str] | None = None) -> int:
     big.add_argument("--json", type=Path, help="write the measurement here")
     read = sub.add_parser("read", help="open one slide folder, find ROIs, read every field")
     read.add_argument("folder", type=Path)
+    quality = sub.add_parser(
+        "quality",
+        help="diagnose a simulated slide cohort in-process "
+        "and score the merged cells against its ground truth",
+    )
+    quality.add_argument("cohort", type=Path)
+    quality.add_argument(
+        "--repository",
+        type=Path,
+        default=None,
+        help="model repository (default: the configured one)",
+    )
+    quality.add_argument("--tiling", default=None, help="what is sent (default: the client's)")
+    quality.add_argument("--rois", default="auto", choices=("auto", "annotation", "automatic"))
     args = parser.parse_args(argv)
     if args.command == "read":
         print(json.dumps(read_big_slide(args.folder)))
+        return 0
+    if args.command == "quality":
+        repository = args.repository or config.default_model_repository()
+        result = slide_quality(args.cohort, repository, args.tiling, args.rois)
+        print(json.dumps(result.to_dict(), indent=2))
         return 0
     width, height = (int(v) for v in args.size.lower().split("x"))
     import sys
@@ -463,10 +483,6 @@ def main(argv: list[str] | None = None) -> int:
         args.json.write_text(text)
     print(text)
     return 0 if all(g["met"] for g in doc["goals"].values()) else 1
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
 
 
 # ------------------------------------------------------------- slide counting quality
@@ -592,3 +608,7 @@ def slide_quality(
         double_counted=doubles,
         seconds=time.perf_counter() - t0,
     )
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
