@@ -131,6 +131,16 @@ def run_train(args: argparse.Namespace) -> int:
 def configure_evaluate(parser: argparse.ArgumentParser) -> None:
     add_common_options(parser)
     _add_cohort(parser, True, "held-out cohort folder with ground_truth.json")
+    from marrowdx.client.cli import um_per_pixel_arg
+
+    parser.add_argument(
+        "--um-per-pixel",
+        type=um_per_pixel_arg,
+        default=None,
+        metavar="X",
+        help="pixel spacing of the images (µm per pixel): evaluated as the fields the client "
+        "sends at that spacing (resampled to the models' spacing, padded or tiled)",
+    )
     parser.add_argument(
         "--json", type=Path, default=None, help="also write the numbers as JSON here"
     )
@@ -161,7 +171,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
     models = build_onnx_models(work_dir, args.preset, progress=not args.quiet)
     if kinds:
         return run_shift_evaluation(args, kinds, cohort, models, work_dir)
-    report = evaluate_cohort(cohort, models, work_dir)
+    report = evaluate_cohort(cohort, models, work_dir, args.um_per_pixel)
     print(format_table(report, args.preset))
     worst = sorted(report.per_class_f1.items(), key=lambda kv: kv[1])[:5]
     print("lowest per-class F1: " + ", ".join(f"{k} {v:.2f}" for k, v in worst))

@@ -229,11 +229,64 @@ def calibration_fields(
     }
 
 
-def evaluate_cohort(cohort_dir: Path, models: OnnxModels, work_dir: Path) -> EvaluationReport:
+def evaluate_cohort(
+    cohort_dir: Path, models: OnnxModels, work_dir: Path, um_per_pixel: float | None = None
+) -> EvaluationReport:
+    """``um_per_pixel``: the cohort images' pixel spacing; away from the models' spacing the
+    images are evaluated as the model fields the client sends (:func:`spaced_cohort`)."""
     from marrowdx.training.data import prepare_cohort
 
-    data = prepare_cohort(Path(cohort_dir), Path(work_dir) / "cache")
+    from marrowdx import spacing
+
+    cohort_dir = Path(cohort_dir)
+    if um_per_pixel is not None and not spacing.at_model_spacing(um_per_pixel):
+        cohort_dir = spaced_cohort(cohort_dir, um_per_pixel, Path(work_dir) / "cohorts")
+    data = prepare_cohort(cohort_dir, Path(work_dir) / "cache")
     return evaluate(data, models)
+
+
+def spaced_cohort(cohort_dir: Path, um_per_pixel: float, out_root: Path) -> Path:
+    """The cohort as the fields the client sends for images at ``um_per_pixel`` (the same
+    ``marrowdx.spacing`` plan and ``client.fields`` encoder): each field is an image of a new
+    cohort, its cells those it shows (mirror images in the padding included, cut cells
+    clipped) in field pixels, so the metrics score what the models are given. Written once
+    under ``out_root`` per cohort and spacing."""
+    import hashlib
+    import json
+
+    from marrowdx.client.fields import encode_field
+    from marrowdx.training.data import read_ground_truth
+    from PIL import Image
+
+    from marrowdx import spacing
+
+    gt = read_ground_truth(cohort_dir)
+    key = hashlib.sha256(f"{json.dumps(gt, sort_keys=True)}|{um_per_pixel!r}".encode())
+    out = Path(out_root) / f"spaced-{key.hexdigest()[:16]}"
+    if (out / "ground_truth.json").exists():
+        return out
+    patients = []
+    for patient in gt["patients"]:
+        images = []
+        for image in patient["images"]:
+            with Image.open(Path(cohort_dir) / image["file"]) as source:
+                width, height = source.size
+                resampled = np.asarray(spacing.resample(source.convert("RGB"), um_per_pixel))
+            boxes = np.array([c["box"] for c in image["cells"]], np.float64).reshape(-1, 4)
+            for f, plan in enumerate(spacing.plan_fields(width, height, um_per_pixel)):
+                name = f"{Path(image['file']).with_suffix('')}_f{f}.jpg"
+                (out / name).parent.mkdir(parents=True, exist_ok=True)
+                (out / name).write_bytes(encode_field(np.ascontiguousarray(plan.render(resampled))))
+                index, shown = plan.shown(boxes)
+                cells = [
+                    {**image["cells"][i], "box": [round(float(v), 2) for v in box]}
+                    for i, box in zip(index, shown, strict=True)
+                ]
+                images.append({"file": name, "width": plan.size[0], "height": plan.size[1],
+                               "cells": cells})  # fmt: skip
+        patients.append({**patient, "images": images})
+    (out / "ground_truth.json").write_text(json.dumps({**gt, "patients": patients}))
+    return out
 
 
 def _fmt(value: float | None) -> str:

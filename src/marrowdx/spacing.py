@@ -386,6 +386,38 @@ class FieldPlan:
         out[..., [1, 3]] = (out[..., [1, 3]] + self.y0) / self.scale
         return out
 
+    def shown(self, boxes: np.ndarray, min_visible: float = 0.5) -> tuple[np.ndarray, np.ndarray]:
+        """Where input-image boxes appear in this field, mirror images in the padding
+        included (ground truth for the field as rendered): (indices into ``boxes``, field
+        boxes clipped to the field), keeping images with at least ``min_visible`` of their
+        area inside it."""
+        boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4) * self.scale
+        axes = []
+        for lo_col, start, length, side in (
+            (0, self.x0, self.image_size[0], self.size[0]),
+            (1, self.y0, self.image_size[1], self.size[1]),
+        ):
+            lo, hi = boxes[:, lo_col], boxes[:, lo_col + 2]
+            period = 2 * length
+            images = []  # [a + 2nk, b + 2nk) and its reflection [2nk - b, 2nk - a)
+            for k in range(math.floor(start / period) - 1, math.ceil((start + side) / period) + 1):
+                images.append((lo + period * k, hi + period * k))
+                images.append((period * k - hi, period * k - lo))
+            axes.append([(a - start, b - start) for a, b in images])
+        index, out = [], []
+        for x0, x1 in axes[0]:
+            for y0, y1 in axes[1]:
+                box = np.stack([x0, y0, x1, y1], axis=1)
+                clipped = np.clip(box, 0, [self.size[0], self.size[1]] * 2)
+                area = (box[:, 2] - box[:, 0]) * (box[:, 3] - box[:, 1])
+                inside = np.clip(clipped[:, 2] - clipped[:, 0], 0, None) * np.clip(
+                    clipped[:, 3] - clipped[:, 1], 0, None
+                )
+                keep = inside >= min_visible * np.maximum(area, 1e-9)
+                index.append(np.flatnonzero(keep))
+                out.append(clipped[keep])
+        return np.concatenate(index), np.concatenate(out).reshape(-1, 4)
+
     def render(self, resampled: np.ndarray) -> np.ndarray:
         """This field's pixels cut from the resampled image, mirror-padded where it ends."""
         x0, y0, x1, y1 = self.crop

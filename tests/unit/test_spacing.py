@@ -151,3 +151,56 @@ def test_estimate_costs_little() -> None:
     for _ in range(5):
         spacing.estimate_from_bytes(data)
     assert (time.process_time() - start) / 5 < 0.25
+
+
+@pytest.mark.parametrize(("width", "height"), [(192, 144), (1600, 300), (50, 70)])
+def test_ground_truth_in_a_field_covers_exactly_what_the_field_shows(width, height) -> None:
+    """``FieldPlan.shown`` (mirror images included, clipped) paints the same pixels as the
+    rendered field: the evaluation scores the fields the models are given."""
+    rng = np.random.default_rng(width)
+    image = np.zeros((height, width, 1), np.uint8)
+    boxes = []
+    for _ in range(8):
+        x0, y0 = int(rng.integers(0, width - 3)), int(rng.integers(0, height - 3))
+        x1, y1 = (
+            min(width, x0 + int(rng.integers(2, 30))),
+            min(height, y0 + int(rng.integers(2, 30))),
+        )
+        boxes.append((x0, y0, x1, y1))
+        image[y0:y1, x0:x1] = 1
+    for plan in spacing.plan_fields(width, height, config.MODEL_UM_PER_PIXEL):
+        field = plan.render(image)[..., 0]
+        _, shown = plan.shown(np.array(boxes, np.float64), min_visible=0.0)
+        painted = np.zeros_like(field)
+        for x0, y0, x1, y1 in shown.astype(int):
+            painted[y0:y1, x0:x1] = 1
+        np.testing.assert_array_equal(painted, field)
+
+
+def test_evaluate_at_another_spacing_scores_the_fields_the_client_sends(tmp_path) -> None:
+    """``evaluate --um-per-pixel``: a 640 x 480 image at 0.075 µm/px becomes one 1024 field
+    holding the image at 192 x 144, its cells (and their mirror images) in field pixels."""
+    import json
+
+    from marrowdx.training.evaluate import spaced_cohort
+
+    image = np.full((480, 640, 3), 230, np.uint8)
+    image[100:200, 300:400] = (90, 40, 140)
+    (tmp_path / "P1").mkdir()
+    Image.fromarray(image).save(tmp_path / "P1" / "a.png")
+    cell = {"box": [300, 100, 400, 200], "label": "lymphocyte", "attributes": {}}
+    gt = {
+        "classes": [], "attributes": {}, "diagnoses": [],
+        "patients": [{"patient_id": "P1", "diagnosis": "ALL", "images": [
+            {"file": "P1/a.png", "width": 640, "height": 480, "cells": [cell]}]}],
+    }  # fmt: skip
+    (tmp_path / "ground_truth.json").write_text(json.dumps(gt))
+    out = spaced_cohort(tmp_path, 0.075, tmp_path / "spaced")
+    (field,) = json.loads((out / "ground_truth.json").read_text())["patients"][0]["images"]
+    assert (field["width"], field["height"]) == (FIELD, FIELD)
+    assert Image.open(out / field["file"]).size == (FIELD, FIELD)
+    left, top = (FIELD - 192) // 2, (FIELD - 144) // 2
+    boxes = sorted(tuple(c["box"]) for c in field["cells"])
+    assert (left + 90, top + 30, left + 120, top + 60) in boxes  # the cell, at 0.3x
+    assert len(boxes) > 1  # and its mirror images around the image
+    assert spaced_cohort(tmp_path, 0.075, tmp_path / "spaced") == out  # written once
