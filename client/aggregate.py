@@ -13,8 +13,10 @@ import numpy as np
 from marrowdx.client.quality import (
     DEFAULT_QUALITY,
     QualityThresholds,
+    cells_verdict,
     field_quality,
     quality_verdict,
+    spacing_verdict,
 )
 from marrowdx.client.report import Cell, ImageResult, PatientReport
 from marrowdx.client.review import DEFAULT_THRESHOLDS, ReviewThresholds, review_reasons
@@ -30,6 +32,20 @@ ATTRIBUTE_THRESHOLD = 0.5
 PROBABILITY_SUM_TOLERANCE = 1e-3
 #: Default ``unidentified_below`` (see ``config.UNIDENTIFIED_BELOW``).
 DEFAULT_UNIDENTIFIED_BELOW = config.UNIDENTIFIED_BELOW
+#: Default ``min_familiarity``: a cell whose served FAMILIARITY is below this is unfamiliar.
+#: 0 is the limit fitted into the classifier (``training.calibration.fit_familiarity``: a
+#: quantile of held-out in-domain cells), so the served score already carries the limit
+#: and the client need not know the weights; README "Unfamiliar cells" says how it was
+#: chosen and what it flags.
+DEFAULT_MIN_FAMILIARITY = 0.0
+
+
+def check_min_familiarity(value: float) -> float:
+    """The limit as a float at most 1 (``-inf`` turns the rule off), or InputError."""
+    value = float(value)
+    if np.isnan(value) or value > 1.0:
+        raise InputError(f"min_familiarity must be a number <= 1 (or -inf), got {value}")
+    return value
 
 
 def check_unidentified_below(value: float) -> float:
@@ -50,6 +66,7 @@ def decode_image(
     outputs: Mapping[str, np.ndarray],
     unidentified_below: float = DEFAULT_UNIDENTIFIED_BELOW,
     quality: QualityThresholds = DEFAULT_QUALITY,
+    min_familiarity: float = DEFAULT_MIN_FAMILIARITY,
 ) -> ImageResult:
     """Turn one image's ensemble outputs into cells in original-image pixels.
 
@@ -57,8 +74,13 @@ def decode_image(
     keeps its cells for review but counts 0 of each class, with the reason in ``excluded``.
 
     Labels are the argmax of CLASS_PROBS over the valid rows; a cell whose top probability
-    is below ``unidentified_below`` is flagged unidentified. The image's counts are the
-    server's CLASS_COUNTS (the same argmax, computed in the graph) less those cells.
+    is below ``unidentified_below`` is flagged unidentified, and one whose FAMILIARITY is
+    below ``min_familiarity`` unfamiliar (instead). The image's counts are the server's
+    CLASS_COUNTS (the same argmax, computed in the graph) less both kinds of cells; a
+    server without FAMILIARITY (an older repository) flags no cell unfamiliar.
+
+    The field is excluded when the quality gate fails or, with the gate on, when its cells
+    are far from the size the models work at (``quality.spacing_verdict``).
     """
     t = config.TENSORS
     k = config.MAX_DETECTIONS
@@ -74,11 +96,19 @@ def decode_image(
     n = int(np.asarray(outputs[t.num_detections]).reshape(-1)[0])
     if not 0 <= n <= k:
         raise BadServerOutput(f"{t.num_detections} is {n}, outside 0..{k}")
+    served = outputs.get(t.familiarity)
+    familiarity = None
+    if served is not None:
+        familiarity = np.asarray(served, np.float32)
+        _check_shape(t.familiarity, familiarity, (k,))
+        if not np.isfinite(familiarity[:n]).all():
+            raise BadServerOutput(f"{t.familiarity} has values that are not finite")
 
     original = boxes_to_original(boxes[:n], outputs[t.letterbox])
     labels = class_probs[:n].argmax(axis=1)
     top = class_probs[:n].max(axis=1) if n else np.zeros(0, np.float32)
-    unidentified = top < unidentified_below
+    unfamiliar = familiarity[:n] < min_familiarity if familiarity is not None else np.zeros(n, bool)
+    unidentified = (top < unidentified_below) & ~unfamiliar
     present = attribute_probs[:n] >= ATTRIBUTE_THRESHOLD
     cells = tuple(
         Cell(
@@ -91,18 +121,25 @@ def decode_image(
             },
             probability=float(top[i]),
             unidentified=bool(unidentified[i]),
+            familiarity=None if familiarity is None else float(familiarity[i]),
+            unfamiliar=bool(unfamiliar[i]),
         )
         for i in range(n)
     )
     counts = np.rint(outputs[t.class_counts]).astype(np.int64)
     if (counts < 0).any():
         raise BadServerOutput(f"{t.class_counts} has negative entries")
-    counts -= np.bincount(labels[unidentified], minlength=config.N_CLASSES)
+    counts -= np.bincount(labels[unidentified | unfamiliar], minlength=config.N_CLASSES)
     if (counts < 0).any():
         raise BadServerOutput(f"{t.class_counts} disagree with the labels of {t.class_probs}")
     height, width = (int(v) for v in outputs[t.image_size])
     measures = field_quality(outputs)
     excluded = quality_verdict(measures, quality)
+    if excluded is None and measures is not None and "stain_colour" in measures:
+        # (a server without the smear measures is judged as before)
+        excluded = cells_verdict(n, int(unfamiliar.sum()), measures, quality) or spacing_verdict(
+            boxes[:n], scores[:n], quality
+        )
     if excluded is not None:
         counts[:] = 0
     return ImageResult(
@@ -204,13 +241,25 @@ def build_report(
     fields_skipped: int = 0,
     review: ReviewThresholds = DEFAULT_THRESHOLDS,
     unidentified_below: float | None = None,
+    min_familiarity: float | None = None,
 ) -> PatientReport:
     """The patient's report, with its referral reasons under ``review``'s thresholds.
 
-    ``counts`` exclude the unidentified cells (see :func:`decode_image`); their number is
-    summed from ``images`` and ``unidentified_below`` is recorded as the rule used.
+    ``counts`` exclude the unidentified and unfamiliar cells (see :func:`decode_image`);
+    their numbers are summed from ``images``, ``unidentified_below`` and
+    ``min_familiarity`` are recorded as the rules used.
+
+    When the differential fits none of ALL, AML and CML
+    (``differential.leukemia_pattern``), no leukaemia is named: the diagnosis model's
+    answer is kept in ``model_probabilities`` only, and ``diagnosis_error`` says why.
     """
     total = int(counts.sum())
+    pattern = differential.leukemia_pattern(
+        {c: int(counts[i]) for i, c in enumerate(taxonomy.CLASSES)}
+    )
+    model_probabilities = dict(probs or {})
+    if probs and pattern.fits_none:
+        probs, diagnosis_error = None, f"no leukaemia named: {pattern.reason}"
     diagnosis = max(probs, key=probs.__getitem__) if probs else None
     fields_used = len(images) + len(failed_images) if fields_used is None else fields_used
     # fields the quality gate excluded count 0 cells: listed apart, not among the images
@@ -236,6 +285,10 @@ def build_report(
         fields_skipped=fields_skipped,
         n_unidentified=sum(image.n_unidentified for image in images),
         unidentified_below=unidentified_below,
+        n_unfamiliar=sum(image.n_unfamiliar for image in images),
+        min_familiarity=min_familiarity,
+        leukemia_pattern=pattern.pattern if total else None,
+        model_probabilities=model_probabilities,
     )
     report.review_reasons = review_reasons(report, review)
     return report

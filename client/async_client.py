@@ -211,6 +211,9 @@ class AsyncMarrowClient:
       ``config.UNIDENTIFIED_BELOW``; 0 = never).
     - ``quality``: when a field is too blurred, empty or thick to be counted
       (:class:`~marrowdx.client.quality.QualityThresholds`; ``NO_GATING`` counts every field).
+    - ``min_familiarity``: a cell whose served familiarity is below this is "unfamiliar":
+      listed apart, not counted (default 0, the limit fitted into the classifier; -inf =
+      never).
     - ``um_per_pixel``: pixel spacing of every image (µm per pixel) unless a patient or an
       image gives its own; None (default) estimates each image's from its red cells
       (``marrowdx.spacing``). Images reach the server at the models' spacing: resampled,
@@ -240,6 +243,7 @@ class AsyncMarrowClient:
         quality: QualityThresholds = DEFAULT_QUALITY,
         transport: TritonTransport | None = None,
         um_per_pixel: float | None = None,
+        min_familiarity: float = aggregate.DEFAULT_MIN_FAMILIARITY,
     ) -> None:
         if concurrency < 1 or patients_in_flight < 1:
             raise ValueError("concurrency and patients_in_flight must be >= 1")
@@ -261,6 +265,9 @@ class AsyncMarrowClient:
         self.unidentified_below = aggregate.check_unidentified_below(unidentified_below)
         #: Field quality gate: failing fields are reported in ``excluded_images``, not counted.
         self.quality = quality
+        #: A cell whose served FAMILIARITY is below this is unfamiliar: listed apart, not
+        #: counted (``aggregate.DEFAULT_MIN_FAMILIARITY``; -inf = never).
+        self.min_familiarity = aggregate.check_min_familiarity(min_familiarity)
         #: Pixel spacing of images that give none (µm per pixel); None: estimate each.
         self.um_per_pixel = None if um_per_pixel is None else check_spacing(um_per_pixel)
         #: ``transport`` replaces the gRPC wire with any object offering TritonTransport's
@@ -346,7 +353,9 @@ class AsyncMarrowClient:
 
     def _decode(self, name: str, outputs: Mapping[str, np.ndarray]) -> ImageResult:
         try:
-            return aggregate.decode_image(name, outputs, self.unidentified_below, self.quality)
+            return aggregate.decode_image(
+                name, outputs, self.unidentified_below, self.quality, self.min_familiarity
+            )
         except aggregate.BadServerOutput as exc:
             raise RequestFailed(f"unexpected server output: {exc}") from exc
 
@@ -441,6 +450,7 @@ class AsyncMarrowClient:
             fields_skipped=chosen.fields_skipped,
             review=self.review,
             unidentified_below=self.unidentified_below,
+            min_familiarity=self.min_familiarity,
         )
 
     async def diagnose_counts(

@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TextIO
 
+from marrowdx.client.aggregate import DEFAULT_MIN_FAMILIARITY
 from marrowdx.client.cohort import Cohort, PatientFolder
 from marrowdx.client.report import PatientReport, differential_to_dict
 from marrowdx.client.review import add_review_options, thresholds_from_args
@@ -154,6 +155,14 @@ def configure_diagnose(parser: argparse.ArgumentParser) -> None:
         help="a cell whose top class probability is below P is unidentified: listed for "
         "review, not counted (default %(default)s; 0 = never)",
     )
+    parser.add_argument(
+        "--min-familiarity",
+        type=float,
+        default=DEFAULT_MIN_FAMILIARITY,
+        metavar="S",
+        help="a cell whose familiarity (1 at a trained class, 0 at the fitted limit) is below "
+        "S is unfamiliar: listed apart, not counted (default %(default)s; -inf = never)",
+    )
     add_quality_options(parser)
     add_spacing_option(parser)
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -263,11 +272,11 @@ def format_flags(report: PatientReport) -> str:
 
 
 def format_table(reports: Sequence[PatientReport]) -> str:
-    """Patient, images, cells, top classes with %, diagnosis, probability, blast % with its
-    95% interval, M:E ratio and review flags: one row each."""
+    """Patient, images, cells, unfamiliar cells, top classes with %, diagnosis, probability,
+    blast % with its 95% interval, M:E ratio and review flags: one row each."""
     header = (
-        "patient", "images", "cells", "top classes", "diagnosis", "p", "blast % (95% CI)",
-        "M:E", "review",
+        "patient", "images", "cells", "unfamiliar", "top classes", "diagnosis", "p",
+        "blast % (95% CI)", "M:E", "review",
     )  # fmt: skip
     rows = []
     for r in reports:
@@ -278,9 +287,14 @@ def format_table(reports: Sequence[PatientReport]) -> str:
             images += f" (+{len(r.excluded_images)} excluded)"
         top = ", ".join(f"{c} {_percent(f)}" for c, f in r.top_classes(TABLE_TOP_CLASSES)) or "-"
         diagnosis = r.diagnosis or f"none: {r.diagnosis_error}"
+        if r.diagnosis_withheld:
+            diagnosis = "none: no leukaemia pattern"
         p = "-" if r.probability is None else f"{r.probability:.2f}"
         blast, me, flags = format_blast(r), format_me_ratio(r), format_flags(r)
-        rows.append((r.patient_id, images, str(r.n_cells), top, diagnosis, p, blast, me, flags))
+        unfamiliar = str(r.n_unfamiliar)
+        rows.append(
+            (r.patient_id, images, str(r.n_cells), unfamiliar, top, diagnosis, p, blast, me, flags)
+        )
     widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
     lines = [
         "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
@@ -321,6 +335,7 @@ def _client(args: argparse.Namespace):
         private_key=args.private_key,
         certificate_chain=args.certificate_chain,
         unidentified_below=args.unidentified_below,
+        min_familiarity=args.min_familiarity,
         quality=quality_thresholds(args),
         um_per_pixel=args.um_per_pixel,
     )

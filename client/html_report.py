@@ -40,7 +40,9 @@ BAR_HEIGHT = 14
 BAR_GAP = 3
 CHART_LABEL_WIDTH = 200
 CHART_BAR_WIDTH = 320
-#: Gallery group name of the cells no class was probable enough for.
+#: Gallery group names of the cells unlike any the classifier learned, and of those no class
+#: was probable enough for (shown first, in this order, before the classes).
+UNFAMILIAR = "unfamiliar"
 UNIDENTIFIED = "unidentified"
 INDEX_FILE = "index.html"
 
@@ -59,6 +61,7 @@ section.patient{border-top:2px solid #888;margin-top:2em;padding-top:0.5em}
 .gallery{display:flex;flex-wrap:wrap;gap:3px;margin:0.2em 0 0.8em 0}
 .gallery img{width:72px;height:72px;border:2px solid #ddd}
 .gallery img.unidentified{border-color:#b00020}
+.gallery img.unfamiliar{border-color:#6a1b9a;border-style:dotted}
 .fields{display:flex;flex-wrap:wrap;gap:8px}
 .field{position:relative;display:inline-block}
 .field img{display:block}
@@ -110,8 +113,10 @@ def _rgb(label: str) -> str:
 
 def _cell_title(file: str, cell: Cell) -> str:
     p = "" if cell.probability is None else f", p = {cell.probability:.2f}"
-    guess = "best guess " if cell.unidentified else ""
-    return f"{file}: {guess}{cell.label}{p}"
+    guess = "best guess " if cell.unidentified or cell.unfamiliar else ""
+    familiar = "" if cell.familiarity is None else f", familiarity {cell.familiarity:.2f}"
+    unlike = "unfamiliar, " if cell.unfamiliar else ""
+    return f"{file}: {unlike}{guess}{cell.label}{p}{familiar}"
 
 
 def _field_figure(image: ImageResult, picture) -> str:
@@ -123,6 +128,7 @@ def _field_figure(image: ImageResult, picture) -> str:
     for cell in image.cells:
         x0, y0, x1, y1 = cell.box
         dash = ' stroke-dasharray="8 5"' if cell.unidentified else ""
+        dash = ' stroke-dasharray="2 4"' if cell.unfamiliar else dash
         rects.append(
             f'<rect x="{x0:.1f}" y="{y0:.1f}" width="{x1 - x0:.1f}" height="{y1 - y0:.1f}" '
             f'fill="none" stroke="{_rgb(cell.label)}" stroke-width="4"{dash}>'
@@ -167,14 +173,16 @@ def _chart(report: PatientReport) -> str:
 
 
 def _gallery(report: PatientReport, pictures: Mapping[str, object]) -> str:
-    """Crops per class, unidentified cells first, then classes by count (most first)."""
-    groups: dict[str, list[tuple[str, Cell]]] = {UNIDENTIFIED: []}
+    """Crops per class: unfamiliar cells first (shown apart: unlike any cell the classifier
+    learned, their label is only a guess), then unidentified ones, then classes by count."""
+    first = (UNFAMILIAR, UNIDENTIFIED)
+    groups: dict[str, list[tuple[str, Cell]]] = {k: [] for k in first}
     for image in report.images:
         for cell in image.cells:
-            key = UNIDENTIFIED if cell.unidentified else cell.label
-            groups.setdefault(key, []).append((image.file, cell))
-    order = [UNIDENTIFIED] + sorted(
-        (k for k in groups if k != UNIDENTIFIED),
+            key = UNFAMILIAR if cell.unfamiliar else UNIDENTIFIED if cell.unidentified else None
+            groups.setdefault(key or cell.label, []).append((image.file, cell))
+    order = list(first) + sorted(
+        (k for k in groups if k not in first),
         key=lambda k: (-len(groups[k]), taxonomy.CLASS_INDEX[k]),
     )
     parts = []
@@ -186,7 +194,7 @@ def _gallery(report: PatientReport, pictures: Mapping[str, object]) -> str:
             f'<h4 data-gallery="{_esc(key)}">{_esc(key)}: '
             f'<span data-field="gallery_count">{len(cells)}</span> cells{more}</h4>'
         )
-        css = ' class="unidentified"' if key == UNIDENTIFIED else ""
+        css = f' class="{key}"' if key in first else ""
         crops = "".join(
             f'<img{css} src="{_data_uri(_crop(pictures[f], c.box))}" '
             f'alt="{_esc(_cell_title(f, c))}" title="{_esc(_cell_title(f, c))}">'
@@ -204,7 +212,20 @@ def _reasons(data: Mapping[str, object]) -> str:
         f'<li data-code="{_esc(r["code"])}">{_esc(r["message"])}</li>'  # type: ignore[index]
         for r in reasons  # type: ignore[union-attr]
     )
-    return f'<p class="flag">Refer for review:</p><ul class="reasons">{items}</ul>'
+    return f'<p class="flag">Refer for review:</p><ul class="reasons">{items}</ul>{_withheld(data)}'
+
+
+def _withheld(data: Mapping[str, object]) -> str:
+    """When no leukaemia was named: what the diagnosis model would have chosen, as such."""
+    model: Mapping = data.get("model_probabilities") or {}  # type: ignore[assignment]
+    if data.get("leukemia_pattern") != "none" or data["diagnosis"] or not model:
+        return ""
+    guess = max(model, key=model.__getitem__)
+    return (
+        '<p class="withheld">No leukaemia named: the differential fits none of '
+        f"{_esc(', '.join(model))}. Forced to choose among them, the diagnosis model would "
+        f"say {_esc(guess)} (p = {_num(model[guess])}).</p>"
+    )
 
 
 def _summary_row(data: Mapping[str, object]) -> str:
@@ -223,6 +244,7 @@ def _summary_row(data: Mapping[str, object]) -> str:
         f'<td data-field="blast_call">{_esc(d["blast_call"])}</td>',
         f'<td class="num" data-field="me_ratio">{_num(d["me_ratio"])}</td>',
         f'<td class="num" data-field="unidentified">{_num(d["unidentified"])}</td>',
+        f'<td class="num" data-field="unfamiliar">{_num(d["unfamiliar"])}</td>',
         f'<td data-field="diagnosis">{_esc(data["diagnosis"] or "none")}</td>',
         f'<td class="num" data-field="probability">{_num(p)}</td>',
         f'<td data-field="refer_for_review">{_num(data["refer_for_review"])}</td>',
@@ -234,7 +256,7 @@ def _summary_row(data: Mapping[str, object]) -> str:
 
 SUMMARY_HEADER = (
     "patient", "fields", "nucleated", "blast %", "CI low", "CI high", "vs 20%", "M:E",
-    "unidentified", "diagnosis", "p", "refer", "reasons",
+    "unidentified", "unfamiliar", "diagnosis", "p", "refer", "reasons",
 )  # fmt: skip
 
 
@@ -256,6 +278,10 @@ def _patient_section(report: PatientReport, sources: Mapping[str, Source]) -> st
     failed = "".join(
         f"<li>{_esc(name)}: {_esc(why)}</li>" for name, why in report.failed_images.items()
     )
+    excluded = "".join(
+        f'<li data-excluded="{_esc(name)}">{_esc(name)}: {_esc(why)}</li>'
+        for name, why in report.excluded_images.items()
+    )
     fields = "".join(
         _field_figure(i, pictures[i.file]) for i in report.images if i.file in pictures
     )
@@ -263,6 +289,7 @@ def _patient_section(report: PatientReport, sources: Mapping[str, Source]) -> st
         f'<section class="patient" id="patient-{pid}"><h2>{pid}</h2>'
         f"{_reasons(data)}<h3>Differential</h3>{_chart(report)}{_lineage_table(data)}"
         + (f"<h3>Failed fields</h3><ul>{failed}</ul>" if failed else "")
+        + (f"<h3>Excluded fields</h3><ul>{excluded}</ul>" if excluded else "")
         + f"<h3>Cells by class</h3>{_gallery(report, pictures)}"
         f'<h3>Fields</h3><div class="fields">{fields}</div></section>'
     )

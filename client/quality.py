@@ -16,6 +16,12 @@ their fields through. Held-out fields with lab shifts (stain, scanner, JPEG, eve
 the magnitude) stay above 1,300. A field
 without stained cells (foreground 0) or with over a quarter of it under thick clumps (sharp
 fields hold 0.01-0.07) is excluded. ``tests/unit/test_quality_gate.py`` keeps this true.
+
+Before those, :func:`quality_verdict` asks whether the image is a stained smear at all, and
+:func:`spacing_verdict` whether its cells have the size the models work at; reasons start
+with ``not a stained smear`` and ``magnification far from the given spacing``. Why: a photo,
+a diagram or a greyscale copy used to be excluded as "too thick" or "empty", or counted
+(README "Field quality": what each check measures and how its limit was chosen).
 """
 
 from __future__ import annotations
@@ -32,6 +38,40 @@ from marrowdx.errors import BadServerOutput, InputError
 DEFAULT_MIN_FOCUS = 1000.0
 DEFAULT_MIN_FOREGROUND = 0.002
 DEFAULT_MAX_THICK = 0.25
+#: Share of the stained pixels that must be coloured (``stain_colour``): real and simulated
+#: smear fields measure 0.26 and up (lab-shifted ones too), a greyscale copy, text and line
+#: drawings 0. Why exclude greyscale rather than count it: the classes differ by stain
+#: colour (eosinophilic granules, basophilic cytoplasm), and a greyscale copy of a field was
+#: counted with other cells than the colour field.
+DEFAULT_MIN_STAIN_COLOUR = 0.05
+#: Below this sharpness a field has no cell-sized structure at all (a smooth gradient, a flat
+#: colour): not a smear. Far below the out-of-focus limit: a simulated field blurred with
+#: sigma 8 px measures 145 and the least sharp of 1,296 real TXL-PBC fields 82, JPEG
+#: gradients 22-39.
+DEFAULT_MIN_STRUCTURE = 60.0
+#: A smear has glass or plasma between its cells: at least this share of the field within
+#: 15% of its background in every channel (``background``). Simulated fields hold 50-75%,
+#: real TXL-PBC fields 23% and up in 95% of them (1% of them, crops filled by cells, under
+#: 0.1%); a photo-like image with no bright area has none.
+DEFAULT_MIN_BACKGROUND = 0.02
+#: A field whose detected objects are mostly unfamiliar (at least this share, of at least
+#: one) is not a smear the models know: a drawing or photo whose blobs were taken for cells,
+#: or a smear so unlike the training ones that none of its cells can be trusted.
+MAX_UNFAMILIAR_SHARE = 0.6
+#: A field with this share of stained pixels (``foreground``) but no detected cell is no
+#: smear either (simulated fields hold 3% and up, with 15-40 cells).
+MIN_FOREGROUND_WITHOUT_CELLS = 0.05
+#: Cells in the models' input (letterboxed to 512 px): the median detected cell side of a
+#: simulated 1024 x 1024 field at 0.25 µm/px lies at 24-33 px (median 29). A field whose
+#: median is beyond CELL_SIDE_TOLERANCE times that was sent at another magnification than
+#: the models work at (a wrong or missing pixel spacing), so its cells cannot be trusted.
+TYPICAL_CELL_SIDE = 29.0
+CELL_SIDE_TOLERANCE = 1.8
+#: The spacing check needs this many detected cells to take a median.
+MIN_CELLS_FOR_SPACING = 5
+#: Reason prefixes (stable: programs may filter on them; the rest of a reason has numbers).
+NOT_A_SMEAR = "not a stained smear"
+WRONG_SPACING = "magnification far from the given spacing"
 
 
 @dataclass(frozen=True)
@@ -43,6 +83,11 @@ class QualityThresholds:
     min_foreground: float = DEFAULT_MIN_FOREGROUND  # share of stained pixels
     max_thick: float = DEFAULT_MAX_THICK  # share of the field under thick clumps
     enabled: bool = True
+    min_stain_colour: float = DEFAULT_MIN_STAIN_COLOUR  # coloured share of stained pixels
+    min_structure: float = DEFAULT_MIN_STRUCTURE  # sharpness of anything at all
+    min_background: float = DEFAULT_MIN_BACKGROUND  # share as bright as the background
+    max_unfamiliar_share: float = MAX_UNFAMILIAR_SHARE  # of a field's detected objects
+    cell_side_tolerance: float = CELL_SIDE_TOLERANCE  # x or / TYPICAL_CELL_SIDE
 
     def __post_init__(self) -> None:
         if not (self.min_focus >= 0 and np.isfinite(self.min_focus)):
@@ -51,6 +96,14 @@ class QualityThresholds:
             raise InputError(f"min_foreground must lie in [0, 1], got {self.min_foreground}")
         if not 0.0 <= self.max_thick <= 1.0:
             raise InputError(f"max_thick must lie in [0, 1], got {self.max_thick}")
+        if not 0.0 <= self.min_stain_colour <= 1.0:
+            raise InputError(f"min_stain_colour must lie in [0, 1], got {self.min_stain_colour}")
+        if not (self.min_structure >= 0 and np.isfinite(self.min_structure)):
+            raise InputError(f"min_structure must be a number >= 0, got {self.min_structure}")
+        if not (self.cell_side_tolerance > 1 and np.isfinite(self.cell_side_tolerance)):
+            raise InputError(
+                f"cell_side_tolerance must be a number > 1, got {self.cell_side_tolerance}"
+            )
 
 
 DEFAULT_QUALITY = QualityThresholds()
@@ -59,11 +112,15 @@ NO_GATING = QualityThresholds(enabled=False)
 
 def field_quality(outputs: Mapping[str, np.ndarray]) -> dict[str, float] | None:
     """FIELD_QUALITY as ``{name: value}``; None when the server does not send it (an older
-    repository), so such fields are counted as before."""
+    repository), so such fields are counted as before. A server of the four measures
+    before ``stain_colour`` and ``background`` existed gives those four only (and the
+    smear check is skipped)."""
     raw = outputs.get(config.TENSORS.field_quality)
     if raw is None:
         return None
     values = np.asarray(raw, np.float64).reshape(-1)
+    if values.shape == (LEGACY_QUALITY_FIELDS,) and np.isfinite(values).all():
+        return {name: float(v) for name, v in zip(QUALITY_FIELDS, values, strict=False)}
     if values.shape != (len(QUALITY_FIELDS),) or not np.isfinite(values).all():
         raise BadServerOutput(
             f"{config.TENSORS.field_quality} must be {len(QUALITY_FIELDS)} finite numbers, "
@@ -76,9 +133,14 @@ def quality_verdict(
     quality: Mapping[str, float] | None, thresholds: QualityThresholds = DEFAULT_QUALITY
 ) -> str | None:
     """The reason a field is excluded, or None if it counts. Reasons start with a stable
-    word (``out of focus``, ``empty``, ``too thick``) and give the measure and the limit."""
+    word (``not a stained smear``, ``out of focus``, ``empty``, ``too thick``) and give the
+    measure and the limit. Whether it is a smear is asked first: a photo or a drawing is
+    not "out of focus"."""
     if quality is None or not thresholds.enabled:
         return None
+    smear = smear_verdict(quality, thresholds)
+    if smear is not None:
+        return smear
     if quality["focus"] < thresholds.min_focus:
         return (
             f"out of focus: sharpness {quality['focus']:.0f} below {thresholds.min_focus:g} "
@@ -95,3 +157,87 @@ def quality_verdict(
             f"{100 * thresholds.max_thick:g}%"
         )
     return None
+
+
+#: FIELD_QUALITY's length before the smear measures (``stain_colour``, ``background``).
+LEGACY_QUALITY_FIELDS = 4
+
+
+def smear_verdict(
+    quality: Mapping[str, float], thresholds: QualityThresholds = DEFAULT_QUALITY
+) -> str | None:
+    """``not a stained smear: ...`` when the measures say the image is no stained smear (no
+    stain colour: greyscale, text, a line drawing; no structure: a gradient, a flat colour),
+    else None. Fields from a server without the colour measure are only asked about
+    structure."""
+    if "stain_colour" in quality and quality["stain_colour"] < thresholds.min_stain_colour:
+        return (
+            f"{NOT_A_SMEAR}: no stain colour ({100 * quality['stain_colour']:.1f}% of the "
+            f"stained pixels coloured, below {100 * thresholds.min_stain_colour:g}%; a "
+            "greyscale or black-and-white image cannot be counted: classes differ by stain "
+            "colour)"
+        )
+    if quality["focus"] < thresholds.min_structure:
+        return (
+            f"{NOT_A_SMEAR}: no cell-sized structure (sharpness {quality['focus']:.1f}, below "
+            f"{thresholds.min_structure:g}; a smear measures more even far out of focus)"
+        )
+    if "background" in quality and quality["background"] < thresholds.min_background:
+        return (
+            f"{NOT_A_SMEAR}: no background between cells ({100 * quality['background']:.1f}% "
+            f"of the field as bright as its background, below {100 * thresholds.min_background:g}%)"
+        )
+    return None
+
+
+def cells_verdict(
+    n_cells: int,
+    n_unfamiliar: int,
+    quality: Mapping[str, float] | None,
+    thresholds: QualityThresholds = DEFAULT_QUALITY,
+) -> str | None:
+    """``not a stained smear ...`` from what the models found: objects that are mostly
+    unlike any cell they learned (``max_unfamiliar_share``), or a stained field in which no
+    cell was found; None otherwise or with the gate off."""
+    if not thresholds.enabled:
+        return None
+    if n_cells and n_unfamiliar / n_cells >= thresholds.max_unfamiliar_share:
+        return (
+            f"{NOT_A_SMEAR} the models know: {n_unfamiliar} of {n_cells} objects unlike any "
+            f"cell they learned (>= {100 * thresholds.max_unfamiliar_share:.0f}%)"
+        )
+    if (
+        not n_cells
+        and quality is not None
+        and quality["foreground"] >= MIN_FOREGROUND_WITHOUT_CELLS
+    ):
+        return (
+            f"{NOT_A_SMEAR}: {100 * quality['foreground']:.0f}% of the field stained but no "
+            "cell found"
+        )
+    return None
+
+
+def spacing_verdict(
+    boxes: np.ndarray, scores: np.ndarray, thresholds: QualityThresholds = DEFAULT_QUALITY
+) -> str | None:
+    """``magnification far from the given spacing: ...`` when the median detected cell (side
+    in the models' input pixels, ``boxes`` [N, 4] as served) is more than
+    ``cell_side_tolerance`` times larger or smaller than at the models' spacing; None when it
+    is not, with fewer than MIN_CELLS_FOR_SPACING cells, or with the gate off."""
+    del scores  # every served row is a detection above the detector's own threshold
+    if not thresholds.enabled or len(boxes) < MIN_CELLS_FOR_SPACING:
+        return None
+    b = np.asarray(boxes, np.float64).reshape(-1, 4)
+    sides = np.sqrt(np.clip(b[:, 2] - b[:, 0], 0, None) * np.clip(b[:, 3] - b[:, 1], 0, None))
+    median = float(np.median(sides))
+    low = TYPICAL_CELL_SIDE / thresholds.cell_side_tolerance
+    high = TYPICAL_CELL_SIDE * thresholds.cell_side_tolerance
+    if low <= median <= high:
+        return None
+    ratio = median / TYPICAL_CELL_SIDE
+    return (
+        f"{WRONG_SPACING}: cells measure {ratio:.1f} times their size at the models' "
+        f"spacing (median {median:.0f} px in the model input, expected {low:.0f}-{high:.0f}); "
+        "check the image's pixel spacing"
+    )

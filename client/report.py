@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from marrowdx import taxonomy
-from marrowdx.differential import Differential, differential
+from marrowdx.differential import NO_PATTERN, Differential, differential
 
 #: Decimals kept in the written files: sub-pixel boxes and 4-digit scores are plenty,
 #: and rounding keeps the JSON readable and diffable.
@@ -35,6 +35,11 @@ class Cell:
     ``probability`` is the (calibrated) probability of ``label``, the top class; a cell
     whose probability is below the client's ``unidentified_below`` is ``unidentified``: it
     keeps its best-guess label (for review) but is not counted in the differential.
+    ``familiarity`` is the served FAMILIARITY (1 at a class mean, 0 at the fitted limit; None
+    from a server without it); a cell below the client's ``min_familiarity`` is
+    ``unfamiliar``: unlike the cells the classifier was trained on, so its label is only a
+    guess; it is listed apart and not counted either. An unfamiliar cell is never also
+    ``unidentified`` (the stronger statement wins), so the two groups never overlap.
     """
 
     box: tuple[float, float, float, float]  # x0, y0, x1, y1
@@ -43,6 +48,13 @@ class Cell:
     attributes: dict[str, str]
     probability: float | None = None
     unidentified: bool = False
+    familiarity: float | None = None
+    unfamiliar: bool = False
+
+    @property
+    def counted(self) -> bool:
+        """Whether the cell enters the counts (neither unidentified nor unfamiliar)."""
+        return not (self.unidentified or self.unfamiliar)
 
     def to_dict(self) -> dict[str, object]:
         out: dict[str, object] = {
@@ -51,9 +63,12 @@ class Cell:
             "score": round(float(self.score), SCORE_DECIMALS),
             "attributes": dict(self.attributes),
             "unidentified": bool(self.unidentified),
+            "unfamiliar": bool(self.unfamiliar),
         }
         if self.probability is not None:
             out["probability"] = round(float(self.probability), SCORE_DECIMALS)
+        if self.familiarity is not None:
+            out["familiarity"] = round(float(self.familiarity), SCORE_DECIMALS)
         return out
 
 
@@ -79,6 +94,11 @@ class ImageResult:
     def n_unidentified(self) -> int:
         """Cells found but left out of ``counts``: no class was probable enough."""
         return sum(c.unidentified for c in self.cells)
+
+    @property
+    def n_unfamiliar(self) -> int:
+        """Cells found but left out of ``counts``: unlike anything the classifier learned."""
+        return sum(c.unfamiliar for c in self.cells)
 
     def to_dict(self) -> dict[str, object]:
         out: dict[str, object] = {"file": self.file, "cells": [c.to_dict() for c in self.cells]}
@@ -118,6 +138,7 @@ def differential_to_dict(d: Differential) -> dict[str, object]:
         "lineages": dict(d.lineages),
         "not_in_differential": dict(d.not_counted),
         "unidentified": d.unidentified,
+        "unfamiliar": d.unfamiliar,
     }
 
 
@@ -135,6 +156,12 @@ class PatientReport:
     the ``fields_skipped`` after it are not counted (see
     ``marrowdx.differential.fields_to_target``). ``differential`` is derived from ``counts``;
     ``review_reasons`` (empty: no referral) are set by ``marrowdx.client.review``.
+
+    ``leukemia_pattern`` is what the differential fits by counting rules
+    (``marrowdx.differential.leukemia_pattern``). When it fits none of ALL, AML and CML
+    (``"none"``), no leukaemia is named: ``diagnosis`` is None, ``probabilities`` empty and
+    ``diagnosis_error`` says why, while ``model_probabilities`` keep what the diagnosis
+    model answered among the three (for the reviewer; it always answers one of them).
     """
 
     patient_id: str
@@ -155,11 +182,20 @@ class PatientReport:
     n_unidentified: int = 0
     unidentified_below: float | None = None
     review_reasons: list[ReviewReason] = field(default_factory=list)
+    n_unfamiliar: int = 0
+    min_familiarity: float | None = None
+    leukemia_pattern: str | None = None
+    model_probabilities: dict[str, float] = field(default_factory=dict)
 
     @property
     def differential(self) -> Differential:
         """Nucleated differential, blast % with its 95% interval, M:E ratio, lineages."""
-        return differential(self.counts, self.n_unidentified)
+        return differential(self.counts, self.n_unidentified, unfamiliar=self.n_unfamiliar)
+
+    @property
+    def diagnosis_withheld(self) -> bool:
+        """No leukaemia named because the differential fits none (a result, not a failure)."""
+        return self.leukemia_pattern == NO_PATTERN and self.diagnosis is None
 
     @property
     def target_reached(self) -> bool:
@@ -174,11 +210,17 @@ class PatientReport:
         """(image file, cell) of every unidentified cell, for review, in image order."""
         return [(image.file, c) for image in self.images for c in image.cells if c.unidentified]
 
+    def unfamiliar_cells(self) -> list[tuple[str, Cell]]:
+        """(image file, cell) of every unfamiliar cell, for review, in image order."""
+        return [(image.file, c) for image in self.images for c in image.cells if c.unfamiliar]
+
     @property
     def complete(self) -> bool:
         """Nothing failed: every image was processed and, if any cell was found, the
-        diagnosis model answered. (No cell in any image is a result, not a failure.)"""
-        return not self.failed_images and (self.diagnosis is not None or self.n_cells == 0)
+        diagnosis model answered. (No cell in any image is a result, not a failure; so is a
+        diagnosis withheld because the differential fits no leukaemia.)"""
+        answered = self.diagnosis is not None or self.diagnosis_withheld
+        return not self.failed_images and (answered or self.n_cells == 0)
 
     @property
     def probability(self) -> float | None:
@@ -213,6 +255,12 @@ class PatientReport:
             "fields_skipped": self.fields_skipped,
             "differential": differential_to_dict(self.differential),
             "unidentified_below": self.unidentified_below,
+            "min_familiarity": self.min_familiarity,
+            "leukemia_pattern": self.leukemia_pattern,
+            "model_probabilities": {
+                k: round(float(v), PROBABILITY_DECIMALS)
+                for k, v in self.model_probabilities.items()
+            },
             "refer_for_review": self.refer_for_review,
             "review_reasons": [r.to_dict() for r in self.review_reasons],
         }
@@ -251,6 +299,8 @@ CSV_COUNTING_COLUMNS = (
     "fields_used",
     "refer_for_review",
     "review_reasons",
+    "unfamiliar",
+    "leukemia_pattern",
 )
 
 
@@ -298,6 +348,8 @@ def write_csv(reports: Sequence[PatientReport], path: str | Path) -> Path:
                 fields_used=r.fields_used,
                 refer_for_review=int(r.refer_for_review),
                 review_reasons="; ".join(x.code for x in r.review_reasons),
+                unfamiliar=d["unfamiliar"],
+                leukemia_pattern=r.leukemia_pattern or "",
             )
             writer.writerow(row)
     return path

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from marrowdx.client.report import PatientReport, ReviewReason
 
-from marrowdx.differential import INDETERMINATE
+from marrowdx.differential import INDETERMINATE, NO_PATTERN, leukemia_pattern
 from marrowdx.errors import InputError
 
 #: Reason codes (stable: programs filter on them; messages may change).
@@ -26,13 +26,17 @@ BLAST_STRADDLES = "blast_interval_straddles_threshold"
 FEW_CELLS = "fewer_cells_than_target"
 FAILED_FIELDS = "too_many_failed_fields"
 UNIDENTIFIED = "many_unidentified_cells"
+UNFAMILIAR = "unfamiliar_cells"
+NO_LEUKEMIA_PATTERN = "no_leukemia_pattern"
 REASON_CODES = (
     NO_DIAGNOSIS,
+    NO_LEUKEMIA_PATTERN,
     LOW_PROBABILITY,
     BLAST_STRADDLES,
     FEW_CELLS,
     FAILED_FIELDS,
     UNIDENTIFIED,
+    UNFAMILIAR,
 )
 
 
@@ -41,20 +45,27 @@ class ReviewThresholds:
     """When to refer. ``min_diagnosis_probability``: the diagnosis model's top probability
     below this refers. ``max_failed_fraction``: failed (or quality-excluded) fields over the
     fields the count covered, above this refers. ``max_unidentified_fraction``: unidentified
-    cells over nucleated plus unidentified, above this refers. A blast interval straddling
-    the threshold and a count short of its target always refer."""
+    cells over nucleated plus unidentified, above this refers. ``max_unfamiliar_fraction``:
+    unfamiliar cells over nucleated plus unidentified plus unfamiliar, above this refers. A
+    blast interval straddling the threshold, a count short of its target and a differential
+    that fits none of ALL, AML and CML always refer."""
 
     min_diagnosis_probability: float = 0.90
     max_failed_fraction: float = 0.10
     #: 0.05 flagged 33 of 99 correct patients (mostly on stain- and scanner-shifted cohorts);
     #: 0.10 flagged 2 and still referred the one wrong diagnosis (README, "Refer for review").
     max_unidentified_fraction: float = 0.10
+    #: The familiarity limit flags about 2% of in-domain cells (README "Unfamiliar cells"):
+    #: 10% of a 500-cell count is far beyond chance there, while a slide of cells the models
+    #: never learned flags most of its cells.
+    max_unfamiliar_fraction: float = 0.10
 
     def __post_init__(self) -> None:
         for name in (
             "min_diagnosis_probability",
             "max_failed_fraction",
             "max_unidentified_fraction",
+            "max_unfamiliar_fraction",
         ):
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:
@@ -90,6 +101,14 @@ def add_review_options(parser: argparse.ArgumentParser) -> None:
         help="refer when more than this fraction of the cells is unidentified "
         "(default %(default)s)",
     )
+    parser.add_argument(
+        "--review-max-unfamiliar",
+        type=float,
+        default=d.max_unfamiliar_fraction,
+        metavar="F",
+        help="refer when more than this fraction of the cells is unfamiliar (unlike the "
+        "training cells; default %(default)s)",
+    )
 
 
 def thresholds_from_args(args: argparse.Namespace) -> ReviewThresholds:
@@ -99,6 +118,9 @@ def thresholds_from_args(args: argparse.Namespace) -> ReviewThresholds:
             min_diagnosis_probability=args.review_min_probability,
             max_failed_fraction=args.review_max_failed,
             max_unidentified_fraction=args.review_max_unidentified,
+            max_unfamiliar_fraction=getattr(
+                args, "review_max_unfamiliar", DEFAULT_THRESHOLDS.max_unfamiliar_fraction
+            ),
         )
     except ValueError as exc:
         raise InputError(str(exc)) from None
@@ -110,10 +132,16 @@ def review_reasons(
     """Every reason to refer this patient, in ``REASON_CODES`` order (empty: none)."""
     reasons: list[ReviewReason] = []
     d = report.differential
-    if report.diagnosis is None:
+    if report.diagnosis is None and not report.diagnosis_withheld:
         why = report.diagnosis_error or "no diagnosis"
         reasons.append(ReviewReason(NO_DIAGNOSIS, f"no diagnosis: {why}"))
-    elif (p := report.probability or 0.0) < thresholds.min_diagnosis_probability:
+    if report.leukemia_pattern == NO_PATTERN:
+        # the differential fits none of the three diagnoses the model knows
+        why = leukemia_pattern(report.counts, d).reason
+        reasons.append(ReviewReason(NO_LEUKEMIA_PATTERN, f"no leukaemia pattern: {why}"))
+    if report.diagnosis is not None and (
+        (p := report.probability or 0.0) < thresholds.min_diagnosis_probability
+    ):
         reasons.append(
             ReviewReason(
                 LOW_PROBABILITY,
@@ -153,6 +181,15 @@ def review_reasons(
                 UNIDENTIFIED,
                 f"{d.unidentified} of {seen} cells unidentified "
                 f"(> {100 * thresholds.max_unidentified_fraction:.0f}%)",
+            )
+        )
+    found = seen + d.unfamiliar
+    if found and d.unfamiliar / found > thresholds.max_unfamiliar_fraction:
+        reasons.append(
+            ReviewReason(
+                UNFAMILIAR,
+                f"{d.unfamiliar} of {found} cells unlike the cells the models were trained on "
+                f"(> {100 * thresholds.max_unfamiliar_fraction:.0f}%)",
             )
         )
     return reasons

@@ -148,8 +148,8 @@ def merge_roi(slide: str, roi: Roi, done: list[tuple[Field, ImageResult]]) -> Ro
         for i in merged.kept
     )
     counts = {c: 0 for c in taxonomy.CLASSES}
-    for cell in kept:  # an unidentified cell is listed, not counted (as for image fields)
-        if cell.label in counts and not cell.unidentified:
+    for cell in kept:  # unidentified/unfamiliar cells are listed, not counted (as for fields)
+        if cell.label in counts and cell.counted:
             counts[cell.label] += 1
     return RoiResult(
         file=slide,
@@ -354,6 +354,7 @@ async def diagnose_slide(
         fields_used=n_fields + len(failed),
         review=client.review,
         unidentified_below=client.unidentified_below,
+        min_familiarity=client.min_familiarity,
     )
     return _slide_report(
         base,

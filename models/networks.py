@@ -142,6 +142,69 @@ class Temperature(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
+#: Lowest served familiarity: far beyond the limit the exact distance says nothing more, and a
+#: bound keeps the output finite in fp16 engines.
+FAMILIARITY_FLOOR = -1000.0
+
+
+class Familiarity(nn.Module):
+    """Per-cell familiarity from the classifier's penultimate features: ``1 - d / limit``, d
+    the Mahalanobis distance to the nearest class mean (class means and one shared covariance
+    of held-out simulated cells' features, as in Lee et al. 2018).
+
+    Why: a softmax is confident far from anything it was trained on; a distance in feature
+    space is not (README "Unfamiliar cells" has the comparison with the energy score and
+    the max logit). Fitted after training, like the temperatures
+    (:func:`marrowdx.training.calibration.fit_familiarity`), into persistent buffers, so the
+    checkpoint and the exported graph (ONNX Runtime and TensorRT) carry it: ``centres`` are
+    the class means times ``whiten``, a square root of the inverse covariance divided by
+    sqrt(features), so d is the root mean square over features of the whitened distance (small
+    numbers, safe in fp16). Ops: MatMul, Sub, Mul, ReduceSum, ReduceMin, Sqrt, Div, Clip.
+
+    1 is at a class mean, 0 at the fitted limit, negative beyond it. Unfitted (all zeros,
+    limit 1), every cell is at familiarity 1: nothing is flagged.
+    """
+
+    def __init__(self, features: int, n_classes: int) -> None:
+        super().__init__()
+        self.register_buffer("whiten", torch.zeros(features, features))
+        self.register_buffer("centres", torch.zeros(n_classes, features))
+        self.register_buffer("limit", torch.ones(()))
+
+    def set(self, whiten: torch.Tensor, centres: torch.Tensor, limit: float) -> None:
+        if not (math.isfinite(limit) and limit > 0):
+            raise ValueError(f"a familiarity limit must be a positive finite number, got {limit}")
+        if tuple(whiten.shape) != tuple(self.whiten.shape):
+            raise ValueError(f"whiten is {list(whiten.shape)}, expected {list(self.whiten.shape)}")
+        if tuple(centres.shape) != tuple(self.centres.shape):
+            raise ValueError(
+                f"centres are {list(centres.shape)}, expected {list(self.centres.shape)}"
+            )
+        self.whiten.copy_(whiten)
+        self.centres.copy_(centres)
+        self.limit.fill_(float(limit))
+
+    def distance(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Features [..., F] -> distance to the nearest whitened class centre [...]."""
+        z = torch.matmul(hidden, self.whiten).unsqueeze(-2)  # [..., 1, F]
+        squared = ((z - self.centres) ** 2).sum(dim=-1)  # [..., C]
+        return torch.sqrt(squared.amin(dim=-1))
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        score = 1.0 - self.distance(hidden) / self.limit
+        return torch.clamp(score, FAMILIARITY_FLOOR, 1.0)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        # checkpoints from before the familiarity fit have none: unfitted (flags nothing)
+        for name, default in (
+            ("whiten", torch.zeros_like(self.whiten)),
+            ("centres", torch.zeros_like(self.centres)),
+            ("limit", torch.ones(())),
+        ):
+            state_dict.setdefault(prefix + name, default)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+
 def conv_bn(cin: int, cout: int, stride: int = 1) -> nn.Sequential:
     return nn.Sequential(
         nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False),
@@ -283,7 +346,7 @@ class CellClassifier(nn.Module):
     """Crops every box in-graph and predicts 33 classes and 7 binary attributes per box.
 
     forward(PIXELS uint8 [B,3,S,S], BOXES [B,K,4], NUM_DETECTIONS int32 [B,1]) ->
-    CLASS_PROBS [B,K,33], ATTRIBUTE_PROBS [B,K,7], CLASS_COUNTS [B,33].
+    CLASS_PROBS [B,K,33], ATTRIBUTE_PROBS [B,K,7], CLASS_COUNTS [B,33], FAMILIARITY [B,K].
     Crops are scale-normalised, so the box's own size is fed to the head separately
     (cell size is both an attribute and a strong class cue).
     """
@@ -309,6 +372,8 @@ class CellClassifier(nn.Module):
         # fitted after training on a held-out cohort; 1 (identity) until then
         self.class_temperature = Temperature()
         self.attribute_temperature = Temperature()
+        # fitted after training on held-out cells; flags nothing until then
+        self.familiarity = Familiarity(spec.hidden, spec.n_classes)
         self.register_buffer(
             "class_ids", torch.arange(spec.n_classes).reshape(1, 1, -1), persistent=False
         )
@@ -333,13 +398,21 @@ class CellClassifier(nn.Module):
 
         Split from :meth:`crops` so training can augment crops (flips, rotations) in between.
         """
+        cls, att, _ = self.classify_crops_with_features(crops, boxes)
+        return cls, att
+
+    def classify_crops_with_features(
+        self, crops: torch.Tensor, boxes: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """:meth:`classify_crops` plus the penultimate features [B,K,hidden] (what
+        :class:`Familiarity` measures)."""
         b, k = boxes.shape[0], boxes.shape[1]
         wh = torch.clamp(boxes[..., 2:4] - boxes[..., 0:2], min=1.0)
         size_features = (torch.log(wh) - LOG_CELL_SIDE_CENTER).reshape(b * k, 2)
         hidden = self.trunk(torch.cat((self.backbone(crops), size_features), dim=1))
         cls = self.class_head(hidden).reshape(b, k, self.spec.n_classes)
         att = self.attribute_head(hidden).reshape(b, k, self.spec.n_attributes)
-        return cls, att
+        return cls, att, hidden.reshape(b, k, -1)
 
     def logits(
         self, pixels: torch.Tensor, boxes: torch.Tensor
@@ -355,24 +428,28 @@ class CellClassifier(nn.Module):
 
     def forward_slots(
         self, pixels: torch.Tensor, boxes: torch.Tensor, num_detections: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """The fixed-slot path: crop and classify every row of ``boxes``, then mask.
 
         Its work is fixed by ``boxes.shape[1]``, so callers that trim BOXES on the host (the
         CPU BoxSlotClassifier, a CUDA graph captured per slot count) call this directly.
         """
-        cls, att = self.logits(self.normalize(pixels), boxes)
+        normalised = self.normalize(pixels)
+        cls, att, hidden = self.classify_crops_with_features(
+            self.crops(normalised, boxes), boxes
+        )
         mask = self.row_mask(num_detections, boxes.shape[1], cls.dtype)  # [B,K,1]
         class_probs = torch.softmax(self.class_temperature(cls), dim=-1) * mask
         attribute_probs = torch.sigmoid(self.attribute_temperature(att)) * mask
         winner = torch.argmax(cls, dim=-1, keepdim=True)  # [B,K,1]
         one_hot = (winner == self.class_ids).to(cls.dtype)
         class_counts = (one_hot * mask).sum(dim=1)
-        return class_probs, attribute_probs, class_counts
+        familiarity = self.familiarity(hidden) * mask.squeeze(-1)
+        return class_probs, attribute_probs, class_counts, familiarity
 
     def forward(
         self, pixels: torch.Tensor, boxes: torch.Tensor, num_detections: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """The served graph: only the batch's first max(NUM_DETECTIONS) box rows are cropped
         and classified, and the outputs are widened back to ``boxes.shape[1]`` rows.
 
@@ -384,7 +461,7 @@ class CellClassifier(nn.Module):
         """
         k = boxes.shape[1]
         live = torch.maximum(num_detections.max(), self.min_rows)  # int32 [], >= 1
-        class_probs, attribute_probs, class_counts = self.forward_slots(
+        class_probs, attribute_probs, class_counts, familiarity = self.forward_slots(
             pixels, leading_rows(boxes, live), num_detections
         )
         # Widen back: row r reads computed row min(r, live-1), and rows past an image's count
@@ -393,7 +470,8 @@ class CellClassifier(nn.Module):
         mask = self.row_mask(num_detections, k, class_probs.dtype)
         class_probs = class_probs.index_select(1, index) * mask
         attribute_probs = attribute_probs.index_select(1, index) * mask
-        return class_probs, attribute_probs, class_counts
+        familiarity = familiarity.index_select(1, index) * mask.squeeze(-1)
+        return class_probs, attribute_probs, class_counts, familiarity
 
 
 # ----------------------------------------------------------------------------- diagnosis

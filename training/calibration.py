@@ -22,8 +22,9 @@ import numpy as np
 
 from marrowdx import config
 
-#: Bump when the fitting or the held-out data change, so existing checkpoints are recalibrated.
-CALIBRATION_VERSION = 2
+#: Bump when the fitting or the held-out data change, so existing checkpoints are recalibrated
+#: (3: the familiarity score is fitted too).
+CALIBRATION_VERSION = 3
 #: Metadata key (checkpoint metadata and ONNX metadata_props) holding the fitted numbers.
 METADATA_KEY = "calibration"
 #: Range the fitted temperature is kept in: outside it the held-out data say nothing useful
@@ -34,6 +35,22 @@ MAX_TEMPERATURE = 20.0
 FIT_STEPS = 60
 #: Equal-width confidence bins of the ECE (15 is the usual choice since Guo et al. 2017).
 ECE_BINS = 15
+
+
+#: Familiarity (``networks.Familiarity``): the limit is this quantile of held-out in-domain
+#: cells' out-of-fold distances, so about 2% of such cells are flagged unfamiliar: under the
+#: goal of 5% with room for cohorts that differ a little from the held-out one (README
+#: "Unfamiliar cells" has what it flagged on a second cohort and under shifts).
+FAMILIARITY_QUANTILE = 0.98
+#: Shrinkage of the shared feature covariance towards its mean variance: a few thousand
+#: held-out cells against 100+ (partly dead, ReLU) feature dimensions leave the sample
+#: covariance near-singular, and an unregularised inverse would call every new cell far.
+FAMILIARITY_SHRINKAGE = 0.1
+#: Classes with fewer held-out cells than this get no centre of their own (they reuse the
+#: most frequent class's): a mean of one or two cells is no class mean.
+FAMILIARITY_MIN_CLASS_CELLS = 3
+#: Folds (by image) of the out-of-fold distances the limit is taken from.
+FAMILIARITY_FOLDS = 2
 
 
 @dataclass(frozen=True)
@@ -206,6 +223,195 @@ def calibrate_head(logits: np.ndarray, labels: np.ndarray) -> HeadCalibration:
     )
 
 
+# ------------------------------------------------------------------------- familiarity
+@dataclass(frozen=True)
+class FamiliarityFit:
+    """What :class:`marrowdx.models.networks.Familiarity` serves: a whitening matrix (a
+    square root of the inverse shrunk covariance, over sqrt(features)), the whitened class
+    centres and the distance limit, plus what the limit did on the cells it was fitted on."""
+
+    whiten: np.ndarray  # [F, F]
+    centres: np.ndarray  # [C, F]
+    limit: float
+    quantile: float
+    flagged_share: float  # share of the held-out cells past the limit (out of fold)
+    n_samples: int
+    classes_with_centre: int
+
+    def distances(self, features: np.ndarray) -> np.ndarray:
+        """Distance of each feature row [N, F] to its nearest centre, as the graph computes."""
+        z = np.asarray(features, np.float64) @ self.whiten
+        return np.sqrt(((z[:, None, :] - self.centres[None]) ** 2).sum(-1).min(1))
+
+    def familiarity(self, features: np.ndarray) -> np.ndarray:
+        """The served score ``1 - d / limit`` (unclipped)."""
+        return 1.0 - self.distances(features) / self.limit
+
+    def apply(self, classifier) -> None:
+        """Write the fit into the classifier's ``familiarity`` buffers (in place)."""
+        import torch
+
+        module = classifier.familiarity
+        module.set(
+            torch.as_tensor(self.whiten, dtype=module.whiten.dtype),
+            torch.as_tensor(self.centres, dtype=module.centres.dtype),
+            self.limit,
+        )
+
+    def as_dict(self) -> dict[str, float | int | str]:
+        return {
+            "score": "mahalanobis_nearest_class",
+            "limit": round(self.limit, 6),
+            "quantile": self.quantile,
+            "flagged_share": round(self.flagged_share, 6),
+            "n_samples": self.n_samples,
+            "classes_with_centre": self.classes_with_centre,
+        }
+
+
+def _class_means_and_whitening(
+    features: np.ndarray, groups: np.ndarray, n_classes: int, shrinkage: float
+) -> tuple[np.ndarray, np.ndarray, int]:
+    """(class means [C, F], whitening [F, F], classes with a centre of their own)."""
+    f = np.asarray(features, np.float64)
+    counts = np.bincount(groups, minlength=n_classes)
+    own = counts >= FAMILIARITY_MIN_CLASS_CELLS
+    if not own.any():
+        raise ValueError(
+            f"no class has {FAMILIARITY_MIN_CLASS_CELLS} held-out cells: cannot fit familiarity"
+        )
+    means = np.zeros((n_classes, f.shape[1]))
+    for c in np.flatnonzero(own):
+        means[c] = f[groups == c].mean(0)
+    means[~own] = means[int(np.argmax(counts))]
+    keep = own[groups]
+    centred = f[keep] - means[groups[keep]]
+    cov = centred.T @ centred / max(1, len(centred) - int(own.sum()))
+    ridge = float(np.trace(cov)) / cov.shape[0]
+    cov = (1 - shrinkage) * cov + shrinkage * max(ridge, 1e-12) * np.eye(cov.shape[0])
+    values, vectors = np.linalg.eigh(cov)
+    inv_sqrt = vectors @ np.diag(1.0 / np.sqrt(np.maximum(values, 1e-12))) @ vectors.T
+    return means, inv_sqrt / np.sqrt(f.shape[1]), int(own.sum())
+
+
+def fit_familiarity_features(
+    features: np.ndarray,
+    groups: np.ndarray,
+    image_index: np.ndarray | None = None,
+    *,
+    n_classes: int = config.N_CLASSES,
+    quantile: float = FAMILIARITY_QUANTILE,
+    shrinkage: float = FAMILIARITY_SHRINKAGE,
+    folds: int = FAMILIARITY_FOLDS,
+) -> FamiliarityFit:
+    """Fit the familiarity score on in-domain cells' penultimate features [N, F] grouped by
+    class (``groups`` [N]: the classifier's predicted class, so unlabelled or coarsely
+    labelled cells, e.g. real validation crops, can be used too).
+
+    The limit is the ``quantile`` of out-of-fold distances (cells grouped by
+    ``image_index`` into ``folds``: each fold is measured with means and covariance fitted
+    without it), because distances of the cells a covariance was fitted on are optimistic;
+    the served means and covariance are then fitted on every cell.
+    """
+    f = np.asarray(features, np.float64)
+    g = np.asarray(groups).reshape(-1).astype(np.int64)
+    if f.ndim != 2 or len(f) != len(g):
+        raise ValueError(f"features {list(f.shape)} and groups {list(g.shape)} do not pair up")
+    if not len(g):
+        raise ValueError("no cells to fit familiarity on")
+    if not np.isfinite(f).all():
+        raise ValueError("features contain NaN or infinity")
+    if not 0.5 <= quantile < 1.0:
+        raise ValueError(f"the familiarity quantile must lie in [0.5, 1), got {quantile}")
+    images = np.arange(len(g)) if image_index is None else np.asarray(image_index).reshape(-1)
+    fold_of = np.unique(images, return_inverse=True)[1] % max(1, folds)
+    out_of_fold = np.full(len(g), np.nan)
+    for k in range(folds if folds > 1 else 0):
+        held, rest = fold_of == k, fold_of != k
+        if not held.any() or not rest.any():
+            continue
+        try:
+            means, whiten, _ = _class_means_and_whitening(f[rest], g[rest], n_classes, shrinkage)
+        except ValueError:
+            continue
+        z = f[held] @ whiten
+        centres = means @ whiten
+        out_of_fold[held] = np.sqrt(((z[:, None] - centres[None]) ** 2).sum(-1).min(1))
+    means, whiten, n_own = _class_means_and_whitening(f, g, n_classes, shrinkage)
+    fit = FamiliarityFit(whiten, means @ whiten, 1.0, quantile, 0.0, len(g), n_own)
+    if np.isnan(out_of_fold).any():  # too few images for folds: in-sample distances
+        out_of_fold = np.where(np.isnan(out_of_fold), fit.distances(f), out_of_fold)
+    limit = float(np.quantile(out_of_fold, quantile))
+    limit = max(limit, 1e-6)
+    return FamiliarityFit(
+        whiten=whiten,
+        centres=means @ whiten,
+        limit=limit,
+        quantile=quantile,
+        flagged_share=float(np.mean(out_of_fold > limit)),
+        n_samples=len(g),
+        classes_with_centre=n_own,
+    )
+
+
+def fit_familiarity(
+    classifier,
+    data,
+    detector=None,
+    *,
+    quantile: float = FAMILIARITY_QUANTILE,
+    log: Callable[[str], None] = lambda _m: None,
+) -> FamiliarityFit:
+    """Fit the classifier's familiarity buffers on a prepared in-domain cohort (never its
+    training cohort) and write them into ``classifier`` (in place); returns the fit for the
+    checkpoint metadata (``ModelCalibration.familiarity`` / ``classifier_metadata``).
+
+    With ``detector`` the cells are the detector's boxes that match a true cell (as served,
+    like the temperatures); without it the cohort's true boxes. Every cell counts, whatever
+    its label: the classifier's own predicted class groups the features. Calling it again
+    on other data (e.g. real validation crops prepared as a cohort) replaces the fit.
+    """
+    if detector is not None:
+        cells = held_out_cells(detector, classifier, data)
+        features, logits, images = cells.features, cells.class_logits, cells.image_index
+    else:
+        features, logits, images = _true_box_features(classifier, data)
+    fit = fit_familiarity_features(features, logits.argmax(1), images, quantile=quantile)
+    fit.apply(classifier)
+    log(
+        f"fitted familiarity: limit {fit.limit:.3f} (flags {100 * fit.flagged_share:.1f}%"
+        f" of {fit.n_samples} cells out of fold)"
+    )
+    return fit
+
+
+def _true_box_features(classifier, data) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Penultimate features, class logits and image index of every true cell of ``data``."""
+    import torch
+
+    feats, logits, images = [], [], []
+    with torch.no_grad():
+        for i in range(data.n_images):
+            idx = data.cells_of(i)
+            if len(idx) == 0:
+                continue
+            pixels = classifier.normalize(torch.from_numpy(data.image_pixels([i])))
+            boxes = torch.from_numpy(data.cells.boxes[idx][None])
+            cls, _, hidden = classifier.classify_crops_with_features(
+                classifier.crops(pixels, boxes), boxes
+            )
+            feats.append(hidden[0].numpy())
+            logits.append(cls[0].numpy())
+            images.append(np.full(len(idx), i, np.int64))
+    if not feats:
+        raise ValueError("the cohort holds no cell to fit familiarity on")
+    return (
+        np.concatenate(feats).astype(np.float64),
+        np.concatenate(logits).astype(np.float64),
+        np.concatenate(images),
+    )
+
+
 # --------------------------------------------------------------- held-out logits (torch)
 @dataclass
 class HeldOutCells:
@@ -215,6 +421,8 @@ class HeldOutCells:
     labels: np.ndarray  # [N]
     attribute_logits: np.ndarray  # [N, 7]
     attributes: np.ndarray  # [N, 7] 0/1
+    features: np.ndarray | None = None  # [N, hidden]: penultimate features (familiarity)
+    image_index: np.ndarray | None = None  # [N]: the cell's image (folds of the fit)
 
     def confusion(self) -> np.ndarray:
         """Row-normalised [true, predicted] confusion; identity rows for unseen classes."""
@@ -232,7 +440,7 @@ def held_out_cells(detector, classifier, data) -> HeldOutCells:
     import torch
     from marrowdx.training import metrics
 
-    cls_out, att_out, labels, attrs = [], [], [], []
+    cls_out, att_out, labels, attrs, feats, images = [], [], [], [], [], []
     with torch.no_grad():
         for i in range(data.n_images):
             pixels = torch.from_numpy(data.image_pixels([i]))
@@ -245,9 +453,12 @@ def held_out_cells(detector, classifier, data) -> HeldOutCells:
             if len(match.pred_index) == 0:
                 continue
             picked = boxes[:, torch.from_numpy(match.pred_index)]
-            cls, att = classifier.logits(classifier.normalize(pixels), picked)
+            crops = classifier.crops(classifier.normalize(pixels), picked)
+            cls, att, hidden = classifier.classify_crops_with_features(crops, picked)
             cls_out.append(cls[0].numpy())
             att_out.append(att[0].numpy())
+            feats.append(hidden[0].numpy())
+            images.append(np.full(len(match.pred_index), i, np.int64))
             labels.append(data.cells.labels[gt][match.gt_index])
             attrs.append(data.cells.attributes[gt][match.gt_index])
     if not labels:
@@ -257,6 +468,8 @@ def held_out_cells(detector, classifier, data) -> HeldOutCells:
         labels=np.concatenate(labels),
         attribute_logits=np.concatenate(att_out).astype(np.float64),
         attributes=np.concatenate(attrs),
+        features=np.concatenate(feats).astype(np.float64),
+        image_index=np.concatenate(images),
     )
 
 
@@ -279,14 +492,18 @@ class ModelCalibration:
     attributes: HeadCalibration
     diagnosis: HeadCalibration
     cohort: dict
+    familiarity: FamiliarityFit | None = None
 
     def classifier_metadata(self) -> dict:
-        return {
+        out = {
             "version": CALIBRATION_VERSION,
             "cohort": dict(self.cohort),
             "classes": self.classes.as_dict(),
             "attributes": self.attributes.as_dict(),
         }
+        if self.familiarity is not None:
+            out["familiarity"] = self.familiarity.as_dict()
+        return out
 
     def diagnosis_metadata(self) -> dict:
         return {
@@ -314,9 +531,23 @@ def calibrate_models(
     )
     z, y = diagnosis_logits(diagnosis, cells.confusion(), settings.diagnosis_patients, seed)
     diag = calibrate_head(z, y)
+    familiar: FamiliarityFit | None
+    try:
+        familiar = fit_familiarity_features(
+            cells.features, cells.class_logits.argmax(1), cells.image_index
+        )
+    except ValueError as exc:  # too few held-out cells per class: served unfitted (flags none)
+        familiar = None
+        log(f"familiarity not fitted: {exc}")
     classifier.class_temperature.set(classes.temperature)
     classifier.attribute_temperature.set(attributes.temperature)
     diagnosis.temperature.set(diag.temperature)
+    if familiar is not None:
+        familiar.apply(classifier)
+        log(
+            f"fitted familiarity: limit {familiar.limit:.3f} (flags"
+            f" {100 * familiar.flagged_share:.1f}% of {familiar.n_samples} held-out cells)"
+        )
     for name, head in (("classes", classes), ("attributes", attributes), ("diagnosis", diag)):
         log(
             f"calibrated {name}: T={head.temperature:.3f}, held-out ECE"
@@ -328,7 +559,7 @@ def calibrate_models(
         "matched_cells": int(len(cells.labels)),
         "diagnosis_patients": settings.diagnosis_patients,
     }
-    return ModelCalibration(classes, attributes, diag, cohort)
+    return ModelCalibration(classes, attributes, diag, cohort, familiar)
 
 
 def is_calibrated(metadata: dict | None) -> bool:

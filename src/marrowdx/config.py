@@ -70,6 +70,7 @@ class TensorNames:
     class_probs: str = "CLASS_PROBS"
     attribute_probs: str = "ATTRIBUTE_PROBS"
     class_counts: str = "CLASS_COUNTS"
+    familiarity: str = "FAMILIARITY"
     total_cells: str = "TOTAL_CELLS"
     fractions: str = "FRACTIONS"
     lab_values: str = "LAB_VALUES"

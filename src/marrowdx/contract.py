@@ -196,7 +196,7 @@ LETTERBOX_FIELDS = ("scale_x", "scale_y", "pad_x", "pad_y")
 IMAGE_SIZE_FIELDS = ("height", "width")
 #: FIELD_QUALITY's fields, measured by the preprocessing graph on the resized field
 #: (``marrowdx.preprocess.QualitySpec`` says how; ``marrowdx.client.quality`` judges them).
-QUALITY_FIELDS = ("focus", "foreground", "thick", "brightness")
+QUALITY_FIELDS = ("focus", "foreground", "thick", "brightness", "stain_colour", "background")
 
 IMAGE = TensorSpec(T.image, UINT8, (VARIABLE,), "encoded JPEG/PNG bytes", ragged=True)
 PIXELS = TensorSpec(
@@ -223,6 +223,13 @@ NUM_DETECTIONS = TensorSpec(T.num_detections, INT32, (1,), "rows of BOXES that a
 CLASS_PROBS = TensorSpec(T.class_probs, FP32, (K, NC), "per cell; rows >= NUM_DETECTIONS are 0")
 ATTRIBUTE_PROBS = TensorSpec(T.attribute_probs, FP32, (K, NA), "per cell, 7 binary attributes")
 CLASS_COUNTS = TensorSpec(T.class_counts, FP32, (NC,), "per-image counts of valid cells")
+FAMILIARITY = TensorSpec(
+    T.familiarity,
+    FP32,
+    (K,),
+    "per cell: 1 at a class mean, 0 at the fitted limit, < 0 unfamiliar; rows >= "
+    "NUM_DETECTIONS are 0",
+)
 FRACTIONS = TensorSpec(T.fractions, FP32, (NC,), "a patient's class fractions")
 TOTAL_CELLS = TensorSpec(T.total_cells, FP32, (1,), "a patient's cell count")
 LAB_VALUES = TensorSpec(
@@ -247,8 +254,8 @@ DETECTOR = ModelSpec(
 CLASSIFIER = ModelSpec(
     M.classifier,
     (PIXELS, _per_box(BOXES), NUM_DETECTIONS),
-    (_per_box(CLASS_PROBS), _per_box(ATTRIBUTE_PROBS), CLASS_COUNTS),
-    "ROI crops by grid sampling, 33 classes + 7 attributes",
+    (_per_box(CLASS_PROBS), _per_box(ATTRIBUTE_PROBS), CLASS_COUNTS, _per_box(FAMILIARITY)),
+    "ROI crops by grid sampling, 33 classes + 7 attributes, familiarity",
     exported=True,
 )
 DIAGNOSIS = ModelSpec(
@@ -271,6 +278,7 @@ PIPELINE = ModelSpec(
         LETTERBOX,
         IMAGE_SIZE,
         FIELD_QUALITY,
+        CLASSIFIER.outputs[3],
     ),
     "ensemble, one request per image",
     steps=(M.preprocess, M.detector, M.classifier),

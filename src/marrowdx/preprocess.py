@@ -40,7 +40,17 @@ class QualitySpec:
     - thick: share of the cells of a ``thick_grid`` x ``thick_grid`` grid whose mean is darker
       than ``thick_below`` (a nucleus covers part of a cell; only a clump of overlapping cells
       darkens a whole one);
-    - brightness: mean grey level (0-255), for reports.
+    - brightness: mean grey level (0-255), for reports;
+    - stain_colour: share of the stained pixels (darker than ``stained_below_background``
+      times the field's background, per channel) whose colour, white-balanced by that
+      background, spans at least ``coloured_chroma`` across the channels. A stained smear's
+      nuclei and red cells are coloured (0.26 and up on real and simulated fields); a
+      greyscale copy, text, a line drawing or a black-and-white photo has none (0);
+    - background: share of pixels within ``1 - bright_above_background`` of the background
+      in every channel (the glass and plasma between cells), for reports.
+
+    The background is the per-channel maximum of the field averaged on a ``thick_grid``
+    grid: white balance and lamp brightness differ per lab, so colours are compared to it.
 
     Thresholds that decide pass/fail live in the client (``marrowdx.client.quality``).
 
@@ -53,14 +63,17 @@ class QualitySpec:
     stained_below: int = 150
     thick_below: int = 120
     thick_grid: int = 32
+    stained_below_background: float = 0.8
+    coloured_chroma: float = 0.1
+    bright_above_background: float = 0.85
     enabled: bool = True
 
 
 #: FIELD_QUALITY when the measures are off (``QualitySpec(enabled=False)``): finite, and a pass
 #: under any thresholds the client accepts (focus at float32's maximum, every pixel stained,
-#: nothing thick, brightness 0), so the tensor keeps its dtype and shape and the gate counts
-#: every field.
-UNMEASURED_QUALITY = (float(np.finfo(np.float32).max), 1.0, 0.0, 0.0)
+#: nothing thick, brightness 0, every stained pixel coloured, all background), so the tensor
+#: keeps its dtype and shape and the gate counts every field.
+UNMEASURED_QUALITY = (float(np.finfo(np.float32).max), 1.0, 0.0, 0.0, 1.0, 1.0)
 
 
 @dataclass(frozen=True)
@@ -71,7 +84,7 @@ class PreprocessSpec:
 
 
 def quality_graph(resized, spec: QualitySpec = QualitySpec()):
-    """FIELD_QUALITY float32[4] of a resized RGB (HWC uint8) field, inside a DALI graph."""
+    """FIELD_QUALITY float32[6] of a resized RGB (HWC uint8) field, inside a DALI graph."""
     from nvidia.dali import fn, types
 
     if not spec.enabled:
@@ -86,7 +99,34 @@ def quality_graph(resized, spec: QualitySpec = QualitySpec()):
     foreground = fn.reductions.mean(fn.cast(grey < spec.stained_below, dtype=types.FLOAT))
     grid = fn.resize(grey, size=(float(spec.thick_grid), float(spec.thick_grid)), antialias=True)
     thick = fn.reductions.mean(fn.cast(grid < spec.thick_below, dtype=types.FLOAT))
-    return fn.stack(focus, foreground, thick, fn.reductions.mean(grey, dtype=types.FLOAT))
+    stain_colour, background = _colour_measures(small, spec)
+    return fn.stack(
+        focus,
+        foreground,
+        thick,
+        fn.reductions.mean(grey, dtype=types.FLOAT),
+        stain_colour,
+        background,
+    )
+
+
+def _colour_measures(small, spec: QualitySpec):
+    """(stain_colour, background) of an RGB HWC uint8 field (see :class:`QualitySpec`)."""
+    from nvidia.dali import fn, types
+
+    side = float(spec.thick_grid)
+    coarse = fn.cast(fn.resize(small, size=(side, side), antialias=True), dtype=types.FLOAT)
+    # +1 on both sides: a black channel (0) divides without infinities
+    white = fn.reductions.max(coarse, axes=(0, 1), keep_dims=True) + 1.0
+    balanced = (fn.cast(small, dtype=types.FLOAT) + 1.0) / white  # 1 = background
+    darkest = fn.reductions.min(balanced, axes=(2,))
+    chroma = fn.reductions.max(balanced, axes=(2,)) - darkest
+    stained = darkest < spec.stained_below_background
+    coloured = fn.cast(stained & (chroma >= spec.coloured_chroma), dtype=types.FLOAT)
+    n_stained = fn.reductions.sum(fn.cast(stained, dtype=types.FLOAT))
+    stain_colour = fn.reductions.sum(coloured) / (n_stained + 1.0)
+    bright = fn.cast(darkest >= spec.bright_above_background, dtype=types.FLOAT)
+    return stain_colour, fn.reductions.mean(bright)
 
 
 def preprocess_graph(
@@ -96,7 +136,7 @@ def preprocess_graph(
     input_name: str = config.TENSORS.image,
 ):
     """The DALI graph (call inside a ``pipeline_def``): encoded images from ``input_name`` ->
-    (PIXELS uint8 CHW, LETTERBOX float32[4], IMAGE_SIZE int32[2], FIELD_QUALITY float32[4]).
+    (PIXELS uint8 CHW, LETTERBOX float32[4], IMAGE_SIZE int32[2], FIELD_QUALITY float32[6]).
 
     Separate from :func:`build_pipeline` so the gpu target's ``dali.py`` can wrap the very
     same graph in its own ``@autoserialize @pipeline_def`` (DALI's autoserialization needs a
@@ -138,7 +178,7 @@ def build_pipeline(
     input_name: str = config.TENSORS.image,
 ):
     """A DALI pipeline taking encoded images from ``input_name`` and returning
-    (PIXELS uint8 CHW, LETTERBOX float32[4], IMAGE_SIZE int32[2], FIELD_QUALITY float32[4]).
+    (PIXELS uint8 CHW, LETTERBOX float32[4], IMAGE_SIZE int32[2], FIELD_QUALITY float32[6]).
 
     ``device="cpu"`` decodes on the host (``device_id=None`` works without CUDA);
     ``device="gpu"`` uses the ``mixed`` nvJPEG decoder and GPU resize.

@@ -88,6 +88,7 @@ def expected_row(patient: Mapping) -> dict[str, object]:
         "blast_call": d["blast_call"],
         "me_ratio": d["me_ratio"],
         "unidentified": d["unidentified"],
+        "unfamiliar": d["unfamiliar"],
         "diagnosis": diagnosis or "none",
         "probability": patient["probabilities"].get(diagnosis) if diagnosis else None,
         "refer_for_review": patient["refer_for_review"],

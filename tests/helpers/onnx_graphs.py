@@ -107,6 +107,7 @@ def classifier(path: Path) -> Path:
         helper.make_node("OneHot", ["am", "depth", "onoff"], ["oh"], axis=-1),  # [N,K,C]
         helper.make_node("Mul", ["oh", "v3"], ["ohv"]),
         helper.make_node("ReduceSum", ["ohv", "ax1"], [T.class_counts], keepdims=0),
+        helper.make_node("Identity", ["vf"], [T.familiarity]),  # 1 on valid rows: familiar
     ]
     inits = [
         _const("inv255", np.array(1 / 255, np.float32)),

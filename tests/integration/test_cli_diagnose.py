@@ -47,8 +47,8 @@ def test_diagnose_writes_table_json_csv_and_overlays(triton_server, cohort, tmp_
     assert "100%" in run.stderr and "img" in run.stderr  # the progress bar ran to the end
     lines = run.stdout.splitlines()
     assert lines[0].split() == [
-        "patient", "images", "cells", "top", "classes", "diagnosis", "p", "blast", "%", "(95%",
-        "CI)", "M:E", "review",
+        "patient", "images", "cells", "unfamiliar", "top", "classes", "diagnosis", "p", "blast",
+        "%", "(95%", "CI)", "M:E", "review",
     ]  # fmt: skip
 
     data = json.loads((out / "d.json").read_text())
@@ -57,16 +57,24 @@ def test_diagnose_writes_table_json_csv_and_overlays(triton_server, cohort, tmp_
     rows = {r["patient_id"]: r for r in csv.DictReader((out / "d.csv").open())}
     for report, truth in zip(patients, gt["patients"], strict=True):
         assert report["failed_images"] == {}
-        assert report["diagnosis"] in taxonomy.DIAGNOSES or report["n_cells"] == 0
+        withheld = report["leukemia_pattern"] == "none"  # no leukaemia named, with reason
+        assert report["diagnosis"] in taxonomy.DIAGNOSES or report["n_cells"] == 0 or withheld
         assert [i["file"] for i in report["images"]] == [i["file"] for i in truth["images"]]
         assert report["n_images"] == len(truth["images"])
         assert sum(report["counts"].values()) == report["n_cells"]
         # unidentified cells (top probability below the threshold) are listed, not counted
         cells = [c for i in report["images"] for c in i["cells"]]
         threshold = report["unidentified_below"]
-        assert [c["unidentified"] for c in cells] == [c["probability"] < threshold for c in cells]
-        assert report["n_cells"] == sum(not c["unidentified"] for c in cells)
+        # (an unfamiliar cell is listed apart instead: the two groups never overlap)
+        assert [c["unidentified"] for c in cells] == [
+            c["probability"] < threshold and not c["unfamiliar"] for c in cells
+        ]
+        assert [c["unfamiliar"] for c in cells] == [
+            c["familiarity"] < report["min_familiarity"] for c in cells
+        ]
+        assert report["n_cells"] == sum(not (c["unidentified"] or c["unfamiliar"]) for c in cells)
         assert report["differential"]["unidentified"] == sum(c["unidentified"] for c in cells)
+        assert report["differential"]["unfamiliar"] == sum(c["unfamiliar"] for c in cells)
         if report["diagnosis"] is not None:
             assert sum(report["probabilities"].values()) == pytest.approx(1.0, abs=1e-5)
         for image in report["images"]:

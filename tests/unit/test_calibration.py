@@ -107,10 +107,10 @@ def test_classifier_graph_serves_softmax_of_logits_over_t() -> None:
     boxes = torch.tensor([[[10.0, 10.0, 50.0, 60.0], [100.0, 80.0, 140.0, 130.0]]])
     num = torch.tensor([[2]], dtype=torch.int32)
     with torch.no_grad():
-        _, _, counts_t1 = model(pixels, boxes, num)
+        _, _, counts_t1, _ = model(pixels, boxes, num)
         model.class_temperature.set(2.5)
         model.attribute_temperature.set(0.7)
-        probs, attrs, counts = model(pixels, boxes, num)
+        probs, attrs, counts, _ = model(pixels, boxes, num)
         cls, att = model.logits(model.normalize(pixels), boxes)
     torch.testing.assert_close(probs, torch.softmax(cls / 2.5, -1), atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(attrs, torch.sigmoid(att / 0.7), atol=1e-6, rtol=1e-5)

@@ -103,6 +103,7 @@ class StandIn(service_pb2_grpc.GRPCInferenceServiceServicer):
                 t.image_size: np.array([1024, 1024], np.int32),
                 # a sharp, stained, thin field: passes the quality gate (client.quality)
                 t.field_quality: np.array([2000.0, 0.08, 0.03, 190.0], np.float32),
+                t.familiarity: np.where(np.arange(k) < n, 0.5, 0.0).astype(np.float32),
             }
         )
 

@@ -253,7 +253,8 @@ def test_onnx_export_reads_the_contract() -> None:
     from marrowdx.export import onnx_export
 
     assert onnx_export.IO_NAMES == {m: contract.io_names(m) for m in contract.EXPORTED_MODELS}
-    assert onnx_export.BOX_AXIS_TENSORS == {T.boxes, T.class_probs, T.attribute_probs}
+    per_box = {T.boxes, T.class_probs, T.attribute_probs, T.familiarity}
+    assert onnx_export.BOX_AXIS_TENSORS == per_box
     axes = onnx_export._dynamic_axes(M.classifier)
     assert axes[T.boxes] == {0: contract.BATCH_DIM, 1: contract.BOX_DIM}
     assert axes[T.class_counts] == {0: contract.BATCH_DIM}

@@ -95,13 +95,13 @@ def test_compacting_classifier_equals_the_fixed_slot_path_in_torch(counts) -> No
 def test_compacting_classifier_only_computes_the_batch_largest_count(monkeypatch) -> None:
     model = _models()["classifier"].eval()
     seen: list[int] = []
-    original = model.classify_crops
+    original = model.classify_crops_with_features
 
     def spy(crops, boxes):
         seen.append(boxes.shape[1])
         return original(crops, boxes)
 
-    monkeypatch.setattr(model, "classify_crops", spy)
+    monkeypatch.setattr(model, "classify_crops_with_features", spy)
     pixels, boxes, _ = random_inputs("classifier", 2, seed=2)
     with torch.no_grad():
         model(pixels, boxes, torch.tensor([[7], [19]], dtype=torch.int32))

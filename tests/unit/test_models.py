@@ -87,7 +87,7 @@ def test_classifier_masks_padded_rows_and_counts_argmax() -> None:
     boxes = torch.cat((xy, xy + 30), -1)
     num = torch.tensor([[5], [0]], dtype=torch.int32)
     with torch.no_grad():
-        probs, attrs, counts = cls(pixels, boxes, num)
+        probs, attrs, counts, _ = cls(pixels, boxes, num)
         logits, _ = cls.logits(cls.normalize(pixels), boxes)
     assert probs.shape == (2, K, config.N_CLASSES) and attrs.shape == (2, K, config.N_ATTRIBUTES)
     assert counts.shape == (2, config.N_CLASSES)

@@ -16,6 +16,7 @@ from marrowdx.client.review import (
     FEW_CELLS,
     LOW_PROBABILITY,
     NO_DIAGNOSIS,
+    NO_LEUKEMIA_PATTERN,
     UNIDENTIFIED,
     ReviewThresholds,
     review_reasons,
@@ -61,8 +62,9 @@ def test_a_clear_confident_full_count_is_not_referred():
     report = _report(blasts=200, others=300)  # 40 % blasts of 500: clearly above 20 %
     assert codes(report) == [] and not report.refer_for_review
     assert report.differential.nucleated_cells == 500 and report.target_reached
-    below = _report(blasts=20, others=480)  # 4 %: clearly below
-    assert codes(below) == [] and below.differential.blast_call == "below"
+    below = _report(blasts=20, others=480)  # 4 %: clearly below, and no CML pattern either
+    assert codes(below) == [NO_LEUKEMIA_PATTERN] and below.differential.blast_call == "below"
+    assert below.diagnosis is None and below.probabilities == {} and below.complete
 
 
 def test_each_reason_fires_on_its_own():
@@ -94,7 +96,8 @@ def test_thresholds_are_configurable_and_checked():
     assert codes(_report(n_images=8, failed=2, review=lenient)) == []
     with pytest.raises(ValueError, match="min_diagnosis_probability"):
         ReviewThresholds(min_diagnosis_probability=1.5)
-    assert codes(_report(blasts=2, others=48, target=0)) == []  # no target, no shortfall
+    # no target, no shortfall (4% blasts among neutrophils alone: no leukaemia pattern)
+    assert codes(_report(blasts=2, others=48, target=0)) == [NO_LEUKEMIA_PATTERN]
 
 
 def test_reasons_carry_the_numbers_for_people():
@@ -169,7 +172,8 @@ def test_review_page_shows_the_json_numbers_and_puts_unidentified_cells_first():
     assert not [u for u in dom.urls if "://" in u] and "<script" not in page
     first_section = page[: page.index('id="patient-P1"')]
     galleries = re.findall(r'data-gallery="([^"]+)"', first_section)
-    assert galleries == [html_report.UNIDENTIFIED, "myelocytic_blast", "lymphocyte"]
+    first_two = [html_report.UNFAMILIAR, html_report.UNIDENTIFIED]
+    assert galleries == [*first_two, "myelocytic_blast", "lymphocyte"]
     assert "<P<1>" not in page and "P&lt;1&gt;" in page
 
 

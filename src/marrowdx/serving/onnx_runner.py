@@ -102,14 +102,18 @@ class BoxSlotClassifier:
     MAX_DETECTIONS (256) slots per image while a field usually holds far fewer cells; slots
     past NUM_DETECTIONS are zero in the outputs anyway. So BOXES is cut to the image's
     NUM_DETECTIONS rounded up to BOX_SLOT_STEP (consecutive images needing the same count run
-    together, see :meth:`segments`), and CLASS_PROBS /
-    ATTRIBUTE_PROBS are padded back to the contract's rows with zeros (CLASS_COUNTS counts
-    valid rows only, so it is unchanged). Only possible when the graph's box axis is
+    together, see :meth:`segments`), and CLASS_PROBS / ATTRIBUTE_PROBS / FAMILIARITY are
+    padded back to the contract's rows with zeros (CLASS_COUNTS counts valid rows only, so
+    it is unchanged). Only possible when the graph's box axis is
     dynamic; a graph exported with a fixed 256 runs every slot as before.
     """
 
     #: Outputs with one row per box slot (padded back to the input's slot count).
-    PER_BOX_OUTPUTS = (config.TENSORS.class_probs, config.TENSORS.attribute_probs)
+    PER_BOX_OUTPUTS = (
+        config.TENSORS.class_probs,
+        config.TENSORS.attribute_probs,
+        config.TENSORS.familiarity,
+    )
 
     def __init__(self, runner: OnnxRunner) -> None:
         self.runner = runner
