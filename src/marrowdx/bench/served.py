@@ -12,6 +12,7 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from marrowdx import config
 from marrowdx.bench import triton_stats
 from marrowdx.bench.measure import LevelResult, cpu_seconds, run_async
 
@@ -43,7 +44,11 @@ async def _sweep(
 
     levels = []
     for c in concurrencies:
-        async with AsyncMarrowClient(url, concurrency=c) as client:
+        # the workload's fields are simulated at the models' spacing: sent as they are,
+        # without the red-cell estimate a field of unknown spacing costs (marrowdx.spacing)
+        async with AsyncMarrowClient(
+            url, concurrency=c, um_per_pixel=config.MODEL_UM_PER_PIXEL
+        ) as client:
             await client.wait_until_ready()
 
             async def infer(image: bytes, _client=client) -> int:

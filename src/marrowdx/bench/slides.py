@@ -196,7 +196,10 @@ async def _rounds(
     from marrowdx.client.slides import SlidePatient, diagnose_slide
 
     # Every field is counted on both sides (no ICSH early stop): the same work each way.
-    async with AsyncMarrowClient(url, concurrency=concurrency, target_cells=0) as client:
+    # The file side's fields are at the models' spacing, as the slide's: no spacing estimate.
+    async with AsyncMarrowClient(
+        url, concurrency=concurrency, target_cells=0, um_per_pixel=config.MODEL_UM_PER_PIXEL
+    ) as client:
         await client.wait_until_ready()
         patient = SlidePatient("bench", wl.folder, wl.folder.name, tiling=wl.tiling)
 
