@@ -24,6 +24,7 @@ from marrowdx.client.quality import DEFAULT_QUALITY, QualityThresholds, quality_
 from marrowdx.client.report import Cell, ImageResult
 
 from marrowdx import config, taxonomy
+from marrowdx.errors import RequestFailed
 
 if TYPE_CHECKING:
     from marrowdx.spacing import FieldPlan, SpacingEstimate
@@ -149,7 +150,9 @@ def prepare_image(data: bytes, um_per_pixel: float | None, source: str = "given"
     """The fields one encoded image is sent as (see the module docstring).
 
     ``um_per_pixel`` None estimates it from the red cells. Bytes Pillow cannot open are
-    sent as they are, for the server to name what is wrong with them.
+    sent as they are, for the server to name what is wrong with them; an image above
+    ``config.MAX_IMAGE_PIXELS`` or with a side below ``config.MIN_IMAGE_SIDE`` raises
+    ``RequestFailed`` before it is decoded (the server's own limits).
     """
     from PIL import Image, UnidentifiedImageError
 
@@ -165,6 +168,15 @@ def prepare_image(data: bytes, um_per_pixel: float | None, source: str = "given"
             warning=None if um_per_pixel is not None else f"pixel spacing not estimated: {exc}",
         )
         return PreparedImage([data], None, (0, 0), info)
+    if width * height > config.MAX_IMAGE_PIXELS:
+        raise RequestFailed(
+            f"image is {width}x{height} pixels, above the limit of {config.MAX_IMAGE_PIXELS}"
+        )
+    if min(width, height) < config.MIN_IMAGE_SIDE:
+        raise RequestFailed(
+            f"image is {width}x{height} pixels, below the smallest side of "
+            f"{config.MIN_IMAGE_SIDE} (it holds no cell)"
+        )
     value, info, estimated = _spacing(um_per_pixel, source, data, (height, width))
     tolerance = spacing.ESTIMATE_TOLERANCE if estimated else spacing.MODEL_SPACING_TOLERANCE
     if (width, height) == tuple(config.FIELD_SIZE) and spacing.at_model_spacing(value, tolerance):

@@ -10,6 +10,9 @@ import argparse
 import asyncio
 import io
 import json
+import struct
+import sys
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -222,3 +225,35 @@ def test_the_um_per_pixel_flag_refuses_what_is_not_a_positive_number(text: str) 
     with pytest.raises(argparse.ArgumentError, match="um-per-pixel"):
         parser.parse_args(["DIR", f"--um-per-pixel={text}"])
     assert parser.parse_args(["DIR", "--um-per-pixel", "0.1"]).um_per_pixel == 0.1
+
+
+def test_an_image_beyond_the_size_limits_is_refused_before_it_is_decoded() -> None:
+    from marrowdx.client.fields import prepare_image
+
+    from marrowdx.errors import RequestFailed
+
+    with pytest.raises(RequestFailed, match="smallest side"):
+        prepare_image(picture((8, 400), []), 0.1)
+    # a PNG header of 9000 x 8000 pixels: refused from the header, nothing is decoded
+    ihdr = struct.pack(">IIBBBBB", 9000, 8000, 8, 2, 0, 0, 0)
+    chunk = b"IHDR" + ihdr
+    huge = b"\x89PNG\r\n\x1a\n" + struct.pack(">I", 13) + chunk
+    huge += struct.pack(">I", zlib.crc32(chunk)) + struct.pack(">I", 0) + b"IEND"
+    huge += struct.pack(">I", zlib.crc32(b"IEND"))
+    with pytest.raises(RequestFailed, match="above the limit"):
+        prepare_image(huge, 0.1)
+
+
+def test_the_json_and_the_command_output_carry_the_spacing_and_its_warning(capsys) -> None:
+    from marrowdx.client.cli import print_spacing_warnings
+    from marrowdx.client.report import cohort_to_dict
+
+    transport = FakeTransport()
+    client = AsyncMarrowClient(transport=transport)  # type: ignore[arg-type]
+    blank = picture((FIELD, FIELD), [])
+    report = asyncio.run(client.diagnose_patient("P", [blank], names=["P/a.png"]))
+    (image,) = cohort_to_dict([report])["patients"][0]["images"]
+    assert image["spacing"]["source"] == "assumed" and image["spacing"]["fields"] == 1
+    print_spacing_warnings([report], sys.stderr)
+    err = capsys.readouterr().err
+    assert err.startswith("warning: P/a.png: pixel spacing could not be estimated")
