@@ -25,7 +25,9 @@ KINDS = contract.EXPORTED_MODELS
 #: Processes rendering the training cohort (the simulator's output is identical for any count).
 SIMULATION_WORKERS = 2
 #: Bump when model code changes in a way that invalidates trained weights.
-MODEL_CODE_VERSION = 5
+MODEL_CODE_VERSION = 6
+#: The reference weights shipped inside the package (``marrowdx.models``), with their card.
+SHIPPED_PRESET = "reference"
 
 
 @dataclass
@@ -155,8 +157,39 @@ def simulate_once(
     return out
 
 
-def train_models(layout: BuildLayout, preset, cohort_dir: Path, log: Progress) -> None:
-    """Train all three models on a cohort and save their checkpoints."""
+def shipped_weights_dir() -> Path:
+    """Where the package keeps the reference weights (``marrowdx.models``' ``weights/``)."""
+    from marrowdx.models import checkpoints
+
+    return Path(checkpoints.__file__).resolve().parent / "weights" / SHIPPED_PRESET
+
+
+def install_shipped_weights(layout: BuildLayout, preset, log: Progress) -> bool:
+    """Copy the shipped reference weights into the build when they were trained by this
+    code and preset (so a fresh clone serves them without training); False otherwise."""
+    import shutil
+
+    source_dir = shipped_weights_dir()
+    if preset.name != SHIPPED_PRESET or not all(
+        (source_dir / f"{kind}.pt").exists() for kind in KINDS
+    ):
+        return False
+    from marrowdx.models.checkpoints import read_metadata
+
+    stamps = {read_metadata(source_dir / f"{k}.pt").get("preset_fingerprint") for k in KINDS}
+    if stamps != {_stamp(preset)}:
+        log(f"shipped weights in {source_dir} are from other code ({stamps}); not used")
+        return False
+    layout.weights_dir.mkdir(parents=True, exist_ok=True)
+    for kind in KINDS:
+        shutil.copy2(source_dir / f"{kind}.pt", layout.checkpoint(kind))
+    log(f"installed the shipped reference weights from {source_dir} (see docs/model_card.md)")
+    return True
+
+
+def train_models(layout: BuildLayout, preset, cohort_dir: Path, log: Progress, real=None) -> None:
+    """Train all three models on a cohort (plus real images when given: a
+    ``training.real_data.RealData``) and save their checkpoints."""
     from marrowdx.models.checkpoints import checkpoint_metadata, save_checkpoint
     from marrowdx.training import train
     from marrowdx.training.data import prepare_cohort
@@ -166,15 +199,16 @@ def train_models(layout: BuildLayout, preset, cohort_dir: Path, log: Progress) -
     description = {
         **data.description,
         "source": "marrowdx.simulate" if cohort_dir.name.startswith("train-") else str(cohort_dir),
+        "real_data": real.description if real is not None else None,
     }
     log(
         "training on {images} images, {cells} cells, {patients} patients".format(**data.description)
     )
     t0 = time.monotonic()
-    detector = train.train_detector(data, preset, log)
+    detector = train.train_detector(data, preset, log, real)
     log(f"detector trained in {time.monotonic() - t0:.0f}s")
     t0 = time.monotonic()
-    classifier = train.train_classifier(data, preset, log)
+    classifier = train.train_classifier(data, preset, log, real)
     log(f"classifier trained in {time.monotonic() - t0:.0f}s")
     t0 = time.monotonic()
     confusion = train.classifier_confusion(classifier, data)
@@ -277,11 +311,14 @@ def build_onnx_models(
     cohort: Path | None = None,
     progress: bool = True,
     force_train: bool = False,
+    real_data: tuple[Path, ...] = (),
 ) -> OnnxModels:
     """Train (only when weights are missing/stale) and export (only when ONNX is older).
 
     ``cohort`` trains on an existing cohort folder (ground_truth.json); without it the
-    preset's own cohort is simulated under ``work_dir`` with a fixed seed.
+    preset's own cohort is simulated under ``work_dir`` with a fixed seed. ``real_data``:
+    folders of real annotated images (``marrowdx.datasets``) trained on beside it; giving
+    them always trains. Without them, the reference preset takes the shipped weights.
     """
     from marrowdx.export.onnx_export import read_onnx_metadata
     from marrowdx.training.data import ground_truth_key
@@ -296,11 +333,20 @@ def build_onnx_models(
             from marrowdx.training.data import read_ground_truth
 
             cohort_key = ground_truth_key(read_ground_truth(Path(cohort)))
-        if force_train or not weights_current(layout, spec, cohort_key):
+        current = weights_current(layout, spec, cohort_key)
+        if not (current or force_train or real_data or cohort is not None):
+            current = install_shipped_weights(layout, spec, log)
+        if force_train or real_data or not current:
             cohort_dir = (
                 Path(cohort) if cohort is not None else ensure_training_cohort(layout, spec, log)
             )
-            train_models(layout, spec, cohort_dir, log)
+            real = None
+            if real_data:
+                from marrowdx.training.real_data import load_sets, real_from_datasets
+
+                sets = load_sets(real_data, layout.work_dir, log)
+                real = real_from_datasets(sets, log=log)
+            train_models(layout, spec, cohort_dir, log, real)
         else:
             log(f"weights for preset {spec.name!r} are current ({layout.weights_dir})")
         if not calibration_current(layout):

@@ -330,8 +330,13 @@ def leading_rows(x: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class ClassifierSpec:
-    widths: tuple[int, int, int] = (16, 32, 64)
+    """Backbone: a stem of two 3x3 layers at ``widths[0]`` (the first with ``stem_stride``),
+    then per further width a stride-2 layer and a 3x3 layer; global pooling; one hidden
+    layer. The defaults are the reference classifier (choice and costs: docs/model_card.md)."""
+
+    widths: tuple[int, ...] = (16, 32, 64, 128)
     hidden: int = 128
+    stem_stride: int = 1
     crop_size: int = config.CROP_SIZE
     crop_margin: float = roi.CROP_CONTEXT_MARGIN
     input_size: int = config.INPUT_SIZE
@@ -340,6 +345,14 @@ class ClassifierSpec:
     n_attributes: int = config.N_ATTRIBUTES
     # per-field stain/light normalisation as the graph's first op (StainNormalizer)
     stain_normalization: bool = True
+
+
+def backbone_layers(widths: tuple[int, ...], stem_stride: int) -> list[nn.Module]:
+    """The classifier's convolutional layers (see :class:`ClassifierSpec`)."""
+    layers = [conv_bn(3, widths[0], stem_stride), conv_bn(widths[0], widths[0])]
+    for cin, cout in zip(widths[:-1], widths[1:], strict=True):
+        layers += [conv_bn(cin, cout, 2), conv_bn(cout, cout)]
+    return [*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten()]
 
 
 class CellClassifier(nn.Module):
@@ -355,18 +368,10 @@ class CellClassifier(nn.Module):
         super().__init__()
         self.spec = spec
         self.normalize = PixelNormalizer(spec.stain_normalization)
-        w1, w2, w3 = spec.widths
-        self.backbone = nn.Sequential(
-            conv_bn(3, w1, 2),
-            conv_bn(w1, w1),
-            conv_bn(w1, w2, 2),
-            conv_bn(w2, w2),
-            conv_bn(w2, w3, 2),
-            conv_bn(w3, w3),
-            nn.AdaptiveAvgPool2d(1),
-            nn.Flatten(),
+        self.backbone = nn.Sequential(*backbone_layers(spec.widths, spec.stem_stride))
+        self.trunk = nn.Sequential(
+            nn.Linear(spec.widths[-1] + 2, spec.hidden), nn.ReLU(inplace=True)
         )
-        self.trunk = nn.Sequential(nn.Linear(w3 + 2, spec.hidden), nn.ReLU(inplace=True))
         self.class_head = nn.Linear(spec.hidden, spec.n_classes)
         self.attribute_head = nn.Linear(spec.hidden, spec.n_attributes)
         # fitted after training on a held-out cohort; 1 (identity) until then

@@ -38,14 +38,18 @@ def _add_cohort(parser: argparse.ArgumentParser, required: bool, help_text: str)
 
 
 def add_data_options(parser: argparse.ArgumentParser) -> None:
-    """``--data DIR``: a DICOM slide cohort (``marrowdx.training.slides``); also on build."""
+    """``--data DIR`` (repeatable): a DICOM slide cohort (``marrowdx.training.slides``) or a
+    real annotated image set (``marrowdx.datasets``); also on build."""
     parser.add_argument(
         "--data",
         type=Path,
+        action="append",
         default=None,
         metavar="DIR",
-        help="a DICOM slide cohort: DIR/<patient_id>/ holds one slide and its annotation series; "
-        "its ROIs are tiled into the fields the server sees, labelled from --annotations",
+        help="real data, repeatable: a DICOM slide cohort (DIR/<patient_id>/ holds one slide "
+        "and its annotation series; its ROIs are tiled into the fields the server sees, "
+        "labelled from --annotations) or an annotated image set (single-cell crops, YOLO, "
+        "VOC or COCO with its marrowdx-dataset.toml; see `marrowdx data`)",
     )
     parser.add_argument(
         "--annotations",
@@ -65,7 +69,10 @@ def slide_data_cohort(args: argparse.Namespace) -> Path:
         if not getattr(args, "quiet", False):
             print(f"[marrowdx data] {message}", file=sys.stderr, flush=True)
 
-    cohort = field_cohort(args.data, work_dir_of(args), source=args.annotations, log=log)
+    slides = [d for d in args.data if is_slide_cohort(d)]
+    if len(slides) != 1:
+        raise InputError(f"expected one DICOM slide cohort among --data, got {len(slides)}")
+    cohort = field_cohort(slides[0], work_dir_of(args), source=args.annotations, log=log)
     for folder, reason in cohort.skipped.items():
         print(f"warning: slide {folder} skipped: {reason}", file=sys.stderr)
     if cohort.unmapped_labels:
@@ -74,10 +81,24 @@ def slide_data_cohort(args: argparse.Namespace) -> Path:
     return cohort.root
 
 
+def is_slide_cohort(folder: Path) -> bool:
+    """True when ``folder`` holds patient folders of DICOM slides (not an image data set)."""
+    from marrowdx.slides.detect import is_slide_folder
+
+    return Path(folder).is_dir() and any(
+        is_slide_folder(sub) for sub in Path(folder).iterdir() if sub.is_dir()
+    )
+
+
+def real_data_sets(args: argparse.Namespace) -> tuple[Path, ...]:
+    """The ``--data`` folders that are annotated image sets (not slide cohorts)."""
+    return tuple(d for d in (getattr(args, "data", None) or []) if not is_slide_cohort(d))
+
+
 def _resolve_cohort(args: argparse.Namespace) -> Path | None:
     """The cohort folder to use (COCO or slides converted), or None; InputError naming what
     is wrong."""
-    if getattr(args, "data", None) is not None:
+    if getattr(args, "data", None) and real_data_sets(args) != tuple(args.data):
         if args.cohort is not None or args.coco is not None:
             raise InputError("--data (slides) and --cohort/--coco name the data twice: pick one")
         return slide_data_cohort(args)
@@ -121,6 +142,7 @@ def run_train(args: argparse.Namespace) -> int:
         cohort=cohort,
         progress=not args.quiet,
         force_train=args.force,
+        real_data=real_data_sets(args),
     )
     for kind, path in models.paths().items():
         print(f"{kind}: {path}")
@@ -155,12 +177,60 @@ def configure_evaluate(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--shift-strength", type=float, default=1.0, help="with --shifts: magnitude (1.0)"
     )
+    parser.add_argument(
+        "--estimate-spacing",
+        action="store_true",
+        help="with real image sets: give the client no pixel spacing (it estimates each "
+        "image's from its red cells) instead of the set's declared or red-cell-box one",
+    )
+
+
+def run_real_evaluation(args: argparse.Namespace, sets: tuple[Path, ...]) -> int:
+    """``evaluate --data DIR`` on annotated image sets: their validation splits through the
+    served models and the client's logic (``training.real_eval``)."""
+    import sys
+
+    from marrowdx.training.real_data import load_sets
+    from marrowdx.training.real_eval import evaluate_real, format_real_table, plot_confusion
+
+    from marrowdx.serving.repository import build_repository
+
+    def log(message: str) -> None:
+        if not args.quiet:
+            print(f"[marrowdx evaluate] {message}", file=sys.stderr, flush=True)
+
+    work_dir = work_dir_of(args)
+    from marrowdx.export.build import build_onnx_models
+
+    models = build_onnx_models(work_dir, args.preset, progress=not args.quiet)
+    repository = work_dir / "evaluate" / args.preset / "model_repository"
+    build_repository(repository, "cpu", work_dir, args.preset, onnx_files=models.paths())
+    report = evaluate_real(
+        load_sets(sets, work_dir, log),
+        repository,
+        um_per_pixel=getattr(args, "um_per_pixel", None),
+        estimate=args.estimate_spacing,
+        log=log,
+    )
+    print(format_real_table(report))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"preset": args.preset, **report.as_dict()}, indent=2))
+        for crops in report.crops:
+            png = args.json.with_name(f"{args.json.stem}_{crops.dataset}_confusion.png")
+            print(f"confusion matrix: {plot_confusion(crops, png)}")
+    return 0
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
     from marrowdx.export.build import build_onnx_models
     from marrowdx.training.evaluate import evaluate_cohort, format_table
 
+    sets = real_data_sets(args)
+    if sets:
+        if args.cohort is not None or args.coco is not None or len(sets) != len(args.data):
+            raise InputError("evaluate real image sets (--data) on their own, not with a cohort")
+        return run_real_evaluation(args, sets)
     cohort = _resolve_cohort(args)
     work_dir = work_dir_of(args)
     kinds = None

@@ -42,6 +42,14 @@ class TrainingPreset:
     # inter-lab variation applied to the training images (training.augment); off unless a
     # preset turns it on (it needs more classifier steps: README "Model quality")
     augment: AugmentSpec = NO_AUGMENT
+    # real annotated images (``--data``; training.real_data), used only when given: real
+    # fields per detector step, real single-cell crops and real field cells per classifier
+    # step, the weight of their (partial-label) loss, and their random zoom U(1 -+ z)
+    det_real_batch: int = 0
+    cls_real_crops: int = 0
+    cls_real_cells: int = 0
+    real_weight: float = 1.0
+    real_zoom: float = 0.0
 
     def fingerprint(self) -> str:
         """Stable hash of everything that affects the trained weights. Without augmentation
@@ -61,13 +69,21 @@ PRESETS: dict[str, TrainingPreset] = {
         images_per_patient=4,
         detector=DetectorSpec(score_threshold=0.5),
         det_steps=1600,
+        det_batch=6,
         det_crop=256,
-        cls_steps=1500,
+        cls_steps=1800,
         diag_patients=8000,
         diag_steps=800,
         # inter-lab variation; with the in-graph stain normalisation it cost no unshifted
         # accuracy once the classifier had 1500 steps (600 were too few)
         augment=AugmentSpec(),
+        # real images (when --data gives them): as many real windows as simulated ones per
+        # detector step; per classifier step 48 real crops and 16 real field cells beside
+        # the 128 simulated cells; zoom +-25% covers the uncertainty of real spacings
+        det_real_batch=6,
+        cls_real_crops=48,
+        cls_real_cells=16,
+        real_zoom=0.25,
     ),
     "tiny": TrainingPreset(
         name="tiny",
@@ -86,6 +102,10 @@ PRESETS: dict[str, TrainingPreset] = {
         diagnosis=DiagnosisSpec(hidden=16),
         diag_patients=500,
         diag_steps=50,
+        det_real_batch=2,
+        cls_real_crops=8,
+        cls_real_cells=4,
+        real_zoom=0.25,
         # on, so that CI runs the augmentation hooks of training (tiny's quality is no target)
         augment=AugmentSpec(),
     ),

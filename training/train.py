@@ -14,6 +14,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 import torch.nn.functional as F
+from marrowdx.models import roi
 from marrowdx.models.networks import (
     CellClassifier,
     CellDetector,
@@ -29,6 +30,7 @@ from marrowdx.training.augment import (
 from marrowdx.training.data import PreparedCohort
 from marrowdx.training.heatmap_labels import detector_loss, flip_heatmap_labels, heatmap_labels
 from marrowdx.training.presets import TrainingPreset
+from marrowdx.training.real_data import RealData, place_crop, place_field
 
 from marrowdx import config, taxonomy
 
@@ -86,8 +88,30 @@ def detector_targets(data: PreparedCohort, input_size: int) -> np.ndarray:
     return np.stack(out) if out else np.zeros((0, 6, 1, 1), np.float32)
 
 
+def real_detector_samples(
+    real: RealData, n: int, preset: TrainingPreset, rng: np.random.Generator
+) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """``n`` real fields placed on detector windows (mirror-padded, random zoom and flips),
+    with their heatmap targets: white cells and platelets are cells, red cells background."""
+    xs, ts = [], []
+    for i in rng.integers(0, len(real.fields), n):
+        zoom = float(rng.uniform(1 - preset.real_zoom, 1 + preset.real_zoom))
+        x, boxes, _ = place_field(real.fields[i], zoom, rng, preset.det_crop)
+        t = heatmap_labels(boxes, preset.det_crop)
+        if rng.random() < 0.5:
+            x, t = x[:, :, ::-1], flip_heatmap_labels(t, horizontal=True)
+        if rng.random() < 0.5:
+            x, t = x[:, ::-1, :], flip_heatmap_labels(t, horizontal=False)
+        xs.append(photometric(np.ascontiguousarray(x), preset.augment, rng))
+        ts.append(t)
+    return xs, ts
+
+
 def train_detector(
-    data: PreparedCohort, preset: TrainingPreset, log: Log = _silent
+    data: PreparedCohort,
+    preset: TrainingPreset,
+    log: Log = _silent,
+    real: RealData | None = None,
 ) -> CellDetector:
     set_determinism(preset.seed)
     rng = np.random.default_rng(preset.seed)
@@ -122,6 +146,9 @@ def train_detector(
                 x, t = x[:, ::-1, :], flip_heatmap_labels(t, horizontal=False)
             xs.append(photometric(np.ascontiguousarray(x), aug, rng))
             ts.append(t)
+        if real is not None and real.fields and preset.det_real_batch:
+            real_x, real_t = real_detector_samples(real, preset.det_real_batch, preset, rng)
+            xs, ts = xs + real_x, ts + real_t
         x = model.normalize(torch.from_numpy(np.stack(xs)))
         t = torch.from_numpy(np.stack(ts))
         _cosine_lr(opt, preset.det_lr, step, preset.det_steps)
@@ -165,8 +192,68 @@ def augment_crops(crops: torch.Tensor, rng: np.random.Generator) -> torch.Tensor
     return crops
 
 
+def partial_label_loss(logits: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+    """Mean of -log P(true class in the allowed set): a group label ("a blast", "a white
+    cell") is trained on the group's summed probability, never forced into one class."""
+    log_p = torch.log_softmax(logits, dim=-1)
+    return -torch.logsumexp(log_p.masked_fill(~allowed, float("-inf")), dim=-1).mean()
+
+
+def real_classifier_batch(
+    model: CellClassifier, real: RealData, preset: TrainingPreset, rng: np.random.Generator
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Logits and allowed-class masks of one step's real cells: single-cell crops (balanced
+    over their source labels) and cells of real fields, each on its own small canvas."""
+    canvases, boxes, allowed = [], [], []
+    if real.crops and preset.cls_real_crops:
+        groups = real.crop_labels()
+        picks = rng.integers(0, groups.max() + 1, preset.cls_real_crops)
+        for g in picks:
+            image = real.crops[int(rng.choice(np.flatnonzero(groups == g)))]
+            zoom = float(rng.uniform(1 - preset.real_zoom, 1 + preset.real_zoom))
+            x, box = place_crop(image, zoom)
+            canvases.append(x)
+            boxes.append(box)
+            allowed.append(image.allowed[0])
+    field_cells, field_boxes, field_allowed = [], [], []
+    if real.fields and preset.cls_real_cells:
+        with_cells = [f for f in real.fields if len(f.boxes)]
+        for i in rng.integers(0, len(with_cells), preset.cls_real_cells):
+            image = with_cells[i]
+            zoom = float(rng.uniform(1 - preset.real_zoom, 1 + preset.real_zoom))
+            x, _, originals = place_field(image, zoom, rng, preset.det_crop)
+            j = int(rng.integers(0, len(originals)))
+            field_cells.append(x)
+            field_boxes.append(originals[j])
+            field_allowed.append(image.allowed[j])
+    logits, masks = [], []
+    for xs, bs, al in (
+        (canvases, boxes, allowed),
+        (field_cells, field_boxes, field_allowed),
+    ):
+        if not xs:
+            continue
+        pixels = model.normalize(
+            torch.from_numpy(np.stack([photometric(x, preset.augment, rng) for x in xs]))
+        )
+        box_t = torch.from_numpy(jitter_boxes(np.stack(bs), rng))
+        size = (pixels.shape[2], pixels.shape[3])
+        crops = roi.crop_boxes(
+            pixels, box_t[:, None], model.crop_steps, size, model.spec.crop_margin
+        )
+        cls, _ = model.classify_crops(augment_crops(crops, rng), box_t[None])
+        logits.append(cls[0])
+        masks.append(torch.from_numpy(np.stack(al)))
+    if not logits:
+        return None
+    return torch.cat(logits), torch.cat(masks)
+
+
 def train_classifier(
-    data: PreparedCohort, preset: TrainingPreset, log: Log = _silent
+    data: PreparedCohort,
+    preset: TrainingPreset,
+    log: Log = _silent,
+    real: RealData | None = None,
 ) -> CellClassifier:
     set_determinism(preset.seed + 1)
     rng = np.random.default_rng(preset.seed + 1)
@@ -201,6 +288,10 @@ def train_classifier(
         a = torch.from_numpy(np.concatenate(attrs))
         loss = F.cross_entropy(cls.reshape(-1, cls.shape[-1]), y, label_smoothing=LABEL_SMOOTHING)
         loss = loss + F.binary_cross_entropy_with_logits(att.reshape(-1, att.shape[-1]), a)
+        if real is not None and not real.empty:
+            real_batch = real_classifier_batch(model, real, preset, rng)
+            if real_batch is not None:
+                loss = loss + preset.real_weight * partial_label_loss(*real_batch)
         _cosine_lr(opt, preset.cls_lr, step, preset.cls_steps)
         opt.zero_grad()
         loss.backward()

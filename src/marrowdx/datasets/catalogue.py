@@ -83,6 +83,8 @@ PUBLIC_SETS: dict[str, PublicSet] = {s.key: s for s in (
         where="The Cancer Imaging Archive (TCIA), collection "
         "Bone-Marrow-Cytomorphology_MLL_Helmholtz_Fraunhofer (IBM Aspera download); unpack so "
         "that each class code is a folder (its numbered sub-folders may stay)",
+        # red cells about 100 px (8 µm) and segmented neutrophils about 110 px across
+        um_per_pixel=0.09,
         labels={
             "ABE": ("eosinophils", "abnormal eosinophil"),
             "ART": ("artifact", "artefact"),

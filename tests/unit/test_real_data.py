@@ -1,0 +1,161 @@
+"""Real images for training (training.real_data), the partial-label loss, shipped weights."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from marrowdx.training import real_data  # noqa: E402
+from marrowdx.training.train import partial_label_loss  # noqa: E402
+
+from marrowdx import config, taxonomy
+
+SAMPLES = Path(__file__).resolve().parents[1] / "data" / "real"
+
+
+def test_mirror_place_copies_every_box_with_the_pixels_under_it() -> None:
+    rng = np.random.default_rng(0)
+    rgb = rng.integers(0, 255, (20, 30, 3), dtype=np.uint8)
+    box = np.array([[2, 3, 8, 9]], np.float32)
+    canvas, boxes = real_data.mirror_place(rgb, box, 64, (5, 7))
+    assert canvas.shape == (3, 64, 64)
+    # the original sits at its offset
+    assert np.array_equal(canvas[:, 7:27, 5:35], rgb.transpose(2, 0, 1))
+    # the copy to the right is the image flipped left-right
+    assert np.array_equal(canvas[:, 7:27, 35:64], rgb[:, ::-1][:, :29].transpose(2, 0, 1))
+    assert any(np.allclose(b, [7, 10, 13, 16]) for b in boxes)  # original box, shifted
+    # and its reflection about the image's right edge (x = 35): x 2..8 -> 57..63
+    assert any(np.allclose(b, [57, 10, 63, 16]) for b in boxes)
+    # every box holds the same pixels as the original box (up to flips)
+    patch = rgb[3:9, 2:8].transpose(2, 0, 1)
+    variants = [patch, patch[:, :, ::-1], patch[:, ::-1], patch[:, ::-1, ::-1]]
+    for b in boxes.astype(int):
+        x0, y0, x1, y1 = b
+        if x1 - x0 == 6 and y1 - y0 == 6:
+            cut = canvas[:, y0:y1, x0:x1]
+            assert any(np.array_equal(cut, v) for v in variants)
+
+
+def test_split_of_is_stable_and_respects_a_declared_split() -> None:
+    names = [Path(f"cell_{i:04d}.jpg") for i in range(400)]
+    splits = [real_data.split_of(n, None) for n in names]
+    assert splits == [real_data.split_of(n, None) for n in reversed(names)][::-1]
+    held_out = splits.count("val") / len(splits)
+    assert abs(held_out - real_data.VALIDATION_PERCENT / 100) < 0.06
+    assert real_data.split_of(names[0], "test") == "test"
+
+
+def test_red_cell_spacing_ignores_cells_cut_by_the_border() -> None:
+    side = 32.0
+    boxes = np.array([[10, 10, 10 + side, 10 + side], [50, 50, 50 + side, 50 + side]])
+    assert real_data.red_cell_spacing(boxes, 200, 200) == pytest.approx(config.MODEL_UM_PER_PIXEL)
+    cut = np.vstack([boxes, [[0, 0, 5, 5]] * 5])  # small cut cells at the corner: left out
+    assert real_data.red_cell_spacing(cut, 200, 200) == pytest.approx(config.MODEL_UM_PER_PIXEL)
+    assert real_data.red_cell_spacing(np.zeros((0, 4)), 200, 200) is None
+
+
+def test_centre_cell_box_finds_the_stained_cell_at_the_centre() -> None:
+    rgb = np.full((100, 100, 3), 235, np.uint8)
+    yy, xx = np.mgrid[0:100, 0:100]
+    rgb[(yy - 50) ** 2 + (xx - 48) ** 2 < 15**2] = (90, 60, 150)  # purple cell
+    rgb[(yy - 10) ** 2 + (xx - 10) ** 2 < 6**2] = (90, 60, 150)  # a neighbour
+    x0, y0, x1, y1 = real_data.centre_cell_box(rgb)
+    assert (x0, y0) == pytest.approx((34, 36), abs=2)
+    assert (x1, y1) == pytest.approx((63, 65), abs=2)
+
+
+def test_partial_label_loss_is_cross_entropy_for_one_class_and_summed_for_a_group() -> None:
+    logits = torch.randn(4, config.N_CLASSES)
+    one = torch.zeros(4, config.N_CLASSES, dtype=torch.bool)
+    one[torch.arange(4), torch.tensor([0, 5, 7, 19])] = True
+    expected = torch.nn.functional.cross_entropy(logits, torch.tensor([0, 5, 7, 19]))
+    assert partial_label_loss(logits, one) == pytest.approx(float(expected), rel=1e-5)
+    blasts = torch.zeros(1, config.N_CLASSES, dtype=torch.bool)
+    blasts[0, list(range(4))] = True
+    p = torch.softmax(logits[:1], -1)[0, :4].sum()
+    assert partial_label_loss(logits[:1], blasts) == pytest.approx(float(-torch.log(p)), rel=1e-5)
+
+
+def test_real_from_datasets_reads_the_committed_samples(tmp_path: Path) -> None:
+    from marrowdx.datasets import load_dataset
+
+    crops = load_dataset(SAMPLES / "matek_bm_crops", um_per_pixel=0.09)
+    fields = load_dataset(
+        SAMPLES / "txl_pbc_yolo",
+        labels={"WBC": "nucleated", "RBC": "red_cell", "Platelet": "thrombocyte"},
+    )
+    both = real_data.real_from_datasets([crops, fields], splits=("train", "val"))
+    assert len(both.crops) == len(crops.crops) == 6
+    assert len(both.fields) == 3
+    for image in both.fields:
+        assert image.allowed.shape == (len(image.boxes), config.N_CLASSES)
+        # white cells allow every nucleated class; red cells are not targets at all
+        assert image.allowed.any(axis=1).all()
+    labels = {c.label for c in both.crops}
+    assert labels == {"BLA", "NGS", "NIF"}
+    blast = next(c for c in both.crops if c.label == "BLA")
+    assert blast.allowed[0].sum() == 4 and blast.allowed[0, taxonomy.CLASS_INDEX["unknown_blast"]]
+    train_only = real_data.real_from_datasets([crops], splits=("train",))
+    val = [c for c in crops.crops if real_data.split_of(c.path, c.split) == "val"]
+    assert len(train_only.crops) == 6 - len(val)
+    x, box = real_data.place_crop(both.crops[0], 1.0)
+    assert x.shape == (3, real_data.CROP_CANVAS, real_data.CROP_CANVAS)
+    centre = ((box[0] + box[2]) / 2, (box[1] + box[3]) / 2)
+    assert centre == pytest.approx((real_data.CROP_CANVAS / 2,) * 2, abs=1)
+
+
+@pytest.mark.slow
+def test_trainers_take_real_images_beside_the_simulated_cohort(tmp_path: Path) -> None:
+    from marrowdx.training import train
+    from marrowdx.training.data import prepare_cohort
+    from marrowdx.training.presets import get_preset
+
+    from marrowdx.datasets import load_dataset
+    from marrowdx.simulate import simulate_cohort
+
+    simulate_cohort(tmp_path / "cohort", 1, 3, images_per_patient=1, size=config.FIELD_SIZE)
+    data = prepare_cohort(tmp_path / "cohort", tmp_path / "cache")
+    real = real_data.real_from_datasets(
+        [
+            load_dataset(SAMPLES / "matek_bm_crops", um_per_pixel=0.09),
+            load_dataset(
+                SAMPLES / "txl_pbc_yolo",
+                labels={"WBC": "nucleated", "RBC": "red_cell", "Platelet": "thrombocyte"},
+            ),
+        ],
+        splits=("train", "val"),
+    )
+    preset = dataclasses.replace(get_preset("tiny"), det_steps=2, cls_steps=2)
+    detector = train.train_detector(data, preset, real=real)
+    classifier = train.train_classifier(data, preset, real=real)
+    assert not detector.training and not classifier.training
+    batch = train.real_classifier_batch(classifier.train(), real, preset, np.random.default_rng(0))
+    assert batch is not None
+    logits, allowed = batch
+    assert logits.shape == (preset.cls_real_crops + preset.cls_real_cells, config.N_CLASSES)
+    assert allowed.shape == logits.shape and allowed.any(dim=1).all()
+
+
+def test_the_shipped_reference_weights_are_current(tmp_path: Path) -> None:
+    """The committed weights were trained by this code and preset: change either and this
+    fails, saying the weights must be retrained (docs/model_card.md) before they ship."""
+    from marrowdx.export import build
+    from marrowdx.models.checkpoints import read_metadata
+    from marrowdx.training.presets import get_preset
+
+    preset = get_preset(build.SHIPPED_PRESET)
+    for kind in build.KINDS:
+        meta = read_metadata(build.shipped_weights_dir() / f"{kind}.pt")
+        assert meta is not None, f"{kind}.pt is not shipped in {build.shipped_weights_dir()}"
+        assert meta["preset_fingerprint"] == build._stamp(preset), (
+            f"{kind}.pt was trained by other code or another preset: retrain the reference "
+            "weights (docs/model_card.md)"
+        )
+        assert meta["training_data"]["real_data"]["crops"] > 0
+    layout = build.BuildLayout(tmp_path, preset.name)
+    assert build.install_shipped_weights(layout, preset, build.Progress(False))
+    assert build.weights_current(layout, preset)
+    assert build.calibration_current(layout)

@@ -1,0 +1,292 @@
+"""Quality on real annotated images, through the very path a user's images take.
+
+Each image goes through the client's logic (``AsyncMarrowClient.analyse_image``: pixel
+spacing, resampling, padding or tiling, the quality gate) over the in-process pipeline
+(the served ONNX graphs and the same DALI preprocessing), so what is measured here is what
+``marrowdx diagnose`` reports. Only a set's validation split is scored (``real_data.split_of``:
+its own ``val`` split, else the hashed hold-out): never what training saw, never a test split.
+
+Fields (boxes): white-cell AP50 (nucleated cells; platelets and red cells are not white
+cells) and the share of fields whose white-cell count is right. Single-cell crops: the cell
+found at the crop's centre, its class mapped back to the set's labels, macro-F1 over them
+and the confusion matrix.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+from marrowdx.training import metrics
+from marrowdx.training.real_data import red_cell_spacing, split_of
+
+from marrowdx import taxonomy
+
+#: A crop's cell is the detection whose box holds the crop's centre, else the nearest one
+#: whose centre lies within this share of the crop's shorter side.
+CENTRE_RADIUS = 0.2
+#: Label of a crop whose centre cell was not found / whose class no set label covers.
+NO_CELL = "(no cell)"
+OTHER = "(other class)"
+NUCLEATED = {c for c in taxonomy.CLASSES if taxonomy.COUNTING_ROLES[c].nucleated}
+
+Log = Callable[[str], None]
+
+
+@dataclass
+class FieldScores:
+    dataset: str
+    n_images: int
+    n_white_cells: int
+    white_cell_ap50: float
+    count_exact: float  # share of fields with the right number of white cells
+    mean_abs_count_error: float
+    extra_white_cells_per_field: float  # found white cells beyond the true count, per field
+    failed: int
+
+
+@dataclass
+class CropScores:
+    dataset: str
+    n_images: int
+    labels: list[str]
+    per_label_f1: dict[str, float]
+    macro_f1: float
+    no_centre_cell: float  # share of crops whose centre cell was not found
+    confusion: list[list[int]]  # rows: true label, columns: labels + OTHER + NO_CELL
+    failed: int
+
+
+@dataclass
+class RealReport:
+    fields: list[FieldScores] = field(default_factory=list)
+    crops: list[CropScores] = field(default_factory=list)
+
+    def as_dict(self) -> dict:
+        return {
+            "fields": [asdict(f) for f in self.fields],
+            "crops": [asdict(c) for c in self.crops],
+        }
+
+
+def _label_of_class(dataset, label_names: Sequence[str]) -> dict[str, str]:
+    """Predicted taxonomy class -> the set's label whose target holds it (first wins)."""
+    out: dict[str, str] = {}
+    for name in label_names:
+        for index in dataset.label_map[name].classes:
+            out.setdefault(taxonomy.CLASSES[index], name)
+    return out
+
+
+def _centre_cell(result, width: int, height: int):
+    cx, cy = width / 2, height / 2
+    best, best_d = None, CENTRE_RADIUS * min(width, height)
+    for cell in result.cells:
+        x0, y0, x1, y1 = cell.box
+        if x0 <= cx <= x1 and y0 <= cy <= y1:
+            d = 0.0
+        else:
+            d = float(np.hypot((x0 + x1) / 2 - cx, (y0 + y1) / 2 - cy))
+        if d <= best_d:
+            best, best_d = cell, d
+    return best
+
+
+async def _analyse(client, items: Sequence[tuple[Path, float | None]], log: Log | None):
+    async def one(path: Path, um: float | None):
+        try:
+            return await client.analyse_image(path, path.name, um_per_pixel=um)
+        except Exception as exc:  # noqa: BLE001 - a failed image is counted, not fatal
+            return f"{type(exc).__name__}: {exc}"
+
+    results = []
+    for start in range(0, len(items), 64):
+        chunk = items[start : start + 64]
+        results += await asyncio.gather(*(one(p, u) for p, u in chunk))
+        if log is not None:
+            log(f"  {min(start + 64, len(items))}/{len(items)} images")
+    return results
+
+
+def score_fields(dataset, results, fields) -> FieldScores:
+    scores, tp, n_true, exact, errors, extra, failed = [], [], 0, 0, [], 0, 0
+    for f, result in zip(fields, results, strict=True):
+        white = np.array(
+            [t.kind == "classes" and bool(set(t.class_names) & NUCLEATED) for t in f.targets],
+            bool,
+        )
+        gt = f.boxes[white] if len(f.boxes) else np.zeros((0, 4), np.float32)
+        n_true += len(gt)
+        if isinstance(result, str):
+            failed += 1
+            errors.append(len(gt))
+            continue
+        cells = [c for c in result.cells if c.label in NUCLEATED]
+        pred = np.array([c.box for c in cells], np.float32).reshape(-1, 4)
+        s = np.array([c.score for c in cells], np.float32)
+        m = metrics.match_detections(pred, s, gt)
+        scores.append(s)
+        tp.append(m.true_positive)
+        exact += int(len(cells) == len(gt))
+        errors.append(abs(len(cells) - len(gt)))
+        extra += max(0, len(cells) - len(gt))
+    all_s = np.concatenate(scores) if scores else np.zeros(0)
+    all_tp = np.concatenate(tp) if tp else np.zeros(0, bool)
+    n = len(fields)
+    return FieldScores(
+        dataset=dataset.name,
+        n_images=n,
+        n_white_cells=n_true,
+        white_cell_ap50=metrics.average_precision(all_s, all_tp, n_true),
+        count_exact=exact / max(1, n),
+        mean_abs_count_error=float(np.mean(errors)) if errors else float("nan"),
+        extra_white_cells_per_field=extra / max(1, n),
+        failed=failed,
+    )
+
+
+def score_crops(dataset, results, crops) -> CropScores:
+    names = sorted({c.label for c in crops})
+    to_label = _label_of_class(dataset, names)
+    columns = [*names, OTHER, NO_CELL]
+    confusion = np.zeros((len(names), len(columns)), np.int64)
+    failed = 0
+    for crop, result in zip(crops, results, strict=True):
+        if isinstance(result, str):
+            failed += 1
+            predicted = NO_CELL
+        else:
+            height, width = result.size
+            cell = _centre_cell(result, width, height)
+            predicted = NO_CELL if cell is None else to_label.get(cell.label, OTHER)
+        confusion[names.index(crop.label), columns.index(predicted)] += 1
+    f1 = {}
+    for i, name in enumerate(names):
+        tp = confusion[i, i]
+        fp = confusion[:, i].sum() - tp
+        fn = confusion[i].sum() - tp
+        f1[name] = float(2 * tp / max(1, 2 * tp + fp + fn))
+    return CropScores(
+        dataset=dataset.name,
+        n_images=len(crops),
+        labels=columns,
+        per_label_f1=f1,
+        macro_f1=float(np.mean(list(f1.values()))) if f1 else float("nan"),
+        no_centre_cell=float(confusion[:, -1].sum() / max(1, confusion.sum())),
+        confusion=confusion.tolist(),
+        failed=failed,
+    )
+
+
+def field_spacing(dataset, f, given: float | None) -> float | None:
+    """The spacing a field is evaluated at: the one given, the set's declared one, or the
+    one its red-cell boxes give (as in training); None lets the client estimate it."""
+    if given is not None:
+        return given
+    if f.um_per_pixel:
+        return f.um_per_pixel
+    red = np.array([t.kind == "red_cell" for t in f.targets], bool)
+    return red_cell_spacing(f.boxes[red], f.width, f.height) if red.any() else None
+
+
+def evaluate_real(
+    datasets: Sequence,
+    repository: Path,
+    *,
+    um_per_pixel: float | None = None,
+    estimate: bool = False,
+    log: Log | None = None,
+) -> RealReport:
+    """Score every data set's validation split with the served models of ``repository``.
+
+    ``estimate``: give the client no spacing at all (it estimates each image's from its red
+    cells), to measure the estimator's effect on quality.
+    """
+    from marrowdx.client import AsyncMarrowClient
+    from marrowdx.client.quality import NO_GATING
+
+    from marrowdx.bench.referral import InProcessTransport
+    from marrowdx.serving.inprocess import InProcessPipeline
+
+    report = RealReport()
+
+    async def run() -> None:
+        client = AsyncMarrowClient(
+            transport=InProcessTransport(InProcessPipeline(repository)), quality=NO_GATING
+        )
+        async with client:
+            for ds in datasets:
+                fields = [f for f in ds.fields if split_of(f.path, f.split) == "val"]
+                crops = [c for c in ds.crops if split_of(c.path, c.split) == "val"]
+                if fields:
+                    if log is not None:
+                        log(f"{ds.name}: {len(fields)} validation fields")
+                    items = [
+                        (f.path, None if estimate else field_spacing(ds, f, um_per_pixel))
+                        for f in fields
+                    ]
+                    results = await _analyse(client, items, log)
+                    report.fields.append(score_fields(ds, results, fields))
+                if crops:
+                    if log is not None:
+                        log(f"{ds.name}: {len(crops)} validation crops")
+                    um = None if estimate else (um_per_pixel or ds.um_per_pixel)
+                    results = await _analyse(client, [(c.path, um) for c in crops], log)
+                    report.crops.append(score_crops(ds, results, crops))
+
+    asyncio.run(run())
+    return report
+
+
+def format_real_table(report: RealReport) -> str:
+    lines = []
+    if report.fields:
+        lines += [
+            "set          fields  white cells  AP50   right count  |count error|  extra/field",
+            "-----------  ------  -----------  -----  -----------  -------------  -----------",
+        ]
+        for f in report.fields:
+            lines.append(
+                f"{f.dataset:<11}  {f.n_images:>6}  {f.n_white_cells:>11}  "
+                f"{f.white_cell_ap50:.3f}  {f.count_exact:>11.0%}  {f.mean_abs_count_error:>13.2f}"
+                f"  {f.extra_white_cells_per_field:>11.2f}"
+            )
+    for c in report.crops:
+        lines.append(
+            f"{c.dataset}: {c.n_images} crops, macro-F1 {c.macro_f1:.3f}, no cell at the centre "
+            f"{c.no_centre_cell:.1%}; per label: "
+            + ", ".join(f"{k} {v:.2f}" for k, v in c.per_label_f1.items())
+        )
+    return "\n".join(lines)
+
+
+def plot_confusion(scores: CropScores, out: Path) -> Path:
+    """The crops' confusion matrix as a PNG (rows: true label, row-normalised)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    m = np.array(scores.confusion, np.float64)
+    norm = m / np.maximum(m.sum(1, keepdims=True), 1)
+    rows = scores.labels[: m.shape[0]]
+    fig, ax = plt.subplots(figsize=(1.0 + 0.7 * m.shape[1], 1.0 + 0.6 * m.shape[0]))
+    ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
+    ax.set_xticks(range(m.shape[1]), scores.labels, rotation=45, ha="right")
+    ax.set_yticks(range(m.shape[0]), rows)
+    for i in range(m.shape[0]):
+        for j in range(m.shape[1]):
+            if m[i, j]:
+                color = "white" if norm[i, j] > 0.5 else "black"
+                ax.text(j, i, int(m[i, j]), ha="center", va="center", fontsize=8, color=color)
+    ax.set_xlabel("predicted (centre cell)")
+    ax.set_ylabel("true")
+    ax.set_title(f"{scores.dataset}: macro-F1 {scores.macro_f1:.2f} ({scores.n_images} crops)")
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
