@@ -24,7 +24,6 @@ from marrowdx.client.quality import DEFAULT_QUALITY, QualityThresholds, quality_
 from marrowdx.client.report import Cell, ImageResult
 
 from marrowdx import config, taxonomy
-from marrowdx.errors import RequestFailed
 
 if TYPE_CHECKING:
     from marrowdx.spacing import FieldPlan, SpacingEstimate
@@ -146,43 +145,49 @@ def encode_field(pixels: np.ndarray) -> bytes:
     return out.getvalue()
 
 
+def _as_sent(data: bytes, um_per_pixel: float | None, source: str, why: str) -> PreparedImage:
+    """The bytes as they are, for the server to decode or to refuse in its own words."""
+    info = SpacingInfo(
+        um_per_pixel or config.MODEL_UM_PER_PIXEL,
+        source if um_per_pixel is not None else "assumed",
+        warning=None if um_per_pixel is not None else f"pixel spacing not estimated: {why}",
+    )
+    return PreparedImage([data], None, (0, 0), info)
+
+
+#: EXIF orientations that swap width and height (the server's decoder applies them too).
+_TRANSPOSED = frozenset({5, 6, 7, 8})
+
+
 def prepare_image(data: bytes, um_per_pixel: float | None, source: str = "given") -> PreparedImage:
     """The fields one encoded image is sent as (see the module docstring).
 
-    ``um_per_pixel`` None estimates it from the red cells. Bytes Pillow cannot open are
-    sent as they are, for the server to name what is wrong with them; an image above
-    ``config.MAX_IMAGE_PIXELS`` or with a side below ``config.MIN_IMAGE_SIDE`` raises
-    ``RequestFailed`` before it is decoded (the server's own limits).
+    ``um_per_pixel`` None estimates it from the red cells. Bytes Pillow cannot open, and
+    images beyond the server's limits (``config.MAX_IMAGE_PIXELS``, ``MIN_IMAGE_SIDE``), are
+    sent as they are, undecoded, for the server to refuse in its own words. An EXIF
+    orientation is applied before resampling, as the server's decoder applies it.
     """
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image, ImageOps
 
     from marrowdx import spacing
 
     try:
         with Image.open(io.BytesIO(data)) as probe:
             width, height = probe.size
-    except (UnidentifiedImageError, OSError, ValueError) as exc:
-        info = SpacingInfo(
-            um_per_pixel or config.MODEL_UM_PER_PIXEL,
-            source if um_per_pixel is not None else "assumed",
-            warning=None if um_per_pixel is not None else f"pixel spacing not estimated: {exc}",
-        )
-        return PreparedImage([data], None, (0, 0), info)
-    if width * height > config.MAX_IMAGE_PIXELS:
-        raise RequestFailed(
-            f"image is {width}x{height} pixels, above the limit of {config.MAX_IMAGE_PIXELS}"
-        )
-    if min(width, height) < config.MIN_IMAGE_SIDE:
-        raise RequestFailed(
-            f"image is {width}x{height} pixels, below the smallest side of "
-            f"{config.MIN_IMAGE_SIDE} (it holds no cell)"
-        )
+            orientation = probe.getexif().get(0x0112)
+    except Exception as exc:  # noqa: BLE001 - Pillow raises many types; the server names it
+        return _as_sent(data, um_per_pixel, source, f"{type(exc).__name__}: {exc}")
+    if width * height > config.MAX_IMAGE_PIXELS or min(width, height) < config.MIN_IMAGE_SIDE:
+        return _as_sent(data, um_per_pixel, source, f"{width}x{height} is beyond the limits")
+    if orientation in _TRANSPOSED:
+        width, height = height, width
     value, info, estimated = _spacing(um_per_pixel, source, data, (height, width))
     tolerance = spacing.ESTIMATE_TOLERANCE if estimated else spacing.MODEL_SPACING_TOLERANCE
     if (width, height) == tuple(config.FIELD_SIZE) and spacing.at_model_spacing(value, tolerance):
         return PreparedImage([data], None, (height, width), info)
     with Image.open(io.BytesIO(data)) as image:
-        resampled = np.asarray(spacing.resample(image.convert("RGB"), value))
+        upright = ImageOps.exif_transpose(image).convert("RGB")
+    resampled = np.asarray(spacing.resample(upright, value))
     plans = spacing.plan_fields(width, height, value)
     fields = [encode_field(np.ascontiguousarray(plan.render(resampled))) for plan in plans]
     return PreparedImage(fields, plans, (height, width), replace(info, fields=len(fields)))

@@ -227,21 +227,37 @@ def test_the_um_per_pixel_flag_refuses_what_is_not_a_positive_number(text: str) 
     assert parser.parse_args(["DIR", "--um-per-pixel", "0.1"]).um_per_pixel == 0.1
 
 
-def test_an_image_beyond_the_size_limits_is_refused_before_it_is_decoded() -> None:
+def test_an_image_beyond_the_size_limits_goes_undecoded_for_the_server_to_refuse() -> None:
     from marrowdx.client.fields import prepare_image
 
-    from marrowdx.errors import RequestFailed
-
-    with pytest.raises(RequestFailed, match="smallest side"):
-        prepare_image(picture((8, 400), []), 0.1)
-    # a PNG header of 9000 x 8000 pixels: refused from the header, nothing is decoded
+    small = picture((8, 400), [])
+    # a PNG header of 9000 x 8000 pixels: nothing is decoded on this side either
     ihdr = struct.pack(">IIBBBBB", 9000, 8000, 8, 2, 0, 0, 0)
     chunk = b"IHDR" + ihdr
     huge = b"\x89PNG\r\n\x1a\n" + struct.pack(">I", 13) + chunk
     huge += struct.pack(">I", zlib.crc32(chunk)) + struct.pack(">I", 0) + b"IEND"
     huge += struct.pack(">I", zlib.crc32(b"IEND"))
-    with pytest.raises(RequestFailed, match="above the limit"):
-        prepare_image(huge, 0.1)
+    for data in (small, huge, b"not an image"):
+        prepared = prepare_image(data, 0.1)
+        assert prepared.fields == [data] and prepared.plans is None
+
+
+def test_an_exif_orientation_is_applied_before_resampling() -> None:
+    """Stored 200 wide and 100 high, displayed (orientation 6) 100 wide and 200 high."""
+    from marrowdx.client.fields import prepare_image
+
+    stored = np.full((100, 200, 3), 230, np.uint8)
+    stored[:, :20] = CELL  # a dark band on the stored left edge: on the top when displayed
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    out = io.BytesIO()
+    Image.fromarray(stored).save(out, "JPEG", quality=95, exif=exif)
+    prepared = prepare_image(out.getvalue(), config.MODEL_UM_PER_PIXEL)
+    assert prepared.size == (200, 100)
+    (plan,) = prepared.plans
+    field = np.asarray(Image.open(io.BytesIO(prepared.fields[0])))
+    (top, _), (left, _) = plan.pad
+    assert field[top + 5, left + 50, 1] < 100 and field[top + 195, left + 50, 1] > 150
 
 
 def test_the_json_and_the_command_output_carry_the_spacing_and_its_warning(capsys) -> None:
