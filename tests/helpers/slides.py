@@ -41,12 +41,14 @@ class ConsensusModel:
     unidentified_below = 0.0
 
     def __init__(self, folder: Path, patient: dict) -> None:
+        from marrowdx.client.aggregate import DEFAULT_MIN_FAMILIARITY
         from marrowdx.client.review import DEFAULT_THRESHOLDS
         from marrowdx.client.slides import tile
 
         from marrowdx.slides import open_slide
 
         self.review = DEFAULT_THRESHOLDS
+        self.min_familiarity = DEFAULT_MIN_FAMILIARITY  # as the real client's default
         with open_slide(folder) as local:
             self.fields = {f.data: f for f in tile(local, "auto")}
         self.cells = [c for image in patient["images"] for c in image["cells"]]
@@ -74,6 +76,9 @@ class ConsensusModel:
         for c in found:
             counts[c.label] += 1
         return ImageResult(name, found, counts, (1024, 1024))
+
+    #: A slide's fields go as they are (``AsyncMarrowClient.analyse_field``), answered alike.
+    analyse_field = analyse_image
 
     async def diagnose_counts(self, counts, labs):
         from marrowdx import taxonomy
