@@ -197,8 +197,12 @@ def cells_verdict(
     thresholds: QualityThresholds = DEFAULT_QUALITY,
 ) -> str | None:
     """``not a stained smear ...`` from what the models found: objects that are mostly
-    unlike any cell they learned (``max_unfamiliar_share``), or a stained field in which no
-    cell was found; None otherwise or with the gate off."""
+    unlike any cell they learned (at least ``max_unfamiliar_share`` of them), or a stained
+    field in which no cell was found; None otherwise or with the gate off.
+
+    Unidentified cells (no probable class) do not count here: a weakly trained model (the
+    ``tiny`` preset) leaves most cells of a smear unidentified, and in-domain fields have
+    about 2% unfamiliar cells."""
     if not thresholds.enabled:
         return None
     if n_cells and n_unfamiliar / n_cells >= thresholds.max_unfamiliar_share:
