@@ -5,7 +5,7 @@ spacing. An image that is already one model field (``config.FIELD_SIZE``) at tha
 given or estimated, is sent as its own bytes (no decode, no re-encode: simulated cohorts and
 the bench send exactly what they did). Any other image is decoded, resampled, mirror-padded
 or tiled (``spacing.plan_fields``), and each field is encoded as JPEG at quality 95 without
-chroma subsampling. The answers are mapped back to the input image's pixels, cells centred
+chroma subsampling. The answers are mapped back to the input image's pixels, mirror images
 in the padding are dropped, and cells seen by two overlapping tiles are counted once by the
 slides' own merge (``marrowdx.slides.merge``).
 
@@ -108,7 +108,7 @@ class PreparedImage:
     spacing: SpacingInfo
 
 
-def _spacing(um_per_pixel: float | None, source: str, data: bytes, size: tuple[int, int]):
+def _spacing(um_per_pixel: float | None, source: str, data: bytes):
     """(um_per_pixel, SpacingInfo less ``fields``, whether the value is only an estimate)."""
     from marrowdx import spacing
 
@@ -181,7 +181,7 @@ def prepare_image(data: bytes, um_per_pixel: float | None, source: str = "given"
         return _as_sent(data, um_per_pixel, source, f"{width}x{height} is beyond the limits")
     if orientation in _TRANSPOSED:
         width, height = height, width
-    value, info, estimated = _spacing(um_per_pixel, source, data, (height, width))
+    value, info, estimated = _spacing(um_per_pixel, source, data)
     tolerance = spacing.ESTIMATE_TOLERANCE if estimated else spacing.MODEL_SPACING_TOLERANCE
     if (width, height) == tuple(config.FIELD_SIZE) and spacing.at_model_spacing(value, tolerance):
         return PreparedImage([data], None, (height, width), info)
