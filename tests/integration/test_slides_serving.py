@@ -63,13 +63,14 @@ def diagnosed(triton_server, cohort: Path, tmp_path_factory) -> tuple[int, dict,
     return code, json.loads((out / "report.json").read_text()), out / "annotations"
 
 
-def n_tiled(folder: Path, tiling: str = "auto") -> int:
-    from marrowdx.client.slides import tile
+def n_tiled(folder: Path, tiling: str | None = None) -> int:
+    """Fields ``tiling`` sends (default: the client's default tiling)."""
+    from marrowdx.client.slides import TILINGS, tile
 
     from marrowdx.slides import open_slide
 
     with open_slide(folder) as slide:
-        return sum(1 for _ in tile(slide, tiling))
+        return sum(1 for _ in tile(slide, tiling or TILINGS[0]))
 
 
 def _patients(doc: dict) -> dict[str, dict]:
@@ -89,6 +90,11 @@ def test_slides_are_diagnosed_beside_image_folders(diagnosed, cohort: Path) -> N
         p = patients[pid]
         assert p["failed_images"] == {}, p["failed_images"]
         assert p["n_fields"] == n_tiled(cohort / pid) > 0  # every field served
+        assert p["roi_source"] == "annotation" and p["roi_search"] is None
+        # the cells as GeoJSON for QuPath, beside the JSON report by default
+        geo = json.loads(Path(p["geojson"]).read_text())
+        detections = [f for f in geo["features"] if f["properties"]["objectType"] == "detection"]
+        assert len(detections) == sum(len(image["cells"]) for image in p["images"])
         rois = [image["roi"] for image in p["images"]]
         assert rois == [image["roi"] for image in truth[pid]["images"]]
         assert {image["file"] for image in p["images"]} == {pid}
@@ -181,17 +187,17 @@ def test_bench_slide_workload(triton_server, tmp_path: Path) -> None:
     assert doc["slides_per_hour"] > 0 and doc["slide"]["roi_megapixels"] > 0
 
 
-def test_overlapping_fields_tiling(triton_server, cohort: Path, tmp_path) -> None:
-    """``--slide-tiling fields``: overlapping fields, decoded and re-encoded (what a slide at
-    another spacing needs), merged per ROI; boxes still in base-level pixels."""
+def test_frame_tiling(triton_server, cohort: Path, tmp_path) -> None:
+    """``--slide-tiling frame_fields``: the slide's own frames as stored (abutting, cells cut
+    on seams joined), merged per ROI; boxes still in base-level pixels."""
     one = tmp_path / "one"
     shutil.copytree(cohort / SLIDES[0], one / SLIDES[0])
-    out = tmp_path / "fields.json"
+    out = tmp_path / "frames.json"
     argv = ["diagnose", str(one), "--url", triton_server.grpc_url, "--json", str(out)]
-    assert cli.main([*argv, "--slide-tiling", "fields", "--no-progress"]) == 0
+    assert cli.main([*argv, "--slide-tiling", "frame_fields", "--no-progress"]) == 0
     (p,) = json.loads(out.read_text())["patients"]
-    expected = n_tiled(one / SLIDES[0], "fields")
-    assert p["failed_images"] == {} and p["n_fields"] == expected == 8  # 2 ROIs x 2 x 2
+    expected = n_tiled(one / SLIDES[0], "frame_fields")
+    assert p["failed_images"] == {} and p["n_fields"] == expected > 0
     for image in p["images"]:
         x0, y0, x1, y1 = image["roi"]
         for cell in image["cells"]:
