@@ -110,12 +110,13 @@ def test_smears_are_counted(measured, name) -> None:
         ("text", "no stain colour"),
         ("gradient_purple_pink", "no cell-sized structure"),
         ("gradient_blue_white", "no cell-sized structure"),
-        ("photo_like", "no background between cells"),
+        ("photo_like", "(or one too thick or blurred to count): no background"),
     ],
 )
 def test_non_smears_are_excluded_as_such(measured, name, what) -> None:
     reason = q.quality_verdict(measured[name])
-    assert reason is not None and reason.startswith(f"{q.NOT_A_SMEAR}: {what}"), reason
+    sep = " " if what.startswith("(") else ": "
+    assert reason is not None and reason.startswith(f"{q.NOT_A_SMEAR}{sep}{what}"), reason
 
 
 def test_clip_art_is_left_to_what_the_models_found(measured) -> None:
