@@ -71,6 +71,7 @@ class FakeClient:
     concurrency = 3
     review = DEFAULT_THRESHOLDS
     unidentified_below = 0.0
+    min_familiarity = float("-inf")  # every cell familiar: the fake answers have none
 
     def __init__(self, cells: dict[int, np.ndarray], fields: list[Field], fail: set[bytes]) -> None:
         self.cells, self.by_data, self.fail = cells, {f.data: f for f in fields}, fail

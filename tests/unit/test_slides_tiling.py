@@ -13,7 +13,7 @@ import pytest
 
 from marrowdx import config, taxonomy
 from marrowdx.simulate import cells as cl
-from marrowdx.slides.base import Field, Roi
+from marrowdx.slides.base import Field, Roi, SlideError
 from marrowdx.slides.tiling import DEFAULT_OVERLAP_PX, axis_starts, field_boxes
 
 pytest.importorskip("wsidicom", reason="needs the slides extra: pip install 'marrowdx[slides]'")
@@ -140,14 +140,22 @@ def test_resampled_fields_match_the_coarser_level(cohort: tuple[Path, dict]) -> 
     assert {_decode(f.data).shape[:2] for f in inputs} == {(config.INPUT_SIZE,) * 2}
 
 
-def test_frame_fields_are_the_slide_frames_unchanged(cohort: tuple[Path, dict]) -> None:
+def test_frame_fields_are_the_slide_frames_unchanged(
+    cohort: tuple[Path, dict], monkeypatch: pytest.MonkeyPatch
+) -> None:
     root, gt = cohort
     folder = root / gt["patients"][0]["patient_id"]
     ds = pydicom.dcmread(folder / "level_0.dcm")
     cols = math.ceil(ds.TotalPixelMatrixColumns / ds.Columns)
     frames = list(pydicom.encaps.generate_frames(ds.PixelData, number_of_frames=ds.NumberOfFrames))
     with open_slide(folder) as slide:
-        fields = list(slide.frame_fields())
+        # frames smaller than the models' field would be letterboxed up: refused ...
+        with pytest.raises(SlideError, match="not the models'"):
+            list(slide.frame_fields())
+        # ... and sent as stored when they are the field size (here: a field of 512)
+        with monkeypatch.context() as m:
+            m.setattr(config, "FIELD_SIZE", (ds.Columns, ds.Rows))
+            fields = list(slide.frame_fields())
         rois = slide.rois
     for f in fields:
         tx, ty = int(f.box[0]) // ds.Columns, int(f.box[1]) // ds.Rows
