@@ -431,6 +431,7 @@ def _patient_input(folder: PatientFolder, args: argparse.Namespace):
         tiling=args.slide_tiling,
         geojson_dir=_geojson_dir(args),
         rois=args.slide_rois,
+        um_per_pixel=args.um_per_pixel,
         graphic=args.dicom_graphic,
     )
 

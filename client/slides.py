@@ -187,6 +187,8 @@ class SlidePatient:
     #: Which ROIs are counted (``open_slide``'s ``rois``): ``auto`` = the ROI annotation
     #: series when the slide has one, else the monolayer areas found automatically.
     rois: str = "auto"
+    #: Base-level spacing for a scanner file whose metadata states none (``--um-per-pixel``).
+    um_per_pixel: float | None = None
     graphic: str | None = None
 
     async def run(
@@ -298,7 +300,9 @@ async def diagnose_slide(
         if archived is not None:
             source = await asyncio.to_thread(archived, patient.rois)
         else:
-            source = await asyncio.to_thread(open_slide, patient.folder, patient.rois)
+            source = await asyncio.to_thread(
+                open_slide, patient.folder, patient.rois, um_per_pixel=patient.um_per_pixel
+            )
     except SlideError as exc:
         failed[patient.name] = str(exc)
         return _failed(patient, failed, "the slide could not be read")

@@ -106,7 +106,7 @@ def boxes(centres: list[tuple[float, float]]) -> np.ndarray:
 
 
 def run(patient: SlidePatient, client: FakeClient, source, monkeypatch) -> SlideReport:
-    def fake_open(folder: Path, rois: str = "auto"):
+    def fake_open(folder: Path, rois: str = "auto", um_per_pixel: float | None = None):
         if isinstance(source, Exception):
             raise source
         return source

@@ -151,7 +151,8 @@ def test_annotated_slide_found_with_automatic_rois_on_request(copies: dict[str, 
 def test_tiff_without_spacing_is_refused_or_estimated(
     copies: dict[str, Path], tmp_path: Path
 ) -> None:
-    """No MPP and no resolution tags: the red-cell estimator, else a clear error."""
+    """No MPP and no resolution tags: the red-cell estimator, else a clear error; the
+    spacing given by the caller is used when the file states none."""
     import tifffile
 
     src = scanner_file(copies["tiff"])
@@ -168,6 +169,9 @@ def test_tiff_without_spacing_is_refused_or_estimated(
             assert slide.um_per_pixel == pytest.approx(0.25, rel=0.25)
     except SlideError as exc:
         assert "pixel spacing unknown" in str(exc) and "--um-per-pixel" in str(exc)
+    with open_slide(folder, um_per_pixel=0.25) as slide:  # diagnose --um-per-pixel 0.25
+        assert slide.spacing_source == "given" and slide.um_per_pixel == 0.25
+        assert slide.roi_source == "automatic" and slide.rois
 
 
 def test_big_slide_is_searched_from_a_few_base_tiles(tmp_path: Path) -> None:

@@ -388,7 +388,9 @@ def annotated_rois(
     return found
 
 
-def open_slide(folder: Path, rois: str = "auto") -> PyramidSlide:
+def open_slide(
+    folder: Path, rois: str = "auto", *, um_per_pixel: float | None = None
+) -> PyramidSlide:
     """Open the slide in folder (DICOM, else one scanner file: ``scanner.open_scanner_slide``);
     SlideError naming the problem when it cannot be used: no slide, unsupported transfer
     syntax, truncated frames, missing levels (the base level the annotations reference is
@@ -397,6 +399,8 @@ def open_slide(folder: Path, rois: str = "auto") -> PyramidSlide:
     ``rois``: ``auto`` (default) takes the ROI annotation series when the slide has one, else
     finds the monolayer areas (``roi_finder``); ``annotation`` requires the series;
     ``automatic`` finds them even when annotated. ``roi_source`` says which was used.
+    ``um_per_pixel``: the base level's spacing for a scanner file whose metadata has none
+    (a DICOM slide always states its own).
     """
     if rois not in ROI_CHOICES:
         raise ValueError(f"rois must be one of {', '.join(ROI_CHOICES)}, got {rois!r}")
@@ -408,7 +412,7 @@ def open_slide(folder: Path, rois: str = "auto") -> PyramidSlide:
     if scanner_file(folder) is not None:
         from marrowdx.slides.scanner import open_scanner_slide
 
-        return open_scanner_slide(folder, rois)
+        return open_scanner_slide(folder, rois, um_per_pixel=um_per_pixel)
     files = dicom_files(folder)
     wsi_files = [p for p, sop in files.items() if sop == WSI_SOP_CLASS]
     ann_files = [p for p, sop in files.items() if sop == ANN_SOP_CLASS]
