@@ -178,3 +178,13 @@ def test_many_unfamiliar_cells_refer_the_patient_and_show_apart() -> None:
     assert UNFAMILIAR not in [r.code for r in review_reasons(many, lenient)]
     page = html_report.render_html([many], {})
     assert 'data-gallery="unfamiliar"' in page and 'data-field="unfamiliar">130<' in page
+
+
+def test_runtimes_are_compared_on_familiarity_relative_to_its_size() -> None:
+    from marrowdx.export.onnx_export import output_difference
+
+    far = np.array([-850.0, -40.0, 0.3], np.float32)
+    assert output_difference(T.familiarity, far, far * 1.0001) < 1e-3  # rounding of big values
+    assert output_difference(T.familiarity, far, far + [0, 0, 0.05]) == pytest.approx(0.05)
+    probs = np.array([0.2, 0.8], np.float32)
+    assert output_difference(T.class_probs, probs, probs + 0.01) == pytest.approx(0.01)
