@@ -108,8 +108,13 @@ def test_slides_are_diagnosed_beside_image_folders(diagnosed, cohort: Path) -> N
             n += len(image["cells"])
         assert n > 0
         counted = sum(p["counts"].values())
-        unidentified = sum(c.get("unidentified", False) for i in p["images"] for c in i["cells"])
-        assert counted == n - unidentified == p["n_cells"]
+        # unidentified and unfamiliar cells are listed, not counted
+        listed = sum(
+            c.get("unidentified", False) or c.get("unfamiliar", False)
+            for i in p["images"]
+            for c in i["cells"]
+        )
+        assert counted == n - listed == p["n_cells"]
     assert patients[IMAGES]["n_images"] == 2 and patients[IMAGES]["failed_images"] == {}
 
 
