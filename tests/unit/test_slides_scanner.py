@@ -188,3 +188,11 @@ def test_big_slide_is_searched_from_a_few_base_tiles(tmp_path: Path) -> None:
     assert search.base_tiles_total == 40 * 20
     assert 0 < search.base_fraction <= 0.10, search.to_dict()
     assert rois_iou(big.areas, found) >= MIN_IOU, (big.areas, found)
+
+
+def test_scanner_file_has_no_ground_truth(copies: dict[str, Path]) -> None:
+    """Training and evaluation need labels: a scanner file says it has none."""
+    with open_slide(copies["svs"]) as slide:
+        assert slide.annotation_sources() == []
+        with pytest.raises(SlideError, match="carries no labels"):
+            slide.ground_truth()

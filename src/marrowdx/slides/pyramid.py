@@ -212,6 +212,18 @@ class PyramidSlide:
         """The slide's own encoded tiles sent as stored; only DICOM slides offer them."""
         raise self._fail("this slide format does not send its own frames; use fields()")
 
+    # ------------------------------------------------------------- ground truth
+    def annotation_sources(self) -> list[str]:
+        """Labelled annotation series of the slide; a scanner file has none."""
+        return []
+
+    def ground_truth(self, source: str = "consensus", *, relative_to: Path | None = None) -> dict:
+        """Only DICOM slides carry labelled annotation series (``reader.SlideSource``)."""
+        raise self._fail(
+            f"no {source!r} annotation series: a scanner file carries no labels, so it can be "
+            "diagnosed but not trained or evaluated on"
+        )
+
     # ---------------------------------------------------------------- lifetime
     def close(self) -> None:
         """Release the format library's handles (idempotent)."""
