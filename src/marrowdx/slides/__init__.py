@@ -1,9 +1,12 @@
-"""Reading and writing real slides: DICOM whole-slide images and their annotation series.
+"""Reading and writing real slides: DICOM whole-slide images and their annotation series,
+and scanner files (SVS, NDPI, MRXS, tiled TIFF; ``scanner``, through OpenSlide).
 
 ``open_slide(folder)`` opens one patient's slide (all pyramid levels and its Microscopy Bulk
-Simple Annotations series) and returns a ``SlideSource``: its monolayer ROIs, the fields that
-tile them at the models' pixel spacing, its ground truth from Consensus or a session, and the
-diagnosis coded in its DICOM attributes. ``write_annotations``/``read_annotations`` are the
+Simple Annotations series) and returns a ``SlideSource``: its monolayer ROIs (annotated, or
+found by ``roi_finder`` when the slide has none), the fields that tile them at the models'
+pixel spacing, its ground truth from Consensus or a session, and the diagnosis coded in its
+DICOM attributes; for a scanner file a ``ScannerSlide`` with the same reading API
+(``pyramid.PyramidSlide``). ``write_annotations``/``read_annotations`` are the
 one writer and reader of annotation objects (simulated labels and served predictions alike).
 
 The DICOM libraries (wsidicom, highdicom, pydicom; the ``slides`` extra) load only when one
