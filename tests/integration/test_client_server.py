@@ -93,6 +93,7 @@ def test_counts_are_the_sum_of_the_ensembles_per_image_counts(triton_server, coh
     assert report.complete, report.failed_images
 
     total = np.zeros(config.N_CLASSES, np.int64)
+    n_unidentified = 0
     for path, image, raw, top in zip(paths, report.images, raws, tops, strict=True):
         n = int(raw[config.TENSORS.num_detections][0])
         labels = raw[config.TENSORS.class_probs][:n].argmax(axis=1)
@@ -101,11 +102,14 @@ def test_counts_are_the_sum_of_the_ensembles_per_image_counts(triton_server, coh
         np.testing.assert_array_equal(
             server_counts, np.bincount(labels, minlength=config.N_CLASSES)
         )
-        # the client counts them less its unidentified cells
-        flagged = top < threshold
+        # the client counts them less its unfamiliar and (other) unidentified cells
+        unfamiliar = raw[config.TENSORS.familiarity][:n] < report.min_familiarity
+        flagged = (top < threshold) & ~unfamiliar
         assert [c.unidentified for c in image.cells] == flagged.tolist()
+        assert [c.unfamiliar for c in image.cells] == unfamiliar.tolist()
+        n_unidentified += int(flagged.sum())
         total += server_counts.astype(np.int64)
-        total -= np.bincount(labels[flagged], minlength=config.N_CLASSES)
+        total -= np.bincount(labels[flagged | unfamiliar], minlength=config.N_CLASSES)
         assert image.file == str(path)
         assert [c.label for c in image.cells] == [taxonomy.CLASSES[i] for i in labels]
         assert image.size == (FIELD_SIZE[1], FIELD_SIZE[0])
@@ -117,13 +121,18 @@ def test_counts_are_the_sum_of_the_ensembles_per_image_counts(triton_server, coh
     assert total.sum() > 0, "the tiny models found no cell at all: nothing is being tested"
     assert [report.counts[c] for c in taxonomy.CLASSES] == total.tolist()
     assert report.n_cells == total.sum() and report.n_images == len(paths)
-    assert report.n_unidentified == sum(int((t < threshold).sum()) for t in tops)
+    assert report.n_unidentified == n_unidentified
     want = raw_diagnosis(url, total)
-    assert report.diagnosis == taxonomy.DIAGNOSES[int(want.argmax())]
-    assert [report.probabilities[d] for d in taxonomy.DIAGNOSES] == pytest.approx(
+    # the model's answer; named as the diagnosis unless the differential fits no leukaemia
+    assert [report.model_probabilities[d] for d in taxonomy.DIAGNOSES] == pytest.approx(
         want.tolist(), abs=1e-6
     )
-    assert sum(report.probabilities.values()) == pytest.approx(1.0, abs=1e-9)
+    if report.leukemia_pattern == "none":
+        assert report.diagnosis is None and report.probabilities == {}
+    else:
+        assert report.diagnosis == taxonomy.DIAGNOSES[int(want.argmax())]
+        assert report.probabilities == report.model_probabilities
+        assert sum(report.probabilities.values()) == pytest.approx(1.0, abs=1e-9)
 
 
 def test_bad_images_are_reported_with_the_servers_reason(triton_server, cohort, tmp_path):
