@@ -69,6 +69,10 @@ MAX_RELATIVE_UNCERTAINTY = 0.3
 #: the threshold. Why by circle, not by area: in a dense field most red cells lie in clumps,
 #: whose area would make every single cell look like a fragment.
 MIN_RADIUS_SHARE = 0.65
+#: An object whose area is at most this many times its largest inscribed circle's is one
+#: cell (an oval of axis ratio up to 1.6), measured by its area; a larger one is a clump of
+#: touching cells, measured by its inscribed circle (two touching discs have twice its area).
+MAX_SINGLE_AREA = 1.6
 #: An object with more than this share of nucleus-dark pixels is a nucleated cell; a pixel
 #: is nucleus-dark above the Otsu split of the stained pixels' density and at least this
 #: many times the median stained pixel's.
@@ -263,6 +267,10 @@ def _red_cell_diameters(rgb: np.ndarray) -> np.ndarray:
         typical = r[np.searchsorted(weight, weight[-1] / 2)]
         pale &= radius >= MIN_RADIUS_SHARE * typical
     chosen = pale & inner if np.count_nonzero(pale & inner) >= MIN_RED_CELLS else pale
+    # a single cell (its area near its inscribed circle's) is measured by its area: real red
+    # cells are oval, and the inscribed circle alone would give their shorter axis
+    single = area <= MAX_SINGLE_AREA * np.pi * radius**2
+    diameter = np.where(single, np.sqrt(4.0 * area / np.pi), diameter)
     return diameter[chosen]
 
 
