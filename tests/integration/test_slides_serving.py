@@ -208,3 +208,27 @@ def test_frame_tiling(triton_server, cohort: Path, tmp_path) -> None:
         for cell in image["cells"]:
             cx, cy = (cell["box"][0] + cell["box"][2]) / 2, (cell["box"][1] + cell["box"][3]) / 2
             assert x0 <= cx < x1 and y0 <= cy < y1
+
+
+def test_scanner_file_patient(triton_server, cohort: Path, tmp_path) -> None:
+    """A patient folder holding one SVS file is a slide patient: ROIs found automatically,
+    cells in base-level pixels, GeoJSON beside the JSON, and --dicom-annotations reported as
+    not written (no DICOM instance to reference) while the count stands."""
+    pytest.importorskip("openslide", reason="scanner formats need the slides extra (openslide)")
+    from marrowdx.simulate.scanner_slide import copy_as_scanner_file
+
+    scans = tmp_path / "scans"
+    copy_as_scanner_file(cohort / SLIDES[0], scans / "S0001" / "slide.svs", "svs")
+    out = tmp_path / "scans.json"
+    argv = ["diagnose", str(scans), "--url", triton_server.grpc_url, "--json", str(out)]
+    argv += ["--dicom-annotations", str(tmp_path / "ann"), "--no-progress"]
+    cli.main(argv)
+    (p,) = json.loads(out.read_text())["patients"]
+    assert p["roi_source"] == "automatic" and p["n_fields"] > 0
+    assert p["roi_search"]["base_tiles_read"] <= p["roi_search"]["base_tiles_total"]
+    assert set(p["failed_images"]) == {"S0001#dicom-annotations"}
+    assert "no DICOM instance" in p["failed_images"]["S0001#dicom-annotations"]
+    assert Path(p["geojson"]) == tmp_path / "scans-geojson" / "S0001.geojson"
+    geo = json.loads(Path(p["geojson"]).read_text())
+    detections = [f for f in geo["features"] if f["properties"]["objectType"] == "detection"]
+    assert len(detections) == sum(len(image["cells"]) for image in p["images"])
