@@ -10,9 +10,9 @@ spacing, so it can also be estimated from the red cells, whose diameter is nearl
 Two parts, one rule each:
 
 - :func:`estimate_um_per_pixel`: segment the pale red cells on a small copy of the image, fill
-  their central pallor, and take the median of each object's largest inscribed circle (an
-  object of two touching cells still inscribes one cell's circle). Spacing is
-  ``RED_CELL_UM`` over that diameter in the input's pixels.
+  their central pallor, and take the median diameter: a single cell's from its area, a
+  clump's from its largest inscribed circle (two touching cells still inscribe one cell's
+  circle). Spacing is ``RED_CELL_UM`` over that diameter in the input's pixels.
 - :func:`plan_fields`: the geometry shared by images and slides. An image is resampled by
   ``um_per_pixel / MODEL_UM_PER_PIXEL``; resampled, an image no larger than the model field
   (``config.FIELD_SIZE``) is padded to it (never enlarged beyond its true scale), a larger one
