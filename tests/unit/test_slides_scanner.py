@@ -196,3 +196,25 @@ def test_scanner_file_has_no_ground_truth(copies: dict[str, Path]) -> None:
         assert slide.annotation_sources() == []
         with pytest.raises(SlideError, match="carries no labels"):
             slide.ground_truth()
+
+
+@pytest.mark.parametrize("strength", [0.5, 2.0])
+def test_automatic_rois_under_weaker_and_stronger_stain(
+    copies: dict[str, Path], strength: float
+) -> None:
+    """The same slide stained half or twice as strongly (optical density scaled): the finder
+    scales its overview to the reference stain first, so the thick band does not pass for
+    monolayer (weak stain) nor the monolayer for thick (strong stain)."""
+    from PIL import Image
+
+    from marrowdx.slides.roi_finder import find_rois
+
+    table = np.clip(255 * (np.arange(256) / 255.0) ** strength, 0, 255).astype(np.uint8)
+    with open_slide(copies["annotated"]) as slide:
+        ann = [r.box for r in slide.rois]
+        read = slide._read_region
+        slide._read_region = lambda *a: Image.fromarray(table[np.asarray(read(*a).convert("RGB"))])
+        search = find_rois(slide)
+    found = [r.box for r in search.rois]
+    assert rois_iou(ann, found) >= MIN_IOU, (strength, ann, found)
+    assert search.stain_gain == pytest.approx(1 / strength, rel=0.35)

@@ -8,17 +8,19 @@ glass is covered by stain, which a low-resolution level shows without reading th
 
 1. **Overview.** The coarsest pyramid level at least as fine as ``OVERVIEW_UM`` (read whole,
    chunk by chunk; only when no such level exists is a finer one read and shrunk). Per
-   pixel, optical density above the glass (the brightest pixels); a pixel is stained above
-   ``STAINED_OD``. Coverage = the stained share in a ``WINDOW_UM`` window.
-2. **Classify.** Monolayer: ``COVER_MIN`` <= coverage <= ``COVER_MAX``; thick: above; glass:
-   below. The monolayer mask loses ``THICK_MARGIN_UM`` next to thick areas (the feathered
-   transition), is opened (no thin strips along borders), and each connected area of at
-   least ``MIN_SIDE_UM`` on both sides becomes a rectangle, its edges trimmed until at least
-   half of each edge row/column is monolayer.
-3. **Confirm at full resolution.** A few patches (``CONFIRM_PATCHES`` of ``CONFIRM_PX``
-   model pixels, spread over the candidate) are read at the models' spacing; the candidate
-   is kept when most show a coverage in range (cells lie apart, not empty). Only these
-   patches touch the base level, so a large slide is searched from a few percent of it.
+   pixel, optical density above the glass (its brightest pixels), scaled so that the
+   darkest 5% of the cells sit at ``REFERENCE_STAIN_OD`` (labs stain more or less strongly).
+2. **Classify.** Mean OD over ``TISSUE_WINDOW_UM`` below ``TISSUE_OD``: glass. Mean OD over
+   ``THICK_WINDOW_UM`` above ``THICK_OD``, over an area at least ``THICK_MIN_UM`` wide: thick,
+   and the monolayer keeps ``THICK_MARGIN_UM`` (plus half the window's blur) away from it
+   (the feathered transition). The rest is monolayer.
+3. **Rectangles.** The monolayer is covered by its largest all-monolayer rectangles
+   (``monolayer_boxes``; at least ``MIN_SIDE_UM`` a side, never overlapping, so a cell counts
+   once), each grown back to the area's ragged border.
+4. **Confirm at full resolution.** ``CONFIRM_PATCHES`` patches of ``CONFIRM_PX`` model pixels,
+   spread over each candidate, are read at the models' spacing; it is kept when most have a
+   stained share in [``COVER_MIN``, ``COVER_MAX``] (cells apart, not empty). Only these
+   patches touch the base level, so a large slide is searched from a small share of it.
 
 Everything read is in the slide's ``read_log``; ``RoiSearch`` records the overview level,
 each candidate and why it was kept or dropped, and the base tiles read.
@@ -47,6 +49,13 @@ TISSUE_WINDOW_UM = 16.0
 #: band: 1.0-2.0, median 1.5).
 THICK_OD = 1.2
 THICK_WINDOW_UM = 32.0
+#: The optical density (summed over RGB) of the darkest 5% of the overview's cells on the
+#: simulated slides the thresholds above were set on (2.6-2.9 at 4 µm/pixel); a slide whose
+#: stain is weaker or stronger has its overview scaled to it first (within the limits), as
+#: the models' stain normaliser scales each field: at half and twice the stain strength the
+#: thick band otherwise passed for monolayer, or the monolayer for thick.
+REFERENCE_STAIN_OD = 2.7
+STAIN_GAIN_LIMITS = (0.25, 4.0)
 #: Full resolution (confirmation): a pixel is stained above this OD; a monolayer patch has
 #: a stained share in [COVER_MIN, COVER_MAX] (below: nearly empty; above: cells overlap).
 STAINED_OD = 0.3
@@ -100,6 +109,7 @@ class RoiSearch:
     base_tiles_read: int = 0
     base_tiles_total: int = 0
     regions_read: int = 0
+    stain_gain: float = 1.0
 
     @property
     def base_fraction(self) -> float:
@@ -109,6 +119,7 @@ class RoiSearch:
         return {
             "overview_level": self.overview_level,
             "overview_um_per_pixel": round(self.overview_um, 4),
+            "stain_gain": round(self.stain_gain, 3),
             "candidates": [c.to_dict() for c in self.candidates],
             "base_tiles_read": self.base_tiles_read,
             "base_tiles_total": self.base_tiles_total,
@@ -164,9 +175,10 @@ def optical_density(rgb: np.ndarray, glass: np.ndarray) -> np.ndarray:
     return od
 
 
-def stained(rgb: np.ndarray, glass: np.ndarray) -> np.ndarray:
-    """Boolean mask of stained pixels at full resolution: OD above the glass > STAINED_OD."""
-    return optical_density(rgb, glass) > STAINED_OD
+def stained(rgb: np.ndarray, glass: np.ndarray, gain: float = 1.0) -> np.ndarray:
+    """Boolean mask of stained pixels at full resolution: OD above the glass, scaled by the
+    slide's stain gain, > STAINED_OD."""
+    return optical_density(rgb, glass) * gain > STAINED_OD
 
 
 def _trim(mask: np.ndarray, box: list[int]) -> list[int] | None:
@@ -298,6 +310,12 @@ def find_rois(slide: PyramidSlide) -> RoiSearch:
     glass = glass_level(overview)
     od = optical_density(overview, glass)
     del overview
+    # stain strength differs between labs; the thresholds are for the reference strength
+    tissue_od = od[od > TISSUE_OD]
+    strength = float(np.percentile(tissue_od, 95)) if tissue_od.size else REFERENCE_STAIN_OD
+    del tissue_od
+    gain = float(np.clip(REFERENCE_STAIN_OD / max(strength, 1e-3), *STAIN_GAIN_LIMITS))
+    od *= gain
     tissue = ndimage.uniform_filter(od, size=max(1, round(TISSUE_WINDOW_UM / um)), mode="nearest")
     window = max(1, round(THICK_WINDOW_UM / um))
     density = ndimage.uniform_filter(od, size=window, mode="nearest")
@@ -317,7 +335,7 @@ def find_rois(slide: PyramidSlide) -> RoiSearch:
     mono = ndimage.minimum_filter(ndimage.maximum_filter(mono, size=3), size=3).view(bool)
     min_side = MIN_SIDE_UM / um
     scale = um / slide.um_per_pixel  # base pixels per overview pixel
-    search = RoiSearch(rois=[], overview_level=index, overview_um=um)
+    search = RoiSearch(rois=[], overview_level=index, overview_um=um, stain_gain=gain)
     for box in monolayer_boxes(mono, min_side):
         base = (
             max(0, math.floor(box[0] * scale)),
@@ -326,7 +344,7 @@ def find_rois(slide: PyramidSlide) -> RoiSearch:
             min(slide.height, math.ceil(box[3] * scale)),
         )
         mean_cover = float(coverage[box[1] : box[3], box[0] : box[2]].mean())
-        search.candidates.append(_confirm(slide, base, mean_cover, glass))
+        search.candidates.append(_confirm(slide, base, mean_cover, glass, gain))
     search.rois = [
         Roi(index=i, box=c.box)
         for i, c in enumerate((c for c in search.candidates if c.kept), start=1)
@@ -338,7 +356,11 @@ def find_rois(slide: PyramidSlide) -> RoiSearch:
 
 
 def _confirm(
-    slide: PyramidSlide, box: tuple[int, int, int, int], coverage: float, glass: np.ndarray
+    slide: PyramidSlide,
+    box: tuple[int, int, int, int],
+    coverage: float,
+    glass: np.ndarray,
+    gain: float = 1.0,
 ) -> Candidate:
     """Read a few patches of the candidate at the models' spacing and check their coverage."""
     scale = config.MODEL_UM_PER_PIXEL / slide.um_per_pixel
@@ -347,7 +369,7 @@ def _confirm(
     for x, y in _patch_origins(box, side, CONFIRM_PATCHES):
         patch = (x, y, min(slide.width, x + side), min(slide.height, y + side))
         image = np.asarray(slide.read_box(patch, scale))
-        covers.append(float(stained(image, glass).mean()))
+        covers.append(float(stained(image, glass, gain).mean()))
     good = sum(COVER_MIN <= c <= COVER_MAX for c in covers)
     kept = good >= CONFIRM_SHARE * len(covers)
     why = "" if kept else f"{len(covers) - good} of {len(covers)} patches empty or thick"
