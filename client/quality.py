@@ -49,6 +49,11 @@ DEFAULT_MIN_STAIN_COLOUR = 0.05
 #: sigma 8 px measures 145 and the least sharp of 1,296 real TXL-PBC fields 82, JPEG
 #: gradients 22-39.
 DEFAULT_MIN_STRUCTURE = 60.0
+#: Above this share of the field without texture (``flat``: Laplacian of the grey field under
+#: 0.5) the image is a drawing: flat fills and blank paper. Photographed smears have camera
+#: noise and grain: simulated fields 0.04-0.36 (lab-shifted ones included), 1,296 real
+#: TXL-PBC fields 0.06-0.28; clip art 0.80, a page of text 0.74.
+DEFAULT_MAX_FLAT = 0.55
 #: A smear has glass or plasma between its cells: at least this share of the field within
 #: 15% of its background in every channel (``background``), unless the field is too thick
 #: anyway. Simulated fields hold 50-75%, real TXL-PBC fields 16% and up in 95% of them; 38
@@ -89,6 +94,7 @@ class QualityThresholds:
     min_stain_colour: float = DEFAULT_MIN_STAIN_COLOUR  # coloured share of stained pixels
     min_structure: float = DEFAULT_MIN_STRUCTURE  # sharpness of anything at all
     min_background: float = DEFAULT_MIN_BACKGROUND  # share as bright as the background
+    max_flat: float = DEFAULT_MAX_FLAT  # share of the field without any texture
     max_unfamiliar_share: float = MAX_UNFAMILIAR_SHARE  # of a field's detected objects
     cell_side_tolerance: float = CELL_SIDE_TOLERANCE  # x or / TYPICAL_CELL_SIDE
 
@@ -179,6 +185,12 @@ def smear_verdict(
             f"stained pixels coloured, below {100 * thresholds.min_stain_colour:g}%; a "
             "greyscale or black-and-white image cannot be counted: classes differ by stain "
             "colour)"
+        )
+    if "flat" in quality and quality["flat"] > thresholds.max_flat:
+        return (
+            f"{NOT_A_SMEAR}: flat colours without texture ({100 * quality['flat']:.0f}% of the "
+            f"field, above {100 * thresholds.max_flat:g}%: a drawing or rendered image; a "
+            "photographed smear has grain and noise throughout)"
         )
     if quality["focus"] < thresholds.min_structure:
         return (

@@ -196,7 +196,15 @@ LETTERBOX_FIELDS = ("scale_x", "scale_y", "pad_x", "pad_y")
 IMAGE_SIZE_FIELDS = ("height", "width")
 #: FIELD_QUALITY's fields, measured by the preprocessing graph on the resized field
 #: (``marrowdx.preprocess.QualitySpec`` says how; ``marrowdx.client.quality`` judges them).
-QUALITY_FIELDS = ("focus", "foreground", "thick", "brightness", "stain_colour", "background")
+QUALITY_FIELDS = (
+    "focus",
+    "foreground",
+    "thick",
+    "brightness",
+    "stain_colour",
+    "background",
+    "flat",
+)
 
 IMAGE = TensorSpec(T.image, UINT8, (VARIABLE,), "encoded JPEG/PNG bytes", ragged=True)
 PIXELS = TensorSpec(

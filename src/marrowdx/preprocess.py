@@ -47,7 +47,10 @@ class QualitySpec:
       nuclei and red cells are coloured (0.26 and up on real and simulated fields); a
       greyscale copy, text, a line drawing or a black-and-white photo has none (0);
     - background: share of pixels within ``1 - bright_above_background`` of the background
-      in every channel (the glass and plasma between cells), for reports.
+      in every channel (the glass and plasma between cells);
+    - flat: share of the grey field where the Laplacian is (almost) 0, i.e. no texture at
+      all: a drawing's flat fills and blank paper; a photographed smear has camera noise,
+      grain and compression texture nearly everywhere.
 
     The background is the per-channel maximum of the field averaged on a ``thick_grid``
     grid: white balance and lamp brightness differ per lab, so colours are compared to it.
@@ -66,6 +69,7 @@ class QualitySpec:
     thick_below: int = 120
     thick_grid: int = 32
     colour_side: int = 64
+    flat_below: float = 0.5
     stained_below_background: float = 0.8
     coloured_chroma: float = 0.1
     bright_above_background: float = 0.85
@@ -74,9 +78,10 @@ class QualitySpec:
 
 #: FIELD_QUALITY when the measures are off (``QualitySpec(enabled=False)``): finite, and a pass
 #: under any thresholds the client accepts (focus at float32's maximum, every pixel stained,
-#: nothing thick, brightness 0, every stained pixel coloured, all background), so the tensor
+#: nothing thick, brightness 0, every stained pixel coloured, all background, no flat area),
+#: so the tensor
 #: keeps its dtype and shape and the gate counts every field.
-UNMEASURED_QUALITY = (float(np.finfo(np.float32).max), 1.0, 0.0, 0.0, 1.0, 1.0)
+UNMEASURED_QUALITY = (float(np.finfo(np.float32).max), 1.0, 0.0, 0.0, 1.0, 1.0, 0.0)
 
 
 @dataclass(frozen=True)
@@ -87,7 +92,7 @@ class PreprocessSpec:
 
 
 def quality_graph(resized, spec: QualitySpec = QualitySpec()):
-    """FIELD_QUALITY float32[6] of a resized RGB (HWC uint8) field, inside a DALI graph."""
+    """FIELD_QUALITY float32[7] of a resized RGB (HWC uint8) field, inside a DALI graph."""
     from nvidia.dali import fn, types
 
     if not spec.enabled:
@@ -99,6 +104,8 @@ def quality_graph(resized, spec: QualitySpec = QualitySpec()):
     grey = fn.color_space_conversion(small, image_type=types.RGB, output_type=types.GRAY)
     laplacian = fn.laplacian(grey, window_size=3, dtype=types.FLOAT)
     focus = fn.reductions.variance(laplacian, fn.reductions.mean(laplacian))
+    textureless = (laplacian < spec.flat_below) & (laplacian > -spec.flat_below)
+    flat = fn.reductions.mean(fn.cast(textureless, dtype=types.FLOAT))
     foreground = fn.reductions.mean(fn.cast(grey < spec.stained_below, dtype=types.FLOAT))
     grid = fn.resize(grey, size=(float(spec.thick_grid), float(spec.thick_grid)), antialias=True)
     thick = fn.reductions.mean(fn.cast(grid < spec.thick_below, dtype=types.FLOAT))
@@ -110,6 +117,7 @@ def quality_graph(resized, spec: QualitySpec = QualitySpec()):
         fn.reductions.mean(grey, dtype=types.FLOAT),
         stain_colour,
         background,
+        flat,
     )
 
 
@@ -141,7 +149,7 @@ def preprocess_graph(
     input_name: str = config.TENSORS.image,
 ):
     """The DALI graph (call inside a ``pipeline_def``): encoded images from ``input_name`` ->
-    (PIXELS uint8 CHW, LETTERBOX float32[4], IMAGE_SIZE int32[2], FIELD_QUALITY float32[6]).
+    (PIXELS uint8 CHW, LETTERBOX float32[4], IMAGE_SIZE int32[2], FIELD_QUALITY float32[7]).
 
     Separate from :func:`build_pipeline` so the gpu target's ``dali.py`` can wrap the very
     same graph in its own ``@autoserialize @pipeline_def`` (DALI's autoserialization needs a
@@ -183,7 +191,7 @@ def build_pipeline(
     input_name: str = config.TENSORS.image,
 ):
     """A DALI pipeline taking encoded images from ``input_name`` and returning
-    (PIXELS uint8 CHW, LETTERBOX float32[4], IMAGE_SIZE int32[2], FIELD_QUALITY float32[6]).
+    (PIXELS uint8 CHW, LETTERBOX float32[4], IMAGE_SIZE int32[2], FIELD_QUALITY float32[7]).
 
     ``device="cpu"`` decodes on the host (``device_id=None`` works without CUDA);
     ``device="gpu"`` uses the ``mixed`` nvJPEG decoder and GPU resize.

@@ -194,8 +194,8 @@ def _outputs(quality: list[float] | None, labels=(0, 0, 5)) -> dict[str, np.ndar
 
 
 def test_excluded_field_adds_nothing_and_is_reported_apart() -> None:
-    good = aggregate.decode_image("a.jpg", _outputs([2000.0, 0.08, 0.03, 190.0, 0.8, 0.5]))
-    blurred = aggregate.decode_image("b.jpg", _outputs([200.0, 0.08, 0.03, 190.0, 0.8, 0.5]))
+    good = aggregate.decode_image("a.jpg", _outputs([2000.0, 0.08, 0.03, 190.0, 0.8, 0.5, 0.1]))
+    blurred = aggregate.decode_image("b.jpg", _outputs([200.0, 0.08, 0.03, 190.0, 0.8, 0.5, 0.1]))
     old_server = aggregate.decode_image("c.jpg", _outputs(None))
     assert good.excluded is None and good.quality["focus"] == 2000.0
     assert old_server.excluded is None and old_server.quality is None
@@ -214,7 +214,7 @@ def test_excluded_field_adds_nothing_and_is_reported_apart() -> None:
     assert set(d["images"][0]["quality"]) == set(QUALITY_FIELDS)
     # gating off: the same field counts
     kept = aggregate.decode_image(
-        "b.jpg", _outputs([200.0, 0.08, 0.03, 190.0, 0.8, 0.5]), quality=q.NO_GATING
+        "b.jpg", _outputs([200.0, 0.08, 0.03, 190.0, 0.8, 0.5, 0.1]), quality=q.NO_GATING
     )
     assert kept.excluded is None and sum(kept.counts.values()) == 3
 
