@@ -65,7 +65,7 @@ def test_slide_folders_refuses_a_folder_without_slides(tmp_path: Path) -> None:
 def test_data_and_cohort_exclude_each_other(tmp_path: Path, capsys) -> None:
     code = cli.main(["evaluate", "--data", str(tmp_path), "--cohort", str(tmp_path)])
     assert code == 2
-    assert "pick one" in capsys.readouterr().err
+    assert "--data" in capsys.readouterr().err  # the two sources exclude each other
 
 
 def test_evaluate_needs_some_data(capsys) -> None:
