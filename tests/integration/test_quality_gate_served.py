@@ -13,6 +13,7 @@ from marrowdx.client.quality import NO_GATING
 from PIL import Image, ImageFilter
 
 from marrowdx import config, taxonomy
+from marrowdx.contract import QUALITY_FIELDS
 
 pytestmark = pytest.mark.server
 
@@ -41,7 +42,7 @@ def test_served_pipeline_excludes_a_blurred_field(triton_server, sharp_and_blurr
     assert list(report.excluded_images) == ["blurred.jpg"]
     assert report.excluded_images["blurred.jpg"].startswith("out of focus")
     assert report.n_images == 1 and [im.file for im in report.images] == ["sharp.jpg"]
-    assert set(report.images[0].quality) == {"focus", "foreground", "thick", "brightness"}
+    assert set(report.images[0].quality) == set(QUALITY_FIELDS)
     assert report.to_dict()["excluded_images"] == report.excluded_images
     with MarrowClient(triton_server.grpc_url, target_cells=0, quality=NO_GATING) as client:
         counted = client.diagnose_patient("P1", sharp_and_blurred[1:], names=names[1:])
