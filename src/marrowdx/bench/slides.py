@@ -437,10 +437,29 @@ def big_slide_bench(
     return doc
 
 
+def copy_cohort(cohort: Path, out: Path, layout: str = "svs") -> list[Path]:
+    """Every slide of a DICOM cohort as ``out/<patient_id>/slide.svs`` (or ``.tif``), its
+    ground truth beside them: the same pixels in a scanner format, without annotations."""
+    import shutil
+
+    from marrowdx.simulate.scanner_slide import copy_as_scanner_file
+    from marrowdx.slides import is_slide_folder
+
+    out.mkdir(parents=True, exist_ok=True)
+    if (cohort / "ground_truth.json").is_file():
+        shutil.copy(cohort / "ground_truth.json", out / "ground_truth.json")
+    name = "slide.svs" if layout == "svs" else "slide.tif"
+    return [
+        copy_as_scanner_file(folder, out / folder.name / name, layout)
+        for folder in sorted(p for p in cohort.iterdir() if p.is_dir() and is_slide_folder(p))
+    ]
+
+
 def main(argv: list[str] | None = None) -> int:
     """``python -m marrowdx.bench.slides big [--out DIR] [--size WxH] [--json OUT]``: the
     whole-slide-at-real-size measurement; ``read DIR``: its reading half (one process);
-    ``quality COHORT [--tiling T] [--rois R]``: ``slide_quality`` on a simulated cohort."""
+    ``quality COHORT [--tiling T] [--rois R]``: ``slide_quality`` on a simulated cohort;
+    ``copy COHORT OUT [--layout svs|tiff]``: the cohort in a scanner format."""
     import argparse
     import json
 
@@ -466,7 +485,17 @@ def main(argv: list[str] | None = None) -> int:
     )
     quality.add_argument("--tiling", default=None, help="what is sent (default: the client's)")
     quality.add_argument("--rois", default="auto", choices=("auto", "annotation", "automatic"))
+    copy = sub.add_parser(
+        "copy", help="a simulated DICOM slide cohort as SVS-style or tiled-TIFF files"
+    )
+    copy.add_argument("cohort", type=Path)
+    copy.add_argument("out", type=Path)
+    copy.add_argument("--layout", choices=("svs", "tiff"), default="svs")
     args = parser.parse_args(argv)
+    if args.command == "copy":
+        for path in copy_cohort(args.cohort, args.out, args.layout):
+            print(path)
+        return 0
     if args.command == "read":
         print(json.dumps(read_big_slide(args.folder)))
         return 0
