@@ -167,7 +167,7 @@ def prepare_image(data: bytes, um_per_pixel: float | None, source: str = "given"
     sent as they are, undecoded, for the server to refuse in its own words. An EXIF
     orientation is applied before resampling, as the server's decoder applies it.
     """
-    from PIL import Image, ImageOps
+    from PIL import Image, ImageOps, UnidentifiedImageError
 
     from marrowdx import spacing
 
@@ -175,6 +175,10 @@ def prepare_image(data: bytes, um_per_pixel: float | None, source: str = "given"
         with Image.open(io.BytesIO(data)) as probe:
             width, height = probe.size
             orientation = probe.getexif().get(0x0112)
+    except UnidentifiedImageError:
+        # Pillow's own message names the BytesIO object by its memory address, which would
+        # make the same input's report differ from run to run
+        return _as_sent(data, um_per_pixel, source, "not an image format Pillow can open")
     except Exception as exc:  # noqa: BLE001 - Pillow raises many types; the server names it
         return _as_sent(data, um_per_pixel, source, f"{type(exc).__name__}: {exc}")
     if width * height > config.MAX_IMAGE_PIXELS or min(width, height) < config.MIN_IMAGE_SIDE:
