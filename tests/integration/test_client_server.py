@@ -16,14 +16,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 from marrowdx.client import MarrowClient
+from marrowdx.client.fields import SpacingInfo
 
 from marrowdx import config, taxonomy
 from marrowdx.preprocess import boxes_to_original
 
 pytestmark = pytest.mark.server
 
-#: Non-square fields, so a mix-up of the x and y letterbox scales would show.
-FIELD_SIZE = (640, 448)  # width, height
+#: Model fields at the models' spacing (the simulator's): the client sends each as its own
+#: bytes, so the raw pipeline called on the same file is the exact reference. (The client
+#: mirror-pads any other size to a field, never enlarging it as the server's letterbox would;
+#: that mapping is tested in tests/unit/test_client_spacing.py.)
+FIELD_SIZE = config.FIELD_SIZE  # width, height
 SEED = 6060
 #: Seconds to wait for a server (started by this test) to load its models.
 READY_TIMEOUT_S = 180.0
@@ -89,7 +93,7 @@ def test_counts_are_the_sum_of_the_ensembles_per_image_counts(triton_server, coh
     # a threshold with cells on both sides, so counting and flagging are both exercised
     threshold = float(np.median(np.concatenate(tops))) if sum(map(len, tops)) else 0.5
     with MarrowClient(url, unidentified_below=threshold) as client:
-        report = client.diagnose_patient(patient_id, paths)
+        report = client.diagnose_patient(patient_id, paths, um_per_pixel=config.MODEL_UM_PER_PIXEL)
     assert report.complete, report.failed_images
 
     total = np.zeros(config.N_CLASSES, np.int64)
@@ -111,6 +115,7 @@ def test_counts_are_the_sum_of_the_ensembles_per_image_counts(triton_server, coh
         total += server_counts.astype(np.int64)
         total -= np.bincount(labels[flagged | unfamiliar], minlength=config.N_CLASSES)
         assert image.file == str(path)
+        assert image.spacing == SpacingInfo(config.MODEL_UM_PER_PIXEL, "given")  # one field
         assert [c.label for c in image.cells] == [taxonomy.CLASSES[i] for i in labels]
         assert image.size == (FIELD_SIZE[1], FIELD_SIZE[0])
         want_boxes = boxes_to_original(raw[config.TENSORS.boxes][:n], raw[config.TENSORS.letterbox])
