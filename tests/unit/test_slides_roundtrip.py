@@ -265,3 +265,25 @@ def test_simulate_format_dicom_cli(tmp_path: Path) -> None:
         assert np.array(slide.rois[0].box).tolist() == patient["images"][0]["roi"]
     bad = ["simulate", "--format", "dicom", "--patients", "1", "--out", str(tmp_path / "b")]
     assert cli.main([*bad, "--size", "600x600"]) == 2  # three 1280 ROIs cannot fit
+
+
+def test_a_different_result_gets_new_uids_and_the_same_result_the_same(
+    cohort: tuple[Path, dict], tmp_path: Path
+) -> None:
+    """An archive keeps the first object stored under a UID: a new result for the same slide
+    must not reuse the previous result's UIDs, and the same result written twice is the same
+    object."""
+    root, gt = cohort
+    base = pydicom.dcmread(root / gt["patients"][0]["patient_id"] / "level_0.dcm", True)
+    cells = [SlideCell((10.0, 20.0, 40.0, 52.0), taxonomy.CLASSES[0], 0.9)]
+    moved = [SlideCell((11.0, 20.0, 40.0, 52.0), taxonomy.CLASSES[0], 0.9)]
+
+    def uids(cells: list[SlideCell], out: str) -> tuple[str, str]:
+        path = write_cell_annotations(base, cells, tmp_path / out, description="predictions")
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+        return str(ds.SeriesInstanceUID), str(ds.SOPInstanceUID)
+
+    first = uids(cells, "a")
+    assert uids(cells, "b") == first
+    again = uids(moved, "c")
+    assert again[0] != first[0] and again[1] != first[1]

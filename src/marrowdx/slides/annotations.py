@@ -17,6 +17,7 @@ object; highdicom, the reference viewer and this module's reader take both.
 
 from __future__ import annotations
 
+import hashlib
 import re
 from collections import defaultdict
 from collections.abc import Sequence
@@ -177,18 +178,31 @@ def _slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "_", text.lower()).strip("_")[:60] or "annotations"
 
 
+def _content_key(parts: Sequence[object]) -> str:
+    """A digest of what an object holds, for its UIDs: the same content written again gets
+    the same UIDs (a file written twice is byte-identical), different content new ones (an
+    archive keeps the first object stored under a UID and ignores another sent with it, so
+    a second result under the first one's UIDs would never replace it)."""
+    digest = hashlib.sha256()
+    for part in parts:
+        digest.update(repr(part).encode())
+        digest.update(b"\0")
+    return digest.hexdigest()
+
+
 def _write(
     base: Dataset,
     groups: list,
     out_dir: Path,
     description: str,
     session: str | None,
+    content: str,
 ) -> Path:
     import highdicom as hd
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    seed = [str(base.SOPInstanceUID), description]
+    seed = [str(base.SOPInstanceUID), description, content, session or ""]
     ann = hd.ann.MicroscopyBulkSimpleAnnotations(
         source_images=[base],
         annotation_coordinate_type=hd.ann.AnnotationCoordinateTypeValues.SCOORD,
@@ -232,6 +246,10 @@ def write_cell_annotations(
     import highdicom as hd
 
     graphic_type = _graphic_type(graphic)
+    content = _content_key(
+        [graphic, *((r.index, tuple(r.box)) for r in rois)]
+        + [(c.label, tuple(c.box), c.score, sorted(c.attributes.items())) for c in cells]
+    )
     by_label: dict[str, list[tuple[int, SlideCell]]] = defaultdict(list)
     for i, cell in enumerate(cells):
         by_label[cell.label].append((i + 1, cell))
@@ -288,7 +306,9 @@ def write_cell_annotations(
         groups.append(
             hd.ann.AnnotationGroup(
                 number=number,
-                uid=generate_uid(entropy_srcs=[str(base.SOPInstanceUID), description, label]),
+                uid=generate_uid(
+                    entropy_srcs=[str(base.SOPInstanceUID), description, content, label]
+                ),
                 label=label,
                 annotated_property_category=category,
                 annotated_property_type=concept,
@@ -306,7 +326,7 @@ def write_cell_annotations(
         )
     if not groups:
         raise SlideError(f"{description}: no cells to write (an annotation object needs one)")
-    return _write(base, groups, out_dir, description, session)
+    return _write(base, groups, out_dir, description, session, content)
 
 
 def write_roi_annotations(
@@ -319,9 +339,10 @@ def write_roi_annotations(
     graphic_type = _graphic_type(graphic)
     if not rois:
         raise SlideError("no ROIs to write")
+    content = _content_key([graphic, *((r.index, tuple(r.box)) for r in rois)])
     group = hd.ann.AnnotationGroup(
         number=1,
-        uid=generate_uid(entropy_srcs=[str(base.SOPInstanceUID), "rois"]),
+        uid=generate_uid(entropy_srcs=[str(base.SOPInstanceUID), "rois", content]),
         label=ROI_GROUP_LABEL,
         annotated_property_category=_code(taxonomy.SPATIAL_CONCEPT),
         annotated_property_type=_code(taxonomy.SELECTED_REGION),
@@ -337,7 +358,7 @@ def write_roi_annotations(
         ],
         display_color=_display_colour(ROI_GROUP_LABEL),
     )
-    return _write(base, [group], out_dir, ROI_DESCRIPTION, None)
+    return _write(base, [group], out_dir, ROI_DESCRIPTION, None, content)
 
 
 def write_annotations(
