@@ -312,13 +312,15 @@ def build_onnx_models(
     progress: bool = True,
     force_train: bool = False,
     real_data: tuple[Path, ...] = (),
+    real_um_per_pixel: float | None = None,
 ) -> OnnxModels:
     """Train (only when weights are missing/stale) and export (only when ONNX is older).
 
     ``cohort`` trains on an existing cohort folder (ground_truth.json); without it the
     preset's own cohort is simulated under ``work_dir`` with a fixed seed. ``real_data``:
     folders of real annotated images (``marrowdx.datasets``) trained on beside it; giving
-    them always trains. Without them, the reference preset takes the shipped weights.
+    them always trains (``real_um_per_pixel`` overrides their declared spacing). Without
+    them, the reference preset takes the shipped weights.
     """
     from marrowdx.export.onnx_export import read_onnx_metadata
     from marrowdx.training.data import ground_truth_key
@@ -341,10 +343,15 @@ def build_onnx_models(
                 Path(cohort) if cohort is not None else ensure_training_cohort(layout, spec, log)
             )
             real = None
+            if not real_data and (spec.cls_real_crops or spec.det_real_batch):
+                log(
+                    f"warning: preset {spec.name!r} also trains on real images, and none were "
+                    "given (--data DIR; docs/model_card.md): training on simulated fields only"
+                )
             if real_data:
                 from marrowdx.training.real_data import load_sets, real_from_datasets
 
-                sets = load_sets(real_data, layout.work_dir, log)
+                sets = load_sets(real_data, layout.work_dir, log, um_per_pixel=real_um_per_pixel)
                 real = real_from_datasets(sets, log=log)
             train_models(layout, spec, cohort_dir, log, real)
         else:

@@ -130,6 +130,16 @@ def configure_train(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--force", action="store_true", help="retrain even when the weights are current"
     )
+    from marrowdx.client.cli import um_per_pixel_arg
+
+    parser.add_argument(
+        "--um-per-pixel",
+        type=um_per_pixel_arg,
+        default=None,
+        metavar="X",
+        help="pixel spacing (µm per pixel) of the --data image sets, over what their "
+        "declarations say (default: declared, else each field's red-cell boxes, else estimated)",
+    )
 
 
 def run_train(args: argparse.Namespace) -> int:
@@ -143,6 +153,7 @@ def run_train(args: argparse.Namespace) -> int:
         progress=not args.quiet,
         force_train=args.force,
         real_data=real_data_sets(args),
+        real_um_per_pixel=args.um_per_pixel,
     )
     for kind, path in models.paths().items():
         print(f"{kind}: {path}")

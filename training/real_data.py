@@ -176,10 +176,17 @@ def _image_spacing(rgb_path: Path, declared: float | None) -> float | None:
     return estimate.um_per_pixel
 
 
-def load_sets(folders: Sequence[Path], work_dir: Path, log: Log | None = None) -> list:
+def load_sets(
+    folders: Sequence[Path],
+    work_dir: Path,
+    log: Log | None = None,
+    *,
+    um_per_pixel: float | None = None,
+) -> list:
     """``marrowdx.datasets.load_dataset`` of each folder. A folder without its own
     declaration whose name is a public set of the catalogue (``marrowdx data list``) is read
-    with the catalogue's declaration, written under ``work_dir`` (and said so)."""
+    with the catalogue's declaration, written under ``work_dir`` (and said so);
+    ``um_per_pixel`` overrides every set's declared spacing."""
     from marrowdx.datasets import load_dataset
     from marrowdx.datasets.catalogue import PUBLIC_SETS
     from marrowdx.datasets.declaration import find_declaration
@@ -194,7 +201,7 @@ def load_sets(folders: Sequence[Path], work_dir: Path, log: Log | None = None) -
             declaration.write_text(PUBLIC_SETS[folder.name].declaration(), encoding="utf-8")
             if log is not None:
                 log(f"{folder}: no marrowdx-dataset.toml, using the catalogue's ({declaration})")
-        out.append(load_dataset(folder, declaration=declaration))
+        out.append(load_dataset(folder, declaration=declaration, um_per_pixel=um_per_pixel))
     return out
 
 

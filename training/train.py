@@ -201,9 +201,11 @@ def partial_label_loss(logits: torch.Tensor, allowed: torch.Tensor) -> torch.Ten
 
 def real_classifier_batch(
     model: CellClassifier, real: RealData, preset: TrainingPreset, rng: np.random.Generator
-) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """Logits and allowed-class masks of one step's real cells: single-cell crops (balanced
-    over their source labels) and cells of real fields, each on its own small canvas."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """One step's real cells: single-cell crops (balanced over their source labels) and cells
+    of real fields, each cut from its own small canvas. Returns their normalised crops
+    [N,3,S,S], boxes [N,4] and allowed-class masks [N,33]; the caller classifies them in one
+    forward pass with the simulated crops (see :func:`train_classifier`)."""
     canvases, boxes, allowed = [], [], []
     if real.crops and preset.cls_real_crops:
         groups = real.crop_labels()
@@ -226,7 +228,7 @@ def real_classifier_batch(
             field_cells.append(x)
             field_boxes.append(originals[j])
             field_allowed.append(image.allowed[j])
-    logits, masks = [], []
+    crops, box_rows, masks = [], [], []
     for xs, bs, al in (
         (canvases, boxes, allowed),
         (field_cells, field_boxes, field_allowed),
@@ -238,15 +240,13 @@ def real_classifier_batch(
         )
         box_t = torch.from_numpy(jitter_boxes(np.stack(bs), rng))
         size = (pixels.shape[2], pixels.shape[3])
-        crops = roi.crop_boxes(
-            pixels, box_t[:, None], model.crop_steps, size, model.spec.crop_margin
-        )
-        cls, _ = model.classify_crops(augment_crops(crops, rng), box_t[None])
-        logits.append(cls[0])
+        cut = roi.crop_boxes(pixels, box_t[:, None], model.crop_steps, size, model.spec.crop_margin)
+        crops.append(augment_crops(cut, rng))
+        box_rows.append(box_t)
         masks.append(torch.from_numpy(np.stack(al)))
-    if not logits:
+    if not crops:
         return None
-    return torch.cat(logits), torch.cat(masks)
+    return torch.cat(crops), torch.cat(box_rows), torch.cat(masks)
 
 
 def train_classifier(
@@ -283,15 +283,25 @@ def train_classifier(
         pixels = model.normalize(torch.from_numpy(raw))
         box_t = torch.from_numpy(box_np)
         crops = augment_crops(model.crops(pixels, box_t), rng)
-        cls, att = model.classify_crops(crops, box_t)
-        y = torch.from_numpy(np.concatenate(labels))
-        a = torch.from_numpy(np.concatenate(attrs))
-        loss = F.cross_entropy(cls.reshape(-1, cls.shape[-1]), y, label_smoothing=LABEL_SMOOTHING)
-        loss = loss + F.binary_cross_entropy_with_logits(att.reshape(-1, att.shape[-1]), a)
+        rows = box_t.reshape(1, -1, 4)
+        n_sim = rows.shape[1]
+        real_batch = None
         if real is not None and not real.empty:
             real_batch = real_classifier_batch(model, real, preset, rng)
-            if real_batch is not None:
-                loss = loss + preset.real_weight * partial_label_loss(*real_batch)
+        if real_batch is not None:
+            # one forward pass over simulated and real crops together: batch normalisation
+            # then trains on (and keeps running statistics of) the mixture it serves; separate
+            # passes had left real cells normalised by statistics they never saw in training
+            crops = torch.cat((crops, real_batch[0]))
+            rows = torch.cat((rows, real_batch[1][None]), dim=1)
+        cls, att = model.classify_crops(crops, rows)
+        cls, att = cls.reshape(-1, cls.shape[-1]), att.reshape(-1, att.shape[-1])
+        y = torch.from_numpy(np.concatenate(labels))
+        a = torch.from_numpy(np.concatenate(attrs))
+        loss = F.cross_entropy(cls[:n_sim], y, label_smoothing=LABEL_SMOOTHING)
+        loss = loss + F.binary_cross_entropy_with_logits(att[:n_sim], a)
+        if real_batch is not None:
+            loss = loss + preset.real_weight * partial_label_loss(cls[n_sim:], real_batch[2])
         _cosine_lr(opt, preset.cls_lr, step, preset.cls_steps)
         opt.zero_grad()
         loss.backward()

@@ -134,9 +134,11 @@ def test_trainers_take_real_images_beside_the_simulated_cohort(tmp_path: Path) -
     assert not detector.training and not classifier.training
     batch = train.real_classifier_batch(classifier.train(), real, preset, np.random.default_rng(0))
     assert batch is not None
-    logits, allowed = batch
-    assert logits.shape == (preset.cls_real_crops + preset.cls_real_cells, config.N_CLASSES)
-    assert allowed.shape == logits.shape and allowed.any(dim=1).all()
+    crops, boxes, allowed = batch
+    n = preset.cls_real_crops + preset.cls_real_cells
+    size = classifier.spec.crop_size
+    assert crops.shape == (n, 3, size, size) and boxes.shape == (n, 4)
+    assert allowed.shape == (n, config.N_CLASSES) and allowed.any(dim=1).all()
 
 
 def test_the_shipped_reference_weights_are_current(tmp_path: Path) -> None:

@@ -48,24 +48,27 @@ def configure_build(parser: argparse.ArgumentParser) -> None:
     add_data_options(parser)  # --data DIR: train on a DICOM slide cohort (marrowdx[slides])
 
 
-def _slide_trained_models(args: argparse.Namespace) -> dict[str, Path]:
-    """``--data``: train the preset on the slide cohort's fields, export; ONNX per model."""
+def _data_trained_models(args: argparse.Namespace) -> dict[str, Path]:
+    """``--data``: train the preset on a slide cohort's fields and/or real image sets,
+    export; ONNX per model."""
     from marrowdx.errors import InputError
 
     if args.onnx_dir is not None:
         raise InputError("--data trains models and --onnx-dir brings prebuilt ones: pick one")
     from marrowdx.export.build import build_onnx_models
-    from marrowdx.training.cli import slide_data_cohort, work_dir_of
+    from marrowdx.training.cli import real_data_sets, slide_data_cohort, work_dir_of
 
     args.quiet = False
-    models = build_onnx_models(work_dir_of(args), args.preset, cohort=slide_data_cohort(args))
+    sets = real_data_sets(args)
+    cohort = slide_data_cohort(args) if len(sets) < len(args.data) else None
+    models = build_onnx_models(work_dir_of(args), args.preset, cohort=cohort, real_data=sets)
     return models.paths()
 
 
 def run_build(args: argparse.Namespace) -> int:
     from marrowdx.serving.repository import build_repository
 
-    onnx_files = _slide_trained_models(args) if getattr(args, "data", None) else None
+    onnx_files = _data_trained_models(args) if getattr(args, "data", None) else None
     # RepositoryError: marrowdx.cli.main prints it and exits 2.
     result = build_repository(
         args.out,
