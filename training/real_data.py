@@ -277,7 +277,10 @@ def centre_cell_box(rgb: np.ndarray) -> np.ndarray:
     od = -np.log((rgb.astype(np.float32) + 1.0) / 256.0)
     # nuclei and cytoplasm absorb red light (blue/purple stain); red cells much less
     signal = od[..., 0] + 0.5 * od[..., 1]
-    threshold = _otsu(signal)
+    from marrowdx.spacing import otsu_threshold
+
+    hist, edges = np.histogram(signal, bins=128)
+    threshold = otsu_threshold((edges[:-1] + edges[1:]) / 2, hist)
     mask = ndimage.binary_opening(signal > threshold, iterations=1)
     mask = ndimage.binary_fill_holes(mask)
     labels, n = ndimage.label(mask)
@@ -294,17 +297,6 @@ def centre_cell_box(rgb: np.ndarray) -> np.ndarray:
         pick = labels[idx[0][cy, cx], idx[1][cy, cx]]
     ys, xs = np.nonzero(labels == pick)
     return np.array([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1], np.float32)
-
-
-def _otsu(values: np.ndarray) -> float:
-    hist, edges = np.histogram(values, bins=128)
-    centres = (edges[:-1] + edges[1:]) / 2
-    w0 = np.cumsum(hist)
-    w1 = w0[-1] - w0
-    m0 = np.cumsum(hist * centres) / np.maximum(w0, 1)
-    m1 = (np.sum(hist * centres) - np.cumsum(hist * centres)) / np.maximum(w1, 1)
-    between = w0 * w1 * (m0 - m1) ** 2
-    return float(centres[int(np.argmax(between))])
 
 
 # ----------------------------------------------------------------------- per-step samples

@@ -160,7 +160,7 @@ class SpacingEstimate:
         )
 
 
-def _otsu(values: np.ndarray, counts: np.ndarray) -> float:
+def otsu_threshold(values: np.ndarray, counts: np.ndarray) -> float:
     """Otsu's threshold over a histogram: ``counts`` of pixels at each of ``values`` (the
     split maximising the between-class variance); returns the highest value of the lower
     class."""
@@ -226,7 +226,7 @@ def _red_cell_diameters(rgb: np.ndarray) -> np.ndarray:
     background = float(np.searchsorted(cumulative, 0.99 * green.size)) + 1.0
     od = np.log(background / (np.arange(256, dtype=np.float64) + 1.0)).clip(0)
     cap = od[int(np.searchsorted(cumulative, 0.15 * green.size))]
-    fg_threshold = _otsu(np.minimum(od, cap), hist)
+    fg_threshold = otsu_threshold(np.minimum(od, cap), hist)
     foreground_levels = od > fg_threshold
     dark_threshold = np.inf
     if hist[foreground_levels].sum() > 16:
@@ -237,7 +237,7 @@ def _red_cell_diameters(rgb: np.ndarray) -> np.ndarray:
         typical = np.sort(levels)[
             np.searchsorted(np.cumsum(counts[np.argsort(levels)]), counts.sum() / 2)
         ]
-        dark_threshold = max(_otsu(levels, counts), DARK_OVER_TYPICAL * float(typical))
+        dark_threshold = max(otsu_threshold(levels, counts), DARK_OVER_TYPICAL * float(typical))
     # density falls as the green level rises: thresholds become level comparisons
     foreground = _open3((od > fg_threshold)[green])
     dark_pixels = (od > dark_threshold)[green]
