@@ -9,7 +9,8 @@ its own ``val`` split, else the hashed hold-out): never what training saw, never
 Fields (boxes): white-cell AP50 (nucleated cells; platelets and red cells are not white
 cells) and the share of fields whose white-cell count is right. Single-cell crops: the cell
 found at the crop's centre, its class mapped back to the set's labels, macro-F1 over them
-and the confusion matrix.
+and the confusion matrix; of the cells found, the share flagged (unfamiliar or unidentified,
+so left out of the counts) and the share wrong yet counted ("confidently wrong").
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ class FieldScores:
     mean_abs_count_error: float
     extra_white_cells_per_field: float  # found white cells beyond the true count, per field
     failed: int
+    flagged_white_cells: float = 0.0  # share of found white cells unfamiliar or unidentified
 
 
 @dataclass
@@ -58,6 +60,11 @@ class CropScores:
     no_centre_cell: float  # share of crops whose centre cell was not found
     confusion: list[list[int]]  # rows: true label, columns: labels + OTHER + NO_CELL
     failed: int
+    # of the crops whose centre cell was found: flagged (unfamiliar or unidentified, so not
+    # counted), unfamiliar alone, and wrong yet counted ("confidently wrong")
+    flagged: float = 0.0
+    unfamiliar: float = 0.0
+    confidently_wrong: float = 0.0
 
 
 @dataclass
@@ -113,6 +120,7 @@ async def _analyse(client, items: Sequence[tuple[Path, float | None]], log: Log 
 
 def score_fields(dataset, results, fields) -> FieldScores:
     scores, tp, n_true, exact, errors, extra, failed = [], [], 0, 0, [], 0, 0
+    found = flagged = 0
     for f, result in zip(fields, results, strict=True):
         white = np.array(
             [t.kind == "classes" and bool(set(t.class_names) & NUCLEATED) for t in f.targets],
@@ -125,6 +133,8 @@ def score_fields(dataset, results, fields) -> FieldScores:
             errors.append(len(gt))
             continue
         cells = [c for c in result.cells if c.label in NUCLEATED]
+        found += len(cells)
+        flagged += sum(not c.counted for c in cells)
         pred = np.array([c.box for c in cells], np.float32).reshape(-1, 4)
         s = np.array([c.score for c in cells], np.float32)
         m = metrics.match_detections(pred, s, gt)
@@ -145,6 +155,7 @@ def score_fields(dataset, results, fields) -> FieldScores:
         mean_abs_count_error=float(np.mean(errors)) if errors else float("nan"),
         extra_white_cells_per_field=extra / max(1, n),
         failed=failed,
+        flagged_white_cells=flagged / max(1, found),
     )
 
 
@@ -153,7 +164,7 @@ def score_crops(dataset, results, crops) -> CropScores:
     to_label = _label_of_class(dataset, names)
     columns = [*names, OTHER, NO_CELL]
     confusion = np.zeros((len(names), len(columns)), np.int64)
-    failed = 0
+    failed = found = flagged = unfamiliar = confidently_wrong = 0
     for crop, result in zip(crops, results, strict=True):
         if isinstance(result, str):
             failed += 1
@@ -162,6 +173,11 @@ def score_crops(dataset, results, crops) -> CropScores:
             height, width = result.size
             cell = _centre_cell(result, width, height)
             predicted = NO_CELL if cell is None else to_label.get(cell.label, OTHER)
+            if cell is not None:
+                found += 1
+                flagged += not cell.counted
+                unfamiliar += cell.unfamiliar
+                confidently_wrong += cell.counted and predicted != crop.label
         confusion[names.index(crop.label), columns.index(predicted)] += 1
     f1 = {}
     for i, name in enumerate(names):
@@ -178,6 +194,9 @@ def score_crops(dataset, results, crops) -> CropScores:
         no_centre_cell=float(confusion[:, -1].sum() / max(1, confusion.sum())),
         confusion=confusion.tolist(),
         failed=failed,
+        flagged=flagged / max(1, found),
+        unfamiliar=unfamiliar / max(1, found),
+        confidently_wrong=confidently_wrong / max(1, found),
     )
 
 
@@ -245,19 +264,22 @@ def format_real_table(report: RealReport) -> str:
     lines = []
     if report.fields:
         lines += [
-            "set          fields  white cells  AP50   right count  |count error|  extra/field",
-            "-----------  ------  -----------  -----  -----------  -------------  -----------",
+            "set          fields  white cells  AP50   right count  |count error|  extra/field"
+            "  flagged",
+            "-----------  ------  -----------  -----  -----------  -------------  -----------"
+            "  -------",
         ]
         for f in report.fields:
             lines.append(
                 f"{f.dataset:<11}  {f.n_images:>6}  {f.n_white_cells:>11}  "
                 f"{f.white_cell_ap50:.3f}  {f.count_exact:>11.0%}  {f.mean_abs_count_error:>13.2f}"
-                f"  {f.extra_white_cells_per_field:>11.2f}"
+                f"  {f.extra_white_cells_per_field:>11.2f}  {f.flagged_white_cells:>7.1%}"
             )
     for c in report.crops:
         lines.append(
             f"{c.dataset}: {c.n_images} crops, macro-F1 {c.macro_f1:.3f}, no cell at the centre "
-            f"{c.no_centre_cell:.1%}; per label: "
+            f"{c.no_centre_cell:.1%}; of the cells found: flagged {c.flagged:.1%} (unfamiliar "
+            f"{c.unfamiliar:.1%}), wrong yet counted {c.confidently_wrong:.1%}; per label: "
             + ", ".join(f"{k} {v:.2f}" for k, v in c.per_label_f1.items())
         )
     return "\n".join(lines)
