@@ -9,13 +9,17 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import shutil
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from marrowdx import config
+from marrowdx.bench.harness import (
+    bench_repository,
+    bench_server,
+    busy_note,
+    environment,
+    stderr_log,
+)
 
 #: Images per measured level: small enough that the whole bench takes a few minutes on
 #: 2 cores, large enough that every concurrency level sends several full batches.
@@ -23,8 +27,6 @@ DEFAULT_IMAGES = 64
 DEFAULT_CONCURRENCY = (1, 2, 4, 8, 16, 32)
 DEFAULT_PEER_CONCURRENCY = (1, 2)
 DEFAULT_BATCH_SIZES = (1, 4, 8)
-#: Load average per core above which the JSON warns that other work skewed wall-clock numbers.
-BUSY_LOAD_PER_CORE = 1.0
 #: Interleaved repeats for the ratios: background load on a shared host drifts over minutes.
 DEFAULT_ROUNDS = 3
 #: Ports for the bench's own servers (Triton at +0..+2, the peer at +10).
@@ -168,73 +170,6 @@ def detect_gpu() -> tuple[dict | None, str]:
     )
 
 
-def environment() -> dict:
-    import importlib.metadata as md
-
-    def version(dist: str) -> str | None:
-        try:
-            return md.version(dist)
-        except md.PackageNotFoundError:
-            return None
-
-    return {
-        # Other work on the host skews wall-clock ratios; the load says how much there was.
-        "load_average_1m": os.getloadavg()[0],
-        "cpu_cores": len(os.sched_getaffinity(0))
-        if hasattr(os, "sched_getaffinity")
-        else os.cpu_count(),
-        "machine": platform.machine(),
-        "python": platform.python_version(),
-        "onnxruntime": version("onnxruntime"),
-        "nvidia-dali-cuda120": version("nvidia-dali-cuda120"),
-        "nvidia-pytriton": version("nvidia-pytriton"),
-        "tritonclient": version("tritonclient"),
-    }
-
-
-def bench_repository(args: argparse.Namespace) -> Path:
-    """``--repository`` or the default one, which must exist."""
-    from marrowdx.errors import RepositoryError
-
-    repository = args.repository or config.default_model_repository()
-    if not repository.is_dir():
-        raise RepositoryError(f"model repository {repository} not found; run `marrowdx build`")
-    return repository
-
-
-def busy_note(load_start: float, env: dict, steadier: str = "cpu_efficiency") -> str | None:
-    """The JSON's warning when other work on the host skewed wall-clock numbers, naming the
-    ``steadier`` figure; None on a quiet host."""
-    load_end, cores = env["load_average_1m"], env["cpu_cores"]
-    if max(load_start, load_end) <= BUSY_LOAD_PER_CORE * cores:
-        return None
-    return (
-        f"host was busy (load average {load_start:.1f} -> {load_end:.1f} on {cores} "
-        f"cores): wall-clock numbers are noisy; {steadier} is the steadier comparison"
-    )
-
-
-def bench_server(stack, args: argparse.Namespace, repository: Path) -> tuple[str, str, int | None]:
-    """(gRPC url, admin key, server pid) of the server measured: ``--url`` (with
-    ``--admin-key``) or one of the bench's own, stopped when ``stack`` closes."""
-    import secrets
-
-    from marrowdx.bench.loadtest import pid_listening_on
-    from marrowdx.serving import server as srv
-
-    if args.url:
-        return args.url, args.admin_key, pid_listening_on(int(args.url.rsplit(":", 1)[1]))
-    # A fresh admin key: the bench reads Triton's (admin-only) statistics API.
-    server = stack.enter_context(
-        srv.launch_triton(
-            repository,
-            ports=srv.PortPolicy.search_from(args.port),
-            admin_key=secrets.token_urlsafe(16),
-        )
-    )
-    return server.grpc_url, server.admin_key, server.pid
-
-
 def run_bench(args: argparse.Namespace) -> int:
     import contextlib
 
@@ -247,7 +182,7 @@ def run_bench(args: argparse.Namespace) -> int:
     from marrowdx.bench.workload import simulated_workload
     from marrowdx.serving import server as srv
 
-    log = lambda msg: print(f"[bench] {msg}", file=sys.stderr, flush=True)  # noqa: E731
+    log = stderr_log("bench")
     if args.gpu:
         from marrowdx.bench import gpu
 

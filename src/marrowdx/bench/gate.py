@@ -41,7 +41,7 @@ GATE_OFF_PARAMETER = (
     'parameters {{ key: "{key}" value: {{ string_value: "0" }} }}\n'
 )
 
-#: A served bench server: (gRPC url, admin key, pid or None), as ``cli.bench_server`` returns.
+#: A bench server: (gRPC url, admin key, pid or None), as ``harness.bench_server`` returns.
 Server = tuple[str, str, int | None]
 
 
@@ -194,7 +194,7 @@ def run_gate_bench(args, log) -> int:
     import os
     import tempfile
 
-    from marrowdx.bench.cli import bench_repository, bench_server, busy_note, environment
+    from marrowdx.bench.harness import bench_repository, bench_server, busy_note, environment
     from marrowdx.bench.report import write_doc
     from marrowdx.bench.workload import simulated_workload
     from marrowdx.errors import InputError

@@ -38,9 +38,9 @@ DEFAULT_SLIDE_CONCURRENCY = 16
 #: The stated slide size: 3 monolayer ROIs of 2048 x 2048 base pixels (the collection's ROI
 #: size at 40x; about 350 cells, the ICSH count) in an 8192 x 4096 canvas at the models'
 #: spacing, so each ROI is 3 x 3 overlapping fields of 1024 (27 fields per slide).
-SLIDE_CANVAS = "8192x4096"
+SLIDE_CANVAS = (8192, 4096)
 SLIDE_ROIS = 3
-SLIDE_ROI_SIZE = "2048x2048"
+SLIDE_ROI_SIZE = (2048, 2048)
 
 
 @dataclass(frozen=True)
@@ -68,17 +68,20 @@ class SlideWorkload:
 
 
 def _simulate_slide(out: Path, seed: int) -> Path:
-    """One simulated slide patient under ``out`` (``marrowdx simulate --format dicom``)."""
-    from marrowdx import cli
+    """One simulated slide patient under ``out`` (as ``marrowdx simulate --format dicom``)."""
+    from marrowdx.simulate.dicom_slide import DicomCohortSpec, simulate_dicom_cohort
 
     if not (out / "ground_truth.json").exists():
-        argv = ["simulate", "--format", "dicom", "--patients", "1", "--seed", str(seed)]
-        shape = ["--size", SLIDE_CANVAS, "--rois", str(SLIDE_ROIS), "--roi-size", SLIDE_ROI_SIZE]
-        code = cli.main([*argv, *shape, "--out", str(out), "--no-progress"])
-        if code != 0:
-            raise RuntimeError(f"simulating the bench slide failed (exit {code})")
+        spec = DicomCohortSpec(
+            seed=seed, canvas=SLIDE_CANVAS, n_rois=SLIDE_ROIS, roi_size=SLIDE_ROI_SIZE
+        )
+        simulate_dicom_cohort(out, 1, spec)
     (folder,) = [p for p in sorted(out.iterdir()) if p.is_dir()]
     return folder
+
+
+def _wxh(size: tuple[int, int]) -> str:
+    return f"{size[0]}x{size[1]}"
 
 
 def slide_workload(
@@ -95,7 +98,8 @@ def slide_workload(
 
     tiling = tiling or CLIENT_TILINGS[0]
 
-    base = (root or cache_dir()) / f"slide-s{seed}-{SLIDE_CANVAS}-{SLIDE_ROIS}x{SLIDE_ROI_SIZE}"
+    shape = f"{_wxh(SLIDE_CANVAS)}-{SLIDE_ROIS}x{_wxh(SLIDE_ROI_SIZE)}"
+    base = (root or cache_dir()) / f"slide-s{seed}-{shape}"
     folder = _simulate_slide(base / "cohort", seed)
     files_dir = base / tiling / folder.name
     files_dir.mkdir(parents=True, exist_ok=True)
@@ -279,7 +283,7 @@ def run_slide_bench(args, log) -> int:
     import contextlib
     import json
 
-    from marrowdx.bench.cli import bench_server, environment
+    from marrowdx.bench.harness import bench_server, environment
     from marrowdx.errors import MissingExtra, RepositoryError
 
     why = slides_available()
@@ -505,10 +509,9 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(result.to_dict(), indent=2))
         return 0
     width, height = (int(v) for v in args.size.lower().split("x"))
-    import sys
+    from marrowdx.bench.harness import stderr_log
 
-    log = lambda msg: print(f"[big slide] {msg}", file=sys.stderr, flush=True)  # noqa: E731
-    doc = big_slide_bench(args.out, width, height, log=log)
+    doc = big_slide_bench(args.out, width, height, log=stderr_log("big slide"))
     text = json.dumps(doc, indent=2) + "\n"
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
