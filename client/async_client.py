@@ -152,7 +152,7 @@ def _check_not_damaged(data: bytes) -> None:
     the structural checks of ``image_checks.check_integrity``; other formats and anything
     else wrong are for the server to name."""
     from marrowdx.errors import ImageRejected
-    from marrowdx.serving.image_checks import check_integrity, sniff_format
+    from marrowdx.image_checks import check_integrity, sniff_format
 
     fmt = sniff_format(data)
     if fmt is not None:

@@ -4,7 +4,7 @@ The client side of ``marrowdx.spacing``: each image reaches the server at the mo
 spacing. An image that is already one model field (``config.FIELD_SIZE``) at that spacing,
 given or estimated, is sent as its own bytes (no decode, no re-encode: simulated cohorts and
 the bench send exactly what they did). Any other image is decoded, resampled, mirror-padded
-or tiled (``spacing.plan_fields``), and each field is encoded as JPEG at quality 95 without
+or tiled (``slides.tiling.plan_fields``), and each field is encoded as JPEG at quality 95 without
 chroma subsampling. The answers are mapped back to the input image's pixels, mirror images
 in the padding are dropped, and cells seen by two overlapping tiles are counted once by the
 slides' own merge (``marrowdx.slides.merge``).
@@ -26,7 +26,8 @@ from marrowdx.client.report import Cell, ImageResult
 from marrowdx import config, taxonomy
 
 if TYPE_CHECKING:
-    from marrowdx.spacing import FieldPlan, SpacingEstimate
+    from marrowdx.slides.tiling import FieldPlan
+    from marrowdx.spacing import SpacingEstimate
 
 #: A detection with less than this share of its box inside the input image is a mirror image
 #: in the padding, not one of the image's cells. A cell cut by the image's border joins its
@@ -170,6 +171,7 @@ def prepare_image(data: bytes, um_per_pixel: float | None, source: str = "given"
     from PIL import Image, ImageOps, UnidentifiedImageError
 
     from marrowdx import spacing
+    from marrowdx.slides import tiling
 
     try:
         with Image.open(io.BytesIO(data)) as probe:
@@ -192,7 +194,7 @@ def prepare_image(data: bytes, um_per_pixel: float | None, source: str = "given"
     with Image.open(io.BytesIO(data)) as image:
         upright = ImageOps.exif_transpose(image).convert("RGB")
     resampled = np.asarray(spacing.resample(upright, value))
-    plans = spacing.plan_fields(width, height, value)
+    plans = tiling.plan_fields(width, height, value)
     fields = [encode_field(np.ascontiguousarray(plan.render(resampled))) for plan in plans]
     return PreparedImage(fields, plans, (height, width), replace(info, fields=len(fields)))
 

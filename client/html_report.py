@@ -21,7 +21,6 @@ import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from marrowdx.client.overlays import class_colour
 from marrowdx.client.report import Cell, ImageResult, PatientReport
 
 from marrowdx import taxonomy
@@ -108,7 +107,7 @@ def _crop(picture, box: Sequence[float]):
 
 
 def _rgb(label: str) -> str:
-    return "rgb({},{},{})".format(*class_colour(label))
+    return "rgb({},{},{})".format(*taxonomy.class_colour(label))
 
 
 def _cell_title(file: str, cell: Cell) -> str:

@@ -5,13 +5,13 @@ imported inside the functions and the library stays thin.
 
 from __future__ import annotations
 
-import colorsys
 import io
 from pathlib import Path
 
 from marrowdx.client.report import ImageResult, PatientReport
 
 from marrowdx import taxonomy
+from marrowdx.taxonomy import class_colour
 
 #: Box outline width and legend geometry (pixels) for the image overlays.
 BOX_WIDTH = 3
@@ -20,15 +20,6 @@ LEGEND_ROW = 16
 LEGEND_SWATCH = 12
 LEGEND_MARGIN = 8
 LEGEND_FONT_SIZE = 13
-#: Golden-ratio hue steps give 33 distinct, stable colours without a hand-written palette.
-_GOLDEN = 0.618033988749895
-
-
-def class_colour(label: str) -> tuple[int, int, int]:
-    """A fixed RGB colour per class, the same in overlays and charts."""
-    hue = (taxonomy.CLASS_INDEX[label] * _GOLDEN) % 1.0
-    r, g, b = colorsys.hsv_to_rgb(hue, 0.85, 0.95)
-    return int(r * 255), int(g * 255), int(b * 255)
 
 
 def draw_image_overlay(image: bytes | str | Path, result: ImageResult, out: Path) -> Path:

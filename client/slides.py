@@ -18,8 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import itertools
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -30,6 +29,7 @@ from marrowdx.client.report import Cell, ImageResult, PatientReport
 
 from marrowdx import differential, taxonomy
 from marrowdx.errors import RequestFailed
+from marrowdx.slides.tiling import TILINGS, tile
 
 if TYPE_CHECKING:
     from marrowdx.client.async_client import AsyncMarrowClient, ImageCallback
@@ -38,17 +38,6 @@ if TYPE_CHECKING:
 
 #: Series description of the written annotation objects (a DICOM LO: at most 64 characters).
 ANNOTATION_DESCRIPTION = "marrowdx predicted cells (overlapping fields merged)"
-#: What a slide sends (``SlidePatient.tiling``). ``fields`` (default): overlapping 1024 px
-#: fields inside each ROI at the models' spacing, decoded, resampled if needed and re-encoded:
-#: the pixels the models were trained on, every cell whole in one field. ``frame_fields``: the
-#: slide's own JPEG frames as stored (no decode; needs a DICOM level at the models' spacing
-#: with frames of the field size); ``auto``: frames where the slide allows, else fields. The
-#: frames are cheaper (0.1 ms against 15-20 ms of client CPU per field) but count worse: a
-#: frame reaches beyond its ROI into the thick area or empty glass, so the models' per-field
-#: stain normalisation is computed on other pixels (gains of 0.5-4 against 0.7-1.4 on
-#: fields), and cells cut by frame seams are classified from their pieces (README, "Real
-#: slides", has the measured figures).
-TILINGS = ("fields", "frame_fields", "auto")
 #: Fields read ahead of the answers, per unit of client concurrency: enough that reading
 #: never starves the server, few enough that a slide's fields are not all held in memory.
 READ_AHEAD_PER_SLOT = 2
@@ -97,25 +86,6 @@ class SlideReport(PatientReport):
             "dicom_annotations": self.dicom_annotations,
             "stored_annotations": self.stored_annotations,
         }
-
-
-def tile(source: object, tiling: str) -> Iterator[Field]:
-    """The fields ``source`` sends under ``tiling`` (see TILINGS); ``auto`` reads the first
-    frame to learn whether the slide's frames can go as they are."""
-    from marrowdx.slides import SlideError
-
-    if tiling not in TILINGS:
-        raise ValueError(f"unknown tiling {tiling!r}; choose one of {', '.join(TILINGS)}")
-    if tiling != "auto":
-        return iter(getattr(source, tiling)())
-    frames = iter(source.frame_fields())  # type: ignore[attr-defined]
-    try:
-        first = next(frames)
-    except StopIteration:
-        return iter(())
-    except SlideError:  # no level at the models' spacing, or frames that are not JPEG
-        return iter(source.fields())  # type: ignore[attr-defined]
-    return itertools.chain([first], frames)
 
 
 def field_name(slide: str, roi: Roi, index: int) -> str:
@@ -373,9 +343,8 @@ async def diagnose_slide(
 
 def write_slide_geojson(rois: list[RoiResult], patient: SlidePatient) -> Path:
     """The merged cells of every ROI, and the ROIs, as ``geojson_dir/<patient_id>.geojson``."""
-    from marrowdx.client.overlays import class_colour
-
     from marrowdx.slides.geojson import write_geojson
+    from marrowdx.taxonomy import class_colour
 
     assert patient.geojson_dir is not None
     return write_geojson(

@@ -259,6 +259,7 @@ def spaced_cohort(cohort_dir: Path, um_per_pixel: float, out_root: Path) -> Path
     from PIL import Image
 
     from marrowdx import spacing
+    from marrowdx.slides import tiling
 
     gt = read_ground_truth(cohort_dir)
     key = hashlib.sha256(f"{json.dumps(gt, sort_keys=True)}|{um_per_pixel!r}".encode())
@@ -273,7 +274,7 @@ def spaced_cohort(cohort_dir: Path, um_per_pixel: float, out_root: Path) -> Path
                 width, height = source.size
                 resampled = np.asarray(spacing.resample(source.convert("RGB"), um_per_pixel))
             boxes = np.array([c["box"] for c in image["cells"]], np.float64).reshape(-1, 4)
-            for f, plan in enumerate(spacing.plan_fields(width, height, um_per_pixel)):
+            for f, plan in enumerate(tiling.plan_fields(width, height, um_per_pixel)):
                 name = f"{Path(image['file']).with_suffix('')}_f{f}.jpg"
                 (out / name).parent.mkdir(parents=True, exist_ok=True)
                 (out / name).write_bytes(encode_field(np.ascontiguousarray(plan.render(resampled))))

@@ -4,7 +4,7 @@
 DIR`` take a folder of slide patients (DIR/<patient_id>/ holding one slide's DICOM files and
 its annotation series, found by content). Training on slides must use the same pixels the
 served stack is sent, so each slide is tiled by the client's tiler
-(``marrowdx.client.slides.tile``) into the overlapping fields ``diagnose`` sends by
+(``marrowdx.slides.tiling.tile``) into the overlapping fields ``diagnose`` sends by
 default (``--slide-tiling fields``): they lie inside the labelled ROIs, whereas the slide's
 own frames (``frame_fields``) reach beyond them, where cells are not labelled and would be
 taught as background. Each ground-truth cell (Consensus by default, or one annotator's session) is
@@ -101,7 +101,7 @@ def _slide_entry(
     folder: Path, out: Path, source: str, tiling: str, unmapped: dict[str, int]
 ) -> dict:
     """One slide -> its fields written under ``out/<folder name>/`` and the patient entry."""
-    from marrowdx.client.slides import tile
+    from marrowdx.slides.tiling import tile
 
     from marrowdx.slides import open_slide
 

@@ -22,6 +22,9 @@ FIELD_SIZE = (1024, 1024)
 #: at: red cells 28-36 px across are 7-9 µm. A slide at another spacing is resampled to it
 #: before its fields are sent (``marrowdx.slides``).
 MODEL_UM_PER_PIXEL = 0.25
+#: Red-cell diameter range (pixels at MODEL_UM_PER_PIXEL) the simulator draws: 7-9 µm, the
+#: size the pixel-spacing estimator measures real red cells against.
+RED_CELL_DIAMETER_PX = (28.0, 36.0)
 #: Fixed maximum number of detections per image (top-K inside the detector graph).
 MAX_DETECTIONS = 256
 #: Side of the square crop the classifier takes around each detected cell (pixels). The

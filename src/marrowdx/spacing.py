@@ -7,20 +7,13 @@ too large, and the letterbox would enlarge it further). Real images rarely store
 spacing, so it can also be estimated from the red cells, whose diameter is nearly constant
 (about 8 µm) across patients and labs.
 
-Two parts, one rule each:
-
 - :func:`estimate_um_per_pixel`: segment the pale red cells on a small copy of the image, fill
   their central pallor, and take the median diameter: a single cell's from its area, a
   clump's from its largest inscribed circle (two touching cells still inscribe one cell's
   circle). Spacing is ``RED_CELL_UM`` over that diameter in the input's pixels.
-- :func:`plan_fields`: the geometry shared by images and slides. An image is resampled by
-  ``um_per_pixel / MODEL_UM_PER_PIXEL``; resampled, an image no larger than the model field
-  (``config.FIELD_SIZE``) is padded to it (never enlarged beyond its true scale), a larger one
-  is tiled into fields overlapping by ``slides.tiling.DEFAULT_OVERLAP_PX`` so that every cell
-  lies whole in one of them. Padding mirrors the image (numpy ``symmetric``), because a
-  constant border would change what the models normalise each field with (the brightest
-  8x8 block is the background, the darkest 5% the stain): mirrored pixels have the image's
-  own statistics. Cells whose box centre falls in the padding are not the image's cells.
+- :func:`resample`: an image brought to the models' spacing, scaled by
+  ``um_per_pixel / MODEL_UM_PER_PIXEL``. Where its fields then go (padded or tiled, the rule
+  images and slides share) is ``marrowdx.slides.tiling.plan_fields``.
 
 numpy, Pillow and scipy.ndimage only (scipy for labelling, hole filling and the exact
 Euclidean distance transform in C: the estimate must cost a few ms per image on the client).
@@ -30,18 +23,15 @@ from __future__ import annotations
 
 import io
 import math
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
 from marrowdx import config
-from marrowdx.simulate.field import RBC_DIAMETER
-from marrowdx.slides.tiling import DEFAULT_OVERLAP_PX, axis_starts
 
-#: Red-cell diameter (µm): the simulator's red cells are RBC_DIAMETER (28-36 px) across at the
+#: Red-cell diameter (µm): the simulator's red cells are config.RED_CELL_DIAMETER_PX across at the
 #: models' spacing, i.e. 7-9 µm, as human red cells are.
-RED_CELL_UM = sum(RBC_DIAMETER) / 2 * config.MODEL_UM_PER_PIXEL
+RED_CELL_UM = sum(config.RED_CELL_DIAMETER_PX) / 2 * config.MODEL_UM_PER_PIXEL
 #: Relative spacing mismatch under which an input counts as being at the models' spacing and
 #: is sent without resampling (a slide's own frames, an image whose spacing is given or
 #: estimated): the models were trained with +-15% zoom, and the simulator's cells vary in size
@@ -357,119 +347,11 @@ def estimate_from_bytes(data: bytes) -> SpacingEstimate:
     return _estimate(read_work, width, max(size))
 
 
-# -------------------------------------------------------------------------------- fields
-@dataclass(frozen=True)
-class FieldPlan:
-    """One model field of an image: ``x0``, ``y0`` is its top-left corner in the resampled
-    image's pixels (negative where the field is padded), ``size`` its side; ``scale`` is model
-    pixels per input pixel. ``image_size`` = (width, height) of the resampled image."""
-
-    x0: int
-    y0: int
-    size: tuple[int, int]
-    scale: float
-    image_size: tuple[int, int]
-
-    @property
-    def pad(self) -> tuple[tuple[int, int], tuple[int, int]]:
-        """((top, bottom), (left, right)) mirrored rows/columns around the image part."""
-        w, h = self.image_size
-        fw, fh = self.size
-        return (
-            (max(0, -self.y0), max(0, self.y0 + fh - h)),
-            (max(0, -self.x0), max(0, self.x0 + fw - w)),
-        )
-
-    @property
-    def crop(self) -> tuple[int, int, int, int]:
-        """The part of the resampled image inside the field (x0, y0, x1, y1)."""
-        w, h = self.image_size
-        fw, fh = self.size
-        return (max(0, self.x0), max(0, self.y0), min(w, self.x0 + fw), min(h, self.y0 + fh))
-
-    @property
-    def input_box(self) -> tuple[float, float, float, float]:
-        """The input-image pixels this field holds (the padding excluded)."""
-        x0, y0, x1, y1 = self.crop
-        return (x0 / self.scale, y0 / self.scale, x1 / self.scale, y1 / self.scale)
-
-    def to_input(self, boxes: np.ndarray) -> np.ndarray:
-        """x0, y0, x1, y1 boxes from field pixels to input-image pixels."""
-        out = np.asarray(boxes, dtype=np.float64).copy()
-        out[..., [0, 2]] = (out[..., [0, 2]] + self.x0) / self.scale
-        out[..., [1, 3]] = (out[..., [1, 3]] + self.y0) / self.scale
-        return out
-
-    def shown(self, boxes: np.ndarray, min_visible: float = 0.5) -> tuple[np.ndarray, np.ndarray]:
-        """Where input-image boxes appear in this field, mirror images in the padding
-        included (ground truth for the field as rendered): (indices into ``boxes``, field
-        boxes clipped to the field), keeping images with at least ``min_visible`` of their
-        area inside it."""
-        boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4) * self.scale
-        axes = []
-        for lo_col, start, length, side in (
-            (0, self.x0, self.image_size[0], self.size[0]),
-            (1, self.y0, self.image_size[1], self.size[1]),
-        ):
-            lo, hi = boxes[:, lo_col], boxes[:, lo_col + 2]
-            period = 2 * length
-            images = []  # [a + 2nk, b + 2nk) and its reflection [2nk - b, 2nk - a)
-            for k in range(math.floor(start / period) - 1, math.ceil((start + side) / period) + 1):
-                images.append((lo + period * k, hi + period * k))
-                images.append((period * k - hi, period * k - lo))
-            axes.append([(a - start, b - start) for a, b in images])
-        index, out = [], []
-        for x0, x1 in axes[0]:
-            for y0, y1 in axes[1]:
-                box = np.stack([x0, y0, x1, y1], axis=1)
-                clipped = np.clip(box, 0, [self.size[0], self.size[1]] * 2)
-                area = (box[:, 2] - box[:, 0]) * (box[:, 3] - box[:, 1])
-                inside = np.clip(clipped[:, 2] - clipped[:, 0], 0, None) * np.clip(
-                    clipped[:, 3] - clipped[:, 1], 0, None
-                )
-                keep = inside >= min_visible * np.maximum(area, 1e-9)
-                index.append(np.flatnonzero(keep))
-                out.append(clipped[keep])
-        return np.concatenate(index), np.concatenate(out).reshape(-1, 4)
-
-    def render(self, resampled: np.ndarray) -> np.ndarray:
-        """This field's pixels cut from the resampled image, mirror-padded where it ends."""
-        x0, y0, x1, y1 = self.crop
-        part = resampled[y0:y1, x0:x1]
-        (top, bottom), (left, right) = self.pad
-        if top or bottom or left or right:
-            part = np.pad(part, ((top, bottom), (left, right), (0, 0)), mode="symmetric")
-        return part
-
-
+# ----------------------------------------------------------------------------- resampling
 def resampled_size(width: int, height: int, um_per_pixel: float) -> tuple[int, int]:
     """(width, height) of an input resampled to the models' spacing (at least 1 px)."""
     scale = scale_to_model(um_per_pixel)
     return max(1, round(width * scale)), max(1, round(height * scale))
-
-
-def plan_fields(
-    width: int,
-    height: int,
-    um_per_pixel: float,
-    *,
-    field_size: Sequence[int] = config.FIELD_SIZE,
-    overlap_px: int = DEFAULT_OVERLAP_PX,
-) -> list[FieldPlan]:
-    """The model fields of a ``width`` x ``height`` image at ``um_per_pixel`` (row-major).
-
-    Per axis, after resampling: a side no longer than the field gives one field centred on
-    it (padded, never enlarged); a longer side gives fields overlapping by >= ``overlap_px``
-    (``slides.tiling.axis_starts``, the slides' own rule).
-    """
-    if width < 1 or height < 1:
-        raise ValueError(f"image size must be positive, got {width}x{height}")
-    scale = scale_to_model(um_per_pixel)
-    rw, rh = resampled_size(width, height, um_per_pixel)
-    fw, fh = (int(v) for v in field_size)
-    xs = axis_starts(0, rw, fw, overlap_px)
-    ys = axis_starts(0, rh, fh, overlap_px)
-    return [FieldPlan(int(x), int(y), (fw, fh), scale, (rw, rh)) for y in ys for x in xs]
 
 
 def resample(image, um_per_pixel: float):

@@ -312,3 +312,17 @@ DIAGNOSIS_CODES: dict[str, CodedConcept] = {
     "AML": CodedConcept("NCIt", "C3171", "Acute Myeloid Leukemia"),
     "CML": CodedConcept("NCIt", "C3174", "Chronic Myelogenous Leukemia, BCR-ABL1 Positive"),
 }
+
+
+#: Golden-ratio hue steps give 33 distinct, stable colours without a hand-written palette.
+_GOLDEN = 0.618033988749895
+
+
+def class_colour(label: str) -> tuple[int, int, int]:
+    """A fixed RGB colour per class, the same wherever a class is drawn (overlays, charts,
+    the review page, the DICOM annotation groups' display colour)."""
+    import colorsys
+
+    hue = (CLASS_INDEX[label] * _GOLDEN) % 1.0
+    r, g, b = colorsys.hsv_to_rgb(hue, 0.85, 0.95)
+    return int(r * 255), int(g * 255), int(b * 255)

@@ -43,7 +43,7 @@ class ConsensusModel:
     def __init__(self, folder: Path, patient: dict) -> None:
         from marrowdx.client.aggregate import DEFAULT_MIN_FAMILIARITY
         from marrowdx.client.review import DEFAULT_THRESHOLDS
-        from marrowdx.client.slides import tile
+        from marrowdx.slides.tiling import tile
 
         from marrowdx.slides import open_slide
 

@@ -15,7 +15,7 @@ from tritonclient.grpc import model_config_pb2 as mc
 from marrowdx import config, contract
 from marrowdx.serving import repository
 from marrowdx.serving.guarded_preprocess import GuardedPreprocessor, Preprocessed, Rejected
-from marrowdx.serving.image_checks import ImageLimits, ImageRejected, check_encoded_image
+from marrowdx.image_checks import ImageLimits, ImageRejected, check_encoded_image
 from tests.helpers.model_configs import io_tensors, load_config
 
 M = config.MODELS

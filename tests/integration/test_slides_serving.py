@@ -65,7 +65,7 @@ def diagnosed(triton_server, cohort: Path, tmp_path_factory) -> tuple[int, dict,
 
 def n_tiled(folder: Path, tiling: str | None = None) -> int:
     """Fields ``tiling`` sends (default: the client's default tiling)."""
-    from marrowdx.client.slides import TILINGS, tile
+    from marrowdx.slides.tiling import TILINGS, tile
 
     from marrowdx.slides import open_slide
 

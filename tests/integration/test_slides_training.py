@@ -29,7 +29,7 @@ METRICS = (
 
 def n_served(data: Path) -> int:
     """Fields of every slide of ``data`` in the training tiling (overlapping, inside ROIs)."""
-    from marrowdx.client.slides import tile
+    from marrowdx.slides.tiling import tile
 
     from marrowdx.slides import open_slide
 
@@ -49,7 +49,7 @@ def slide_data(tmp_path_factory) -> Path:
 
 
 def test_field_cohort_labels_what_the_server_sees(slide_data: Path, tmp_path: Path) -> None:
-    from marrowdx.client.slides import tile
+    from marrowdx.slides.tiling import tile
     from marrowdx.training.slides import field_cohort
 
     from marrowdx.slides import open_slide

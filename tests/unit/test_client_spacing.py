@@ -25,8 +25,9 @@ from PIL import Image
 from scipy import ndimage as ndi
 
 from marrowdx import config, taxonomy
+from marrowdx.encoding import encode
 from marrowdx.errors import CohortError, InputError
-from marrowdx.simulate.field import NEUTRAL_STYLE, encode, render_field
+from marrowdx.simulate.field import NEUTRAL_STYLE, render_field
 
 T = config.TENSORS
 FIELD = config.FIELD_SIZE[0]

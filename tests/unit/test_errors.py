@@ -36,7 +36,8 @@ def test_every_part_derives_from_the_base_with_its_exit_code(cls, code, builtin)
 
 def test_the_modules_raise_the_same_classes_they_always_named() -> None:
     """Old import paths keep working and name the one class, not a copy."""
-    from marrowdx.serving import image_checks, repository, server, triton_install
+    from marrowdx import image_checks
+    from marrowdx.serving import repository, server, triton_install
 
     assert repository.RepositoryError is errors.RepositoryError
     assert server.ServerError is errors.ServerError

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from marrowdx.serving import image_checks as ic
+from marrowdx import image_checks as ic
 from tests.helpers.bad_inputs import (
     ERROR,
     OK,

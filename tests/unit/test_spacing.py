@@ -11,7 +11,9 @@ import pytest
 from PIL import Image
 
 from marrowdx import config, spacing
-from marrowdx.simulate.field import NEUTRAL_STYLE, encode, render_field
+from marrowdx.encoding import encode
+from marrowdx.simulate.field import NEUTRAL_STYLE, render_field
+from marrowdx.slides import tiling
 from marrowdx.slides.tiling import DEFAULT_OVERLAP_PX
 
 FIELD = config.FIELD_SIZE[0]
@@ -84,7 +86,7 @@ def test_scale_rule_is_spacing_over_the_models_spacing() -> None:
 
 def test_a_small_image_is_padded_to_one_field_never_enlarged() -> None:
     """640 x 480 at 0.075 µm/px is 192 x 144 model pixels: one field, centred, padded."""
-    (plan,) = spacing.plan_fields(640, 480, 0.075)
+    (plan,) = tiling.plan_fields(640, 480, 0.075)
     assert plan.size == (FIELD, FIELD) and plan.image_size == (192, 144)
     assert plan.scale == pytest.approx(0.3)
     assert plan.crop == (0, 0, 192, 144)
@@ -97,7 +99,7 @@ def test_a_small_image_is_padded_to_one_field_never_enlarged() -> None:
 def test_padding_mirrors_the_image_and_keeps_it_at_its_resampled_size() -> None:
     rng = np.random.default_rng(0)
     image = rng.integers(0, 255, (144, 192, 3), dtype=np.uint8)
-    (plan,) = spacing.plan_fields(192, 144, config.MODEL_UM_PER_PIXEL)
+    (plan,) = tiling.plan_fields(192, 144, config.MODEL_UM_PER_PIXEL)
     field = plan.render(image)
     assert field.shape == (FIELD, FIELD, 3)
     (top, _), (left, _) = plan.pad
@@ -109,7 +111,7 @@ def test_padding_mirrors_the_image_and_keeps_it_at_its_resampled_size() -> None:
 
 
 def test_boxes_map_back_to_input_pixels() -> None:
-    (plan,) = spacing.plan_fields(640, 480, 0.075)
+    (plan,) = tiling.plan_fields(640, 480, 0.075)
     (top, _), (left, _) = plan.pad
     # a cell at input (100, 200)-(130, 230) is at model scale 0.3, shifted by the padding
     field_box = np.array([[left + 30, top + 60, left + 39, top + 69]], np.float64)
@@ -118,7 +120,7 @@ def test_boxes_map_back_to_input_pixels() -> None:
 
 def test_a_large_image_is_tiled_with_overlapping_fields() -> None:
     """4000 x 3000 at 0.1 µm/px is 1600 x 1200 model pixels: 2 x 2 fields."""
-    plans = spacing.plan_fields(4000, 3000, 0.1)
+    plans = tiling.plan_fields(4000, 3000, 0.1)
     assert len(plans) == 4 and all(p.size == (FIELD, FIELD) for p in plans)
     xs = sorted({p.x0 for p in plans})
     ys = sorted({p.y0 for p in plans})
@@ -128,7 +130,7 @@ def test_a_large_image_is_tiled_with_overlapping_fields() -> None:
 
 
 def test_a_long_strip_is_tiled_along_its_length_and_padded_across() -> None:
-    plans = spacing.plan_fields(3000, 400, config.MODEL_UM_PER_PIXEL)
+    plans = tiling.plan_fields(3000, 400, config.MODEL_UM_PER_PIXEL)
     assert len(plans) == 4 and {p.y0 for p in plans} == {(400 - FIELD) // 2}
 
 
@@ -168,7 +170,7 @@ def test_ground_truth_in_a_field_covers_exactly_what_the_field_shows(width, heig
         )
         boxes.append((x0, y0, x1, y1))
         image[y0:y1, x0:x1] = 1
-    for plan in spacing.plan_fields(width, height, config.MODEL_UM_PER_PIXEL):
+    for plan in tiling.plan_fields(width, height, config.MODEL_UM_PER_PIXEL):
         field = plan.render(image)[..., 0]
         _, shown = plan.shown(np.array(boxes, np.float64), min_visible=0.0)
         painted = np.zeros_like(field)

@@ -3,8 +3,8 @@ pipeline in-process.
 
 Modules: ``repository`` (build_repository), ``triton_install`` (the server binary from the
 nvidia-pytriton wheel), ``server`` (launcher/supervisor, hardening flags), ``python_models``
-(logic of the cpu-target python-backend models), ``guarded_preprocess`` and ``image_checks``
-(per-image validation and DALI recovery), ``onnx_runner`` (ONNX Runtime sessions shared by the
+(logic of the cpu-target python-backend models), ``guarded_preprocess`` (per-image
+validation with the core's ``marrowdx.image_checks``, and DALI recovery), ``onnx_runner`` (ONNX Runtime sessions shared by the
 python models and ``inprocess``), ``cli`` (``marrowdx build`` / ``marrowdx serve``).
 """
 

@@ -2,7 +2,7 @@
 ``preprocess`` model and the in-process pipeline (so both produce identical tensors).
 
 One bad image must not fail its neighbours in a dynamic batch: images are checked first
-(:mod:`marrowdx.serving.image_checks`, no decoding), the good ones go through DALI together,
+(:mod:`marrowdx.image_checks`, no decoding), the good ones go through DALI together,
 and if DALI still raises (a corrupt pixel stream the header did not reveal) the pipeline is
 rebuilt (a DALI pipeline that raised is unusable) and the batch re-run one image at a time so
 the culprit gets the error and every other image its result.
@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from marrowdx.preprocess import CpuPreprocessor, PreprocessSpec
-from marrowdx.serving.image_checks import ImageLimits, ImageRejected, check_encoded_image
+from marrowdx.image_checks import ImageLimits, ImageRejected, check_encoded_image
 
 
 @dataclass(frozen=True)

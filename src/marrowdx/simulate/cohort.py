@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from marrowdx import config, taxonomy
+from marrowdx.encoding import encode
 from marrowdx.simulate import field as fl
 from marrowdx.simulate.lab_variation import LabShift, shift_rng
 
@@ -160,7 +161,7 @@ def simulate_patient(out_dir: Path, index: int, spec: CohortSpec) -> dict:
         render = fl.render_field(labels, (w, h), style, rng)
         rel = f"{pid}/img_{k:03d}.{ext}"
         if lab_shift.is_identity:
-            encoded = fl.encode(render.image, spec.image_format)
+            encoded = encode(render.image, spec.image_format)
         else:
             encoded = lab_shift.encode(lab_shift.apply(render.image, lab_rng), spec.image_format)
         (out_dir / rel).write_bytes(encoded)

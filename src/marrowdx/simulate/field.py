@@ -9,13 +9,13 @@ the cells, so a partly covered cell's box is tight around what is still visible.
 from __future__ import annotations
 
 import functools
-import io
 import math
 from dataclasses import dataclass, field
 
 import numpy as np
 from PIL import Image, ImageFilter
 
+from marrowdx import config
 from marrowdx.simulate import cells as cl
 from marrowdx.simulate import morphology as morph
 
@@ -30,11 +30,9 @@ PLACEMENT_TRIES = 60
 TOUCH_PROBABILITY = 0.4
 TOUCH_DISTANCE = (0.86, 1.02)
 #: Red-cell diameter range (pixels at full resolution).
-RBC_DIAMETER = (28.0, 36.0)
+RBC_DIAMETER = config.RED_CELL_DIAMETER_PX
 #: Distinct red-cell sprites rendered per image (each pasted many times).
 RBC_SPRITES = 6
-#: JPEG quality for the ``jpg`` output format.
-JPEG_QUALITY = 92
 #: Default cells per 1024x1024 field; scaled with the field area for other sizes.
 DEFAULT_CELLS = (15, 40)
 REFERENCE_AREA = 1024 * 1024
@@ -277,16 +275,3 @@ def _expose(od: np.ndarray, style: SlideStyle, rng: np.random.Generator) -> np.n
     arr = np.array(img, dtype=np.uint8)
     arr += noise.reshape(h, w, 1)  # wraps exactly like signed addition: values stay in 0..255
     return arr
-
-
-def encode(image: np.ndarray, image_format: str) -> bytes:
-    """Encode deterministically (fixed quality and options) as JPEG or PNG."""
-    buf = io.BytesIO()
-    img = Image.fromarray(image, "RGB")
-    if image_format in ("jpg", "jpeg"):
-        img.save(buf, format="JPEG", quality=JPEG_QUALITY, subsampling="4:2:0", optimize=False)
-    elif image_format == "png":
-        img.save(buf, format="PNG", compress_level=1)
-    else:
-        raise ValueError(f"image_format must be 'jpg' or 'png', got {image_format!r}")
-    return buf.getvalue()

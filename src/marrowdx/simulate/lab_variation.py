@@ -149,7 +149,7 @@ class LabShift:
 
     def encode(self, image: np.ndarray, image_format: str) -> bytes:
         """Encode like the simulator, but at this shift's JPEG quality when it sets one."""
-        from marrowdx.simulate.field import encode
+        from marrowdx.encoding import encode
 
         if self.jpeg_quality is None or image_format not in ("jpg", "jpeg"):
             return encode(image, image_format)

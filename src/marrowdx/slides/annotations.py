@@ -119,12 +119,10 @@ def _graphic_type(graphic: str):
 
 
 def display_colour(label: str) -> tuple[int, int, int]:
-    """The RGB colour a viewer draws a group in: the class's overlay colour (one table for
-    the PNG overlays, the review page and DICOM), grey for labels of no class."""
-    from marrowdx.client.overlays import class_colour
-
+    """The RGB colour a viewer draws a group in: the class's colour (``taxonomy.class_colour``,
+    one table for the PNG overlays, the review page and DICOM), grey for labels of no class."""
     if label in taxonomy.CLASS_INDEX:
-        return class_colour(label)
+        return taxonomy.class_colour(label)
     return ROI_COLOUR if label == ROI_GROUP_LABEL else OTHER_LABEL_COLOUR
 
 

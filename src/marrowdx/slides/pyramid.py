@@ -188,7 +188,7 @@ class PyramidSlide:
         least ``overlap_px`` model pixels (>= the largest cell, so every cell lies whole in
         one field), read from the pyramid level nearest the target spacing, resampled when
         it differs, JPEG-encoded as the simulator encodes its fields."""
-        from marrowdx.simulate.field import encode
+        from marrowdx.encoding import encode
 
         for roi, box, scale in self.field_boxes(um_per_pixel, overlap_px, field_px=field_px):
             image = self.read_box(box, scale)
