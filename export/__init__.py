@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from marrowdx.export.build import OnnxModels
+    from marrowdx.serving.onnx_artifacts import OnnxModels
 
 __all__ = ["OnnxModels", "build_onnx_models"]
 
@@ -25,7 +25,7 @@ def build_onnx_models(
 
 def __getattr__(name: str):
     if name == "OnnxModels":
-        from marrowdx.export.build import OnnxModels
+        from marrowdx.serving.onnx_artifacts import OnnxModels
 
         return OnnxModels
     raise AttributeError(name)

@@ -14,10 +14,11 @@ import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from marrowdx import config, contract
+from marrowdx.serving.onnx_artifacts import OnnxModels
 from marrowdx.simulate.cohort import RENDERER_VERSION
 
 #: The models trained here and exported to ONNX, in build order.
@@ -28,19 +29,6 @@ SIMULATION_WORKERS = 2
 MODEL_CODE_VERSION = 6
 #: The reference weights shipped inside the package (``marrowdx.models``), with their card.
 SHIPPED_PRESET = "reference"
-
-
-@dataclass
-class OnnxModels:
-    """Paths of the exported ONNX models plus their shared metadata."""
-
-    detector: Path
-    classifier: Path
-    diagnosis: Path
-    metadata: dict = field(default_factory=dict)
-
-    def paths(self) -> dict[str, Path]:
-        return {k: getattr(self, k) for k in KINDS}
 
 
 @dataclass(frozen=True)
@@ -322,9 +310,10 @@ def build_onnx_models(
     them always trains (``real_um_per_pixel`` overrides their declared spacing). Without
     them, the reference preset takes the shipped weights.
     """
-    from marrowdx.export.onnx_export import read_onnx_metadata
     from marrowdx.training.data import ground_truth_key
     from marrowdx.training.presets import get_preset
+
+    from marrowdx.serving.onnx_artifacts import read_onnx_metadata
 
     spec = get_preset(preset)
     layout = BuildLayout(Path(work_dir or config.default_work_dir()), spec.name)

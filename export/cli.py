@@ -1,6 +1,7 @@
-"""``marrowdx export`` (routed by marrowdx.cli): ONNX files, and TensorRT engines on GPU hosts.
+"""``marrowdx export`` and ``marrowdx build`` (routed by marrowdx.cli): ONNX files, TensorRT
+engines on GPU hosts, and the model repository that serves them.
 
-Heavy imports (torch, onnx, tensorrt) happen inside ``run_export`` so the CLI's help stays fast.
+Heavy imports (torch, onnx, tensorrt) happen inside ``run_*`` so the CLI's help stays fast.
 """
 
 from __future__ import annotations
@@ -8,7 +9,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from marrowdx.training.cli import add_common_options, work_dir_of
+from marrowdx.training.cli import add_common_options, add_data_options, work_dir_of
 
 
 def configure_export(parser: argparse.ArgumentParser) -> None:
@@ -64,4 +65,85 @@ def run_export(args: argparse.Namespace) -> int:
                 work_dir, args.preset, kind, batch, out, fp16=args.fp16
             )
             print(f"{kind}: torch-tensorrt {compiled}")
+    return 0
+
+
+def configure_build(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--target",
+        choices=("cpu", "gpu"),
+        default="cpu",
+        help="cpu (embedded, default) or gpu (NGC container)",
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="output repository (default: model_repository/ for cpu, "
+        "<work dir>/model_repository_gpu for gpu)",
+    )
+    parser.add_argument(
+        "--work-dir", type=Path, default=None, help="weights/ONNX/cache folder (default: build/)"
+    )
+    parser.add_argument(
+        "--preset", default="reference", help="training preset: reference (default) or tiny"
+    )
+    parser.add_argument(
+        "--onnx-dir",
+        type=Path,
+        default=None,
+        help="use prebuilt detector.onnx, classifier.onnx, diagnosis.onnx from DIR (no training)",
+    )
+    add_data_options(parser)  # --data DIR: train on a DICOM slide cohort (marrowdx[slides])
+
+
+def _data_trained_models(args: argparse.Namespace) -> dict[str, Path]:
+    """``--data``: train the preset on a slide cohort's fields and/or real image sets,
+    export; ONNX per model."""
+    from marrowdx.errors import InputError
+
+    if args.onnx_dir is not None:
+        raise InputError("--data trains models and --onnx-dir brings prebuilt ones: pick one")
+    from marrowdx.export.build import build_onnx_models
+    from marrowdx.training.cli import real_data_sets, slide_data_cohort
+
+    args.quiet = False
+    sets = real_data_sets(args)
+    cohort = slide_data_cohort(args) if len(sets) < len(args.data) else None
+    models = build_onnx_models(work_dir_of(args), args.preset, cohort=cohort, real_data=sets)
+    return models.paths()
+
+
+def _onnx_files(args: argparse.Namespace) -> dict[str, Path] | None:
+    """The ONNX file per model the repository gets: trained on ``--data``, prebuilt
+    (``--onnx-dir``, read by the repository builder: None here), or the preset's (trained if
+    it has no weights, exported if stale)."""
+    from marrowdx.export.build import build_onnx_models
+
+    if getattr(args, "data", None):
+        return _data_trained_models(args)
+    if args.onnx_dir is not None:
+        return None
+    return build_onnx_models(work_dir_of(args), args.preset).paths()
+
+
+def run_build(args: argparse.Namespace) -> int:
+    from marrowdx.serving.repository import TARGETS, build_repository, check_source
+
+    # RepositoryError: marrowdx.cli.main prints it and exits 2.
+    if args.target in TARGETS:  # a wrong repository is refused before anything is trained
+        check_source(args.target)
+    result = build_repository(
+        args.out,
+        args.target,
+        args.work_dir,
+        onnx_dir=args.onnx_dir,
+        onnx_files=_onnx_files(args),
+    )
+    if result.changed:
+        print(f"{args.target} model repository {result.out}: wrote {len(result.written)} file(s)")
+    else:
+        print(f"{args.target} model repository {result.out}: up to date, nothing written")
+    for item in result.pending:
+        print(f"pending: {item}")
     return 0

@@ -16,10 +16,15 @@ from pathlib import Path
 import numpy as np
 import torch
 from marrowdx.export import trt_ops
-from marrowdx.training.calibration import METADATA_KEY as CALIBRATION_KEY
 from torch import nn
 
 from marrowdx import config, contract, taxonomy
+from marrowdx.serving.onnx_artifacts import (
+    CALIBRATION_KEY,
+    METADATA_KEY,
+    metadata_props,
+    ort_session,
+)
 
 OPSET = 17
 #: Symbols of the dynamic axes (batch everywhere, the classifier's box axis): see
@@ -35,8 +40,6 @@ BOX_AXIS_TENSORS = frozenset(
 PROB_TOLERANCE = 1e-4
 #: Agreement on box coordinates (input pixels) for rows whose scores are not tied.
 BOX_TOLERANCE = 1e-2
-#: ONNX metadata_props key holding the checkpoint metadata as JSON.
-METADATA_KEY = "marrowdx"
 #: metadata_props key of the graph's tensor contract; bump EXPORT_FORMAT when the exported
 #: graph changes without the weights changing (2: PIXELS uint8, normalised in-graph; 3: the
 #: classifier cuts its box axis at the batch's largest NUM_DETECTIONS in-graph; 4: the
@@ -174,38 +177,12 @@ def _pin_output_shapes(proto, kind: str) -> None:
                 dims.add().dim_value = d
 
 
-def _metadata_props(path: Path) -> dict[str, str]:
-    import onnx
-
-    proto = onnx.load(str(path), load_external_data=False)
-    return {p.key: p.value for p in proto.metadata_props}
-
-
 def export_is_current(path: Path) -> bool:
     """True when ``path`` was exported with this code's tensor contract (EXPORT_FORMAT)."""
     try:
-        return _metadata_props(path).get(FORMAT_KEY) == str(EXPORT_FORMAT)
+        return metadata_props(path).get(FORMAT_KEY) == str(EXPORT_FORMAT)
     except Exception:  # missing or unreadable file: export again
         return False
-
-
-def read_calibration(path: Path) -> dict | None:
-    """The calibration stored in an exported model (temperatures, held-out ECE), or None
-    for a model exported before it was calibrated (it serves T = 1)."""
-    value = _metadata_props(path).get(CALIBRATION_KEY)
-    return json.loads(value) if value else None
-
-
-def read_onnx_metadata(path: Path) -> dict:
-    """The checkpoint metadata stored in an exported model."""
-    return json.loads(_metadata_props(path)[METADATA_KEY])
-
-
-def ort_session(path: Path, threads: int = 2):
-    """The ONNX Runtime session the server uses (same options), for verification and eval."""
-    from marrowdx.serving.onnx_runner import OnnxRunner, SessionThreads
-
-    return OnnxRunner(path, SessionThreads(intra_op=threads, inter_op=1)).session
 
 
 @dataclass

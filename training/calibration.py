@@ -26,7 +26,7 @@ from marrowdx import config
 #: (3: the familiarity score is fitted too).
 CALIBRATION_VERSION = 3
 #: Metadata key (checkpoint metadata and ONNX metadata_props) holding the fitted numbers.
-METADATA_KEY = "calibration"
+METADATA_KEY = config.CALIBRATION_METADATA_KEY
 #: Range the fitted temperature is kept in: outside it the held-out data say nothing useful
 #: (all correct and separable drives T to 0; all wrong drives it to infinity).
 MIN_TEMPERATURE = 0.05

@@ -215,7 +215,7 @@ def run_real_evaluation(args: argparse.Namespace, sets: tuple[Path, ...]) -> int
 
     models = build_onnx_models(work_dir, args.preset, progress=not args.quiet)
     repository = work_dir / "evaluate" / args.preset / "model_repository"
-    build_repository(repository, "cpu", work_dir, args.preset, onnx_files=models.paths())
+    build_repository(repository, "cpu", work_dir, onnx_files=models.paths())
     report = evaluate_real(
         load_sets(sets, work_dir, log),
         repository,

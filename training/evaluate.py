@@ -14,11 +14,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
-from marrowdx.export.build import OnnxModels
 from marrowdx.training import metrics
 from marrowdx.training.data import PreparedCohort
 
 from marrowdx import config, differential, taxonomy
+from marrowdx.serving.onnx_artifacts import OnnxModels
 
 T = config.TENSORS
 #: Images per ONNX Runtime call during evaluation.
@@ -112,7 +112,7 @@ class CohortPredictions:
 
 def predict(data: PreparedCohort, models: OnnxModels, threads: int = 2) -> CohortPredictions:
     """Detector then classifier over every image of a prepared cohort, with ONNX Runtime."""
-    from marrowdx.export.onnx_export import ort_session
+    from marrowdx.serving.onnx_artifacts import ort_session
 
     det, cls = ort_session(models.detector, threads), ort_session(models.classifier, threads)
     out = CohortPredictions([], [], [], [], np.zeros((data.n_images, config.N_CLASSES), np.float32))
@@ -136,7 +136,7 @@ def predict(data: PreparedCohort, models: OnnxModels, threads: int = 2) -> Cohor
 
 def diagnose_counts(models: OnnxModels, counts: np.ndarray) -> np.ndarray:
     """Diagnosis probabilities [P,3] from per-patient predicted counts [P,33] (no lab values)."""
-    from marrowdx.export.onnx_export import ort_session
+    from marrowdx.serving.onnx_artifacts import ort_session
 
     # The same inputs the client sends; a patient without cells is still scored (zeros).
     inputs = differential.diagnosis_inputs(counts)
@@ -207,8 +207,9 @@ def calibration_fields(
     """ECE before/after calibration for cells (matched ``probs`` vs true ``labels``) and
     patients, and what the unidentified rule flags; "before" is recovered from the served
     probabilities and the temperatures stored in the ONNX files."""
-    from marrowdx.export.onnx_export import read_calibration
     from marrowdx.training import calibration as cal
+
+    from marrowdx.serving.onnx_artifacts import read_calibration
 
     t_cells = cal.served_temperature(read_calibration(models.classifier), "classes")
     t_diag = cal.served_temperature(read_calibration(models.diagnosis), "diagnosis")

@@ -14,10 +14,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from marrowdx.export.build import OnnxModels
 from marrowdx.training.evaluate import TARGETS, EvaluationReport, evaluate_cohort
 
 from marrowdx.errors import InputError
+from marrowdx.serving.onnx_artifacts import OnnxModels
 from marrowdx.simulate.cohort import RENDERER_VERSION
 
 #: Issue 16's goals under each shift: issue 4's detection and classification targets, a

@@ -101,9 +101,8 @@ def _slide_entry(
     folder: Path, out: Path, source: str, tiling: str, unmapped: dict[str, int]
 ) -> dict:
     """One slide -> its fields written under ``out/<folder name>/`` and the patient entry."""
-    from marrowdx.slides.tiling import tile
-
     from marrowdx.slides import open_slide
+    from marrowdx.slides.tiling import tile
 
     with open_slide(folder) as slide:
         truth = slide.ground_truth(source)

@@ -40,7 +40,7 @@ COMMANDS: dict[str, Command] = {
     ),
     "export": Command("marrowdx.export.cli", ("export",), "export ONNX (and TensorRT engines)"),
     "build": Command(
-        "marrowdx.serving.cli",
+        "marrowdx.export.cli",
         ("server", "export"),
         "train if needed, export, write the model repository",
     ),

@@ -22,6 +22,9 @@ FIELD_SIZE = (1024, 1024)
 #: at: red cells 28-36 px across are 7-9 µm. A slide at another spacing is resampled to it
 #: before its fields are sent (``marrowdx.slides``).
 MODEL_UM_PER_PIXEL = 0.25
+#: Metadata key (checkpoint metadata and exported ONNX metadata_props) of the fitted
+#: calibration: temperatures and the familiarity score.
+CALIBRATION_METADATA_KEY = "calibration"
 #: Red-cell diameter range (pixels at MODEL_UM_PER_PIXEL) the simulator draws: 7-9 µm, the
 #: size the pixel-spacing estimator measures real red cells against.
 RED_CELL_DIAMETER_PX = (28.0, 36.0)

@@ -1,4 +1,4 @@
-"""``marrowdx build`` and ``marrowdx serve``."""
+"""``marrowdx serve`` (routed by marrowdx.cli): Triton on a built model repository."""
 
 from __future__ import annotations
 
@@ -15,76 +15,6 @@ SUPERVISE_INTERVAL_S = 0.5
 #: ``marrowdx serve``'s exit status when a model process died (Triton's own failures pass
 #: Triton's code through).
 DEAD_MODEL_EXIT_CODE = 3
-
-
-def configure_build(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--target",
-        choices=("cpu", "gpu"),
-        default="cpu",
-        help="cpu (embedded, default) or gpu (NGC container)",
-    )
-    parser.add_argument(
-        "--out",
-        type=Path,
-        default=None,
-        help="output repository (default: model_repository/ for cpu, "
-        "<work dir>/model_repository_gpu for gpu)",
-    )
-    parser.add_argument(
-        "--work-dir", type=Path, default=None, help="weights/ONNX/cache folder (default: build/)"
-    )
-    parser.add_argument(
-        "--preset", default="reference", help="training preset: reference (default) or tiny"
-    )
-    parser.add_argument(
-        "--onnx-dir",
-        type=Path,
-        default=None,
-        help="use prebuilt detector.onnx, classifier.onnx, diagnosis.onnx from DIR (no training)",
-    )
-    from marrowdx.training.cli import add_data_options
-
-    add_data_options(parser)  # --data DIR: train on a DICOM slide cohort (marrowdx[slides])
-
-
-def _data_trained_models(args: argparse.Namespace) -> dict[str, Path]:
-    """``--data``: train the preset on a slide cohort's fields and/or real image sets,
-    export; ONNX per model."""
-    from marrowdx.errors import InputError
-
-    if args.onnx_dir is not None:
-        raise InputError("--data trains models and --onnx-dir brings prebuilt ones: pick one")
-    from marrowdx.export.build import build_onnx_models
-    from marrowdx.training.cli import real_data_sets, slide_data_cohort, work_dir_of
-
-    args.quiet = False
-    sets = real_data_sets(args)
-    cohort = slide_data_cohort(args) if len(sets) < len(args.data) else None
-    models = build_onnx_models(work_dir_of(args), args.preset, cohort=cohort, real_data=sets)
-    return models.paths()
-
-
-def run_build(args: argparse.Namespace) -> int:
-    from marrowdx.serving.repository import build_repository
-
-    onnx_files = _data_trained_models(args) if getattr(args, "data", None) else None
-    # RepositoryError: marrowdx.cli.main prints it and exits 2.
-    result = build_repository(
-        args.out,
-        args.target,
-        args.work_dir,
-        args.preset,
-        onnx_dir=args.onnx_dir,
-        onnx_files=onnx_files,
-    )
-    if result.changed:
-        print(f"{args.target} model repository {result.out}: wrote {len(result.written)} file(s)")
-    else:
-        print(f"{args.target} model repository {result.out}: up to date, nothing written")
-    for item in result.pending:
-        print(f"pending: {item}")
-    return 0
 
 
 def configure_serve(parser: argparse.ArgumentParser) -> None:

@@ -106,51 +106,56 @@ def _check_source(src: Path) -> None:
         )
 
 
-def onnx_sources(work_dir: Path, preset: str, onnx_dir: Path | None = None) -> dict[str, Path]:
-    """ONNX file per model: from ``onnx_dir`` (``<model>.onnx``, prebuilt) or from the export
-    step (trains if no weights, exports if stale; idempotent)."""
-    if onnx_dir is not None:
-        paths = {name: Path(onnx_dir) / f"{name}.onnx" for name in ONNX_MODELS}
-        missing = [str(p) for p in paths.values() if not p.exists()]
-        if missing:
-            raise RepositoryError(f"prebuilt ONNX files missing: {', '.join(missing)}")
-        return paths
-    try:
-        from marrowdx.export import build_onnx_models
-    except ImportError as exc:  # the export part is optional ([export] extra)
-        raise RepositoryError(
-            f"cannot train/export models: {exc}; install marrowdx[export]"
-        ) from exc
-    models = build_onnx_models(Path(work_dir), preset)
-    return {name: Path(getattr(models, name)) for name in ONNX_MODELS}
+def check_source(target: str) -> Path:
+    """The source repository, checked complete and in agreement with the contract for
+    ``target``: called before anything is trained or written."""
+    src = source_repository()
+    _check_source(src)
+    contract.check_repository(src, (target,))
+    return src
+
+
+def onnx_sources(onnx_dir: Path) -> dict[str, Path]:
+    """ONNX file per model in a folder of prebuilt ``<model>.onnx`` files."""
+    paths = {name: Path(onnx_dir) / f"{name}.onnx" for name in ONNX_MODELS}
+    missing = [str(p) for p in paths.values() if not p.exists()]
+    if missing:
+        raise RepositoryError(f"prebuilt ONNX files missing: {', '.join(missing)}")
+    return paths
 
 
 def build_repository(
     out: Path | None = None,
     target: str = "cpu",
     work_dir: Path | None = None,
-    preset: str = "reference",
     *,
     onnx_dir: Path | None = None,
     onnx_files: Mapping[str, Path] | None = None,
 ) -> BuildResult:
-    """Write a complete repository for ``target`` into ``out``; see the module docstring."""
+    """Write a complete repository for ``target`` into ``out``; see the module docstring.
+
+    The ONNX models come as ``onnx_files`` (model name -> file) or as a folder of prebuilt
+    ``<model>.onnx`` files (``onnx_dir``); ``marrowdx build`` (``marrowdx.export.cli``) trains
+    and exports them first. ``work_dir`` only places the gpu target's default output.
+    """
     if target not in TARGETS:
         raise RepositoryError(f"unknown target {target!r}; choose one of {', '.join(TARGETS)}")
-    src = source_repository()
-    _check_source(src)
-    contract.check_repository(src, (target,))  # before anything is trained or written
+    src = check_source(target)
     out = Path(out) if out is not None else default_output(target, work_dir)
     if target == "gpu" and out.resolve() == src.resolve():
         raise RepositoryError(
             f"the gpu repository replaces config.pbtxt files; write it outside {src} "
             "(e.g. --out build/model_repository_gpu)"
         )
-    onnx = (
-        dict(onnx_files)
-        if onnx_files
-        else onnx_sources(Path(work_dir or config.default_work_dir()), preset, onnx_dir)
-    )
+    if onnx_files:
+        onnx = dict(onnx_files)
+    elif onnx_dir is not None:
+        onnx = onnx_sources(onnx_dir)
+    else:
+        raise RepositoryError(
+            "no ONNX models given (onnx_files or onnx_dir); "
+            "`marrowdx build` trains and exports them"
+        )
     result = BuildResult(out=out, target=target)
     for name in ALL_MODELS:
         model_src, model_out = src / name, out / name
