@@ -271,8 +271,8 @@ class AsyncMarrowClient:
         #: Pixel spacing of images that give none (µm per pixel); None: estimate each.
         self.um_per_pixel = None if um_per_pixel is None else check_spacing(um_per_pixel)
         #: ``transport`` replaces the gRPC wire with any object offering TritonTransport's
-        #: methods (``marrowdx.bench.referral`` plugs in the in-process pipeline, so an
-        #: evaluation runs this very client logic without a server).
+        #: methods (``marrowdx.serving.inprocess.InProcessTransport`` plugs in the in-process
+        #: pipeline, so an evaluation runs this very client logic without a server).
         self._transport = transport or TritonTransport(
             url,
             timeout=timeout,

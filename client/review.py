@@ -4,7 +4,7 @@ A lab signs a differential after looking at it; the machine's job is to say when
 result is weak. Each rule below is one reason with a stable code; a patient with any reason
 gets ``refer_for_review``. Standard library only (the thin client imports it).
 
-The defaults were chosen by measurement (``python -m marrowdx.bench.referral``; README,
+The defaults were chosen by measurement (``python -m marrowdx.training.referral_eval``; README,
 "Refer for review"): they catch wrong diagnoses on held-out and shifted cohorts while
 flagging few correct ones.
 """

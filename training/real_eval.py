@@ -227,8 +227,7 @@ def evaluate_real(
     from marrowdx.client import AsyncMarrowClient
     from marrowdx.client.quality import NO_GATING
 
-    from marrowdx.bench.referral import InProcessTransport
-    from marrowdx.serving.inprocess import InProcessPipeline
+    from marrowdx.serving.inprocess import InProcessPipeline, InProcessTransport
 
     report = RealReport()
 

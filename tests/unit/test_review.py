@@ -178,7 +178,7 @@ def test_review_page_shows_the_json_numbers_and_puts_unidentified_cells_first():
 
 
 def test_referral_measurement_counts_caught_and_flagged_per_cohort():
-    from marrowdx.bench.referral import score
+    from marrowdx.client.referral import score
 
     clear = _report()  # AML, confident, 40 % blasts
     unsure = _report(probs={"ALL": 0.3, "AML": 0.6, "CML": 0.1})

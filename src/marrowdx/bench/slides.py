@@ -93,8 +93,8 @@ def slide_workload(
 
     from marrowdx.bench.workload import cache_dir
     from marrowdx.client.slides import TILINGS as CLIENT_TILINGS
-    from marrowdx.client.slides import tile
     from marrowdx.slides import open_slide
+    from marrowdx.slides.tiling import tile
 
     tiling = tiling or CLIENT_TILINGS[0]
 
@@ -570,17 +570,16 @@ def slide_quality(
     cohort: Path, repository: Path, tiling: str | None = None, rois: str = "auto"
 ) -> SlideQuality:
     """Diagnose every slide of a simulated cohort in-process (``diagnose``'s own client code
-    on the served models' code, ``bench.referral.InProcessTransport``) and score the merged
+    on the served models' code, ``serving.inprocess.InProcessTransport``) and score the merged
     cells against ``ground_truth.json``. ``rois``: as ``open_slide``'s (``automatic`` finds
     the areas even where the slide has its ROI series)."""
     import json
 
     from marrowdx import differential, taxonomy
-    from marrowdx.bench.referral import InProcessTransport
     from marrowdx.client.async_client import AsyncMarrowClient
     from marrowdx.client.slides import TILINGS as CLIENT_TILINGS
     from marrowdx.client.slides import SlidePatient, diagnose_slide
-    from marrowdx.serving.inprocess import InProcessPipeline
+    from marrowdx.serving.inprocess import InProcessPipeline, InProcessTransport
     from marrowdx.training import metrics
 
     tiling = tiling or CLIENT_TILINGS[0]

@@ -3,18 +3,23 @@ python-backend models run, called directly.
 
 Tests compare served outputs against this (any difference is Triton plumbing: batching,
 ensemble routing, tensor transport); the benchmark uses it as "the limit" (what the models
-cost on this host with no serving overhead).
+cost on this host with no serving overhead). :class:`InProcessTransport` puts it behind the
+client's transport interface, so the client's own per-patient logic runs on it without a
+server (evaluations, the slide quality measurement).
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 
 from marrowdx import config
 from marrowdx.contract import DIAGNOSIS, PIPELINE_OUTPUTS
+from marrowdx.errors import RequestFailed
 from marrowdx.serving.guarded_preprocess import GuardedPreprocessor, Preprocessed, Rejected
 from marrowdx.serving.onnx_runner import ONNX_FILENAME, OnnxRunner, SessionThreads, open_runner
 
@@ -94,3 +99,42 @@ class InProcessPipeline:
             for spec in DIAGNOSIS.inputs
         }
         return self._diagnosis.run(feeds)[T.diagnosis_probs]
+
+
+class InProcessTransport:
+    """The client's transport interface (``marrowdx.client.transport.TritonTransport``'s
+    methods) over an :class:`InProcessPipeline`; pass it as ``AsyncMarrowClient(transport=...)``.
+
+    One worker thread: DALI and ONNX Runtime run one call at a time, as one Triton instance
+    per step does; the client's concurrency then only queues requests.
+    """
+
+    def __init__(self, pipeline: InProcessPipeline) -> None:
+        self.pipeline = pipeline
+        self.retries = 0
+        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inprocess")
+
+    async def _run(self, fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(self._worker, fn, *args)
+
+    async def infer_image(self, data: bytes) -> dict[str, np.ndarray]:
+        (result,) = await self._run(self.pipeline.infer, [data])
+        if isinstance(result, Rejected):
+            raise RequestFailed(f"INVALID_ARGUMENT: {result.reason}", status="INVALID_ARGUMENT")
+        return result
+
+    async def infer_diagnosis(self, fractions, total_cells, lab_values, lab_mask) -> np.ndarray:
+        probs = await self._run(
+            self.pipeline.diagnose,
+            np.asarray(fractions, np.float32)[None],
+            np.asarray([total_cells], np.float32),
+            np.asarray(lab_values, np.float32)[None],
+            np.asarray(lab_mask, np.float32)[None],
+        )
+        return probs[0]
+
+    async def wait_until_ready(self, *_args, **_kwargs) -> None:
+        return None
+
+    async def close(self) -> None:
+        self._worker.shutdown(wait=True)
