@@ -51,12 +51,32 @@ def test_class_count_tvd_and_agreement_on_known_counts() -> None:
         gpu.agreement("ref", ref, ref[:1])
 
 
-def test_letterbox_matches_the_contract_geometry() -> None:
-    image = torch.full((3, 100, 200), 200, dtype=torch.uint8)
-    out = gpu.letterbox(image, size=64, fill=7)
-    assert out.shape == (3, 64, 64) and out.dtype == torch.uint8
-    assert int(out[0, 0, 0]) == 200 and int(out[0, 31, 63]) == 200  # 32 rows of image
-    assert int(out[0, 32, 0]) == 7 and int(out[0, 63, 63]) == 7  # bottom padded
+def _png(height: int, width: int, value: int) -> bytes:
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (width, height), (value, value, value)).save(buf, "PNG")
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("height,width", [(100, 200), (1000, 333), (480, 640), (512, 512)])
+def test_decoder_gives_the_served_pixels_in_the_contract_geometry(height, width) -> None:
+    """The bench decodes with the served preprocessing (one definition), not a copy of it."""
+    from marrowdx.preprocess import CpuPreprocessor
+
+    data = _png(height, width, 200)
+    out = gpu.pick_decoder(1, "cpu")([data])
+    assert tuple(out.shape) == (1, 3, config.INPUT_SIZE, config.INPUT_SIZE)
+    assert out.dtype == torch.uint8
+    np.testing.assert_array_equal(out.numpy(), CpuPreprocessor(max_batch_size=1)([data])[0])
+    scale = config.INPUT_SIZE / max(height, width)  # longer side to INPUT_SIZE, top-left
+    rows, cols = round(height * scale), round(width * scale)
+    pixels = out[0, 0].numpy()
+    assert (pixels[: rows - 1, : cols - 1] == 200).all()
+    assert (pixels[rows + 1 :, :] == config.LETTERBOX_FILL).all()
+    assert (pixels[:, cols + 1 :] == config.LETTERBOX_FILL).all()
 
 
 def _models() -> tuple[CellDetector, CellClassifier, DiagnosisModel]:

@@ -2,9 +2,9 @@
 
 What one run measures on a CUDA host, on the same simulated 1024x1024 JPEG fields:
 
-- **decode**: encoded bytes -> letterboxed uint8 PIXELS on the GPU, with DALI's ``mixed``
-  (nvJPEG) decoder where DALI is installed, else torchvision's ``decode_jpeg(device="cuda")``
-  (nvJPEG too) plus a torch letterbox; the report names which.
+- **decode**: encoded bytes -> letterboxed uint8 PIXELS on the GPU, with the project's one
+  preprocessing graph (``marrowdx.preprocess``) on DALI's ``mixed`` (nvJPEG) decoder, so the
+  pixels measured are the ones the served models get.
 - **models**: detector -> classifier on PIXELS already on the GPU, with TensorRT engines where
   TensorRT is installed, else the torch models in fp16 (autocast, channels_last) replayed as
   CUDA graphs; named as such. The classifier runs only the box slots the batch needs (the
@@ -35,6 +35,7 @@ from pathlib import Path
 import numpy as np
 
 from marrowdx import config
+from marrowdx.errors import MissingExtra
 
 T = config.TENSORS
 #: Images per GPU batch (the issue's measurements used 64).
@@ -233,55 +234,20 @@ class DaliDecoder(Decoder):
         return out
 
 
-class NvjpegDecoder(Decoder):
-    """torchvision's batched nvJPEG decode, then the letterbox in torch (longer side to
-    INPUT_SIZE, antialiased bilinear, right/bottom padded with LETTERBOX_FILL), as the DALI
-    graph does."""
-
-    name = "torchvision decode_jpeg on CUDA (nvJPEG) + torch letterbox"
-
-    def __init__(self, device: str) -> None:
-        self.device = device
-
-    def __call__(self, images: Sequence[bytes]):
-        import torch
-        import torchvision.io
-
-        data = [torch.frombuffer(bytearray(x), dtype=torch.uint8) for x in images]
-        decoded = torchvision.io.decode_jpeg(
-            data, mode=torchvision.io.ImageReadMode.RGB, device=self.device
-        )
-        return torch.stack([letterbox(img) for img in decoded])
-
-
-def letterbox(image, size: int = config.INPUT_SIZE, fill: int = config.LETTERBOX_FILL):
-    """uint8 [3,H,W] -> uint8 [3,size,size]: longer side to ``size``, top-left anchored."""
-    import torch
-    import torch.nn.functional as F
-
-    h, w = image.shape[1:]
-    scale = size / max(h, w)
-    nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
-    resized = F.interpolate(
-        image[None].float(), size=(nh, nw), mode="bilinear", antialias=True, align_corners=False
-    )[0]
-    out = torch.full((3, size, size), float(fill), device=image.device)
-    out[:, :nh, :nw] = resized
-    return out.round_().clamp_(0, 255).to(torch.uint8)
-
-
 def pick_decoder(batch_size: int, device: str) -> Decoder:
-    """DALI where installed (on CUDA it needs DALI's GPU build), else torchvision nvJPEG."""
+    """The DALI decoder; on CUDA it needs DALI's CUDA build (``nvidia-dali-cuda120``, in the
+    ``server`` extra), and says so where the ``mixed`` decoder cannot be built."""
+    if not _installed("nvidia.dali"):
+        raise MissingExtra("the GPU bench decodes with DALI: pip install 'marrowdx[server]'")
     if device == "cpu":
         return DaliDecoder(batch_size, device)
-    if _installed("nvidia.dali"):
-        try:
-            return DaliDecoder(batch_size, device)
-        except Exception:  # a CPU-only DALI wheel cannot build a mixed decoder
-            pass
-    if _installed("torchvision"):
-        return NvjpegDecoder(device)
-    raise RuntimeError("no GPU JPEG decoder: install DALI (CUDA build) or torchvision")
+    try:
+        return DaliDecoder(batch_size, device)
+    except Exception as exc:  # a CPU-only DALI wheel or an unusable GPU
+        raise RuntimeError(
+            f"DALI cannot build its GPU (mixed, nvJPEG) decoder on this host: {exc}; "
+            "the GPU bench needs DALI's CUDA build (nvidia-dali-cuda120) and a CUDA GPU"
+        ) from exc
 
 
 # -------------------------------------------------------------------------------- models
