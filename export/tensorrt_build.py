@@ -18,6 +18,7 @@ import numpy as np
 
 from marrowdx import config, contract, engine_fit, resources
 from marrowdx.errors import EngineMismatch, ExportError, TensorRTUnavailable
+from marrowdx.serving.model_config import load_config
 
 #: Builder workspace limit (bytes); the models are small, 1 GiB is plenty.
 WORKSPACE_BYTES = 1 << 30
@@ -78,12 +79,11 @@ def served_config(model: str) -> Path:
 def triton_batch_profile(config_pbtxt: Path) -> BatchProfile:
     """min/opt/max batch from a Triton config: max = ``max_batch_size`` (Triton refuses a
     plan whose profile stops below it), opt = the largest preferred batch size."""
-    fields = contract.parse_pbtxt(Path(config_pbtxt).read_text())
-    largest = int((fields.get("max_batch_size") or [0])[-1])
+    cfg = load_config(Path(config_pbtxt))
+    largest = cfg.max_batch_size
     if largest < 1:
         raise ExportError(f"{config_pbtxt}: no positive max_batch_size")
-    batching = (fields.get("dynamic_batching") or [{}])[-1]
-    preferred = [int(v) for v in batching.get("preferred_batch_size", [])]
+    preferred = list(cfg.dynamic_batching.preferred_batch_size)
     opt = max([p for p in preferred if p <= largest], default=min(DEFAULT_OPT_BATCH, largest))
     return BatchProfile(1, opt, largest)
 
@@ -93,7 +93,7 @@ def batch_profile(model: str, max_batch: int | None = None) -> BatchProfile:
     (:func:`served_config`). ``max_batch`` may only raise the maximum: below the config's
     ``max_batch_size`` Triton would refuse to load the engine."""
     cfg = served_config(model)
-    platform = (contract.parse_pbtxt(cfg.read_text()).get("platform") or [""])[-1]
+    platform = load_config(cfg).platform
     if platform != "tensorrt_plan":
         raise ExportError(f"{cfg} serves {model} with {platform!r}, not a TensorRT engine")
     served = triton_batch_profile(cfg)

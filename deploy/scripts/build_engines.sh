@@ -36,7 +36,7 @@ marrowdx export --tensorrt "${precision_flag[@]}" --preset "$preset" --out "$eng
 marrowdx build --target gpu --preset "$preset" --out "$stage"
 # 3. each engine (and its sidecar) where Triton's tensorrt_plan platform loads it; the models
 #    with engines are those the tensor contract (marrowdx.contract) exports
-models=$(python3 -m marrowdx.contract models --exported)
+models=$(python3 -m marrowdx.serving.contract_cli models --exported)
 for model in $models; do
     cp "$engines/$model.$precision.plan" "$stage/$model/1/model.plan"
     cp "$engines/$model.$precision.plan.json" "$stage/$model/1/model.plan.json"

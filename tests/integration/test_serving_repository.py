@@ -13,10 +13,10 @@ from PIL import Image, ImageOps
 from tritonclient.grpc import model_config_pb2 as mc
 
 from marrowdx import config, contract
+from marrowdx.image_checks import ImageLimits, ImageRejected, check_encoded_image
 from marrowdx.serving import repository
 from marrowdx.serving.guarded_preprocess import GuardedPreprocessor, Preprocessed, Rejected
-from marrowdx.image_checks import ImageLimits, ImageRejected, check_encoded_image
-from tests.helpers.model_configs import io_tensors, load_config
+from marrowdx.serving.model_config import config_tensors, load_config
 
 M = config.MODELS
 
@@ -32,16 +32,16 @@ def onnx_dir(tmp_path_factory) -> Path:
 
 @pytest.mark.parametrize("target", contract.TARGETS)
 def test_source_configs_follow_the_tensor_contract(target: str) -> None:
-    """Read by protobuf, the parser Triton uses (the contract's own check reads them with a
-    stdlib parser; tests/unit/test_contract.py)."""
+    """Read by protobuf, the parser Triton uses; field by field against the table (the
+    contract's own check, tests/unit/test_contract.py, reports the differences)."""
     src = repository.source_repository()
     for name, spec in contract.MODELS.items():
         path = src / name / spec.config_path(target)
         cfg = load_config(path)
         inputs, outputs = spec.config_io(target)
         assert cfg.name == name
-        assert io_tensors(cfg.input) == inputs, f"{path}: inputs"
-        assert io_tensors(cfg.output) == outputs, f"{path}: outputs"
+        assert config_tensors(cfg.input) == inputs, f"{path}: inputs"
+        assert config_tensors(cfg.output) == outputs, f"{path}: outputs"
         assert cfg.max_batch_size > 0, f"{path}: must batch"
         if name != M.pipeline:
             assert cfg.HasField("dynamic_batching"), (

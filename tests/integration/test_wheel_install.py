@@ -116,10 +116,11 @@ def test_installed_package_builds_the_gpu_repository_outside_the_checkout(instal
     # the installed package's profiles are cut to the configs it just wrote
     check = (
         "import sys; from pathlib import Path; from marrowdx import contract;"
+        "from marrowdx.serving.model_config import load_config;"
         "from marrowdx.export.tensorrt_build import batch_profile;"
         "out = Path(sys.argv[1]);"
         "bad = [n for n in contract.EXPORTED_MODELS if batch_profile(n).max != int("
-        "contract.parse_pbtxt((out / n / 'config.pbtxt').read_text())['max_batch_size'][-1])];"
+        "load_config(out / n / 'config.pbtxt').max_batch_size)];"
         "sys.exit(f'profiles differ: {bad}' if bad else 0)"
     )
     _run([str(bin_dir / "python"), "-c", check, str(out)], cwd=outside, env=env)

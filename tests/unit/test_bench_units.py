@@ -206,12 +206,13 @@ def test_gate_off_repository_changes_only_the_preprocess_parameter(tmp_path) -> 
     from marrowdx import contract
     from marrowdx.bench.gate import gate_off_repository
     from marrowdx.resources import model_repository_sources
+    from marrowdx.serving.model_config import check_repository, parse_config
     from marrowdx.serving.python_models import MEASURE_FIELD_QUALITY
 
     src = model_repository_sources()
     before = (src / "preprocess" / "config.pbtxt").read_text()
     out = gate_off_repository(src, tmp_path / "repo")  # checks the contract itself, too
-    contract.check_repository(out, ("cpu",))
+    check_repository(out, ("cpu",))
     for name in contract.MODELS:
         if name != config.MODELS.preprocess:
             assert (out / name).resolve() == (src / name).resolve()
@@ -219,9 +220,9 @@ def test_gate_off_repository_changes_only_the_preprocess_parameter(tmp_path) -> 
     assert (pre / "1").resolve() == (src / "preprocess" / "1").resolve()
     text = (pre / "config.pbtxt").read_text()
     assert text.startswith(before) and (src / "preprocess" / "config.pbtxt").read_text() == before
-    params = {p["key"][0]: p["value"][0] for p in contract.parse_pbtxt(text)["parameters"]}
-    assert params[MEASURE_FIELD_QUALITY] == {"string_value": ["0"]}
-    assert params["dali_num_threads"] == {"string_value": ["1"]}  # the source's stay as they are
+    params = parse_config(text).parameters
+    assert params[MEASURE_FIELD_QUALITY].string_value == "0"
+    assert params["dali_num_threads"].string_value == "1"  # the source's stay as they are
 
 
 def test_gate_rounds_alternate_the_sides_and_the_ratio_is_their_median(monkeypatch) -> None:

@@ -1,6 +1,7 @@
-"""The typed tensor contract (marrowdx.contract): every Triton config follows it, a config
-that does not is refused with a message naming file, model, tensor and field, the io blocks
-can be rewritten from it, and the code that sends or exports tensors reads it."""
+"""The typed tensor contract (marrowdx.contract) and the Triton configs read through
+protobuf against it (marrowdx.serving.model_config): every config follows it, a config that
+does not is refused with a message naming file, model, tensor and field, the io blocks can be
+rewritten from it (comments kept), and the code that sends or exports tensors reads it."""
 
 from __future__ import annotations
 
@@ -11,10 +12,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2 as mc
 
 from marrowdx import config, contract
 from marrowdx.errors import RepositoryError
-from marrowdx.serving import repository
+from marrowdx.serving import contract_cli, repository
+from marrowdx.serving import model_config as configs
 
 T, M = config.TENSORS, config.MODELS
 README = config.project_root() / "model_repository" / "README.md"
@@ -87,41 +91,64 @@ def test_dims_per_target_and_in_the_onnx_graph() -> None:
 
 # ------------------------------------------------------------- configs against it
 def test_every_source_config_follows_the_contract() -> None:
-    contract.check_repository(repository.source_repository())  # raises with every problem
+    configs.check_repository(repository.source_repository())  # raises with every problem
 
 
-def test_the_stdlib_reader_reads_configs_as_protobuf_does() -> None:
-    """The check must see what Triton sees; Triton parses configs with protobuf."""
-    pb = pytest.importorskip(
-        "tests.helpers.model_configs", reason="protobuf comes with the [client] extra"
-    )
+def test_a_config_rendered_from_the_table_round_trips_through_text_format() -> None:
+    for name in contract.MODELS:
+        for target in contract.TARGETS:
+            blocks = configs.render_io(name, target)
+            text = f'name: "{name}"\n' + "\n".join(blocks.values()) + "\n"
+            parsed = text_format.Parse(text, mc.ModelConfig())
+            assert parsed == configs.table_config(name, target), f"{name} {target}"
+            printed = text_format.MessageToString(parsed)
+            assert text_format.Parse(printed, mc.ModelConfig()) == parsed
+            inputs, outputs = contract.model(name).config_io(target)
+            assert configs.config_tensors(parsed.input) == inputs
+            assert configs.config_tensors(parsed.output) == outputs
+            if not contract.model(name).steps:  # an ensemble needs its steps too
+                assert configs.check_config(text, name, target) == [], f"{name} {target}"
 
-    for name, target, path in config_files(repository.source_repository()):
-        text = path.read_text()
-        ours = contract.parse_pbtxt(text)
-        theirs = pb.load_config(path)
-        assert ours["name"] == [theirs.name]
-        assert ours["max_batch_size"] == [theirs.max_batch_size], path
-        for kind, entries in (("input", theirs.input), ("output", theirs.output)):
-            want = pb.io_tensors(entries)
-            assert contract.config_tensors(ours.get(kind, [])) == want, f"{path} {kind}"
-        steps = ours.get("ensemble_scheduling", [{}])[0].get("step", [])
-        assert [s["model_name"][0] for s in steps] == [
-            s.model_name for s in theirs.ensemble_scheduling.step
-        ], f"{name} {target}"
+
+def test_a_config_with_wrong_dims_or_dtype_is_reported_by_model_and_tensor() -> None:
+    cfg = configs.table_config(M.diagnosis, "cpu")
+    cfg.input[2].dims[0] += 1
+    cfg.output[0].data_type = mc.TYPE_FP16
+    problems = configs.check_config(text_format.MessageToString(cfg), M.diagnosis, "cpu", "here")
+    assert problems == [
+        f"here: diagnosis input {T.lab_values}: dims is [{config.N_LAB_VALUES + 1}], "
+        f"the contract says [{config.N_LAB_VALUES}]",
+        f"here: diagnosis output {T.diagnosis_probs}: data_type is TYPE_FP16, "
+        "the contract says TYPE_FP32",
+    ]
+
+
+def test_settings_the_table_does_not_own_and_text_triton_refuses_are_reported() -> None:
+    cfg = configs.table_config(M.detector, "cpu")
+    cfg.input[0].reshape.shape.extend([1, 2])
+    text = text_format.MessageToString(cfg)
+    assert configs.check_config(text, M.detector, "cpu", "here") == [
+        f"here: detector input {T.pixels}: sets reshape, which the contract does not "
+        "(a write drops it)"
+    ]
+    (problem,) = configs.check_config(text + "\nmax_batch_sise: 4\n", M.detector, "cpu", "here")
+    assert problem.startswith("here: cannot read it: line ") and "max_batch_sise" in problem
+    # text_format prints one `output { ... }` per tensor: a rewrite wants the one `output [`
+    with pytest.raises(configs.ConfigTextError, match="one top-level output block .* found 3"):
+        configs.rewrite_config(text, M.detector, "cpu")
 
 
 def test_a_wrong_config_is_refused_naming_file_model_tensor_and_field(source_copy: Path) -> None:
     gpu_classifier = source_copy / M.classifier / contract.GPU_CONFIG
     edit(
         gpu_classifier,
-        'name: "CLASS_PROBS" data_type: TYPE_FP32 dims: [ 256, 33 ]',
-        'name: "CLASS_PROBS" data_type: TYPE_FP32 dims: [ 256, 32 ]',
+        'name: "CLASS_PROBS" data_type: TYPE_FP32 dims: [256, 33]',
+        'name: "CLASS_PROBS" data_type: TYPE_FP32 dims: [256, 32]',
     )
     cpu_detector = source_copy / M.detector / "config.pbtxt"
     edit(cpu_detector, 'name: "SCORES" data_type: TYPE_FP32', 'name: "SCORES" data_type: TYPE_FP16')
-    with pytest.raises(contract.ContractError) as caught:
-        contract.check_repository(source_copy)
+    with pytest.raises(configs.ContractError) as caught:
+        configs.check_repository(source_copy)
     err = caught.value
     assert isinstance(err, RepositoryError), "the CLI reports it like any repository problem"
     assert err.problems == [
@@ -130,24 +157,24 @@ def test_a_wrong_config_is_refused_naming_file_model_tensor_and_field(source_cop
         f"{gpu_classifier}: classifier output CLASS_PROBS: dims is [256, 32], "
         "the contract says [256, 33]",
     ]
-    assert "python -m marrowdx.contract write" in str(err)
+    assert f"{configs.CLI} write" in str(err)
     # each target is checked on its own: the cpu one still has only the detector's problem
-    with pytest.raises(contract.ContractError) as cpu_only:
-        contract.check_repository(source_copy, ("cpu",))
+    with pytest.raises(configs.ContractError) as cpu_only:
+        configs.check_repository(source_copy, ("cpu",))
     assert [p.split(":")[0] for p in cpu_only.value.problems] == [str(cpu_detector)]
 
 
 def test_missing_reordered_unrouted_and_unreadable_configs_are_named(source_copy: Path) -> None:
     pre = source_copy / M.preprocess / "config.pbtxt"
-    edit(pre, '{ name: "LETTERBOX" data_type: TYPE_FP32 dims: [ 4 ] },\n', "")
+    edit(pre, '{ name: "LETTERBOX" data_type: TYPE_FP32 dims: [4] },\n', "")
     edit(pre, "allow_ragged_batch: true", "")
     pipe = source_copy / M.pipeline / "config.pbtxt"
     edit(pipe, 'output_map { key: "IMAGE_SIZE" value: "IMAGE_SIZE" }', "")
     (source_copy / M.diagnosis / contract.GPU_CONFIG).unlink()
     det_gpu = source_copy / M.detector / contract.GPU_CONFIG
     det_gpu.write_text(det_gpu.read_text() + "\noutput [ { name: }\n")
-    with pytest.raises(contract.ContractError) as caught:
-        contract.check_repository(source_copy)
+    with pytest.raises(configs.ContractError) as caught:
+        configs.check_repository(source_copy)
     text = "\n".join(caught.value.problems)
     assert (
         f"{pre}: preprocess outputs are ['PIXELS', 'IMAGE_SIZE', 'FIELD_QUALITY'], the contract"
@@ -156,16 +183,16 @@ def test_missing_reordered_unrouted_and_unreadable_configs_are_named(source_copy
     assert f"{pre}: preprocess input IMAGE: allow_ragged_batch is False" in text
     assert f"{pipe}: ensemble outputs ['IMAGE_SIZE'] are not routed" in text
     assert f"{source_copy / M.diagnosis / contract.GPU_CONFIG}: missing (gpu config" in text
-    assert re.search(rf"{re.escape(str(det_gpu))}: cannot read it: line \d+", text)
+    assert re.search(rf"{re.escape(str(det_gpu))}: cannot read it: line \d+, column \d+", text)
 
 
 def test_build_refuses_a_disagreeing_config_before_writing(
     source_copy: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    edit(source_copy / M.diagnosis / "config.pbtxt", "dims: [ 3 ]", "dims: [ 2 ]")
+    edit(source_copy / M.diagnosis / "config.pbtxt", "dims: [3]", "dims: [2]")
     monkeypatch.setattr(repository, "source_repository", lambda: source_copy)
     out = tmp_path / "out"
-    with pytest.raises(contract.ContractError, match="diagnosis output DIAGNOSIS_PROBS: dims"):
+    with pytest.raises(configs.ContractError, match="diagnosis output DIAGNOSIS_PROBS: dims"):
         repository.build_repository(out, "cpu", onnx_dir=tmp_path / "no-onnx")
     assert not out.exists(), "nothing is written (or trained) for a wrong repository"
 
@@ -176,17 +203,17 @@ def test_write_restores_the_io_blocks_and_keeps_every_other_line(source_copy: Pa
     original = path.read_text()
     edit(
         path,
-        'name: "BOXES" data_type: TYPE_FP32 dims: [ 256, 4 ]',
-        'name: "BOXES" data_type: TYPE_INT32 dims: [ 4 ]',
+        'name: "BOXES" data_type: TYPE_FP32 dims: [256, 4]',
+        'name: "BOXES" data_type: TYPE_INT32 dims: [4]',
     )
-    changed = contract.write_repository(source_copy)
+    changed = configs.write_repository(source_copy)
     assert path in changed
-    contract.check_repository(source_copy)
+    configs.check_repository(source_copy)
     rewritten = path.read_text()
-    assert rewritten == contract.rewrite_config(original, M.classifier, "gpu")
+    assert rewritten == configs.rewrite_config(original, M.classifier, "gpu")
     comments = [line for line in original.splitlines() if line.lstrip().startswith("#")]
     assert comments and all(line in rewritten.splitlines() for line in comments)
-    assert contract.write_repository(source_copy) == [], "a second write changes nothing"
+    assert configs.write_repository(source_copy) == [], "a second write changes nothing"
 
 
 def test_serving_a_dynamic_axis_on_one_target_is_one_change(
@@ -198,23 +225,23 @@ def test_serving_a_dynamic_axis_on_one_target_is_one_change(
     gpu = source_copy / M.classifier / contract.GPU_CONFIG
     assert any(
         "dims is [256, 4], the contract says [-1, 4]" in p
-        for p in contract.check_config(gpu.read_text(), M.classifier, "gpu")
+        for p in configs.check_config(gpu.read_text(), M.classifier, "gpu")
     )
-    assert contract.write_repository(source_copy) == [gpu], "only the gpu classifier changes"
-    contract.check_repository(source_copy)
-    parsed = contract.parse_pbtxt(gpu.read_text())
-    dims = {t.name: t.dims for t in contract.config_tensors(parsed["input"] + parsed["output"])}
+    assert configs.write_repository(source_copy) == [gpu], "only the gpu classifier changes"
+    configs.check_repository(source_copy)
+    parsed = configs.load_config(gpu)
+    dims = {t.name: tuple(t.dims) for t in [*parsed.input, *parsed.output]}
     assert dims[T.boxes] == (-1, 4) and dims[T.class_probs] == (-1, config.N_CLASSES)
     assert dims[T.class_counts] == (config.N_CLASSES,), "per-image outputs keep their size"
 
 
 def test_cli_check_write_and_models(source_copy: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert contract.main(["models", "--exported"]) == 0
+    assert contract_cli.main(["models", "--exported"]) == 0
     assert capsys.readouterr().out.split() == list(contract.EXPORTED_MODELS)
-    edit(source_copy / M.detector / "config.pbtxt", "dims: [ 256 ]", "dims: [ 128 ]")
-    assert contract.main(["check", "--repository", str(source_copy)]) == 2
+    edit(source_copy / M.detector / "config.pbtxt", "dims: [256]", "dims: [128]")
+    assert contract_cli.main(["check", "--repository", str(source_copy)]) == 2
     assert "detector output SCORES: dims is [128]" in capsys.readouterr().err
-    assert contract.main(["write", "--repository", str(source_copy)]) == 0
+    assert contract_cli.main(["write", "--repository", str(source_copy)]) == 0
     assert "every config follows the tensor contract" in capsys.readouterr().out
 
 
@@ -224,8 +251,8 @@ def test_model_repository_readme_shows_the_table() -> None:
         r"<!-- contract table: start -->\n(.*?)\n<!-- contract table: end -->", text, flags=re.S
     )
     assert found, "model_repository/README.md lost its contract table markers"
-    assert found.group(1) == contract.markdown_table(), (
-        "run `python -m marrowdx.contract table` and paste it into model_repository/README.md"
+    assert found.group(1) == contract_cli.markdown_table(), (
+        f"run `{configs.CLI} table` and paste it into model_repository/README.md"
     )
 
 

@@ -16,12 +16,13 @@ from marrowdx.export import tensorrt_build
 
 from marrowdx import config, contract, engine_fit, resources
 from marrowdx.errors import ExportError
+from marrowdx.serving.model_config import load_config
 
 SOURCES = resources.model_repository_sources()
 
 
 def _max_batch(cfg: Path) -> int:
-    return int(contract.parse_pbtxt(cfg.read_text())["max_batch_size"][-1])
+    return load_config(cfg).max_batch_size
 
 
 def _plan_models() -> list[str]:
@@ -30,10 +31,7 @@ def _plan_models() -> list[str]:
         name
         for name in sorted(p.name for p in SOURCES.iterdir() if p.is_dir())
         if (SOURCES / name / contract.GPU_CONFIG).exists()
-        and "tensorrt_plan"
-        in contract.parse_pbtxt((SOURCES / name / contract.GPU_CONFIG).read_text()).get(
-            "platform", []
-        )
+        and load_config(SOURCES / name / contract.GPU_CONFIG).platform == "tensorrt_plan"
     ]
 
 

@@ -148,8 +148,8 @@ def test_measures_switched_off_are_a_constant_the_gate_passes(fields, measured) 
 
 
 def test_preprocess_model_switches_the_measures_only_when_its_config_says_so() -> None:
-    from marrowdx.contract import parse_pbtxt
     from marrowdx.resources import model_repository_sources
+    from marrowdx.serving.model_config import load_config
     from marrowdx.serving.python_models import MEASURE_FIELD_QUALITY, PreprocessModel
 
     def spec_of(parameters: dict):
@@ -166,8 +166,8 @@ def test_preprocess_model_switches_the_measures_only_when_its_config_says_so() -
     assert spec_of({}).enabled
     assert spec_of({MEASURE_FIELD_QUALITY: {"string_value": "1"}}).enabled
     assert not spec_of({MEASURE_FIELD_QUALITY: {"string_value": "0"}}).enabled
-    shipped = parse_pbtxt((model_repository_sources() / "preprocess" / "config.pbtxt").read_text())
-    assert MEASURE_FIELD_QUALITY not in {p["key"][0] for p in shipped["parameters"]}
+    shipped = load_config(model_repository_sources() / "preprocess" / "config.pbtxt")
+    assert MEASURE_FIELD_QUALITY not in shipped.parameters
 
 
 def _outputs(quality: list[float] | None, labels=(0, 0, 5)) -> dict[str, np.ndarray]:

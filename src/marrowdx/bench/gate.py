@@ -26,6 +26,7 @@ from pathlib import Path
 from marrowdx import config, contract
 from marrowdx.bench.report import finite_median, ratio
 from marrowdx.errors import RepositoryError
+from marrowdx.serving.model_config import check_repository
 
 #: The issue's goal: the measures may cost at most this share of served throughput.
 GOAL_MAX_GATE_COST = 0.05
@@ -68,7 +69,7 @@ def gate_off_repository(repository: Path, out: Path) -> Path:
         text = (model / "config.pbtxt").read_text()
         param = GATE_OFF_PARAMETER.format(key=MEASURE_FIELD_QUALITY)
         (out / model.name / "config.pbtxt").write_text(text + param)
-    contract.check_repository(out, ("cpu",))
+    check_repository(out, ("cpu",))
     return out
 
 

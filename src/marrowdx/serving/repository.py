@@ -25,6 +25,7 @@ from pathlib import Path
 
 from marrowdx import config, contract, resources
 from marrowdx.errors import RepositoryError
+from marrowdx.serving import model_config
 from marrowdx.serving.onnx_runner import ONNX_FILENAME
 
 TARGETS = contract.TARGETS
@@ -111,7 +112,7 @@ def check_source(target: str) -> Path:
     ``target``: called before anything is trained or written."""
     src = source_repository()
     _check_source(src)
-    contract.check_repository(src, (target,))
+    model_config.check_repository(src, (target,))
     return src
 
 
