@@ -38,7 +38,7 @@ from marrowdx import config
 from marrowdx.errors import MissingExtra
 
 T = config.TENSORS
-#: Images per GPU batch (the issue's measurements used 64).
+#: Images per GPU batch.
 DEFAULT_GPU_BATCH = 64
 #: Decoded batches the overlapped run keeps queued ahead of inference.
 OVERLAP_QUEUE_DEPTH = 3

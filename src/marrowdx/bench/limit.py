@@ -93,11 +93,11 @@ def measure_limit(
 
 
 # ------------------------------------------------------------------ data-parallel limit
-# Intra-op threads scale poorly for these small convolutional models (measured on 2 cores:
-# classifier 179 ms/image on 1 thread, 166 ms on 2), so "all cores" is only an upper bound
-# when every core runs its own pipeline. Workers are spawned processes (no fork of a process
-# that already runs ORT/DALI thread pools), each with a 1-thread pipeline, reading the same
-# image files from disk once at start so that no image transport is timed.
+# Intra-op threads scale poorly for these small convolutional models (a second thread barely
+# speeds the classifier up on 2 cores; docs/performance.md), so "all cores" is only an upper
+# bound when every core runs its own pipeline. Workers are spawned processes (no fork of a
+# process that already runs ORT/DALI thread pools), each with a 1-thread pipeline, reading the
+# same image files from disk once at start so that no image transport is timed.
 _WORKER: dict = {}
 
 

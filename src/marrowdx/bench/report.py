@@ -15,7 +15,7 @@ from pathlib import Path
 from marrowdx.bench.measure import LevelResult
 from marrowdx.bench.workload import STANDARD_PATIENT_FIELDS
 
-#: The issue's goals on the 2-core CPU default.
+#: Goals of the served stack on the 2-core CPU default.
 GOAL_SERVED_OVER_LIMIT = 0.85
 GOAL_SERVED_OVER_PEER = 1.5
 PLOT_DPI = 120

@@ -28,7 +28,7 @@ import numpy as np
 from marrowdx import config
 from marrowdx.bench.measure import SECONDS_PER_HOUR, cpu_seconds
 
-#: The issue's goal: slide fields/s >= this x file fields/s, in the same run.
+#: Goal: slide fields/s >= this x file fields/s, in the same run.
 GOAL_SLIDE_OVER_FILES = 0.9
 #: Seed of the bench's simulated slide (same seed, same bytes: reruns compare like with like).
 SLIDE_SEED = 7015
