@@ -1,10 +1,10 @@
-"""The gate workload: what the field-quality measures cost the served stack (issue 16: "gating
-costs <= 5% of served throughput").
+"""The gate workload: what the field-quality measures cost the served stack (goal: at most
+:data:`GOAL_MAX_GATE_COST` of served throughput).
 
-The in-process figure (2.4 ms of CPU per field, ``marrowdx.preprocess.QualitySpec``) leaves out
-what serving adds or hides: the preprocess step shares 2 cores with the detector, the
-classifier, Triton and the client, so its extra milliseconds may or may not show up as lost
-fields/s. So the same fields go through two Triton servers on the same models, one as built
+The in-process cost of the measures (``marrowdx.preprocess.QualitySpec``; docs/performance.md)
+leaves out what serving adds or hides: the preprocess step shares 2 cores with the detector,
+the classifier, Triton and the client, so its extra milliseconds may or may not show up as
+lost fields/s. So the same fields go through two Triton servers on the same models, one as built
 and one whose preprocess model serves a constant ``FIELD_QUALITY``
 (:func:`gate_off_repository`), at one client concurrency, in interleaved rounds with the order
 swapped every round so drifting background load hits both alike. Both servers are up before
@@ -28,7 +28,7 @@ from marrowdx.bench.report import finite_median, ratio
 from marrowdx.errors import RepositoryError
 from marrowdx.serving.model_config import check_repository
 
-#: The issue's goal: the measures may cost at most this share of served throughput.
+#: Goal: the measures may cost at most this share of served throughput.
 GOAL_MAX_GATE_COST = 0.05
 #: Client concurrency of both sides: the served sweep's best level on 2 cores is 16-32.
 DEFAULT_GATE_CONCURRENCY = 16
