@@ -221,12 +221,19 @@ def calibration_current(layout: BuildLayout) -> bool:
     return all(is_calibrated(read_metadata(layout.checkpoint(k))) for k in CALIBRATED_KINDS)
 
 
-def calibrate_checkpoints(layout: BuildLayout, preset, log: Progress) -> None:
+def calibrate_checkpoints(layout: BuildLayout, preset, log: Progress, real=None) -> None:
     """Fit temperatures on the preset's held-out cohort and save them into the checkpoints
     (buffers + ``calibration`` metadata), without retraining: existing weights are
-    calibrated in place, and the newer checkpoints make the export step run again."""
+    calibrated in place, and the newer checkpoints make the export step run again. ``real``
+    (``training.real_data.RealData``): real training cells the familiarity score is also
+    fitted on."""
     from marrowdx.models.checkpoints import load_checkpoint, save_checkpoint
-    from marrowdx.training.calibration import METADATA_KEY, calibrate_models, held_out_settings
+    from marrowdx.training.calibration import (
+        METADATA_KEY,
+        calibrate_models,
+        held_out_settings,
+        real_cell_features,
+    )
     from marrowdx.training.data import prepare_cohort
 
     settings = held_out_settings(preset.name)
@@ -242,6 +249,10 @@ def calibrate_checkpoints(layout: BuildLayout, preset, log: Progress) -> None:
     data = prepare_cohort(cohort_dir, layout.cache_dir, log=log)
     ckpts = {kind: load_checkpoint(layout.checkpoint(kind)) for kind in KINDS}
     t0 = time.monotonic()
+    real_cells = None
+    if real is not None and not real.empty:
+        real_cells = real_cell_features(ckpts["classifier"].model, real, seed=seed)
+        log(f"familiarity: {len(real_cells[0])} real training cells beside the simulated ones")
     result = calibrate_models(
         ckpts["detector"].model,
         ckpts["classifier"].model,
@@ -250,6 +261,7 @@ def calibrate_checkpoints(layout: BuildLayout, preset, log: Progress) -> None:
         settings,
         seed,
         log,
+        real_cells,
     )
     fitted = {"classifier": result.classifier_metadata(), "diagnosis": result.diagnosis_metadata()}
     for kind in CALIBRATED_KINDS:
@@ -327,11 +339,11 @@ def build_onnx_models(
         current = weights_current(layout, spec, cohort_key)
         if not (current or force_train or real_data or cohort is not None):
             current = install_shipped_weights(layout, spec, log)
+        real = None
         if force_train or real_data or not current:
             cohort_dir = (
                 Path(cohort) if cohort is not None else ensure_training_cohort(layout, spec, log)
             )
-            real = None
             if not real_data and (spec.cls_real_crops or spec.det_real_batch):
                 log(
                     f"warning: preset {spec.name!r} also trains on real images, and none were "
@@ -346,7 +358,7 @@ def build_onnx_models(
         else:
             log(f"weights for preset {spec.name!r} are current ({layout.weights_dir})")
         if not calibration_current(layout):
-            calibrate_checkpoints(layout, spec, log)
+            calibrate_checkpoints(layout, spec, log, real)
         export_models(layout, log)
     paths = {kind: layout.onnx(kind) for kind in KINDS}
     metadata = {kind: read_onnx_metadata(path) for kind, path in paths.items()}

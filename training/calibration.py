@@ -23,8 +23,8 @@ import numpy as np
 from marrowdx import config
 
 #: Bump when the fitting or the held-out data change, so existing checkpoints are recalibrated
-#: (3: the familiarity score is fitted too).
-CALIBRATION_VERSION = 3
+#: (3: the familiarity score is fitted too; 4: on real training cells too, when given).
+CALIBRATION_VERSION = 4
 #: Metadata key (checkpoint metadata and ONNX metadata_props) holding the fitted numbers.
 METADATA_KEY = config.CALIBRATION_METADATA_KEY
 #: Range the fitted temperature is kept in: outside it the held-out data say nothing useful
@@ -55,6 +55,11 @@ FAMILIARITY_MIN_CLASS_CELLS = 3
 #: none of its cells flagged, and real cells slipped under the limit); with 10 the flagged
 #: share on new in-domain cells came close to the quantile (README "Unfamiliar cells").
 FAMILIARITY_FOLDS = 10
+#: Real training cells (a random sample of the crops' and fields' cells) the familiarity fit
+#: takes beside the simulated held-out ones when the build trains on real images: fitted on
+#: simulated cells alone, the limit called almost every real cell unfamiliar. A few thousand
+#: suffice for 33 means and one shared covariance, and keep the fit to seconds.
+REAL_FAMILIARITY_CELLS = 4000
 
 
 @dataclass(frozen=True)
@@ -416,6 +421,45 @@ def _true_box_features(classifier, data) -> tuple[np.ndarray, np.ndarray, np.nda
     )
 
 
+def real_cell_features(
+    classifier, real, max_cells: int = REAL_FAMILIARITY_CELLS, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
+    """Penultimate features [N, F] and class logits [N, 33] of real training cells
+    (``training.real_data.RealData``: single-cell crops and the labelled cells of fields),
+    each at the models' input spacing on its mirror-padded canvas as training places it (no
+    zoom, no augmentation). At most ``max_cells``, sampled evenly over crops and fields."""
+    import torch
+    from marrowdx.training.real_data import place_crop, place_field
+
+    rng = np.random.default_rng(seed)
+    share = max_cells // (bool(real.crops) + bool(real.fields) or 1)
+    canvases: list[tuple[np.ndarray, np.ndarray]] = []  # (CHW pixels, boxes [K, 4])
+    for i in rng.permutation(len(real.crops))[:share]:
+        pixels, box = place_crop(real.crops[int(i)], 1.0)
+        canvases.append((pixels, box[None]))
+    taken = 0
+    for i in rng.permutation(len(real.fields)):
+        if taken >= share:
+            break
+        pixels, _, originals = place_field(real.fields[int(i)], 1.0, rng, config.INPUT_SIZE)
+        size = config.INPUT_SIZE
+        inside = (originals[:, :2] >= 0).all(1) & (originals[:, 2:] <= size).all(1)
+        if inside.any():
+            canvases.append((pixels, originals[inside][: share - taken]))
+            taken += int(min(inside.sum(), share - taken))
+    feats, logits = [], []
+    with torch.no_grad():
+        for pixels, boxes in canvases:
+            x = classifier.normalize(torch.from_numpy(pixels[None]))
+            b = torch.from_numpy(np.asarray(boxes, np.float32)[None])
+            cls, _, hidden = classifier.classify_crops_with_features(classifier.crops(x, b), b)
+            feats.append(hidden[0].numpy())
+            logits.append(cls[0].numpy())
+    if not feats:
+        return np.zeros((0, classifier.spec.hidden)), np.zeros((0, config.N_CLASSES))
+    return np.concatenate(feats).astype(np.float64), np.concatenate(logits).astype(np.float64)
+
+
 # --------------------------------------------------------------- held-out logits (torch)
 @dataclass
 class HeldOutCells:
@@ -525,9 +569,15 @@ def calibrate_models(
     settings: HeldOutSettings,
     seed: int,
     log: Callable[[str], None] = lambda _m: None,
+    real_cells: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> ModelCalibration:
     """Fit the classifier's class and attribute temperatures and the diagnosis model's on a
-    prepared held-out cohort, and write them into the models' buffers (in place)."""
+    prepared held-out cohort, and write them into the models' buffers (in place).
+
+    ``real_cells``: features and class logits of real training cells
+    (:func:`real_cell_features`), fitted into the familiarity score beside the held-out
+    simulated cells (each real cell its own fold unit); the temperatures stay fitted on the
+    simulated cells, whose exact classes are known."""
     cells = held_out_cells(detector, classifier, data)
     classes = calibrate_head(cells.class_logits, cells.labels)
     attributes = calibrate_head(
@@ -537,9 +587,13 @@ def calibrate_models(
     diag = calibrate_head(z, y)
     familiar: FamiliarityFit | None
     try:
-        familiar = fit_familiarity_features(
-            cells.features, cells.class_logits.argmax(1), cells.image_index
-        )
+        features, logits, images = cells.features, cells.class_logits, cells.image_index
+        if real_cells is not None and len(real_cells[0]):
+            first = int(images.max()) + 1 if len(images) else 0
+            features = np.concatenate([features, real_cells[0]])
+            logits = np.concatenate([logits, real_cells[1]])
+            images = np.concatenate([images, first + np.arange(len(real_cells[0]))])
+        familiar = fit_familiarity_features(features, logits.argmax(1), images)
     except ValueError as exc:  # too few held-out cells per class: served unfitted (flags none)
         familiar = None
         log(f"familiarity not fitted: {exc}")
@@ -562,6 +616,7 @@ def calibrate_models(
         "seed": seed,
         "matched_cells": int(len(cells.labels)),
         "diagnosis_patients": settings.diagnosis_patients,
+        "real_familiarity_cells": 0 if real_cells is None else int(len(real_cells[0])),
     }
     return ModelCalibration(classes, attributes, diag, cohort, familiar)
 

@@ -161,3 +161,43 @@ def test_the_shipped_reference_weights_are_current(tmp_path: Path) -> None:
     assert build.install_shipped_weights(layout, preset, build.Progress(False))
     assert build.weights_current(layout, preset)
     assert build.calibration_current(layout)
+
+
+def test_real_training_cells_enter_the_familiarity_fit(tmp_path: Path) -> None:
+    """Every sampled real cell gives one feature row; fitted beside simulated cells, they move
+    the limit so that real cells like them are no longer all unfamiliar."""
+    import torch
+    from marrowdx.models.networks import CellClassifier
+    from marrowdx.training import calibration
+    from marrowdx.training.presets import get_preset
+
+    from marrowdx.datasets import load_dataset
+
+    real = real_data.real_from_datasets(
+        [
+            load_dataset(SAMPLES / "matek_bm_crops", um_per_pixel=0.09),
+            load_dataset(
+                SAMPLES / "txl_pbc_yolo",
+                labels={"WBC": "nucleated", "RBC": "red_cell", "Platelet": "thrombocyte"},
+            ),
+        ],
+        splits=("train", "val"),
+    )
+    torch.manual_seed(0)
+    classifier = CellClassifier(get_preset("tiny").classifier).eval()
+    field_cells = sum(len(f.boxes) for f in real.fields)
+    features, logits = calibration.real_cell_features(classifier, real, max_cells=1000)
+    assert features.shape == (len(real.crops) + field_cells, classifier.spec.hidden)
+    assert logits.shape == (len(features), config.N_CLASSES)
+    few, _ = calibration.real_cell_features(classifier, real, max_cells=4)
+    assert len(few) == 4  # two crops and two field cells
+    # simulated stand-ins: the real cells' own features, shifted far away
+    rng = np.random.default_rng(0)
+    sim = features[rng.integers(0, len(features), 200)] + 50.0
+    alone = calibration.fit_familiarity_features(sim, np.zeros(len(sim), np.int64))
+    both = calibration.fit_familiarity_features(
+        np.concatenate([sim, features]),
+        np.concatenate([np.zeros(len(sim), np.int64), np.ones(len(features), np.int64)]),
+    )
+    assert (alone.distances(features) > alone.limit).mean() > 0.9
+    assert (both.distances(features) > both.limit).mean() < 0.5
