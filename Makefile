@@ -72,6 +72,7 @@ audit: setup
 lint: setup
 	$(BIN)/ruff check src client models training export tests loadtests model_repository
 	$(BIN)/ruff format --check src client models training export tests loadtests model_repository
+	$(BIN)/python .ci/lint_imports.py
 
 clean:
 	rm -rf build .pytest_cache .ruff_cache

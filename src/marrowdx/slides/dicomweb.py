@@ -318,7 +318,8 @@ class WebSlide:
         found automatically; ``annotation`` requires the series, ``automatic`` ignores it."""
         from wsidicom import WsiDicom, WsiDicomWebClient
 
-        from marrowdx.slides.reader import ROI_CHOICES, annotated_rois, use_automatic_rois
+        from marrowdx.slides.reader import ROI_CHOICES, annotated_rois
+        from marrowdx.slides.roi_finder import use_automatic_rois
 
         if rois not in ROI_CHOICES:
             raise ValueError(f"rois must be one of {', '.join(ROI_CHOICES)}, got {rois!r}")

@@ -429,25 +429,7 @@ def open_slide(
         raise _fail(folder, f"wsidicom cannot open the levels: {exc}") from exc
     source = SlideSource(folder, wsi, levels, base_ds, annotations, found)
     if not found:
+        from marrowdx.slides.roi_finder import use_automatic_rois
+
         use_automatic_rois(source)
     return source
-
-
-def use_automatic_rois(source: PyramidSlide) -> None:
-    """Give ``source`` the monolayer areas the ROI finder sees (``roi_finder.find_rois``);
-    SlideError naming the slide when it finds none."""
-    from marrowdx.slides.roi_finder import find_rois
-
-    try:
-        search = find_rois(source)
-    except Exception:
-        source.close()
-        raise
-    source.rois, source.roi_source, source.roi_search = search.rois, "automatic", search
-    if not search.rois:
-        source.close()
-        dropped = "; ".join(f"{c.box}: {c.why}" for c in search.candidates) or "none"
-        raise _fail(
-            source.folder,
-            f"no ROI annotation and no monolayer area found automatically (candidates: {dropped})",
-        )

@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from marrowdx import config
-from marrowdx.slides.base import Roi
+from marrowdx.slides.base import Roi, SlideError
 from marrowdx.slides.pyramid import PyramidSlide
 
 #: Spacing of the overview the search works on (µm/pixel): a red cell (7-8 µm) is about two
@@ -391,3 +391,21 @@ def rois_iou(a: list[tuple[int, int, int, int]], b: list[tuple[int, int, int, in
             inter += area * (in_a and in_b)
             union += area * (in_a or in_b)
     return inter / union if union else 1.0
+
+
+def use_automatic_rois(source: PyramidSlide) -> None:
+    """Give ``source`` the monolayer areas the ROI finder sees (``roi_finder.find_rois``);
+    SlideError naming the slide when it finds none."""
+    try:
+        search = find_rois(source)
+    except Exception:
+        source.close()
+        raise
+    source.rois, source.roi_source, source.roi_search = search.rois, "automatic", search
+    if not search.rois:
+        source.close()
+        dropped = "; ".join(f"{c.box}: {c.why}" for c in search.candidates) or "none"
+        raise SlideError(
+            f"slide {source.folder}: no ROI annotation and no monolayer area found automatically"
+            f" (candidates: {dropped})"
+        )

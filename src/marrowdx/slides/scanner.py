@@ -152,7 +152,7 @@ def open_scanner_slide(
         osr.close()
         raise
     slide = ScannerSlide(folder, path, osr, spacing, source)
-    from marrowdx.slides.reader import use_automatic_rois
+    from marrowdx.slides.roi_finder import use_automatic_rois
 
     use_automatic_rois(slide)
     return slide
