@@ -7,7 +7,7 @@ lab's policy, so the thresholds are client options (``diagnose --min-focus`` ...
 change without rebuilding the server. A field that fails is not counted: the patient report
 lists it in ``excluded_images`` with the reason, next to ``failed_images``.
 
-The defaults sit just beyond what the models tolerate (issue 16). Focus on one simulated
+The defaults sit just beyond what the models tolerate. Focus on one simulated
 1024 x 1024 field: sharp 4,770; Gaussian blur sigma 2 px 2,180 and sigma 3 1,136 (counted);
 sigma 3.5 823, sigma 4 600, sigma 6 211 (excluded). Why there: the reference models hold up to
 defocus sigma 2.5 (README "Model quality") and begin to miscount beyond 3; with defocus sigma

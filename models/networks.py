@@ -459,8 +459,8 @@ class CellClassifier(nn.Module):
         and classified, and the outputs are widened back to ``boxes.shape[1]`` rows.
 
         Why: the contract has MAX_DETECTIONS (256) slots per image while a field holds a few
-        dozen cells, and on a GPU the classifier at 256 slots ran at a quarter of its speed
-        at 64 (measured, H200, torch fp16). Cutting the box axis inside the graph means a
+        dozen cells, and on a GPU the classifier runs far slower at 256 slots than at 64
+        (docs/performance.md). Cutting the box axis inside the graph means a
         TensorRT engine behind Triton's ensemble does the cut too, while the tensors Triton
         batches keep their fixed contract shapes. Outputs equal :meth:`forward_slots`.
         """

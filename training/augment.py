@@ -3,7 +3,7 @@
 Why here and on uint8 arrays: training reads the letterboxed uint8 images cached once per
 cohort (``training.data``); augmenting those arrays costs a few milliseconds per batch,
 whereas re-rendering or re-decoding would cost seconds. What it covers is what differs
-between labs and scanners (issue 16): stain amount and hue in optical density, brightness,
+between labs and scanners: stain amount and hue in optical density, brightness,
 gamma, white balance, defocus, sensor noise, JPEG re-encoding and a scale change of +-15%
 around the trained pixel spacing.
 
@@ -35,7 +35,7 @@ _STAIN = STAIN_VECTORS.astype(np.float32)
 class AugmentSpec:
     """How strongly each variation is drawn (per image). ``enabled=False`` = no augmentation.
 
-    Ranges are chosen a little wider than issue 16's measured shifts after the letterbox
+    Ranges are chosen a little wider than the measured lab shifts after the letterbox
     resize (1024 -> 512 halves blur sigma and noise), so that those shifts lie inside what
     the models saw, while the gating thresholds (``client.quality``) sit beyond it.
     """
@@ -156,8 +156,8 @@ def draw_scale(spec: AugmentSpec, rng: np.random.Generator) -> float:
 def resize_chw(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """Bilinear resize (antialiased when shrinking) of a uint8 CHW image to (height, width).
 
-    Pillow, not ``torch.nn.functional.interpolate``: measured 0.5 vs 25 ms for 300 -> 256
-    pixels on the shared 2-core host (torch's antialiased kernel on a float copy)."""
+    Pillow, not ``torch.nn.functional.interpolate``: torch's antialiased kernel works on a
+    float copy and was about fifty times slower (docs/performance.md)."""
     hwc = Image.fromarray(np.ascontiguousarray(image.transpose(1, 2, 0)))
     out = hwc.resize((size[1], size[0]), Image.Resampling.BILINEAR)
     return np.asarray(out).transpose(2, 0, 1).copy()

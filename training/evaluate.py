@@ -39,13 +39,13 @@ PAPER = {
     "unidentified_fraction": None,
     "unidentified_catches": None,
 }
-#: What the reference build must reach on a held-out simulated cohort (issue 4).
+#: What the reference build must reach on a held-out simulated cohort.
 TARGETS = {
     "detection_ap50": (">=", 0.95),
     "cell_macro_f1": (">=", 0.90),
     "count_tv_distance": ("<=", 0.05),
     "diagnosis_macro_f1": (">=", 0.90),
-    # issue 17: probabilities that mean what they say, after temperature scaling
+    # probabilities that mean what they say, after temperature scaling
     "cell_ece": ("<=", 0.05),
     "diagnosis_ece": ("<=", 0.05),
 }

@@ -20,7 +20,7 @@ from marrowdx.errors import InputError
 from marrowdx.serving.onnx_artifacts import OnnxModels
 from marrowdx.simulate.cohort import RENDERER_VERSION
 
-#: Issue 16's goals under each shift: issue 4's detection and classification targets, a
+#: The goals under each shift: the held-out detection and classification targets, a
 #: looser count TVD and a stricter diagnosis F1.
 SHIFT_TARGETS = {
     **{k: TARGETS[k] for k in ("detection_ap50", "cell_macro_f1")},
@@ -138,7 +138,7 @@ def _fmt(v: float) -> str:
 
 
 def format_shift_table(results: Sequence[ShiftResult], preset: str = "") -> str:
-    """Markdown table: one row per shift, issue 16's goals in the header."""
+    """Markdown table: one row per shift, the goals in the header."""
     goals = ", ".join(f"{COLUMNS[k]} {op} {b}" for k, (op, b) in SHIFT_TARGETS.items())
     head = "| cohort | " + " | ".join(COLUMNS.values()) + " | goals |"
     lines = [head, "|" + "---|" * (len(COLUMNS) + 2)]

@@ -7,22 +7,22 @@ rebuilt, which costs the other images of the batch time. Reading the header with
 declared size cheaply, so most bad requests are refused with a precise message without
 touching DALI.
 
-Damaged compressed data (issue 16): a decoder often still produces pixels from a truncated or
+Damaged compressed data: a decoder often still produces pixels from a truncated or
 bit-flipped stream (libjpeg-turbo inside DALI 2.4 warns "Corrupt JPEG data: N extraneous
-bytes" and returns a half-garbled field; measured: mean pixel error 26 grey levels from 8
-flipped bits), and counting cells in it silently changes a patient's differential.
+bytes" and returns a half-garbled field), and counting cells in it silently changes a
+patient's differential.
 :func:`check_integrity` therefore checks the stream itself, cheaply: PNG chunk CRCs and the
-IEND chunk (zlib's CRC-32, about 1 ms for a 2 MB field), JPEG's end-of-image marker and the
+IEND chunk (zlib's CRC-32), JPEG's end-of-image marker and the
 markers inside the entropy-coded data, and, where ``simplejpeg`` is installed (the server
 extra), a strict libjpeg-turbo decode at 1/8 scale: entropy decoding touches every coded
 bit, so libjpeg's corrupt-data warnings become errors while the inverse DCT is skipped
-(2 ms for a 1 MP field against about 8 ms for a full decode). What still slips through is
+(docs/performance.md has what these checks cost). What still slips through is
 caught by the preprocess step when DALI raises.
 
 Valid-but-odd images (grayscale, palette, RGBA/LA, 16-bit PNG, CMYK JPEG, EXIF-rotated JPEG)
 need no special treatment here: DALI 2.4's decoder converts all of them to RGB and applies the
-EXIF orientation (measured: identical pixels to Pillow's ``exif_transpose(...).convert("RGB")``;
-``tests/test_serving_images.py`` keeps that true).
+EXIF orientation, to the same pixels as Pillow's ``exif_transpose(...).convert("RGB")``
+(``tests/integration/test_serving_repository.py`` keeps that true).
 
 Error messages never include the image content (only sizes and formats), so they are safe
 to log and to return to clients.
@@ -40,7 +40,7 @@ import numpy as np
 from marrowdx import config
 from marrowdx.errors import ImageRejected
 
-#: Leading bytes of the formats the pipeline accepts (the DESIGN contract: JPEG or PNG).
+#: Leading bytes of the formats the pipeline accepts: JPEG or PNG.
 _MAGIC: dict[str, tuple[bytes, ...]] = {
     "JPEG": (b"\xff\xd8\xff",),
     "PNG": (b"\x89PNG\r\n\x1a\n",),

@@ -28,10 +28,9 @@ class QualitySpec:
     in grey levels, before any padding.
 
     Why in the preprocessing graph: the pixels are already decoded and resized there, on both
-    targets (DALI CPU or GPU), so no second decode is needed. Why at 256 pixels: measured on
-    the 2-core host, the measures cost 2.4 ms of CPU per 1024x1024 field at 256 pixels
-    (13.7-14.1 vs 11.4-11.6 ms for the whole preprocess step) and 4.4 ms more on the
-    512-pixel image (float copies of a quarter-megapixel image). The fields
+    targets (DALI CPU or GPU), so no second decode is needed. Why at 256 pixels: on the
+    512-pixel image the float copies of a quarter-megapixel image cost about three times as
+    much CPU per field (docs/performance.md, "Figures behind code choices"). The fields
     (``contract.QUALITY_FIELDS``):
 
     - focus: variance of the 3x3 Laplacian (sharp edges give large values; blur removes them);
@@ -54,8 +53,8 @@ class QualitySpec:
 
     The background is the per-channel maximum of the field averaged on a ``thick_grid``
     grid: white balance and lamp brightness differ per lab, so colours are compared to it.
-    The two colour shares are taken on a ``colour_side`` copy (they cost 2.9 ms of CPU per
-    field on the 256-pixel one, 0.9 ms here).
+    The two colour shares are taken on a smaller ``colour_side`` copy, a third of their cost
+    on the 256-pixel one.
 
     Thresholds that decide pass/fail live in the client (``marrowdx.client.quality``).
 

@@ -290,7 +290,7 @@ def corpus(
             ("corrupt", "decode", "truncat"),
             suffix=".png",
         ),
-        # --- damaged compressed data (issue 16): decoders may still produce pixels
+        # --- damaged compressed data: decoders may still produce pixels
         BadInput(
             "bitflipped_jpeg",
             bit_flipped(jpeg_bytes(256, 256)),

@@ -1,4 +1,4 @@
-"""Field quality gating end to end through Triton (issue 16): the ensemble returns
+"""Field quality gating end to end through Triton: the ensemble returns
 FIELD_QUALITY and the client leaves a blurred field out of the patient's counts, naming it
 in ``excluded_images``; with the gate off the same field counts."""
 

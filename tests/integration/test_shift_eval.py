@@ -1,4 +1,4 @@
-"""``marrowdx evaluate --shifts`` (issue 16): the held-out cohort is re-rendered under each
+"""``marrowdx evaluate --shifts``: the held-out cohort is re-rendered under each
 shift with the same cells, evaluated side by side with the unshifted row, and reported as a
 table and JSON; a cohort that cannot be re-rendered is refused with the reason."""
 

@@ -1,4 +1,4 @@
-"""Training augmentation for inter-lab variation (issue 16): each part changes what it should,
+"""Training augmentation for inter-lab variation: each part changes what it should,
 disabled augmentation is the identity (no random draws either, so unaugmented training keeps
 its stream), zoomed crops keep their boxes on the cells, and the presets carry the spec."""
 

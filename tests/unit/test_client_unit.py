@@ -346,7 +346,7 @@ def test_json_and_csv_files_follow_the_contract(stand_in, tmp_path):
         "failed_images", "diagnosis_error",
     }  # fmt: skip
     assert list(first["counts"]) == list(taxonomy.CLASSES)
-    assert set(first["images"][0]) >= {"file", "cells"}  # + "quality" (issue 16)
+    assert set(first["images"][0]) >= {"file", "cells"}  # + "quality"
     assert set(first["images"][0]["cells"][0]) >= {"box", "label", "score", "attributes"}
     assert list(first["probabilities"]) == list(taxonomy.DIAGNOSES)
     assert second["diagnosis"] is None and second["failed_images"] == {

@@ -1,4 +1,4 @@
-"""Damaged compressed data is never counted (issue 16): truncated and bit-flipped JPEG/PNG are
+"""Damaged compressed data is never counted: truncated and bit-flipped JPEG/PNG are
 refused before DALI with a reason naming the damage, even where DALI itself would still
 produce (garbled) pixels; intact images of every accepted kind still pass."""
 

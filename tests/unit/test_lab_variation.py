@@ -1,4 +1,4 @@
-"""Simulated lab/scanner variation (issue 16): each shift kind changes the pixels the way its
+"""Simulated lab/scanner variation: each shift kind changes the pixels the way its
 name says, leaves cells and boxes alone, is deterministic per seed, and is recorded in the
 ground truth; an unknown kind or strength is refused with a clear message."""
 

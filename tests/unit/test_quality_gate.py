@@ -1,4 +1,4 @@
-"""Field quality gating (issue 16): the preprocessing graph measures each field, the client's
+"""Field quality gating: the preprocessing graph measures each field, the client's
 default thresholds count sharp, mildly blurred and lab-shifted 1024 x 1024 fields and exclude
 blurred-beyond-recognition, empty and thick ones with a reason, and an excluded field is
 reported apart and adds nothing to the counts. The measures switched off (only for

@@ -19,12 +19,12 @@ from marrowdx import config
 ONNX_FILENAME = "model.onnx"
 #: The classifier runs box slots in multiples of this (see :class:`BoxSlotClassifier`): few
 #: distinct shapes keep ONNX Runtime's per-shape work cached, and 32 slots cost little more
-#: than fewer (measured on one thread, reference-size model: 33 ms at 32 slots, 85 ms at 64,
-#: 454 ms at all 256).
+#: than fewer, where all 256 cost over ten times as much (docs/performance.md, "Why each cpu
+#: setting").
 BOX_SLOT_STEP = 32
-#: Images per ONNX Runtime run of the detector (see :class:`ChunkedRunner`). Measured on one
-#: thread, reference model, 2 MB of L2 per core: 12.6-13.3 ms of CPU per image at batch 1,
-#: 13.5-14.0 at 4, 14.5-14.8 at 8 (the classifier is flat: 11.4-12.6 at any batch).
+#: Images per ONNX Runtime run of the detector (see :class:`ChunkedRunner`): with 2 MB of L2
+#: per core, the CPU per image grows with the batch (docs/performance.md, "Why each cpu
+#: setting"); the classifier's does not.
 IMAGES_PER_DETECTOR_RUN = 1
 
 
@@ -148,9 +148,8 @@ class BoxSlotClassifier:
         """Runs of consecutive images that need the same slot count, as [start, end) pairs.
 
         Why: a batch runs at the slot count of its fullest image, so one crowded image would
-        make its batch-mates crop (and classify) twice or more the slots they need (measured,
-        reference model, one thread: 11 ms per image at 32 slots, 20 ms when a batch of 4
-        mixing 17..35 cells ran at 64). Consecutive runs are slices, so no pixels are copied.
+        make its batch-mates crop (and classify) twice or more the slots they need, nearly
+        doubling their cost. Consecutive runs are slices, so no pixels are copied.
         """
         bounds: list[tuple[int, int]] = []
         start = 0

@@ -90,7 +90,7 @@ def configure_simulate(parser: argparse.ArgumentParser) -> None:
         "--shift-strength",
         type=float,
         default=1.0,
-        help="scales every shift magnitude: 1.0 = issue 16's cohorts, 0 = none (max 3)",
+        help="scales every shift magnitude: 1.0 = the measured lab shifts, 0 = none (max 3)",
     )
 
 

@@ -8,7 +8,7 @@ and applied to each rendered field before encoding. The unshifted renderer's ran
 is never touched, so ``--shift stain`` and ``--shift none`` with one seed hold the same cells,
 boxes and labels: metrics side by side differ only by the shift.
 
-Kinds (``strength`` 1.0 = the magnitudes of issue 16's measurement; 0 = no change):
+Kinds (``strength`` 1.0 = the magnitudes measured between labs; 0 = no change):
 
 - ``stain``: in optical-density space, per-stain concentration scales (staining time and
   batch strength) and a rotation of the stain colour vectors (dye chemistry, pH of the buffer).
@@ -48,7 +48,7 @@ STAIN_VECTORS = np.array(
 #: Brightest value: 8-bit white (OD 0).
 WHITE = 255.0
 
-# Magnitudes at strength 1.0 (issue 16's shifted cohorts).
+# Magnitudes at strength 1.0 (README, "Under other labs' stain, focus, scanner and compression").
 STAIN_SCALE = (0.65, 1.45)  # per-stain concentration multiplier range
 STAIN_ROTATION = 0.22  # max norm of the random perturbation of each stain vector
 DEFOCUS_SIGMA = (1.5, 2.5)  # Gaussian sigma in pixels of a 1024-wide field
@@ -79,7 +79,7 @@ class LabShift:
 
     @staticmethod
     def draw(kind: str, strength: float, rng: np.random.Generator) -> LabShift:
-        """A random shift of one kind; ``strength`` scales every magnitude (1.0 = issue 16)."""
+        """A random shift of one kind; ``strength`` scales every magnitude (1.0 = the measured shifts)."""
         if kind not in SHIFT_KINDS:
             raise InputError(f"unknown shift kind {kind!r}; choose one of {', '.join(SHIFT_KINDS)}")
         if not 0.0 <= strength <= 3.0:
