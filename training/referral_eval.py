@@ -24,6 +24,7 @@ from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
 
+from marrowdx import config
 from marrowdx.client.async_client import AsyncMarrowClient, PatientInput
 from marrowdx.client.referral import (
     GOAL_CAUGHT,
@@ -36,8 +37,6 @@ from marrowdx.client.referral import (
 )
 from marrowdx.client.report import PatientReport
 from marrowdx.client.review import add_review_options, thresholds_from_args
-
-from marrowdx import config
 from marrowdx.differential import DEFAULT_TARGET_CELLS
 
 
@@ -46,7 +45,6 @@ async def diagnose_cohort_inprocess(
 ) -> list[PatientReport]:
     """Every patient of ``cohort_dir`` through ``AsyncMarrowClient`` on the in-process pipeline."""
     from marrowdx.client.cohort import discover
-
     from marrowdx.serving.inprocess import InProcessTransport
 
     cohort = discover(cohort_dir)

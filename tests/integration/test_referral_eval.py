@@ -13,12 +13,12 @@ import json
 from pathlib import Path
 
 import pytest
+
 from marrowdx.client.referral import score
 from marrowdx.client.review import DEFAULT_THRESHOLDS
-from marrowdx.training import referral_eval
-
 from marrowdx.differential import DEFAULT_TARGET_CELLS
 from marrowdx.simulate import load_ground_truth, simulate_cohort
+from marrowdx.training import referral_eval
 
 PATIENTS, FIELDS = 2, 2
 TRUNCATED = "zz_truncated.jpg"

@@ -16,6 +16,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+
+from marrowdx import config
+from marrowdx.bench import gpu
+from marrowdx.bench.workload import simulated_workload
 from marrowdx.export.onnx_export import export_onnx
 from marrowdx.models.checkpoints import checkpoint_metadata, save_checkpoint
 from marrowdx.models.networks import (
@@ -25,10 +29,6 @@ from marrowdx.models.networks import (
     DetectorSpec,
     DiagnosisModel,
 )
-
-from marrowdx import config
-from marrowdx.bench import gpu
-from marrowdx.bench.workload import simulated_workload
 from marrowdx.serving.repository import build_repository
 
 #: Two batches of one: enough for the overlap to have something to overlap, and quick.

@@ -6,6 +6,8 @@ import re
 
 import numpy as np
 import pytest
+
+from marrowdx import cli, taxonomy
 from marrowdx.client import aggregate, html_report
 from marrowdx.client.cli import format_table
 from marrowdx.client.report import Cell, ImageResult
@@ -21,8 +23,6 @@ from marrowdx.client.review import (
     ReviewThresholds,
     review_reasons,
 )
-
-from marrowdx import cli, taxonomy
 from tests.helpers.html_page import expected_lineages, expected_row, read_page, shown_row
 
 CONFIDENT = {"ALL": 0.01, "AML": 0.98, "CML": 0.01}
