@@ -40,7 +40,6 @@ if TYPE_CHECKING:
     from marrowdx.client.async_client import AsyncMarrowClient, PatientInput
     from marrowdx.client.sync_client import MarrowClient
     from marrowdx.client.transport import RetryPolicy
-
     from marrowdx.errors import RequestFailed
 
 _LAZY = {

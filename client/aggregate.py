@@ -10,6 +10,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
+
+from marrowdx import config, differential, taxonomy
 from marrowdx.client.quality import (
     DEFAULT_QUALITY,
     QualityThresholds,
@@ -20,8 +22,6 @@ from marrowdx.client.quality import (
 )
 from marrowdx.client.report import Cell, ImageResult, PatientReport
 from marrowdx.client.review import DEFAULT_THRESHOLDS, ReviewThresholds, review_reasons
-
-from marrowdx import config, differential, taxonomy
 from marrowdx.errors import BadServerOutput, InputError
 from marrowdx.preprocess import boxes_to_original
 

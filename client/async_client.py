@@ -17,6 +17,8 @@ from pathlib import Path
 from typing import Protocol
 
 import numpy as np
+
+from marrowdx import config, differential
 from marrowdx.client import aggregate, fields
 from marrowdx.client.quality import DEFAULT_QUALITY, QualityThresholds
 from marrowdx.client.report import ImageResult, PatientReport
@@ -29,8 +31,6 @@ from marrowdx.client.transport import (
     TlsOptions,
     TritonTransport,
 )
-
-from marrowdx import config, differential
 from marrowdx.errors import InputError
 
 #: An image given as a file path or as encoded JPEG/PNG bytes.

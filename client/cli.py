@@ -18,12 +18,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TextIO
 
+from marrowdx import config
 from marrowdx.client.aggregate import DEFAULT_MIN_FAMILIARITY
 from marrowdx.client.cohort import Cohort, PatientFolder
 from marrowdx.client.report import PatientReport, differential_to_dict
 from marrowdx.client.review import add_review_options, thresholds_from_args
-
-from marrowdx import config
 from marrowdx.differential import DEFAULT_TARGET_CELLS
 from marrowdx.errors import EXIT_FAILED, EXIT_OK, InputError, MissingExtra, ServerNotReady
 

@@ -20,10 +20,10 @@ from dataclasses import dataclass, fields, replace
 from typing import TYPE_CHECKING
 
 import numpy as np
-from marrowdx.client.quality import DEFAULT_QUALITY, QualityThresholds, quality_verdict
-from marrowdx.client.report import Cell, ImageResult
 
 from marrowdx import config, taxonomy
+from marrowdx.client.quality import DEFAULT_QUALITY, QualityThresholds, quality_verdict
+from marrowdx.client.report import Cell, ImageResult
 
 if TYPE_CHECKING:
     from marrowdx.slides.tiling import FieldPlan

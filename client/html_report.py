@@ -21,9 +21,8 @@ import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from marrowdx.client.report import Cell, ImageResult, PatientReport
-
 from marrowdx import taxonomy
+from marrowdx.client.report import Cell, ImageResult, PatientReport
 
 #: Longest side of a field thumbnail in the page (px); the boxes are drawn in SVG on top.
 FIELD_THUMB_SIDE = 512

@@ -8,9 +8,8 @@ from __future__ import annotations
 import io
 from pathlib import Path
 
-from marrowdx.client.report import ImageResult, PatientReport
-
 from marrowdx import taxonomy
+from marrowdx.client.report import ImageResult, PatientReport
 from marrowdx.taxonomy import class_colour
 
 #: Box outline width and legend geometry (pixels) for the image overlays.

@@ -15,7 +15,6 @@ import argparse
 from dataclasses import dataclass
 
 from marrowdx.client.report import PatientReport, ReviewReason
-
 from marrowdx.differential import INDETERMINATE, NO_PATTERN, leukemia_pattern
 from marrowdx.errors import InputError
 

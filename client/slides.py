@@ -24,16 +24,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
-from marrowdx.client import aggregate
-from marrowdx.client.report import Cell, ImageResult, PatientReport
 
 from marrowdx import differential, taxonomy
+from marrowdx.client import aggregate
+from marrowdx.client.report import Cell, ImageResult, PatientReport
 from marrowdx.errors import RequestFailed
 from marrowdx.slides.tiling import TILINGS, tile
 
 if TYPE_CHECKING:
     from marrowdx.client.async_client import AsyncMarrowClient, ImageCallback
-
     from marrowdx.slides.base import Field, Roi
 
 #: Series description of the written annotation objects (a DICOM LO: at most 64 characters).

@@ -12,6 +12,7 @@ import threading
 from collections.abc import Callable, Coroutine, Iterable, Iterator, Mapping, Sequence
 from typing import Any, TypeVar
 
+from marrowdx import config
 from marrowdx.client.async_client import (
     AsyncMarrowClient,
     ImageCallback,
@@ -21,8 +22,6 @@ from marrowdx.client.async_client import (
 )
 from marrowdx.client.report import PatientReport
 from marrowdx.client.transport import DEFAULT_RETRY_TOTAL_S
-
-from marrowdx import config
 
 T = TypeVar("T")
 

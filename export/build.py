@@ -322,10 +322,9 @@ def build_onnx_models(
     them always trains (``real_um_per_pixel`` overrides their declared spacing). Without
     them, the reference preset takes the shipped weights.
     """
+    from marrowdx.serving.onnx_artifacts import read_onnx_metadata
     from marrowdx.training.data import ground_truth_key
     from marrowdx.training.presets import get_preset
-
-    from marrowdx.serving.onnx_artifacts import read_onnx_metadata
 
     spec = get_preset(preset)
     layout = BuildLayout(Path(work_dir or config.default_work_dir()), spec.name)

@@ -38,9 +38,8 @@ def configure_export(parser: argparse.ArgumentParser) -> None:
 
 
 def run_export(args: argparse.Namespace) -> int:
-    from marrowdx.export.build import build_onnx_models
-
     from marrowdx import config
+    from marrowdx.export.build import build_onnx_models
 
     work_dir = work_dir_of(args)
     models = build_onnx_models(work_dir, args.preset, progress=not args.quiet)

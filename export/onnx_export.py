@@ -15,10 +15,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from marrowdx.export import trt_ops
 from torch import nn
 
 from marrowdx import config, contract, taxonomy
+from marrowdx.export import trt_ops
 from marrowdx.serving.onnx_artifacts import (
     CALIBRATION_KEY,
     METADATA_KEY,

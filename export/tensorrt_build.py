@@ -281,6 +281,7 @@ def compile_torch_tensorrt(
     except ImportError as exc:
         raise TensorRTUnavailable(f"torch-tensorrt is not installed ({exc.msg})") from None
     import torch
+
     from marrowdx.export.build import BuildLayout
     from marrowdx.export.onnx_export import IO_NAMES, ort_session, random_inputs
     from marrowdx.models.checkpoints import load_checkpoint

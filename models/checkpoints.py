@@ -11,10 +11,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from marrowdx.models.networks import build_model, spec_dict
 from torch import nn
 
 from marrowdx import __version__, config, taxonomy
+from marrowdx.models.networks import build_model, spec_dict
 
 #: Bump when the checkpoint layout changes (older files are then retrained, not misread).
 CHECKPOINT_FORMAT = 1

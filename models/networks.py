@@ -13,10 +13,10 @@ from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
-from marrowdx.models import roi
 from torch import nn
 
 from marrowdx import config
+from marrowdx.models import roi
 
 #: Detector output stride: one heatmap cell per 4x4 input pixels (128x128 for 512 input).
 DETECTOR_STRIDE = 4
@@ -440,9 +440,7 @@ class CellClassifier(nn.Module):
         CPU BoxSlotClassifier, a CUDA graph captured per slot count) call this directly.
         """
         normalised = self.normalize(pixels)
-        cls, att, hidden = self.classify_crops_with_features(
-            self.crops(normalised, boxes), boxes
-        )
+        cls, att, hidden = self.classify_crops_with_features(self.crops(normalised, boxes), boxes)
         mask = self.row_mask(num_detections, boxes.shape[1], cls.dtype)  # [B,K,1]
         class_probs = torch.softmax(self.class_temperature(cls), dim=-1) * mask
         attribute_probs = torch.sigmoid(self.attribute_temperature(att)) * mask

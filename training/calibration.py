@@ -429,6 +429,7 @@ def real_cell_features(
     each at the models' input spacing on its mirror-padded canvas as training places it (no
     zoom, no augmentation). At most ``max_cells``, sampled evenly over crops and fields."""
     import torch
+
     from marrowdx.training.real_data import place_crop, place_field
 
     rng = np.random.default_rng(seed)
@@ -486,6 +487,7 @@ def held_out_cells(detector, classifier, data) -> HeldOutCells:
     the classifier sees the detector's boxes, and a box counts when it matches a true cell
     at IoU 0.5 (the evaluation's rule), so detector error is part of what is calibrated."""
     import torch
+
     from marrowdx.training import metrics
 
     cls_out, att_out, labels, attrs, feats, images = [], [], [], [], [], []
@@ -524,6 +526,7 @@ def held_out_cells(detector, classifier, data) -> HeldOutCells:
 def diagnosis_logits(model, confusion: np.ndarray, n: int, seed: int) -> tuple[np.ndarray, ...]:
     """Logits and true diagnoses of ``n`` synthetic patients drawn with ``confusion``."""
     import torch
+
     from marrowdx.training.train import synthetic_patients
 
     f, t, labs, mask, y = synthetic_patients(confusion, n, np.random.default_rng(seed))

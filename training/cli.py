@@ -201,10 +201,9 @@ def run_real_evaluation(args: argparse.Namespace, sets: tuple[Path, ...]) -> int
     served models and the client's logic (``training.real_eval``)."""
     import sys
 
+    from marrowdx.serving.repository import build_repository
     from marrowdx.training.real_data import load_sets
     from marrowdx.training.real_eval import evaluate_real, format_real_table, plot_confusion
-
-    from marrowdx.serving.repository import build_repository
 
     def log(message: str) -> None:
         if not args.quiet:

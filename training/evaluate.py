@@ -14,11 +14,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
-from marrowdx.training import metrics
-from marrowdx.training.data import PreparedCohort
 
 from marrowdx import config, differential, taxonomy
 from marrowdx.serving.onnx_artifacts import OnnxModels
+from marrowdx.training import metrics
+from marrowdx.training.data import PreparedCohort
 
 T = config.TENSORS
 #: Images per ONNX Runtime call during evaluation.
@@ -207,9 +207,8 @@ def calibration_fields(
     """ECE before/after calibration for cells (matched ``probs`` vs true ``labels``) and
     patients, and what the unidentified rule flags; "before" is recovered from the served
     probabilities and the temperatures stored in the ONNX files."""
-    from marrowdx.training import calibration as cal
-
     from marrowdx.serving.onnx_artifacts import read_calibration
+    from marrowdx.training import calibration as cal
 
     t_cells = cal.served_temperature(read_calibration(models.classifier), "classes")
     t_diag = cal.served_temperature(read_calibration(models.diagnosis), "diagnosis")
@@ -235,9 +234,8 @@ def evaluate_cohort(
 ) -> EvaluationReport:
     """``um_per_pixel``: the cohort images' pixel spacing; away from the models' spacing the
     images are evaluated as the model fields the client sends (:func:`spaced_cohort`)."""
-    from marrowdx.training.data import prepare_cohort
-
     from marrowdx import spacing
+    from marrowdx.training.data import prepare_cohort
 
     cohort_dir = Path(cohort_dir)
     if um_per_pixel is not None and not spacing.at_model_spacing(um_per_pixel):
@@ -255,12 +253,12 @@ def spaced_cohort(cohort_dir: Path, um_per_pixel: float, out_root: Path) -> Path
     import hashlib
     import json
 
-    from marrowdx.client.fields import encode_field
-    from marrowdx.training.data import read_ground_truth
     from PIL import Image
 
     from marrowdx import spacing
+    from marrowdx.client.fields import encode_field
     from marrowdx.slides import tiling
+    from marrowdx.training.data import read_ground_truth
 
     gt = read_ground_truth(cohort_dir)
     key = hashlib.sha256(f"{json.dumps(gt, sort_keys=True)}|{um_per_pixel!r}".encode())

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+
 from marrowdx.models.networks import DETECTOR_STRIDE
 
 #: Gaussian sigma as a fraction of the cell's size on the heatmap (CenterNet uses ~1/6 diameter).

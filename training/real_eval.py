@@ -21,10 +21,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
-from marrowdx.training import metrics
-from marrowdx.training.real_data import red_cell_spacing, split_of
 
 from marrowdx import taxonomy
+from marrowdx.training import metrics
+from marrowdx.training.real_data import red_cell_spacing, split_of
 
 #: A crop's cell is the detection whose box holds the crop's centre, else the nearest one
 #: whose centre lies within this share of the crop's shorter side.
@@ -226,7 +226,6 @@ def evaluate_real(
     """
     from marrowdx.client import AsyncMarrowClient
     from marrowdx.client.quality import NO_GATING
-
     from marrowdx.serving.inprocess import InProcessPipeline, InProcessTransport
 
     report = RealReport()

@@ -14,11 +14,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from marrowdx.training.evaluate import TARGETS, EvaluationReport, evaluate_cohort
 
 from marrowdx.errors import InputError
 from marrowdx.serving.onnx_artifacts import OnnxModels
 from marrowdx.simulate.cohort import RENDERER_VERSION
+from marrowdx.training.evaluate import TARGETS, EvaluationReport, evaluate_cohort
 
 #: The goals under each shift: the held-out detection and classification targets, a
 #: looser count TVD and a stricter diagnosis F1.
@@ -79,9 +79,8 @@ def shifted_cohort(
     cohort_dir: Path, kind: str, strength: float, work_dir: Path, log: Callable[[str], None]
 ) -> Path:
     """The shifted twin of a simulated cohort (rendered once, then reused)."""
-    from marrowdx.training.data import read_ground_truth
-
     from marrowdx.simulate import simulate_cohort
+    from marrowdx.training.data import read_ground_truth
 
     gt = read_ground_truth(cohort_dir)
     sim = simulator_settings(gt, cohort_dir)

@@ -14,6 +14,8 @@ from collections.abc import Callable
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from marrowdx import config, taxonomy
 from marrowdx.models import roi
 from marrowdx.models.networks import (
     CellClassifier,
@@ -31,8 +33,6 @@ from marrowdx.training.data import PreparedCohort
 from marrowdx.training.heatmap_labels import detector_loss, flip_heatmap_labels, heatmap_labels
 from marrowdx.training.presets import TrainingPreset
 from marrowdx.training.real_data import RealData, place_crop, place_field
-
-from marrowdx import config, taxonomy
 
 #: Threads torch may use; the reference timing budget is for 2 cores.
 TRAIN_THREADS = 2

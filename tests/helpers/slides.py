@@ -43,9 +43,8 @@ class ConsensusModel:
     def __init__(self, folder: Path, patient: dict) -> None:
         from marrowdx.client.aggregate import DEFAULT_MIN_FAMILIARITY
         from marrowdx.client.review import DEFAULT_THRESHOLDS
-        from marrowdx.slides.tiling import tile
-
         from marrowdx.slides import open_slide
+        from marrowdx.slides.tiling import tile
 
         self.review = DEFAULT_THRESHOLDS
         self.min_familiarity = DEFAULT_MIN_FAMILIARITY  # as the real client's default
@@ -57,9 +56,8 @@ class ConsensusModel:
     async def analyse_image(self, data: bytes, name: str):
         import asyncio
 
-        from marrowdx.client.report import Cell, ImageResult
-
         from marrowdx import taxonomy
+        from marrowdx.client.report import Cell, ImageResult
 
         await asyncio.sleep(0)
         field = self.fields.get(data)

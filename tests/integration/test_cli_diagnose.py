@@ -10,9 +10,9 @@ import sys
 from pathlib import Path
 
 import pytest
-from marrowdx.client.overlays import LEGEND_WIDTH
 
 from marrowdx import taxonomy
+from marrowdx.client.overlays import LEGEND_WIDTH
 
 FIELD_SIZE = (512, 384)  # width, height
 SEED = 7171

@@ -15,10 +15,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from marrowdx.client import MarrowClient
-from marrowdx.client.fields import SpacingInfo
 
 from marrowdx import config, taxonomy
+from marrowdx.client import MarrowClient
+from marrowdx.client.fields import SpacingInfo
 from marrowdx.preprocess import boxes_to_original
 
 pytestmark = pytest.mark.server

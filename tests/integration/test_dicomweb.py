@@ -39,9 +39,9 @@ if (_why := orthanc_helper.skip_reason()) is not None:
     pytest.skip(_why, allow_module_level=True)
 
 import pydicom  # noqa: E402
-from marrowdx.client.slides import SlidePatient, diagnose_slide  # noqa: E402
 
 from marrowdx import cli  # noqa: E402
+from marrowdx.client.slides import SlidePatient, diagnose_slide  # noqa: E402
 from marrowdx.slides import SlideError, open_slide, read_annotations  # noqa: E402
 from marrowdx.slides.dicomweb import (  # noqa: E402
     TOKEN_ENV,

@@ -12,6 +12,9 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from onnx import TensorProto, helper
+
+from marrowdx import cli, config, contract, taxonomy
 from marrowdx.export import onnx_export, tensorrt_build, trt_ops
 from marrowdx.models.networks import (
     CellClassifier,
@@ -21,9 +24,6 @@ from marrowdx.models.networks import (
     DiagnosisModel,
     DiagnosisSpec,
 )
-from onnx import TensorProto, helper
-
-from marrowdx import cli, config, contract, taxonomy
 
 T = config.TENSORS
 from tests.helpers import TEST_CACHE  # noqa: E402
@@ -335,9 +335,8 @@ def test_no_tensorrt_message_is_clear() -> None:
 
 def test_coco_cohort_prepares_like_ground_truth(tiny_models, tmp_path) -> None:
     from marrowdx.export.build import BuildLayout
-    from marrowdx.training.data import cohort_from_coco, prepare_cohort, read_ground_truth
-
     from marrowdx.simulate import write_coco
+    from marrowdx.training.data import cohort_from_coco, prepare_cohort, read_ground_truth
 
     layout = BuildLayout(TEST_CACHE, "tiny")
     cohort = layout.training_cohort(_tiny_seed())

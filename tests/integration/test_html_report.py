@@ -12,8 +12,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from marrowdx.client.html_report import INDEX_FILE
 
+from marrowdx.client.html_report import INDEX_FILE
 from tests.helpers.html_page import expected_lineages, expected_row, read_page, shown_row
 
 FIELD_SIZE = (512, 384)

@@ -8,11 +8,11 @@ import io
 
 import numpy as np
 import pytest
-from marrowdx.client import MarrowClient
-from marrowdx.client.quality import NO_GATING
 from PIL import Image, ImageFilter
 
 from marrowdx import config, taxonomy
+from marrowdx.client import MarrowClient
+from marrowdx.client.quality import NO_GATING
 from marrowdx.contract import QUALITY_FIELDS
 
 pytestmark = pytest.mark.server

@@ -51,7 +51,6 @@ DETECT_S = 10.0
 
 def _cohort(tmp_path):
     from marrowdx.client import PatientInput
-
     from marrowdx.simulate import simulate_cohort
 
     root = tmp_path / "cohort"

@@ -273,7 +273,6 @@ def test_logs_hold_no_patient_identifiers_or_image_content(serve, tmp_path, capl
     image: neither Triton's log nor the client's log records name a patient or a file, or
     carry image bytes."""
     from marrowdx.client import MarrowClient
-
     from marrowdx.simulate import simulate_cohort
 
     log_file = tmp_path / "triton.log"

@@ -36,8 +36,8 @@ if (_why := orthanc_helper.skip_reason(serve_folders=True)) is not None:
     pytest.skip(_why, allow_module_level=True)
 
 import pydicom  # noqa: E402
-from marrowdx.client.slides import SlidePatient, diagnose_slide  # noqa: E402
 
+from marrowdx.client.slides import SlidePatient, diagnose_slide  # noqa: E402
 from marrowdx.slides.annotations import display_colour  # noqa: E402
 from marrowdx.slides.dicomweb import DicomWebEndpoint, WebSlide  # noqa: E402
 from tests.helpers.slides import ConsensusModel, small_slide_cohort  # noqa: E402

@@ -65,9 +65,8 @@ def diagnosed(triton_server, cohort: Path, tmp_path_factory) -> tuple[int, dict,
 
 def n_tiled(folder: Path, tiling: str | None = None) -> int:
     """Fields ``tiling`` sends (default: the client's default tiling)."""
-    from marrowdx.slides.tiling import TILINGS, tile
-
     from marrowdx.slides import open_slide
+    from marrowdx.slides.tiling import TILINGS, tile
 
     with open_slide(folder) as slide:
         return sum(1 for _ in tile(slide, tiling or TILINGS[0]))

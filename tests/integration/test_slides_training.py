@@ -29,9 +29,8 @@ METRICS = (
 
 def n_served(data: Path) -> int:
     """Fields of every slide of ``data`` in the training tiling (overlapping, inside ROIs)."""
-    from marrowdx.slides.tiling import tile
-
     from marrowdx.slides import open_slide
+    from marrowdx.slides.tiling import tile
 
     total = 0
     for folder in sorted(p for p in data.iterdir() if p.is_dir()):
@@ -49,10 +48,9 @@ def slide_data(tmp_path_factory) -> Path:
 
 
 def test_field_cohort_labels_what_the_server_sees(slide_data: Path, tmp_path: Path) -> None:
+    from marrowdx.slides import open_slide
     from marrowdx.slides.tiling import tile
     from marrowdx.training.slides import field_cohort
-
-    from marrowdx.slides import open_slide
 
     cohort = field_cohort(slide_data, tmp_path)
     gt = json.loads((cohort.root / "ground_truth.json").read_text())

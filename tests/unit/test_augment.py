@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+
 from marrowdx.training import augment as ag
 from marrowdx.training.presets import PRESETS
 

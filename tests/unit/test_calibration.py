@@ -6,6 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+
+from marrowdx import config
 from marrowdx.models.networks import (
     CellClassifier,
     ClassifierSpec,
@@ -14,8 +16,6 @@ from marrowdx.models.networks import (
     Temperature,
 )
 from marrowdx.training import calibration as cal
-
-from marrowdx import config
 
 
 def _overconfident(temperature: float, n: int = 20000, k: int = 10, seed: int = 0):

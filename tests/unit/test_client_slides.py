@@ -13,11 +13,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
+from marrowdx import slides, taxonomy
 from marrowdx.client.report import Cell, ImageResult, write_json
 from marrowdx.client.review import DEFAULT_THRESHOLDS
 from marrowdx.client.slides import SlidePatient, SlideReport, diagnose_slide, field_name
-
-from marrowdx import slides, taxonomy
 from marrowdx.errors import RequestFailed
 from marrowdx.slides.base import Field, Roi, SlideError
 
@@ -262,7 +262,6 @@ def test_the_default_tiling_sends_fields_and_writes_geojson(monkeypatch, tmp_pat
 def test_one_slide_given_instead_of_a_cohort_is_named(tmp_path: Path) -> None:
     """DIR holding a slide's DICOM files directly: the error says to give the parent."""
     from marrowdx.client.cohort import discover
-
     from marrowdx.errors import CohortError
     from marrowdx.slides.detect import WSI_SOP_CLASS
 

@@ -17,14 +17,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from marrowdx.client import AsyncMarrowClient
-from marrowdx.client.cli import configure_diagnose
-from marrowdx.client.cohort import SPACING_FILE, discover
-from marrowdx.client.fields import SpacedImageResult
 from PIL import Image
 from scipy import ndimage as ndi
 
 from marrowdx import config, taxonomy
+from marrowdx.client import AsyncMarrowClient
+from marrowdx.client.cli import configure_diagnose
+from marrowdx.client.cohort import SPACING_FILE, discover
+from marrowdx.client.fields import SpacedImageResult
 from marrowdx.encoding import encode
 from marrowdx.errors import CohortError, InputError
 from marrowdx.simulate.field import NEUTRAL_STYLE, render_field

@@ -23,12 +23,12 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
-from marrowdx.client import AsyncMarrowClient, MarrowClient, PatientInput, write_csv, write_json
-from marrowdx.client.cohort import CohortError, discover
-from marrowdx.client.transport import RequestFailed, RetryPolicy, call_with_retry
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 from marrowdx import config, taxonomy
+from marrowdx.client import AsyncMarrowClient, MarrowClient, PatientInput, write_csv, write_json
+from marrowdx.client.cohort import CohortError, discover
+from marrowdx.client.transport import RequestFailed, RetryPolicy, call_with_retry
 
 FAST_RETRY = RetryPolicy(max_total_s=5.0, initial_backoff_s=0.01, max_backoff_s=0.05)
 LETTERBOX_SCALE = 0.5  # the stand-in pretends every image was 1024 px, shrunk to 512
@@ -425,7 +425,8 @@ def test_importing_the_client_stays_thin():
     ],
 )
 def test_which_server_errors_are_retried(status, message, transient):
-    from marrowdx.client.transport import is_transient
     from tritonclient.utils import InferenceServerException
+
+    from marrowdx.client.transport import is_transient
 
     assert is_transient(InferenceServerException(message, status=status)) is transient

@@ -260,7 +260,6 @@ def test_model_repository_readme_shows_the_table() -> None:
 def test_client_and_in_process_pipeline_read_the_contract() -> None:
     pytest.importorskip("tritonclient.grpc", reason="the client needs the [client] extra")
     from marrowdx.client import transport
-
     from marrowdx.serving import inprocess
 
     assert transport.PIPELINE_OUTPUTS is contract.PIPELINE_OUTPUTS

@@ -7,13 +7,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from marrowdx.client import aggregate, html_report
-from marrowdx.client.review import UNFAMILIAR, ReviewThresholds
-from marrowdx.models.networks import CellClassifier, ClassifierSpec
-from marrowdx.training import calibration as cal
 
 from marrowdx import config, taxonomy
+from marrowdx.client import aggregate, html_report
+from marrowdx.client.review import UNFAMILIAR, ReviewThresholds
 from marrowdx.errors import InputError
+from marrowdx.models.networks import CellClassifier, ClassifierSpec
+from marrowdx.training import calibration as cal
 
 T = config.TENSORS
 #: A small classifier: the score's maths do not depend on the widths.

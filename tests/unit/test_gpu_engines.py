@@ -12,10 +12,10 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from marrowdx.export import tensorrt_build
 
 from marrowdx import config, contract, engine_fit, resources
 from marrowdx.errors import ExportError
+from marrowdx.export import tensorrt_build
 from marrowdx.serving.model_config import load_config
 
 SOURCES = resources.model_repository_sources()

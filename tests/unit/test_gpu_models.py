@@ -11,6 +11,9 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from torch import nn
+
+from marrowdx import config
 from marrowdx.export import trt_ops
 from marrowdx.export.onnx_export import IO_NAMES, export_onnx, ort_session, random_inputs
 from marrowdx.models.networks import (
@@ -21,9 +24,6 @@ from marrowdx.models.networks import (
     DiagnosisModel,
     PixelNormalizer,
 )
-from torch import nn
-
-from marrowdx import config
 
 SMALL_DET = DetectorSpec(width4=8, width8=8, width16=8, head=8)
 SMALL_CLS = ClassifierSpec(widths=(8, 8, 8), hidden=8)

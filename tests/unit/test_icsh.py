@@ -9,11 +9,11 @@ import random
 
 import numpy as np
 import pytest
+
+from marrowdx import config, taxonomy
 from marrowdx.client import aggregate
 from marrowdx.client.async_client import SKIPPED_REASON, AsyncMarrowClient
 from marrowdx.client.report import ImageResult, write_json
-
-from marrowdx import config, taxonomy
 from marrowdx.differential import (
     ABOVE,
     BELOW,

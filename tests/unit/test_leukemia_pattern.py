@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+
+from marrowdx import differential, taxonomy
 from marrowdx.client import aggregate, html_report
 from marrowdx.client.cli import format_table
 from marrowdx.client.review import NO_DIAGNOSIS, NO_LEUKEMIA_PATTERN
-
-from marrowdx import differential, taxonomy
 from marrowdx.simulate.cohort import draw_fractions
 
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+
+from marrowdx import config, taxonomy
 from marrowdx.models import roi
 from marrowdx.models.checkpoints import checkpoint_metadata, load_checkpoint, save_checkpoint
 from marrowdx.models.networks import (
@@ -23,8 +25,6 @@ from marrowdx.models.networks import (
 from marrowdx.training import metrics
 from marrowdx.training.data import CellTable, PreparedCohort, attribute_bits
 from marrowdx.training.heatmap_labels import flip_heatmap_labels, heatmap_labels
-
-from marrowdx import config, taxonomy
 
 SMALL_DET = DetectorSpec(width4=8, width8=8, width16=8, head=8)
 SMALL_CLS = ClassifierSpec(widths=(8, 8, 8), hidden=8)

@@ -11,11 +11,11 @@ import io
 
 import numpy as np
 import pytest
-from marrowdx.client import aggregate
-from marrowdx.client import quality as q
 from PIL import Image, ImageFilter
 
 from marrowdx import config, taxonomy
+from marrowdx.client import aggregate
+from marrowdx.client import quality as q
 from marrowdx.contract import QUALITY_FIELDS
 from marrowdx.errors import BadServerOutput, InputError
 

@@ -8,10 +8,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from marrowdx.training import real_data  # noqa: E402
-from marrowdx.training.train import partial_label_loss  # noqa: E402
 
 from marrowdx import config, taxonomy
+from marrowdx.training import real_data  # noqa: E402
+from marrowdx.training.train import partial_label_loss  # noqa: E402
 
 SAMPLES = Path(__file__).resolve().parents[1] / "data" / "real"
 
@@ -109,12 +109,11 @@ def test_real_from_datasets_reads_the_committed_samples(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_trainers_take_real_images_beside_the_simulated_cohort(tmp_path: Path) -> None:
+    from marrowdx.datasets import load_dataset
+    from marrowdx.simulate import simulate_cohort
     from marrowdx.training import train
     from marrowdx.training.data import prepare_cohort
     from marrowdx.training.presets import get_preset
-
-    from marrowdx.datasets import load_dataset
-    from marrowdx.simulate import simulate_cohort
 
     simulate_cohort(tmp_path / "cohort", 1, 3, images_per_patient=1, size=config.FIELD_SIZE)
     data = prepare_cohort(tmp_path / "cohort", tmp_path / "cache")
@@ -167,11 +166,11 @@ def test_real_training_cells_enter_the_familiarity_fit(tmp_path: Path) -> None:
     """Every sampled real cell gives one feature row; fitted beside simulated cells, they move
     the limit so that real cells like them are no longer all unfamiliar."""
     import torch
+
+    from marrowdx.datasets import load_dataset
     from marrowdx.models.networks import CellClassifier
     from marrowdx.training import calibration
     from marrowdx.training.presets import get_preset
-
-    from marrowdx.datasets import load_dataset
 
     real = real_data.real_from_datasets(
         [

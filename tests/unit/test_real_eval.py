@@ -5,11 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 from types import SimpleNamespace
 
-from marrowdx.client.report import Cell, ImageResult
-from marrowdx.training.real_eval import NO_CELL, score_crops
-
 from marrowdx import taxonomy
+from marrowdx.client.report import Cell, ImageResult
 from marrowdx.datasets.labels import LabelTarget
+from marrowdx.training.real_eval import NO_CELL, score_crops
 
 
 def _crop(label: str) -> SimpleNamespace:

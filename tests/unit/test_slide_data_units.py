@@ -7,12 +7,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from marrowdx.training.slides import MIN_VISIBLE, cell_in_field, slide_folders
 
 from marrowdx import cli
 from marrowdx.bench.slides import GOAL_SLIDE_OVER_FILES, SlideBench, SlideWorkload
 from marrowdx.errors import InputError
 from marrowdx.slides.base import Field, Roi
+from marrowdx.training.slides import MIN_VISIBLE, cell_in_field, slide_folders
 
 
 def test_cell_in_field_maps_to_field_pixels_with_scale() -> None:

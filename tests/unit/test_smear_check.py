@@ -9,11 +9,11 @@ import io
 
 import numpy as np
 import pytest
-from marrowdx.client import aggregate
-from marrowdx.client import quality as q
 from PIL import Image, ImageDraw
 
 from marrowdx import config, taxonomy
+from marrowdx.client import aggregate
+from marrowdx.client import quality as q
 from marrowdx.contract import QUALITY_FIELDS
 
 SIDE = 1024

@@ -8,6 +8,8 @@ import math
 import numpy as np
 import pytest
 import torch
+
+from marrowdx import taxonomy
 from marrowdx.models.networks import (
     OD_WHITE,
     STAIN_GAIN_LIMITS,
@@ -15,8 +17,6 @@ from marrowdx.models.networks import (
     STAIN_TOP_FRACTION,
     StainNormalizer,
 )
-
-from marrowdx import taxonomy
 from marrowdx.simulate.field import NEUTRAL_STYLE, render_field
 from marrowdx.simulate.lab_variation import LabShift
 

@@ -12,11 +12,11 @@ import sys
 
 import numpy as np
 import pytest
+
+from marrowdx import config, taxonomy
 from marrowdx.client import aggregate
 from marrowdx.client.async_client import AsyncMarrowClient
 from marrowdx.client.report import cohort_to_dict
-
-from marrowdx import config, taxonomy
 from marrowdx.errors import BadServerOutput, InputError
 
 T = config.TENSORS

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from marrowdx.preprocess import CpuPreprocessor, PreprocessSpec
 from marrowdx.image_checks import ImageLimits, ImageRejected, check_encoded_image
+from marrowdx.preprocess import CpuPreprocessor, PreprocessSpec
 
 
 @dataclass(frozen=True)

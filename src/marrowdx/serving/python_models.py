@@ -15,9 +15,9 @@ from typing import Any
 
 import numpy as np
 
+from marrowdx.image_checks import ImageLimits
 from marrowdx.preprocess import PreprocessSpec, QualitySpec
 from marrowdx.serving.guarded_preprocess import GuardedPreprocessor, Preprocessed, Rejected
-from marrowdx.image_checks import ImageLimits
 from marrowdx.serving.onnx_runner import ONNX_FILENAME, SessionThreads, open_runner
 
 #: The preprocess config's switch for the field-quality measures: "0" serves a constant

@@ -79,7 +79,7 @@ class LabShift:
 
     @staticmethod
     def draw(kind: str, strength: float, rng: np.random.Generator) -> LabShift:
-        """A random shift of one kind; ``strength`` scales every magnitude (1.0 = the measured shifts)."""
+        """A random shift of one kind; ``strength`` scales every magnitude (1.0: measured)."""
         if kind not in SHIFT_KINDS:
             raise InputError(f"unknown shift kind {kind!r}; choose one of {', '.join(SHIFT_KINDS)}")
         if not 0.0 <= strength <= 3.0:
