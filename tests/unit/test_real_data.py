@@ -107,17 +107,11 @@ def test_real_from_datasets_reads_the_committed_samples(tmp_path: Path) -> None:
     assert centre == pytest.approx((real_data.CROP_CANVAS / 2,) * 2, abs=1)
 
 
-@pytest.mark.slow
-def test_trainers_take_real_images_beside_the_simulated_cohort(tmp_path: Path) -> None:
+def _committed_real() -> real_data.RealData:
+    """Both committed samples, every split: crops (Munich) and fields (TXL-PBC YOLO)."""
     from marrowdx.datasets import load_dataset
-    from marrowdx.simulate import simulate_cohort
-    from marrowdx.training import train
-    from marrowdx.training.data import prepare_cohort
-    from marrowdx.training.presets import get_preset
 
-    simulate_cohort(tmp_path / "cohort", 1, 3, images_per_patient=1, size=config.FIELD_SIZE)
-    data = prepare_cohort(tmp_path / "cohort", tmp_path / "cache")
-    real = real_data.real_from_datasets(
+    return real_data.real_from_datasets(
         [
             load_dataset(SAMPLES / "matek_bm_crops", um_per_pixel=0.09),
             load_dataset(
@@ -127,6 +121,18 @@ def test_trainers_take_real_images_beside_the_simulated_cohort(tmp_path: Path) -
         ],
         splits=("train", "val"),
     )
+
+
+@pytest.mark.slow
+def test_trainers_take_real_images_beside_the_simulated_cohort(tmp_path: Path) -> None:
+    from marrowdx.simulate import simulate_cohort
+    from marrowdx.training import train
+    from marrowdx.training.data import prepare_cohort
+    from marrowdx.training.presets import get_preset
+
+    simulate_cohort(tmp_path / "cohort", 1, 3, images_per_patient=1, size=config.FIELD_SIZE)
+    data = prepare_cohort(tmp_path / "cohort", tmp_path / "cache")
+    real = _committed_real()
     preset = dataclasses.replace(get_preset("tiny"), det_steps=2, cls_steps=2)
     detector = train.train_detector(data, preset, real=real)
     classifier = train.train_classifier(data, preset, real=real)
@@ -167,21 +173,11 @@ def test_real_training_cells_enter_the_familiarity_fit(tmp_path: Path) -> None:
     the limit so that real cells like them are no longer all unfamiliar."""
     import torch
 
-    from marrowdx.datasets import load_dataset
     from marrowdx.models.networks import CellClassifier
     from marrowdx.training import calibration
     from marrowdx.training.presets import get_preset
 
-    real = real_data.real_from_datasets(
-        [
-            load_dataset(SAMPLES / "matek_bm_crops", um_per_pixel=0.09),
-            load_dataset(
-                SAMPLES / "txl_pbc_yolo",
-                labels={"WBC": "nucleated", "RBC": "red_cell", "Platelet": "thrombocyte"},
-            ),
-        ],
-        splits=("train", "val"),
-    )
+    real = _committed_real()
     torch.manual_seed(0)
     classifier = CellClassifier(get_preset("tiny").classifier).eval()
     field_cells = sum(len(f.boxes) for f in real.fields)
