@@ -24,7 +24,7 @@ T = config.TENSORS
 #: Images per ONNX Runtime call during evaluation.
 EVAL_BATCH = 4
 
-#: Höfener et al. 2025 (arXiv 2509.15895), as quoted in the issue; None = not reported.
+#: Höfener et al. 2025 (arXiv 2509.15895); None = not reported.
 PAPER = {
     "detection_ap50": 0.96,
     "cell_macro_auc": 0.98,
@@ -296,7 +296,7 @@ def _fmt(value: float | None) -> str:
 
 
 def format_table(report: EvaluationReport, preset: str = "") -> str:
-    """The paper's table next to this build's numbers (and the issue's targets)."""
+    """The paper's table next to this build's numbers (and the targets)."""
     met = report.meets_targets()
     head = f"{'metric':40s} {'paper':>7s} {'this build':>10s}  target"
     lines = [head, "-" * len(head)]

@@ -1,7 +1,7 @@
 """``marrowdx bench`` end to end on the tiny models: JSON schema and plot, not speed.
 
 Speed is what the bench measures, never what a test asserts; this checks that the three
-measurements ran on the same images against the real server and reported what the issue asks,
+measurements ran on the same images against the real server and reported what they must,
 and that the gate workload served both sides (measures on and off) from two servers of its own.
 """
 

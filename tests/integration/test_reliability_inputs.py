@@ -2,7 +2,7 @@
 server, wrong tensors through raw tritonclient, and a patient folder with bad files through
 ``marrowdx diagnose``.
 
-What must hold (issue "Bad input"): valid-but-odd images are converted to RGB and processed;
+What must hold for bad input: valid-but-odd images are converted to RGB and processed;
 invalid ones get a clear per-image error; limits are enforced before decoding; no request
 crashes a model instance or exhausts memory; every other request keeps its result unchanged.
 """
