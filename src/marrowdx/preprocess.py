@@ -202,7 +202,7 @@ def build_pipeline(
     # data batch that doesn't exist" (measured with DALI 2.4). Synchronous, unpipelined
     # execution for the same reason: with one batch at a time there is nothing to overlap,
     # and the executor thread only adds a hand-off per run (served steps share 2 cores with
-    # 5 other processes; in-process speed unchanged, 30.5 images/s at batch 1 either way).
+    # 5 other processes; the in-process speed is the same either way).
     @pipeline_def(
         batch_size=batch_size,
         num_threads=num_threads,
