@@ -253,7 +253,8 @@ def _compare(
 
 def verify_engine(plan_path: Path, onnx_path: Path, kind: str, batch: int = 2) -> dict[str, float]:
     """Run the engine and ONNX Runtime on the same random contract inputs and compare."""
-    from marrowdx.export.onnx_export import IO_NAMES, ort_session, random_inputs
+    from marrowdx.export.onnx_export import IO_NAMES, random_inputs
+    from marrowdx.serving.onnx_artifacts import ort_session
 
     names_in, names_out = IO_NAMES[kind]
     feeds = {
@@ -283,8 +284,9 @@ def compile_torch_tensorrt(
     import torch
 
     from marrowdx.export.build import BuildLayout
-    from marrowdx.export.onnx_export import IO_NAMES, ort_session, random_inputs
+    from marrowdx.export.onnx_export import IO_NAMES, random_inputs
     from marrowdx.models.checkpoints import load_checkpoint
+    from marrowdx.serving.onnx_artifacts import ort_session
 
     layout = BuildLayout(Path(work_dir), preset)
     model = load_checkpoint(layout.checkpoint(kind)).model.cuda().eval()

@@ -24,6 +24,7 @@ from marrowdx.models.networks import (
     DiagnosisModel,
     DiagnosisSpec,
 )
+from marrowdx.serving import onnx_artifacts
 
 T = config.TENSORS
 from tests.helpers import TEST_CACHE  # noqa: E402
@@ -66,7 +67,7 @@ def test_onnx_graph_contract(exported, kind: str) -> None:
     props = {p.key: p.value for p in proto.metadata_props}
     assert json.loads(props["classes"]) == list(taxonomy.CLASSES)
     assert json.loads(props["taxonomy"]) == taxonomy.as_metadata()
-    assert onnx_export.read_onnx_metadata(path)["kind"] == kind
+    assert onnx_artifacts.read_onnx_metadata(path)["kind"] == kind
 
 
 def test_export_from_an_earlier_format_is_not_current(exported, tmp_path) -> None:
@@ -140,14 +141,14 @@ def test_calibrated_export_serves_the_temperature_and_carries_it(kind: str, tmp_
     fitted = {"version": 1, head: {"temperature": 3.0}}
     meta = {"preset": "test", "kind": kind, "calibration": fitted}
     path = onnx_export.export_onnx(model, kind, tmp_path / f"{kind}.onnx", meta)
-    assert onnx_export.read_calibration(path) == fitted
-    assert onnx_export.read_onnx_metadata(path)["calibration"] == fitted
+    assert onnx_artifacts.read_calibration(path) == fitted
+    assert onnx_artifacts.read_onnx_metadata(path)["calibration"] == fitted
     inputs = onnx_export.random_inputs(kind, 2, seed=3)
     report = onnx_export.compare_with_torch(model, kind, path, [inputs])
     assert report.ok, report.failures  # ONNX Runtime == torch's calibrated outputs
     names_in, names_out = onnx_export.IO_NAMES[kind]
     feeds = {n: t.numpy() for n, t in zip(names_in, inputs, strict=True)}
-    served = onnx_export.ort_session(path).run([names_out[0]], feeds)[0]
+    served = onnx_artifacts.ort_session(path).run([names_out[0]], feeds)[0]
     with torch.no_grad():
         if kind == "classifier":
             logits = model.logits(model.normalize(inputs[0]), inputs[1])[0]
@@ -158,7 +159,7 @@ def test_calibrated_export_serves_the_temperature_and_carries_it(kind: str, tmp_
     np.testing.assert_allclose(served, want, atol=onnx_export.PROB_TOLERANCE)
     # an uncalibrated export (T = 1) carries no calibration entry
     plain = onnx_export.export_onnx(SMALL[kind]().eval(), kind, tmp_path / "plain.onnx", {})
-    assert onnx_export.read_calibration(plain) is None
+    assert onnx_artifacts.read_calibration(plain) is None
 
 
 # ------------------------------------------------------------------- tiny trained models
@@ -190,7 +191,7 @@ def test_build_onnx_models_is_idempotent(tiny_models) -> None:
     assert meta["input_size"] == config.INPUT_SIZE and meta["training_data"]["cells"] > 0
     # the build calibrated both probability models on its held-out cohort (once)
     for path, head in ((tiny_models.classifier, "classes"), (tiny_models.diagnosis, "diagnosis")):
-        fitted = onnx_export.read_calibration(path)
+        fitted = onnx_artifacts.read_calibration(path)
         assert fitted is not None and fitted[head]["temperature"] > 0, path
         assert fitted["cohort"]["ground_truth_sha"] != meta["training_data"]["ground_truth_sha"]
 
@@ -352,7 +353,7 @@ def test_coco_cohort_prepares_like_ground_truth(tiny_models, tmp_path) -> None:
 def test_classifier_runs_on_fewer_box_slots_with_identical_rows(exported) -> None:
     """The dynamic box axis lets serving run only filled slots; valid rows must not change."""
     _model, path = exported["classifier"]
-    session = onnx_export.ort_session(path, threads=1)
+    session = onnx_artifacts.ort_session(path, threads=1)
     pixels, boxes, num = (t.numpy() for t in onnx_export.random_inputs("classifier", 2))
     num[:] = np.array([[5], [20]], dtype=num.dtype)
     feeds = {T.pixels: pixels, T.boxes: boxes, T.num_detections: num}

@@ -15,7 +15,7 @@ from torch import nn
 
 from marrowdx import config
 from marrowdx.export import trt_ops
-from marrowdx.export.onnx_export import IO_NAMES, export_onnx, ort_session, random_inputs
+from marrowdx.export.onnx_export import IO_NAMES, export_onnx, random_inputs
 from marrowdx.models.networks import (
     CellClassifier,
     CellDetector,
@@ -24,6 +24,7 @@ from marrowdx.models.networks import (
     DiagnosisModel,
     PixelNormalizer,
 )
+from marrowdx.serving.onnx_artifacts import ort_session
 
 SMALL_DET = DetectorSpec(width4=8, width8=8, width16=8, head=8)
 SMALL_CLS = ClassifierSpec(widths=(8, 8, 8), hidden=8)
