@@ -25,8 +25,10 @@ from marrowdx.simulate.cohort import RENDERER_VERSION
 KINDS = contract.EXPORTED_MODELS
 #: Processes rendering the training cohort (the simulator's output is identical for any count).
 SIMULATION_WORKERS = 2
-#: Bump when model code changes in a way that invalidates trained weights.
-MODEL_CODE_VERSION = 6
+#: Bump when model code changes in a way that invalidates trained weights (7: the detector's
+#: simulated and real losses are normalised separately; a calibration slice of the real
+#: images is held out of training).
+MODEL_CODE_VERSION = 7
 #: The reference weights shipped inside the package (``marrowdx.models``), with their card.
 SHIPPED_PRESET = "reference"
 
@@ -225,8 +227,8 @@ def calibrate_checkpoints(layout: BuildLayout, preset, log: Progress, real=None)
     """Fit temperatures on the preset's held-out cohort and save them into the checkpoints
     (buffers + ``calibration`` metadata), without retraining: existing weights are
     calibrated in place, and the newer checkpoints make the export step run again. ``real``
-    (``training.real_data.RealData``): real training cells the familiarity score is also
-    fitted on."""
+    (``training.real_data.RealData``): real cells held out of training (the calibration
+    slice) the familiarity score is also fitted on."""
     from marrowdx.models.checkpoints import load_checkpoint, save_checkpoint
     from marrowdx.training.calibration import (
         METADATA_KEY,
@@ -252,7 +254,7 @@ def calibrate_checkpoints(layout: BuildLayout, preset, log: Progress, real=None)
     real_cells = None
     if real is not None and not real.empty:
         real_cells = real_cell_features(ckpts["classifier"].model, real, seed=seed)
-        log(f"familiarity: {len(real_cells[0])} real training cells beside the simulated ones")
+        log(f"familiarity: {len(real_cells[0])} held-out real cells beside the simulated ones")
     result = calibrate_models(
         ckpts["detector"].model,
         ckpts["classifier"].model,
@@ -338,7 +340,7 @@ def build_onnx_models(
         current = weights_current(layout, spec, cohort_key)
         if not (current or force_train or real_data or cohort is not None):
             current = install_shipped_weights(layout, spec, log)
-        real = None
+        real = real_calibration = None
         if force_train or real_data or not current:
             cohort_dir = (
                 Path(cohort) if cohort is not None else ensure_training_cohort(layout, spec, log)
@@ -353,11 +355,16 @@ def build_onnx_models(
 
                 sets = load_sets(real_data, layout.work_dir, log, um_per_pixel=real_um_per_pixel)
                 real = real_from_datasets(sets, log=log)
+                real_calibration = real_from_datasets(sets, splits=("calibration",))
+                log(
+                    f"calibration slice held out of training: {len(real_calibration.crops)} "
+                    f"crops, {len(real_calibration.fields)} fields"
+                )
             train_models(layout, spec, cohort_dir, log, real)
         else:
             log(f"weights for preset {spec.name!r} are current ({layout.weights_dir})")
         if not calibration_current(layout):
-            calibrate_checkpoints(layout, spec, log, real)
+            calibrate_checkpoints(layout, spec, log, real_calibration)
         export_models(layout, log)
     paths = {kind: layout.onnx(kind) for kind in KINDS}
     metadata = {kind: read_onnx_metadata(path) for kind, path in paths.items()}

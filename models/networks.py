@@ -224,9 +224,34 @@ class DetectorSpec:
     head: int = 32
     max_detections: int = config.MAX_DETECTIONS
     score_threshold: float = 0.3
+    # a large cell (megakaryocyte, macrophage) can raise two heatmap peaks, each boxing the
+    # whole cell: a box overlapping a higher-scoring one by more than this IoU is dropped
+    # (cells of a monolayer barely overlap; 1.0 keeps every peak)
+    overlap_threshold: float = 0.3
     input_size: int = config.INPUT_SIZE
     # per-field stain/light normalisation as the graph's first op (StainNormalizer)
     stain_normalization: bool = True
+
+
+def suppress_overlaps(boxes: torch.Tensor, threshold: float) -> torch.Tensor:
+    """1.0 for each row of score-sorted ``boxes`` [B,K,4] that overlaps no earlier row by
+    more than ``threshold`` IoU, else 0.0 [B,K]. One matrix pass (Fast NMS, Bolya et al.
+    2019): a row is also dropped under an earlier row that is itself dropped, which only
+    matters for chains of overlapping boxes, and needs no loop in the exported graph."""
+    x0, y0, x1, y1 = boxes.unbind(-1)
+
+    def overlap(lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:  # [B,K,K] along one axis
+        far = torch.min(hi[:, :, None], hi[:, None, :])
+        return torch.clamp(far - torch.max(lo[:, :, None], lo[:, None, :]), min=0.0)
+
+    inter = overlap(x0, x1) * overlap(y0, y1)
+    area = (x1 - x0) * (y1 - y0)
+    iou = inter / torch.clamp(area[:, :, None] + area[:, None, :] - inter, min=1e-6)
+    k = boxes.shape[1]
+    index = torch.arange(k, device=boxes.device)
+    earlier = (index[:, None] < index[None, :]).to(boxes.dtype)  # [i, j]: i < j (no Trilu)
+    worst = (iou * earlier).amax(dim=1)
+    return (worst <= threshold).to(boxes.dtype)
 
 
 class CellDetector(nn.Module):
@@ -234,8 +259,10 @@ class CellDetector(nn.Module):
 
     forward(PIXELS uint8 [B,3,S,S]) -> BOXES [B,K,4], SCORES [B,K], NUM_DETECTIONS int32 [B,1].
     Peaks are local maxima of the sigmoid heatmap (3x3 max-pool equality), top-K over
-    the flattened map, sizes/offsets gathered at the peaks; rows below the threshold are
-    zeroed, and since top-K is sorted the valid rows come first.
+    the flattened map, sizes/offsets gathered at the peaks; a box overlapping a
+    higher-scoring one past ``overlap_threshold`` is dropped (:func:`suppress_overlaps`);
+    rows below the threshold are zeroed, and since the rows are sorted by score the valid
+    ones come first.
     """
 
     def __init__(self, spec: DetectorSpec = DetectorSpec()) -> None:
@@ -288,6 +315,10 @@ class CellDetector(nn.Module):
         boxes = torch.gather(dense, 2, idx.unsqueeze(1).expand(b, 4, k)).permute(0, 2, 1)
         limit = float(self.spec.input_size)
         boxes = torch.clamp(boxes, 0.0, limit)
+        if self.spec.overlap_threshold < 1.0:
+            scores = scores * suppress_overlaps(boxes, self.spec.overlap_threshold)
+            scores, order = torch.topk(scores, k, dim=1)  # kept rows first again
+            boxes = torch.gather(boxes, 1, order.unsqueeze(-1).expand(b, k, 4))
         valid = (scores > self.spec.score_threshold).to(scores.dtype)
         scores = scores * valid
         boxes = boxes * valid.unsqueeze(-1)

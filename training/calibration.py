@@ -23,8 +23,9 @@ import numpy as np
 from marrowdx import config
 
 #: Bump when the fitting or the held-out data change, so existing checkpoints are recalibrated
-#: (3: the familiarity score is fitted too; 4: on real training cells too, when given).
-CALIBRATION_VERSION = 4
+#: (3: the familiarity score is fitted too; 4: on real cells too, when given; 5: those real
+#: cells are a calibration slice held out of training).
+CALIBRATION_VERSION = 5
 #: Metadata key (checkpoint metadata and ONNX metadata_props) holding the fitted numbers.
 METADATA_KEY = config.CALIBRATION_METADATA_KEY
 #: Range the fitted temperature is kept in: outside it the held-out data say nothing useful
@@ -55,10 +56,11 @@ FAMILIARITY_MIN_CLASS_CELLS = 3
 #: none of its cells flagged, and real cells slipped under the limit); with 10 the flagged
 #: share on new in-domain cells came close to the quantile (README "Unfamiliar cells").
 FAMILIARITY_FOLDS = 10
-#: Real training cells (a random sample of the crops' and fields' cells) the familiarity fit
-#: takes beside the simulated held-out ones when the build trains on real images: fitted on
-#: simulated cells alone, the limit called almost every real cell unfamiliar. A few thousand
-#: suffice for 33 means and one shared covariance, and keep the fit to seconds.
+#: Real cells held out of training (a random sample of the calibration slice's crops' and
+#: fields' cells) the familiarity fit takes beside the simulated held-out ones when the build
+#: trains on real images: fitted on simulated cells alone, the limit called almost every real
+#: cell unfamiliar, and fitted on training cells it flagged a third of new cells of the same
+#: labs. A few thousand suffice for 33 means and one shared covariance.
 REAL_FAMILIARITY_CELLS = 4000
 
 
@@ -308,6 +310,7 @@ def fit_familiarity_features(
     groups: np.ndarray,
     image_index: np.ndarray | None = None,
     *,
+    sources: np.ndarray | None = None,
     n_classes: int = config.N_CLASSES,
     quantile: float = FAMILIARITY_QUANTILE,
     shrinkage: float = FAMILIARITY_SHRINKAGE,
@@ -320,7 +323,10 @@ def fit_familiarity_features(
     The limit is the ``quantile`` of out-of-fold distances (cells grouped by
     ``image_index`` into ``folds``: each fold is measured with means and covariance fitted
     without it), because distances of the cells a covariance was fitted on are optimistic;
-    the served means and covariance are then fitted on every cell.
+    the served means and covariance are then fitted on every cell. With ``sources`` [N]
+    (e.g. simulated and real cells) the limit is the largest of the sources' quantiles, so
+    that no in-domain population is flagged beyond ``1 - quantile``, however few its cells
+    are beside the others'.
     """
     f = np.asarray(features, np.float64)
     g = np.asarray(groups).reshape(-1).astype(np.int64)
@@ -350,7 +356,10 @@ def fit_familiarity_features(
     fit = FamiliarityFit(whiten, means @ whiten, 1.0, quantile, 0.0, len(g), n_own)
     if np.isnan(out_of_fold).any():  # too few images for folds: in-sample distances
         out_of_fold = np.where(np.isnan(out_of_fold), fit.distances(f), out_of_fold)
-    limit = float(np.quantile(out_of_fold, quantile))
+    source = np.zeros(len(g), np.int64) if sources is None else np.asarray(sources).reshape(-1)
+    if len(source) != len(g):
+        raise ValueError(f"sources [{len(source)}] and groups [{len(g)}] do not pair up")
+    limit = max(float(np.quantile(out_of_fold[source == s], quantile)) for s in np.unique(source))
     limit = max(limit, 1e-6)
     return FamiliarityFit(
         whiten=whiten,
@@ -424,8 +433,9 @@ def _true_box_features(classifier, data) -> tuple[np.ndarray, np.ndarray, np.nda
 def real_cell_features(
     classifier, real, max_cells: int = REAL_FAMILIARITY_CELLS, seed: int = 0
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Penultimate features [N, F] and class logits [N, 33] of real training cells
-    (``training.real_data.RealData``: single-cell crops and the labelled cells of fields),
+    """Penultimate features [N, F] and class logits [N, 33] of real cells held out of
+    training (``training.real_data.RealData`` of the calibration slice: single-cell crops and
+    the labelled cells of fields),
     each at the models' input spacing on its mirror-padded canvas as training places it (no
     zoom, no augmentation). At most ``max_cells``, sampled evenly over crops and fields."""
     import torch
@@ -577,9 +587,10 @@ def calibrate_models(
     """Fit the classifier's class and attribute temperatures and the diagnosis model's on a
     prepared held-out cohort, and write them into the models' buffers (in place).
 
-    ``real_cells``: features and class logits of real training cells
+    ``real_cells``: features and class logits of real cells held out of training
     (:func:`real_cell_features`), fitted into the familiarity score beside the held-out
-    simulated cells (each real cell its own fold unit); the temperatures stay fitted on the
+    simulated cells (each real cell its own fold unit; the limit flags at most ``1 -
+    FAMILIARITY_QUANTILE`` of either, out of fold); the temperatures stay fitted on the
     simulated cells, whose exact classes are known."""
     cells = held_out_cells(detector, classifier, data)
     classes = calibrate_head(cells.class_logits, cells.labels)
@@ -591,12 +602,14 @@ def calibrate_models(
     familiar: FamiliarityFit | None
     try:
         features, logits, images = cells.features, cells.class_logits, cells.image_index
+        sources = np.zeros(len(features), np.int64)
         if real_cells is not None and len(real_cells[0]):
             first = int(images.max()) + 1 if len(images) else 0
             features = np.concatenate([features, real_cells[0]])
             logits = np.concatenate([logits, real_cells[1]])
             images = np.concatenate([images, first + np.arange(len(real_cells[0]))])
-        familiar = fit_familiarity_features(features, logits.argmax(1), images)
+            sources = np.concatenate([sources, np.ones(len(real_cells[0]), np.int64)])
+        familiar = fit_familiarity_features(features, logits.argmax(1), images, sources=sources)
     except ValueError as exc:  # too few held-out cells per class: served unfitted (flags none)
         familiar = None
         log(f"familiarity not fitted: {exc}")

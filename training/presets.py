@@ -43,9 +43,11 @@ class TrainingPreset:
     # preset turns it on (it needs more classifier steps: README "Model quality")
     augment: AugmentSpec = NO_AUGMENT
     # real annotated images (``--data``; training.real_data), used only when given: real
-    # fields per detector step, real single-cell crops and real field cells per classifier
-    # step, the weight of their (partial-label) loss, and their random zoom U(1 -+ z)
+    # fields and single-cell crops per detector step, real single-cell crops and real field
+    # cells per classifier step, the weight of their (partial-label) loss, and their random
+    # zoom U(1 -+ z)
     det_real_batch: int = 0
+    det_real_crops: int = 0
     cls_real_crops: int = 0
     cls_real_cells: int = 0
     real_weight: float = 1.0
@@ -78,9 +80,12 @@ PRESETS: dict[str, TrainingPreset] = {
         # accuracy once the classifier had 1500 steps (600 were too few)
         augment=AugmentSpec(),
         # real images (when --data gives them): as many real windows as simulated ones per
-        # detector step; per classifier step 48 real crops and 16 real field cells beside
-        # the 128 simulated cells; zoom +-25% covers the uncertainty of real spacings
+        # detector step, and 2 mirror-padded crops (the client pads a small image so: the
+        # detector must find the centre cell and its copies there); per classifier step 48
+        # real crops and 16 real field cells beside the 128 simulated cells; zoom +-25%
+        # covers the uncertainty of real spacings
         det_real_batch=6,
+        det_real_crops=2,
         cls_real_crops=48,
         cls_real_cells=16,
         real_zoom=0.25,
@@ -103,6 +108,7 @@ PRESETS: dict[str, TrainingPreset] = {
         diag_patients=500,
         diag_steps=50,
         det_real_batch=2,
+        det_real_crops=1,
         cls_real_crops=8,
         cls_real_cells=4,
         real_zoom=0.25,

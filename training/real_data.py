@@ -35,6 +35,10 @@ CROP_CANVAS = 96
 #: Share of the images of a set without its own split that are held out for validation,
 #: chosen by a hash of the file name (reproducible, independent of listing order).
 VALIDATION_PERCENT = 15
+#: Share of the training images (a set's own or hashed) held out of training as the
+#: calibration slice the familiarity limit is fitted on: cells a model trained on lie closer
+#: to its class means than new cells of the same labs, so a limit fitted on them flags those.
+CALIBRATION_PERCENT = 10
 #: Boxes cut by the image border by more than this fraction of their side are not used to
 #: measure red cells (a cut cell looks smaller than it is).
 BORDER_MARGIN_PX = 2.0
@@ -74,11 +78,13 @@ class RealData:
 
 def split_of(path: Path, declared: str | None) -> str:
     """The image's split: the set's own ("train", "val", "test"), else "train" or "val" by
-    a hash of the file name (VALIDATION_PERCENT held out)."""
-    if declared:
-        return declared
-    digest = hashlib.sha1(Path(path).name.encode()).hexdigest()
-    return "val" if int(digest, 16) % 100 < VALIDATION_PERCENT else "train"
+    a hash of the file name (VALIDATION_PERCENT held out); of the training images, a slice
+    chosen by another part of the hash (CALIBRATION_PERCENT) is "calibration"."""
+    digest = int(hashlib.sha1(Path(path).name.encode()).hexdigest(), 16)
+    split = declared or ("val" if digest % 100 < VALIDATION_PERCENT else "train")
+    if split == "train" and digest // 100 % 100 < CALIBRATION_PERCENT:
+        return "calibration"
+    return split
 
 
 def resize_rgb(rgb: np.ndarray, factor: float) -> np.ndarray:

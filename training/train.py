@@ -89,14 +89,22 @@ def detector_targets(data: PreparedCohort, input_size: int) -> np.ndarray:
 
 
 def real_detector_samples(
-    real: RealData, n: int, preset: TrainingPreset, rng: np.random.Generator
+    real: RealData, preset: TrainingPreset, rng: np.random.Generator
 ) -> tuple[list[np.ndarray], list[np.ndarray]]:
-    """``n`` real fields placed on detector windows (mirror-padded, random zoom and flips),
-    with their heatmap targets: white cells and platelets are cells, red cells background."""
+    """Real images placed on detector windows (mirror-padded, random zoom and flips), with
+    their heatmap targets: ``preset.det_real_batch`` fields (white cells and platelets are
+    cells, red cells background) and ``preset.det_real_crops`` single-cell crops, whose
+    centre cell and its mirrored copies are the cells (the client mirror-pads a small image
+    so; a crop's cut neighbours are left as background: a crop set states only its centre
+    cell)."""
+    images = []
+    for pool, n in ((real.fields, preset.det_real_batch), (real.crops, preset.det_real_crops)):
+        if pool and n:
+            images += [pool[int(i)] for i in rng.integers(0, len(pool), n)]
     xs, ts = [], []
-    for i in rng.integers(0, len(real.fields), n):
+    for image in images:
         zoom = float(rng.uniform(1 - preset.real_zoom, 1 + preset.real_zoom))
-        x, boxes, _ = place_field(real.fields[i], zoom, rng, preset.det_crop)
+        x, boxes, _ = place_field(image, zoom, rng, preset.det_crop)
         t = heatmap_labels(boxes, preset.det_crop)
         if rng.random() < 0.5:
             x, t = x[:, :, ::-1], flip_heatmap_labels(t, horizontal=True)
@@ -146,14 +154,24 @@ def train_detector(
                 x, t = x[:, ::-1, :], flip_heatmap_labels(t, horizontal=False)
             xs.append(photometric(np.ascontiguousarray(x), aug, rng))
             ts.append(t)
-        if real is not None and real.fields and preset.det_real_batch:
-            real_x, real_t = real_detector_samples(real, preset.det_real_batch, preset, rng)
+        n_sim = len(xs)
+        if real is not None:
+            real_x, real_t = real_detector_samples(real, preset, rng)
             xs, ts = xs + real_x, ts + real_t
         x = model.normalize(torch.from_numpy(np.stack(xs)))
         t = torch.from_numpy(np.stack(ts))
         _cosine_lr(opt, preset.det_lr, step, preset.det_steps)
-        logits, regress = model.features(x)
-        loss = detector_loss(logits, regress, t)
+        logits, regress = model.features(x)  # one pass: batch norm sees both, as served
+        # The simulated and the real windows' losses are each normalised by their own cells:
+        # a mirror-padded real window holds three to ten times the cells of a simulated one,
+        # and one shared normaliser let the many small real cells outweigh the rare large
+        # simulated ones, whose boxes came out about half their size (megakaryocytes). Real
+        # fields and crops share one normaliser: apart, the real half weighed twice and the
+        # large cells shrank again (docs/model_card.md).
+        loss = detector_loss(logits[:n_sim], regress[:n_sim], t[:n_sim])
+        if len(xs) > n_sim:
+            real_loss = detector_loss(logits[n_sim:], regress[n_sim:], t[n_sim:])
+            loss = loss + preset.real_weight * real_loss
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 10.0)

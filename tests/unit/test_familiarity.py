@@ -53,6 +53,25 @@ def test_fit_flags_about_the_quantile_in_domain_and_far_cells_always() -> None:
         cal.fit_familiarity_features(feats, groups[:-1])
 
 
+def test_a_small_source_beside_a_large_one_is_not_flagged_wholesale() -> None:
+    """Few real cells, a little off the many simulated ones: one pooled quantile is the
+    simulated cells' and flags most real ones; with ``sources`` each source's quantile
+    bounds the limit, so neither is flagged beyond about 1 - quantile."""
+    rng = np.random.default_rng(0)
+    sim, groups = _clusters(rng, 400)
+    real = sim[rng.choice(len(sim), 60, replace=False)] + 2.5  # a lab a little off
+    feats = np.concatenate([sim, real])
+    labels = np.concatenate([groups, groups[:60]])
+    sources = np.repeat([0, 1], [len(sim), len(real)])
+    pooled = cal.fit_familiarity_features(feats, labels)
+    by_source = cal.fit_familiarity_features(feats, labels, sources=sources)
+    assert np.mean(pooled.distances(real) > pooled.limit) > 0.3
+    assert np.mean(by_source.distances(real) > by_source.limit) <= 0.05
+    assert by_source.limit >= pooled.limit
+    with pytest.raises(ValueError, match="pair up"):
+        cal.fit_familiarity_features(feats, labels, sources=sources[:-1])
+
+
 def test_served_graph_computes_the_fitted_score_and_masks_padding_rows() -> None:
     torch.manual_seed(0)
     model = CellClassifier(SPEC).eval()

@@ -6,6 +6,8 @@ it is fast and pins down the graph semantics the exported models inherit.
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -68,6 +70,28 @@ def test_detector_decode_recovers_planted_peaks() -> None:
             [cx - hw, cy - hh, cx + hw, cy + hh], abs=1e-4
         )
     assert float(boxes[0, 2:].abs().sum()) == 0.0 and float(scores[0, 2:].abs().sum()) == 0.0
+
+
+def test_detector_drops_a_second_box_over_one_large_cell() -> None:
+    """Two peaks inside one large cell, each boxing all of it: the weaker box goes and the
+    rows stay sorted with the valid ones first; a touching neighbour (IoU 0) stays, and
+    with ``overlap_threshold`` 1.0 every peak is kept."""
+    n = S // DETECTOR_STRIDE
+    logits = torch.full((1, 1, n, n), -10.0)
+    regress = torch.zeros(1, 4, n, n)
+    # (x, y, p, size): a 40-unit cell with a second peak 4 cells off, a small neighbour
+    planted = [(40, 40, 0.9, 40.0), (44, 40, 0.8, 40.0), (70, 40, 0.7, 8.0)]
+    for x, y, p, size in planted:
+        logits[0, 0, y, x] = float(np.log(p / (1 - p)))
+        regress[0, :2, y, x] = size
+    with torch.no_grad():
+        boxes, scores, num = CellDetector(SMALL_DET).eval().decode(logits, regress)
+        keep_all = dataclasses.replace(SMALL_DET, overlap_threshold=1.0)
+        _, _, all_peaks = CellDetector(keep_all).decode(logits, regress)
+    assert int(num) == 2 and int(all_peaks) == 3
+    assert scores[0, :2].tolist() == pytest.approx([0.9, 0.7], abs=1e-6)
+    assert float(boxes[0, 1, 0]) == pytest.approx((70 - 4) * DETECTOR_STRIDE)
+    assert float(boxes[0, 2:].abs().sum()) == 0.0
 
 
 def test_roi_crop_matches_direct_slice() -> None:

@@ -14,6 +14,8 @@ from marrowdx.training import real_data  # noqa: E402
 from marrowdx.training.train import partial_label_loss  # noqa: E402
 
 SAMPLES = Path(__file__).resolve().parents[1] / "data" / "real"
+#: Every split a committed sample image can fall in (the samples are too few to split).
+EVERY_SPLIT = ("train", "calibration", "val")
 
 
 def test_mirror_place_copies_every_box_with_the_pixels_under_it() -> None:
@@ -45,7 +47,15 @@ def test_split_of_is_stable_and_respects_a_declared_split() -> None:
     assert splits == [real_data.split_of(n, None) for n in reversed(names)][::-1]
     held_out = splits.count("val") / len(splits)
     assert abs(held_out - real_data.VALIDATION_PERCENT / 100) < 0.06
+    # the calibration slice is taken from the training images only, never from validation
+    calibration = splits.count("calibration") / (len(splits) - splits.count("val"))
+    assert abs(calibration - real_data.CALIBRATION_PERCENT / 100) < 0.06
+    assert set(splits) == {"train", "val", "calibration"}
     assert real_data.split_of(names[0], "test") == "test"
+    declared = [real_data.split_of(n, "train") for n in names]
+    assert set(declared) == {"train", "calibration"}
+    pairs = zip(declared, splits, strict=True)
+    assert all(d == "calibration" for d, s in pairs if s == "calibration")
 
 
 def test_red_cell_spacing_ignores_cells_cut_by_the_border() -> None:
@@ -87,7 +97,7 @@ def test_real_from_datasets_reads_the_committed_samples(tmp_path: Path) -> None:
         SAMPLES / "txl_pbc_yolo",
         labels={"WBC": "nucleated", "RBC": "red_cell", "Platelet": "thrombocyte"},
     )
-    both = real_data.real_from_datasets([crops, fields], splits=("train", "val"))
+    both = real_data.real_from_datasets([crops, fields], splits=EVERY_SPLIT)
     assert len(both.crops) == len(crops.crops) == 6
     assert len(both.fields) == 3
     for image in both.fields:
@@ -99,8 +109,8 @@ def test_real_from_datasets_reads_the_committed_samples(tmp_path: Path) -> None:
     blast = next(c for c in both.crops if c.label == "BLA")
     assert blast.allowed[0].sum() == 4 and blast.allowed[0, taxonomy.CLASS_INDEX["unknown_blast"]]
     train_only = real_data.real_from_datasets([crops], splits=("train",))
-    val = [c for c in crops.crops if real_data.split_of(c.path, c.split) == "val"]
-    assert len(train_only.crops) == 6 - len(val)
+    held = [c for c in crops.crops if real_data.split_of(c.path, c.split) != "train"]
+    assert len(train_only.crops) == 6 - len(held)
     x, box = real_data.place_crop(both.crops[0], 1.0)
     assert x.shape == (3, real_data.CROP_CANVAS, real_data.CROP_CANVAS)
     centre = ((box[0] + box[2]) / 2, (box[1] + box[3]) / 2)
@@ -119,8 +129,32 @@ def _committed_real() -> real_data.RealData:
                 labels={"WBC": "nucleated", "RBC": "red_cell", "Platelet": "thrombocyte"},
             ),
         ],
-        splits=("train", "val"),
+        splits=EVERY_SPLIT,
     )
+
+
+def test_detector_windows_take_real_fields_and_crops() -> None:
+    """Each detector step gets the preset's real fields and crops; a crop's window has its
+    centre cell and every mirrored copy as targets (the client mirror-pads a small image
+    so), and crops alone still make windows."""
+    from marrowdx.training import train
+    from marrowdx.training.presets import get_preset
+
+    real = _committed_real()
+    preset = dataclasses.replace(get_preset("tiny"), det_real_batch=2, det_real_crops=3)
+    xs, ts = train.real_detector_samples(real, preset, np.random.default_rng(0))
+    assert len(xs) == len(ts) == 5
+    assert all(x.shape == (3, preset.det_crop, preset.det_crop) for x in xs)
+    assert all(x.dtype == np.uint8 for x in xs)
+    assert all((t[0] == 1.0).sum() >= 1 for t in ts[:2])  # fields: their white cells
+    # crops whose centre cell was segmented whole (the NIF sample's is a 5-pixel speck):
+    # a 192-pixel window holds several copies of a 20-40 pixel cell
+    cells = [c for c in real.crops if (c.boxes[0, 2:] - c.boxes[0, :2]).min() >= 20]
+    only = dataclasses.replace(preset, det_real_batch=0)
+    crops_only = real_data.RealData(crops=cells)
+    xs, ts = train.real_detector_samples(crops_only, only, np.random.default_rng(1))
+    assert len(xs) == 3
+    assert all((t[0] == 1.0).sum() >= 4 for t in ts)
 
 
 @pytest.mark.slow
@@ -168,7 +202,7 @@ def test_the_shipped_reference_weights_are_current(tmp_path: Path) -> None:
     assert build.calibration_current(layout)
 
 
-def test_real_training_cells_enter_the_familiarity_fit(tmp_path: Path) -> None:
+def test_held_out_real_cells_enter_the_familiarity_fit(tmp_path: Path) -> None:
     """Every sampled real cell gives one feature row; fitted beside simulated cells, they move
     the limit so that real cells like them are no longer all unfamiliar."""
     import torch
