@@ -253,7 +253,9 @@ def calibrate_checkpoints(layout: BuildLayout, preset, log: Progress, real=None)
     t0 = time.monotonic()
     real_cells = None
     if real is not None and not real.empty:
-        real_cells = real_cell_features(ckpts["classifier"].model, real, seed=seed)
+        real_cells = real_cell_features(
+            ckpts["classifier"].model, real, seed=seed, detector=ckpts["detector"].model
+        )
         log(f"familiarity: {len(real_cells[0])} held-out real cells beside the simulated ones")
     result = calibrate_models(
         ckpts["detector"].model,

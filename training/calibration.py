@@ -24,7 +24,8 @@ from marrowdx import config
 
 #: Bump when the fitting or the held-out data change, so existing checkpoints are recalibrated
 #: (3: the familiarity score is fitted too; 4: on real cells too, when given; 5: those real
-#: cells are a calibration slice held out of training).
+#: cells are a calibration slice held out of training, classified in the detector's boxes,
+#: and bound the limit as their own population).
 CALIBRATION_VERSION = 5
 #: Metadata key (checkpoint metadata and ONNX metadata_props) holding the fitted numbers.
 METADATA_KEY = config.CALIBRATION_METADATA_KEY
@@ -431,33 +432,41 @@ def _true_box_features(classifier, data) -> tuple[np.ndarray, np.ndarray, np.nda
 
 
 def real_cell_features(
-    classifier, real, max_cells: int = REAL_FAMILIARITY_CELLS, seed: int = 0
+    classifier,
+    real,
+    max_cells: int = REAL_FAMILIARITY_CELLS,
+    seed: int = 0,
+    detector=None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Penultimate features [N, F] and class logits [N, 33] of real cells held out of
     training (``training.real_data.RealData`` of the calibration slice: single-cell crops and
-    the labelled cells of fields),
-    each at the models' input spacing on its mirror-padded canvas as training places it (no
-    zoom, no augmentation). At most ``max_cells``, sampled evenly over crops and fields."""
+    the labelled cells of fields), each at the models' input spacing on a mirror-padded
+    field-sized canvas, as the client sends a small image. With ``detector`` each cell is
+    classified in the box the detector gives it (:func:`detected_boxes`), as served: the
+    boxes a crop set's segmentation or a field's annotator drew are not the boxes served
+    cells are classified in, and a limit fitted on them flagged a quarter of the same labs'
+    new cells. At most ``max_cells``, sampled evenly over crops and fields."""
     import torch
 
-    from marrowdx.training.real_data import place_crop, place_field
+    from marrowdx.training.real_data import place_field
 
     rng = np.random.default_rng(seed)
     share = max_cells // (bool(real.crops) + bool(real.fields) or 1)
+    size = config.INPUT_SIZE
     canvases: list[tuple[np.ndarray, np.ndarray]] = []  # (CHW pixels, boxes [K, 4])
-    for i in rng.permutation(len(real.crops))[:share]:
-        pixels, box = place_crop(real.crops[int(i)], 1.0)
-        canvases.append((pixels, box[None]))
-    taken = 0
-    for i in rng.permutation(len(real.fields)):
-        if taken >= share:
-            break
-        pixels, _, originals = place_field(real.fields[int(i)], 1.0, rng, config.INPUT_SIZE)
-        size = config.INPUT_SIZE
-        inside = (originals[:, :2] >= 0).all(1) & (originals[:, 2:] <= size).all(1)
-        if inside.any():
-            canvases.append((pixels, originals[inside][: share - taken]))
-            taken += int(min(inside.sum(), share - taken))
+    for pool in (real.crops, real.fields):
+        taken = 0
+        for i in rng.permutation(len(pool)):
+            if taken >= share:
+                break
+            pixels, _, originals = place_field(pool[int(i)], 1.0, rng, size)
+            inside = (originals[:, :2] >= 0).all(1) & (originals[:, 2:] <= size).all(1)
+            boxes = originals[inside][: share - taken]
+            if detector is not None and len(boxes):
+                boxes = detected_boxes(detector, pixels, boxes)
+            if len(boxes):
+                canvases.append((pixels, boxes))
+                taken += len(boxes)
     feats, logits = [], []
     with torch.no_grad():
         for pixels, boxes in canvases:
@@ -469,6 +478,29 @@ def real_cell_features(
     if not feats:
         return np.zeros((0, classifier.spec.hidden)), np.zeros((0, config.N_CLASSES))
     return np.concatenate(feats).astype(np.float64), np.concatenate(logits).astype(np.float64)
+
+
+def detected_boxes(detector, pixels: np.ndarray, labelled: np.ndarray) -> np.ndarray:
+    """For each labelled box [K, 4] on a canvas (CHW uint8), the detector's box that holds
+    the labelled box's centre, the nearest-centred if several (as ``evaluate --data`` finds
+    a crop's centre cell); labelled cells the detector missed are left out."""
+    import torch
+
+    with torch.no_grad():
+        boxes, _, num = detector(torch.from_numpy(np.ascontiguousarray(pixels)[None]))
+    found = boxes[0, : int(num[0, 0])].numpy().astype(np.float64)
+    if not len(found):
+        return np.zeros((0, 4), np.float32)
+    centres = (found[:, :2] + found[:, 2:]) / 2
+    out = []
+    for x0, y0, x1, y1 in np.asarray(labelled, np.float64):
+        cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
+        holds = (found[:, 0] <= cx) & (cx <= found[:, 2])
+        holds &= (found[:, 1] <= cy) & (cy <= found[:, 3])
+        if holds.any():
+            d = np.hypot(centres[:, 0] - cx, centres[:, 1] - cy)
+            out.append(found[int(np.argmin(np.where(holds, d, np.inf)))])
+    return np.asarray(out, np.float32).reshape(-1, 4)
 
 
 # --------------------------------------------------------------- held-out logits (torch)

@@ -48,6 +48,7 @@ class FieldScores:
     extra_white_cells_per_field: float  # found white cells beyond the true count, per field
     failed: int
     flagged_white_cells: float = 0.0  # share of found white cells unfamiliar or unidentified
+    unfamiliar_white_cells: float = 0.0  # share of found white cells unfamiliar
 
 
 @dataclass
@@ -120,7 +121,7 @@ async def _analyse(client, items: Sequence[tuple[Path, float | None]], log: Log 
 
 def score_fields(dataset, results, fields) -> FieldScores:
     scores, tp, n_true, exact, errors, extra, failed = [], [], 0, 0, [], 0, 0
-    found = flagged = 0
+    found = flagged = unfamiliar = 0
     for f, result in zip(fields, results, strict=True):
         white = np.array(
             [t.kind == "classes" and bool(set(t.class_names) & NUCLEATED) for t in f.targets],
@@ -135,6 +136,7 @@ def score_fields(dataset, results, fields) -> FieldScores:
         cells = [c for c in result.cells if c.label in NUCLEATED]
         found += len(cells)
         flagged += sum(not c.counted for c in cells)
+        unfamiliar += sum(c.unfamiliar for c in cells)
         pred = np.array([c.box for c in cells], np.float32).reshape(-1, 4)
         s = np.array([c.score for c in cells], np.float32)
         m = metrics.match_detections(pred, s, gt)
@@ -156,6 +158,7 @@ def score_fields(dataset, results, fields) -> FieldScores:
         extra_white_cells_per_field=extra / max(1, n),
         failed=failed,
         flagged_white_cells=flagged / max(1, found),
+        unfamiliar_white_cells=unfamiliar / max(1, found),
     )
 
 
@@ -263,15 +266,16 @@ def format_real_table(report: RealReport) -> str:
     if report.fields:
         lines += [
             "set          fields  white cells  AP50   right count  |count error|  extra/field"
-            "  flagged",
+            "  flagged  unfamiliar",
             "-----------  ------  -----------  -----  -----------  -------------  -----------"
-            "  -------",
+            "  -------  ----------",
         ]
         for f in report.fields:
             lines.append(
                 f"{f.dataset:<11}  {f.n_images:>6}  {f.n_white_cells:>11}  "
                 f"{f.white_cell_ap50:.3f}  {f.count_exact:>11.0%}  {f.mean_abs_count_error:>13.2f}"
                 f"  {f.extra_white_cells_per_field:>11.2f}  {f.flagged_white_cells:>7.1%}"
+                f"  {f.unfamiliar_white_cells:>10.1%}"
             )
     for c in report.crops:
         lines.append(

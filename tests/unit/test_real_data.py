@@ -202,12 +202,27 @@ def test_the_shipped_reference_weights_are_current(tmp_path: Path) -> None:
     assert build.calibration_current(layout)
 
 
+def test_real_cells_are_classified_in_the_boxes_the_detector_gives_them() -> None:
+    """The familiarity fit sees real cells as served: each labelled cell in the detector's
+    box holding its centre (the nearest-centred if several), a missed cell left out."""
+    from marrowdx.training import calibration
+
+    def detector(pixels):  # stands in for CellDetector: three boxes found
+        found = torch.tensor([[[8.0, 8, 52, 52], [30, 30, 70, 70], [100, 100, 120, 120]]])
+        return found, torch.ones(1, 3), torch.tensor([[3]], dtype=torch.int32)
+
+    pixels = np.zeros((3, 128, 128), np.uint8)
+    labelled = np.array([[10.0, 10, 50, 50], [200, 200, 220, 220], [95, 95, 125, 125]])
+    boxes = calibration.detected_boxes(detector, pixels, labelled)
+    np.testing.assert_array_equal(boxes, [[8, 8, 52, 52], [100, 100, 120, 120]])
+
+
 def test_held_out_real_cells_enter_the_familiarity_fit(tmp_path: Path) -> None:
     """Every sampled real cell gives one feature row; fitted beside simulated cells, they move
     the limit so that real cells like them are no longer all unfamiliar."""
     import torch
 
-    from marrowdx.models.networks import CellClassifier
+    from marrowdx.models.networks import CellClassifier, CellDetector
     from marrowdx.training import calibration
     from marrowdx.training.presets import get_preset
 
@@ -220,6 +235,10 @@ def test_held_out_real_cells_enter_the_familiarity_fit(tmp_path: Path) -> None:
     assert logits.shape == (len(features), config.N_CLASSES)
     few, _ = calibration.real_cell_features(classifier, real, max_cells=4)
     assert len(few) == 4  # two crops and two field cells
+    # an untrained detector finds nothing: every cell is left out, none is made up
+    nothing = CellDetector(get_preset("tiny").detector).eval()
+    missed, _ = calibration.real_cell_features(classifier, real, detector=nothing)
+    assert len(missed) == 0
     # simulated stand-ins: the real cells' own features, shifted far away
     rng = np.random.default_rng(0)
     sim = features[rng.integers(0, len(features), 200)] + 50.0

@@ -5,10 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
+
 from marrowdx import taxonomy
 from marrowdx.client.report import Cell, ImageResult
 from marrowdx.datasets.labels import LabelTarget
-from marrowdx.training.real_eval import NO_CELL, score_crops
+from marrowdx.training.real_eval import NO_CELL, score_crops, score_fields
 
 
 def _crop(label: str) -> SimpleNamespace:
@@ -44,3 +46,21 @@ def test_crop_scores_split_found_cells_into_flagged_and_confidently_wrong() -> N
     assert scores.flagged == 2 / 4
     assert scores.unfamiliar == 1 / 4
     assert scores.confidently_wrong == 1 / 4
+
+
+def test_field_scores_report_flagged_and_unfamiliar_white_cells() -> None:
+    lympho = taxonomy.CLASSES.index("lymphocyte")
+    white = LabelTarget("classes", (lympho,), "lymphocyte")
+    field = SimpleNamespace(
+        targets=[white, white], boxes=np.array([[0, 0, 20, 20], [40, 40, 60, 60]], np.float32)
+    )
+    cells = (
+        Cell((0, 0, 20, 20), "lymphocyte", 0.9, {}, 0.9),
+        Cell((40, 40, 60, 60), "lymphocyte", 0.8, {}, 0.9, unfamiliar=True),
+        Cell((70, 70, 90, 90), "monocyte", 0.7, {}, 0.4, unidentified=True),
+    )
+    result = ImageResult("f.jpg", cells, {}, (100, 100))
+    scores = score_fields(SimpleNamespace(name="toy"), [result], [field])
+    assert scores.n_white_cells == 2 and scores.extra_white_cells_per_field == 1
+    assert scores.flagged_white_cells == 2 / 3
+    assert scores.unfamiliar_white_cells == 1 / 3
