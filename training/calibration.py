@@ -60,8 +60,8 @@ FAMILIARITY_FOLDS = 10
 #: Real cells held out of training (a random sample of the calibration slice's crops' and
 #: fields' cells) the familiarity fit takes beside the simulated held-out ones when the build
 #: trains on real images: fitted on simulated cells alone, the limit called almost every real
-#: cell unfamiliar, and fitted on training cells it flagged a third of new cells of the same
-#: labs. A few thousand suffice for 33 means and one shared covariance.
+#: cell unfamiliar, and fitted on training cells it flagged many new cells of the same labs
+#: (README "Unfamiliar cells"). A few thousand suffice for 33 means and one shared covariance.
 REAL_FAMILIARITY_CELLS = 4000
 
 
@@ -444,8 +444,9 @@ def real_cell_features(
     field-sized canvas, as the client sends a small image. With ``detector`` each cell is
     classified in the box the detector gives it (:func:`detected_boxes`), as served: the
     boxes a crop set's segmentation or a field's annotator drew are not the boxes served
-    cells are classified in, and a limit fitted on them flagged a quarter of the same labs'
-    new cells. At most ``max_cells``, sampled evenly over crops and fields."""
+    cells are classified in, and a limit fitted on them flagged many of the same labs' new
+    cells (README "Unfamiliar cells"). At most ``max_cells``, sampled evenly over crops and
+    fields."""
     import torch
 
     from marrowdx.training.real_data import place_field
@@ -482,8 +483,10 @@ def real_cell_features(
 
 def detected_boxes(detector, pixels: np.ndarray, labelled: np.ndarray) -> np.ndarray:
     """For each labelled box [K, 4] on a canvas (CHW uint8), the detector's box that holds
-    the labelled box's centre, the nearest-centred if several (as ``evaluate --data`` finds
-    a crop's centre cell); labelled cells the detector missed are left out."""
+    the labelled box's centre, the nearest-centred if several (``evaluate --data`` takes a
+    crop's centre cell the same way, and also a box near the centre that does not hold it;
+    a fit takes only cells it can pair with certainty); labelled cells the detector missed
+    are left out."""
     import torch
 
     with torch.no_grad():

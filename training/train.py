@@ -163,8 +163,8 @@ def train_detector(
         _cosine_lr(opt, preset.det_lr, step, preset.det_steps)
         logits, regress = model.features(x)  # one pass: batch norm sees both, as served
         # The simulated and the real windows' losses are each normalised by their own cells:
-        # a mirror-padded real window holds three to ten times the cells of a simulated one,
-        # and one shared normaliser let the many small real cells outweigh the rare large
+        # a mirror-padded real window holds several times the cells of a simulated one, and
+        # one shared normaliser let the many small real cells outweigh the rare large
         # simulated ones, whose boxes came out about half their size (megakaryocytes). Real
         # fields and crops share one normaliser: apart, the real half weighed twice and the
         # large cells shrank again (docs/model_card.md).
