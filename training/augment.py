@@ -61,6 +61,23 @@ class AugmentSpec:
 
 NO_AUGMENT = AugmentSpec(enabled=False)
 
+#: For real images: they already hold real labs' variation, and the morphology that tells
+#: real marrow cells apart (granules, chromatin) is a few input pixels wide, which the blur,
+#: JPEG and wide stain swings of AugmentSpec() erase (README "Real cells"). Stain and light
+#: vary half as much, half the time; no blur, no JPEG, light noise.
+REAL_AUGMENT = AugmentSpec(
+    probability=0.5,
+    stain_scale=0.2,
+    od_channel_gain=0.07,
+    od_mixing=0.05,
+    gamma=0.2,
+    white_balance=0.08,
+    blur_probability=0.0,
+    noise_sigma=3.0,
+    jpeg_probability=0.0,
+    scale_probability=0.0,
+)
+
 
 #: Optical density of each uint8 grey level (0 clamped to 1: OD stays finite).
 _OD_LUT = -np.log(np.maximum(np.arange(256, dtype=np.float32), 1.0) / np.float32(WHITE))

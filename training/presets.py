@@ -12,7 +12,7 @@ import json
 from dataclasses import asdict, dataclass, field
 
 from marrowdx.models.networks import ClassifierSpec, DetectorSpec, DiagnosisSpec
-from marrowdx.training.augment import NO_AUGMENT, AugmentSpec
+from marrowdx.training.augment import NO_AUGMENT, REAL_AUGMENT, AugmentSpec
 
 
 @dataclass(frozen=True)
@@ -45,13 +45,14 @@ class TrainingPreset:
     # real annotated images (``--data``; training.real_data), used only when given: real
     # fields and single-cell crops per detector step, real single-cell crops and real field
     # cells per classifier step, the weight of their (partial-label) loss, and their random
-    # zoom U(1 -+ z)
+    # zoom U(1 -+ z); real images take their own, milder photometric augmentation
     det_real_batch: int = 0
     det_real_crops: int = 0
     cls_real_crops: int = 0
     cls_real_cells: int = 0
     real_weight: float = 1.0
     real_zoom: float = 0.0
+    real_augment: AugmentSpec = NO_AUGMENT
 
     def fingerprint(self) -> str:
         """Stable hash of everything that affects the trained weights. Without augmentation
@@ -73,7 +74,7 @@ PRESETS: dict[str, TrainingPreset] = {
         det_steps=1600,
         det_batch=6,
         det_crop=256,
-        cls_steps=1800,
+        cls_steps=2700,
         diag_patients=8000,
         diag_steps=800,
         # inter-lab variation; with the in-graph stain normalisation it cost no unshifted
@@ -81,14 +82,16 @@ PRESETS: dict[str, TrainingPreset] = {
         augment=AugmentSpec(),
         # real images (when --data gives them): as many real windows as simulated ones per
         # detector step, and 2 mirror-padded crops (the client pads a small image so: the
-        # detector must find the centre cell and its copies there); per classifier step 48
+        # detector must find the centre cell and its copies there); per classifier step 96
         # real crops and 16 real field cells beside the 128 simulated cells; zoom +-25%
-        # covers the uncertainty of real spacings
+        # covers the uncertainty of real spacings; the simulated images' strong augmentation
+        # erased real cells' detail (README "Real cells"), so real images take a mild one
         det_real_batch=6,
         det_real_crops=2,
-        cls_real_crops=48,
+        cls_real_crops=96,
         cls_real_cells=16,
         real_zoom=0.25,
+        real_augment=REAL_AUGMENT,
     ),
     "tiny": TrainingPreset(
         name="tiny",
@@ -112,6 +115,7 @@ PRESETS: dict[str, TrainingPreset] = {
         cls_real_crops=8,
         cls_real_cells=4,
         real_zoom=0.25,
+        real_augment=REAL_AUGMENT,
         # on, so that CI runs the augmentation hooks of training (tiny's quality is no target)
         augment=AugmentSpec(),
     ),

@@ -110,7 +110,7 @@ def real_detector_samples(
             x, t = x[:, :, ::-1], flip_heatmap_labels(t, horizontal=True)
         if rng.random() < 0.5:
             x, t = x[:, ::-1, :], flip_heatmap_labels(t, horizontal=False)
-        xs.append(photometric(np.ascontiguousarray(x), preset.augment, rng))
+        xs.append(photometric(np.ascontiguousarray(x), preset.real_augment, rng))
         ts.append(t)
     return xs, ts
 
@@ -254,7 +254,7 @@ def real_classifier_batch(
         if not xs:
             continue
         pixels = model.normalize(
-            torch.from_numpy(np.stack([photometric(x, preset.augment, rng) for x in xs]))
+            torch.from_numpy(np.stack([photometric(x, preset.real_augment, rng) for x in xs]))
         )
         box_t = torch.from_numpy(jitter_boxes(np.stack(bs), rng))
         size = (pixels.shape[2], pixels.shape[3])

@@ -157,6 +157,35 @@ def test_detector_windows_take_real_fields_and_crops() -> None:
     assert all((t[0] == 1.0).sum() >= 4 for t in ts)
 
 
+def test_real_images_take_their_own_milder_augmentation() -> None:
+    """Real windows are augmented by ``preset.real_augment`` alone: the simulated fields'
+    strong augmentation (blur, JPEG, wide stain swings) never reaches them, and the trained
+    presets' real augmentation keeps a real cell's fine detail (no blur, no JPEG)."""
+    from marrowdx.training import augment, train
+    from marrowdx.training.presets import PRESETS, get_preset
+
+    real = _committed_real()
+    strong = augment.AugmentSpec(probability=1.0, blur_probability=1.0, jpeg_probability=1.0)
+    base = dataclasses.replace(get_preset("tiny"), det_real_batch=2, det_real_crops=1)
+    plain = dataclasses.replace(base, augment=augment.NO_AUGMENT, real_augment=augment.NO_AUGMENT)
+    sim_only = dataclasses.replace(plain, augment=strong)
+    real_too = dataclasses.replace(plain, real_augment=strong)
+    windows = {
+        name: train.real_detector_samples(real, p, np.random.default_rng(3))[0]
+        for name, p in (("plain", plain), ("sim_only", sim_only), ("real_too", real_too))
+    }
+
+    def same(a: list[np.ndarray], b: list[np.ndarray]) -> bool:
+        return all(np.array_equal(x, y) for x, y in zip(a, b, strict=True))
+
+    assert same(windows["plain"], windows["sim_only"])
+    assert not same(windows["plain"], windows["real_too"])
+    for name in ("reference", "tiny"):
+        spec = PRESETS[name].real_augment
+        assert spec.enabled and spec.blur_probability == 0 and spec.jpeg_probability == 0
+        assert spec.stain_scale < PRESETS[name].augment.stain_scale
+
+
 @pytest.mark.slow
 def test_trainers_take_real_images_beside_the_simulated_cohort(tmp_path: Path) -> None:
     from marrowdx.simulate import simulate_cohort
