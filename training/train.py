@@ -88,6 +88,18 @@ def detector_targets(data: PreparedCohort, input_size: int) -> np.ndarray:
     return np.stack(out) if out else np.zeros((0, 6, 1, 1), np.float32)
 
 
+def random_flips(
+    x: np.ndarray, t: np.ndarray, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
+    """A detector window (CHW) and its heatmap targets, each flipped left-right and then
+    top-bottom with probability 1/2 (cells have no orientation)."""
+    if rng.random() < 0.5:
+        x, t = x[:, :, ::-1], flip_heatmap_labels(t, horizontal=True)
+    if rng.random() < 0.5:
+        x, t = x[:, ::-1, :], flip_heatmap_labels(t, horizontal=False)
+    return x, t
+
+
 def real_detector_samples(
     real: RealData, preset: TrainingPreset, rng: np.random.Generator
 ) -> tuple[list[np.ndarray], list[np.ndarray]]:
@@ -105,11 +117,7 @@ def real_detector_samples(
     for image in images:
         zoom = float(rng.uniform(1 - preset.real_zoom, 1 + preset.real_zoom))
         x, boxes, _ = place_field(image, zoom, rng, preset.det_crop)
-        t = heatmap_labels(boxes, preset.det_crop)
-        if rng.random() < 0.5:
-            x, t = x[:, :, ::-1], flip_heatmap_labels(t, horizontal=True)
-        if rng.random() < 0.5:
-            x, t = x[:, ::-1, :], flip_heatmap_labels(t, horizontal=False)
+        x, t = random_flips(x, heatmap_labels(boxes, preset.det_crop), rng)
         xs.append(photometric(np.ascontiguousarray(x), preset.real_augment, rng))
         ts.append(t)
     return xs, ts
@@ -148,10 +156,7 @@ def train_detector(
                 boxes = data.cells.boxes[data.cells_of(i)]
                 x, kept = scaled_crop(np.asarray(data.pixels[i]), boxes, crop, scale, rng)
                 t = heatmap_labels(kept, crop)
-            if rng.random() < 0.5:
-                x, t = x[:, :, ::-1], flip_heatmap_labels(t, horizontal=True)
-            if rng.random() < 0.5:
-                x, t = x[:, ::-1, :], flip_heatmap_labels(t, horizontal=False)
+            x, t = random_flips(x, t, rng)
             xs.append(photometric(np.ascontiguousarray(x), aug, rng))
             ts.append(t)
         n_sim = len(xs)
