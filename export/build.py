@@ -223,13 +223,23 @@ def calibration_current(layout: BuildLayout) -> bool:
     return all(is_calibrated(read_metadata(layout.checkpoint(k))) for k in CALIBRATED_KINDS)
 
 
+def real_sets_trained_on(metadata: dict | None) -> list[str]:
+    """The real data sets a checkpoint was trained on (its ``training_data``), else []."""
+    real = ((metadata or {}).get("training_data") or {}).get("real_data") or {}
+    return list(real.get("sets") or []) if (real.get("crops") or real.get("fields")) else []
+
+
 def calibrate_checkpoints(layout: BuildLayout, preset, log: Progress, real=None) -> None:
     """Fit temperatures on the preset's held-out cohort and save them into the checkpoints
     (buffers + ``calibration`` metadata), without retraining: existing weights are
     calibrated in place, and the newer checkpoints make the export step run again. ``real``
     (``training.real_data.RealData``): real cells held out of training (the calibration
-    slice) the familiarity score is also fitted on."""
-    from marrowdx.models.checkpoints import load_checkpoint, save_checkpoint
+    slice) the familiarity score is also fitted on.
+
+    Weights trained on real images are not recalibrated without that slice: fitted on
+    simulated cells alone, the familiarity limit calls nearly every real cell unfamiliar
+    (README "Unfamiliar cells"), and nothing else would show it."""
+    from marrowdx.models.checkpoints import load_checkpoint, read_metadata, save_checkpoint
     from marrowdx.training.calibration import (
         METADATA_KEY,
         calibrate_models,
@@ -238,6 +248,15 @@ def calibrate_checkpoints(layout: BuildLayout, preset, log: Progress, real=None)
     )
     from marrowdx.training.data import prepare_cohort
 
+    trained_on = real_sets_trained_on(read_metadata(layout.checkpoint("classifier")))
+    if trained_on and (real is None or real.empty):
+        raise RuntimeError(
+            f"the weights in {layout.weights_dir} were trained on real images "
+            f"({', '.join(trained_on)}) and their calibration is stale; recalibrating them "
+            "needs those sets' held-out calibration slice, or the familiarity limit would be "
+            f"fitted on simulated cells alone: run `marrowdx train --preset {preset.name} "
+            "--data DIR ...` with the same folders (docs/model_card.md)"
+        )
     settings = held_out_settings(preset.name)
     seed = settings.seed(preset.seed)
     cohort_dir = simulate_once(

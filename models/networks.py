@@ -228,16 +228,23 @@ class DetectorSpec:
     # whole cell: a box overlapping a higher-scoring one by more than this IoU is dropped
     # (cells of a monolayer barely overlap; 1.0 keeps every peak)
     overlap_threshold: float = 0.3
+    # a small peak inside a large cell (a macrophage's inclusion, a megakaryocyte's lobe)
+    # boxes only part of it, so its IoU stays tiny: a box with more than this share of its
+    # own area inside a higher-scoring box is dropped too (1.0 keeps them)
+    containment_threshold: float = 1.0
     input_size: int = config.INPUT_SIZE
     # per-field stain/light normalisation as the graph's first op (StainNormalizer)
     stain_normalization: bool = True
 
 
-def suppress_overlaps(boxes: torch.Tensor, threshold: float) -> torch.Tensor:
+def suppress_overlaps(
+    boxes: torch.Tensor, threshold: float, containment: float = 1.0
+) -> torch.Tensor:
     """1.0 for each row of score-sorted ``boxes`` [B,K,4] that overlaps no earlier row by
-    more than ``threshold`` IoU, else 0.0 [B,K]. One matrix pass (Fast NMS, Bolya et al.
-    2019): a row is also dropped under an earlier row that is itself dropped, which only
-    matters for chains of overlapping boxes, and needs no loop in the exported graph."""
+    more than ``threshold`` IoU and has no more than ``containment`` of its own area inside
+    an earlier row, else 0.0 [B,K]. One matrix pass (Fast NMS, Bolya et al. 2019): a row is
+    also dropped under an earlier row that is itself dropped, which only matters for chains
+    of overlapping boxes, and needs no loop in the exported graph."""
     x0, y0, x1, y1 = boxes.unbind(-1)
 
     def overlap(lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:  # [B,K,K] along one axis
@@ -251,7 +258,12 @@ def suppress_overlaps(boxes: torch.Tensor, threshold: float) -> torch.Tensor:
     index = torch.arange(k, device=boxes.device)
     earlier = (index[:, None] < index[None, :]).to(boxes.dtype)  # [i, j]: i < j (no Trilu)
     worst = (iou * earlier).amax(dim=1)
-    return (worst <= threshold).to(boxes.dtype)
+    keep = worst <= threshold
+    if containment < 1.0:
+        # [i, j]: the share of the later row j's area that lies inside row i
+        inside = inter / torch.clamp(area[:, None, :], min=1e-6)
+        keep = keep & ((inside * earlier).amax(dim=1) <= containment)
+    return keep.to(boxes.dtype)
 
 
 class CellDetector(nn.Module):
@@ -260,7 +272,8 @@ class CellDetector(nn.Module):
     forward(PIXELS uint8 [B,3,S,S]) -> BOXES [B,K,4], SCORES [B,K], NUM_DETECTIONS int32 [B,1].
     Peaks are local maxima of the sigmoid heatmap (3x3 max-pool equality), top-K over
     the flattened map, sizes/offsets gathered at the peaks; a box overlapping a
-    higher-scoring one past ``overlap_threshold`` is dropped (:func:`suppress_overlaps`);
+    higher-scoring one past ``overlap_threshold``, or lying inside one past
+    ``containment_threshold``, is dropped (:func:`suppress_overlaps`);
     rows below the threshold are zeroed, and since the rows are sorted by score the valid
     ones come first.
     """
@@ -315,8 +328,10 @@ class CellDetector(nn.Module):
         boxes = torch.gather(dense, 2, idx.unsqueeze(1).expand(b, 4, k)).permute(0, 2, 1)
         limit = float(self.spec.input_size)
         boxes = torch.clamp(boxes, 0.0, limit)
-        if self.spec.overlap_threshold < 1.0:
-            scores = scores * suppress_overlaps(boxes, self.spec.overlap_threshold)
+        if self.spec.overlap_threshold < 1.0 or self.spec.containment_threshold < 1.0:
+            scores = scores * suppress_overlaps(
+                boxes, self.spec.overlap_threshold, self.spec.containment_threshold
+            )
             scores, order = torch.topk(scores, k, dim=1)  # kept rows first again
             boxes = torch.gather(boxes, 1, order.unsqueeze(-1).expand(b, k, 4))
         valid = (scores > self.spec.score_threshold).to(scores.dtype)

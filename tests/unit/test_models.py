@@ -94,6 +94,27 @@ def test_detector_drops_a_second_box_over_one_large_cell() -> None:
     assert float(boxes[0, 2:].abs().sum()) == 0.0
 
 
+def test_detector_drops_a_small_box_lying_inside_a_larger_cell() -> None:
+    """A weaker peak boxing a part of a large cell (IoU far below the overlap threshold) is
+    dropped when most of its area lies inside the cell's box; a neighbour that only touches
+    the cell stays, and so does the small box when containment is off."""
+    n = S // DETECTOR_STRIDE
+    logits = torch.full((1, 1, n, n), -10.0)
+    regress = torch.zeros(1, 4, n, n)
+    # (x, y, p, size): a 40-unit cell, an 8-unit box inside it, an 8-unit neighbour at its edge
+    planted = [(40, 40, 0.9, 40.0), (45, 42, 0.6, 8.0), (62, 40, 0.7, 8.0)]
+    for x, y, p, size in planted:
+        logits[0, 0, y, x] = float(np.log(p / (1 - p)))
+        regress[0, :2, y, x] = size
+    contained = dataclasses.replace(SMALL_DET, containment_threshold=0.6)
+    with torch.no_grad():
+        boxes, scores, num = CellDetector(contained).eval().decode(logits, regress)
+        _, _, without = CellDetector(SMALL_DET).eval().decode(logits, regress)
+    assert int(without) == 3 and int(num) == 2
+    assert scores[0, :2].tolist() == pytest.approx([0.9, 0.7], abs=1e-6)
+    assert float(boxes[0, 1, 0]) == pytest.approx((62 - 4) * DETECTOR_STRIDE)
+
+
 def test_roi_crop_matches_direct_slice() -> None:
     pixels = torch.rand(2, 3, S, S)
     steps = roi.crop_offsets(64)

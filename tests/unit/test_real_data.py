@@ -231,6 +231,29 @@ def test_the_shipped_reference_weights_are_current(tmp_path: Path) -> None:
     assert build.calibration_current(layout)
 
 
+def test_weights_trained_on_real_images_are_not_recalibrated_on_simulated_cells_alone(
+    tmp_path: Path,
+) -> None:
+    """A stale calibration of real-trained weights with no real calibration slice is refused,
+    naming the sets and the command that recalibrates them; simulated-only weights are not."""
+    from marrowdx.export import build
+    from marrowdx.models.checkpoints import save_checkpoint
+    from marrowdx.models.networks import CellClassifier
+    from marrowdx.training.presets import get_preset
+
+    preset = get_preset("tiny")
+    layout = build.BuildLayout(tmp_path, preset.name)
+    real = {"sets": ["matek_bm_crops"], "crops": 12, "fields": 0}
+    meta = {"training_data": {"cohort": "c", "real_data": real}}
+    save_checkpoint(
+        layout.checkpoint("classifier"), "classifier", CellClassifier(preset.classifier), meta
+    )
+    with pytest.raises(RuntimeError, match=r"trained on real images \(matek_bm_crops\).*--data"):
+        build.calibrate_checkpoints(layout, preset, build.Progress(False), real=None)
+    assert build.real_sets_trained_on(meta) == ["matek_bm_crops"]
+    assert build.real_sets_trained_on({"training_data": {"real_data": None}}) == []
+
+
 def test_real_cells_are_classified_in_the_boxes_the_detector_gives_them() -> None:
     """The familiarity fit sees real cells as served: each labelled cell in the detector's
     box holding its centre (the nearest-centred if several), a missed cell left out."""
