@@ -72,18 +72,24 @@ def test_detector_decode_recovers_planted_peaks() -> None:
     assert float(boxes[0, 2:].abs().sum()) == 0.0 and float(scores[0, 2:].abs().sum()) == 0.0
 
 
+def square_peaks(planted: list[tuple[int, int, float, float]]) -> tuple[torch.Tensor, ...]:
+    """Detector heads with a peak of probability p and a square box of ``size`` stride units
+    at each planted (x, y, p, size); nothing elsewhere."""
+    n = S // DETECTOR_STRIDE
+    logits = torch.full((1, 1, n, n), -10.0)
+    regress = torch.zeros(1, 4, n, n)
+    for x, y, p, size in planted:
+        logits[0, 0, y, x] = float(np.log(p / (1 - p)))
+        regress[0, :2, y, x] = size
+    return logits, regress
+
+
 def test_detector_drops_a_second_box_over_one_large_cell() -> None:
     """Two peaks inside one large cell, each boxing all of it: the weaker box goes and the
     rows stay sorted with the valid ones first; a touching neighbour (IoU 0) stays, and
     with ``overlap_threshold`` 1.0 every peak is kept."""
-    n = S // DETECTOR_STRIDE
-    logits = torch.full((1, 1, n, n), -10.0)
-    regress = torch.zeros(1, 4, n, n)
     # (x, y, p, size): a 40-unit cell with a second peak 4 cells off, a small neighbour
-    planted = [(40, 40, 0.9, 40.0), (44, 40, 0.8, 40.0), (70, 40, 0.7, 8.0)]
-    for x, y, p, size in planted:
-        logits[0, 0, y, x] = float(np.log(p / (1 - p)))
-        regress[0, :2, y, x] = size
+    logits, regress = square_peaks([(40, 40, 0.9, 40.0), (44, 40, 0.8, 40.0), (70, 40, 0.7, 8.0)])
     with torch.no_grad():
         boxes, scores, num = CellDetector(SMALL_DET).eval().decode(logits, regress)
         keep_all = dataclasses.replace(SMALL_DET, overlap_threshold=1.0)
@@ -98,14 +104,8 @@ def test_detector_drops_a_small_box_lying_inside_a_larger_cell() -> None:
     """A weaker peak boxing a part of a large cell (IoU far below the overlap threshold) is
     dropped when most of its area lies inside the cell's box; a neighbour that only touches
     the cell stays, and so does the small box when containment is off."""
-    n = S // DETECTOR_STRIDE
-    logits = torch.full((1, 1, n, n), -10.0)
-    regress = torch.zeros(1, 4, n, n)
     # (x, y, p, size): a 40-unit cell, an 8-unit box inside it, an 8-unit neighbour at its edge
-    planted = [(40, 40, 0.9, 40.0), (45, 42, 0.6, 8.0), (62, 40, 0.7, 8.0)]
-    for x, y, p, size in planted:
-        logits[0, 0, y, x] = float(np.log(p / (1 - p)))
-        regress[0, :2, y, x] = size
+    logits, regress = square_peaks([(40, 40, 0.9, 40.0), (45, 42, 0.6, 8.0), (62, 40, 0.7, 8.0)])
     contained = dataclasses.replace(SMALL_DET, containment_threshold=0.6)
     with torch.no_grad():
         boxes, scores, num = CellDetector(contained).eval().decode(logits, regress)
