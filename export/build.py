@@ -236,9 +236,10 @@ def calibrate_checkpoints(layout: BuildLayout, preset, log: Progress, real=None)
     (``training.real_data.RealData``): real cells held out of training (the calibration
     slice) the familiarity score is also fitted on.
 
-    Weights trained on real images are not recalibrated without that slice: fitted on
-    simulated cells alone, the familiarity limit calls nearly every real cell unfamiliar
-    (README "Unfamiliar cells"), and nothing else would show it."""
+    Weights trained on real images are not recalibrated when no real images are given:
+    fitted on simulated cells alone, the familiarity limit calls nearly every real cell
+    unfamiliar (README "Unfamiliar cells"), and nothing else would show it; a slice left
+    empty by a small data set is said in the log."""
     from marrowdx.models.checkpoints import load_checkpoint, read_metadata, save_checkpoint
     from marrowdx.training.calibration import (
         METADATA_KEY,
@@ -249,7 +250,13 @@ def calibrate_checkpoints(layout: BuildLayout, preset, log: Progress, real=None)
     from marrowdx.training.data import prepare_cohort
 
     trained_on = real_sets_trained_on(read_metadata(layout.checkpoint("classifier")))
-    if trained_on and (real is None or real.empty):
+    if trained_on and real is not None and real.empty:
+        log(
+            f"warning: the calibration slice of {', '.join(trained_on)} is empty (too few "
+            "images): the familiarity limit is fitted on simulated cells alone and may call "
+            "real cells unfamiliar"
+        )
+    if trained_on and real is None:
         raise RuntimeError(
             f"the weights in {layout.weights_dir} were trained on real images "
             f"({', '.join(trained_on)}) and their calibration is stale; recalibrating them "
