@@ -250,12 +250,6 @@ def calibrate_checkpoints(layout: BuildLayout, preset, log: Progress, real=None)
     from marrowdx.training.data import prepare_cohort
 
     trained_on = real_sets_trained_on(read_metadata(layout.checkpoint("classifier")))
-    if trained_on and real is not None and real.empty:
-        log(
-            f"warning: the calibration slice of {', '.join(trained_on)} is empty (too few "
-            "images): the familiarity limit is fitted on simulated cells alone and may call "
-            "real cells unfamiliar"
-        )
     if trained_on and real is None:
         raise RuntimeError(
             f"the weights in {layout.weights_dir} were trained on real images "
@@ -263,6 +257,12 @@ def calibrate_checkpoints(layout: BuildLayout, preset, log: Progress, real=None)
             "needs those sets' held-out calibration slice, or the familiarity limit would be "
             f"fitted on simulated cells alone: run `marrowdx train --preset {preset.name} "
             "--data DIR ...` with the same folders (docs/model_card.md)"
+        )
+    if trained_on and real.empty:
+        log(
+            f"warning: the calibration slice of {', '.join(trained_on)} is empty (too few "
+            "images): the familiarity limit is fitted on simulated cells alone and may call "
+            "real cells unfamiliar"
         )
     settings = held_out_settings(preset.name)
     seed = settings.seed(preset.seed)
