@@ -78,6 +78,22 @@ REAL_AUGMENT = AugmentSpec(
     scale_probability=0.0,
 )
 
+#: For the classifier's real cells: REAL_AUGMENT's detail (no blur, no JPEG) with a dye-colour
+#: change (per-channel OD gain and OD mixing) more than twice the simulated fields', on half
+#: the cells. Real crops come from one lab: with milder colour the classifier learnt that
+#: lab's granule hue, and called peripheral-blood neutrophils of other labs eosinophils or
+#: monocytes; on every cell it lost the colour that tells a lab's not-identifiable cells from
+#: lymphocytes (README "Real cells"). The detector's real windows keep REAL_AUGMENT.
+REAL_CELL_AUGMENT = AugmentSpec(
+    probability=0.5,
+    od_channel_gain=0.35,
+    od_mixing=0.35,
+    noise_sigma=3.0,
+    blur_probability=0.0,
+    jpeg_probability=0.0,
+    scale_probability=0.0,
+)
+
 
 #: Optical density of each uint8 grey level (0 clamped to 1: OD stays finite).
 _OD_LUT = -np.log(np.maximum(np.arange(256, dtype=np.float32), 1.0) / np.float32(WHITE))

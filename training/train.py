@@ -259,7 +259,7 @@ def real_classifier_batch(
         if not xs:
             continue
         pixels = model.normalize(
-            torch.from_numpy(np.stack([photometric(x, preset.real_augment, rng) for x in xs]))
+            torch.from_numpy(np.stack([photometric(x, preset.cls_real_augment, rng) for x in xs]))
         )
         box_t = torch.from_numpy(jitter_boxes(np.stack(bs), rng))
         size = (pixels.shape[2], pixels.shape[3])

@@ -186,6 +186,42 @@ def test_real_images_take_their_own_milder_augmentation() -> None:
         assert spec.stain_scale < PRESETS[name].augment.stain_scale
 
 
+def test_classifier_real_cells_take_their_own_wide_colour_augmentation() -> None:
+    """The classifier's real cells are augmented by ``preset.cls_real_augment`` alone (not
+    the detector windows' ``real_augment``), and the trained presets' keeps a real cell's
+    fine detail while changing the dye colour more widely than the simulated fields'."""
+    from marrowdx.models.networks import CellClassifier
+    from marrowdx.training import augment, train
+    from marrowdx.training.presets import PRESETS, get_preset
+
+    real = _committed_real()
+    base = get_preset("tiny")
+    colour = augment.AugmentSpec(probability=1.0, od_mixing=0.5, noise_probability=0.0)
+    plain = dataclasses.replace(
+        base,
+        augment=augment.NO_AUGMENT,
+        real_augment=augment.NO_AUGMENT,
+        cls_real_augment=augment.NO_AUGMENT,
+    )
+    variants = {
+        "plain": plain,
+        "windows_only": dataclasses.replace(plain, real_augment=colour),
+        "cells": dataclasses.replace(plain, cls_real_augment=colour),
+    }
+    model = CellClassifier(base.classifier).eval()
+    crops = {
+        name: train.real_classifier_batch(model, real, p, np.random.default_rng(5))[0]
+        for name, p in variants.items()
+    }
+    assert torch.equal(crops["plain"], crops["windows_only"])
+    assert not torch.equal(crops["plain"], crops["cells"])
+    for name in ("reference", "tiny"):
+        spec, simulated = PRESETS[name].cls_real_augment, PRESETS[name].augment
+        assert spec.enabled and spec.blur_probability == 0 and spec.jpeg_probability == 0
+        assert spec.od_mixing > 2 * simulated.od_mixing
+        assert spec.od_channel_gain > 2 * simulated.od_channel_gain
+
+
 @pytest.mark.slow
 def test_trainers_take_real_images_beside_the_simulated_cohort(tmp_path: Path) -> None:
     from marrowdx.simulate import simulate_cohort
