@@ -13,6 +13,7 @@ from marrowdx import taxonomy
 from marrowdx.models.networks import (
     OD_WHITE,
     STAIN_GAIN_LIMITS,
+    STAIN_POOL,
     STAIN_TARGET_OD,
     STAIN_TOP_FRACTION,
     StainNormalizer,
@@ -70,6 +71,23 @@ def test_background_goes_to_white_and_stain_strength_to_the_target(field: np.nda
     assert float(od.amin()) == 0.0  # the brightest area is the zero of OD
     top = torch.topk(od, int(od.shape[1] * STAIN_TOP_FRACTION), dim=1).values.mean(1)
     torch.testing.assert_close(top, torch.tensor(STAIN_TARGET_OD), rtol=0.2, atol=0.0)
+
+
+def test_camera_black_is_not_stain(field: np.ndarray) -> None:
+    """Black (a round field of view's corners, a black margin) is left out of the stain
+    statistics: half a field beside black normalises as the same half beside its own mirror
+    image (the same stain, twice). Counted as stain, the black had set the strength and left
+    the cells faint."""
+    half = field[:, : field.shape[1] // 2]
+    beside_black = np.concatenate([half, np.zeros_like(half)], axis=1)
+    beside_mirror = np.concatenate([half, half[:, ::-1]], axis=1)
+    away = half.shape[1] - 2 * STAIN_POOL  # the fringe next to black is shown as background
+    with torch.no_grad():
+        black = StainNormalizer()(_chw(beside_black))[0]
+        mirror = StainNormalizer()(_chw(beside_mirror))[0]
+    assert float((black - mirror)[..., :away].abs().mean()) < 0.01 * float(mirror.mean())
+    fringe = half.shape[1] - STAIN_POOL
+    assert float(black[..., fringe:].abs().max()) == 0.0  # black and its fringe: background
 
 
 @pytest.mark.parametrize("value", [0, 114, 255])
