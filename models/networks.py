@@ -47,9 +47,10 @@ STAIN_GAIN_LIMITS = (0.25, 4.0)
 #: with the blocks around it (where a black edge fades into the field, resampling and JPEG
 #: leave a grey band that reads as dark stain), is left out of the stain statistics and
 #: shown as background. Even the densest nucleus passes one channel far above it. Counted as
-#: stain, black corners set the strength and left the cells faint: 44% of a blood field's
-#: cells were lost (README "Real cells"); shown as stain, their edge drew a ring the
-#: detector found cells on. Found on the pooled grid: no extra pass over the pixels.
+#: stain, black corners set the strength and left the cells faint: 44% of blood fields'
+#: white cells were lost (README "Under other labs' stain..."); shown as stain, their edge
+#: drew a ring the detector found cells on. Found on the pooled grid; applying the mask is
+#: one more multiply over the field (docs/performance.md).
 STAIN_BLACK_LEVEL = 32.0
 #: Optical density of a grey level v is ln(OD_WHITE / (v + 1)): 255 -> 0, 0 -> finite.
 OD_WHITE = 256.0
