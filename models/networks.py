@@ -87,12 +87,13 @@ class StainNormalizer(nn.Module):
         brightest = F.avg_pool2d(pooled, BACKGROUND_BLOCK).amax(dim=(2, 3), keepdim=True)
         lit = self.lit_blocks(pooled)  # [B,1,h,w]: 0 on camera black and around it
         stained = (F.relu(brightest - pooled) * lit).flatten(2)  # pooled OD above background
-        top = max(1, int(stained.shape[2] * STAIN_TOP_FRACTION))
+        darkest_count = stained.shape[2] * STAIN_TOP_FRACTION  # of the whole field
+        top = max(1, int(darkest_count))
         darkest = torch.topk(stained, top, dim=2).values.unsqueeze(2)  # [B,3,1,top], sorted
         # The darkest STAIN_TOP_FRACTION of the lit blocks: the first ``take`` of ``darkest``
         # (all of them when nothing is black, so such fields normalise exactly as before).
         lit_share = F.avg_pool2d(lit, (int(lit.shape[2]), int(lit.shape[3])))  # [B,1,1,1]
-        take = torch.clamp(lit_share * (stained.shape[2] * STAIN_TOP_FRACTION), min=1.0)
+        take = torch.clamp(lit_share * darkest_count, min=1.0)
         rank = torch.arange(top, dtype=pooled.dtype, device=pooled.device).reshape(1, 1, 1, -1)
         weight = (rank < take).to(pooled.dtype)  # [B,1,1,top]
         # Means as average pools, not ReduceMean: ONNX Runtime's ReduceMean sums in an order
