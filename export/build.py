@@ -282,7 +282,7 @@ def calibrate_checkpoints(layout: BuildLayout, preset, log: Progress, real=None)
         real_cells = real_cell_features(
             ckpts["classifier"].model, real, seed=seed, detector=ckpts["detector"].model
         )
-        log(f"familiarity: {len(real_cells[0])} held-out real cells beside the simulated ones")
+        log(f"familiarity and real-cell temperature: {len(real_cells)} held-out real cells")
     result = calibrate_models(
         ckpts["detector"].model,
         ckpts["classifier"].model,

@@ -177,6 +177,71 @@ class Temperature(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
+class RealCellTemperature(Temperature):
+    """The class head's temperature, which depends on how much a cell looks like the real
+    cells the weights were calibrated on rather than the simulated ones:
+    ``T = value + real_offset * sigmoid(hidden . gate_weight + gate_bias)``.
+
+    Why: one temperature fitted on simulated cells (whose exact classes are known) is far too
+    sharp on real cells, which the classifier gets wrong more often, and one temperature for
+    both was too soft on the simulated cells (README "Unfamiliar cells"). A linear gate on
+    the penultimate features, fitted after training to tell held-out simulated from held-out
+    real cells (:func:`marrowdx.training.calibration.fit_real_temperature`), picks each
+    cell's temperature between the two fits. Persistent buffers, as for :class:`Temperature`,
+    so both serving targets carry it (ops: MatMul, Add, Sigmoid, Mul, Div). With
+    ``real_offset`` 0 (unfitted, or a checkpoint from before it) it is exactly
+    :class:`Temperature`; argmax never changes.
+    """
+
+    def __init__(self, features: int) -> None:
+        super().__init__()
+        self.register_buffer("real_offset", torch.zeros((), dtype=torch.float32))
+        self.register_buffer("gate_weight", torch.zeros(features, dtype=torch.float32))
+        self.register_buffer("gate_bias", torch.zeros((), dtype=torch.float32))
+
+    def set(self, temperature: float) -> None:
+        """One temperature for every cell (clears a real-cell fit)."""
+        super().set(temperature)
+        self.real_offset.zero_()
+        self.gate_weight.zero_()
+        self.gate_bias.zero_()
+
+    def set_real(self, temperature: float, gate_weight: torch.Tensor, gate_bias: float) -> None:
+        """The real cells' temperature and the gate; call after :meth:`set`."""
+        if not (math.isfinite(temperature) and temperature > 0):
+            raise ValueError(f"a temperature must be a positive finite number, got {temperature}")
+        if tuple(gate_weight.shape) != tuple(self.gate_weight.shape):
+            raise ValueError(
+                f"the gate is {list(gate_weight.shape)}, expected {list(self.gate_weight.shape)}"
+            )
+        if not (math.isfinite(gate_bias) and bool(torch.isfinite(gate_weight).all())):
+            raise ValueError("the real-cell gate must be finite")
+        self.real_offset.fill_(float(temperature) - float(self.value))
+        self.gate_weight.copy_(gate_weight)
+        self.gate_bias.fill_(float(gate_bias))
+
+    def realness(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Features [..., F] -> the gate in [0, 1] [...]: 1 for cells like the real ones."""
+        return torch.sigmoid(torch.matmul(hidden, self.gate_weight) + self.gate_bias)
+
+    def cell_temperatures(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Features [..., F] -> each cell's temperature [...]."""
+        return self.value + self.real_offset * self.realness(hidden)
+
+    def forward(self, logits: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return logits / self.cell_temperatures(hidden).unsqueeze(-1)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        # checkpoints from before the real-cell temperature have none: one temperature
+        for name, default in (
+            ("real_offset", torch.zeros(())),
+            ("gate_weight", torch.zeros_like(self.gate_weight)),
+            ("gate_bias", torch.zeros(())),
+        ):
+            state_dict.setdefault(prefix + name, default)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+
 #: Lowest served familiarity: far beyond the limit the exact distance says nothing more, and a
 #: bound keeps the output finite in fp16 engines.
 FAMILIARITY_FLOOR = -1000.0
@@ -456,7 +521,7 @@ class CellClassifier(nn.Module):
         self.class_head = nn.Linear(spec.hidden, spec.n_classes)
         self.attribute_head = nn.Linear(spec.hidden, spec.n_attributes)
         # fitted after training on a held-out cohort; 1 (identity) until then
-        self.class_temperature = Temperature()
+        self.class_temperature = RealCellTemperature(spec.hidden)
         self.attribute_temperature = Temperature()
         # fitted after training on held-out cells; flags nothing until then
         self.familiarity = Familiarity(spec.hidden, spec.n_classes)
@@ -523,7 +588,7 @@ class CellClassifier(nn.Module):
         normalised = self.normalize(pixels)
         cls, att, hidden = self.classify_crops_with_features(self.crops(normalised, boxes), boxes)
         mask = self.row_mask(num_detections, boxes.shape[1], cls.dtype)  # [B,K,1]
-        class_probs = torch.softmax(self.class_temperature(cls), dim=-1) * mask
+        class_probs = torch.softmax(self.class_temperature(cls, hidden), dim=-1) * mask
         attribute_probs = torch.sigmoid(self.attribute_temperature(att)) * mask
         winner = torch.argmax(cls, dim=-1, keepdim=True)  # [B,K,1]
         one_hot = (winner == self.class_ids).to(cls.dtype)

@@ -25,8 +25,9 @@ from marrowdx import config
 #: Bump when the fitting or the held-out data change, so existing checkpoints are recalibrated
 #: (3: the familiarity score is fitted too; 4: on real cells too, when given; 5: those real
 #: cells are a calibration slice held out of training, classified in the detector's boxes,
-#: and bound the limit as their own population).
-CALIBRATION_VERSION = 5
+#: and bound the limit as their own population; 6: the class head's temperature is fitted on
+#: those real cells too, behind a gate that tells them from simulated ones).
+CALIBRATION_VERSION = 6
 #: Metadata key (checkpoint metadata and ONNX metadata_props) holding the fitted numbers.
 METADATA_KEY = config.CALIBRATION_METADATA_KEY
 #: Range the fitted temperature is kept in: outside it the held-out data say nothing useful
@@ -63,6 +64,18 @@ FAMILIARITY_FOLDS = 10
 #: cell unfamiliar, and fitted on training cells it flagged many new cells of the same labs
 #: (README "Unfamiliar cells"). A few thousand suffice for 33 means and one shared covariance.
 REAL_FAMILIARITY_CELLS = 4000
+#: The real-cell temperature (``networks.RealCellTemperature``) is fitted on the real cells
+#: whose label allows at most this share of the classes: a "white cell" label allows nearly
+#: every class and says nothing about how sure the classifier may be of one.
+REAL_TEMPERATURE_MAX_ALLOWED_SHARE = 0.5
+#: Fewer such cells than this and the real-cell temperature is not fitted (one temperature,
+#: the simulated cells', as before): a few dozen cells fix a scalar, a handful do not.
+REAL_TEMPERATURE_MIN_CELLS = 30
+#: L2 penalty of the real-cell gate's logistic regression (on standardised features, each
+#: population weighted equally): held-out simulated and real cells are nearly separable, and
+#: without it the weights grow until the gate is a step that any new lab's cell may fall
+#: either side of.
+REAL_GATE_L2 = 1e-3
 
 
 @dataclass(frozen=True)
@@ -431,16 +444,28 @@ def _true_box_features(classifier, data) -> tuple[np.ndarray, np.ndarray, np.nda
     )
 
 
+@dataclass(frozen=True)
+class RealCells:
+    """Real cells held out of training, as the classifier sees them when served."""
+
+    features: np.ndarray  # [N, hidden] penultimate features
+    logits: np.ndarray  # [N, 33] class logits (before any temperature)
+    allowed: np.ndarray  # bool [N, 33]: the classes each cell's label allows
+
+    def __len__(self) -> int:
+        return len(self.features)
+
+
 def real_cell_features(
     classifier,
     real,
     max_cells: int = REAL_FAMILIARITY_CELLS,
     seed: int = 0,
     detector=None,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Penultimate features [N, F] and class logits [N, 33] of real cells held out of
-    training (``training.real_data.RealData`` of the calibration slice: single-cell crops and
-    the labelled cells of fields), each at the models' input spacing on a mirror-padded
+) -> RealCells:
+    """Penultimate features, class logits and label of real cells held out of training
+    (``training.real_data.RealData`` of the calibration slice: single-cell crops and the
+    labelled cells of fields), each at the models' input spacing on a mirror-padded
     field-sized canvas, as the client sends a small image. With ``detector`` each cell is
     classified in the box the detector gives it (:func:`detected_boxes`), as served: the
     boxes a crop set's segmentation or a field's annotator drew are not the boxes served
@@ -454,56 +479,191 @@ def real_cell_features(
     rng = np.random.default_rng(seed)
     share = max_cells // (bool(real.crops) + bool(real.fields) or 1)
     size = config.INPUT_SIZE
-    canvases: list[tuple[np.ndarray, np.ndarray]] = []  # (CHW pixels, boxes [K, 4])
+    # (CHW pixels, boxes [K, 4], allowed [K, 33])
+    canvases: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
     for pool in (real.crops, real.fields):
         taken = 0
         for i in rng.permutation(len(pool)):
             if taken >= share:
                 break
-            pixels, _, originals = place_field(pool[int(i)], 1.0, rng, size)
+            image = pool[int(i)]
+            pixels, _, originals = place_field(image, 1.0, rng, size)
             inside = (originals[:, :2] >= 0).all(1) & (originals[:, 2:] <= size).all(1)
             boxes = originals[inside][: share - taken]
+            allowed = image.allowed[inside][: share - taken]
             if detector is not None and len(boxes):
-                boxes = detected_boxes(detector, pixels, boxes)
+                boxes, rows = detected_boxes(detector, pixels, boxes)
+                allowed = allowed[rows]
             if len(boxes):
-                canvases.append((pixels, boxes))
+                canvases.append((pixels, boxes, allowed))
                 taken += len(boxes)
     feats, logits = [], []
     with torch.no_grad():
-        for pixels, boxes in canvases:
+        for pixels, boxes, _ in canvases:
             x = classifier.normalize(torch.from_numpy(pixels[None]))
             b = torch.from_numpy(np.asarray(boxes, np.float32)[None])
             cls, _, hidden = classifier.classify_crops_with_features(classifier.crops(x, b), b)
             feats.append(hidden[0].numpy())
             logits.append(cls[0].numpy())
     if not feats:
-        return np.zeros((0, classifier.spec.hidden)), np.zeros((0, config.N_CLASSES))
-    return np.concatenate(feats).astype(np.float64), np.concatenate(logits).astype(np.float64)
+        return RealCells(
+            np.zeros((0, classifier.spec.hidden)),
+            np.zeros((0, config.N_CLASSES)),
+            np.zeros((0, config.N_CLASSES), bool),
+        )
+    return RealCells(
+        np.concatenate(feats).astype(np.float64),
+        np.concatenate(logits).astype(np.float64),
+        np.concatenate([c[2] for c in canvases]).astype(bool),
+    )
 
 
-def detected_boxes(detector, pixels: np.ndarray, labelled: np.ndarray) -> np.ndarray:
+def detected_boxes(
+    detector, pixels: np.ndarray, labelled: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
     """For each labelled box [K, 4] on a canvas (CHW uint8), the detector's box that holds
     the labelled box's centre, the nearest-centred if several (``evaluate --data`` takes a
     crop's centre cell the same way, and also a box near the centre that does not hold it;
     a fit takes only cells it can pair with certainty); labelled cells the detector missed
-    are left out."""
+    are left out. Returns the boxes [M, 4] and the labelled rows they belong to [M]."""
     import torch
 
     with torch.no_grad():
         boxes, _, num = detector(torch.from_numpy(np.ascontiguousarray(pixels)[None]))
     found = boxes[0, : int(num[0, 0])].numpy().astype(np.float64)
-    if not len(found):
-        return np.zeros((0, 4), np.float32)
-    centres = (found[:, :2] + found[:, 2:]) / 2
-    out = []
-    for x0, y0, x1, y1 in np.asarray(labelled, np.float64):
-        cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
-        holds = (found[:, 0] <= cx) & (cx <= found[:, 2])
-        holds &= (found[:, 1] <= cy) & (cy <= found[:, 3])
-        if holds.any():
-            d = np.hypot(centres[:, 0] - cx, centres[:, 1] - cy)
-            out.append(found[int(np.argmin(np.where(holds, d, np.inf)))])
-    return np.asarray(out, np.float32).reshape(-1, 4)
+    out, rows = [], []
+    if len(found):
+        centres = (found[:, :2] + found[:, 2:]) / 2
+        for row, (x0, y0, x1, y1) in enumerate(np.asarray(labelled, np.float64)):
+            cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
+            holds = (found[:, 0] <= cx) & (cx <= found[:, 2])
+            holds &= (found[:, 1] <= cy) & (cy <= found[:, 3])
+            if holds.any():
+                d = np.hypot(centres[:, 0] - cx, centres[:, 1] - cy)
+                out.append(found[int(np.argmin(np.where(holds, d, np.inf)))])
+                rows.append(row)
+    return np.asarray(out, np.float32).reshape(-1, 4), np.asarray(rows, np.int64)
+
+
+# ------------------------------------------------------------------ real-cell temperature
+def partial_label_nll(logits: np.ndarray, allowed: np.ndarray, temperatures: np.ndarray) -> float:
+    """Mean -log of the probability a label's allowed classes get together, each row at its
+    own temperature: a group label ("blast") is scored on the group, never on one class."""
+    z = np.asarray(logits, np.float64) / np.asarray(temperatures, np.float64)[:, None]
+    z = z - z.max(1, keepdims=True)
+    log_total = np.log(np.exp(z).sum(1))
+    log_allowed = np.log(np.maximum((np.exp(z) * allowed).sum(1), np.finfo(np.float64).tiny))
+    return float(np.mean(log_total - log_allowed))
+
+
+def fit_real_gate(
+    simulated: np.ndarray, real: np.ndarray, l2: float = REAL_GATE_L2
+) -> tuple[np.ndarray, float]:
+    """Logistic regression from penultimate features to "a real cell" (weight [F], bias),
+    fitted by Newton's method with an L2 penalty, both populations weighted equally however
+    many cells each has. Standardised inside, returned on the raw features."""
+    x = np.concatenate([simulated, real]).astype(np.float64)
+    y = np.r_[np.zeros(len(simulated)), np.ones(len(real))]
+    weight = np.r_[
+        np.full(len(simulated), 0.5 / len(simulated)), np.full(len(real), 0.5 / len(real))
+    ]
+    mean, scale = x.mean(0), x.std(0) + 1e-6
+    design = np.hstack([(x - mean) / scale, np.ones((len(x), 1))])
+    penalty = np.r_[np.full(x.shape[1], 2 * l2), 0.0]
+
+    def loss(theta: np.ndarray) -> float:
+        margin = design @ theta
+        bce = np.logaddexp(0.0, margin) - y * margin
+        return float(weight @ bce + 0.5 * penalty @ theta**2)
+
+    theta = np.zeros(design.shape[1])
+    for _ in range(100):
+        p = 1.0 / (1.0 + np.exp(-(design @ theta)))
+        grad = design.T @ (weight * (p - y)) + penalty * theta
+        hessian = (design * (weight * p * (1 - p))[:, None]).T @ design + np.diag(penalty)
+        step = np.linalg.solve(hessian + 1e-9 * np.eye(len(theta)), grad)
+        before, size = loss(theta), 1.0
+        while size > 1e-4 and loss(theta - size * step) > before:
+            size /= 2
+        theta = theta - size * step
+        if np.abs(size * step).max() < 1e-8:
+            break
+    w = theta[:-1] / scale
+    return w, float(theta[-1] - w @ mean)
+
+
+def gate_realness(features: np.ndarray, weight: np.ndarray, bias: float) -> np.ndarray:
+    """The real-cell gate of features [N, F]: numpy's twin of ``RealCellTemperature.realness``."""
+    return 1.0 / (1.0 + np.exp(-(np.asarray(features, np.float64) @ weight + bias)))
+
+
+@dataclass(frozen=True)
+class RealTemperatureFit:
+    """The class head's real-cell temperature and gate (``networks.RealCellTemperature``)."""
+
+    temperature: float
+    gate_weight: np.ndarray  # [F], on the raw penultimate features
+    gate_bias: float
+    nll_before: float  # partial-label NLL of the real cells at the simulated cells' temperature
+    nll_after: float
+    n_samples: int  # real cells with a label narrow enough to fit on
+    realness_simulated: float  # mean gate on the held-out simulated cells
+    realness_real: float  # mean gate on the real cells
+
+    def realness(self, features: np.ndarray) -> np.ndarray:
+        return gate_realness(features, self.gate_weight, self.gate_bias)
+
+    def apply(self, classifier) -> None:
+        """Write into the classifier's class temperature; after its simulated fit is set."""
+        import torch
+
+        weight = torch.as_tensor(self.gate_weight, dtype=torch.float32)
+        classifier.class_temperature.set_real(self.temperature, weight, self.gate_bias)
+
+    def as_dict(self) -> dict[str, float | int]:
+        out = {k: v for k, v in asdict(self).items() if k != "gate_weight"}
+        return {k: (round(v, 6) if isinstance(v, float) else v) for k, v in out.items()}
+
+
+def fit_real_temperature(
+    simulated_features: np.ndarray, real: RealCells, simulated_temperature: float
+) -> RealTemperatureFit | None:
+    """Fit the gate on held-out simulated against held-out real cells, then the real cells'
+    temperature by their partial-label NLL with each cell at its gated temperature (a 1-D
+    search on log T), never below the simulated cells' T. None when too few real cells carry
+    a narrow enough label."""
+    narrow = real.allowed.sum(1) <= REAL_TEMPERATURE_MAX_ALLOWED_SHARE * config.N_CLASSES
+    narrow &= real.allowed.any(1)
+    if int(narrow.sum()) < REAL_TEMPERATURE_MIN_CELLS or not len(simulated_features):
+        return None
+    weight, bias = fit_real_gate(simulated_features, real.features)
+    gate = gate_realness(real.features[narrow], weight, bias)
+    logits, allowed = real.logits[narrow], real.allowed[narrow]
+
+    def nll(t: float) -> float:
+        return partial_label_nll(
+            logits, allowed, simulated_temperature + (t - simulated_temperature) * gate
+        )
+
+    grid = np.geomspace(MIN_TEMPERATURE, MAX_TEMPERATURE, 241)
+    best = int(np.argmin([nll(t) for t in grid]))
+    lo, hi = np.log(grid[max(best - 1, 0)]), np.log(grid[min(best + 1, len(grid) - 1)])
+    for _ in range(FIT_STEPS):  # golden section between the best grid point's neighbours
+        a, b = hi - 0.618 * (hi - lo), lo + 0.618 * (hi - lo)
+        lo, hi = (lo, b) if nll(float(np.exp(a))) < nll(float(np.exp(b))) else (a, hi)
+    # never sharper than the simulated cells' fit: a group label is satisfied by any class of
+    # the group, so the partial-label NLL cannot see confident errors within a group
+    t = max(float(np.exp((lo + hi) / 2)), simulated_temperature)
+    return RealTemperatureFit(
+        temperature=t,
+        gate_weight=weight,
+        gate_bias=bias,
+        nll_before=nll(simulated_temperature),
+        nll_after=nll(t),
+        n_samples=int(narrow.sum()),
+        realness_simulated=float(gate_realness(simulated_features, weight, bias).mean()),
+        realness_real=float(gate_realness(real.features, weight, bias).mean()),
+    )
 
 
 # --------------------------------------------------------------- held-out logits (torch)
@@ -589,6 +749,7 @@ class ModelCalibration:
     diagnosis: HeadCalibration
     cohort: dict
     familiarity: FamiliarityFit | None = None
+    real_classes: RealTemperatureFit | None = None
 
     def classifier_metadata(self) -> dict:
         out = {
@@ -599,6 +760,8 @@ class ModelCalibration:
         }
         if self.familiarity is not None:
             out["familiarity"] = self.familiarity.as_dict()
+        if self.real_classes is not None:
+            out["real_classes"] = self.real_classes.as_dict()
         return out
 
     def diagnosis_metadata(self) -> dict:
@@ -617,16 +780,17 @@ def calibrate_models(
     settings: HeldOutSettings,
     seed: int,
     log: Callable[[str], None] = lambda _m: None,
-    real_cells: tuple[np.ndarray, np.ndarray] | None = None,
+    real_cells: RealCells | None = None,
 ) -> ModelCalibration:
     """Fit the classifier's class and attribute temperatures and the diagnosis model's on a
     prepared held-out cohort, and write them into the models' buffers (in place).
 
-    ``real_cells``: features and class logits of real cells held out of training
-    (:func:`real_cell_features`), fitted into the familiarity score beside the held-out
-    simulated cells (each real cell its own fold unit; the limit flags at most ``1 -
-    FAMILIARITY_QUANTILE`` of either, out of fold); the temperatures stay fitted on the
-    simulated cells, whose exact classes are known."""
+    ``real_cells``: real cells held out of training (:func:`real_cell_features`), fitted
+    into the familiarity score beside the held-out simulated cells (each real cell its own
+    fold unit; the limit flags at most ``1 - FAMILIARITY_QUANTILE`` of either, out of fold)
+    and into the class head's real-cell temperature (:func:`fit_real_temperature`: the
+    simulated cells' T stays the one their exact classes give). The attribute and diagnosis
+    temperatures are fitted on simulated data alone (no real cell has attribute labels)."""
     cells = held_out_cells(detector, classifier, data)
     classes = calibrate_head(cells.class_logits, cells.labels)
     attributes = calibrate_head(
@@ -638,17 +802,34 @@ def calibrate_models(
     try:
         features, logits, images = cells.features, cells.class_logits, cells.image_index
         sources = np.zeros(len(features), np.int64)
-        if real_cells is not None and len(real_cells[0]):
+        if real_cells is not None and len(real_cells):
             first = int(images.max()) + 1 if len(images) else 0
-            features = np.concatenate([features, real_cells[0]])
-            logits = np.concatenate([logits, real_cells[1]])
-            images = np.concatenate([images, first + np.arange(len(real_cells[0]))])
-            sources = np.concatenate([sources, np.ones(len(real_cells[0]), np.int64)])
+            features = np.concatenate([features, real_cells.features])
+            logits = np.concatenate([logits, real_cells.logits])
+            images = np.concatenate([images, first + np.arange(len(real_cells))])
+            sources = np.concatenate([sources, np.ones(len(real_cells), np.int64)])
         familiar = fit_familiarity_features(features, logits.argmax(1), images, sources=sources)
     except ValueError as exc:  # too few held-out cells per class: served unfitted (flags none)
         familiar = None
         log(f"familiarity not fitted: {exc}")
-    classifier.class_temperature.set(classes.temperature)
+    real_temperature = None
+    if real_cells is not None and len(real_cells):
+        real_temperature = fit_real_temperature(cells.features, real_cells, classes.temperature)
+        if real_temperature is None:
+            log(
+                f"real-cell temperature not fitted: fewer than {REAL_TEMPERATURE_MIN_CELLS} real"
+                " cells with a class or group label; real cells take the simulated cells' T"
+            )
+    classifier.class_temperature.set(classes.temperature)  # also clears a former real fit
+    if real_temperature is not None:
+        real_temperature.apply(classifier)
+        log(
+            f"calibrated real cells: T={real_temperature.temperature:.3f}, partial-label NLL"
+            f" {real_temperature.nll_before:.3f} -> {real_temperature.nll_after:.3f}"
+            f" ({real_temperature.n_samples} cells; mean gate: real cells"
+            f" {real_temperature.realness_real:.2f}, simulated"
+            f" {real_temperature.realness_simulated:.2f})"
+        )
     classifier.attribute_temperature.set(attributes.temperature)
     diagnosis.temperature.set(diag.temperature)
     if familiar is not None:
@@ -667,9 +848,9 @@ def calibrate_models(
         "seed": seed,
         "matched_cells": int(len(cells.labels)),
         "diagnosis_patients": settings.diagnosis_patients,
-        "real_familiarity_cells": 0 if real_cells is None else int(len(real_cells[0])),
+        "real_familiarity_cells": 0 if real_cells is None else int(len(real_cells)),
     }
-    return ModelCalibration(classes, attributes, diag, cohort, familiar)
+    return ModelCalibration(classes, attributes, diag, cohort, familiar, real_temperature)
 
 
 def is_calibrated(metadata: dict | None) -> bool:

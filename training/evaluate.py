@@ -206,7 +206,9 @@ def calibration_fields(
 ) -> dict[str, float]:
     """ECE before/after calibration for cells (matched ``probs`` vs true ``labels``) and
     patients, and what the unidentified rule flags; "before" is recovered from the served
-    probabilities and the temperatures stored in the ONNX files."""
+    probabilities and the temperatures stored in the ONNX files (the cells' with the
+    simulated cells' T: exact where the real-cell gate is shut, as on simulated cohorts,
+    where it averages 0.02)."""
     from marrowdx.serving.onnx_artifacts import read_calibration
     from marrowdx.training import calibration as cal
 

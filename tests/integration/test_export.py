@@ -162,6 +162,28 @@ def test_calibrated_export_serves_the_temperature_and_carries_it(kind: str, tmp_
     assert onnx_artifacts.read_calibration(plain) is None
 
 
+def test_real_cell_temperature_is_part_of_the_exported_graph(tmp_path) -> None:
+    """With a real-cell gate fitted, ONNX Runtime serves each cell at its own temperature, as
+    torch does, and the probabilities differ from one temperature's (the gate is in the
+    graph, not dropped as a constant)."""
+    torch.manual_seed(0)
+    model = SMALL["classifier"]().eval()
+    model.class_temperature.set(0.5)
+    inputs = onnx_export.random_inputs("classifier", 2, seed=3)
+    plain = onnx_export.export_onnx(model, "classifier", tmp_path / "one_t.onnx", {})
+    model.class_temperature.set_real(3.0, torch.randn(model.spec.hidden) * 2.0, 0.0)
+    gated = onnx_export.export_onnx(model, "classifier", tmp_path / "gated.onnx", {})
+    report = onnx_export.compare_with_torch(model, "classifier", gated, [inputs])
+    assert report.ok, report.failures
+    assert report.max_abs[T.class_probs] <= onnx_export.PROB_TOLERANCE
+    names_in, names_out = onnx_export.IO_NAMES["classifier"]
+    feeds = {n: t.numpy() for n, t in zip(names_in, inputs, strict=True)}
+    one_t, per_cell = (
+        onnx_artifacts.ort_session(path).run([names_out[0]], feeds)[0] for path in (plain, gated)
+    )
+    assert np.abs(one_t - per_cell).max() > 10 * onnx_export.PROB_TOLERANCE
+
+
 # ------------------------------------------------------------------- tiny trained models
 @pytest.fixture(scope="session")
 def tiny_models():

@@ -13,6 +13,7 @@ from marrowdx.models.networks import (
     ClassifierSpec,
     DiagnosisModel,
     DiagnosisSpec,
+    RealCellTemperature,
     Temperature,
 )
 from marrowdx.training import calibration as cal
@@ -166,3 +167,89 @@ def test_served_temperature_defaults_to_one() -> None:
     before, after = cal.ece_before_after(probs, np.array([0, 1]), 2.0)
     assert after == pytest.approx(1 - probs.max(1).mean())
     assert before == pytest.approx(1 - cal.softmax(np.array([[4.0, 0.0]])).max())
+
+
+def test_real_cell_temperature_is_one_temperature_until_fitted() -> None:
+    """Unfitted (or loaded from a checkpoint without a gate) it divides every cell by one T;
+    fitted, each cell's T moves from the simulated cells' to the real cells' with the gate;
+    set() alone clears the real fit."""
+    head = RealCellTemperature(features=4)
+    head.set(0.5)
+    logits, hidden = torch.randn(3, 2, 33), torch.randn(3, 2, 4)
+    torch.testing.assert_close(head(logits, hidden), logits / 0.5)
+    head.set_real(2.0, torch.tensor([10.0, 0.0, 0.0, 0.0]), 0.0)
+    far = torch.tensor([[5.0, 0, 0, 0], [-5.0, 0, 0, 0]])
+    torch.testing.assert_close(
+        head.cell_temperatures(far), torch.tensor([2.0, 0.5]), atol=1e-6, rtol=0
+    )
+    state = head.state_dict()
+    reloaded = RealCellTemperature(features=4)
+    reloaded.load_state_dict(state)
+    torch.testing.assert_close(reloaded(logits, hidden), head(logits, hidden))
+    for key in ("real_offset", "gate_weight", "gate_bias"):
+        del state[key]  # a checkpoint from before the real-cell fit
+    reloaded.load_state_dict(state)
+    torch.testing.assert_close(reloaded(logits, hidden), logits / 0.5)
+    head.set(0.8)
+    torch.testing.assert_close(head(logits, hidden), logits / 0.8)
+    with pytest.raises(ValueError, match="gate"):
+        head.set_real(2.0, torch.zeros(3), 0.0)
+
+
+def _population(temperature: float, centre: float, n: int, seed: int):
+    """Features around ``centre`` and logits whose labels are drawn from softmax(z / T)."""
+    rng = np.random.default_rng(seed)
+    features = rng.normal(0.0, 1.0, (n, 6))
+    features[:, 0] += centre
+    z = rng.normal(0.0, 3.0, (n, config.N_CLASSES))
+    p = cal.softmax(z / temperature)
+    labels = (p.cumsum(1) > rng.random((n, 1))).argmax(1)
+    allowed = np.zeros((n, config.N_CLASSES), bool)
+    allowed[np.arange(n), labels] = True
+    return features, z, labels, allowed
+
+
+def test_real_temperature_fit_finds_each_population_s_temperature() -> None:
+    """Simulated cells right at T = 0.5, real cells (elsewhere in feature space) at T = 2:
+    the gate tells them apart, the real fit finds T near 2, and the simulated cells keep
+    theirs. Labels as wide as "any white cell" say nothing and are not fitted on."""
+    sim_f, sim_z, sim_y, _ = _population(0.5, -3.0, 3000, seed=1)
+    real_f, real_z, _, real_a = _population(2.0, 3.0, 1500, seed=2)
+    t_sim = cal.fit_temperature(sim_z, sim_y)
+    assert t_sim == pytest.approx(0.5, rel=0.1)
+    fit = cal.fit_real_temperature(sim_f, cal.RealCells(real_f, real_z, real_a), t_sim)
+    assert fit is not None
+    assert fit.temperature == pytest.approx(2.0, rel=0.15)
+    assert fit.nll_after < fit.nll_before
+    assert fit.realness_real > 0.9 and fit.realness_simulated < 0.1
+    assert fit.n_samples == 1500 and "gate_weight" not in fit.as_dict()
+    # written into a classifier, its graph serves each population's temperature
+    model = CellClassifier(ClassifierSpec(widths=(8, 8, 8), hidden=6)).eval()
+    model.class_temperature.set(t_sim)
+    fit.apply(model)
+    temps = model.class_temperature.cell_temperatures(
+        torch.from_numpy(np.r_[sim_f, real_f]).float()
+    )
+    assert float(temps[:3000].median()) == pytest.approx(t_sim, rel=0.05)
+    assert float(temps[3000:].median()) == pytest.approx(fit.temperature, rel=0.05)
+    # "white cell" rows (most classes allowed) and too few narrow rows: no real fit
+    wide = np.ones_like(real_a)
+    assert cal.fit_real_temperature(sim_f, cal.RealCells(real_f, real_z, wide), t_sim) is None
+    few = cal.RealCells(real_f[:10], real_z[:10], real_a[:10])
+    assert cal.fit_real_temperature(sim_f, few, t_sim) is None
+
+
+def test_real_temperature_is_never_sharper_than_the_simulated_one() -> None:
+    """Real cells that are easier than the simulated ones keep the simulated T: partial
+    labels cannot show confident errors inside a group, so a sharper fit is not trusted."""
+    sim_f, sim_z, sim_y, _ = _population(2.0, -2.0, 2000, seed=3)
+    real_f, real_z, _, real_a = _population(0.5, 2.0, 800, seed=4)
+    t_sim = cal.fit_temperature(sim_z, sim_y)
+    fit = cal.fit_real_temperature(sim_f, cal.RealCells(real_f, real_z, real_a), t_sim)
+    assert fit is not None and fit.temperature == pytest.approx(t_sim)
+
+
+def test_partial_label_nll_scores_the_group() -> None:
+    logits = np.log(np.array([[0.5, 0.3, 0.2]]))
+    group = np.array([[True, True, False]])
+    assert cal.partial_label_nll(logits, group, np.ones(1)) == pytest.approx(-np.log(0.8))

@@ -301,8 +301,9 @@ def test_real_cells_are_classified_in_the_boxes_the_detector_gives_them() -> Non
 
     pixels = np.zeros((3, 128, 128), np.uint8)
     labelled = np.array([[10.0, 10, 50, 50], [200, 200, 220, 220], [95, 95, 125, 125]])
-    boxes = calibration.detected_boxes(detector, pixels, labelled)
+    boxes, rows = calibration.detected_boxes(detector, pixels, labelled)
     np.testing.assert_array_equal(boxes, [[8, 8, 52, 52], [100, 100, 120, 120]])
+    np.testing.assert_array_equal(rows, [0, 2])  # the labelled rows they pair with
 
 
 def test_held_out_real_cells_enter_the_familiarity_fit(tmp_path: Path) -> None:
@@ -318,15 +319,19 @@ def test_held_out_real_cells_enter_the_familiarity_fit(tmp_path: Path) -> None:
     torch.manual_seed(0)
     classifier = CellClassifier(get_preset("tiny").classifier).eval()
     field_cells = sum(len(f.boxes) for f in real.fields)
-    features, logits = calibration.real_cell_features(classifier, real, max_cells=1000)
+    cells = calibration.real_cell_features(classifier, real, max_cells=1000)
+    features = cells.features
     assert features.shape == (len(real.crops) + field_cells, classifier.spec.hidden)
-    assert logits.shape == (len(features), config.N_CLASSES)
-    few, _ = calibration.real_cell_features(classifier, real, max_cells=4)
+    assert cells.logits.shape == (len(features), config.N_CLASSES)
+    # each cell keeps its own label: every crop's and every field cell's allowed classes
+    labels = [c.allowed[0] for c in real.crops] + [a for f in real.fields for a in f.allowed]
+    assert sorted(map(tuple, cells.allowed)) == sorted(map(tuple, labels))
+    few = calibration.real_cell_features(classifier, real, max_cells=4)
     assert len(few) == 4  # two crops and two field cells
     # an untrained detector finds nothing: every cell is left out, none is made up
     nothing = CellDetector(get_preset("tiny").detector).eval()
-    missed, _ = calibration.real_cell_features(classifier, real, detector=nothing)
-    assert len(missed) == 0
+    missed = calibration.real_cell_features(classifier, real, detector=nothing)
+    assert len(missed) == 0 and missed.allowed.shape == (0, config.N_CLASSES)
     # simulated stand-ins: the real cells' own features, shifted far away
     rng = np.random.default_rng(0)
     sim = features[rng.integers(0, len(features), 200)] + 50.0
