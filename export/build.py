@@ -97,8 +97,25 @@ def _stamp(preset) -> str:
     return f"{preset.fingerprint()}-code{MODEL_CODE_VERSION}-render{RENDERER_VERSION}"
 
 
-def weights_current(layout: BuildLayout, preset, cohort_key: str | None = None) -> bool:
-    """True when all three checkpoints exist and were trained by this preset (and cohort)."""
+#: What identifies the real images a checkpoint was trained on (``RealData.description``):
+#: the same sets with the same training files give the same weights, wherever the folders are.
+REAL_DATA_KEYS = ("sets", "fields", "crops", "cells_in_fields", "files_sha")
+
+
+def same_real_data(metadata: dict | None, real_description: dict) -> bool:
+    """True when a checkpoint was trained on exactly the real training images described."""
+    trained = ((metadata or {}).get("training_data") or {}).get("real_data") or {}
+    return all(trained.get(k) == real_description.get(k) for k in REAL_DATA_KEYS)
+
+
+def weights_current(
+    layout: BuildLayout,
+    preset,
+    cohort_key: str | None = None,
+    real_description: dict | None = None,
+) -> bool:
+    """True when all three checkpoints exist and were trained by this preset (and cohort, and
+    with ``real_description`` on those real images)."""
     from marrowdx.models.checkpoints import CHECKPOINT_FORMAT, read_metadata
 
     for kind in KINDS:
@@ -108,6 +125,8 @@ def weights_current(layout: BuildLayout, preset, cohort_key: str | None = None) 
         if meta.get("checkpoint_format") != CHECKPOINT_FORMAT:
             return False
         if cohort_key and meta.get("training_data", {}).get("ground_truth_sha") != cohort_key:
+            return False
+        if real_description is not None and not same_real_data(meta, real_description):
             return False
     return True
 
@@ -154,9 +173,13 @@ def shipped_weights_dir() -> Path:
     return Path(checkpoints.__file__).resolve().parent / "weights" / SHIPPED_PRESET
 
 
-def install_shipped_weights(layout: BuildLayout, preset, log: Progress) -> bool:
+def install_shipped_weights(
+    layout: BuildLayout, preset, log: Progress, real_description: dict | None = None
+) -> bool:
     """Copy the shipped reference weights into the build when they were trained by this
-    code and preset (so a fresh clone serves them without training); False otherwise."""
+    code and preset (so a fresh clone serves them without training), and with
+    ``real_description`` on those real images (so ``--data`` with the sets they were trained
+    on recalibrates them instead of training for most of an hour); False otherwise."""
     import shutil
 
     source_dir = shipped_weights_dir()
@@ -169,6 +192,10 @@ def install_shipped_weights(layout: BuildLayout, preset, log: Progress) -> bool:
     stamps = {read_metadata(source_dir / f"{k}.pt").get("preset_fingerprint") for k in KINDS}
     if stamps != {_stamp(preset)}:
         log(f"shipped weights in {source_dir} are from other code ({stamps}); not used")
+        return False
+    if real_description is not None and not same_real_data(
+        read_metadata(source_dir / "classifier.pt"), real_description
+    ):
         return False
     layout.weights_dir.mkdir(parents=True, exist_ok=True)
     for kind in KINDS:
@@ -254,9 +281,10 @@ def calibrate_checkpoints(layout: BuildLayout, preset, log: Progress, real=None)
         raise RuntimeError(
             f"the weights in {layout.weights_dir} were trained on real images "
             f"({', '.join(trained_on)}) and their calibration is stale; recalibrating them "
-            "needs those sets' held-out calibration slice, or the familiarity limit would be "
-            f"fitted on simulated cells alone: run `marrowdx train --preset {preset.name} "
-            "--data DIR ...` with the same folders (docs/model_card.md)"
+            "needs those sets' held-out calibration slice, or the familiarity limit and the "
+            "real-cell temperature would be fitted on simulated cells alone: run `marrowdx "
+            f"build --preset {preset.name} --data DIR ...` with the same folders, which "
+            "recalibrates them without retraining (docs/model_card.md)"
         )
     if trained_on and real.empty:
         log(
@@ -344,13 +372,16 @@ def build_onnx_models(
     real_data: tuple[Path, ...] = (),
     real_um_per_pixel: float | None = None,
 ) -> OnnxModels:
-    """Train (only when weights are missing/stale) and export (only when ONNX is older).
+    """Train (only when weights are missing/stale), calibrate (only when the calibration is
+    of an earlier version) and export (only when ONNX is older).
 
     ``cohort`` trains on an existing cohort folder (ground_truth.json); without it the
     preset's own cohort is simulated under ``work_dir`` with a fixed seed. ``real_data``:
-    folders of real annotated images (``marrowdx.datasets``) trained on beside it; giving
-    them always trains (``real_um_per_pixel`` overrides their declared spacing). Without
-    them, the reference preset takes the shipped weights.
+    folders of real annotated images (``marrowdx.datasets``) trained on beside it
+    (``real_um_per_pixel`` overrides their declared spacing); weights trained on exactly
+    those images (the same training files) are current, and only recalibrated on the sets'
+    calibration slice when their calibration is stale. The reference preset takes the
+    shipped weights when they are current.
     """
     from marrowdx.serving.onnx_artifacts import read_onnx_metadata
     from marrowdx.training.data import ground_truth_key
@@ -365,11 +396,22 @@ def build_onnx_models(
             from marrowdx.training.data import read_ground_truth
 
             cohort_key = ground_truth_key(read_ground_truth(Path(cohort)))
-        current = weights_current(layout, spec, cohort_key)
-        if not (current or force_train or real_data or cohort is not None):
-            current = install_shipped_weights(layout, spec, log)
         real = real_calibration = None
-        if force_train or real_data or not current:
+        if real_data:
+            from marrowdx.training.real_data import load_sets, real_from_datasets
+
+            sets = load_sets(real_data, layout.work_dir, log, um_per_pixel=real_um_per_pixel)
+            real = real_from_datasets(sets, log=log)
+            real_calibration = real_from_datasets(sets, splits=("calibration",))
+            log(
+                f"calibration slice held out of training: {len(real_calibration.crops)} "
+                f"crops, {len(real_calibration.fields)} fields"
+            )
+        real_description = None if real is None else real.description
+        current = weights_current(layout, spec, cohort_key, real_description)
+        if not (current or force_train or cohort is not None):
+            current = install_shipped_weights(layout, spec, log, real_description)
+        if force_train or not current:
             cohort_dir = (
                 Path(cohort) if cohort is not None else ensure_training_cohort(layout, spec, log)
             )
@@ -378,19 +420,10 @@ def build_onnx_models(
                     f"warning: preset {spec.name!r} also trains on real images, and none were "
                     "given (--data DIR; docs/model_card.md): training on simulated fields only"
                 )
-            if real_data:
-                from marrowdx.training.real_data import load_sets, real_from_datasets
-
-                sets = load_sets(real_data, layout.work_dir, log, um_per_pixel=real_um_per_pixel)
-                real = real_from_datasets(sets, log=log)
-                real_calibration = real_from_datasets(sets, splits=("calibration",))
-                log(
-                    f"calibration slice held out of training: {len(real_calibration.crops)} "
-                    f"crops, {len(real_calibration.fields)} fields"
-                )
             train_models(layout, spec, cohort_dir, log, real)
         else:
-            log(f"weights for preset {spec.name!r} are current ({layout.weights_dir})")
+            trained_on = " and these real images" if real is not None else ""
+            log(f"weights for preset {spec.name!r}{trained_on} are current ({layout.weights_dir})")
         if not calibration_current(layout):
             calibrate_checkpoints(layout, spec, log, real_calibration)
         export_models(layout, log)

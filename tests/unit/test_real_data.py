@@ -342,3 +342,57 @@ def test_held_out_real_cells_enter_the_familiarity_fit(tmp_path: Path) -> None:
     )
     assert (alone.distances(features) > alone.limit).mean() > 0.9
     assert (both.distances(features) > both.limit).mean() < 0.5
+
+
+def test_data_the_weights_were_trained_on_recalibrates_them_without_training(
+    tmp_path: Path, monkeypatch
+) -> None:
+    """``build --data`` with exactly the sets a build was trained on (the same training
+    files) keeps the weights and only recalibrates a stale calibration on the sets' slice;
+    other real images, or ``--force``, train."""
+    from marrowdx.export import build
+    from marrowdx.models.checkpoints import checkpoint_metadata, save_checkpoint
+    from marrowdx.models.networks import CellClassifier, CellDetector, DiagnosisModel
+    from marrowdx.serving import onnx_artifacts
+    from marrowdx.training.presets import get_preset
+
+    preset = get_preset("tiny")
+    layout = build.BuildLayout(tmp_path, preset.name)
+    folder = SAMPLES / "matek_bm_crops"
+    trained_on = real_data.real_from_datasets(real_data.load_sets([folder], tmp_path)).description
+    models = {
+        "detector": CellDetector(preset.detector),
+        "classifier": CellClassifier(preset.classifier),
+        "diagnosis": DiagnosisModel(preset.diagnosis),
+    }
+
+    def save(description: dict) -> None:
+        for kind, model in models.items():
+            meta = checkpoint_metadata(
+                kind, preset.name, build._stamp(preset), {"real_data": description}
+            )
+            save_checkpoint(layout.checkpoint(kind), kind, model, meta)  # calibration stale
+
+    calls: list[tuple[str, object]] = []
+    monkeypatch.setattr(build, "train_models", lambda *a, **k: calls.append(("train", a[-1])))
+    monkeypatch.setattr(
+        build, "calibrate_checkpoints", lambda *a, **k: calls.append(("calibrate", a[-1]))
+    )
+    monkeypatch.setattr(build, "export_models", lambda *a, **k: None)
+    monkeypatch.setattr(onnx_artifacts, "read_onnx_metadata", lambda path: {})
+
+    def run(**kwargs) -> list[str]:
+        calls.clear()
+        build.build_onnx_models(
+            tmp_path, preset.name, real_data=(folder,), progress=False, **kwargs
+        )
+        return [what for what, _ in calls]
+
+    save(trained_on)
+    assert run() == ["calibrate"]
+    assert calls[0][1] is not None and calls[0][1].description["sets"] == trained_on["sets"]
+    assert run(force_train=True) == ["train", "calibrate"]
+    save({**trained_on, "files_sha": "another set of training files"})
+    assert run() == ["train", "calibrate"]
+    assert build.same_real_data({"training_data": {"real_data": trained_on}}, trained_on)
+    assert not build.same_real_data({"training_data": {"real_data": None}}, trained_on)
