@@ -189,12 +189,13 @@ def install_shipped_weights(
         return False
     from marrowdx.models.checkpoints import read_metadata
 
-    stamps = {read_metadata(source_dir / f"{k}.pt").get("preset_fingerprint") for k in KINDS}
+    metadata = {kind: read_metadata(source_dir / f"{kind}.pt") for kind in KINDS}
+    stamps = {meta.get("preset_fingerprint") for meta in metadata.values()}
     if stamps != {_stamp(preset)}:
         log(f"shipped weights in {source_dir} are from other code ({stamps}); not used")
         return False
     if real_description is not None and not same_real_data(
-        read_metadata(source_dir / "classifier.pt"), real_description
+        metadata["classifier"], real_description
     ):
         return False
     layout.weights_dir.mkdir(parents=True, exist_ok=True)

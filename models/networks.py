@@ -149,6 +149,12 @@ class PixelNormalizer(nn.Module):
         return (pixels.to(self.mean.dtype) - self.mean) * self.inv_std
 
 
+def require_positive(value: float, what: str) -> None:
+    """A fitted scale (a temperature, a distance limit) must be a positive finite number."""
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"{what} must be a positive finite number, got {value}")
+
+
 class Temperature(nn.Module):
     """Divides logits by a fitted scalar T before softmax/sigmoid (temperature scaling).
 
@@ -164,8 +170,7 @@ class Temperature(nn.Module):
         self.register_buffer("value", torch.ones((), dtype=torch.float32))
 
     def set(self, temperature: float) -> None:
-        if not (math.isfinite(temperature) and temperature > 0):
-            raise ValueError(f"a temperature must be a positive finite number, got {temperature}")
+        require_positive(temperature, "a temperature")
         self.value.fill_(float(temperature))
 
     def forward(self, logits: torch.Tensor) -> torch.Tensor:
@@ -208,8 +213,7 @@ class RealCellTemperature(Temperature):
 
     def set_real(self, temperature: float, gate_weight: torch.Tensor, gate_bias: float) -> None:
         """The real cells' temperature and the gate; call after :meth:`set`."""
-        if not (math.isfinite(temperature) and temperature > 0):
-            raise ValueError(f"a temperature must be a positive finite number, got {temperature}")
+        require_positive(temperature, "a temperature")
         if tuple(gate_weight.shape) != tuple(self.gate_weight.shape):
             raise ValueError(
                 f"the gate is {list(gate_weight.shape)}, expected {list(self.gate_weight.shape)}"
@@ -272,8 +276,7 @@ class Familiarity(nn.Module):
         self.register_buffer("limit", torch.ones(()))
 
     def set(self, whiten: torch.Tensor, centres: torch.Tensor, limit: float) -> None:
-        if not (math.isfinite(limit) and limit > 0):
-            raise ValueError(f"a familiarity limit must be a positive finite number, got {limit}")
+        require_positive(limit, "a familiarity limit")
         if tuple(whiten.shape) != tuple(self.whiten.shape):
             raise ValueError(f"whiten is {list(whiten.shape)}, expected {list(self.whiten.shape)}")
         if tuple(centres.shape) != tuple(self.centres.shape):

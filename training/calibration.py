@@ -550,10 +550,8 @@ def partial_label_nll(logits: np.ndarray, allowed: np.ndarray, temperatures: np.
     """Mean -log of the probability a label's allowed classes get together, each row at its
     own temperature: a group label ("blast") is scored on the group, never on one class."""
     z = np.asarray(logits, np.float64) / np.asarray(temperatures, np.float64)[:, None]
-    z = z - z.max(1, keepdims=True)
-    log_total = np.log(np.exp(z).sum(1))
-    log_allowed = np.log(np.maximum((np.exp(z) * allowed).sum(1), np.finfo(np.float64).tiny))
-    return float(np.mean(log_total - log_allowed))
+    group = (softmax(z) * allowed).sum(1)
+    return float(-np.mean(np.log(np.maximum(group, np.finfo(np.float64).tiny))))
 
 
 def fit_real_gate(
@@ -609,9 +607,6 @@ class RealTemperatureFit:
     n_samples: int  # real cells with a label narrow enough to fit on
     realness_simulated: float  # mean gate on the held-out simulated cells
     realness_real: float  # mean gate on the real cells
-
-    def realness(self, features: np.ndarray) -> np.ndarray:
-        return gate_realness(features, self.gate_weight, self.gate_bias)
 
     def apply(self, classifier) -> None:
         """Write into the classifier's class temperature; after its simulated fit is set."""
