@@ -98,8 +98,10 @@ def _stamp(preset) -> str:
 
 
 #: What identifies the real images a checkpoint was trained on (``RealData.description``):
-#: the same sets with the same training files give the same weights, wherever the folders are.
-REAL_DATA_KEYS = ("sets", "fields", "crops", "cells_in_fields", "files_sha")
+#: the same sets with the same training files at the same spacing give the same weights,
+#: wherever the folders are (a spacing given over the declarations resamples every image;
+#: None, the declared one, is also what checkpoints from before the key say).
+REAL_DATA_KEYS = ("sets", "fields", "crops", "cells_in_fields", "files_sha", "um_per_pixel_given")
 
 
 def same_real_data(metadata: dict | None, real_description: dict) -> bool:
@@ -403,6 +405,7 @@ def build_onnx_models(
 
             sets = load_sets(real_data, layout.work_dir, log, um_per_pixel=real_um_per_pixel)
             real = real_from_datasets(sets, log=log)
+            real.description["um_per_pixel_given"] = real_um_per_pixel
             real_calibration = real_from_datasets(sets, splits=("calibration",))
             log(
                 f"calibration slice held out of training: {len(real_calibration.crops)} "

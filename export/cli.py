@@ -9,7 +9,12 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from marrowdx.training.cli import add_common_options, add_data_options, work_dir_of
+from marrowdx.training.cli import (
+    add_common_options,
+    add_data_options,
+    add_data_spacing_option,
+    work_dir_of,
+)
 
 
 def configure_export(parser: argparse.ArgumentParser) -> None:
@@ -94,6 +99,7 @@ def configure_build(parser: argparse.ArgumentParser) -> None:
         help="use prebuilt detector.onnx, classifier.onnx, diagnosis.onnx from DIR (no training)",
     )
     add_data_options(parser)  # --data DIR: train on a DICOM slide cohort (marrowdx[slides])
+    add_data_spacing_option(parser)
 
 
 def _data_trained_models(args: argparse.Namespace) -> dict[str, Path]:
@@ -104,12 +110,18 @@ def _data_trained_models(args: argparse.Namespace) -> dict[str, Path]:
     if args.onnx_dir is not None:
         raise InputError("--data trains models and --onnx-dir brings prebuilt ones: pick one")
     from marrowdx.export.build import build_onnx_models
-    from marrowdx.training.cli import real_data_sets, slide_data_cohort
+    from marrowdx.training.cli import data_spacing, real_data_sets, slide_data_cohort
 
     args.quiet = False
     sets = real_data_sets(args)
     cohort = slide_data_cohort(args) if len(sets) < len(args.data) else None
-    models = build_onnx_models(work_dir_of(args), args.preset, cohort=cohort, real_data=sets)
+    models = build_onnx_models(
+        work_dir_of(args),
+        args.preset,
+        cohort=cohort,
+        real_data=sets,
+        real_um_per_pixel=data_spacing(args, sets),
+    )
     return models.paths()
 
 
@@ -118,9 +130,11 @@ def _onnx_files(args: argparse.Namespace) -> dict[str, Path] | None:
     (``--onnx-dir``, read by the repository builder: None here), or the preset's (trained if
     it has no weights, exported if stale)."""
     from marrowdx.export.build import build_onnx_models
+    from marrowdx.training.cli import data_spacing
 
     if getattr(args, "data", None):
         return _data_trained_models(args)
+    data_spacing(args, ())  # --um-per-pixel without --data is refused
     if args.onnx_dir is not None:
         return None
     return build_onnx_models(work_dir_of(args), args.preset).paths()

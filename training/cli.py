@@ -59,6 +59,20 @@ def add_data_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def add_data_spacing_option(parser: argparse.ArgumentParser) -> None:
+    """``--um-per-pixel X``: the spacing of the ``--data`` image sets (train and build)."""
+    from marrowdx.client.cli import um_per_pixel_arg
+
+    parser.add_argument(
+        "--um-per-pixel",
+        type=um_per_pixel_arg,
+        default=None,
+        metavar="X",
+        help="pixel spacing (µm per pixel) of the --data image sets, over what their "
+        "declarations say (default: declared, else each field's red-cell boxes, else estimated)",
+    )
+
+
 def slide_data_cohort(args: argparse.Namespace) -> Path:
     """The field cohort made from ``--data`` (cached), with what was left out on stderr."""
     import sys
@@ -93,6 +107,17 @@ def is_slide_cohort(folder: Path) -> bool:
 def real_data_sets(args: argparse.Namespace) -> tuple[Path, ...]:
     """The ``--data`` folders that are annotated image sets (not slide cohorts)."""
     return tuple(d for d in (getattr(args, "data", None) or []) if not is_slide_cohort(d))
+
+
+def data_spacing(args: argparse.Namespace, sets: tuple[Path, ...]) -> float | None:
+    """``--um-per-pixel`` of the ``--data`` image sets; refused without any (it would be
+    silently ignored: a slide cohort and simulated cohorts carry their own spacing)."""
+    if args.um_per_pixel is not None and not sets:
+        raise InputError(
+            "--um-per-pixel is the pixel spacing of --data image sets (crops, YOLO, VOC, COCO),"
+            " and none were given"
+        )
+    return args.um_per_pixel
 
 
 def _resolve_cohort(args: argparse.Namespace) -> Path | None:
@@ -130,30 +155,22 @@ def configure_train(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--force", action="store_true", help="retrain even when the weights are current"
     )
-    from marrowdx.client.cli import um_per_pixel_arg
-
-    parser.add_argument(
-        "--um-per-pixel",
-        type=um_per_pixel_arg,
-        default=None,
-        metavar="X",
-        help="pixel spacing (µm per pixel) of the --data image sets, over what their "
-        "declarations say (default: declared, else each field's red-cell boxes, else estimated)",
-    )
+    add_data_spacing_option(parser)
 
 
 def run_train(args: argparse.Namespace) -> int:
     from marrowdx.export.build import build_onnx_models
 
     cohort = _resolve_cohort(args)
+    sets = real_data_sets(args)
     models = build_onnx_models(
         work_dir_of(args),
         args.preset,
         cohort=cohort,
         progress=not args.quiet,
         force_train=args.force,
-        real_data=real_data_sets(args),
-        real_um_per_pixel=args.um_per_pixel,
+        real_data=sets,
+        real_um_per_pixel=data_spacing(args, sets),
     )
     for kind, path in models.paths().items():
         print(f"{kind}: {path}")

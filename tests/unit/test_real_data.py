@@ -392,7 +392,38 @@ def test_data_the_weights_were_trained_on_recalibrates_them_without_training(
     assert run() == ["calibrate"]
     assert calls[0][1] is not None and calls[0][1].description["sets"] == trained_on["sets"]
     assert run(force_train=True) == ["train", "calibrate"]
+    assert run(real_um_per_pixel=0.2) == ["train", "calibrate"]  # resampled: other images
     save({**trained_on, "files_sha": "another set of training files"})
     assert run() == ["train", "calibrate"]
     assert build.same_real_data({"training_data": {"real_data": trained_on}}, trained_on)
     assert not build.same_real_data({"training_data": {"real_data": None}}, trained_on)
+
+
+@pytest.mark.parametrize("command", ["train", "build"])
+def test_the_data_sets_spacing_reaches_the_build_and_is_refused_without_sets(
+    command: str, tmp_path: Path, monkeypatch, capsys
+) -> None:
+    """``train``/``build --data SET --um-per-pixel X`` resamples the sets at X (and so trains
+    other weights); without an image set the spacing would be silently ignored: refused."""
+    from marrowdx import cli
+    from marrowdx.errors import InputError
+    from marrowdx.export import build
+
+    seen: dict = {}
+
+    def fake_build(work_dir, preset, **kwargs):
+        seen.update(kwargs)
+        raise InputError("stopped before training")
+
+    monkeypatch.setattr(build, "build_onnx_models", fake_build)
+    common = ["--preset", "tiny", "--work-dir", str(tmp_path), "--um-per-pixel", "0.2"]
+    if command == "build":
+        common += ["--out", str(tmp_path / "repo")]
+    folder = SAMPLES / "matek_bm_crops"
+    assert cli.main([command, "--data", str(folder), *common]) != 0
+    assert seen["real_um_per_pixel"] == 0.2 and seen["real_data"] == (folder,)
+    capsys.readouterr()
+    seen.clear()
+    assert cli.main([command, *common]) != 0
+    assert not seen
+    assert "--um-per-pixel is the pixel spacing of --data image sets" in capsys.readouterr().err
