@@ -211,14 +211,16 @@ def um_per_pixel_arg(text: str) -> float:
     return value
 
 
-def add_spacing_option(parser: argparse.ArgumentParser) -> None:
-    """``--um-per-pixel``: the images' pixel spacing (README "Any magnification")."""
+def add_spacing_option(parser: argparse.ArgumentParser, help_text: str | None = None) -> None:
+    """``--um-per-pixel``: the images' pixel spacing (README "Any magnification"); the
+    commands that take it for other images (evaluate, train, build) say so in ``help_text``."""
     parser.add_argument(
         "--um-per-pixel",
         type=um_per_pixel_arg,
         default=None,
         metavar="X",
-        help="pixel spacing of every image, in µm per pixel (a patient folder's spacing.json "
+        help=help_text
+        or "pixel spacing of every image, in µm per pixel (a patient folder's spacing.json "
         "overrides it; default: estimated per image from the red cells). Images are "
         f"resampled to the models' {config.MODEL_UM_PER_PIXEL} µm per pixel, padded when "
         "smaller than a model field, tiled when larger",

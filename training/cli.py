@@ -61,14 +61,11 @@ def add_data_options(parser: argparse.ArgumentParser) -> None:
 
 def add_data_spacing_option(parser: argparse.ArgumentParser) -> None:
     """``--um-per-pixel X``: the spacing of the ``--data`` image sets (train and build)."""
-    from marrowdx.client.cli import um_per_pixel_arg
+    from marrowdx.client.cli import add_spacing_option
 
-    parser.add_argument(
-        "--um-per-pixel",
-        type=um_per_pixel_arg,
-        default=None,
-        metavar="X",
-        help="pixel spacing (µm per pixel) of the --data image sets, over what their "
+    add_spacing_option(
+        parser,
+        "pixel spacing (µm per pixel) of the --data image sets, over what their "
         "declarations say (default: declared, else each field's red-cell boxes, else estimated)",
     )
 
@@ -181,14 +178,11 @@ def run_train(args: argparse.Namespace) -> int:
 def configure_evaluate(parser: argparse.ArgumentParser) -> None:
     add_common_options(parser)
     _add_cohort(parser, True, "held-out cohort folder with ground_truth.json")
-    from marrowdx.client.cli import um_per_pixel_arg
+    from marrowdx.client.cli import add_spacing_option
 
-    parser.add_argument(
-        "--um-per-pixel",
-        type=um_per_pixel_arg,
-        default=None,
-        metavar="X",
-        help="pixel spacing of the images (µm per pixel): evaluated as the fields the client "
+    add_spacing_option(
+        parser,
+        "pixel spacing of the images (µm per pixel): evaluated as the fields the client "
         "sends at that spacing (resampled to the models' spacing, padded or tiled)",
     )
     parser.add_argument(
