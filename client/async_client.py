@@ -14,7 +14,7 @@ from collections import deque
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
@@ -23,6 +23,7 @@ from marrowdx.client import aggregate, fields
 from marrowdx.client.quality import DEFAULT_QUALITY, QualityThresholds
 from marrowdx.client.report import ImageResult, PatientReport
 from marrowdx.client.review import DEFAULT_THRESHOLDS, ReviewThresholds
+from marrowdx.client.spacing_pool import SpacingPool
 from marrowdx.client.transport import (
     DEFAULT_REQUEST_TIMEOUT_S,
     DEFAULT_RETRY_TOTAL_S,
@@ -32,6 +33,9 @@ from marrowdx.client.transport import (
     TritonTransport,
 )
 from marrowdx.errors import InputError
+
+if TYPE_CHECKING:
+    from marrowdx.spacing import SpacingEstimate
 
 #: An image given as a file path or as encoded JPEG/PNG bytes.
 ImageSource = str | os.PathLike | bytes | bytearray | memoryview
@@ -321,6 +325,7 @@ class AsyncMarrowClient:
         *,
         um_per_pixel: float | None = None,
         spacing_source: str = "given",
+        spacing_estimate: SpacingEstimate | None = None,
     ) -> ImageResult:
         """One image through the ensemble (bounded by ``concurrency``): its cells in the
         original image's pixels and its counts. ``source`` is a file path or encoded JPEG/PNG
@@ -328,7 +333,9 @@ class AsyncMarrowClient:
         reason (unreadable file, the server's refusal, retries exhausted, bad server output).
 
         The image is sent at the models' pixel spacing (``marrowdx.client.fields``):
-        ``um_per_pixel`` (default: the client's; None: estimated from the red cells). A
+        ``um_per_pixel`` (default: the client's; None: ``spacing_estimate``, else estimated
+        from the image's red cells). ``spacing_estimate`` is for an estimate made elsewhere,
+        e.g. ``marrowdx.spacing.pooled_estimate`` over images from the same camera. A
         1024 x 1024 image at the models' spacing is sent as its own bytes; any other is
         resampled, padded or tiled, and the answers merged back into its pixels. The result
         says how (``spacing``) and warns when the estimate is uncertain."""
@@ -336,10 +343,51 @@ class AsyncMarrowClient:
         source_label = spacing_source if um_per_pixel is not None else "given"
         async with self._semaphore():
             data = read_image(source)
-            prepared = await asyncio.to_thread(fields.prepare_image, data, spacing, source_label)
-            outputs = await asyncio.gather(
-                *(self._transport.infer_image(field) for field in prepared.fields)
-            )
+            sent = await self._send(data, spacing, source_label, spacing_estimate)
+        return self._merge(name, *sent)
+
+    async def _analyse_pooled(
+        self, source: ImageSource, name: str, slot: int, pool: SpacingPool
+    ) -> ImageResult:
+        """``analyse_image`` for an image of a patient whose spacing is estimated: an
+        uncertain own estimate waits (outside the concurrency slots) for the pool of the
+        patient's images of its size (``client.spacing_pool``)."""
+        added = False
+        try:
+            async with self._semaphore():
+                data = read_image(source)
+                pool.add(slot, await asyncio.to_thread(fields.own_estimate, data))
+                added = True
+                if pool.ready(slot):
+                    sent = await self._send(data, None, "given", await pool.resolve(slot))
+                    return self._merge(name, *sent)
+        finally:
+            if not added:
+                pool.add(slot, None)
+        estimate = await pool.resolve(slot)
+        async with self._semaphore():
+            sent = await self._send(read_image(source), None, "given", estimate)
+        return self._merge(name, *sent)
+
+    async def _send(
+        self,
+        data: bytes,
+        um_per_pixel: float | None,
+        source_label: str,
+        estimate: SpacingEstimate | None,
+    ) -> tuple[fields.PreparedImage, list[Mapping[str, np.ndarray]]]:
+        """Prepare one image's fields and infer them (the caller holds a slot)."""
+        prepared = await asyncio.to_thread(
+            fields.prepare_image, data, um_per_pixel, source_label, estimate
+        )
+        outputs = await asyncio.gather(
+            *(self._transport.infer_image(field) for field in prepared.fields)
+        )
+        return prepared, list(outputs)
+
+    def _merge(
+        self, name: str, prepared: fields.PreparedImage, outputs: list[Mapping[str, np.ndarray]]
+    ) -> ImageResult:
         results = [self._decode(name, out) for out in outputs]
         return fields.merge_image(name, prepared, results, self.quality)
 
@@ -390,20 +438,29 @@ class AsyncMarrowClient:
         ``um_per_pixel``: the images' pixel spacing, one value for all or one per image (None:
         the client's default, else estimated from the red cells; see :meth:`analyse_image`),
         labelled ``spacing_source`` in the JSON; a bad value raises ``InputError`` before
-        any request.
+        any request. An image too poor in red cells for its own estimate (a single-cell
+        crop) takes the pooled estimate of the patient's images of its size
+        (``client.spacing_pool``; ``source`` ``pooled`` in the JSON).
         """
         labels = image_names(images, names)
         spacings = per_image_spacing(um_per_pixel, len(images))
+        # images whose spacing is estimated share one pool (crops show too few red cells)
+        estimated = [i for i, um in enumerate(spacings) if um is None and self.um_per_pixel is None]
+        pool, slot_of = SpacingPool(len(estimated)), {i: s for s, i in enumerate(estimated)}
         differential.lab_arrays(labs)  # raises on unknown lab names before any request is sent
         target = self.target_cells if target_cells is None else target_cells
         if target < 0:
             raise ValueError(f"target_cells must be >= 0 (0 = every field), got {target}")
 
-        async def one(source: ImageSource, name: str, um: float | None) -> ImageResult | str:
+        async def one(index: int, source: ImageSource, name: str) -> ImageResult | str:
             try:
-                result: ImageResult | str = await self.analyse_image(
-                    source, name, um_per_pixel=um, spacing_source=spacing_source
-                )
+                result: ImageResult | str
+                if index in slot_of:
+                    result = await self._analyse_pooled(source, name, slot_of[index], pool)
+                else:
+                    result = await self.analyse_image(
+                        source, name, um_per_pixel=spacings[index], spacing_source=spacing_source
+                    )
             except RequestFailed as exc:
                 result = exc.reason
             except Exception as exc:  # noqa: BLE001 - one odd image must not sink the cohort
@@ -413,8 +470,8 @@ class AsyncMarrowClient:
             return result
 
         tasks = [
-            asyncio.ensure_future(one(s, n, um))
-            for s, n, um in zip(images, labels, spacings, strict=True)
+            asyncio.ensure_future(one(i, s, n))
+            for i, (s, n) in enumerate(zip(images, labels, strict=True))
         ]
         try:
             outcomes = await _until_target(tasks, target)

@@ -43,8 +43,10 @@ FIELD_JPEG_QUALITY = 95
 class SpacingInfo:
     """How an image was brought to the models' spacing: the ``spacing`` object of the
     diagnose JSON. ``source``: ``given`` (the call or ``--um-per-pixel``), ``patient``
-    (the patient's ``spacing.json``), ``estimated`` (from the red cells) or ``assumed``
-    (no estimate: the models' spacing); ``fields``: requests the image took."""
+    (the patient's ``spacing.json``), ``estimated`` (from the image's red cells), ``pooled``
+    (from the red cells of the patient's images of its size: its own were too few) or
+    ``assumed`` (no estimate: the models' spacing); ``n_images``: images an estimate's red
+    cells came from; ``fields``: requests the image took."""
 
     um_per_pixel: float
     source: str
@@ -52,6 +54,7 @@ class SpacingInfo:
     n_red_cells: int | None = None
     fields: int = 1
     warning: str | None = None
+    n_images: int | None = None
 
     def to_dict(self) -> dict[str, object]:
         return {
@@ -61,6 +64,7 @@ class SpacingInfo:
             if self.relative_uncertainty is None
             else round(self.relative_uncertainty, 4),
             "n_red_cells": self.n_red_cells,
+            "n_images": self.n_images,
             "fields": self.fields,
         }
 
@@ -109,14 +113,17 @@ class PreparedImage:
     spacing: SpacingInfo
 
 
-def _spacing(um_per_pixel: float | None, source: str, data: bytes):
+def _spacing(
+    um_per_pixel: float | None, source: str, data: bytes, estimate: SpacingEstimate | None
+):
     """(um_per_pixel, SpacingInfo less ``fields``, whether the value is only an estimate)."""
     from marrowdx import spacing
 
     if um_per_pixel is not None:
         value = spacing.check_um_per_pixel(um_per_pixel)
         return value, SpacingInfo(value, source), False
-    estimate: SpacingEstimate = spacing.estimate_from_bytes(data)
+    if estimate is None:
+        estimate = spacing.estimate_from_bytes(data)
     if estimate.um_per_pixel is None:
         assumed = replace(estimate, source="assumed")
         info = SpacingInfo(
@@ -129,10 +136,11 @@ def _spacing(um_per_pixel: float | None, source: str, data: bytes):
         return config.MODEL_UM_PER_PIXEL, info, False
     info = SpacingInfo(
         estimate.um_per_pixel,
-        "estimated",
+        estimate.source,
         estimate.relative_uncertainty,
         estimate.n_red_cells,
         warning=estimate.warning(),
+        n_images=estimate.n_images,
     )
     return estimate.um_per_pixel, info, True
 
@@ -160,34 +168,65 @@ def _as_sent(data: bytes, um_per_pixel: float | None, source: str, why: str) -> 
 _TRANSPOSED = frozenset({5, 6, 7, 8})
 
 
-def prepare_image(data: bytes, um_per_pixel: float | None, source: str = "given") -> PreparedImage:
+def _header(data: bytes) -> tuple[int, int, int | None] | str:
+    """(width, height, EXIF orientation) of encoded image bytes, or why they cannot be
+    prepared (not an image Pillow opens)."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(io.BytesIO(data)) as probe:
+            return probe.width, probe.height, probe.getexif().get(0x0112)
+    except UnidentifiedImageError:
+        # Pillow's own message names the BytesIO object by its memory address, which would
+        # make the same input's report differ from run to run
+        return "not an image format Pillow can open"
+    except Exception as exc:  # noqa: BLE001 - Pillow raises many types; the server names it
+        return f"{type(exc).__name__}: {exc}"
+
+
+def _beyond_limits(width: int, height: int) -> bool:
+    return width * height > config.MAX_IMAGE_PIXELS or min(width, height) < config.MIN_IMAGE_SIDE
+
+
+def own_estimate(data: bytes) -> tuple[tuple[int, int], SpacingEstimate] | None:
+    """((width, height), the spacing estimate from the image's own red cells), or None for
+    bytes that ``prepare_image`` sends undecoded (the server refuses them)."""
+    from marrowdx import spacing
+
+    header = _header(data)
+    if isinstance(header, str) or _beyond_limits(header[0], header[1]):
+        return None
+    return (header[0], header[1]), spacing.estimate_from_bytes(data)
+
+
+def prepare_image(
+    data: bytes,
+    um_per_pixel: float | None,
+    source: str = "given",
+    estimate: SpacingEstimate | None = None,
+) -> PreparedImage:
     """The fields one encoded image is sent as (see the module docstring).
 
-    ``um_per_pixel`` None estimates it from the red cells. Bytes Pillow cannot open, and
+    ``um_per_pixel`` None takes ``estimate`` (a pooled one, see ``client.spacing_pool``), or
+    estimates it from the image's red cells. Bytes Pillow cannot open, and
     images beyond the server's limits (``config.MAX_IMAGE_PIXELS``, ``MIN_IMAGE_SIDE``), are
     sent as they are, undecoded, for the server to refuse in its own words. An EXIF
     orientation is applied before resampling, as the server's decoder applies it.
     """
-    from PIL import Image, ImageOps, UnidentifiedImageError
+    from PIL import Image, ImageOps
 
     from marrowdx import spacing
     from marrowdx.slides import tiling
 
-    try:
-        with Image.open(io.BytesIO(data)) as probe:
-            width, height = probe.size
-            orientation = probe.getexif().get(0x0112)
-    except UnidentifiedImageError:
-        # Pillow's own message names the BytesIO object by its memory address, which would
-        # make the same input's report differ from run to run
-        return _as_sent(data, um_per_pixel, source, "not an image format Pillow can open")
-    except Exception as exc:  # noqa: BLE001 - Pillow raises many types; the server names it
-        return _as_sent(data, um_per_pixel, source, f"{type(exc).__name__}: {exc}")
-    if width * height > config.MAX_IMAGE_PIXELS or min(width, height) < config.MIN_IMAGE_SIDE:
+    header = _header(data)
+    if isinstance(header, str):
+        return _as_sent(data, um_per_pixel, source, header)
+    width, height, orientation = header
+    if _beyond_limits(width, height):
         return _as_sent(data, um_per_pixel, source, f"{width}x{height} is beyond the limits")
     if orientation in _TRANSPOSED:
         width, height = height, width
-    value, info, estimated = _spacing(um_per_pixel, source, data)
+    value, info, estimated = _spacing(um_per_pixel, source, data, estimate)
     tolerance = spacing.ESTIMATE_TOLERANCE if estimated else spacing.MODEL_SPACING_TOLERANCE
     if (width, height) == tuple(config.FIELD_SIZE) and spacing.at_model_spacing(value, tolerance):
         return PreparedImage([data], None, (height, width), info)

@@ -24,6 +24,7 @@ import numpy as np
 from PIL import Image
 
 from marrowdx import config
+from marrowdx.spacing import RED_CELL_UM, SpacingEstimate, estimate_images
 
 #: µm per pixel of the detector's and classifier's input: a FIELD_SIZE field at
 #: MODEL_UM_PER_PIXEL letterboxed to INPUT_SIZE.
@@ -141,8 +142,6 @@ def _mirror_boxes(boxes: np.ndarray, w: int, h: int, ox: int, oy: int, canvas: i
 
 def red_cell_spacing(boxes: np.ndarray, width: int, height: int) -> float | None:
     """µm per pixel from red-cell boxes (median side of those not cut by the border)."""
-    from marrowdx.spacing import RED_CELL_UM
-
     if len(boxes) == 0:
         return None
     b = np.asarray(boxes, np.float32)
@@ -172,14 +171,23 @@ def _load_rgb(path: Path, um_per_pixel: float) -> np.ndarray:
     return resize_rgb(rgb, um_per_pixel / config.MODEL_UM_PER_PIXEL)
 
 
-def _image_spacing(rgb_path: Path, declared: float | None) -> float | None:
-    if declared:
-        return declared
-    from marrowdx.spacing import estimate_um_per_pixel
+def estimate_where_unknown(
+    spacings: Sequence[float | None], paths: Sequence[Path]
+) -> list[SpacingEstimate | None]:
+    """The client's spacing estimate of each image whose spacing is None (else None),
+    pooled per image size as the client pools a patient's images (one data set, one
+    camera): real images are learnt and scored at the spacing the client would estimate."""
+    unknown = [i for i, um in enumerate(spacings) if um is None]
+    out: list[SpacingEstimate | None] = [None] * len(spacings)
+    estimates = estimate_images([paths[i].read_bytes() for i in unknown])
+    for i, estimate in zip(unknown, estimates, strict=True):
+        out[i] = estimate
+    return out
 
-    with Image.open(rgb_path) as img:
-        estimate = estimate_um_per_pixel(np.asarray(img.convert("RGB")))
-    return estimate.um_per_pixel
+
+def _with_estimates(spacings: Sequence[float | None], paths: Sequence[Path]) -> list:
+    estimates = estimate_where_unknown(spacings, paths)
+    return [um if e is None else e.um_per_pixel for um, e in zip(spacings, estimates, strict=True)]
 
 
 def load_sets(
@@ -218,34 +226,38 @@ def real_from_datasets(
 
     Only images of the given ``splits`` (:func:`split_of`) are taken (default: "train"), so
     a set's validation and test splits never reach training. Fields take their spacing from
-    the data set's declaration, else from their red-cell boxes, else from the estimator;
-    an image whose spacing cannot be had is left out and counted.
+    the data set's declaration, else from their red-cell boxes, else from the client's
+    estimator (pooled per image size, as the client pools a patient's images); an image
+    whose spacing cannot be had is left out and counted.
     """
     data = RealData()
     skipped: dict[str, int] = {}
     digest = hashlib.blake2b(digest_size=8)
     for ds in datasets:
-        for f in ds.fields:
-            if split_of(f.path, f.split) not in splits:
-                continue
-            kinds = [t.kind for t in f.targets]
-            red = np.array([k == "red_cell" for k in kinds], bool)
-            cells = np.array([k == "classes" for k in kinds], bool)
-            um = f.um_per_pixel or red_cell_spacing(f.boxes[red], f.width, f.height)
-            um = um or _image_spacing(f.path, None)
+        fields = [f for f in ds.fields if split_of(f.path, f.split) in splits]
+        spacings: list[float | None] = []
+        for f in fields:
+            red = np.array([t.kind == "red_cell" for t in f.targets], bool)
+            spacings.append(f.um_per_pixel or red_cell_spacing(f.boxes[red], f.width, f.height))
+        spacings = _with_estimates(spacings, [f.path for f in fields])
+        for f, um in zip(fields, spacings, strict=True):
             if not um:
                 skipped[ds.name] = skipped.get(ds.name, 0) + 1
                 continue
+            cells = np.array([t.kind == "classes" for t in f.targets], bool)
             factor = um / config.MODEL_UM_PER_PIXEL
             boxes = f.boxes[cells] * factor
             targets = [t for t, c in zip(f.targets, cells, strict=True) if c]
             rgb = _load_rgb(f.path, um)
             data.fields.append(RealImage(rgb, boxes, allowed_rows(targets), ds.name, ""))
             digest.update(f.path.name.encode())
-        for c in ds.crops:
-            if split_of(c.path, c.split) not in splits or c.target.kind != "classes":
-                continue
-            um = _image_spacing(c.path, ds.um_per_pixel)
+        crops = [
+            c
+            for c in ds.crops
+            if split_of(c.path, c.split) in splits and c.target.kind == "classes"
+        ]
+        crop_spacings = _with_estimates([ds.um_per_pixel] * len(crops), [c.path for c in crops])
+        for c, um in zip(crops, crop_spacings, strict=True):
             if not um:
                 skipped[ds.name] = skipped.get(ds.name, 0) + 1
                 continue

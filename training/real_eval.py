@@ -24,7 +24,7 @@ import numpy as np
 
 from marrowdx import taxonomy
 from marrowdx.training import metrics
-from marrowdx.training.real_data import red_cell_spacing, split_of
+from marrowdx.training.real_data import estimate_where_unknown, red_cell_spacing, split_of
 
 #: A crop's cell is the detection whose box holds the crop's centre, else the nearest one
 #: whose centre lies within this share of the crop's shorter side.
@@ -104,16 +104,22 @@ def _centre_cell(result, width: int, height: int):
 
 
 async def _analyse(client, items: Sequence[tuple[Path, float | None]], log: Log | None):
-    async def one(path: Path, um: float | None):
+    estimates = await asyncio.to_thread(
+        estimate_where_unknown, [um for _, um in items], [path for path, _ in items]
+    )
+
+    async def one(path: Path, um: float | None, estimate):
         try:
-            return await client.analyse_image(path, path.name, um_per_pixel=um)
+            return await client.analyse_image(
+                path, path.name, um_per_pixel=um, spacing_estimate=estimate
+            )
         except Exception as exc:  # noqa: BLE001 - a failed image is counted, not fatal
             return f"{type(exc).__name__}: {exc}"
 
     results = []
     for start in range(0, len(items), 64):
-        chunk = items[start : start + 64]
-        results += await asyncio.gather(*(one(p, u) for p, u in chunk))
+        chunk = range(start, min(start + 64, len(items)))
+        results += await asyncio.gather(*(one(*items[i], estimates[i]) for i in chunk))
         if log is not None:
             log(f"  {min(start + 64, len(items))}/{len(items)} images")
     return results
@@ -224,8 +230,9 @@ def evaluate_real(
 ) -> RealReport:
     """Score every data set's validation split with the served models of ``repository``.
 
-    ``estimate``: give the client no spacing at all (it estimates each image's from its red
-    cells), to measure the estimator's effect on quality.
+    ``estimate``: give the client no spacing at all, to measure the estimator's effect on
+    quality: each image's spacing is estimated from its red cells, pooled over the set's
+    images of its size where its own are too few (as ``diagnose`` pools a patient's).
     """
     from marrowdx.client import AsyncMarrowClient
     from marrowdx.client.quality import NO_GATING

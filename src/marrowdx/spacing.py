@@ -11,6 +11,11 @@ spacing, so it can also be estimated from the red cells, whose diameter is nearl
   their central pallor, and take the median diameter: a single cell's from its area, a
   clump's from its largest inscribed circle (two touching cells still inscribe one cell's
   circle). Spacing is ``RED_CELL_UM`` over that diameter in the input's pixels.
+- :func:`pooled_estimate`: one estimate from the red cells of several images taken at one
+  spacing (one patient's fields or crops from one camera), for images too small to hold enough
+  red cells of their own (a single-cell crop shows one to three); :func:`pool_uncertain`
+  gives each image whose own estimate is uncertain the pool of its same-sized companions
+  (:func:`estimate_images` for a set of encoded images at once).
 - :func:`resample`: an image brought to the models' spacing, scaled by
   ``um_per_pixel / MODEL_UM_PER_PIXEL``. Where its fields then go (padded or tiled, the rule
   images and slides share) is ``marrowdx.slides.tiling.plan_fields``.
@@ -23,7 +28,8 @@ from __future__ import annotations
 
 import io
 import math
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -73,8 +79,16 @@ MAX_DARK_SHARE = 0.2
 DIAMETER_BAND = (0.6, 1.5)
 #: Inscribed diameters below this (work pixels) are noise whatever the scale.
 MIN_DIAMETER_WORK_PX = 5.0
-#: Where a spacing came from (the ``spacing.source`` of the diagnose JSON).
-SOURCES = ("given", "patient", "estimated", "assumed")
+#: A pooled estimate is certain over at least this many red cells from at least two images,
+#: with a spread (as MAX_RELATIVE_UNCERTAINTY) of at most ``MAX_POOLED_SPREAD``. Why a wider
+#: spread than one image's: the median of n diameters moves by about spread / sqrt(n), and
+#: small crops add fragments of cells cut by their border to the pool (docs/performance.md,
+#: "Pooled estimates").
+MIN_POOLED_RED_CELLS = 20
+MAX_POOLED_SPREAD = 0.4
+#: Where a spacing came from (the ``spacing.source`` of the diagnose JSON): ``pooled`` is
+#: estimated from the red cells of the patient's (or data set's) images of the same size.
+SOURCES = ("given", "patient", "estimated", "pooled", "assumed")
 
 
 def scale_to_model(
@@ -111,7 +125,9 @@ class SpacingEstimate:
 
     ``um_per_pixel`` is None when it could not be estimated (``reason`` says why);
     ``relative_uncertainty`` is the interquartile range of the red cells' diameters over
-    their median; ``n_red_cells`` how many objects the median is over.
+    their median; ``n_red_cells`` how many objects the median is over; ``n_images`` how many
+    images they come from (more than one for a pooled estimate). ``diameters_px``: every
+    candidate red cell's diameter in input pixels, for :func:`pooled_estimate`.
     """
 
     um_per_pixel: float | None
@@ -119,19 +135,28 @@ class SpacingEstimate:
     n_red_cells: int
     source: str = "estimated"
     reason: str | None = None
+    n_images: int = 1
+    diameters_px: tuple[float, ...] = field(default=(), repr=False, compare=False)
 
     @property
     def uncertain(self) -> bool:
         """Too few red cells or too wide a spread to trust (or no estimate at all)."""
+        if self.um_per_pixel is None:
+            return True
+        if self.source == "pooled":
+            return (
+                self.n_images < 2
+                or self.n_red_cells < MIN_POOLED_RED_CELLS
+                or (self.relative_uncertainty or 0.0) > MAX_POOLED_SPREAD
+            )
         return (
-            self.um_per_pixel is None
-            or self.n_red_cells < MIN_RED_CELLS
+            self.n_red_cells < MIN_RED_CELLS
             or (self.relative_uncertainty or 0.0) > MAX_RELATIVE_UNCERTAINTY
         )
 
     def warning(self) -> str | None:
         """What to tell the user when the estimate is uncertain, else None."""
-        if self.source != "estimated" and self.source != "assumed":
+        if self.source not in ("estimated", "pooled", "assumed"):
             return None
         hint = "give the spacing with --um-per-pixel (or spacing.json in the patient folder)"
         if self.um_per_pixel is None or self.source == "assumed":
@@ -144,9 +169,10 @@ class SpacingEstimate:
             if self.relative_uncertainty is not None
             else "unknown spread"
         )
+        images = f" in {self.n_images} images" if self.n_images > 1 else ""
         return (
             f"pixel spacing estimate {self.um_per_pixel:.3g} um/px is uncertain "
-            f"({self.n_red_cells} red cells, {spread}); {hint}"
+            f"({self.n_red_cells} red cells{images}, {spread}); {hint}"
         )
 
 
@@ -265,16 +291,20 @@ def _red_cell_diameters(rgb: np.ndarray) -> np.ndarray:
 
 
 def _spacing_from_diameters(diameters: np.ndarray, work_scale: float) -> SpacingEstimate:
-    """Median of the diameters within ``DIAMETER_BAND`` of a first median; spacing from it."""
+    """Median of the diameters within ``DIAMETER_BAND`` of a first median; spacing from it.
+    ``work_scale``: input pixels per pixel of ``diameters``."""
     if diameters.size == 0:
         return SpacingEstimate(None, None, 0, reason="no red cells found")
-    first = float(np.percentile(diameters, 50, method="lower"))
+    input_px = np.asarray(diameters, np.float64) * work_scale
+    first = float(np.percentile(input_px, 50, method="lower"))
     low, high = DIAMETER_BAND
-    kept = diameters[(diameters >= low * first) & (diameters <= high * first)]
+    kept = input_px[(input_px >= low * first) & (input_px <= high * first)]
     median = float(np.median(kept))
     q1, q3 = np.percentile(kept, [25, 75])
-    um = RED_CELL_UM / (median * work_scale)
-    return SpacingEstimate(um, float((q3 - q1) / median), int(kept.size))
+    spread = float((q3 - q1) / median)
+    return SpacingEstimate(
+        RED_CELL_UM / median, spread, int(kept.size), diameters_px=tuple(input_px.tolist())
+    )
 
 
 def _to_work_size(image, side: int) -> np.ndarray:
@@ -345,6 +375,61 @@ def estimate_from_bytes(data: bytes) -> SpacingEstimate:
             return _to_work_size(image, side)
 
     return _estimate(read_work, width, max(size))
+
+
+def pooled_estimate(estimates: Sequence[SpacingEstimate]) -> SpacingEstimate:
+    """One estimate from the red cells of images taken at one spacing: the same median rule
+    over every image's candidate red cells (source ``pooled``; ``n_images`` counts the
+    images that gave any). Only images at one spacing may be pooled: the caller groups them
+    (:func:`pool_uncertain` by pixel size)."""
+    given = [np.asarray(e.diameters_px, np.float64) for e in estimates if e.diameters_px]
+    if not given:
+        return SpacingEstimate(None, None, 0, "pooled", "no red cells found", len(estimates))
+    pooled = _spacing_from_diameters(np.concatenate(given), 1.0)
+    return replace(pooled, source="pooled", n_images=len(given))
+
+
+def pool_uncertain(
+    estimates: Sequence[SpacingEstimate], sizes: Sequence[tuple[int, int]]
+) -> list[SpacingEstimate]:
+    """``estimates`` with each uncertain one replaced by the pooled estimate of all images of
+    its pixel size (``sizes``: width, height), when the pool holds more red cells than the
+    image alone. The pool keeps its own ``uncertain`` flag (and warning).
+
+    Why by size: images of one size from one patient or set came from one camera, so they
+    share a spacing; a lab that takes the same camera's images at two objectives gives a
+    pool of two spacings, whose wide spread flags it uncertain. A certain estimate keeps its
+    own value: it is the image's own evidence.
+    """
+    if len(estimates) != len(sizes):
+        raise ValueError(f"{len(estimates)} estimates for {len(sizes)} sizes")
+    groups: dict[tuple[int, int], list[int]] = {}
+    for i, size in enumerate(sizes):
+        groups.setdefault(tuple(size), []).append(i)
+    out = list(estimates)
+    for members in groups.values():
+        if len(members) < 2 or not any(estimates[i].uncertain for i in members):
+            continue
+        pool = pooled_estimate([estimates[i] for i in members])
+        if pool.um_per_pixel is None or pool.n_images < 2:
+            continue
+        for i in members:
+            if estimates[i].uncertain and pool.n_red_cells > estimates[i].n_red_cells:
+                out[i] = pool
+    return out
+
+
+def estimate_images(images: Sequence[bytes]) -> list[SpacingEstimate]:
+    """Each encoded image's estimate (:func:`estimate_from_bytes`), an uncertain one pooled
+    with the images of its size (:func:`pool_uncertain`): for images known to come from one
+    source (a data set, a patient) whose spacing is not stated."""
+    from PIL import Image
+
+    sizes = []
+    for data in images:
+        with Image.open(io.BytesIO(data)) as image:
+            sizes.append(image.size)
+    return pool_uncertain([estimate_from_bytes(data) for data in images], sizes)
 
 
 # ----------------------------------------------------------------------------- resampling

@@ -20,7 +20,7 @@ import pytest
 from PIL import Image
 from scipy import ndimage as ndi
 
-from marrowdx import config, taxonomy
+from marrowdx import config, spacing, taxonomy
 from marrowdx.client import AsyncMarrowClient
 from marrowdx.client.cli import configure_diagnose
 from marrowdx.client.cohort import SPACING_FILE, discover
@@ -110,6 +110,7 @@ def test_a_simulated_field_at_the_models_spacing_is_sent_byte_identical() -> Non
         "source": "given",
         "relative_uncertainty": None,
         "n_red_cells": None,
+        "n_images": None,
         "fields": 1,
     }
 
@@ -274,3 +275,54 @@ def test_the_json_and_the_command_output_carry_the_spacing_and_its_warning(capsy
     print_spacing_warnings([report], sys.stderr)
     err = capsys.readouterr().err
     assert err.startswith("warning: P/a.png: pixel spacing could not be estimated")
+
+
+def crop(red_cells: list[tuple[int, int]], red_diameter: int = 40) -> bytes:
+    """A 200 px single-cell crop: a dark 40 px square (the cell) in the middle and pink
+    discs (red cells) ``red_diameter`` across, too few for an estimate of its own."""
+    image = np.empty((200, 200, 3), np.uint8)
+    image[:] = BACKGROUND
+    yy, xx = np.mgrid[0:200, 0:200]
+    for cx, cy in red_cells:
+        image[(xx - cx) ** 2 + (yy - cy) ** 2 < (red_diameter / 2) ** 2] = (220, 150, 150)
+    image[80:120, 80:120] = CELL
+    out = io.BytesIO()
+    Image.fromarray(image).save(out, "PNG")
+    return out.getvalue()
+
+
+#: One or two red cells per crop, away from the centre cell and from each other.
+CROP_RED_CELLS = [[(30, 30)], [(30, 170), (170, 30)], [(170, 170)], [(30, 100), (170, 100)]]
+
+
+def test_a_patients_crops_share_a_pooled_spacing_from_all_their_red_cells() -> None:
+    """Red cells 40 px across: 0.2 µm/px. Each crop alone is uncertain; the patient's crops
+    of one size pool their red cells; an unreadable image does not hold the others up."""
+    crops = [crop(cells) for cells in CROP_RED_CELLS * 4]
+    transport = FakeTransport()
+    client = AsyncMarrowClient(transport=transport, concurrency=2)  # type: ignore[arg-type]
+    report = asyncio.run(
+        asyncio.wait_for(client.diagnose_patient("P", [*crops, b"not an image"]), 60)
+    )
+    assert len(report.images) == len(crops) and len(report.failed_images) == 1
+    for image in report.images:
+        info = image.spacing
+        assert info.source == "pooled" and info.n_images == len(crops)
+        assert info.um_per_pixel == pytest.approx(spacing.RED_CELL_UM / 40, rel=0.1)
+        assert info.n_red_cells == sum(spacing.estimate_from_bytes(c).n_red_cells for c in crops)
+        assert info.to_dict()["n_images"] == len(crops) and "warnings" not in image.to_dict()
+    # the centre cell reached the models at 0.2 / 0.25 of its 40 px (the unreadable bytes
+    # went as they were, for the server to refuse)
+    for field in [f for f in transport.sent if f != b"not an image"]:
+        labels, n = ndi.label(np.asarray(Image.open(io.BytesIO(field)))[..., 1] < 100)
+        sides = [xs.stop - xs.start for _, xs in ndi.find_objects(labels)]
+        assert n >= 1 and np.median(sides) == pytest.approx(32, abs=2)
+    alone = asyncio.run(client.analyse_image(crops[0], "one crop"))
+    assert alone.spacing.source == "estimated" and "uncertain" in alone.warnings[0]
+
+
+def test_a_pooled_patient_stops_at_its_target_without_waiting_forever() -> None:
+    crops = [crop(cells) for cells in CROP_RED_CELLS * 3]
+    client = AsyncMarrowClient(transport=FakeTransport(), concurrency=1)  # type: ignore[arg-type]
+    report = asyncio.run(asyncio.wait_for(client.diagnose_patient("P", crops, target_cells=2), 60))
+    assert 2 <= sum(sum(i.counts.values()) for i in report.images) < len(crops)

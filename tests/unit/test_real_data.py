@@ -427,3 +427,44 @@ def test_the_data_sets_spacing_reaches_the_build_and_is_refused_without_sets(
     assert cli.main([command, *common]) != 0
     assert not seen
     assert "--um-per-pixel is the pixel spacing of --data image sets" in capsys.readouterr().err
+
+
+def _crop_with_red_cells(red_diameter: int, side: int, centres: list[tuple[int, int]]):
+    """A single-cell crop: a dark cell in the middle and pink red cells around it."""
+    from PIL import Image
+
+    image = np.full((side, side, 3), 232, np.uint8)
+    yy, xx = np.mgrid[0:side, 0:side]
+    for cx, cy in centres:
+        image[(xx - cx) ** 2 + (yy - cy) ** 2 < (red_diameter / 2) ** 2] = (220, 150, 150)
+    middle = slice(side // 2 - 20, side // 2 + 20)
+    image[middle, middle] = (90, 40, 140)
+    return Image.fromarray(image)
+
+
+def test_crops_of_unknown_spacing_are_learnt_at_the_pooled_estimate(tmp_path: Path) -> None:
+    """A set without a spacing: each crop has one or two red cells (uncertain alone); the
+    crops of one size pool theirs, so each is resampled by the same, right factor."""
+    from marrowdx import spacing
+    from marrowdx.datasets import load_dataset
+
+    corners = [[(30, 30)], [(30, 170), (170, 30)], [(170, 170)], [(30, 100), (170, 100)]]
+    for i, centres in enumerate(corners * 4):
+        folder = tmp_path / "set" / ("LYT" if i % 2 else "NGS")
+        folder.mkdir(parents=True, exist_ok=True)
+        _crop_with_red_cells(40, 200, centres).save(folder / f"c{i:02d}.png")
+    (tmp_path / "set" / "marrowdx-dataset.toml").write_text(
+        'name = "pooled"\nformat = "crops"\num_per_pixel = "unknown"\n\n'
+        '[labels]\nLYT = "lymphocyte"\nNGS = "segmented_neutrophil"\n'
+    )
+    crops = load_dataset(tmp_path / "set")
+    assert crops.um_per_pixel is None
+    paths = [c.path for c in crops.crops]
+    estimates = real_data.estimate_where_unknown([None] * len(paths), paths)
+    assert {e.source for e in estimates} == {"pooled"}  # type: ignore[union-attr]
+    assert estimates[0].um_per_pixel == pytest.approx(spacing.RED_CELL_UM / 40, rel=0.1)  # type: ignore[union-attr]
+    assert real_data.estimate_where_unknown([0.1], paths[:1]) == [None]  # a known one stays
+    learnt = real_data.real_from_datasets([crops], splits=EVERY_SPLIT)
+    scale = estimates[0].um_per_pixel / config.MODEL_UM_PER_PIXEL  # type: ignore[union-attr]
+    assert len(learnt.crops) == len(paths)
+    assert {c.rgb.shape[:2] for c in learnt.crops} == {(round(200 * scale),) * 2}

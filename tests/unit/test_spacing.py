@@ -3,6 +3,7 @@ one field plan pads a small image (never enlarging it) and tiles a large one."""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import io
 
@@ -70,6 +71,62 @@ def test_few_red_cells_make_an_uncertain_estimate() -> None:
     assert estimate.n_red_cells == 3 and estimate.uncertain
     assert estimate.um_per_pixel == pytest.approx(spacing.RED_CELL_UM / 40, rel=0.15)
     assert "uncertain" in (estimate.warning() or "")
+
+
+def crop_with_discs(size: int, diameter: int, centres: list[tuple[int, int]]) -> np.ndarray:
+    """A pale ``size`` px square with pink discs (red cells) ``diameter`` px across."""
+    image = np.full((size, size, 3), 235, np.uint8)
+    yy, xx = np.mgrid[0:size, 0:size]
+    for cx, cy in centres:
+        image[(xx - cx) ** 2 + (yy - cy) ** 2 < (diameter / 2) ** 2] = (220, 150, 150)
+    return image
+
+
+#: Where the red cells of eight 200 px crops lie: one or two each, apart.
+CROP_RED_CELLS = [
+    [(50, 50)], [(60, 140), (150, 60)], [(100, 100)], [(40, 160), (160, 40)],
+    [(150, 150)], [(50, 100), (150, 100)], [(100, 50)], [(100, 160)],
+]  # fmt: skip
+
+
+def crops_of_one_camera(diameter: int = 40) -> list[spacing.SpacingEstimate]:
+    """The estimates of eight crops at one spacing: each alone is uncertain."""
+    return [
+        spacing.estimate_um_per_pixel(crop_with_discs(200, diameter, centres))
+        for centres in CROP_RED_CELLS
+    ]
+
+
+def test_a_pool_of_crops_from_one_camera_is_certain_where_each_crop_is_not() -> None:
+    own = crops_of_one_camera()
+    assert all(e.uncertain for e in own)
+    pooled = spacing.pooled_estimate(own)
+    assert pooled.source == "pooled" and pooled.n_images == len(own)
+    assert pooled.n_red_cells == sum(e.n_red_cells for e in own)
+    assert pooled.um_per_pixel == pytest.approx(spacing.RED_CELL_UM / 40, rel=0.1)
+    assert pooled.n_red_cells < spacing.MIN_POOLED_RED_CELLS and pooled.uncertain
+    many = spacing.pooled_estimate(own * 2)  # enough red cells: certain
+    assert many.n_red_cells >= spacing.MIN_POOLED_RED_CELLS and not many.uncertain
+    assert "in 16 images" in (dataclasses.replace(many, n_red_cells=3).warning() or "")
+
+
+def test_pooling_replaces_only_uncertain_estimates_and_only_within_one_size() -> None:
+    own = crops_of_one_camera()
+    certain = spacing.estimate_um_per_pixel(resampled(simulated_field(), 0.5))
+    assert not certain.uncertain
+    other_camera = crops_of_one_camera(diameter=60)[:2]
+    estimates = [*own, certain, *other_camera]
+    sizes = [(200, 200)] * len(own) + [(512, 512)] + [(300, 300)] * 2
+    out = spacing.pool_uncertain(estimates, sizes)
+    assert all(e.source == "pooled" and e.n_images == len(own) for e in out[: len(own)])
+    assert out[len(own)] is certain  # its own evidence is kept
+    # the other camera's two crops pool only with each other, at their own spacing
+    assert all(e.source == "pooled" and e.n_images == 2 for e in out[len(own) + 1 :])
+    assert out[-1].um_per_pixel == pytest.approx(spacing.RED_CELL_UM / 60, rel=0.1)
+    # a lone image of its size has no companions to pool with
+    assert spacing.pool_uncertain(own[:1], [(200, 200)]) == own[:1]
+    with pytest.raises(ValueError, match="sizes"):
+        spacing.pool_uncertain(own, [(200, 200)])
 
 
 @pytest.mark.parametrize("bad", [0, -0.1, float("nan"), float("inf"), "0.1", None, True])
