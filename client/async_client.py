@@ -33,11 +33,13 @@ from marrowdx.client.transport import (
     TritonTransport,
 )
 from marrowdx.errors import InputError
+from marrowdx.image_checks import client_decoded
 
 if TYPE_CHECKING:
     from marrowdx.spacing import SpacingEstimate
 
-#: An image given as a file path or as encoded JPEG/PNG bytes.
+#: An image given as a file path or as encoded bytes: JPEG/PNG (what the server decodes), or
+#: TIFF/BMP, which the client decodes and sends as JPEG fields (``client.fields``).
 ImageSource = str | os.PathLike | bytes | bytearray | memoryview
 #: A pixel spacing (µm per pixel) for every image, or one per image (None: the client's
 #: default, else estimated from the red cells).
@@ -143,10 +145,9 @@ def read_image(source: ImageSource) -> bytes:
             raise RequestFailed(f"cannot read file: {exc.strerror or exc}") from exc
     if not data:
         raise RequestFailed("empty image (0 bytes)")
-    if len(data) > config.MAX_IMAGE_BYTES:
-        raise RequestFailed(
-            f"image is {len(data)} bytes, above the limit of {config.MAX_IMAGE_BYTES} bytes"
-        )
+    limit = config.MAX_CLIENT_DECODED_BYTES if client_decoded(data) else config.MAX_IMAGE_BYTES
+    if len(data) > limit:
+        raise RequestFailed(f"image is {len(data)} bytes, above the limit of {limit} bytes")
     _check_not_damaged(data)
     return data
 
@@ -328,9 +329,10 @@ class AsyncMarrowClient:
         spacing_estimate: SpacingEstimate | None = None,
     ) -> ImageResult:
         """One image through the ensemble (bounded by ``concurrency``): its cells in the
-        original image's pixels and its counts. ``source`` is a file path or encoded JPEG/PNG
-        bytes; ``name`` labels the result (it is not sent). Raises ``RequestFailed`` with the
-        reason (unreadable file, the server's refusal, retries exhausted, bad server output).
+        original image's pixels and its counts. ``source`` is a file path or encoded
+        JPEG/PNG (or TIFF/BMP) bytes; ``name`` labels the result (it is not sent). Raises
+        ``RequestFailed`` with the reason (unreadable file, the server's refusal, retries
+        exhausted, bad server output).
 
         The image is sent at the models' pixel spacing (``marrowdx.client.fields``):
         ``um_per_pixel`` (default: the client's; None: ``spacing_estimate``, else estimated

@@ -18,10 +18,9 @@ from pathlib import Path
 
 from marrowdx import config
 from marrowdx.errors import CohortError
+from marrowdx.image_checks import IMAGE_SUFFIXES
 from marrowdx.slides.detect import is_slide_folder
 
-#: Encoded formats the server's preprocess step is specified to decode.
-IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png"})
 #: Files the client knows and reads itself rather than reporting as unexpected.
 GROUND_TRUTH_FILE = "ground_truth.json"  # written next to the patient folders by the simulator
 LABS_FILE = "labs.json"  # optional, inside a patient folder: {lab name: value or null}

@@ -3,11 +3,12 @@
 The client side of ``marrowdx.spacing``: each image reaches the server at the models' pixel
 spacing. An image that is already one model field (``config.FIELD_SIZE``) at that spacing,
 given or estimated, is sent as its own bytes (no decode, no re-encode: simulated cohorts and
-the bench send exactly what they did). Any other image is decoded, resampled, mirror-padded
-or tiled (``slides.tiling.plan_fields``), and each field is encoded as JPEG at quality 95 without
-chroma subsampling. The answers are mapped back to the input image's pixels, mirror images
-in the padding are dropped, and cells seen by two overlapping tiles are counted once by the
-slides' own merge (``marrowdx.slides.merge``).
+the bench send exactly what they did) when it is a JPEG or PNG, the formats the server
+decodes. Any other image (a camera's TIFF or BMP at any size, too) is decoded, resampled,
+mirror-padded or tiled (``slides.tiling.plan_fields``), and each field is encoded as JPEG at
+quality 95 without chroma subsampling. The answers are mapped back to the input image's
+pixels, mirror images in the padding are dropped, and cells seen by two overlapping tiles
+are counted once by the slides' own merge (``marrowdx.slides.merge``).
 
 Pillow, scipy and the estimator load on first use, so importing the client stays thin.
 """
@@ -15,7 +16,8 @@ Pillow, scipy and the estimator load on first use, so importing the client stays
 from __future__ import annotations
 
 import io
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, fields, replace
 from typing import TYPE_CHECKING
 
@@ -24,6 +26,7 @@ import numpy as np
 from marrowdx import config, taxonomy
 from marrowdx.client.quality import DEFAULT_QUALITY, QualityThresholds, quality_verdict
 from marrowdx.client.report import Cell, ImageResult
+from marrowdx.errors import RequestFailed
 
 if TYPE_CHECKING:
     from marrowdx.slides.tiling import FieldPlan
@@ -123,7 +126,8 @@ def _spacing(
         value = spacing.check_um_per_pixel(um_per_pixel)
         return value, SpacingInfo(value, source), False
     if estimate is None:
-        estimate = spacing.estimate_from_bytes(data)
+        with _decoding():
+            estimate = spacing.estimate_from_bytes(data)
     if estimate.um_per_pixel is None:
         assumed = replace(estimate, source="assumed")
         info = SpacingInfo(
@@ -155,7 +159,13 @@ def encode_field(pixels: np.ndarray) -> bytes:
 
 
 def _as_sent(data: bytes, um_per_pixel: float | None, source: str, why: str) -> PreparedImage:
-    """The bytes as they are, for the server to decode or to refuse in its own words."""
+    """The bytes as they are, for the server to decode or to refuse in its own words; a
+    format only the client decodes (TIFF, BMP) is refused here instead, with ``why``: the
+    server would only say it is not a JPEG or PNG."""
+    from marrowdx.image_checks import client_decoded
+
+    if client_decoded(data):
+        raise RequestFailed(f"image not prepared: {why}")
     info = SpacingInfo(
         um_per_pixel or config.MODEL_UM_PER_PIXEL,
         source if um_per_pixel is not None else "assumed",
@@ -170,11 +180,18 @@ _TRANSPOSED = frozenset({5, 6, 7, 8})
 
 def _header(data: bytes) -> tuple[int, int, int | None] | str:
     """(width, height, EXIF orientation) of encoded image bytes, or why they cannot be
-    prepared (not an image Pillow opens)."""
+    prepared (not an image Pillow opens, or a multi-page file: which page holds the field
+    is not ours to guess)."""
     from PIL import Image, UnidentifiedImageError
 
     try:
         with Image.open(io.BytesIO(data)) as probe:
+            pages = getattr(probe, "n_frames", 1)
+            if probe.format == "TIFF" and pages > 1:
+                return (
+                    f"a multi-page TIFF ({pages} pages, e.g. a focus stack); give each field "
+                    f"of view as its own file"
+                )
             return probe.width, probe.height, probe.getexif().get(0x0112)
     except UnidentifiedImageError:
         # Pillow's own message names the BytesIO object by its memory address, which would
@@ -182,6 +199,16 @@ def _header(data: bytes) -> tuple[int, int, int | None] | str:
         return "not an image format Pillow can open"
     except Exception as exc:  # noqa: BLE001 - Pillow raises many types; the server names it
         return f"{type(exc).__name__}: {exc}"
+
+
+@contextmanager
+def _decoding() -> Iterator[None]:
+    """Pillow's errors on a damaged body (a truncated TIFF or BMP: the server's integrity
+    checks cover only JPEG and PNG) as the image's reported failure."""
+    try:
+        yield
+    except (OSError, ValueError, SyntaxError) as exc:
+        raise RequestFailed(f"image not decodable: {type(exc).__name__}: {exc}") from None
 
 
 def _beyond_limits(width: int, height: int) -> bool:
@@ -196,7 +223,8 @@ def own_estimate(data: bytes) -> tuple[tuple[int, int], SpacingEstimate] | None:
     header = _header(data)
     if isinstance(header, str) or _beyond_limits(header[0], header[1]):
         return None
-    return (header[0], header[1]), spacing.estimate_from_bytes(data)
+    with _decoding():
+        return (header[0], header[1]), spacing.estimate_from_bytes(data)
 
 
 def prepare_image(
@@ -208,14 +236,16 @@ def prepare_image(
     """The fields one encoded image is sent as (see the module docstring).
 
     ``um_per_pixel`` None takes ``estimate`` (a pooled one, see ``client.spacing_pool``), or
-    estimates it from the image's red cells. Bytes Pillow cannot open, and
-    images beyond the server's limits (``config.MAX_IMAGE_PIXELS``, ``MIN_IMAGE_SIDE``), are
-    sent as they are, undecoded, for the server to refuse in its own words. An EXIF
+    estimates it from the image's red cells. Bytes Pillow cannot open, and JPEG/PNG images
+    beyond the server's limits (``config.MAX_IMAGE_PIXELS``, ``MIN_IMAGE_SIDE``), are sent
+    as they are, undecoded, for the server to refuse in its own words; a TIFF or BMP (decoded
+    here, never sent as such) beyond them or damaged raises ``RequestFailed``. An EXIF
     orientation is applied before resampling, as the server's decoder applies it.
     """
     from PIL import Image, ImageOps
 
     from marrowdx import spacing
+    from marrowdx.image_checks import sniff_format
     from marrowdx.slides import tiling
 
     header = _header(data)
@@ -223,14 +253,20 @@ def prepare_image(
         return _as_sent(data, um_per_pixel, source, header)
     width, height, orientation = header
     if _beyond_limits(width, height):
-        return _as_sent(data, um_per_pixel, source, f"{width}x{height} is beyond the limits")
+        limits = f"{config.MIN_IMAGE_SIDE} px a side, {config.MAX_IMAGE_PIXELS} pixels"
+        return _as_sent(data, um_per_pixel, source, f"{width}x{height} is beyond ({limits})")
     if orientation in _TRANSPOSED:
         width, height = height, width
     value, info, estimated = _spacing(um_per_pixel, source, data, estimate)
     tolerance = spacing.ESTIMATE_TOLERANCE if estimated else spacing.MODEL_SPACING_TOLERANCE
-    if (width, height) == tuple(config.FIELD_SIZE) and spacing.at_model_spacing(value, tolerance):
+    served = sniff_format(data) is not None  # else a camera format the client decodes
+    if (
+        served
+        and (width, height) == tuple(config.FIELD_SIZE)
+        and spacing.at_model_spacing(value, tolerance)
+    ):
         return PreparedImage([data], None, (height, width), info)
-    with Image.open(io.BytesIO(data)) as image:
+    with _decoding(), Image.open(io.BytesIO(data)) as image:
         upright = ImageOps.exif_transpose(image).convert("RGB")
     resampled = np.asarray(spacing.resample(upright, value))
     plans = tiling.plan_fields(width, height, value)

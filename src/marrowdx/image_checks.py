@@ -45,6 +45,16 @@ _MAGIC: dict[str, tuple[bytes, ...]] = {
     "JPEG": (b"\xff\xd8\xff",),
     "PNG": (b"\x89PNG\r\n\x1a\n",),
 }
+#: File suffixes of the formats the server decodes (``_MAGIC``); the bench sends only these.
+SERVED_SUFFIXES: frozenset[str] = frozenset({".jpg", ".jpeg", ".png"})
+#: Camera formats the client decodes itself (Pillow) and sends as re-encoded model fields:
+#: lab cameras and public sets (AML-Cytomorphology_LMU) store TIFF, some capture software
+#: BMP. The server's contract stays JPEG/PNG.
+CLIENT_DECODED_SUFFIXES: frozenset[str] = frozenset({".tif", ".tiff", ".bmp"})
+#: Image files the client, ``diagnose`` and the data-set readers take (case-insensitively).
+IMAGE_SUFFIXES: frozenset[str] = SERVED_SUFFIXES | CLIENT_DECODED_SUFFIXES
+#: Leading bytes of the client-decoded formats: TIFF and BigTIFF in both byte orders, BMP.
+_CLIENT_DECODED_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+", b"BM")
 
 
 @dataclass(frozen=True)
@@ -68,6 +78,11 @@ def sniff_format(data: bytes) -> str | None:
         if any(data.startswith(m) for m in magics):
             return name
     return None
+
+
+def client_decoded(data: bytes) -> bool:
+    """Whether ``data`` starts like a TIFF or BMP file, which the client decodes itself."""
+    return data.startswith(_CLIENT_DECODED_MAGIC)
 
 
 def _read_header(data: bytes, fmt: str) -> tuple[int, int, str]:

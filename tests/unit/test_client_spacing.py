@@ -244,6 +244,75 @@ def test_an_image_beyond_the_size_limits_goes_undecoded_for_the_server_to_refuse
         assert prepared.fields == [data] and prepared.plans is None
 
 
+def _encoded(pixels: np.ndarray, fmt: str, **options: object) -> bytes:
+    out = io.BytesIO()
+    Image.fromarray(pixels).save(out, fmt, **options)
+    return out.getvalue()
+
+
+def _squares(size: tuple[int, int], squares: list[tuple[int, int, int]]) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(picture(size, squares))).convert("RGB"))
+
+
+def test_tiff_and_bmp_images_are_decoded_by_the_client_and_counted_as_the_png_is() -> None:
+    """The server decodes JPEG/PNG only; a camera's TIFF or BMP of the same pixels becomes
+    the same fields: resampled, the very same bytes; at the models' spacing one JPEG field
+    (a PNG goes as its own bytes)."""
+    squares = [(100, 100, 100), (400, 300, 120), (700, 800, 90)]
+    field = _squares(config.FIELD_SIZE, squares)
+    png = _encoded(field, "PNG")
+    png_result, png_sent = analyse(png, um_per_pixel=config.MODEL_UM_PER_PIXEL)
+    assert png_sent.sent == [png]
+    for data in (_encoded(field, "TIFF", compression="tiff_lzw"), _encoded(field, "BMP")):
+        result, sent = analyse(data, um_per_pixel=config.MODEL_UM_PER_PIXEL)
+        (sent_field,) = sent.sent
+        assert sent_field.startswith(b"\xff\xd8\xff")  # re-encoded as a JPEG field
+        assert result.counts == png_result.counts
+        for cell, png_cell in zip(result.cells, png_result.cells, strict=True):
+            assert cell.box == pytest.approx(png_cell.box, abs=2)
+    small = _squares((640, 480), squares[:2])
+    resampled = {
+        fmt: analyse(_encoded(small, fmt), um_per_pixel=0.075)[1].sent
+        for fmt in ("PNG", "TIFF", "BMP")
+    }
+    assert resampled["TIFF"] == resampled["PNG"] == resampled["BMP"]
+
+
+def test_a_multi_page_or_damaged_tiff_fails_with_its_reason_and_is_never_sent() -> None:
+    from marrowdx.client.transport import RequestFailed
+
+    page = _squares((400, 300), [(50, 50, 60)])
+    out = io.BytesIO()
+    Image.fromarray(page).save(out, "TIFF", save_all=True, append_images=[Image.fromarray(page)])
+    with pytest.raises(RequestFailed, match="multi-page TIFF \\(2 pages"):
+        analyse(out.getvalue(), um_per_pixel=0.1)
+    whole = _encoded(page, "TIFF")
+    with pytest.raises(RequestFailed, match="not decodable"):
+        analyse(whole[: len(whole) // 2], um_per_pixel=0.1)
+    with pytest.raises(RequestFailed, match="not decodable"):
+        analyse(whole[: len(whole) // 2])  # the spacing estimate decodes it first
+    with pytest.raises(RequestFailed, match="8x400 is beyond"):
+        analyse(_encoded(np.zeros((400, 8, 3), np.uint8), "TIFF"), um_per_pixel=0.1)
+
+
+def test_a_tiff_is_held_to_the_decoded_pixel_limit_not_the_request_byte_limit(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An uncompressed camera TIFF is larger than the JPEG fields the client sends for it."""
+    from marrowdx.client.async_client import read_image
+    from marrowdx.client.transport import RequestFailed
+
+    pixels = _squares((200, 200), [])
+    tiff, png = _encoded(pixels, "TIFF"), _encoded(pixels, "PNG")
+    monkeypatch.setattr(config, "MAX_IMAGE_BYTES", len(png) - 1)
+    assert read_image(tiff) == tiff
+    with pytest.raises(RequestFailed, match="above the limit"):
+        read_image(png)
+    monkeypatch.setattr(config, "MAX_CLIENT_DECODED_BYTES", len(tiff) - 1)
+    with pytest.raises(RequestFailed, match="above the limit"):
+        read_image(tiff)
+
+
 def test_an_exif_orientation_is_applied_before_resampling() -> None:
     """Stored 200 wide and 100 high, displayed (orientation 6) 100 wide and 200 high."""
     from marrowdx.client.fields import prepare_image

@@ -381,6 +381,8 @@ def test_cohort_layouts_that_cannot_be_interpreted_are_refused(tmp_path):
 def test_cohort_reports_unsupported_and_stray_files(tmp_path):
     _touch(tmp_path / "P1" / "a.JPG")
     _touch(tmp_path / "P1" / "b.png")
+    _touch(tmp_path / "P1" / "c.tif")  # camera formats: the client decodes them itself
+    _touch(tmp_path / "P1" / "d.BMP")
     _touch(tmp_path / "P1" / "notes.txt")
     _touch(tmp_path / "P1" / "labs.json", json.dumps({"ldh_u_l": 400}).encode())
     (tmp_path / "P2").mkdir()
@@ -388,7 +390,8 @@ def test_cohort_reports_unsupported_and_stray_files(tmp_path):
     _touch(tmp_path / "ground_truth.json", b"{}")
     cohort = discover(tmp_path)
     p1, p2 = cohort.patients
-    assert p1.names == ["P1/a.JPG", "P1/b.png"] and p1.labs == {"ldh_u_l": 400}
+    assert p1.names == ["P1/a.JPG", "P1/b.png", "P1/c.tif", "P1/d.BMP"]
+    assert p1.labs == {"ldh_u_l": 400}
     assert list(p1.problems) == ["P1/notes.txt"]
     assert p2.problems == {"P2/": "no image files in the patient folder"}
     assert cohort.warnings == ["ignored README.md: not a patient folder"]

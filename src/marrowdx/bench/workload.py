@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from marrowdx import config
+from marrowdx.image_checks import SERVED_SUFFIXES
 
 #: A standard patient for the patients/hour figure: 40 fields of view of FIELD_SIZE.
 STANDARD_PATIENT_FIELDS = 40
@@ -22,7 +23,6 @@ IMAGES_PER_PATIENT = 8
 WORKLOAD_SEED = 7007
 #: Distinct images a locust run cycles through (requests pick among them at random).
 DEFAULT_LOADTEST_IMAGES = 16
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 
 
 @dataclass(frozen=True)
@@ -91,5 +91,5 @@ def load_images_dir(folder: str | Path) -> list[bytes]:
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"image folder {folder} does not exist")
-    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in SERVED_SUFFIXES)
     return [p.read_bytes() for p in files]

@@ -10,13 +10,12 @@ from PIL import Image, UnidentifiedImageError
 
 from marrowdx.datasets.labels import LabelTarget
 from marrowdx.errors import InputError
+from marrowdx.image_checks import IMAGE_SUFFIXES
 
 #: The file beside the data that declares its format, pixel spacing and label map.
 DECLARATION_NAME = "marrowdx-dataset.toml"
 #: The layouts ``load_dataset`` reads (``format`` in the declaration).
 FORMATS: tuple[str, ...] = ("crops", "yolo", "voc", "coco")
-#: Image files the readers take (compared case-insensitively).
-IMAGE_SUFFIXES: frozenset[str] = frozenset({".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp"})
 #: Folder names that mean a split, and the split each stands for. Raabin-WBC's TestA/TestB
 #: are both test sets.
 SPLIT_NAMES: dict[str, str] = {
