@@ -109,7 +109,8 @@ def test_a_failed_image_gives_a_nonzero_exit_after_writing_every_output(
     shutil.copytree(root, broken)
     patient = sorted(p.name for p in broken.iterdir() if p.is_dir())[0]
     (broken / patient / "zz_broken.jpg").write_bytes(b"\xff\xd8\xff not really a jpeg")
-    (broken / patient / "scan.tiff").write_bytes(b"II*\x00")
+    (broken / patient / "scan.tiff").write_bytes(b"II*\x00")  # a TIFF header, nothing after
+    (broken / patient / "scan.heic").write_bytes(b"\x00\x00\x00\x18ftypheic")
     out = tmp_path / "out"
     run = diagnose(
         str(broken), "--url", triton_server.grpc_url, "--json", str(out / "d.json"),
@@ -117,12 +118,16 @@ def test_a_failed_image_gives_a_nonzero_exit_after_writing_every_output(
     )  # fmt: skip
     assert run.returncode == 1, run.stderr
     report = json.loads((out / "d.json").read_text())["patients"][0]
-    assert set(report["failed_images"]) == {f"{patient}/zz_broken.jpg", f"{patient}/scan.tiff"}
-    assert "not an image file" in report["failed_images"][f"{patient}/scan.tiff"]
+    failed = report["failed_images"]
+    assert set(failed) == {
+        f"{patient}/{name}" for name in ("zz_broken.jpg", "scan.tiff", "scan.heic")
+    }
+    assert "not an image file" in failed[f"{patient}/scan.heic"]
+    assert "image not prepared" in failed[f"{patient}/scan.tiff"]  # decoded by the client
     assert len(report["images"]) == 2  # the other images still count
     assert f"failed: {patient}/zz_broken.jpg" in run.stderr
     assert (out / "d.csv").exists() and (out / "ov" / patient / "differential.png").exists()
-    assert "(+2 failed)" in run.stdout
+    assert "(+3 failed)" in run.stdout
 
 
 def test_a_folder_without_patient_folders_is_refused_clearly(tmp_path):
