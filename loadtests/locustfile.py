@@ -29,6 +29,7 @@ from locust.exception import LocustError  # noqa: E402
 
 from marrowdx import config  # noqa: E402
 from marrowdx.bench import triton_raw, workload  # noqa: E402
+from marrowdx.image_checks import SERVED_SUFFIXES  # noqa: E402
 
 #: Task weights: single-image requests dominate a lab's interactive use; whole patients
 #: are the batch workload (each is many image calls plus one diagnosis call).
@@ -77,10 +78,14 @@ def _load_images(environment, **_kwargs) -> None:
         return
     if options.images_dir:
         images = workload.load_images_dir(options.images_dir)
+        if not images:
+            raise LocustError(
+                f"no images to send: {options.images_dir} holds no "
+                f"{'/'.join(sorted(SERVED_SUFFIXES))} file (requests carry what the server "
+                f"decodes)"
+            )
     else:
         images = list(workload.simulated_workload(options.workload_images).images)
-    if not images:
-        raise LocustError("no images to send (empty --images-dir?)")
     _IMAGES[:] = images
 
 
