@@ -24,7 +24,13 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from marrowdx import config, taxonomy
-from marrowdx.client.quality import DEFAULT_QUALITY, QualityThresholds, quality_verdict
+from marrowdx.client.quality import (
+    DEFAULT_QUALITY,
+    SMALL_IMAGE_SIDE,
+    QualityThresholds,
+    cells_verdict,
+    quality_verdict,
+)
 from marrowdx.client.report import Cell, ImageResult
 from marrowdx.errors import RequestFailed
 
@@ -58,6 +64,12 @@ class SpacingInfo:
     fields: int = 1
     warning: str | None = None
     n_images: int | None = None
+
+    @property
+    def known(self) -> bool:
+        """Given, or estimated with certainty: an uncertain or assumed spacing carries its
+        warning."""
+        return self.warning is None
 
     def to_dict(self) -> dict[str, object]:
         return {
@@ -286,6 +298,20 @@ def _area(boxes: np.ndarray) -> np.ndarray:
     return np.clip(boxes[:, 2] - boxes[:, 0], 0, None) * np.clip(boxes[:, 3] - boxes[:, 1], 0, None)
 
 
+def _small(prepared: PreparedImage) -> bool:
+    """One padded field around an image of at most ``quality.SMALL_IMAGE_SIDE`` (a crop) at
+    a known spacing: judged by its own cells, not by the rules about a region of smear.
+    Why known: an uncertain estimate from one round object shrinks any picture (a photo,
+    a logo) to the size of a crop."""
+    plans = prepared.plans
+    return (
+        plans is not None
+        and len(plans) == 1
+        and max(plans[0].image_size) <= SMALL_IMAGE_SIDE
+        and prepared.spacing.known
+    )
+
+
 def merge_image(
     name: str,
     prepared: PreparedImage,
@@ -298,7 +324,9 @@ def merge_image(
 
     The counts are the kept cells' labels (unidentified cells listed, not counted, as for
     any field); the quality measures are each measure's median over the fields, and the
-    gate decides on them (or the image is excluded when every field was).
+    gate decides on them (or the image is excluded when every field was). A crop (one
+    padded field, ``_small``) is not asked the region rules; its kept cells are judged by
+    ``quality.cells_verdict`` (none found in a stained image, or mostly unfamiliar).
     """
     from marrowdx.slides.merge import merge_fields
 
@@ -329,9 +357,15 @@ def merge_image(
         if _counted(cell):
             counts[cell.label] += 1
     measures = _median_quality(results)
-    excluded = quality_verdict(measures, quality)
-    if excluded is None and all(r.excluded for r in results):
-        excluded = results[0].excluded  # e.g. every field's cells far from the models' size
+    if _small(prepared):
+        excluded = quality_verdict(measures, quality, small_image=True)
+        if excluded is None and measures is not None and "stain_colour" in measures:
+            unfamiliar = sum(cell.unfamiliar for cell in kept)
+            excluded = cells_verdict(len(kept), unfamiliar, measures, quality)
+    else:
+        excluded = quality_verdict(measures, quality)
+        if excluded is None and all(r.excluded for r in results):
+            excluded = results[0].excluded  # e.g. every field's cells far from the models' size
     if excluded is not None:
         counts = {c: 0 for c in taxonomy.CLASSES}
     result = ImageResult(

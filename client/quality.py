@@ -77,6 +77,14 @@ TYPICAL_CELL_SIDE = 29.0
 CELL_SIDE_TOLERANCE = 1.8
 #: The spacing check needs this many detected cells to take a median.
 MIN_CELLS_FOR_SPACING = 5
+#: An image whose longer side, at the models' spacing, is at most this (model pixels: a
+#: quarter of the field, 64 µm) shows a few cells: a single-cell crop (the Munich, PBC and
+#: CellaVision crops are 25-60 µm across) or a small camera frame. Its field is mostly the
+#: mirror padding of it, so the rules about a region of smear are not asked of it: "too
+#: thick" (a crop is filled by its cell: 60% of 300 real marrow crops measured above the
+#: limit) and the median cell size (a blood frame's few detections are mostly platelets:
+#: 20 of 133 real blood crops). Its own cells (mirror images dropped) are judged instead.
+SMALL_IMAGE_SIDE = config.FIELD_SIZE[0] // 4
 #: Reason prefixes (stable: programs may filter on them; the rest of a reason has numbers).
 NOT_A_SMEAR = "not a stained smear"
 WRONG_SPACING = "magnification far from the given spacing"
@@ -139,15 +147,19 @@ def field_quality(outputs: Mapping[str, np.ndarray]) -> dict[str, float] | None:
 
 
 def quality_verdict(
-    quality: Mapping[str, float] | None, thresholds: QualityThresholds = DEFAULT_QUALITY
+    quality: Mapping[str, float] | None,
+    thresholds: QualityThresholds = DEFAULT_QUALITY,
+    *,
+    small_image: bool = False,
 ) -> str | None:
     """The reason a field is excluded, or None if it counts. Reasons start with a stable
     word (``not a stained smear``, ``out of focus``, ``empty``, ``too thick``) and give the
     measure and the limit. Whether it is a smear is asked first: a photo or a drawing is
-    not "out of focus"."""
+    not "out of focus". ``small_image``: the field pads an image of at most
+    ``SMALL_IMAGE_SIDE`` (a cell crop), which is not judged "too thick"."""
     if quality is None or not thresholds.enabled:
         return None
-    smear = smear_verdict(quality, thresholds)
+    smear = smear_verdict(quality, thresholds, small_image=small_image)
     if smear is not None:
         return smear
     if quality["focus"] < thresholds.min_focus:
@@ -160,7 +172,7 @@ def quality_verdict(
             f"empty: {100 * quality['foreground']:.2f}% stained pixels, below "
             f"{100 * thresholds.min_foreground:g}%"
         )
-    if quality["thick"] > thresholds.max_thick:
+    if quality["thick"] > thresholds.max_thick and not small_image:
         return (
             f"too thick: {100 * quality['thick']:.0f}% of the field under dense clumps, above "
             f"{100 * thresholds.max_thick:g}%"
@@ -173,7 +185,10 @@ LEGACY_QUALITY_FIELDS = 4
 
 
 def smear_verdict(
-    quality: Mapping[str, float], thresholds: QualityThresholds = DEFAULT_QUALITY
+    quality: Mapping[str, float],
+    thresholds: QualityThresholds = DEFAULT_QUALITY,
+    *,
+    small_image: bool = False,
 ) -> str | None:
     """``not a stained smear: ...`` when the measures say the image is no stained smear (no
     stain colour: greyscale, text, a line drawing; no structure: a gradient, a flat colour),
@@ -197,10 +212,11 @@ def smear_verdict(
             f"{NOT_A_SMEAR}: no cell-sized structure (sharpness {quality['focus']:.1f}, below "
             f"{thresholds.min_structure:g}; a smear measures more even far out of focus)"
         )
+    too_thick = quality["thick"] > thresholds.max_thick and not small_image
     if (
         "background" in quality
         and quality["background"] < thresholds.min_background
-        and (quality["thick"] > thresholds.max_thick or quality["focus"] < thresholds.min_focus)
+        and (too_thick or quality["focus"] < thresholds.min_focus)
     ):
         return (
             f"{NOT_A_SMEAR} (or one too thick or blurred to count): no background between "

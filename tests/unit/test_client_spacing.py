@@ -313,6 +313,44 @@ def test_a_tiff_is_held_to_the_decoded_pixel_limit_not_the_request_byte_limit(
         read_image(tiff)
 
 
+class ThickTransport(FakeTransport):
+    """FakeTransport whose every field measures 60% under dense clumps, as the padded field
+    of a real marrow crop (a cell filling most of it, mirrored all around) does."""
+
+    async def infer_image(self, data: bytes) -> dict[str, np.ndarray]:
+        from marrowdx.contract import QUALITY_FIELDS
+
+        out = await super().infer_image(data)
+        measures = {
+            "focus": 20000.0, "foreground": 0.5, "thick": 0.6, "brightness": 140.0,
+            "stain_colour": 0.9, "background": 0.3, "flat": 0.01,
+        }  # fmt: skip
+        out[T.field_quality] = np.array([measures[k] for k in QUALITY_FIELDS], np.float32)
+        return out
+
+
+def _analysed(data: bytes, **options: object) -> SpacedImageResult:
+    client = AsyncMarrowClient(transport=ThickTransport())  # type: ignore[arg-type]
+    return asyncio.run(client.analyse_image(data, "img", **options))  # type: ignore[arg-type]
+
+
+def test_a_crop_at_a_known_spacing_is_judged_by_its_own_cells_not_as_too_thick() -> None:
+    """250 px at 0.1 µm/px is 100 model pixels: a crop, whose padded field is not a region
+    of smear. A field, or a crop whose spacing is only an uncertain estimate (any picture
+    could be shrunk to a crop's size by one), is still judged too thick."""
+    crop = picture((250, 250), [(90, 90, 70)])
+    counted = _analysed(crop, um_per_pixel=0.1)
+    assert counted.excluded is None and counted.counts["lymphocyte"] == 1
+    unsure = _analysed(crop)
+    assert unsure.spacing.source in ("estimated", "assumed") and unsure.warnings
+    assert unsure.excluded is not None and unsure.excluded.startswith("too thick")
+    field = _analysed(picture(config.FIELD_SIZE, [(90, 90, 70)]), um_per_pixel=0.25)
+    assert field.excluded is not None and field.excluded.startswith("too thick")
+    empty = _analysed(picture((250, 250), []), um_per_pixel=0.1)
+    assert empty.excluded is not None and "stained but no cell found" in empty.excluded
+    assert sum(empty.counts.values()) == 0
+
+
 def test_an_exif_orientation_is_applied_before_resampling() -> None:
     """Stored 200 wide and 100 high, displayed (orientation 6) 100 wide and 200 high."""
     from marrowdx.client.fields import prepare_image

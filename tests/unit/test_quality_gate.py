@@ -225,6 +225,9 @@ def test_thresholds_are_configurable_and_checked() -> None:
     assert q.quality_verdict(m, q.QualityThresholds(min_focus=1500)).startswith("out of focus")
     assert q.quality_verdict(m, q.QualityThresholds(min_foreground=0.05)).startswith("empty")
     assert q.quality_verdict(m, q.QualityThresholds(max_thick=0.05)).startswith("too thick")
+    crowded = {**m, "thick": 0.6, "stain_colour": 0.9, "background": 0.01, "flat": 0.01}
+    assert q.quality_verdict(crowded).startswith(q.NOT_A_SMEAR)  # thick and no background
+    assert q.quality_verdict(crowded, small_image=True) is None  # a crop filled by its cell
     for bad in ({"min_focus": -1}, {"min_foreground": 2}, {"max_thick": -0.1}):
         with pytest.raises(InputError):
             q.QualityThresholds(**bad)
