@@ -138,7 +138,7 @@ def decode_image(
     if excluded is None and measures is not None and "stain_colour" in measures:
         # (a server without the smear measures is judged as before)
         excluded = cells_verdict(n, int(unfamiliar.sum()), measures, quality) or spacing_verdict(
-            boxes[:n], scores[:n], quality
+            boxes[:n], labels, quality
         )
     if excluded is not None:
         counts[:] = 0

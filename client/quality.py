@@ -31,7 +31,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from marrowdx import config
+from marrowdx import config, taxonomy
 from marrowdx.contract import QUALITY_FIELDS
 from marrowdx.errors import BadServerOutput, InputError
 
@@ -75,8 +75,9 @@ MIN_FOREGROUND_WITHOUT_CELLS = 0.05
 #: the models work at (a wrong or missing pixel spacing), so its cells cannot be trusted.
 TYPICAL_CELL_SIDE = 29.0
 CELL_SIDE_TOLERANCE = 1.8
-#: The spacing check needs this many detected cells to take a median.
+#: The spacing check needs this many detected nucleated cells to take a median.
 MIN_CELLS_FOR_SPACING = 5
+_NUCLEATED_INDICES = np.array([taxonomy.CLASS_INDEX[c] for c in taxonomy.NUCLEATED_CLASSES])
 #: An image whose longer side, at the models' spacing, is at most this (model pixels: a
 #: quarter of the field, 64 µm) shows a few cells: a single-cell crop (the Munich, PBC and
 #: CellaVision crops are 25-60 µm across) or a small camera frame. Its field is mostly the
@@ -259,16 +260,21 @@ def cells_verdict(
 
 
 def spacing_verdict(
-    boxes: np.ndarray, scores: np.ndarray, thresholds: QualityThresholds = DEFAULT_QUALITY
+    boxes: np.ndarray, labels: np.ndarray, thresholds: QualityThresholds = DEFAULT_QUALITY
 ) -> str | None:
-    """``magnification far from the given spacing: ...`` when the median detected cell (side
-    in the models' input pixels, ``boxes`` [N, 4] as served) is more than
-    ``cell_side_tolerance`` times larger or smaller than at the models' spacing; None when it
-    is not, with fewer than MIN_CELLS_FOR_SPACING cells, or with the gate off."""
-    del scores  # every served row is a detection above the detector's own threshold
+    """``magnification far from the given spacing: ...`` when the median detected nucleated
+    cell (side in the models' input pixels, ``boxes`` [N, 4] as served, ``labels`` [N] class
+    indices) is more than ``cell_side_tolerance`` times larger or smaller than at the
+    models' spacing; None when it is not, with fewer than MIN_CELLS_FOR_SPACING nucleated
+    cells, or with the gate off. Why nucleated only: platelets (2-3 µm) outnumber the white
+    cells of a blood field: with each field's own spacing estimate, 61 of 1,296 real TXL-PBC
+    fields were excluded for their magnification by the median over all detections, 14 by
+    the nucleated cells' median."""
+    nucleated = np.isin(np.asarray(labels).reshape(-1), _NUCLEATED_INDICES)
+    boxes = np.asarray(boxes, np.float64).reshape(-1, 4)[nucleated]
     if not thresholds.enabled or len(boxes) < MIN_CELLS_FOR_SPACING:
         return None
-    b = np.asarray(boxes, np.float64).reshape(-1, 4)
+    b = boxes
     sides = np.sqrt(np.clip(b[:, 2] - b[:, 0], 0, None) * np.clip(b[:, 3] - b[:, 1], 0, None))
     median = float(np.median(sides))
     low = TYPICAL_CELL_SIDE / thresholds.cell_side_tolerance

@@ -166,3 +166,20 @@ def test_a_non_smear_counts_no_cell_and_a_wrong_spacing_is_named(measured) -> No
         "b.jpg", _outputs(measured["text"], 12.0), quality=q.NO_GATING
     )
     assert gate_off.excluded is None
+
+
+def test_the_magnification_check_sizes_nucleated_cells_not_platelets() -> None:
+    """A blood field: 5 white cells of the models' size among 12 platelets a quarter of it.
+    Platelets' sizes say nothing of the magnification; the same small boxes called white
+    cells do."""
+    white, platelet = taxonomy.CLASS_INDEX["lymphocyte"], taxonomy.CLASS_INDEX["thrombocyte"]
+    boxes = np.array(
+        [(40 * i, 40, 40 * i + 29, 69) for i in range(5)]
+        + [(40 * i, 200, 40 * i + 7, 207) for i in range(12)],
+        np.float32,
+    )
+    labels = np.array([white] * 5 + [platelet] * 12)
+    assert q.spacing_verdict(boxes, labels) is None
+    assert q.spacing_verdict(boxes, np.full(17, white)).startswith(q.WRONG_SPACING)
+    assert q.spacing_verdict(boxes[5:], np.full(12, white)).startswith(q.WRONG_SPACING)
+    assert q.spacing_verdict(boxes[:4], labels[:4]) is None  # too few to judge
