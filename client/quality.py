@@ -84,7 +84,7 @@ _NUCLEATED_INDICES = np.array([taxonomy.CLASS_INDEX[c] for c in taxonomy.NUCLEAT
 #: mirror padding of it, so the rules about a region of smear are not asked of it: "too
 #: thick" (a crop is filled by its cell: 60% of 300 real marrow crops measured above the
 #: limit) and the median cell size (a blood frame's few detections are mostly platelets:
-#: 20 of 133 real blood crops). Its own cells (mirror images dropped) are judged instead.
+#: 22 of 133 real blood crops). Its own cells (mirror images dropped) are judged instead.
 SMALL_IMAGE_SIDE = config.FIELD_SIZE[0] // 4
 #: Reason prefixes (stable: programs may filter on them; the rest of a reason has numbers).
 NOT_A_SMEAR = "not a stained smear"
@@ -267,8 +267,8 @@ def spacing_verdict(
     indices) is more than ``cell_side_tolerance`` times larger or smaller than at the
     models' spacing; None when it is not, with fewer than MIN_CELLS_FOR_SPACING nucleated
     cells, or with the gate off. Why nucleated only: platelets (2-3 µm) outnumber the white
-    cells of a blood field: with each field's own spacing estimate, 61 of 1,296 real TXL-PBC
-    fields were excluded for their magnification by the median over all detections, 14 by
+    cells of a blood field: with each field's own spacing estimate, 65 of 1,296 real TXL-PBC
+    fields were excluded for their magnification by the median over all detections, 20 by
     the nucleated cells' median."""
     nucleated = np.isin(np.asarray(labels).reshape(-1), _NUCLEATED_INDICES)
     boxes = np.asarray(boxes, np.float64).reshape(-1, 4)[nucleated]

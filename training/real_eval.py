@@ -11,6 +11,10 @@ cells) and the share of fields whose white-cell count is right. Single-cell crop
 found at the crop's centre, its class mapped back to the set's labels, macro-F1 over them
 and the confusion matrix; of the cells found, the share flagged (unfamiliar or unidentified,
 so left out of the counts) and the share wrong yet counted ("confidently wrong").
+
+The cells are scored whether or not the quality gate (``client.quality``, the defaults
+``diagnose`` uses) excluded their image, so the scores are the models'; the share of images
+the gate excludes is reported beside them: what ``diagnose`` would leave out of the counts.
 """
 
 from __future__ import annotations
@@ -49,6 +53,7 @@ class FieldScores:
     failed: int
     flagged_white_cells: float = 0.0  # share of found white cells unfamiliar or unidentified
     unfamiliar_white_cells: float = 0.0  # share of found white cells unfamiliar
+    excluded: float = 0.0  # share of fields the default quality gate leaves out of the counts
 
 
 @dataclass
@@ -66,6 +71,7 @@ class CropScores:
     flagged: float = 0.0
     unfamiliar: float = 0.0
     confidently_wrong: float = 0.0
+    excluded: float = 0.0  # share of crops the default quality gate leaves out of the counts
 
 
 @dataclass
@@ -127,7 +133,7 @@ async def _analyse(client, items: Sequence[tuple[Path, float | None]], log: Log 
 
 def score_fields(dataset, results, fields) -> FieldScores:
     scores, tp, n_true, exact, errors, extra, failed = [], [], 0, 0, [], 0, 0
-    found = flagged = unfamiliar = 0
+    found = flagged = unfamiliar = excluded = 0
     for f, result in zip(fields, results, strict=True):
         white = np.array(
             [t.kind == "classes" and bool(set(t.class_names) & NUCLEATED) for t in f.targets],
@@ -139,6 +145,7 @@ def score_fields(dataset, results, fields) -> FieldScores:
             failed += 1
             errors.append(len(gt))
             continue
+        excluded += result.excluded is not None
         cells = [c for c in result.cells if c.label in NUCLEATED]
         found += len(cells)
         flagged += sum(not c.counted for c in cells)
@@ -165,6 +172,7 @@ def score_fields(dataset, results, fields) -> FieldScores:
         failed=failed,
         flagged_white_cells=flagged / max(1, found),
         unfamiliar_white_cells=unfamiliar / max(1, found),
+        excluded=excluded / max(1, n),
     )
 
 
@@ -173,12 +181,13 @@ def score_crops(dataset, results, crops) -> CropScores:
     to_label = _label_of_class(dataset, names)
     columns = [*names, OTHER, NO_CELL]
     confusion = np.zeros((len(names), len(columns)), np.int64)
-    failed = found = flagged = unfamiliar = confidently_wrong = 0
+    failed = found = flagged = unfamiliar = confidently_wrong = excluded = 0
     for crop, result in zip(crops, results, strict=True):
         if isinstance(result, str):
             failed += 1
             predicted = NO_CELL
         else:
+            excluded += result.excluded is not None
             height, width = result.size
             cell = _centre_cell(result, width, height)
             predicted = NO_CELL if cell is None else to_label.get(cell.label, OTHER)
@@ -206,6 +215,7 @@ def score_crops(dataset, results, crops) -> CropScores:
         flagged=flagged / max(1, found),
         unfamiliar=unfamiliar / max(1, found),
         confidently_wrong=confidently_wrong / max(1, found),
+        excluded=excluded / max(1, len(crops)),
     )
 
 
@@ -235,14 +245,14 @@ def evaluate_real(
     images of its size where its own are too few (as ``diagnose`` pools a patient's).
     """
     from marrowdx.client import AsyncMarrowClient
-    from marrowdx.client.quality import NO_GATING
+    from marrowdx.client.quality import DEFAULT_QUALITY
     from marrowdx.serving.inprocess import InProcessPipeline, InProcessTransport
 
     report = RealReport()
 
     async def run() -> None:
         client = AsyncMarrowClient(
-            transport=InProcessTransport(InProcessPipeline(repository)), quality=NO_GATING
+            transport=InProcessTransport(InProcessPipeline(repository)), quality=DEFAULT_QUALITY
         )
         async with client:
             for ds in datasets:
@@ -273,22 +283,23 @@ def format_real_table(report: RealReport) -> str:
     if report.fields:
         lines += [
             "set          fields  white cells  AP50   right count  |count error|  extra/field"
-            "  flagged  unfamiliar",
+            "  flagged  unfamiliar  excluded",
             "-----------  ------  -----------  -----  -----------  -------------  -----------"
-            "  -------  ----------",
+            "  -------  ----------  --------",
         ]
         for f in report.fields:
             lines.append(
                 f"{f.dataset:<11}  {f.n_images:>6}  {f.n_white_cells:>11}  "
                 f"{f.white_cell_ap50:.3f}  {f.count_exact:>11.0%}  {f.mean_abs_count_error:>13.2f}"
                 f"  {f.extra_white_cells_per_field:>11.2f}  {f.flagged_white_cells:>7.1%}"
-                f"  {f.unfamiliar_white_cells:>10.1%}"
+                f"  {f.unfamiliar_white_cells:>10.1%}  {f.excluded:>8.1%}"
             )
     for c in report.crops:
         lines.append(
             f"{c.dataset}: {c.n_images} crops, macro-F1 {c.macro_f1:.3f}, no cell at the centre "
             f"{c.no_centre_cell:.1%}; of the cells found: flagged {c.flagged:.1%} (unfamiliar "
-            f"{c.unfamiliar:.1%}), wrong yet counted {c.confidently_wrong:.1%}; per label: "
+            f"{c.unfamiliar:.1%}), wrong yet counted {c.confidently_wrong:.1%}; excluded by the "
+            f"quality gate {c.excluded:.1%}; per label: "
             + ", ".join(f"{k} {v:.2f}" for k, v in c.per_label_f1.items())
         )
     return "\n".join(lines)

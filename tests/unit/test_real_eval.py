@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -40,12 +41,14 @@ def test_crop_scores_split_found_cells_into_flagged_and_confidently_wrong() -> N
         _result("lymphocyte", unidentified=True),  # right, flagged
         _result(None),  # no cell: not among the found ones
     ]
+    results[0] = replace(results[0], excluded="too thick: ...")  # scored, and reported
     scores = score_crops(dataset, results, crops)
     assert scores.confusion[0] == [1, 2, 0, 0]
     assert scores.labels[-1] == NO_CELL and scores.confusion[1][-1] == 1
     assert scores.flagged == 2 / 4
     assert scores.unfamiliar == 1 / 4
     assert scores.confidently_wrong == 1 / 4
+    assert scores.excluded == 1 / 5
 
 
 def test_field_scores_report_flagged_and_unfamiliar_white_cells() -> None:
