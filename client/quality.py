@@ -77,6 +77,7 @@ TYPICAL_CELL_SIDE = 29.0
 CELL_SIDE_TOLERANCE = 1.8
 #: The spacing check needs this many detected nucleated cells to take a median.
 MIN_CELLS_FOR_SPACING = 5
+#: Class indices of the nucleated cells, the ones the spacing check sizes.
 _NUCLEATED_INDICES = np.array([taxonomy.CLASS_INDEX[c] for c in taxonomy.NUCLEATED_CLASSES])
 #: An image whose longer side, at the models' spacing, is at most this (model pixels: a
 #: quarter of the field, 64 µm) shows a few cells: a single-cell crop (the Munich, PBC and
@@ -173,12 +174,19 @@ def quality_verdict(
             f"empty: {100 * quality['foreground']:.2f}% stained pixels, below "
             f"{100 * thresholds.min_foreground:g}%"
         )
-    if quality["thick"] > thresholds.max_thick and not small_image:
+    if _too_thick(quality, thresholds, small_image):
         return (
             f"too thick: {100 * quality['thick']:.0f}% of the field under dense clumps, above "
             f"{100 * thresholds.max_thick:g}%"
         )
     return None
+
+
+def _too_thick(
+    quality: Mapping[str, float], thresholds: QualityThresholds, small_image: bool
+) -> bool:
+    """The thick limit, which a crop (``small_image``) is not asked: its cell fills it."""
+    return quality["thick"] > thresholds.max_thick and not small_image
 
 
 #: FIELD_QUALITY's length before the smear measures (``stain_colour``, ``background``).
@@ -213,11 +221,11 @@ def smear_verdict(
             f"{NOT_A_SMEAR}: no cell-sized structure (sharpness {quality['focus']:.1f}, below "
             f"{thresholds.min_structure:g}; a smear measures more even far out of focus)"
         )
-    too_thick = quality["thick"] > thresholds.max_thick and not small_image
+    blurred = quality["focus"] < thresholds.min_focus
     if (
         "background" in quality
         and quality["background"] < thresholds.min_background
-        and (too_thick or quality["focus"] < thresholds.min_focus)
+        and (_too_thick(quality, thresholds, small_image) or blurred)
     ):
         return (
             f"{NOT_A_SMEAR} (or one too thick or blurred to count): no background between "
@@ -270,11 +278,12 @@ def spacing_verdict(
     cells of a blood field: with each field's own spacing estimate, 65 of 1,296 real TXL-PBC
     fields were excluded for their magnification by the median over all detections, 20 by
     the nucleated cells' median."""
-    nucleated = np.isin(np.asarray(labels).reshape(-1), _NUCLEATED_INDICES)
-    boxes = np.asarray(boxes, np.float64).reshape(-1, 4)[nucleated]
-    if not thresholds.enabled or len(boxes) < MIN_CELLS_FOR_SPACING:
+    if not thresholds.enabled:
         return None
-    b = boxes
+    nucleated = np.isin(np.asarray(labels).reshape(-1), _NUCLEATED_INDICES)
+    b = np.asarray(boxes, np.float64).reshape(-1, 4)[nucleated]
+    if len(b) < MIN_CELLS_FOR_SPACING:
+        return None
     sides = np.sqrt(np.clip(b[:, 2] - b[:, 0], 0, None) * np.clip(b[:, 3] - b[:, 1], 0, None))
     median = float(np.median(sides))
     low = TYPICAL_CELL_SIDE / thresholds.cell_side_tolerance
