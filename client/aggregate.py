@@ -134,7 +134,8 @@ def decode_image(
         raise BadServerOutput(f"{t.class_counts} disagree with the labels of {t.class_probs}")
     height, width = (int(v) for v in outputs[t.image_size])
     measures = field_quality(outputs)
-    excluded = quality_verdict(measures, quality)
+    identified = ~(unidentified | unfamiliar) & np.isin(labels, taxonomy.NUCLEATED_INDICES)
+    excluded = quality_verdict(measures, quality, identified=int(identified.sum()))
     if excluded is None and measures is not None and "stain_colour" in measures:
         # (a server without the smear measures is judged as before)
         excluded = cells_verdict(n, int(unfamiliar.sum()), measures, quality) or spacing_verdict(

@@ -357,13 +357,14 @@ def merge_image(
         if _counted(cell):
             counts[cell.label] += 1
     measures = _median_quality(results)
+    identified = sum(_counted(c) and c.label in taxonomy.NUCLEATED_CLASSES for c in kept)
     if _small(prepared):
-        excluded = quality_verdict(measures, quality, small_image=True)
+        excluded = quality_verdict(measures, quality, small_image=True, identified=identified)
         if excluded is None and measures is not None and "stain_colour" in measures:
             unfamiliar = sum(cell.unfamiliar for cell in kept)
             excluded = cells_verdict(len(kept), unfamiliar, measures, quality)
     else:
-        excluded = quality_verdict(measures, quality)
+        excluded = quality_verdict(measures, quality, identified=identified)
         if excluded is None and all(r.excluded for r in results):
             excluded = results[0].excluded  # e.g. every field's cells far from the models' size
     if excluded is not None:

@@ -77,8 +77,6 @@ TYPICAL_CELL_SIDE = 29.0
 CELL_SIDE_TOLERANCE = 1.8
 #: The spacing check needs this many detected nucleated cells to take a median.
 MIN_CELLS_FOR_SPACING = 5
-#: Class indices of the nucleated cells, the ones the spacing check sizes.
-_NUCLEATED_INDICES = np.array([taxonomy.CLASS_INDEX[c] for c in taxonomy.NUCLEATED_CLASSES])
 #: An image whose longer side, at the models' spacing, is at most this (model pixels: a
 #: quarter of the field, 64 µm) shows a few cells: a single-cell crop (the Munich, PBC and
 #: CellaVision crops are 25-60 µm across) or a small camera frame. Its field is mostly the
@@ -87,6 +85,13 @@ _NUCLEATED_INDICES = np.array([taxonomy.CLASS_INDEX[c] for c in taxonomy.NUCLEAT
 #: limit) and the median cell size (a blood frame's few detections are mostly platelets:
 #: 22 of 133 real blood crops). Its own cells (mirror images dropped) are judged instead.
 SMALL_IMAGE_SIDE = config.FIELD_SIZE[0] // 4
+#: A field excluded as too thick or out of focus in which the models identified fewer
+#: nucleated cells than this shows none of what a real smear, even a thick or blurred one,
+#: still shows: so the reason says it may be no smear. Photos (of a person, a cat, a
+#: motorcycle, a rocket) measured "too thick" with 0 cells identified in 9 of 10; of 1,296 real
+#: TXL-PBC fields 15 failed the thick or focus limit, 6 of them with no cell identified
+#: (README "Field quality"). It only renames an exclusion: no field's count changes.
+MIN_CELLS_IN_SMEAR = 1
 #: Reason prefixes (stable: programs may filter on them; the rest of a reason has numbers).
 NOT_A_SMEAR = "not a stained smear"
 WRONG_SPACING = "magnification far from the given spacing"
@@ -153,23 +158,44 @@ def quality_verdict(
     thresholds: QualityThresholds = DEFAULT_QUALITY,
     *,
     small_image: bool = False,
+    identified: int | None = None,
 ) -> str | None:
     """The reason a field is excluded, or None if it counts. Reasons start with a stable
     word (``not a stained smear``, ``out of focus``, ``empty``, ``too thick``) and give the
     measure and the limit. Whether it is a smear is asked first: a photo or a drawing is
     not "out of focus". ``small_image``: the field pads an image of at most
-    ``SMALL_IMAGE_SIDE`` (a cell crop), which is not judged "too thick"."""
+    ``SMALL_IMAGE_SIDE`` (a cell crop), which is not judged "too thick". ``identified``: the
+    nucleated cells the models identified in it (None: not known yet); a thick or blurred
+    field with fewer than ``MIN_CELLS_IN_SMEAR`` is named as possibly no smear."""
     if quality is None or not thresholds.enabled:
         return None
     smear = smear_verdict(quality, thresholds, small_image=small_image)
     if smear is not None:
         return smear
+    region = _region_verdict(quality, thresholds, small_image)
+    if (
+        region is None
+        or identified is None
+        or identified >= MIN_CELLS_IN_SMEAR
+        or _empty(quality, thresholds)  # an empty field has no cells to identify
+    ):
+        return region
+    return (
+        f"{NOT_A_SMEAR} (or one too thick or blurred to count): no cell identified in a field "
+        f"{100 * quality['foreground']:.0f}% stained; {region}"
+    )
+
+
+def _region_verdict(
+    quality: Mapping[str, float], thresholds: QualityThresholds, small_image: bool
+) -> str | None:
+    """Whether a region of smear can be counted: in focus, not empty, not too thick."""
     if quality["focus"] < thresholds.min_focus:
         return (
             f"out of focus: sharpness {quality['focus']:.0f} below {thresholds.min_focus:g} "
             "(variance of the Laplacian)"
         )
-    if quality["foreground"] < thresholds.min_foreground:
+    if _empty(quality, thresholds):
         return (
             f"empty: {100 * quality['foreground']:.2f}% stained pixels, below "
             f"{100 * thresholds.min_foreground:g}%"
@@ -180,6 +206,10 @@ def quality_verdict(
             f"{100 * thresholds.max_thick:g}%"
         )
     return None
+
+
+def _empty(quality: Mapping[str, float], thresholds: QualityThresholds) -> bool:
+    return quality["foreground"] < thresholds.min_foreground
 
 
 def _too_thick(
@@ -280,7 +310,7 @@ def spacing_verdict(
     the nucleated cells' median."""
     if not thresholds.enabled:
         return None
-    nucleated = np.isin(np.asarray(labels).reshape(-1), _NUCLEATED_INDICES)
+    nucleated = np.isin(np.asarray(labels).reshape(-1), taxonomy.NUCLEATED_INDICES)
     b = np.asarray(boxes, np.float64).reshape(-1, 4)[nucleated]
     if len(b) < MIN_CELLS_FOR_SPACING:
         return None

@@ -140,6 +140,8 @@ COUNTING_ROLES: dict[str, CountingRole] = {
 #: Classes in the nucleated differential / reported beside it, in taxonomy order.
 NUCLEATED_CLASSES: tuple[str, ...] = tuple(c for c in CLASSES if COUNTING_ROLES[c].nucleated)
 NOT_COUNTED_CLASSES: tuple[str, ...] = tuple(c for c in CLASSES if not COUNTING_ROLES[c].nucleated)
+#: NUCLEATED_CLASSES as class indices (CLASS_PROBS columns).
+NUCLEATED_INDICES: tuple[int, ...] = tuple(CLASS_INDEX[c] for c in NUCLEATED_CLASSES)
 
 
 def _lineage_classes(lineage: str) -> tuple[str, ...]:
