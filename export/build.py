@@ -31,6 +31,11 @@ SIMULATION_WORKERS = 2
 MODEL_CODE_VERSION = 7
 #: The reference weights shipped inside the package (``marrowdx.models``), with their card.
 SHIPPED_PRESET = "reference"
+#: Written beside weights installed from the package: the shipped files' digests. Why: an
+#: updated checkout ships new weights under the same preset fingerprint, and a build that
+#: kept the ones it installed earlier would serve them silently; weights trained here have
+#: no marker and are kept.
+SHIPPED_MARKER = "shipped.json"
 
 
 @dataclass(frozen=True)
@@ -203,8 +208,65 @@ def install_shipped_weights(
     layout.weights_dir.mkdir(parents=True, exist_ok=True)
     for kind in KINDS:
         shutil.copy2(source_dir / f"{kind}.pt", layout.checkpoint(kind))
+    marker = layout.weights_dir / SHIPPED_MARKER
+    marker.write_text(json.dumps(shipped_digests(source_dir), indent=1, sort_keys=True) + "\n")
     log(f"installed the shipped reference weights from {source_dir} (see docs/model_card.md)")
     return True
+
+
+def shipped_digests(source_dir: Path | None = None) -> dict[str, str]:
+    """sha256 of each shipped weights file (``SHIPPED_MARKER``'s content)."""
+    from marrowdx.serving.repository import file_digest
+
+    source_dir = source_dir or shipped_weights_dir()
+    return {kind: file_digest(source_dir / f"{kind}.pt") for kind in KINDS}
+
+
+def installed_weights_outdated(layout: BuildLayout) -> bool:
+    """True when the build's weights were installed from the package and the package now
+    ships others (an updated checkout or install); False for weights trained here."""
+    marker = layout.weights_dir / SHIPPED_MARKER
+    if layout.preset != SHIPPED_PRESET or not marker.exists():
+        return False
+    try:
+        installed = json.loads(marker.read_text())
+        return installed != shipped_digests()
+    except (OSError, ValueError):
+        return True
+
+
+def repository_staleness(repository: Path, work_dir: Path | None = None) -> list[str]:
+    """Why a built model repository no longer serves what ``marrowdx build`` would put there
+    (empty when it does): a model whose ONNX file differs from the build's last export of its
+    preset, or reference weights installed before the package shipped others. Cheap (file
+    digests and ONNX metadata, no torch), so ``marrowdx serve`` asks it every start."""
+    from marrowdx.serving.onnx_artifacts import read_onnx_metadata
+    from marrowdx.serving.onnx_runner import ONNX_FILENAME
+    from marrowdx.serving.repository import file_digest
+
+    work_dir = Path(work_dir or config.default_work_dir())
+    reasons, presets = [], set()
+    for kind in KINDS:
+        served = Path(repository) / kind / "1" / ONNX_FILENAME
+        if not served.exists():
+            continue
+        try:
+            preset = read_onnx_metadata(served).get("preset")
+        except (OSError, ValueError, KeyError):
+            continue  # not one of ours: nothing to compare with
+        if not preset:
+            continue
+        presets.add(preset)
+        exported = BuildLayout(work_dir, preset).onnx(kind)
+        if exported.exists() and file_digest(exported) != file_digest(served):
+            reasons.append(f"{kind}/1/{ONNX_FILENAME} differs from the last export ({exported})")
+    for preset in sorted(presets):
+        if installed_weights_outdated(BuildLayout(work_dir, preset)):
+            reasons.append(
+                f"the {preset} weights in {BuildLayout(work_dir, preset).weights_dir} were "
+                "installed from an earlier version of the package, which now ships others"
+            )
+    return reasons
 
 
 def train_models(layout: BuildLayout, preset, cohort_dir: Path, log: Progress, real=None) -> None:
@@ -237,6 +299,7 @@ def train_models(layout: BuildLayout, preset, cohort_dir: Path, log: Progress, r
     for kind, model in zip(KINDS, (detector, classifier, diagnosis), strict=True):
         meta = checkpoint_metadata(kind, preset.name, _stamp(preset), description)
         save_checkpoint(layout.checkpoint(kind), kind, model, meta)
+    (layout.weights_dir / SHIPPED_MARKER).unlink(missing_ok=True)  # trained here, not installed
     log(f"weights saved under {layout.weights_dir}")
 
 
@@ -413,8 +476,12 @@ def build_onnx_models(
             )
         real_description = None if real is None else real.description
         current = weights_current(layout, spec, cohort_key, real_description)
+        installed = False
+        if current and not force_train and installed_weights_outdated(layout):
+            log("the package ships other reference weights than the ones installed here")
+            installed = install_shipped_weights(layout, spec, log, real_description)
         if not (current or force_train or cohort is not None):
-            current = install_shipped_weights(layout, spec, log, real_description)
+            current = installed = install_shipped_weights(layout, spec, log, real_description)
         if force_train or not current:
             cohort_dir = (
                 Path(cohort) if cohort is not None else ensure_training_cohort(layout, spec, log)
@@ -430,7 +497,9 @@ def build_onnx_models(
             log(f"weights for preset {spec.name!r}{trained_on} are current ({layout.weights_dir})")
         if not calibration_current(layout):
             calibrate_checkpoints(layout, spec, log, real_calibration)
-        export_models(layout, log)
+        # installed files keep the package's modification times, which can be older than an
+        # earlier export of other weights
+        export_models(layout, log, force=installed)
     paths = {kind: layout.onnx(kind) for kind in KINDS}
     metadata = {kind: read_onnx_metadata(path) for kind, path in paths.items()}
     summary = dict(metadata["classifier"])

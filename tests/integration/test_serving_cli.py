@@ -91,3 +91,20 @@ def test_triton_stops_when_its_launcher_dies(built_repository) -> None:
     if not group_gone(triton):
         os.killpg(triton, signal.SIGKILL)
         pytest.fail("tritonserver outlived the process that launched it")
+
+
+def test_serve_names_a_repository_older_than_the_build(built_repository, tmp_path, capsys) -> None:
+    """`marrowdx serve` warns (and still serves) when the repository's models are not the
+    build's last export, naming the model and what to run."""
+    from marrowdx.export import build
+    from marrowdx.serving import cli as serving_cli
+    from tests.helpers import TEST_CACHE
+
+    assert build.repository_staleness(built_repository, TEST_CACHE) == []
+    layout = build.BuildLayout(tmp_path, "tiny")
+    layout.onnx_dir.mkdir(parents=True)
+    layout.onnx("classifier").write_bytes(b"a later export")
+    reasons = build.repository_staleness(built_repository, tmp_path)
+    assert len(reasons) == 1 and reasons[0].startswith("classifier/1/model.onnx differs")
+    serving_cli._warn_if_stale(built_repository, tmp_path)
+    assert "marrowdx build" in capsys.readouterr().err

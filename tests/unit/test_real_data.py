@@ -468,3 +468,37 @@ def test_crops_of_unknown_spacing_are_learnt_at_the_pooled_estimate(tmp_path: Pa
     scale = estimates[0].um_per_pixel / config.MODEL_UM_PER_PIXEL  # type: ignore[union-attr]
     assert len(learnt.crops) == len(paths)
     assert {c.rgb.shape[:2] for c in learnt.crops} == {(round(200 * scale),) * 2}
+
+
+def test_a_build_replaces_reference_weights_an_earlier_package_installed(tmp_path: Path) -> None:
+    """Weights installed from the package are replaced when the package ships others (an
+    updated checkout: same preset fingerprint, other bytes), and exported again; weights
+    trained here carry no marker and are kept."""
+    import json
+
+    from marrowdx.export import build
+    from marrowdx.serving.repository import file_digest
+    from marrowdx.training.presets import get_preset
+
+    preset = get_preset(build.SHIPPED_PRESET)
+    layout = build.BuildLayout(tmp_path, preset.name)
+    assert build.install_shipped_weights(layout, preset, build.Progress(False))
+    assert not build.installed_weights_outdated(layout)
+    marker = layout.weights_dir / build.SHIPPED_MARKER
+    earlier = {kind: "0" * 64 for kind in build.KINDS}  # what an earlier package shipped
+    marker.write_text(json.dumps(earlier))
+    assert build.installed_weights_outdated(layout)
+    marker.unlink()  # as after training here
+    assert not build.installed_weights_outdated(layout)
+
+    marker.write_text(json.dumps(earlier))
+    stale = layout.onnx("diagnosis")
+    stale.parent.mkdir(parents=True, exist_ok=True)
+    stale.write_bytes(b"an export of the earlier weights")
+    build.build_onnx_models(tmp_path, preset.name, progress=False)
+    assert not build.installed_weights_outdated(layout)
+    for kind in build.KINDS:
+        assert file_digest(layout.checkpoint(kind)) == file_digest(
+            build.shipped_weights_dir() / f"{kind}.pt"
+        )
+    assert stale.read_bytes() != b"an export of the earlier weights"

@@ -85,6 +85,7 @@ def run_serve(args: argparse.Namespace) -> int:
         raise RepositoryError(
             f"{repository} is not built ({', '.join(missing)} missing): run `marrowdx build`"
         )
+    _warn_if_stale(repository, args.work_dir)
     key, generated = srv.resolve_admin_key(args.admin_key)
     ports = config.Ports(http=args.http_port, grpc=args.grpc_port, metrics=args.metrics_port)
     # ServerError / TritonNotInstalled / InputError: marrowdx.cli.main prints them.
@@ -103,6 +104,21 @@ def run_serve(args: argparse.Namespace) -> int:
         tls_key=args.tls_key,
     ) as launched:
         return supervise(launched.server, ready_timeout=args.ready_timeout, generated_key=generated)
+
+
+def _warn_if_stale(repository: Path, work_dir: Path | None) -> None:
+    """Say so when the repository is older than what ``marrowdx build`` would write (an
+    updated checkout's weights, an export not copied in): served as it is, but not
+    silently."""
+    from marrowdx.export.build import repository_staleness
+
+    reasons = repository_staleness(repository, work_dir)
+    if reasons:
+        print(
+            f"marrowdx serve: warning: {repository} is stale: {'; '.join(reasons)}. "
+            "Run `marrowdx build` (`make serve` does) to serve the current models.",
+            file=sys.stderr,
+        )
 
 
 def _stop_after_dead_models(server, dead) -> int:

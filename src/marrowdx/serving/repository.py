@@ -63,7 +63,7 @@ def source_repository() -> Path:
     return resources.model_repository_sources()
 
 
-def _digest(path: Path) -> str:
+def file_digest(path: Path) -> str:
     with path.open("rb") as f:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
@@ -83,7 +83,11 @@ def _put_file(src: Path, dst: Path, result: BuildResult) -> None:
     if src.resolve() == dst.resolve():
         result.unchanged.append(dst)
         return
-    if dst.exists() and dst.stat().st_size == src.stat().st_size and _digest(dst) == _digest(src):
+    if (
+        dst.exists()
+        and dst.stat().st_size == src.stat().st_size
+        and file_digest(dst) == file_digest(src)
+    ):
         result.unchanged.append(dst)
         return
     dst.parent.mkdir(parents=True, exist_ok=True)
