@@ -26,9 +26,11 @@ import numpy as np
 from marrowdx import config, taxonomy
 from marrowdx.client.quality import (
     DEFAULT_QUALITY,
+    NOT_A_SMEAR,
     SMALL_IMAGE_SIDE,
     QualityThresholds,
     cells_verdict,
+    magnification_verdict,
     quality_verdict,
 )
 from marrowdx.client.report import Cell, ImageResult
@@ -326,7 +328,9 @@ def merge_image(
     any field); the quality measures are each measure's median over the fields, and the
     gate decides on them (or the image is excluded when every field was). A crop (one
     padded field, ``_small``) is not asked the region rules; its kept cells are judged by
-    ``quality.cells_verdict`` (none found in a stained image, or mostly unfamiliar).
+    ``quality.cells_verdict`` (none found in a stained image, or mostly unfamiliar). An image
+    coarser than the gate's ``max_um_per_pixel`` is excluded for its magnification
+    (``quality.magnification_verdict``), unless the measures say it is no smear at all.
     """
     from marrowdx.slides.merge import merge_fields
 
@@ -367,6 +371,9 @@ def merge_image(
         excluded = quality_verdict(measures, quality, identified=identified)
         if excluded is None and all(r.excluded for r in results):
             excluded = results[0].excluded  # e.g. every field's cells far from the models' size
+    coarse = magnification_verdict(prepared.spacing.um_per_pixel, prepared.spacing.source, quality)
+    if coarse is not None and not (excluded or "").startswith(NOT_A_SMEAR):
+        excluded = coarse  # what the image is not comes first; then why it cannot be read
     if excluded is not None:
         counts = {c: 0 for c in taxonomy.CLASSES}
     result = ImageResult(

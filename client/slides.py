@@ -27,6 +27,7 @@ import numpy as np
 
 from marrowdx import differential, taxonomy
 from marrowdx.client import aggregate
+from marrowdx.client.quality import magnification_verdict
 from marrowdx.client.report import Cell, ImageResult, PatientReport
 from marrowdx.errors import RequestFailed
 from marrowdx.slides.tiling import TILINGS, tile
@@ -278,6 +279,10 @@ async def diagnose_slide(
     except Exception as exc:  # noqa: BLE001 - one unreadable slide, not the whole cohort
         failed[patient.name] = f"opening the slide failed: {type(exc).__name__}: {exc}"
         return _failed(patient, failed, "the slide could not be read")
+    coarse = magnification_verdict(source.um_per_pixel, "the slide's base level", client.quality)
+    if coarse is not None:  # no level of it holds the detail the models need
+        failed[patient.name] = f"slide {patient.name}: {coarse}"
+        return _failed(patient, failed, "the slide's magnification is too low")
     try:
         done, field_failures = await _serve_fields(client, source, patient, on_image)
         failed.update(field_failures)

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from marrowdx import slides, taxonomy
+from marrowdx.client.quality import DEFAULT_QUALITY, TOO_COARSE
 from marrowdx.client.report import Cell, ImageResult, write_json
 from marrowdx.client.review import DEFAULT_THRESHOLDS
 from marrowdx.client.slides import SlidePatient, SlideReport, diagnose_slide, field_name
@@ -41,8 +42,11 @@ def fields_for(roi: Roi, width: float, overlap: float, scale: float) -> list[Fie
 class FakeSource:
     """What ``open_slide`` returns, reduced to what the client uses."""
 
-    def __init__(self, fields: list[Field], fail_after: int | None = None) -> None:
+    def __init__(
+        self, fields: list[Field], fail_after: int | None = None, um_per_pixel: float = 0.25
+    ) -> None:
         self.rois = sorted({f.roi for f in fields}, key=lambda r: r.index)
+        self.um_per_pixel = um_per_pixel  # base level
         self._fields = fields
         self._fail_after = fail_after
         self.closed = False
@@ -70,6 +74,7 @@ class FakeClient:
 
     concurrency = 3
     review = DEFAULT_THRESHOLDS
+    quality = DEFAULT_QUALITY
     unidentified_below = 0.0
     min_familiarity = float("-inf")  # every cell familiar: the fake answers have none
 
@@ -170,6 +175,19 @@ def test_unreadable_slide_fails_that_patient_only(monkeypatch) -> None:
     assert report.failed_images == {"P3": str(bad)}
     assert report.diagnosis is None and report.diagnosis_error == "the slide could not be read"
     assert report.n_cells == 0 and report.images == []
+
+
+def test_a_slide_scanned_at_too_low_a_magnification_fails_with_its_reason(monkeypatch) -> None:
+    """A 10x scan (1 µm/px at its base level) has no level with the detail the models read:
+    the patient fails naming the magnification, and no field is sent."""
+    fields = fields_for(ROI_A, 480, 160, 1.0)
+    client = FakeClient({0: boxes([(1100, 1100)])}, fields, fail=set())
+    report = run(
+        SlidePatient("P4", Path("x/P4"), "P4"), client, FakeSource(fields, um_per_pixel=1.0),
+        monkeypatch,
+    )  # fmt: skip
+    assert report.failed_images["P4"].startswith(f"slide P4: {TOO_COARSE}: 1 µm/px")
+    assert report.n_fields == 0 and report.diagnosis is None and not client.diagnosed
 
 
 def test_slide_report_json_round_trip(monkeypatch, tmp_path: Path) -> None:

@@ -87,9 +87,13 @@ def picture(size: tuple[int, int], squares: list[tuple[int, int, int]]) -> bytes
     return out.getvalue()
 
 
-def analyse(data: bytes, **options: object) -> tuple[SpacedImageResult, FakeTransport]:
+def analyse(
+    data: bytes, quality: object = None, **options: object
+) -> tuple[SpacedImageResult, FakeTransport]:
+    """``options`` go to ``analyse_image``; ``quality`` (thresholds) to the client."""
     transport = FakeTransport()
-    client = AsyncMarrowClient(transport=transport)  # type: ignore[arg-type]
+    gate = {} if quality is None else {"quality": quality}
+    client = AsyncMarrowClient(transport=transport, **gate)  # type: ignore[arg-type]
     result = asyncio.run(client.analyse_image(data, "img", **options))  # type: ignore[arg-type]
     assert isinstance(result, SpacedImageResult)
     return result, transport
@@ -349,6 +353,23 @@ def test_a_crop_at_a_known_spacing_is_judged_by_its_own_cells_not_as_too_thick()
     empty = _analysed(picture((250, 250), []), um_per_pixel=0.1)
     assert empty.excluded is not None and "stained but no cell found" in empty.excluded
     assert sum(empty.counts.values()) == 0
+
+
+def test_an_image_coarser_than_the_models_can_read_is_excluded_not_counted() -> None:
+    """Given or estimated, a spacing beyond ``max_um_per_pixel`` excludes the image with the
+    magnification in its reason; its cells stay listed; the gate off counts them."""
+    from marrowdx.client.quality import NO_GATING, TOO_COARSE, QualityThresholds
+
+    data = picture((400, 300), [(100, 100, 24), (250, 150, 24)])
+    readable, _ = analyse(data, um_per_pixel=0.5)
+    assert readable.excluded is None and readable.counts["lymphocyte"] == 2
+    coarse, _ = analyse(data, um_per_pixel=0.8)
+    assert coarse.excluded.startswith(f"{TOO_COARSE}: 0.8 µm/px (given)")
+    assert sum(coarse.counts.values()) == 0 and len(coarse.cells) == 2
+    counted, _ = analyse(data, um_per_pixel=0.8, quality=NO_GATING)
+    assert counted.excluded is None and counted.counts["lymphocyte"] == 2
+    with pytest.raises(InputError):
+        QualityThresholds(max_um_per_pixel=0)
 
 
 def test_an_exif_orientation_is_applied_before_resampling() -> None:
