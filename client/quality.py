@@ -85,12 +85,12 @@ MIN_CELLS_FOR_SPACING = 5
 #: limit) and the median cell size (a blood frame's few detections are mostly platelets:
 #: 22 of 133 real blood crops). Its own cells (mirror images dropped) are judged instead.
 SMALL_IMAGE_SIDE = config.FIELD_SIZE[0] // 4
-#: A field excluded as too thick or out of focus in which the models identified fewer
-#: nucleated cells than this shows none of what a real smear, even a thick or blurred one,
-#: still shows: so the reason says it may be no smear. Photos (of a person, a cat, a
-#: motorcycle, a rocket) measured "too thick" with 0 cells identified in 9 of 10; of 1,296 real
-#: TXL-PBC fields 15 failed the thick or focus limit, 6 of them with no cell identified
-#: (README "Field quality"). It only renames an exclusion: no field's count changes.
+#: A field excluded as too thick in which the models identified fewer nucleated cells than
+#: this shows none of what a real smear, even a thick one, still shows: so the reason says it
+#: may be no smear. Photos (of a person, a cat, a motorcycle, a rocket) measured "too thick"
+#: with 0 cells identified in 9 of 10 (README "Field quality"). It only renames an exclusion:
+#: no field's count changes. Not asked of a blurred field: blurred smears seen by a weakly
+#: trained model (the ``tiny`` preset) have no identified cell either, and stay "out of focus".
 MIN_CELLS_IN_SMEAR = 1
 #: The coarsest pixel spacing (µm/px) counted: the models read each cell at 0.5 µm/px, and an
 #: image coarser than that lost detail no resampling brings back. The 507 held-out Munich
@@ -178,47 +178,43 @@ def quality_verdict(
     measure and the limit. Whether it is a smear is asked first: a photo or a drawing is
     not "out of focus". ``small_image``: the field pads an image of at most
     ``SMALL_IMAGE_SIDE`` (a cell crop), which is not judged "too thick". ``identified``: the
-    nucleated cells the models identified in it (None: not known yet); a thick or blurred
-    field with fewer than ``MIN_CELLS_IN_SMEAR`` is named as possibly no smear."""
+    nucleated cells the models identified in it (None: not known yet); a too thick field
+    with fewer than ``MIN_CELLS_IN_SMEAR`` is named as possibly no smear."""
     if quality is None or not thresholds.enabled:
         return None
     smear = smear_verdict(quality, thresholds, small_image=small_image)
     if smear is not None:
         return smear
-    region = _region_verdict(quality, thresholds, small_image)
-    if (
-        region is None
-        or identified is None
-        or identified >= MIN_CELLS_IN_SMEAR
-        or _empty(quality, thresholds)  # an empty field has no cells to identify
-    ):
+    cause, region = _region_verdict(quality, thresholds, small_image)
+    if cause != "thick" or identified is None or identified >= MIN_CELLS_IN_SMEAR:
         return region
     return (
-        f"{NOT_A_SMEAR} (or one too thick or blurred to count): no cell identified in a field "
+        f"{NOT_A_SMEAR} (or one too thick to count): no cell identified in a field "
         f"{100 * quality['foreground']:.0f}% stained; {region}"
     )
 
 
 def _region_verdict(
     quality: Mapping[str, float], thresholds: QualityThresholds, small_image: bool
-) -> str | None:
-    """Whether a region of smear can be counted: in focus, not empty, not too thick."""
+) -> tuple[str | None, str | None]:
+    """Whether a region of smear can be counted, as (cause, reason): in focus (``focus``),
+    not empty (``empty``), not too thick (``thick``); (None, None) when it can."""
     if quality["focus"] < thresholds.min_focus:
-        return (
+        return "focus", (
             f"out of focus: sharpness {quality['focus']:.0f} below {thresholds.min_focus:g} "
             "(variance of the Laplacian)"
         )
     if _empty(quality, thresholds):
-        return (
+        return "empty", (
             f"empty: {100 * quality['foreground']:.2f}% stained pixels, below "
             f"{100 * thresholds.min_foreground:g}%"
         )
     if _too_thick(quality, thresholds, small_image):
-        return (
+        return "thick", (
             f"too thick: {100 * quality['thick']:.0f}% of the field under dense clumps, above "
             f"{100 * thresholds.max_thick:g}%"
         )
-    return None
+    return None, None
 
 
 def _empty(quality: Mapping[str, float], thresholds: QualityThresholds) -> bool:

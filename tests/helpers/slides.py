@@ -42,11 +42,13 @@ class ConsensusModel:
 
     def __init__(self, folder: Path, patient: dict) -> None:
         from marrowdx.client.aggregate import DEFAULT_MIN_FAMILIARITY
+        from marrowdx.client.quality import DEFAULT_QUALITY
         from marrowdx.client.review import DEFAULT_THRESHOLDS
         from marrowdx.slides import open_slide
         from marrowdx.slides.tiling import tile
 
         self.review = DEFAULT_THRESHOLDS
+        self.quality = DEFAULT_QUALITY  # as the real client's default
         self.min_familiarity = DEFAULT_MIN_FAMILIARITY  # as the real client's default
         with open_slide(folder) as local:
             self.fields = {f.data: f for f in tile(local, "auto")}
