@@ -194,6 +194,15 @@ def add_quality_options(parser: argparse.ArgumentParser) -> None:
         help="exclude a field with more than this share under thick clumps (default %(default)s)",
     )
     parser.add_argument(
+        "--max-um-per-pixel",
+        type=um_per_pixel_arg,
+        default=q.MAX_UM_PER_PIXEL,
+        metavar="X",
+        help="exclude an image (fail a slide) whose pixel spacing, given or estimated, is "
+        "coarser than X µm per pixel: too low a magnification to tell cells apart "
+        "(default %(default)s)",
+    )
+    parser.add_argument(
         "--no-quality-gate",
         action="store_true",
         help="count every field whatever its quality (measures are still reported)",
@@ -236,6 +245,7 @@ def quality_thresholds(args: argparse.Namespace):
         min_focus=args.min_focus,
         min_foreground=args.min_foreground,
         max_thick=args.max_thick,
+        max_um_per_pixel=args.max_um_per_pixel,
         enabled=not args.no_quality_gate,
     )
 

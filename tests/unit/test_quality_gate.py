@@ -246,5 +246,9 @@ def test_diagnose_flags_build_the_thresholds() -> None:
         parser.parse_args(["--min-focus", "10", "--max-thick", "0.5", "--no-quality-gate"])
     )
     assert custom.min_focus == 10 and custom.max_thick == 0.5 and not custom.enabled
+    coarse = quality_thresholds(parser.parse_args(["--max-um-per-pixel", "1.2"]))
+    assert coarse.max_um_per_pixel == 1.2 and coarse.enabled
+    with pytest.raises(SystemExit):  # not a positive spacing: a usage error
+        parser.parse_args(["--max-um-per-pixel", "0"])
     with pytest.raises(InputError, match="min_foreground"):
         quality_thresholds(parser.parse_args(["--min-foreground", "3"]))
