@@ -17,11 +17,13 @@ the magnitude) stay above 1,300. A field
 without stained cells (foreground 0) or with over a quarter of it under thick clumps (sharp
 fields hold 0.01-0.07) is excluded. ``tests/unit/test_quality_gate.py`` keeps this true.
 
-Before those, :func:`quality_verdict` asks whether the image is a stained smear at all, and
-:func:`spacing_verdict` whether its cells have the size the models work at; reasons start
-with ``not a stained smear`` and ``magnification far from the given spacing``. Why: a photo,
-a diagram or a greyscale copy used to be excluded as "too thick" or "empty", or counted
-(README "Field quality": what each check measures and how its limit was chosen).
+Before those, :func:`quality_verdict` asks whether the image is a stained smear at all,
+:func:`spacing_verdict` whether its cells have the size the models work at, and
+:func:`magnification_verdict` whether its pixel spacing still holds the detail they need;
+reasons start with ``not a stained smear``, ``magnification far from the given spacing`` and
+``magnification too low``. Why: a photo, a diagram or a greyscale copy used to be excluded as
+"too thick" or "empty", or counted (README "Field quality": what each check measures and how
+its limit was chosen).
 """
 
 from __future__ import annotations
