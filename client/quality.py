@@ -206,7 +206,7 @@ def _region_verdict(
             f"out of focus: sharpness {quality['focus']:.0f} below {thresholds.min_focus:g} "
             "(variance of the Laplacian)"
         )
-    if _empty(quality, thresholds):
+    if quality["foreground"] < thresholds.min_foreground:
         return "empty", (
             f"empty: {100 * quality['foreground']:.2f}% stained pixels, below "
             f"{100 * thresholds.min_foreground:g}%"
@@ -217,10 +217,6 @@ def _region_verdict(
             f"{100 * thresholds.max_thick:g}%"
         )
     return None, None
-
-
-def _empty(quality: Mapping[str, float], thresholds: QualityThresholds) -> bool:
-    return quality["foreground"] < thresholds.min_foreground
 
 
 def _too_thick(

@@ -261,10 +261,11 @@ def repository_staleness(repository: Path, work_dir: Path | None = None) -> list
         if exported.exists() and file_digest(exported) != file_digest(served):
             reasons.append(f"{kind}/1/{ONNX_FILENAME} differs from the last export ({exported})")
     for preset in sorted(presets):
-        if installed_weights_outdated(BuildLayout(work_dir, preset)):
+        layout = BuildLayout(work_dir, preset)
+        if installed_weights_outdated(layout):
             reasons.append(
-                f"the {preset} weights in {BuildLayout(work_dir, preset).weights_dir} were "
-                "installed from an earlier version of the package, which now ships others"
+                f"the {preset} weights in {layout.weights_dir} were installed from an "
+                "earlier version of the package, which now ships others"
             )
     return reasons
 
