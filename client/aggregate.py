@@ -135,7 +135,8 @@ def decode_image(
     height, width = (int(v) for v in outputs[t.image_size])
     measures = field_quality(outputs)
     identified = ~(unidentified | unfamiliar) & np.isin(labels, taxonomy.NUCLEATED_INDICES)
-    excluded = quality_verdict(measures, quality, identified=int(identified.sum()))
+    objects = int(np.count_nonzero(labels != taxonomy.CLASS_INDEX[taxonomy.PLATELET]))
+    excluded = quality_verdict(measures, quality, identified=int(identified.sum()), objects=objects)
     if excluded is None and measures is not None and "stain_colour" in measures:
         # (a server without the smear measures is judged as before)
         excluded = cells_verdict(n, int(unfamiliar.sum()), measures, quality) or spacing_verdict(

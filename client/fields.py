@@ -362,16 +362,19 @@ def merge_image(
             counts[cell.label] += 1
     measures = _median_quality(results)
     identified = sum(_counted(c) and c.label in taxonomy.NUCLEATED_CLASSES for c in kept)
+    objects = sum(c.label != taxonomy.PLATELET for c in kept)
+    evidence = {"identified": identified, "objects": objects}
     if _small(prepared):
-        excluded = quality_verdict(measures, quality, small_image=True, identified=identified)
+        excluded = quality_verdict(measures, quality, small_image=True, **evidence)
         if excluded is None and measures is not None and "stain_colour" in measures:
             unfamiliar = sum(cell.unfamiliar for cell in kept)
             excluded = cells_verdict(len(kept), unfamiliar, measures, quality)
     else:
-        excluded = quality_verdict(measures, quality, identified=identified)
+        excluded = quality_verdict(measures, quality, **evidence)
         if excluded is None and all(r.excluded for r in results):
             excluded = results[0].excluded  # e.g. every field's cells far from the models' size
-    coarse = magnification_verdict(prepared.spacing.um_per_pixel, prepared.spacing.source, quality)
+    spacing = prepared.spacing
+    coarse = magnification_verdict(spacing.um_per_pixel, spacing.source, quality, **evidence)
     if coarse is not None and not (excluded or "").startswith(NOT_A_SMEAR):
         excluded = coarse  # what the image is not comes first; then why it cannot be read
     if excluded is not None:

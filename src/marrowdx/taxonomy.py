@@ -142,6 +142,8 @@ NUCLEATED_CLASSES: tuple[str, ...] = tuple(c for c in CLASSES if COUNTING_ROLES[
 NOT_COUNTED_CLASSES: tuple[str, ...] = tuple(c for c in CLASSES if not COUNTING_ROLES[c].nucleated)
 #: NUCLEATED_CLASSES as class indices (CLASS_PROBS columns).
 NUCLEATED_INDICES: tuple[int, ...] = tuple(CLASS_INDEX[c] for c in NUCLEATED_CLASSES)
+#: The platelet class: many per blood field, never a nucleated cell.
+PLATELET = "thrombocyte"
 
 
 def _lineage_classes(lineage: str) -> tuple[str, ...]:

@@ -131,11 +131,15 @@ def test_what_the_models_found_can_exclude_a_field(measured) -> None:
     assert q.cells_verdict(12, 10, m, q.NO_GATING) is None
 
 
-def _outputs(quality: dict[str, float], side: float, n: int = 12) -> dict[str, np.ndarray]:
+def _outputs(
+    quality: dict[str, float], side: float, n: int = 12, labels: list[int] | None = None
+) -> dict[str, np.ndarray]:
+    """Served outputs of ``n`` certain cells (segmented neutrophils, or ``labels``)."""
     k = config.MAX_DETECTIONS
-    label = taxonomy.CLASS_INDEX["segmented_neutrophil"]
+    label = labels if labels is not None else [taxonomy.CLASS_INDEX["segmented_neutrophil"]] * n
+    n = len(label)
     probs = np.zeros((k, config.N_CLASSES), np.float32)
-    probs[:n, label] = 1.0
+    probs[np.arange(n), label] = 1.0
     boxes = np.zeros((k, 4), np.float32)
     boxes[:n] = [(40 * i, 40, 40 * i + side, 40 + side) for i in range(n)]
     return {
@@ -144,7 +148,7 @@ def _outputs(quality: dict[str, float], side: float, n: int = 12) -> dict[str, n
         T.num_detections: np.array([n], np.int32),
         T.class_probs: probs,
         T.attribute_probs: np.zeros((k, config.N_ATTRIBUTES), np.float32),
-        T.class_counts: np.bincount([label] * n, minlength=config.N_CLASSES).astype(np.float32),
+        T.class_counts: np.bincount(label, minlength=config.N_CLASSES).astype(np.float32),
         T.letterbox: np.array([0.5, 0.5, 0, 0], np.float32),
         T.image_size: np.array([SIDE, SIDE], np.int32),
         T.field_quality: np.array([quality[f] for f in QUALITY_FIELDS], np.float32),
@@ -207,3 +211,31 @@ def test_a_thick_field_without_one_identified_cell_may_be_no_smear(measured) -> 
     assert image.excluded.startswith(q.NOT_A_SMEAR) and sum(image.counts.values()) == 0
     smear = aggregate.decode_image("thick.jpg", _outputs(thick, 29.0))
     assert smear.excluded.startswith("too thick")
+
+
+def test_a_thick_field_of_mostly_unplaced_objects_may_be_no_smear(measured) -> None:
+    """One identified cell among many detected objects the models cannot place (a circuit
+    board's parts) is no smear's evidence either; platelets are not counted as objects (a
+    blood field holds many per white cell)."""
+    thick = {**measured["smear"], "thick": 0.6}
+    named = q.quality_verdict(thick, identified=1, objects=8)
+    assert named.startswith(f"{q.NOT_A_SMEAR} (or one too thick to count): 1 of 8 objects")
+    assert q.quality_verdict(thick, identified=2, objects=8).startswith("too thick")
+    assert q.lacks_smear_cells(0, 0) and not q.lacks_smear_cells(1, 1)
+    labels = [taxonomy.CLASS_INDEX["lymphocyte"]] + [taxonomy.CLASS_INDEX[taxonomy.PLATELET]] * 7
+    blood = _outputs(thick, 29.0, labels=labels)
+    assert aggregate.decode_image("blood.jpg", blood).excluded.startswith("too thick")
+
+
+def test_too_low_an_estimated_magnification_without_smear_cells_may_be_no_smear() -> None:
+    """An estimated spacing came from round blobs that may be no red cells: when the models
+    place few of the objects, the reason says it may be no smear. A spacing the user gave
+    is trusted, and so is an image whose cells were identified."""
+    plain = q.magnification_verdict(0.9, "estimated")
+    assert plain.startswith(q.TOO_COARSE)  # cells not known
+    named = q.magnification_verdict(0.9, "estimated", identified=2, objects=9)
+    assert named.startswith(f"{q.NOT_A_SMEAR} (or one at too low a magnification): 2 of 9")
+    assert q.TOO_COARSE in named
+    assert q.magnification_verdict(0.9, "given", identified=0, objects=9).startswith(q.TOO_COARSE)
+    assert q.magnification_verdict(0.9, "pooled", identified=5, objects=9).startswith(q.TOO_COARSE)
+    assert q.magnification_verdict(0.5, "estimated", identified=0, objects=9) is None
