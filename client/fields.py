@@ -4,7 +4,7 @@ The client side of ``marrowdx.spacing``: each image reaches the server at the mo
 spacing. An image that is already one model field (``config.FIELD_SIZE``) at that spacing,
 given or estimated, is sent as its own bytes (no decode, no re-encode: simulated cohorts and
 the bench send exactly what they did) when it is a JPEG or PNG, the formats the server
-decodes. Any other image (a camera's TIFF or BMP at any size, too) is decoded, resampled,
+decodes. Any other image (a camera's TIFF or BMP, a WebP, at any size, too) is decoded, resampled,
 mirror-padded or tiled (``slides.tiling.plan_fields``), and each field is encoded as JPEG at
 quality 95 without chroma subsampling. The answers are mapped back to the input image's
 pixels, mirror images in the padding are dropped, and cells seen by two overlapping tiles
@@ -174,7 +174,7 @@ def encode_field(pixels: np.ndarray) -> bytes:
 
 def _as_sent(data: bytes, um_per_pixel: float | None, source: str, why: str) -> PreparedImage:
     """The bytes as they are, for the server to decode or to refuse in its own words; a
-    format only the client decodes (TIFF, BMP) is refused here instead, with ``why``: the
+    format only the client decodes (TIFF, BMP, WebP) is refused here instead, with ``why``: the
     server would only say it is not a JPEG or PNG."""
     from marrowdx.image_checks import client_decoded
 
@@ -188,6 +188,9 @@ def _as_sent(data: bytes, um_per_pixel: float | None, source: str, why: str) -> 
     return PreparedImage([data], None, (0, 0), info)
 
 
+#: Client-decoded formats whose several pages or frames leave the field ambiguous: a focus
+#: stack as a multi-page TIFF, an animated WebP.
+_MULTI_FRAME_REFUSED = frozenset({"TIFF", "WEBP"})
 #: EXIF orientations that swap width and height (the server's decoder applies them too).
 _TRANSPOSED = frozenset({5, 6, 7, 8})
 
@@ -201,10 +204,11 @@ def _header(data: bytes) -> tuple[int, int, int | None] | str:
     try:
         with Image.open(io.BytesIO(data)) as probe:
             pages = getattr(probe, "n_frames", 1)
-            if probe.format == "TIFF" and pages > 1:
+            # (a camera JPEG may hold a preview frame (MPO): the server decodes its first)
+            if probe.format in _MULTI_FRAME_REFUSED and pages > 1:
                 return (
-                    f"a multi-page TIFF ({pages} pages, e.g. a focus stack); give each field "
-                    f"of view as its own file"
+                    f"a multi-page {probe.format} ({pages} pages or frames, e.g. a focus "
+                    "stack); give each field of view as its own file"
                 )
             return probe.width, probe.height, probe.getexif().get(0x0112)
     except UnidentifiedImageError:
@@ -217,7 +221,7 @@ def _header(data: bytes) -> tuple[int, int, int | None] | str:
 
 @contextmanager
 def _decoding() -> Iterator[None]:
-    """Pillow's errors on a damaged body (a truncated TIFF or BMP: the server's integrity
+    """Pillow's errors on a damaged body (a truncated TIFF, BMP or WebP: the server's integrity
     checks cover only JPEG and PNG) as the image's reported failure."""
     try:
         yield
@@ -252,8 +256,8 @@ def prepare_image(
     ``um_per_pixel`` None takes ``estimate`` (a pooled one, see ``client.spacing_pool``), or
     estimates it from the image's red cells. Bytes Pillow cannot open, and JPEG/PNG images
     beyond the server's limits (``config.MAX_IMAGE_PIXELS``, ``MIN_IMAGE_SIDE``), are sent
-    as they are, undecoded, for the server to refuse in its own words; a TIFF or BMP (decoded
-    here, never sent as such) beyond them or damaged raises ``RequestFailed``. An EXIF
+    as they are, undecoded, for the server to refuse in its own words; a TIFF, BMP or WebP
+    (decoded here, never sent as such) beyond them or damaged raises ``RequestFailed``. An EXIF
     orientation is applied before resampling, as the server's decoder applies it.
     """
     from PIL import Image, ImageOps

@@ -49,12 +49,14 @@ _MAGIC: dict[str, tuple[bytes, ...]] = {
 SERVED_SUFFIXES: frozenset[str] = frozenset({".jpg", ".jpeg", ".png"})
 #: Camera formats the client decodes itself (Pillow) and sends as re-encoded model fields:
 #: lab cameras and public sets (AML-Cytomorphology_LMU) store TIFF, some capture software
-#: BMP. The server's contract stays JPEG/PNG.
-CLIENT_DECODED_SUFFIXES: frozenset[str] = frozenset({".tif", ".tiff", ".bmp"})
+#: BMP, web exports and image archives WebP. The server's contract stays JPEG/PNG.
+CLIENT_DECODED_SUFFIXES: frozenset[str] = frozenset({".tif", ".tiff", ".bmp", ".webp"})
 #: Image files the client, ``diagnose`` and the data-set readers take (case-insensitively).
 IMAGE_SUFFIXES: frozenset[str] = SERVED_SUFFIXES | CLIENT_DECODED_SUFFIXES
-#: Leading bytes of the client-decoded formats: TIFF and BigTIFF in both byte orders, BMP.
+#: Leading bytes of the client-decoded formats: TIFF and BigTIFF in both byte orders, BMP;
+#: WebP is a RIFF container whose form type follows the 4-byte size (``_WEBP_FORM``).
 _CLIENT_DECODED_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+", b"BM")
+_WEBP_FORM = (b"RIFF", slice(8, 12), b"WEBP")
 
 
 @dataclass(frozen=True)
@@ -81,8 +83,12 @@ def sniff_format(data: bytes) -> str | None:
 
 
 def client_decoded(data: bytes) -> bool:
-    """Whether ``data`` starts like a TIFF or BMP file, which the client decodes itself."""
-    return data.startswith(_CLIENT_DECODED_MAGIC)
+    """Whether ``data`` starts like a TIFF, BMP or WebP file, which the client decodes
+    itself."""
+    riff, form_at, form = _WEBP_FORM
+    return data.startswith(_CLIENT_DECODED_MAGIC) or (
+        data.startswith(riff) and data[form_at] == form
+    )
 
 
 def _read_header(data: bytes, fmt: str) -> tuple[int, int, str]:

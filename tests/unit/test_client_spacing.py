@@ -258,16 +258,20 @@ def _squares(size: tuple[int, int], squares: list[tuple[int, int, int]]) -> np.n
     return np.asarray(Image.open(io.BytesIO(picture(size, squares))).convert("RGB"))
 
 
-def test_tiff_and_bmp_images_are_decoded_by_the_client_and_counted_as_the_png_is() -> None:
-    """The server decodes JPEG/PNG only; a camera's TIFF or BMP of the same pixels becomes
-    the same fields: resampled, the very same bytes; at the models' spacing one JPEG field
-    (a PNG goes as its own bytes)."""
+def test_tiff_bmp_and_webp_images_are_decoded_by_the_client_and_counted_as_the_png_is() -> None:
+    """The server decodes JPEG/PNG only; a camera's TIFF or BMP (or a lossless WebP) of the
+    same pixels becomes the same fields: resampled, the very same bytes; at the models'
+    spacing one JPEG field (a PNG goes as its own bytes)."""
     squares = [(100, 100, 100), (400, 300, 120), (700, 800, 90)]
     field = _squares(config.FIELD_SIZE, squares)
     png = _encoded(field, "PNG")
     png_result, png_sent = analyse(png, um_per_pixel=config.MODEL_UM_PER_PIXEL)
     assert png_sent.sent == [png]
-    for data in (_encoded(field, "TIFF", compression="tiff_lzw"), _encoded(field, "BMP")):
+    for data in (
+        _encoded(field, "TIFF", compression="tiff_lzw"),
+        _encoded(field, "BMP"),
+        _encoded(field, "WEBP", lossless=True),
+    ):
         result, sent = analyse(data, um_per_pixel=config.MODEL_UM_PER_PIXEL)
         (sent_field,) = sent.sent
         assert sent_field.startswith(b"\xff\xd8\xff")  # re-encoded as a JPEG field
@@ -279,10 +283,11 @@ def test_tiff_and_bmp_images_are_decoded_by_the_client_and_counted_as_the_png_is
         fmt: analyse(_encoded(small, fmt), um_per_pixel=0.075)[1].sent
         for fmt in ("PNG", "TIFF", "BMP")
     }
-    assert resampled["TIFF"] == resampled["PNG"] == resampled["BMP"]
+    resampled["WEBP"] = analyse(_encoded(small, "WEBP", lossless=True), um_per_pixel=0.075)[1].sent
+    assert resampled["TIFF"] == resampled["PNG"] == resampled["BMP"] == resampled["WEBP"]
 
 
-def test_a_multi_page_or_damaged_tiff_fails_with_its_reason_and_is_never_sent() -> None:
+def test_a_multi_page_or_damaged_tiff_or_webp_fails_with_its_reason_and_is_never_sent() -> None:
     from marrowdx.client.transport import RequestFailed
 
     page = _squares((400, 300), [(50, 50, 60)])
@@ -290,6 +295,11 @@ def test_a_multi_page_or_damaged_tiff_fails_with_its_reason_and_is_never_sent() 
     Image.fromarray(page).save(out, "TIFF", save_all=True, append_images=[Image.fromarray(page)])
     with pytest.raises(RequestFailed, match="multi-page TIFF \\(2 pages"):
         analyse(out.getvalue(), um_per_pixel=0.1)
+    animated = io.BytesIO()
+    frames = [Image.fromarray(page), Image.fromarray(255 - page)]
+    frames[0].save(animated, "WEBP", save_all=True, append_images=frames[1:], lossless=True)
+    with pytest.raises(RequestFailed, match="multi-page WEBP \\(2 pages"):
+        analyse(animated.getvalue(), um_per_pixel=0.1)
     whole = _encoded(page, "TIFF")
     with pytest.raises(RequestFailed, match="not decodable"):
         analyse(whole[: len(whole) // 2], um_per_pixel=0.1)
