@@ -372,7 +372,7 @@ def merge_image(
         excluded = quality_verdict(measures, quality, small_image=True, **evidence)
         if excluded is None and measures is not None and "stain_colour" in measures:
             unfamiliar = sum(cell.unfamiliar for cell in kept)
-            excluded = cells_verdict(len(kept), unfamiliar, measures, quality)
+            excluded = cells_verdict(len(kept), unfamiliar, measures, quality, small_image=True)
     else:
         excluded = quality_verdict(measures, quality, **evidence)
         if excluded is None and all(r.excluded for r in results):

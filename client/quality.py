@@ -300,10 +300,14 @@ def cells_verdict(
     n_unfamiliar: int,
     quality: Mapping[str, float] | None,
     thresholds: QualityThresholds = DEFAULT_QUALITY,
+    *,
+    small_image: bool = False,
 ) -> str | None:
     """``not a stained smear ...`` from what the models found: objects that are mostly
     unlike any cell they learned (at least ``max_unfamiliar_share`` of them), or a stained
-    field in which no cell was found; None otherwise or with the gate off.
+    field in which no cell was found; None otherwise or with the gate off. For a cell crop
+    (``small_image``) the second reason allows that its cell was there but not found: 8 of
+    507 real marrow crops, filled by one dense cell or showing debris, get it.
 
     Unidentified cells (no probable class) do not count here: a weakly trained model (the
     ``tiny`` preset) leaves most cells of a smear unidentified, and in-domain fields have
@@ -320,9 +324,11 @@ def cells_verdict(
         and quality is not None
         and quality["foreground"] >= MIN_FOREGROUND_WITHOUT_CELLS
     ):
+        what = " (or a cell crop whose cell the models cannot find)" if small_image else ""
+        where = "image" if small_image else "field"
         return (
-            f"{NOT_A_SMEAR}: {100 * quality['foreground']:.0f}% of the field stained but no "
-            "cell found"
+            f"{NOT_A_SMEAR}{what}: {100 * quality['foreground']:.0f}% of the {where} stained "
+            "but no cell found"
         )
     return None
 

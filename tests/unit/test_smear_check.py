@@ -127,6 +127,8 @@ def test_what_the_models_found_can_exclude_a_field(measured) -> None:
     m = measured["smear"]
     assert q.cells_verdict(12, 10, m).startswith(q.NOT_A_SMEAR)
     assert q.cells_verdict(0, 0, {**m, "foreground": 0.12}).startswith(f"{q.NOT_A_SMEAR}: ")
+    crop = q.cells_verdict(0, 0, {**m, "foreground": 0.9}, small_image=True)
+    assert crop.startswith(f"{q.NOT_A_SMEAR} (or a cell crop whose cell the models cannot find)")
     assert q.cells_verdict(12, 1, m) is None
     assert q.cells_verdict(12, 10, m, q.NO_GATING) is None
 
