@@ -47,6 +47,12 @@ DEFAULT_MAX_THICK = 0.25
 #: colour (eosinophilic granules, basophilic cytoplasm), and a greyscale copy of a field was
 #: counted with other cells than the colour field.
 DEFAULT_MIN_STAIN_COLOUR = 0.05
+#: Below this mean grey level (0-255, ``brightness``) the image is no bright-field smear: a
+#: fluorescence, dark-field or astronomical image, a night photograph. The glass between a
+#: smear's cells is the brightest part of its field: 1,296 real TXL-PBC fields measure 81 and
+#: up, 350 real marrow crops (filled by their cell) 63 and up, simulated fields 174 and up;
+#: the Hubble deep field 19.
+DEFAULT_MIN_BRIGHTNESS = 40.0
 #: Below this sharpness a field has no cell-sized structure at all (a smooth gradient, a flat
 #: colour): not a smear. Far below the out-of-focus limit: a simulated field blurred with
 #: sigma 8 px measures 145 and the least sharp of 1,296 real TXL-PBC fields 82, JPEG
@@ -131,6 +137,7 @@ class QualityThresholds:
     max_unfamiliar_share: float = MAX_UNFAMILIAR_SHARE  # of a field's detected objects
     cell_side_tolerance: float = CELL_SIDE_TOLERANCE  # x or / TYPICAL_CELL_SIDE
     max_um_per_pixel: float = MAX_UM_PER_PIXEL  # coarsest image spacing counted
+    min_brightness: float = DEFAULT_MIN_BRIGHTNESS  # mean grey level of a bright field
 
     def __post_init__(self) -> None:
         if not (self.min_focus >= 0 and np.isfinite(self.min_focus)):
@@ -147,6 +154,8 @@ class QualityThresholds:
             raise InputError(
                 f"cell_side_tolerance must be a number > 1, got {self.cell_side_tolerance}"
             )
+        if not 0.0 <= self.min_brightness <= 255.0:
+            raise InputError(f"min_brightness must lie in [0, 255], got {self.min_brightness}")
         if not (self.max_um_per_pixel > 0 and np.isfinite(self.max_um_per_pixel)):
             raise InputError(
                 f"max_um_per_pixel must be a positive number, got {self.max_um_per_pixel}"
@@ -260,15 +269,22 @@ def smear_verdict(
     small_image: bool = False,
 ) -> str | None:
     """``not a stained smear: ...`` when the measures say the image is no stained smear (no
-    stain colour: greyscale, text, a line drawing; no structure: a gradient, a flat colour),
+    stain colour: greyscale, text, a line drawing; dark: no bright field; no structure: a
+    gradient, a flat colour),
     else None. Fields from a server without the colour measure are only asked about
-    structure."""
+    brightness and structure."""
     if "stain_colour" in quality and quality["stain_colour"] < thresholds.min_stain_colour:
         return (
             f"{NOT_A_SMEAR}: no stain colour ({100 * quality['stain_colour']:.1f}% of the "
             f"stained pixels coloured, below {100 * thresholds.min_stain_colour:g}%; a "
             "greyscale or black-and-white image cannot be counted: classes differ by stain "
             "colour)"
+        )
+    if quality["brightness"] < thresholds.min_brightness:
+        return (
+            f"{NOT_A_SMEAR} (or one far too dark to count): mean grey level "
+            f"{quality['brightness']:.0f} of 255, below {thresholds.min_brightness:g}; a "
+            "bright-field smear's glass is light (a fluorescence or dark-field image?)"
         )
     if "flat" in quality and quality["flat"] > thresholds.max_flat:
         return (

@@ -39,7 +39,7 @@ class QualitySpec:
     - thick: share of the cells of a ``thick_grid`` x ``thick_grid`` grid whose mean is darker
       than ``thick_below`` (a nucleus covers part of a cell; only a clump of overlapping cells
       darkens a whole one);
-    - brightness: mean grey level (0-255), for reports;
+    - brightness: mean grey level (0-255): a bright-field smear's glass is light;
     - stain_colour: share of the stained pixels (darker than ``stained_below_background``
       times the field's background, per channel) whose colour, white-balanced by that
       background, spans at least ``coloured_chroma`` across the channels. A stained smear's
@@ -77,10 +77,9 @@ class QualitySpec:
 
 #: FIELD_QUALITY when the measures are off (``QualitySpec(enabled=False)``): finite, and a pass
 #: under any thresholds the client accepts (focus at float32's maximum, every pixel stained,
-#: nothing thick, brightness 0, every stained pixel coloured, all background, no flat area),
-#: so the tensor
-#: keeps its dtype and shape and the gate counts every field.
-UNMEASURED_QUALITY = (float(np.finfo(np.float32).max), 1.0, 0.0, 0.0, 1.0, 1.0, 0.0)
+#: nothing thick, brightness 255, every stained pixel coloured, all background, no flat
+#: area), so the tensor keeps its dtype and shape and the gate counts every field.
+UNMEASURED_QUALITY = (float(np.finfo(np.float32).max), 1.0, 0.0, 255.0, 1.0, 1.0, 0.0)
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,7 @@ import io
 
 import numpy as np
 import pytest
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFilter
 
 from marrowdx import config, taxonomy
 from marrowdx.client import aggregate
@@ -58,6 +58,20 @@ def _photo_like(rng: np.random.Generator) -> Image.Image:
     return Image.fromarray(walk.astype(np.uint8)).resize((SIDE, SIDE), Image.Resampling.BICUBIC)
 
 
+def _fluorescence(rng: np.random.Generator) -> Image.Image:
+    """A fluorescence (or dark-field) image: coloured glowing spots, blurred by the optics
+    and with camera noise, on black."""
+    dark = rng.normal(8, 3, (SIDE, SIDE, 3))
+    image = Image.fromarray(dark.clip(0, 255).astype(np.uint8))
+    draw = ImageDraw.Draw(image)
+    for _ in range(60):
+        x, y = (int(v) for v in rng.integers(0, SIDE, 2))
+        r = int(rng.integers(6, 30))
+        colour = ((60, 255, 90), (80, 120, 255), (255, 80, 60))[int(rng.integers(0, 3))]
+        draw.ellipse((x - r, y - r, x + r, y + r), fill=colour)
+    return image.filter(ImageFilter.GaussianBlur(2))
+
+
 @pytest.fixture(scope="module")
 def images() -> dict[str, bytes]:
     from marrowdx.simulate import field as fl
@@ -77,6 +91,7 @@ def images() -> dict[str, bytes]:
         "text": _encode(_text()),
         "photo_like": _encode(_photo_like(rng)),
         "clip_art": _encode(_shapes(rng)),
+        "fluorescence": _encode(_fluorescence(rng)),
     }
     for kind in ("stain", "scanner"):
         shift = lv.LabShift.draw(kind, 1.0, lv.shift_rng(22, 0))
@@ -112,6 +127,7 @@ def test_smears_are_counted(measured, name) -> None:
         ("gradient_blue_white", "no cell-sized structure"),
         ("photo_like", "(or one too thick or blurred to count): no background"),
         ("clip_art", "flat colours without texture"),
+        ("fluorescence", "(or one far too dark to count): mean grey level"),
     ],
 )
 def test_non_smears_are_excluded_as_such(measured, name, what) -> None:
