@@ -50,8 +50,8 @@ DEFAULT_MIN_STAIN_COLOUR = 0.05
 #: Below this mean grey level (0-255, ``brightness``) the image is no bright-field smear: a
 #: fluorescence, dark-field or astronomical image, a night photograph. The glass between a
 #: smear's cells is the brightest part of its field: 1,296 real TXL-PBC fields measure 81 and
-#: up, 350 real marrow crops (filled by their cell) 63 and up, simulated fields 174 and up;
-#: the Hubble deep field 19.
+#: up, 350 real marrow crops (filled by their cell) 63 and up, simulated fields 174 and up
+#: (126 under lab shifts at three times their strength); the Hubble deep field 19.
 DEFAULT_MIN_BRIGHTNESS = 40.0
 #: Below this sharpness a field has no cell-sized structure at all (a smooth gradient, a flat
 #: colour): not a smear. Far below the out-of-focus limit: a simulated field blurred with
