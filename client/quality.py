@@ -270,9 +270,8 @@ def smear_verdict(
 ) -> str | None:
     """``not a stained smear: ...`` when the measures say the image is no stained smear (no
     stain colour: greyscale, text, a line drawing; dark: no bright field; no structure: a
-    gradient, a flat colour),
-    else None. Fields from a server without the colour measure are only asked about
-    brightness and structure."""
+    gradient, a flat colour), else None. Fields from a server without the colour measure
+    are only asked about brightness and structure."""
     if "stain_colour" in quality and quality["stain_colour"] < thresholds.min_stain_colour:
         return (
             f"{NOT_A_SMEAR}: no stain colour ({100 * quality['stain_colour']:.1f}% of the "
