@@ -18,6 +18,7 @@ from marrowdx.client.quality import (
     cells_verdict,
     field_quality,
     quality_verdict,
+    smear_evidence,
     spacing_verdict,
 )
 from marrowdx.client.report import Cell, ImageResult, PatientReport
@@ -134,9 +135,7 @@ def decode_image(
         raise BadServerOutput(f"{t.class_counts} disagree with the labels of {t.class_probs}")
     height, width = (int(v) for v in outputs[t.image_size])
     measures = field_quality(outputs)
-    identified = ~(unidentified | unfamiliar) & np.isin(labels, taxonomy.NUCLEATED_INDICES)
-    objects = int(np.count_nonzero(labels != taxonomy.CLASS_INDEX[taxonomy.PLATELET]))
-    excluded = quality_verdict(measures, quality, identified=int(identified.sum()), objects=objects)
+    excluded = quality_verdict(measures, quality, **smear_evidence(cells))
     if excluded is None and measures is not None and "stain_colour" in measures:
         # (a server without the smear measures is judged as before)
         excluded = cells_verdict(n, int(unfamiliar.sum()), measures, quality) or spacing_verdict(

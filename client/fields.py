@@ -32,6 +32,7 @@ from marrowdx.client.quality import (
     cells_verdict,
     magnification_verdict,
     quality_verdict,
+    smear_evidence,
 )
 from marrowdx.client.report import Cell, ImageResult
 from marrowdx.errors import RequestFailed
@@ -111,12 +112,6 @@ def with_spacing(result: ImageResult, spacing: SpacingInfo) -> SpacedImageResult
     values = {f.name: getattr(result, f.name) for f in fields(result) if f.init}
     values["spacing"] = spacing
     return SpacedImageResult(**values)
-
-
-def _counted(cell: Cell) -> bool:
-    """A cell the differential counts: neither unidentified nor (where the client knows
-    the flag) unfamiliar."""
-    return not cell.unidentified and not getattr(cell, "unfamiliar", False)
 
 
 @dataclass(frozen=True)
@@ -362,12 +357,10 @@ def merge_image(
     kept = tuple(cells[i] for i in merged.kept)
     counts = {c: 0 for c in taxonomy.CLASSES}
     for cell in kept:
-        if _counted(cell):
+        if cell.counted:
             counts[cell.label] += 1
     measures = _median_quality(results)
-    identified = sum(_counted(c) and c.label in taxonomy.NUCLEATED_CLASSES for c in kept)
-    objects = sum(c.label != taxonomy.PLATELET for c in kept)
-    evidence = {"identified": identified, "objects": objects}
+    evidence = smear_evidence(kept)
     if _small(prepared):
         excluded = quality_verdict(measures, quality, small_image=True, **evidence)
         if excluded is None and measures is not None and "stain_colour" in measures:

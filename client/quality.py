@@ -28,12 +28,13 @@ its limit was chosen).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 import numpy as np
 
 from marrowdx import config, taxonomy
+from marrowdx.client.report import Cell
 from marrowdx.contract import QUALITY_FIELDS
 from marrowdx.errors import BadServerOutput, InputError
 from marrowdx.spacing import STATED_SOURCES
@@ -221,6 +222,17 @@ def lacks_smear_cells(identified: int, objects: int) -> bool:
     return identified < MIN_CELLS_IN_SMEAR or identified < MIN_IDENTIFIED_SHARE * objects
 
 
+def smear_evidence(cells: Iterable[Cell]) -> dict[str, int]:
+    """What :func:`lacks_smear_cells` judges, from the cells the models found in a field or
+    an image: ``identified`` (counted nucleated cells) and ``objects`` (all but platelets),
+    as the verdicts' keyword arguments."""
+    cells = list(cells)
+    return {
+        "identified": sum(c.counted and c.label in taxonomy.NUCLEATED_CLASSES for c in cells),
+        "objects": sum(c.label != taxonomy.PLATELET for c in cells),
+    }
+
+
 def _identified(identified: int, objects: int) -> str:
     """The evidence of :func:`lacks_smear_cells`, in words."""
     if not identified:
@@ -368,9 +380,7 @@ def magnification_verdict(
         f"{thresholds.max_um_per_pixel:g} µm/px at which cells can still be told apart; "
         "use a higher magnification (40x or more) or check the image's pixel spacing"
     )
-    if source in STATED_SOURCES or identified is None:
-        return coarse
-    if not lacks_smear_cells(identified, objects):
+    if source in STATED_SOURCES or identified is None or not lacks_smear_cells(identified, objects):
         return coarse
     evidence = _identified(identified, objects)
     return f"{NOT_A_SMEAR} (or one at too low a magnification): {evidence}; {coarse}"

@@ -53,10 +53,8 @@ SERVED_SUFFIXES: frozenset[str] = frozenset({".jpg", ".jpeg", ".png"})
 CLIENT_DECODED_SUFFIXES: frozenset[str] = frozenset({".tif", ".tiff", ".bmp", ".webp"})
 #: Image files the client, ``diagnose`` and the data-set readers take (case-insensitively).
 IMAGE_SUFFIXES: frozenset[str] = SERVED_SUFFIXES | CLIENT_DECODED_SUFFIXES
-#: Leading bytes of the client-decoded formats: TIFF and BigTIFF in both byte orders, BMP;
-#: WebP is a RIFF container whose form type follows the 4-byte size (``_WEBP_FORM``).
+#: Leading bytes of the client-decoded formats: TIFF and BigTIFF in both byte orders, BMP.
 _CLIENT_DECODED_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+", b"BM")
-_WEBP_FORM = (b"RIFF", slice(8, 12), b"WEBP")
 
 
 @dataclass(frozen=True)
@@ -85,10 +83,9 @@ def sniff_format(data: bytes) -> str | None:
 def client_decoded(data: bytes) -> bool:
     """Whether ``data`` starts like a TIFF, BMP or WebP file, which the client decodes
     itself."""
-    riff, form_at, form = _WEBP_FORM
-    return data.startswith(_CLIENT_DECODED_MAGIC) or (
-        data.startswith(riff) and data[form_at] == form
-    )
+    # WebP: a RIFF container, its form type after the 4-byte size
+    webp = data.startswith(b"RIFF") and data[8:12] == b"WEBP"
+    return webp or data.startswith(_CLIENT_DECODED_MAGIC)
 
 
 def _read_header(data: bytes, fmt: str) -> tuple[int, int, str]:

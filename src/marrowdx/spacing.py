@@ -88,9 +88,9 @@ MIN_POOLED_RED_CELLS = 20
 MAX_POOLED_SPREAD = 0.4
 #: Where a spacing came from (the ``spacing.source`` of the diagnose JSON): ``pooled`` is
 #: estimated from the red cells of the patient's (or data set's) images of the same size.
-SOURCES = ("given", "patient", "estimated", "pooled", "assumed")
-#: The sources the user stated (the rest are estimates or a fallback).
-STATED_SOURCES = SOURCES[:2]
+#: ``STATED_SOURCES`` are the ones the user gave (the rest are estimates or a fallback).
+STATED_SOURCES = ("given", "patient")
+SOURCES = (*STATED_SOURCES, "estimated", "pooled", "assumed")
 
 
 def scale_to_model(
