@@ -79,8 +79,8 @@ PRESETS: dict[str, TrainingPreset] = {
         det_steps=1600,
         det_batch=6,
         det_crop=256,
-        # real crops kept paying for more passes: 2,700 -> 5,400 -> 8,100 -> 10,800
-        # (README "Real cells")
+        # real crops kept paying for more passes: 2,700 -> 5,400 -> 8,100 -> 10,800; 13,500
+        # (with or without weight averaging) no longer did (README "Real cells")
         cls_steps=10800,
         diag_patients=8000,
         diag_steps=800,
