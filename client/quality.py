@@ -210,7 +210,7 @@ def quality_verdict(
     cause, region = _region_verdict(quality, thresholds, small_image)
     if cause != "thick" or identified is None or not lacks_smear_cells(identified, objects):
         return region
-    evidence = _identified(identified, objects)
+    evidence = _evidence_in_words(identified, objects)
     return f"{NOT_A_SMEAR} (or one too thick to count): {evidence}; {region}"
 
 
@@ -233,7 +233,7 @@ def smear_evidence(cells: Iterable[Cell]) -> dict[str, int]:
     }
 
 
-def _identified(identified: int, objects: int) -> str:
+def _evidence_in_words(identified: int, objects: int) -> str:
     """The evidence of :func:`lacks_smear_cells`, in words."""
     if not identified:
         return "no cell identified"
@@ -382,7 +382,7 @@ def magnification_verdict(
     )
     if source in STATED_SOURCES or identified is None or not lacks_smear_cells(identified, objects):
         return coarse
-    evidence = _identified(identified, objects)
+    evidence = _evidence_in_words(identified, objects)
     return f"{NOT_A_SMEAR} (or one at too low a magnification): {evidence}; {coarse}"
 
 
