@@ -15,10 +15,10 @@ from marrowdx import config, differential, taxonomy
 from marrowdx.client.quality import (
     DEFAULT_QUALITY,
     QualityThresholds,
+    SmearEvidence,
     cells_verdict,
     field_quality,
     quality_verdict,
-    smear_evidence,
     spacing_verdict,
 )
 from marrowdx.client.report import Cell, ImageResult, PatientReport
@@ -135,7 +135,7 @@ def decode_image(
         raise BadServerOutput(f"{t.class_counts} disagree with the labels of {t.class_probs}")
     height, width = (int(v) for v in outputs[t.image_size])
     measures = field_quality(outputs)
-    excluded = quality_verdict(measures, quality, **smear_evidence(cells))
+    excluded = quality_verdict(measures, quality, evidence=SmearEvidence.of(cells))
     if excluded is None and measures is not None and "stain_colour" in measures:
         # (a server without the smear measures is judged as before)
         excluded = cells_verdict(n, int(unfamiliar.sum()), measures, quality) or spacing_verdict(

@@ -29,10 +29,10 @@ from marrowdx.client.quality import (
     NOT_A_SMEAR,
     SMALL_IMAGE_SIDE,
     QualityThresholds,
+    SmearEvidence,
     cells_verdict,
     magnification_verdict,
     quality_verdict,
-    smear_evidence,
 )
 from marrowdx.client.report import Cell, ImageResult
 from marrowdx.errors import RequestFailed
@@ -360,18 +360,18 @@ def merge_image(
         if cell.counted:
             counts[cell.label] += 1
     measures = _median_quality(results)
-    evidence = smear_evidence(kept)
+    evidence = SmearEvidence.of(kept)
     if _small(prepared):
-        excluded = quality_verdict(measures, quality, small_image=True, **evidence)
+        excluded = quality_verdict(measures, quality, small_image=True, evidence=evidence)
         if excluded is None and measures is not None and "stain_colour" in measures:
             unfamiliar = sum(cell.unfamiliar for cell in kept)
             excluded = cells_verdict(len(kept), unfamiliar, measures, quality, small_image=True)
     else:
-        excluded = quality_verdict(measures, quality, **evidence)
+        excluded = quality_verdict(measures, quality, evidence=evidence)
         if excluded is None and all(r.excluded for r in results):
             excluded = results[0].excluded  # e.g. every field's cells far from the models' size
     spacing = prepared.spacing
-    coarse = magnification_verdict(spacing.um_per_pixel, spacing.source, quality, **evidence)
+    coarse = magnification_verdict(spacing.um_per_pixel, spacing.source, quality, evidence=evidence)
     if coarse is not None and not (excluded or "").startswith(NOT_A_SMEAR):
         excluded = coarse  # what the image is not comes first; then why it cannot be read
     if excluded is not None:

@@ -191,53 +191,58 @@ def quality_verdict(
     thresholds: QualityThresholds = DEFAULT_QUALITY,
     *,
     small_image: bool = False,
-    identified: int | None = None,
-    objects: int = 0,
+    evidence: SmearEvidence | None = None,
 ) -> str | None:
     """The reason a field is excluded, or None if it counts. Reasons start with a stable
     word (``not a stained smear``, ``out of focus``, ``empty``, ``too thick``) and give the
     measure and the limit. Whether it is a smear is asked first: a photo or a drawing is
     not "out of focus". ``small_image``: the field pads an image of at most
-    ``SMALL_IMAGE_SIDE`` (a cell crop), which is not judged "too thick". ``identified``: the
-    nucleated cells the models identified in it (None: not known yet), ``objects``: all it
-    detected but platelets; a too thick field that shows no smear's cells
-    (:func:`lacks_smear_cells`) is named as possibly no smear."""
+    ``SMALL_IMAGE_SIDE`` (a cell crop), which is not judged "too thick". ``evidence``: what
+    the models found in it (None: not known yet); a too thick field that shows no smear's
+    cells (:meth:`SmearEvidence.lacking`) is named as possibly no smear."""
     if quality is None or not thresholds.enabled:
         return None
     smear = smear_verdict(quality, thresholds, small_image=small_image)
     if smear is not None:
         return smear
     cause, region = _region_verdict(quality, thresholds, small_image)
-    if cause != "thick" or identified is None or not lacks_smear_cells(identified, objects):
+    if cause != "thick" or evidence is None or not evidence.lacking:
         return region
-    evidence = _evidence_in_words(identified, objects)
-    return f"{NOT_A_SMEAR} (or one too thick to count): {evidence}; {region}"
+    return f"{NOT_A_SMEAR} (or one too thick to count): {evidence.in_words()}; {region}"
 
 
-def lacks_smear_cells(identified: int, objects: int) -> bool:
-    """Whether the models identified fewer nucleated cells than any smear shows: under
-    ``MIN_CELLS_IN_SMEAR``, or under ``MIN_IDENTIFIED_SHARE`` of the ``objects`` detected
-    (platelets aside). Why it only renames exclusions: a real smear of an unfamiliar lab can
-    have most of its cells unidentified, so this alone cannot exclude a field."""
-    return identified < MIN_CELLS_IN_SMEAR or identified < MIN_IDENTIFIED_SHARE * objects
+@dataclass(frozen=True)
+class SmearEvidence:
+    """What the models found in a field or an image that speaks for a smear: ``identified``
+    (counted nucleated cells) of ``objects`` (all detections but platelets, which a blood
+    field holds many of per white cell)."""
 
+    identified: int
+    objects: int
 
-def smear_evidence(cells: Iterable[Cell]) -> dict[str, int]:
-    """What :func:`lacks_smear_cells` judges, from the cells the models found in a field or
-    an image: ``identified`` (counted nucleated cells) and ``objects`` (all but platelets),
-    as the verdicts' keyword arguments."""
-    cells = list(cells)
-    return {
-        "identified": sum(c.counted and c.label in taxonomy.NUCLEATED_CLASSES for c in cells),
-        "objects": sum(c.label != taxonomy.PLATELET for c in cells),
-    }
+    @classmethod
+    def of(cls, cells: Iterable[Cell]) -> SmearEvidence:
+        cells = list(cells)
+        return cls(
+            identified=sum(c.counted and c.label in taxonomy.NUCLEATED_CLASSES for c in cells),
+            objects=sum(c.label != taxonomy.PLATELET for c in cells),
+        )
 
+    @property
+    def lacking(self) -> bool:
+        """Whether the models identified fewer nucleated cells than any smear shows: under
+        ``MIN_CELLS_IN_SMEAR``, or under ``MIN_IDENTIFIED_SHARE`` of the objects. Why it only
+        renames exclusions: a real smear of an unfamiliar lab can have most of its cells
+        unidentified, so this alone cannot exclude a field."""
+        return (
+            self.identified < MIN_CELLS_IN_SMEAR
+            or self.identified < MIN_IDENTIFIED_SHARE * self.objects
+        )
 
-def _evidence_in_words(identified: int, objects: int) -> str:
-    """The evidence of :func:`lacks_smear_cells`, in words."""
-    if not identified:
-        return "no cell identified"
-    return f"{identified} of {objects} objects identified as nucleated cells"
+    def in_words(self) -> str:
+        if not self.identified:
+            return "no cell identified"
+        return f"{self.identified} of {self.objects} objects identified as nucleated cells"
 
 
 def _region_verdict(
@@ -365,14 +370,13 @@ def magnification_verdict(
     source: str,
     thresholds: QualityThresholds = DEFAULT_QUALITY,
     *,
-    identified: int | None = None,
-    objects: int = 0,
+    evidence: SmearEvidence | None = None,
 ) -> str | None:
     """``magnification too low: ...`` for an image (or slide) whose pixel spacing, given or
     estimated (``source``), is coarser than ``max_um_per_pixel``; None otherwise or with the
-    gate off. An estimated spacing whose image shows no smear's cells (``identified`` of
-    ``objects``, :func:`lacks_smear_cells`) is named as possibly no smear: the estimate took
-    some other round blobs for red cells."""
+    gate off. An estimated spacing whose image shows no smear's cells (``evidence``,
+    :meth:`SmearEvidence.lacking`) is named as possibly no smear: the estimate took some
+    other round blobs for red cells."""
     if not thresholds.enabled or um_per_pixel <= thresholds.max_um_per_pixel:
         return None
     coarse = (
@@ -380,10 +384,9 @@ def magnification_verdict(
         f"{thresholds.max_um_per_pixel:g} µm/px at which cells can still be told apart; "
         "use a higher magnification (40x or more) or check the image's pixel spacing"
     )
-    if source in STATED_SOURCES or identified is None or not lacks_smear_cells(identified, objects):
+    if source in STATED_SOURCES or evidence is None or not evidence.lacking:
         return coarse
-    evidence = _evidence_in_words(identified, objects)
-    return f"{NOT_A_SMEAR} (or one at too low a magnification): {evidence}; {coarse}"
+    return f"{NOT_A_SMEAR} (or one at too low a magnification): {evidence.in_words()}; {coarse}"
 
 
 def spacing_verdict(

@@ -213,16 +213,18 @@ def test_a_thick_field_without_one_identified_cell_may_be_no_smear(measured) -> 
     or the field is blurred or empty, the reason stays what the measure says (a blurred smear
     seen by weak models has no identified cell either); counts are 0 either way."""
     thick = {**measured["smear"], "thick": 0.6}
-    assert q.quality_verdict(thick, identified=1).startswith("too thick")
+    assert q.quality_verdict(thick, evidence=q.SmearEvidence(1, 0)).startswith("too thick")
     assert q.quality_verdict(thick).startswith("too thick")  # cells not known yet
-    named = q.quality_verdict(thick, identified=0)
+    named = q.quality_verdict(thick, evidence=q.SmearEvidence(0, 0))
     assert named.startswith(f"{q.NOT_A_SMEAR} (or one too thick to count)")
     assert "too thick: 60%" in named
     blurred = {**thick, "focus": 500.0}
-    assert q.quality_verdict(blurred, identified=0).startswith("out of focus")
+    assert q.quality_verdict(blurred, evidence=q.SmearEvidence(0, 0)).startswith("out of focus")
     empty = {**thick, "foreground": 0.0}
-    assert q.quality_verdict(empty, identified=0).startswith("empty")
-    assert q.quality_verdict(thick, identified=0, small_image=True) is None  # a crop
+    assert q.quality_verdict(empty, evidence=q.SmearEvidence(0, 0)).startswith("empty")
+    assert (
+        q.quality_verdict(thick, evidence=q.SmearEvidence(0, 0), small_image=True) is None
+    )  # a crop
     photo = _outputs(thick, 29.0)
     photo[T.class_probs][photo[T.class_probs] > 0] = 0.3  # no class probable: unidentified
     image = aggregate.decode_image("photo.jpg", photo)
@@ -236,10 +238,10 @@ def test_a_thick_field_of_mostly_unplaced_objects_may_be_no_smear(measured) -> N
     board's parts) is no smear's evidence either; platelets are not counted as objects (a
     blood field holds many per white cell)."""
     thick = {**measured["smear"], "thick": 0.6}
-    named = q.quality_verdict(thick, identified=1, objects=8)
+    named = q.quality_verdict(thick, evidence=q.SmearEvidence(1, 8))
     assert named.startswith(f"{q.NOT_A_SMEAR} (or one too thick to count): 1 of 8 objects")
-    assert q.quality_verdict(thick, identified=2, objects=8).startswith("too thick")
-    assert q.lacks_smear_cells(0, 0) and not q.lacks_smear_cells(1, 1)
+    assert q.quality_verdict(thick, evidence=q.SmearEvidence(2, 8)).startswith("too thick")
+    assert q.SmearEvidence(0, 0).lacking and not q.SmearEvidence(1, 1).lacking
     labels = [taxonomy.CLASS_INDEX["lymphocyte"]] + [taxonomy.CLASS_INDEX[taxonomy.PLATELET]] * 7
     blood = _outputs(thick, 29.0, labels=labels)
     assert aggregate.decode_image("blood.jpg", blood).excluded.startswith("too thick")
@@ -251,9 +253,13 @@ def test_too_low_an_estimated_magnification_without_smear_cells_may_be_no_smear(
     is trusted, and so is an image whose cells were identified."""
     plain = q.magnification_verdict(0.9, "estimated")
     assert plain.startswith(q.TOO_COARSE)  # cells not known
-    named = q.magnification_verdict(0.9, "estimated", identified=2, objects=9)
+    named = q.magnification_verdict(0.9, "estimated", evidence=q.SmearEvidence(2, 9))
     assert named.startswith(f"{q.NOT_A_SMEAR} (or one at too low a magnification): 2 of 9")
     assert q.TOO_COARSE in named
-    assert q.magnification_verdict(0.9, "given", identified=0, objects=9).startswith(q.TOO_COARSE)
-    assert q.magnification_verdict(0.9, "pooled", identified=5, objects=9).startswith(q.TOO_COARSE)
-    assert q.magnification_verdict(0.5, "estimated", identified=0, objects=9) is None
+    assert q.magnification_verdict(0.9, "given", evidence=q.SmearEvidence(0, 9)).startswith(
+        q.TOO_COARSE
+    )
+    assert q.magnification_verdict(0.9, "pooled", evidence=q.SmearEvidence(5, 9)).startswith(
+        q.TOO_COARSE
+    )
+    assert q.magnification_verdict(0.5, "estimated", evidence=q.SmearEvidence(0, 9)) is None
