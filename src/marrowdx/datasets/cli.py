@@ -70,6 +70,8 @@ def summary(dataset: Dataset) -> dict:
         "label_source": dataset.label_source,
         "splits": dict(sorted(per_split.items())),
         "held_out_splits": list(dataset.held_out_splits),
+        "box_labels": str(dataset.box_labels) if dataset.box_labels else None,
+        "box_labels_applied": dataset.box_labels_applied,
         "labels": {
             label: {
                 "annotations": n,
@@ -111,6 +113,8 @@ def _print_summary(s: dict) -> None:
     else:
         sizes = ", ".join(f"{k} ({v})" for k, v in list(s["field_sizes"].items())[:6])
         print(f"fields       {s['fields']} ({sizes}); {s['boxes']} boxes mapped")
+    if s["box_labels"]:
+        print(f"box labels   {s['box_labels']}: {s['box_labels_applied']} boxes relabelled")
     how = "as declared" if s["label_source"] == "declared" else "matched by name (none declared)"
     print(f"labels       {how}")
     width = max([len(k) for k in s["labels"]] + [5])

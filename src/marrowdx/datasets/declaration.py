@@ -24,6 +24,8 @@ KEYS: dict[str, str] = {
     "um_per_pixel": f"micrometres per pixel, or {UNKNOWN!r}",
     "labels": "table: source label -> class, group, list of them, 'ignore' or 'red_cell'",
     "held_out_splits": "splits that must never be trained or tuned on (e.g. ['test'])",
+    "box_labels": "a CSV (file, x0, y0, x1, y1, label; image pixels) of finer labels for some "
+    "of the set's boxes, relative to this file",
     "source": "free text: where the data came from",
     "license": "free text: the data's licence",
     "citation": "free text: what to cite",
@@ -44,6 +46,7 @@ class Declaration:
     spacing_declared: bool = False
     labels: dict[str, str | list[str]] | None = None
     held_out_splits: tuple[str, ...] = ()
+    box_labels: Path | None = None  # resolved against the declaration's folder
     notes: dict[str, str] = field(default_factory=dict)
 
 
@@ -111,6 +114,10 @@ def read_declaration(path: Path) -> Declaration:
         if not isinstance(held, list) or not all(isinstance(s, str) for s in held):
             raise DatasetError(f"{path}: held_out_splits must be a list of split names")
         decl.held_out_splits = tuple(held)
+    if "box_labels" in data:
+        if not isinstance(data["box_labels"], str) or not data["box_labels"].strip():
+            raise DatasetError(f"{path}: box_labels must be the path of a CSV file")
+        decl.box_labels = path.parent / data["box_labels"]
     decl.notes = {
         k: str(data[k])
         for k in ("source", "license", "citation", "url", "description")

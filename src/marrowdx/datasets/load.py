@@ -16,6 +16,7 @@ from marrowdx.datasets.base import (
     RawField,
     as_boxes,
 )
+from marrowdx.datasets.box_labels import apply_box_labels, read_box_labels
 from marrowdx.datasets.declaration import (
     UNKNOWN,
     Declaration,
@@ -54,6 +55,9 @@ class Dataset:
     #: Splits never to be trained or tuned on (from the declaration).
     held_out_splits: tuple[str, ...] = ()
     declaration: Path | None = None
+    #: The declaration's table of finer box labels, and how many of its rows applied.
+    box_labels: Path | None = None
+    box_labels_applied: int = 0
     #: Free-text keys of the declaration (source, license, citation, url, description).
     notes: dict[str, str] = field(default_factory=dict)
 
@@ -155,6 +159,13 @@ def load_dataset(
     if split is not None:
         _check_split(split, {i.split for i in items}, root)
         items = [i for i in items if i.split == split]
+    box_labels_applied = 0
+    if decl.box_labels is not None:
+        if fmt == "crops":
+            raise DatasetError(f"{decl_path}: box_labels apply to boxes; a crops set has none")
+        items, box_labels_applied = apply_box_labels(
+            items, read_box_labels(decl.box_labels), decl.box_labels
+        )
     if fmt == "crops":
         counts = Counter(c.label for c in items)
     else:
@@ -184,6 +195,8 @@ def load_dataset(
         label_source=label_source,
         held_out_splits=decl.held_out_splits,
         declaration=decl_path,
+        box_labels=decl.box_labels,
+        box_labels_applied=box_labels_applied,
         notes=decl.notes,
     )
 
