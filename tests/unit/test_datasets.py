@@ -204,6 +204,68 @@ def test_declaration_and_keyword_overrides(tmp_path: Path) -> None:
     assert load_dataset(root, declaration=other).label_map["WBC"].name == "blasts"
 
 
+def _box_label_table(path: Path, rows: list[tuple[str, np.ndarray, str]]) -> Path:
+    lines = ["index,file,x0,y0,x1,y1,label"]
+    lines += [
+        f"{i},{f},{','.join(f'{v:.1f}' for v in b)},{lab}" for i, (f, b, lab) in enumerate(rows)
+    ]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_box_labels_type_some_boxes_of_a_set(tmp_path: Path) -> None:
+    root = _copy(YOLO, tmp_path / "yolo")
+    truth = _yolo_truth(root)
+    stem, (labels, boxes) = next((k, v) for k, v in truth.items() if "WBC" in v[0])
+    wbc = labels.index("WBC")
+    # one white cell typed (rounded as a tool writes it), one row for an image not in this copy
+    _box_label_table(
+        root / "typed.csv",
+        [(f"{stem}.jpg", boxes[wbc] + 0.4, "N"), ("absent.jpg", np.array([1, 1, 9, 9]), "E")],
+    )
+    (root / DECLARATION_NAME).write_text(
+        'box_labels = "typed.csv"\n[labels]\nWBC = "nucleated"\nRBC = "red_cell"\n'
+        'Platelet = "thrombocyte"\nN = "neutrophils_mature"\nE = "eosinophils"\n'
+    )
+    ds = load_dataset(root)
+    assert ds.box_labels_applied == 1 and ds.box_labels == root / "typed.csv"
+    assert ds.label_counts["N"] == 1 and "E" not in ds.label_counts
+    field = next(f for f in ds.fields if f.path.stem == stem)
+    typed = field.labels.index("N")
+    np.testing.assert_allclose(field.boxes[typed], boxes[wbc], atol=1e-3)
+    assert field.targets[typed].class_names == taxonomy.LABEL_GROUPS["neutrophils_mature"]
+
+    # a row at a place where the image has no box: the table does not fit this copy
+    _box_label_table(root / "typed.csv", [(f"{stem}.jpg", boxes[wbc] + 5.0, "N")])
+    with pytest.raises(DatasetError, match=r"typed.csv:2: no box of .* does not fit"):
+        load_dataset(root)
+    (root / "typed.csv").write_text("file,x0,y0,x1,y1\na.jpg,1,1,2,2\n")
+    with pytest.raises(DatasetError, match="missing label"):
+        load_dataset(root)
+    (root / "typed.csv").unlink()
+    with pytest.raises(DatasetError, match="box label table not found"):
+        load_dataset(root)
+
+
+def test_the_typed_txl_pbc_table_reads_and_fits_the_sample(tmp_path: Path) -> None:
+    """docs/txl_pbc_train_white_cells.csv (the developers' typing of TXL-PBC `train` white
+    cells) reads as a box label table and fits the real sample's two BCD/BCCD white cells
+    (both looked at and left untyped, X); the PBC field's cell is not in it and stays WBC."""
+    table = Path(__file__).resolve().parents[2] / "docs" / "txl_pbc_train_white_cells.csv"
+    root = _copy(YOLO, tmp_path / "yolo")
+    shutil.copy(table, root / table.name)
+    (root / DECLARATION_NAME).write_text(
+        f'box_labels = "{table.name}"\n[labels]\nWBC = "nucleated"\nX = "nucleated"\n'
+        'N = "neutrophils_mature"\nL = "lymphocyte"\nM = "monocyte"\nE = "eosinophils"\n'
+        'RBC = "red_cell"\nPlatelet = "thrombocyte"\n'
+    )
+    ds = load_dataset(root)
+    assert ds.box_labels_applied == 2 and ds.label_counts["X"] == 2
+    assert ds.label_counts["WBC"] == 1 and ds.unmapped == {}
+    rows = table.read_text().splitlines()
+    assert len(rows) == 690 and {r.split(",")[5] for r in rows[1:]} == set("NLMEX")
+
+
 @pytest.mark.parametrize(
     "yaml_text",
     [
