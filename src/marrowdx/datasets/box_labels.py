@@ -55,43 +55,55 @@ def read_box_labels(path: Path) -> dict[str, list[BoxLabel]]:
     for line, row in enumerate(reader, start=2):
         where = f"{path}:{line}"
         try:
-            box = tuple(float(row[c]) for c in ("x0", "y0", "x1", "y1"))
+            x0, y0, x1, y1 = (float(row[c]) for c in ("x0", "y0", "x1", "y1"))
         except (TypeError, ValueError):
             raise DatasetError(f"{where}: box coordinates are not numbers") from None
         label = (row["label"] or "").strip()
         if not label or not (row["file"] or "").strip():
             raise DatasetError(f"{where}: empty file name or label")
-        if not all(np.isfinite(box)) or box[2] <= box[0] or box[3] <= box[1]:
+        box = (x0, y0, x1, y1)
+        if not all(np.isfinite(box)) or x1 <= x0 or y1 <= y0:
             raise DatasetError(f"{where}: box {list(box)} is empty or not finite")
         name = Path(row["file"].strip()).name
-        rows.setdefault(name, []).append(BoxLabel(name, box, label, line))  # type: ignore[arg-type]
+        rows.setdefault(name, []).append(BoxLabel(name, box, label, line))
     return rows
 
 
 def apply_box_labels(
-    fields: Sequence[RawField], table: dict[str, list[BoxLabel]], where: Path
+    fields: Sequence[RawField], table: dict[str, list[BoxLabel]], table_path: Path
 ) -> tuple[list[RawField], int]:
-    """The fields with each row's box relabelled, and how many rows applied. A row matches the
-    field box whose every coordinate lies within ``BOX_TOLERANCE_PX`` of its own (rounding in
-    the tool that wrote either)."""
-    out: list[RawField] = []
+    """The fields with each row's box relabelled, and how many rows applied. A row matches a
+    box, in a field of its file name (any split), whose every coordinate lies within
+    ``BOX_TOLERANCE_PX`` of its own (rounding in the tool that wrote either)."""
+    by_name: dict[str, list[int]] = {}
+    for i, raw in enumerate(fields):
+        by_name.setdefault(raw.path.name, []).append(i)
+    labels = [list(raw.labels) for raw in fields]
     applied = 0
-    for raw in fields:
-        rows = table.get(raw.path.name)
-        if not rows:
-            out.append(raw)
-            continue
-        labels = list(raw.labels)
-        boxes = np.asarray(raw.boxes, np.float64).reshape(-1, 4)
+    for name, rows in table.items():
+        candidates = by_name.get(name, [])
+        if not candidates:
+            continue  # an image this copy does not hold
         for row in rows:
-            distance = np.abs(boxes - np.asarray(row.box)).max(axis=1) if len(boxes) else []
-            hits = np.flatnonzero(np.asarray(distance) <= BOX_TOLERANCE_PX)
-            if not len(hits):
+            i, j = _box_at(fields, candidates, row.box)
+            if i < 0:
                 raise DatasetError(
-                    f"{where}:{row.line}: no box of {raw.path} lies at {list(row.box)} "
+                    f"{table_path}:{row.line}: no box of {name} lies at {list(row.box)} "
                     f"(within {BOX_TOLERANCE_PX:g} px); the table does not fit this copy"
                 )
-            labels[int(hits[np.argmin(distance[hits])])] = row.label
+            labels[i][j] = row.label
             applied += 1
-        out.append(replace(raw, labels=labels))
-    return out, applied
+    return [replace(raw, labels=new) for raw, new in zip(fields, labels, strict=True)], applied
+
+
+def _box_at(
+    fields: Sequence[RawField], candidates: list[int], box: tuple[float, float, float, float]
+) -> tuple[int, int]:
+    """(field, box) index of the closest box within tolerance among ``candidates``, or
+    (-1, -1)."""
+    best, where = BOX_TOLERANCE_PX, (-1, -1)
+    for i in candidates:
+        distance = np.abs(np.asarray(fields[i].boxes, np.float64) - box).max(axis=1)
+        if len(distance) and distance.min() <= best:
+            best, where = float(distance.min()), (i, int(distance.argmin()))
+    return where
