@@ -134,16 +134,25 @@ def image_size(path: Path, *, verify: bool = False) -> tuple[int, int]:
         raise DatasetError(f"{path}: cannot open the image ({exc})") from None
 
 
-def checked_box(
-    box: tuple[float, float, float, float], width: int, height: int, where: str
+def check_box_shape(
+    box: tuple[float, float, float, float], where: str
 ) -> tuple[float, float, float, float]:
-    """A box clipped to the image, or a DatasetError naming ``where`` when it is empty or
-    lies outside the image by more than BOX_TOLERANCE_PX."""
+    """The box unchanged, or a DatasetError naming ``where`` when it is not finite or empty
+    (what can be said of a box without its image)."""
     x0, y0, x1, y1 = box
     if not all(np.isfinite(v) for v in box):
         raise DatasetError(f"{where}: box {list(box)} is not finite")
     if x1 <= x0 or y1 <= y0:
         raise DatasetError(f"{where}: box {_fmt(box)} is empty (x1 <= x0 or y1 <= y0)")
+    return box
+
+
+def checked_box(
+    box: tuple[float, float, float, float], width: int, height: int, where: str
+) -> tuple[float, float, float, float]:
+    """A box clipped to the image, or a DatasetError naming ``where`` when it is empty or
+    lies outside the image by more than BOX_TOLERANCE_PX."""
+    x0, y0, x1, y1 = check_box_shape(box, where)
     t = BOX_TOLERANCE_PX
     if x0 < -t or y0 < -t or x1 > width + t or y1 > height + t:
         raise DatasetError(f"{where}: box {_fmt(box)} lies outside the {width}x{height} image")

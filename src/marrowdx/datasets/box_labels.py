@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from marrowdx.datasets.base import BOX_TOLERANCE_PX, DatasetError, RawField
+from marrowdx.datasets.base import BOX_TOLERANCE_PX, DatasetError, RawField, check_box_shape
 
 #: The columns a table must have (others, such as an index, are kept out of the way).
 COLUMNS: tuple[str, ...] = ("file", "x0", "y0", "x1", "y1", "label")
@@ -27,9 +27,9 @@ COLUMNS: tuple[str, ...] = ("file", "x0", "y0", "x1", "y1", "label")
 
 @dataclass(frozen=True)
 class BoxLabel:
-    """One row: the box (image pixels, x0, y0, x1, y1) in the image named ``file``."""
+    """One row of a table (its image is the key it is filed under): the box (image pixels,
+    x0, y0, x1, y1), its label and the table line, for errors."""
 
-    file: str
     box: tuple[float, float, float, float]
     label: str
     line: int
@@ -61,11 +61,9 @@ def read_box_labels(path: Path) -> dict[str, list[BoxLabel]]:
         label = (row["label"] or "").strip()
         if not label or not (row["file"] or "").strip():
             raise DatasetError(f"{where}: empty file name or label")
-        box = (x0, y0, x1, y1)
-        if not all(np.isfinite(box)) or x1 <= x0 or y1 <= y0:
-            raise DatasetError(f"{where}: box {list(box)} is empty or not finite")
+        box = check_box_shape((x0, y0, x1, y1), where)
         name = Path(row["file"].strip()).name
-        rows.setdefault(name, []).append(BoxLabel(name, box, label, line))
+        rows.setdefault(name, []).append(BoxLabel(box, label, line))
     return rows
 
 

@@ -150,6 +150,8 @@ def load_dataset(
     if labels is not None:
         label_spec = {**(label_spec or {}), **check_labels(labels, "labels")}
 
+    if fmt == "crops" and decl.box_labels is not None:
+        raise DatasetError(f"{decl_path}: box_labels apply to boxes; a crops set has none")
     if fmt == "crops":
         items: list = read_crops(root, verify=verify)
     elif fmt in READERS:
@@ -161,8 +163,6 @@ def load_dataset(
         items = [i for i in items if i.split == split]
     box_labels_applied = 0
     if decl.box_labels is not None:
-        if fmt == "crops":
-            raise DatasetError(f"{decl_path}: box_labels apply to boxes; a crops set has none")
         items, box_labels_applied = apply_box_labels(
             items, read_box_labels(decl.box_labels), decl.box_labels
         )
