@@ -127,7 +127,8 @@ class SpacingEstimate:
 
     ``um_per_pixel`` is None when it could not be estimated (``reason`` says why);
     ``relative_uncertainty`` is the interquartile range of the red cells' diameters over
-    their median; ``n_red_cells`` how many objects the median is over; ``n_images`` how many
+    their median (None from a single red cell: one diameter has no spread);
+    ``n_red_cells`` how many objects the median is over; ``n_images`` how many
     images they come from (more than one for a pooled estimate). ``diameters_px``: every
     candidate red cell's diameter in input pixels, for :func:`pooled_estimate`.
     """
@@ -302,8 +303,10 @@ def _spacing_from_diameters(diameters: np.ndarray, work_scale: float) -> Spacing
     low, high = DIAMETER_BAND
     kept = input_px[(input_px >= low * first) & (input_px <= high * first)]
     median = float(np.median(kept))
-    q1, q3 = np.percentile(kept, [25, 75])
-    spread = float((q3 - q1) / median)
+    spread = None  # one object has no spread: unknown, not 0
+    if kept.size > 1:
+        q1, q3 = np.percentile(kept, [25, 75])
+        spread = float((q3 - q1) / median)
     return SpacingEstimate(
         RED_CELL_UM / median, spread, int(kept.size), diameters_px=tuple(input_px.tolist())
     )

@@ -169,7 +169,9 @@ def test_an_estimate_from_one_object_is_used_but_warned_as_uncertain() -> None:
     data = picture((FIELD, FIELD), [(100, 100, 40)])
     result, _ = analyse(data)
     assert result.spacing.source == "estimated" and result.spacing.n_red_cells == 1
+    assert result.spacing.relative_uncertainty is None  # one diameter has no spread
     assert "uncertain" in result.warnings[0] and "--um-per-pixel" in result.warnings[0]
+    assert "unknown spread" in result.warnings[0]
 
 
 def test_client_default_and_per_image_spacings() -> None:
