@@ -28,14 +28,17 @@ from marrowdx.client.quality import (
     DEFAULT_QUALITY,
     NOT_A_SMEAR,
     SMALL_IMAGE_SIDE,
+    WRONG_SPACING,
     QualityThresholds,
     SmearEvidence,
     cells_verdict,
     magnification_verdict,
     quality_verdict,
+    spacing_verdict,
 )
 from marrowdx.client.report import Cell, ImageResult
 from marrowdx.errors import RequestFailed
+from marrowdx.spacing import scale_to_model
 
 if TYPE_CHECKING:
     from marrowdx.slides.tiling import FieldPlan
@@ -313,6 +316,22 @@ def _small(prepared: PreparedImage) -> bool:
     )
 
 
+def _cell_size_verdict(
+    cells: Sequence[Cell],
+    spacing: SpacingInfo,
+    quality: QualityThresholds,
+    evidence: SmearEvidence,
+) -> str | None:
+    """``quality.spacing_verdict`` over every nucleated cell of a tiled image (boxes in input
+    pixels, brought to the models' input scale): the median of the whole image's cells,
+    where one field may hold too few to judge; the image's spacing source and evidence
+    decide whether it is named as possibly no smear."""
+    to_model = scale_to_model(spacing.um_per_pixel) * config.INPUT_SIZE / config.FIELD_SIZE[0]
+    boxes = np.array([c.box for c in cells], np.float64).reshape(-1, 4) * to_model
+    labels = np.array([taxonomy.CLASS_INDEX[c.label] for c in cells], np.int64)
+    return spacing_verdict(boxes, labels, quality, source=spacing.source, evidence=evidence)
+
+
 def merge_image(
     name: str,
     prepared: PreparedImage,
@@ -370,6 +389,8 @@ def merge_image(
         excluded = quality_verdict(measures, quality, evidence=evidence)
         if excluded is None and all(r.excluded for r in results):
             excluded = results[0].excluded  # e.g. every field's cells far from the models' size
+        if excluded is None or excluded.startswith(WRONG_SPACING):
+            excluded = _cell_size_verdict(kept, prepared.spacing, quality, evidence) or excluded
     spacing = prepared.spacing
     coarse = magnification_verdict(spacing.um_per_pixel, spacing.source, quality, evidence=evidence)
     if coarse is not None and not (excluded or "").startswith(NOT_A_SMEAR):

@@ -390,7 +390,12 @@ def magnification_verdict(
 
 
 def spacing_verdict(
-    boxes: np.ndarray, labels: np.ndarray, thresholds: QualityThresholds = DEFAULT_QUALITY
+    boxes: np.ndarray,
+    labels: np.ndarray,
+    thresholds: QualityThresholds = DEFAULT_QUALITY,
+    *,
+    source: str | None = None,
+    evidence: SmearEvidence | None = None,
 ) -> str | None:
     """``magnification far from the given spacing: ...`` when the median detected nucleated
     cell (side in the models' input pixels, ``boxes`` [N, 4] as served, ``labels`` [N] class
@@ -399,7 +404,24 @@ def spacing_verdict(
     cells, or with the gate off. Why nucleated only: platelets (2-3 µm) outnumber the white
     cells of a blood field: with each field's own spacing estimate, 65 of 1,296 real TXL-PBC
     fields were excluded for their magnification by the median over all detections, 20 by
-    the nucleated cells' median."""
+    the nucleated cells' median.
+
+    ``source`` of the spacing and ``evidence`` (what the models found), when known: an
+    estimated spacing (8 µm red cells) whose "nucleated cells" come out no larger than its
+    "red cells", in an image that shows no smear's cells (:meth:`SmearEvidence.lacking`), is
+    named as possibly no smear: a chart's dots or a pattern's blobs all have one size, a
+    smear's white cells are larger than its red cells."""
+    reason = _cell_size_reason(boxes, labels, thresholds)
+    if reason is None or source in (None, *STATED_SOURCES) or evidence is None:
+        return reason
+    if not evidence.lacking:
+        return reason
+    return f"{NOT_A_SMEAR} (or one at another magnification): {evidence.in_words()}; {reason}"
+
+
+def _cell_size_reason(
+    boxes: np.ndarray, labels: np.ndarray, thresholds: QualityThresholds
+) -> str | None:
     if not thresholds.enabled:
         return None
     nucleated = np.isin(np.asarray(labels).reshape(-1), taxonomy.NUCLEATED_INDICES)

@@ -22,6 +22,7 @@ from scipy import ndimage as ndi
 
 from marrowdx import config, spacing, taxonomy
 from marrowdx.client import AsyncMarrowClient
+from marrowdx.client import quality as q
 from marrowdx.client.cli import configure_diagnose
 from marrowdx.client.cohort import SPACING_FILE, discover
 from marrowdx.client.fields import SpacedImageResult
@@ -153,6 +154,21 @@ def test_a_large_image_is_tiled_and_a_cell_on_a_seam_is_counted_once() -> None:
     for box, (x0, y0, side) in zip(boxes, sorted(squares), strict=True):
         assert box == pytest.approx((x0, y0, x0 + side, y0 + side), abs=2)
     assert sum(result.counts.values()) == len(squares)
+
+
+def test_a_tiled_image_is_sized_by_all_its_cells_where_no_field_holds_enough() -> None:
+    """1600 x 1200 at the models' spacing, 2 x 2 fields: two cells far too small (10 px:
+    5 model pixels, a third of the smallest size counted) in each field's own corner, so no
+    field holds the MIN_CELLS_FOR_SPACING it needs to judge, but the image does. Cells of
+    the models' size are counted."""
+    corners = [(60, 60), (1450, 60), (60, 1050), (1450, 1050)]
+    small = [(x + dx, y + dy, 10) for x, y in corners for dx, dy in ((0, 0), (40, 40))]
+    result, sent = analyse(picture((1600, 1200), small), um_per_pixel=config.MODEL_UM_PER_PIXEL)
+    assert len(sent.sent) == 4 and len(result.cells) == len(small)
+    assert result.excluded.startswith(q.WRONG_SPACING) and sum(result.counts.values()) == 0
+    right = [(x + dx, y + dy, 60) for x, y in corners for dx, dy in ((0, 0), (0, 80))]
+    result, _ = analyse(picture((1600, 1200), right), um_per_pixel=config.MODEL_UM_PER_PIXEL)
+    assert result.excluded is None and sum(result.counts.values()) == len(right)
 
 
 def test_an_image_without_red_cells_is_assumed_at_the_models_spacing_and_warned() -> None:

@@ -207,6 +207,29 @@ def test_the_magnification_check_sizes_nucleated_cells_not_platelets() -> None:
     assert q.spacing_verdict(boxes[:4], labels[:4]) is None  # too few to judge
 
 
+def test_cells_no_larger_than_red_cells_at_an_estimated_spacing_may_be_no_smear() -> None:
+    """A chart's dots or a pattern's blobs all have one size: at a spacing estimated from
+    them as red cells, its "white cells" come out too small. When the models identify
+    few of them, the reason says it may be no smear; at a stated spacing, or with cells
+    identified, it stays a wrong magnification."""
+    white = taxonomy.CLASS_INDEX["lymphocyte"]
+    boxes = np.array([(40 * i, 40, 40 * i + 14, 54) for i in range(8)], np.float32)
+    labels = np.full(8, white)
+    few = q.SmearEvidence(identified=1, objects=8)
+    named = q.spacing_verdict(boxes, labels, source="estimated", evidence=few)
+    assert named.startswith(q.NOT_A_SMEAR) and q.WRONG_SPACING in named
+    assert "1 of 8 objects" in named
+    for source, evidence in (
+        ("given", few),
+        ("patient", few),
+        ("estimated", q.SmearEvidence(identified=6, objects=8)),
+        ("estimated", None),
+    ):
+        verdict = q.spacing_verdict(boxes, labels, source=source, evidence=evidence)
+        assert verdict.startswith(q.WRONG_SPACING)
+    assert q.spacing_verdict(boxes * 2, labels, source="estimated", evidence=few) is None
+
+
 def test_a_thick_field_without_one_identified_cell_may_be_no_smear(measured) -> None:
     """A photo is as dark and as crowded as a thick smear, but the models identify no cell
     in it: the reason then says it may be no smear. Where a nucleated cell was identified,
