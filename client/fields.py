@@ -34,6 +34,7 @@ from marrowdx.client.quality import (
     cells_verdict,
     magnification_verdict,
     quality_verdict,
+    red_cells_verdict,
     spacing_verdict,
 )
 from marrowdx.client.report import Cell, ImageResult
@@ -354,7 +355,9 @@ def merge_image(
 
     if prepared.plans is None:
         (only,) = results
-        return with_spacing(only, prepared.spacing)
+        return with_spacing(
+            _without_smear_evidence(only, prepared.spacing, quality), prepared.spacing
+        )
     height, width = prepared.size
     cells: list[Cell] = []
     field_ids: list[int] = []
@@ -401,4 +404,21 @@ def merge_image(
         file=name, cells=kept, counts=counts, size=(height, width), quality=measures,
         excluded=excluded,
     )  # fmt: skip
-    return with_spacing(result, prepared.spacing)
+    return with_spacing(_without_smear_evidence(result, spacing, quality), spacing)
+
+
+def _without_smear_evidence(
+    result: ImageResult, spacing: SpacingInfo, quality: QualityThresholds
+) -> ImageResult:
+    """``result`` excluded by ``quality.red_cells_verdict`` when it was counted but shows
+    nothing of a smear: no red cells to estimate its spacing by, no cell identified. Asked,
+    like ``quality.cells_verdict``, only of a field measured by a server with the smear
+    measures."""
+    if result.excluded is not None or "stain_colour" not in (result.quality or {}):
+        return result
+    reason = red_cells_verdict(
+        spacing.source, spacing.n_red_cells, SmearEvidence.of(result.cells), quality
+    )
+    if reason is None:
+        return result
+    return replace(result, excluded=reason, counts=dict.fromkeys(result.counts, 0))

@@ -109,6 +109,14 @@ MIN_CELLS_IN_SMEAR = 1
 #: and up). Also asked of an image excluded for too low a magnification that was
 #: *estimated* (its "red cells" may be any round blobs); a spacing the user gave is trusted.
 MIN_IDENTIFIED_SHARE = 0.25
+#: A smear shows red cells: an image whose spacing was not stated and in which the estimator
+#: found fewer than this many (one round object, or none), and in which the models identify
+#: no smear's cells either (:meth:`SmearEvidence.lacking`), shows nothing of a smear. Real
+#: images in that state (a lone marrow crop or blood field sent without its spacing whose
+#: estimate took one object, and whose cells the models leave unidentified) count no
+#: nucleated cell either way; 2 of 31 pictures that are no smears (a logo, an
+#: immunohistochemistry image) were counted with no cell instead of excluded.
+MIN_RED_CELLS_IN_SMEAR = 2
 #: The coarsest pixel spacing (µm/px) counted: the models read each cell at 0.5 µm/px, and an
 #: image coarser than that lost detail no resampling brings back. The 507 held-out Munich
 #: crops (0.10 µm/px) shrunk to 0.25 / 0.5 / 0.75 / 1.0 µm/px scored macro-F1 0.76 / 0.71 /
@@ -387,6 +395,30 @@ def magnification_verdict(
     if source in STATED_SOURCES or evidence is None or not evidence.lacking:
         return coarse
     return f"{NOT_A_SMEAR} (or one at too low a magnification): {evidence.in_words()}; {coarse}"
+
+
+def red_cells_verdict(
+    source: str,
+    n_red_cells: int | None,
+    evidence: SmearEvidence,
+    thresholds: QualityThresholds = DEFAULT_QUALITY,
+) -> str | None:
+    """``not a stained smear (or one whose cells the models cannot read): ...`` for an image
+    whose spacing was not stated (``source``), whose estimate found fewer than
+    ``MIN_RED_CELLS_IN_SMEAR`` red cells (``n_red_cells``) and whose cells show no smear's
+    (``evidence``); None otherwise or with the gate off. Why the red cells too: an image
+    with no identified cell but red cells to measure is a smear with nothing to count (a
+    blood field between white cells)."""
+    if not thresholds.enabled or source in STATED_SOURCES or not evidence.lacking:
+        return None
+    found = n_red_cells or 0
+    if found >= MIN_RED_CELLS_IN_SMEAR:
+        return None
+    red = "no red cell" if not found else f"{found} round object taken for a red cell"
+    return (
+        f"{NOT_A_SMEAR} (or one whose cells the models cannot read): {evidence.in_words()}, "
+        f"{red}; give the spacing (--um-per-pixel) if it is a smear"
+    )
 
 
 def spacing_verdict(

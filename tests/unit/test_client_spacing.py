@@ -190,6 +190,44 @@ def test_an_estimate_from_one_object_is_used_but_warned_as_uncertain() -> None:
     assert "unknown spread" in result.warnings[0]
 
 
+class MeasuredTransport(FakeTransport):
+    """FakeTransport with a server's smear measures (stained, coloured, in focus: not what is
+    judged here) whose cells get top class probability ``top``."""
+
+    def __init__(self, top: float) -> None:
+        super().__init__()
+        self.top = top
+
+    async def infer_image(self, data: bytes) -> dict[str, np.ndarray]:
+        outputs = await super().infer_image(data)
+        probs = outputs[T.class_probs]
+        found = probs.max(1) > 0
+        probs[found] = 0.0
+        probs[found, taxonomy.CLASS_INDEX["lymphocyte"]] = self.top
+        probs[found, 0] = 1.0 - self.top
+        outputs[T.field_quality] = np.array([5000, 0.05, 0, 200, 0.9, 0.6, 0.1], np.float32)
+        return outputs
+
+
+def test_an_image_with_one_round_object_and_no_identified_cell_is_no_smear() -> None:
+    """A logo: one round object (the estimate's only "red cell") that the models cannot
+    place. With no spacing stated nothing in it speaks for a smear: excluded, the reason
+    says so. Given a spacing, or with its cell identified, it is judged as before."""
+    data = picture((FIELD, FIELD), [(100, 100, 40)])
+
+    def run(top: float, **options: object) -> SpacedImageResult:
+        client = AsyncMarrowClient(transport=MeasuredTransport(top))  # type: ignore[arg-type]
+        return asyncio.run(client.analyse_image(data, "logo", **options))  # type: ignore[arg-type]
+
+    unsure = run(0.55)
+    assert unsure.spacing.n_red_cells == 1 and len(unsure.cells) == 1
+    assert unsure.excluded.startswith(q.NOT_A_SMEAR) and "1 round object" in unsure.excluded
+    assert sum(unsure.counts.values()) == 0
+    assert run(0.55, um_per_pixel=config.MODEL_UM_PER_PIXEL).excluded is None
+    identified = run(0.9)
+    assert identified.excluded is None and sum(identified.counts.values()) == 1
+
+
 def test_client_default_and_per_image_spacings() -> None:
     small = picture((640, 480), [(100, 100, 100)])
     transport = FakeTransport()

@@ -230,6 +230,17 @@ def test_cells_no_larger_than_red_cells_at_an_estimated_spacing_may_be_no_smear(
     assert q.spacing_verdict(boxes * 2, labels, source="estimated", evidence=few) is None
 
 
+def test_no_red_cells_and_no_identified_cell_at_an_unstated_spacing_is_no_smear() -> None:
+    none = q.SmearEvidence(identified=0, objects=1)
+    for source, red in (("estimated", 1), ("assumed", 0), ("estimated", None)):
+        verdict = q.red_cells_verdict(source, red, none)
+        assert verdict.startswith(q.NOT_A_SMEAR) and "--um-per-pixel" in verdict
+    assert q.red_cells_verdict("given", 1, none) is None  # a stated spacing is trusted
+    assert q.red_cells_verdict("estimated", 2, none) is None  # red cells: a smear
+    assert q.red_cells_verdict("estimated", 1, q.SmearEvidence(1, 1)) is None
+    assert q.red_cells_verdict("estimated", 1, none, q.NO_GATING) is None
+
+
 def test_a_thick_field_without_one_identified_cell_may_be_no_smear(measured) -> None:
     """A photo is as dark and as crowded as a thick smear, but the models identify no cell
     in it: the reason then says it may be no smear. Where a nucleated cell was identified,
