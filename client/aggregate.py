@@ -19,6 +19,7 @@ from marrowdx.client.quality import (
     cells_verdict,
     field_quality,
     quality_verdict,
+    smear_measured,
     spacing_verdict,
 )
 from marrowdx.client.report import Cell, ImageResult, PatientReport
@@ -136,7 +137,7 @@ def decode_image(
     height, width = (int(v) for v in outputs[t.image_size])
     measures = field_quality(outputs)
     excluded = quality_verdict(measures, quality, evidence=SmearEvidence.of(cells))
-    if excluded is None and measures is not None and "stain_colour" in measures:
+    if excluded is None and smear_measured(measures):
         # (a server without the smear measures is judged as before)
         excluded = cells_verdict(n, int(unfamiliar.sum()), measures, quality) or spacing_verdict(
             boxes[:n], labels, quality

@@ -35,6 +35,7 @@ from marrowdx.client.quality import (
     magnification_verdict,
     quality_verdict,
     red_cells_verdict,
+    smear_measured,
     spacing_verdict,
 )
 from marrowdx.client.report import Cell, ImageResult
@@ -355,9 +356,9 @@ def merge_image(
 
     if prepared.plans is None:
         (only,) = results
-        return with_spacing(
-            _without_smear_evidence(only, prepared.spacing, quality), prepared.spacing
-        )
+        evidence = SmearEvidence.of(only.cells)
+        only = _without_smear_evidence(only, evidence, prepared.spacing, quality)
+        return with_spacing(only, prepared.spacing)
     height, width = prepared.size
     cells: list[Cell] = []
     field_ids: list[int] = []
@@ -385,7 +386,7 @@ def merge_image(
     evidence = SmearEvidence.of(kept)
     if _small(prepared):
         excluded = quality_verdict(measures, quality, small_image=True, evidence=evidence)
-        if excluded is None and measures is not None and "stain_colour" in measures:
+        if excluded is None and smear_measured(measures):
             unfamiliar = sum(cell.unfamiliar for cell in kept)
             excluded = cells_verdict(len(kept), unfamiliar, measures, quality, small_image=True)
     else:
@@ -404,21 +405,22 @@ def merge_image(
         file=name, cells=kept, counts=counts, size=(height, width), quality=measures,
         excluded=excluded,
     )  # fmt: skip
-    return with_spacing(_without_smear_evidence(result, spacing, quality), spacing)
+    return with_spacing(_without_smear_evidence(result, evidence, spacing, quality), spacing)
 
 
 def _without_smear_evidence(
-    result: ImageResult, spacing: SpacingInfo, quality: QualityThresholds
+    result: ImageResult,
+    evidence: SmearEvidence,
+    spacing: SpacingInfo,
+    quality: QualityThresholds,
 ) -> ImageResult:
     """``result`` excluded by ``quality.red_cells_verdict`` when it was counted but shows
     nothing of a smear: no red cells to estimate its spacing by, no cell identified. Asked,
     like ``quality.cells_verdict``, only of a field measured by a server with the smear
-    measures."""
-    if result.excluded is not None or "stain_colour" not in (result.quality or {}):
+    measures. ``evidence``: :meth:`SmearEvidence.of` the result's cells."""
+    if result.excluded is not None or not smear_measured(result.quality):
         return result
-    reason = red_cells_verdict(
-        spacing.source, spacing.n_red_cells, SmearEvidence.of(result.cells), quality
-    )
+    reason = red_cells_verdict(spacing.source, spacing.n_red_cells, evidence, quality)
     if reason is None:
         return result
     return replace(result, excluded=reason, counts=dict.fromkeys(result.counts, 0))

@@ -194,6 +194,13 @@ def field_quality(outputs: Mapping[str, np.ndarray]) -> dict[str, float] | None:
     return {name: float(v) for name, v in zip(QUALITY_FIELDS, values, strict=True)}
 
 
+def smear_measured(quality: Mapping[str, float] | None) -> bool:
+    """Whether FIELD_QUALITY came from a server with the smear measures (``stain_colour``,
+    ``background``): the rules on what the models found are asked only then, so a field from
+    an older server is judged as before."""
+    return quality is not None and "stain_colour" in quality
+
+
 def quality_verdict(
     quality: Mapping[str, float] | None,
     thresholds: QualityThresholds = DEFAULT_QUALITY,
@@ -216,7 +223,7 @@ def quality_verdict(
     cause, region = _region_verdict(quality, thresholds, small_image)
     if cause != "thick" or evidence is None or not evidence.lacking:
         return region
-    return f"{NOT_A_SMEAR} (or one too thick to count): {evidence.in_words()}; {region}"
+    return evidence.maybe_no_smear("too thick to count", region)
 
 
 @dataclass(frozen=True)
@@ -251,6 +258,11 @@ class SmearEvidence:
         if not self.identified:
             return "no cell identified"
         return f"{self.identified} of {self.objects} objects identified as nucleated cells"
+
+    def maybe_no_smear(self, otherwise: str, reason: str) -> str:
+        """``reason`` renamed as possibly no smear, this evidence given: ``not a stained
+        smear (or one {otherwise}): {evidence}; {reason}``."""
+        return f"{NOT_A_SMEAR} (or one {otherwise}): {self.in_words()}; {reason}"
 
 
 def _region_verdict(
@@ -394,7 +406,7 @@ def magnification_verdict(
     )
     if source in STATED_SOURCES or evidence is None or not evidence.lacking:
         return coarse
-    return f"{NOT_A_SMEAR} (or one at too low a magnification): {evidence.in_words()}; {coarse}"
+    return evidence.maybe_no_smear("at too low a magnification", coarse)
 
 
 def red_cells_verdict(
@@ -448,7 +460,7 @@ def spacing_verdict(
         return reason
     if not evidence.lacking:
         return reason
-    return f"{NOT_A_SMEAR} (or one at another magnification): {evidence.in_words()}; {reason}"
+    return evidence.maybe_no_smear("at another magnification", reason)
 
 
 def _cell_size_reason(
