@@ -251,22 +251,26 @@ def build_report(
     their numbers are summed from ``images``, ``unidentified_below`` and
     ``min_familiarity`` are recorded as the rules used.
 
-    When the differential fits none of ALL, AML and CML
-    (``differential.leukemia_pattern``), no leukaemia is named: the diagnosis model's
-    answer is kept in ``model_probabilities`` only, and ``diagnosis_error`` says why.
+    When the differential fits none of ALL, AML and CML, or the cells found and not counted
+    could change the pattern it fits (``differential.leukemia_pattern``), no leukaemia is
+    named: the diagnosis model's answer is kept in ``model_probabilities`` only, and
+    ``diagnosis_error`` says why.
     """
     total = int(counts.sum())
-    pattern = differential.leukemia_pattern(
-        {c: int(counts[i]) for i, c in enumerate(taxonomy.CLASSES)}
-    )
-    model_probabilities = dict(probs or {})
-    if probs and pattern.fits_none:
-        probs, diagnosis_error = None, f"no leukaemia named: {pattern.reason}"
-    diagnosis = max(probs, key=probs.__getitem__) if probs else None
     fields_used = len(images) + len(failed_images) if fields_used is None else fields_used
     # fields the quality gate excluded count 0 cells: listed apart, not among the images
     excluded = {im.file: im.excluded for im in images if im.excluded is not None}
     images = [im for im in images if im.excluded is None]
+    n_unidentified = sum(image.n_unidentified for image in images)
+    n_unfamiliar = sum(image.n_unfamiliar for image in images)
+    pattern = differential.leukemia_pattern(
+        {c: int(counts[i]) for i, c in enumerate(taxonomy.CLASSES)},
+        uncounted=n_unidentified + n_unfamiliar,
+    )
+    model_probabilities = dict(probs or {})
+    if probs and pattern.withholds_diagnosis:
+        probs, diagnosis_error = None, f"no leukaemia named: {pattern.reason}"
+    diagnosis = max(probs, key=probs.__getitem__) if probs else None
     report = PatientReport(
         patient_id=patient_id,
         n_images=len(images),
@@ -285,9 +289,9 @@ def build_report(
         target_cells=target_cells,
         fields_used=fields_used,
         fields_skipped=fields_skipped,
-        n_unidentified=sum(image.n_unidentified for image in images),
+        n_unidentified=n_unidentified,
         unidentified_below=unidentified_below,
-        n_unfamiliar=sum(image.n_unfamiliar for image in images),
+        n_unfamiliar=n_unfamiliar,
         min_familiarity=min_familiarity,
         leukemia_pattern=pattern.pattern if total else None,
         model_probabilities=model_probabilities,

@@ -299,8 +299,8 @@ def format_table(reports: Sequence[PatientReport]) -> str:
             images += f" (+{len(r.excluded_images)} excluded)"
         top = ", ".join(f"{c} {_percent(f)}" for c, f in r.top_classes(TABLE_TOP_CLASSES)) or "-"
         diagnosis = r.diagnosis or f"none: {r.diagnosis_error}"
-        if r.diagnosis_withheld:
-            diagnosis = "none: no leukaemia pattern"
+        if r.withheld_because is not None:
+            diagnosis = f"none: {r.withheld_because}"
         p = "-" if r.probability is None else f"{r.probability:.2f}"
         blast, me, flags = format_blast(r), format_me_ratio(r), format_flags(r)
         unfamiliar = str(r.n_unfamiliar)

@@ -23,6 +23,7 @@ from pathlib import Path
 
 from marrowdx import taxonomy
 from marrowdx.client.report import Cell, ImageResult, PatientReport
+from marrowdx.differential import NO_PATTERN, WITHHOLDING_PATTERNS
 
 #: Longest side of a field thumbnail in the page (px); the boxes are drawn in SVG on top.
 FIELD_THUMB_SIDE = 512
@@ -216,13 +217,19 @@ def _reasons(data: Mapping[str, object]) -> str:
 def _withheld(data: Mapping[str, object]) -> str:
     """When no leukaemia was named: what the diagnosis model would have chosen, as such."""
     model: Mapping = data.get("model_probabilities") or {}  # type: ignore[assignment]
-    if data.get("leukemia_pattern") != "none" or data["diagnosis"] or not model:
+    pattern = data.get("leukemia_pattern")
+    if pattern not in WITHHOLDING_PATTERNS or data["diagnosis"] or not model:
         return ""
     guess = max(model, key=model.__getitem__)
+    why = (
+        f"the differential fits none of {', '.join(model)}"
+        if pattern == NO_PATTERN
+        else "the cells found and not counted could change the pattern the counted cells fit"
+    )
     return (
-        '<p class="withheld">No leukaemia named: the differential fits none of '
-        f"{_esc(', '.join(model))}. Forced to choose among them, the diagnosis model would "
-        f"say {_esc(guess)} (p = {_num(model[guess])}).</p>"
+        f'<p class="withheld">No leukaemia named: {_esc(why)}. Forced to choose among '
+        f"{_esc(', '.join(model))}, the diagnosis model would say {_esc(guess)} "
+        f"(p = {_num(model[guess])}).</p>"
     )
 
 

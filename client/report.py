@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from marrowdx import taxonomy
-from marrowdx.differential import NO_PATTERN, Differential, differential
+from marrowdx.differential import WITHHELD_IN_WORDS, Differential, differential
 
 #: Decimals kept in the written files: sub-pixel boxes and 4-digit scores are plenty,
 #: and rounding keeps the JSON readable and diffable.
@@ -159,9 +159,10 @@ class PatientReport:
 
     ``leukemia_pattern`` is what the differential fits by counting rules
     (``marrowdx.differential.leukemia_pattern``). When it fits none of ALL, AML and CML
-    (``"none"``), no leukaemia is named: ``diagnosis`` is None, ``probabilities`` empty and
-    ``diagnosis_error`` says why, while ``model_probabilities`` keep what the diagnosis
-    model answered among the three (for the reviewer; it always answers one of them).
+    (``"none"``), or the cells found and not counted could change the pattern the counted ones
+    fit (``"unsettled"``), no leukaemia is named: ``diagnosis`` is None, ``probabilities``
+    empty and ``diagnosis_error`` says why, while ``model_probabilities`` keep what the
+    diagnosis model answered among the three (for the reviewer; it always answers one).
     """
 
     patient_id: str
@@ -194,8 +195,17 @@ class PatientReport:
 
     @property
     def diagnosis_withheld(self) -> bool:
-        """No leukaemia named because the differential fits none (a result, not a failure)."""
-        return self.leukemia_pattern == NO_PATTERN and self.diagnosis is None
+        """No leukaemia named because the differential fits none, or because the cells not
+        counted could change the pattern it fits (a result, not a failure)."""
+        return self.withheld_because is not None
+
+    @property
+    def withheld_because(self) -> str | None:
+        """Why no leukaemia was named, in a few words (the CLI table), or None if one was or
+        the diagnosis failed."""
+        if self.diagnosis is not None or self.leukemia_pattern is None:
+            return None
+        return WITHHELD_IN_WORDS.get(self.leukemia_pattern)
 
     @property
     def target_reached(self) -> bool:

@@ -15,7 +15,7 @@ import argparse
 from dataclasses import dataclass
 
 from marrowdx.client.report import PatientReport, ReviewReason
-from marrowdx.differential import INDETERMINATE, NO_PATTERN, leukemia_pattern
+from marrowdx.differential import INDETERMINATE, NO_PATTERN, UNSETTLED, leukemia_pattern
 from marrowdx.errors import InputError
 
 #: Reason codes (stable: programs filter on them; messages may change).
@@ -27,9 +27,11 @@ FAILED_FIELDS = "too_many_failed_fields"
 UNIDENTIFIED = "many_unidentified_cells"
 UNFAMILIAR = "unfamiliar_cells"
 NO_LEUKEMIA_PATTERN = "no_leukemia_pattern"
+UNSETTLED_PATTERN = "unsettled_leukemia_pattern"
 REASON_CODES = (
     NO_DIAGNOSIS,
     NO_LEUKEMIA_PATTERN,
+    UNSETTLED_PATTERN,
     LOW_PROBABILITY,
     BLAST_STRADDLES,
     FEW_CELLS,
@@ -46,8 +48,9 @@ class ReviewThresholds:
     fields the count covered, above this refers. ``max_unidentified_fraction``: unidentified
     cells over nucleated plus unidentified, above this refers. ``max_unfamiliar_fraction``:
     unfamiliar cells over nucleated plus unidentified plus unfamiliar, above this refers. A
-    blast interval straddling the threshold, a count short of its target and a differential
-    that fits none of ALL, AML and CML always refer."""
+    blast interval straddling the threshold, a count short of its target, a differential
+    that fits none of ALL, AML and CML and one whose pattern the uncounted cells could change
+    always refer."""
 
     min_diagnosis_probability: float = 0.90
     max_failed_fraction: float = 0.10
@@ -134,10 +137,14 @@ def review_reasons(
     if report.diagnosis is None and not report.diagnosis_withheld:
         why = report.diagnosis_error or "no diagnosis"
         reasons.append(ReviewReason(NO_DIAGNOSIS, f"no diagnosis: {why}"))
-    if report.leukemia_pattern == NO_PATTERN:
-        # the differential fits none of the three diagnoses the model knows
-        why = leukemia_pattern(report.counts, d).reason
-        reasons.append(ReviewReason(NO_LEUKEMIA_PATTERN, f"no leukaemia pattern: {why}"))
+    if report.leukemia_pattern in (NO_PATTERN, UNSETTLED):
+        # the differential fits none of the three diagnoses the model knows, or the cells
+        # not counted could change the one it fits
+        why = leukemia_pattern(report.counts, d, uncounted=d.unidentified + d.unfamiliar).reason
+        if report.leukemia_pattern == NO_PATTERN:
+            reasons.append(ReviewReason(NO_LEUKEMIA_PATTERN, f"no leukaemia pattern: {why}"))
+        else:
+            reasons.append(ReviewReason(UNSETTLED_PATTERN, f"leukaemia pattern unsettled: {why}"))
     if report.diagnosis is not None and (
         (p := report.probability or 0.0) < thresholds.min_diagnosis_probability
     ):

@@ -3,13 +3,16 @@ leukaemia is named with confidence; simulated leukaemia differentials keep their
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 
 from marrowdx import differential, taxonomy
 from marrowdx.client import aggregate, html_report
 from marrowdx.client.cli import format_table
-from marrowdx.client.review import NO_DIAGNOSIS, NO_LEUKEMIA_PATTERN
+from marrowdx.client.report import Cell, ImageResult
+from marrowdx.client.review import NO_DIAGNOSIS, NO_LEUKEMIA_PATTERN, UNSETTLED_PATTERN
 from marrowdx.simulate.cohort import draw_fractions
 
 
@@ -87,3 +90,79 @@ def test_simulated_leukaemia_differentials_fit_their_pattern(diagnosis) -> None:
         patterns.append(differential.leukemia_pattern(_as_dict(counts)).pattern)
     assert differential.NO_PATTERN not in patterns
     assert patterns.count(want) >= 0.98 * len(patterns)  # the rest: blasts straddling 20%
+
+
+def _with_uncounted(counts: np.ndarray, unidentified: int, unfamiliar: int = 0) -> ImageResult:
+    """One counted field holding ``counts`` plus cells found and not counted."""
+    cell = Cell(box=(0.0, 0.0, 10.0, 10.0), label="promyelocyte", score=0.9, attributes={})
+    cells = (replace(cell, unidentified=True, probability=0.4),) * unidentified + (
+        replace(cell, unfamiliar=True, familiarity=-0.5),
+    ) * unfamiliar
+    return ImageResult(file="f.jpg", cells=cells, counts=_as_dict(counts), size=(64, 64))
+
+
+#: Blasts 37.5% of the 80 cells counted (95% interval 27.7-48.5%: acute), in a marrow of cells
+#: the models never learned: as many more found and not counted.
+ACUTE_BY_FEW = _counts(myelocytic_blast=30, promyelocyte=15, segmented_neutrophil=15, lymphocyte=20)
+FORCED_AML = {"ALL": 0.001, "AML": 0.998, "CML": 0.001}
+
+
+def test_an_acute_pattern_the_uncounted_cells_could_undo_names_no_leukaemia() -> None:
+    image = _with_uncounted(ACUTE_BY_FEW, unidentified=72, unfamiliar=8)
+    report = aggregate.build_report("R", [image], {}, ACUTE_BY_FEW, FORCED_AML, None)
+    assert report.leukemia_pattern == differential.UNSETTLED
+    # never a leukaemia with p >= 0.9 resting on cells it could not read
+    assert report.diagnosis is None and report.probabilities == {}
+    assert report.model_probabilities["AML"] == pytest.approx(0.998)
+    assert report.diagnosis_withheld and report.complete
+    codes = [r.code for r in report.review_reasons]
+    assert UNSETTLED_PATTERN in codes and NO_DIAGNOSIS not in codes
+    message = next(r.message for r in report.review_reasons if r.code == UNSETTLED_PATTERN)
+    assert "acute by the 80 cells counted" in message and "blasts 18.8-68.8%" in message
+    assert "rests on cells not counted" in format_table([report])
+    assert "could change the pattern" in html_report.render_html([report], {})
+    # the same counted cells with a few uncounted ones keep their pattern and their name
+    few = aggregate.build_report("S", [_with_uncounted(ACUTE_BY_FEW, 2)], {}, ACUTE_BY_FEW,
+                                 FORCED_AML, None)  # fmt: skip
+    assert few.leukemia_pattern == differential.ACUTE and few.diagnosis == "AML"
+
+
+def test_a_chronic_myeloid_pattern_holds_only_if_uncounted_blasts_could_not_reach_20_percent() -> (
+    None
+):
+    cml = _counts(
+        myelocytic_blast=5,
+        neutrophilic_myelocyte=40,
+        segmented_neutrophil=30,
+        segmented_eosinophil=10,
+        lymphocyte=15,
+    )
+    d = differential.differential(_as_dict(cml))
+    assert differential.leukemia_pattern(_as_dict(cml)).pattern == differential.CHRONIC_MYELOID
+    # (5 + 19) / 119 = 20.2% of the cells found could be blasts: undone; 18 leave 19.5%
+    settled, numbers = differential.settled_by_counted(_as_dict(cml), d, "chronic_myeloid", 19)
+    assert not settled and "blasts 4.2-20.2% of the 119 cells found" in numbers
+    assert differential.settled_by_counted(_as_dict(cml), d, "chronic_myeloid", 18)[0]
+    # ... and only if the granulocytic share stays >= 50% with none of them granulocytic
+    # (granulocytic 52 of 100; with 5 uncounted 49.5%, blasts at most 4.8%, eosinophils 6.7%)
+    grans = _counts(neutrophilic_myelocyte=35, segmented_neutrophil=10, segmented_eosinophil=7,
+                    lymphocyte=48)  # fmt: skip
+    assert differential.leukemia_pattern(_as_dict(grans)).pattern == differential.CHRONIC_MYELOID
+    assert differential.leukemia_pattern(_as_dict(grans), uncounted=5).pattern == (
+        differential.UNSETTLED
+    )
+
+
+def test_a_straddling_blast_count_is_named_unless_the_uncounted_cells_could_decide_it() -> None:
+    # 16 of 59 (27%, interval 17.4-39.6%): named and referred for the straddle, as before
+    straddling = _counts(myelocytic_blast=16, promyelocyte=11, segmented_neutrophil=12,
+                         lymphocyte=20)  # fmt: skip
+    named = aggregate.build_report("T", [], {}, straddling, FORCED_AML, None)
+    assert named.leukemia_pattern == differential.INDETERMINATE and named.diagnosis == "AML"
+    # 4 uncounted: 16-20 of 63 (25-32%) stay above 20%; 53: 14-62%, they could decide it
+    kept = aggregate.build_report("U", [_with_uncounted(straddling, 4)], {}, straddling,
+                                  FORCED_AML, None)  # fmt: skip
+    assert kept.diagnosis == "AML"
+    image = _with_uncounted(straddling, unidentified=51, unfamiliar=2)
+    withheld = aggregate.build_report("V", [image], {}, straddling, FORCED_AML, None)
+    assert withheld.leukemia_pattern == differential.UNSETTLED and withheld.diagnosis is None
