@@ -15,7 +15,12 @@ import argparse
 from dataclasses import dataclass
 
 from marrowdx.client.report import PatientReport, ReviewReason
-from marrowdx.differential import INDETERMINATE, NO_PATTERN, UNSETTLED, leukemia_pattern
+from marrowdx.differential import (
+    INDETERMINATE,
+    NO_PATTERN,
+    WITHHOLDING_PATTERNS,
+    leukemia_pattern,
+)
 from marrowdx.errors import InputError
 
 #: Reason codes (stable: programs filter on them; messages may change).
@@ -137,7 +142,7 @@ def review_reasons(
     if report.diagnosis is None and not report.diagnosis_withheld:
         why = report.diagnosis_error or "no diagnosis"
         reasons.append(ReviewReason(NO_DIAGNOSIS, f"no diagnosis: {why}"))
-    if report.leukemia_pattern in (NO_PATTERN, UNSETTLED):
+    if report.leukemia_pattern in WITHHOLDING_PATTERNS:
         # the differential fits none of the three diagnoses the model knows, or the cells
         # not counted could change the one it fits
         why = leukemia_pattern(report.counts, d, uncounted=d.unidentified + d.unfamiliar).reason
