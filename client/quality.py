@@ -456,9 +456,7 @@ def spacing_verdict(
     named as possibly no smear: a chart's dots or a pattern's blobs all have one size, a
     smear's white cells are larger than its red cells."""
     reason = _cell_size_reason(boxes, labels, thresholds)
-    if reason is None or source in (None, *STATED_SOURCES) or evidence is None:
-        return reason
-    if not evidence.lacking:
+    if reason is None or source in (None, *STATED_SOURCES) or not (evidence and evidence.lacking):
         return reason
     return evidence.maybe_no_smear("at another magnification", reason)
 

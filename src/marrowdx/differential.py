@@ -283,10 +283,6 @@ class LeukemiaPattern:
     reason: str
 
     @property
-    def fits_none(self) -> bool:
-        return self.pattern == NO_PATTERN
-
-    @property
     def withholds_diagnosis(self) -> bool:
         """No leukaemia may be named under it: it fits none, or it rests on cells not counted."""
         return self.pattern in WITHHOLDING_PATTERNS

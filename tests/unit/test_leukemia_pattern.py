@@ -46,7 +46,10 @@ FORCED_CML = {"ALL": 0.01, "AML": 0.03, "CML": 0.96}
 
 def test_a_myeloma_marrow_is_referred_and_no_leukaemia_is_named() -> None:
     pattern = differential.leukemia_pattern(_as_dict(MYELOMA_AS_SEEN))
-    assert pattern.fits_none and "no chronic-myeloid pattern" in pattern.reason
+    assert (
+        pattern.pattern == differential.NO_PATTERN
+        and "no chronic-myeloid pattern" in pattern.reason
+    )
     report = aggregate.build_report("MM", [], {}, MYELOMA_AS_SEEN, FORCED_CML, None)
     codes = [r.code for r in report.review_reasons]
     assert report.refer_for_review and NO_LEUKEMIA_PATTERN in codes and NO_DIAGNOSIS not in codes
