@@ -262,12 +262,25 @@ WITHHOLDING_PATTERNS = tuple(WITHHELD_IN_WORDS)
 #: marrow is 2-4:1, chronic-phase CML often 10-30:1) because the granulocytic share already
 #: says "expanded": at 4 it missed 0.6% of simulated CML differentials (M:E 2.3-4.0), at 2
 #: none of 3,000. Simulated CML sits well inside (1st percentiles: granulocytic 60%,
-#: eosinophils and basophils 12%); ALL and AML are decided by their blasts.
+#: eosinophils and basophils 12%); ALL and AML are decided by their blasts. The hyperplasia
+#: must be of the neutrophil series (promyelocytes to segmented neutrophils >=
+#: CML_MIN_NEUTROPHIL_SERIES; normal marrow holds 50-65%): the granulocytic series counts
+#: eosinophils too, so a hypereosinophilic marrow (no ALL, AML or CML) had met every bound
+#: on its eosinophils alone. Of 3,000 simulated CML differentials (520 cells) the lowest
+#: 0.1% hold 33% neutrophil series, the median 48%.
 CML_MIN_GRANULOCYTIC = 0.50
+CML_MIN_NEUTROPHIL_SERIES = 0.30
 CML_MIN_ME_RATIO = 2.0
 CML_MIN_BASOPHILS = 0.02
 CML_MIN_EOS_BASO = 0.06
 BASOPHIL_CLASSES: tuple[str, ...] = ("basophil_precursor", "segmented_basophil")
+NEUTROPHIL_SERIES_CLASSES: tuple[str, ...] = (
+    "promyelocyte",
+    "neutrophilic_myelocyte",
+    "neutrophilic_metamyelocyte",
+    "neutrophilic_band",
+    "segmented_neutrophil",
+)
 EOSINOPHIL_CLASSES: tuple[str, ...] = tuple(c for c in taxonomy.CLASSES if "eosinophil" in c)
 
 
@@ -298,17 +311,20 @@ def chronic_myeloid_pattern(
     if not n:
         return False, "no nucleated cell"
     granulocytic = d.lineages["granulocytic"] / n
+    neutrophil_series = sum(int(counts.get(c, 0)) for c in NEUTROPHIL_SERIES_CLASSES) / n
     basophils = sum(int(counts.get(c, 0)) for c in BASOPHIL_CLASSES) / n
     eos_baso = basophils + sum(int(counts.get(c, 0)) for c in EOSINOPHIL_CLASSES) / n
     me_high = d.me_ratio is None or d.me_ratio > CML_MIN_ME_RATIO
     me = "no erythroid cell" if d.me_ratio is None else f"M:E {d.me_ratio:.1f}"
     fits = (
         granulocytic >= CML_MIN_GRANULOCYTIC
+        and neutrophil_series >= CML_MIN_NEUTROPHIL_SERIES
         and me_high
         and (basophils >= CML_MIN_BASOPHILS or eos_baso >= CML_MIN_EOS_BASO)
     )
     numbers = (
-        f"granulocytic {100 * granulocytic:.0f}%, {me}, basophils {100 * basophils:.1f}%, "
+        f"granulocytic {100 * granulocytic:.0f}% (neutrophil series "
+        f"{100 * neutrophil_series:.0f}%), {me}, basophils {100 * basophils:.1f}%, "
         f"eosinophils + basophils {100 * eos_baso:.1f}%"
     )
     return fits, numbers

@@ -83,6 +83,31 @@ def test_the_chronic_myeloid_pattern_keeps_the_diagnosis() -> None:
     assert differential.leukemia_pattern(_as_dict(acute)).pattern == differential.ACUTE
 
 
+def test_a_hypereosinophilic_marrow_is_no_chronic_myeloid_pattern() -> None:
+    """The granulocytic series counts eosinophils: 45% eosinophils over 20% neutrophil series
+    meet the granulocytic, M:E and eosinophil bounds, yet CML's hyperplasia is of the
+    neutrophil series. Moving 10 eosinophils back to neutrophils (30%) restores the pattern."""
+    heo = _counts(
+        myelocytic_blast=3,
+        promyelocyte=4,
+        neutrophilic_myelocyte=8,
+        segmented_neutrophil=8,
+        eosinophilic_myelocyte=15,
+        segmented_eosinophil=30,
+        polychromatic_erythroblast=12,
+        lymphocyte=20,
+    )
+    pattern = differential.leukemia_pattern(_as_dict(heo))
+    assert pattern.pattern == differential.NO_PATTERN
+    assert "neutrophil series 20%" in pattern.reason
+    report = aggregate.build_report("HEO", [], {}, heo, FORCED_CML, None)
+    assert report.diagnosis is None and report.refer_for_review
+    cml = heo.copy()
+    cml[taxonomy.CLASS_INDEX["segmented_eosinophil"]] -= 10
+    cml[taxonomy.CLASS_INDEX["segmented_neutrophil"]] += 10
+    assert differential.leukemia_pattern(_as_dict(cml)).pattern == differential.CHRONIC_MYELOID
+
+
 @pytest.mark.parametrize("diagnosis", ["ALL", "AML", "CML"])
 def test_simulated_leukaemia_differentials_fit_their_pattern(diagnosis) -> None:
     rng = np.random.default_rng(7)
