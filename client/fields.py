@@ -7,8 +7,9 @@ the bench send exactly what they did) when it is a JPEG or PNG, the formats the 
 decodes. Any other image (a camera's TIFF or BMP, a WebP, at any size, too) is decoded, resampled,
 mirror-padded or tiled (``slides.tiling.plan_fields``), and each field is encoded as JPEG at
 quality 95 without chroma subsampling. The answers are mapped back to the input image's
-pixels, mirror images in the padding are dropped, and cells seen by two overlapping tiles
-are counted once by the slides' own merge (``marrowdx.slides.merge``).
+pixels, mirror images in the padding are dropped (a cell the detector found only in its
+mirror images is counted once, from the best of them), and cells seen by two overlapping
+tiles are counted once by the slides' own merge (``marrowdx.slides.merge``).
 
 Pillow, scipy and the estimator load on first use, so importing the client stays thin.
 """
@@ -341,7 +342,9 @@ def merge_image(
     quality: QualityThresholds = DEFAULT_QUALITY,
 ) -> ImageResult:
     """One image's result from its fields' results: boxes in input pixels, mirror images in
-    the padding dropped (``MIN_INSIDE_SHARE``), cells in tile overlaps counted once
+    the padding dropped (``MIN_INSIDE_SHARE``) unless no detection on the image shows their
+    cell (then the best of them counts it once, its box folded back onto the image:
+    ``slides.merge.unseen_mirror_images``), cells in tile overlaps counted once
     (``slides.merge``, which also drops any cell centred outside the image).
 
     The counts are the kept cells' labels (unidentified cells listed, not counted, as for
@@ -362,14 +365,22 @@ def merge_image(
     height, width = prepared.size
     cells: list[Cell] = []
     field_ids: list[int] = []
+    mirror_images: list[Cell] = []
+    copies: list[int] = []
     for f, (plan, result) in enumerate(zip(prepared.plans, results, strict=True)):
-        boxes = plan.to_input(np.array([c.box for c in result.cells]).reshape(-1, 4))
+        field_boxes = np.array([c.box for c in result.cells]).reshape(-1, 4)
+        boxes = plan.to_input(field_boxes)
         inside = np.clip(boxes, 0, [width, height, width, height])
         share = _area(inside) / np.maximum(_area(boxes), 1e-9)
-        for cell, box, keep in zip(result.cells, inside, share >= MIN_INSIDE_SHARE, strict=True):
-            if keep:
-                cells.append(replace(cell, box=tuple(float(v) for v in box)))
+        folded, mirrored = plan.fold_into_image(field_boxes)
+        n_copies = plan.mirror_copies(folded)
+        for i, cell in enumerate(result.cells):
+            if share[i] >= MIN_INSIDE_SHARE:
+                cells.append(replace(cell, box=tuple(float(v) for v in inside[i])))
                 field_ids.append(f)
+            elif mirrored[i]:
+                mirror_images.append(replace(cell, box=tuple(float(v) for v in folded[i])))
+                copies.append(int(n_copies[i]))
     merged = merge_fields(
         np.array([c.box for c in cells], dtype=np.float64).reshape(-1, 4),
         np.array([c.score for c in cells], dtype=np.float64),
@@ -377,9 +388,12 @@ def merge_image(
         np.array([p.input_box for p in prepared.plans], dtype=np.float64),
         (0.0, 0.0, float(width), float(height)),
     )
+    # the image's own detections: what the checks of what the image is read
     kept = tuple(cells[i] for i in merged.kept)
+    mirrored_only = _seen_only_mirrored(kept, mirror_images, copies)
+    found = kept + mirrored_only
     counts = {c: 0 for c in taxonomy.CLASSES}
-    for cell in kept:
+    for cell in found:
         if cell.counted:
             counts[cell.label] += 1
     measures = _median_quality(results)
@@ -387,8 +401,10 @@ def merge_image(
     if _small(prepared):
         excluded = quality_verdict(measures, quality, small_image=True, evidence=evidence)
         if excluded is None and smear_measured(measures):
+            # a cell seen only in mirror images must at least be recognised to be the crop's
+            n_cells = len(kept) + sum(cell.counted for cell in mirrored_only)
             unfamiliar = sum(cell.unfamiliar for cell in kept)
-            excluded = cells_verdict(len(kept), unfamiliar, measures, quality, small_image=True)
+            excluded = cells_verdict(n_cells, unfamiliar, measures, quality, small_image=True)
     else:
         excluded = quality_verdict(measures, quality, evidence=evidence)
         if excluded is None and all(r.excluded for r in results):
@@ -402,10 +418,30 @@ def merge_image(
     if excluded is not None:
         counts = {c: 0 for c in taxonomy.CLASSES}
     result = ImageResult(
-        file=name, cells=kept, counts=counts, size=(height, width), quality=measures,
+        file=name, cells=found, counts=counts, size=(height, width), quality=measures,
         excluded=excluded,
     )  # fmt: skip
     return with_spacing(_without_smear_evidence(result, evidence, spacing, quality), spacing)
+
+
+def _seen_only_mirrored(
+    kept: Sequence[Cell], mirror_images: Sequence[Cell], copies: Sequence[int]
+) -> tuple[Cell, ...]:
+    """The cells the detector found only in their mirror images (boxes folded onto the
+    image), one each (``slides.merge.unseen_mirror_images``). They are listed and counted
+    like any cell; the checks of whether the image is a smear at the given spacing read
+    only ``kept`` (and a crop's "no cell found" only the ones the classifier recognises): a
+    picture that is no smear, repeated a hundred times in the padding, would otherwise lend
+    its chance blobs the weight of cells."""
+    from marrowdx.slides.merge import unseen_mirror_images
+
+    unseen = unseen_mirror_images(
+        np.array([c.box for c in kept], dtype=np.float64),
+        np.array([c.box for c in mirror_images], dtype=np.float64),
+        np.array([c.score for c in mirror_images], dtype=np.float64),
+        np.array(copies, dtype=np.int64),
+    )
+    return tuple(mirror_images[i] for i in unseen)
 
 
 def _without_smear_evidence(

@@ -421,6 +421,54 @@ def test_a_crop_at_a_known_spacing_is_judged_by_its_own_cells_not_as_too_thick()
     assert sum(empty.counts.values()) == 0
 
 
+class MissesTheOriginal(ThickTransport):
+    """ThickTransport (a crop's field measures) whose detector misses the cell at the
+    field's centre (the crop itself, centred in its padded field) and, with ``keep`` set,
+    all but that many of its copies."""
+
+    def __init__(self, keep: int | None = None) -> None:
+        super().__init__()
+        self.keep = keep
+
+    async def infer_image(self, data: bytes) -> dict[str, np.ndarray]:
+        out = await super().infer_image(data)
+        n = int(out[T.num_detections][0])
+        boxes = out[T.boxes][:n]
+        centre = config.INPUT_SIZE / 2
+        distance = np.abs((boxes[:, 0] + boxes[:, 2]) / 2 - centre) + np.abs(
+            (boxes[:, 1] + boxes[:, 3]) / 2 - centre
+        )
+        rows = np.argsort(distance)[1:]  # the original is the nearest to the centre
+        if self.keep is not None:
+            rows = rows[-self.keep :]  # the farthest copies only
+        for name in (T.boxes, T.scores, T.class_probs):
+            kept = out[name][rows]
+            out[name][:] = 0
+            out[name][: len(rows)] = kept
+        out[T.num_detections][:] = len(rows)
+        return out
+
+
+def _crop_through(transport: FakeTransport) -> SpacedImageResult:
+    client = AsyncMarrowClient(transport=transport)  # type: ignore[arg-type]
+    crop = picture((250, 250), [(100, 110, 50)])
+    return asyncio.run(client.analyse_image(crop, "crop", um_per_pixel=0.1))  # type: ignore[arg-type]
+
+
+def test_a_cell_the_detector_found_only_in_its_mirror_images_counts_once_where_it_is() -> None:
+    """A crop is mirrored about a hundred times around itself in its field; a cell found in
+    those copies and not in the crop is counted once, its box on the crop; one found in a
+    single copy of the hundred is chance, and the crop then has no cell (excluded)."""
+    seen = _crop_through(ThickTransport())
+    missed = _crop_through(MissesTheOriginal())
+    assert seen.counts["lymphocyte"] == missed.counts["lymphocyte"] == 1 and not missed.excluded
+    (cell,) = missed.cells
+    np.testing.assert_allclose(cell.box, seen.cells[0].box, atol=2.0)
+    np.testing.assert_allclose(cell.box, (100, 110, 150, 160), atol=3.0)
+    chance = _crop_through(MissesTheOriginal(keep=1))
+    assert sum(chance.counts.values()) == 0 and "but no cell found" in (chance.excluded or "")
+
+
 def test_an_image_coarser_than_the_models_can_read_is_excluded_not_counted() -> None:
     """Given or estimated, a spacing beyond ``max_um_per_pixel`` excludes the image with the
     magnification in its reason; its cells stay listed; the gate off counts them."""

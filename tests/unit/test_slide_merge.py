@@ -8,7 +8,12 @@ import numpy as np
 import pytest
 
 from marrowdx.slides.base import Field, Roi
-from marrowdx.slides.merge import merge_fields, seam_margins
+from marrowdx.slides.merge import (
+    MIN_MIRROR_SUPPORT,
+    merge_fields,
+    seam_margins,
+    unseen_mirror_images,
+)
 
 ROI = (1000.0, 2000.0, 1000.0 + 1800.0, 2000.0 + 1500.0)
 CELL = 60.0  # base pixels, a cell's diameter (about what a 10 um cell spans at 0.17 um/px)
@@ -246,3 +251,34 @@ def test_two_loose_boxes_of_one_cell_are_one_and_touching_cells_stay_two() -> No
         np.array([left, right]), np.array([0.9, 0.9]), np.array([0, 1]), fields, roi
     )
     assert len(merged.kept) == 2
+
+
+# ------------------------------------------------------------ cells seen only in mirror images
+def test_a_cell_seen_only_in_its_mirror_images_counts_once_from_its_best_copy() -> None:
+    cell = np.array([40.0, 40.0, 60.0, 60.0])
+    copies = np.stack([cell + d for d in (0.0, 1.0, -1.0, 0.5)])  # four detected copies
+    chosen = unseen_mirror_images(np.zeros((0, 4)), copies, np.array([0.5, 0.9, 0.6, 0.4]), [8] * 4)
+    assert chosen.tolist() == [1]  # one cell, its highest-scoring copy
+
+
+def test_a_mirror_image_over_a_found_cell_is_that_cell() -> None:
+    """A copy of a found cell, or a box a quarter over it (a second peak of a large cell
+    that the detector's own rules dropped on the image but not on a copy), adds nothing."""
+    found = np.array([[100.0, 100.0, 200.0, 200.0]])
+    copy = np.array([[102.0, 99.0, 201.0, 203.0]])
+    strip = np.array([[110.0, 70.0, 190.0, 110.0]])  # 10 of its 40 rows over the cell
+    apart = np.array([[300.0, 300.0, 340.0, 340.0]])
+    for box in (copy, strip):
+        assert unseen_mirror_images(found, box, np.array([0.9]), [1]).size == 0
+    assert unseen_mirror_images(found, apart, np.array([0.9]), [1]).tolist() == [0]
+
+
+def test_a_faint_object_found_in_few_of_its_copies_is_not_counted() -> None:
+    """Passing the detector's threshold in 1 of 100 copies is chance; in 10 of them, not."""
+    box = np.array([10.0, 10.0, 20.0, 20.0])
+    assert unseen_mirror_images(np.zeros((0, 4)), box[None], np.array([0.4]), [100]).size == 0
+    n = int(np.ceil(MIN_MIRROR_SUPPORT * 100))
+    seen = np.repeat(box[None], n, axis=0)
+    assert unseen_mirror_images(np.zeros((0, 4)), seen, np.full(n, 0.4), [100] * n).size == 1
+    with pytest.raises(ValueError, match="copy counts"):
+        unseen_mirror_images(np.zeros((0, 4)), seen, np.full(n, 0.4), [100])

@@ -10,6 +10,7 @@ import io
 import numpy as np
 import pytest
 from PIL import Image
+from scipy import ndimage as ndi
 
 from marrowdx import config, spacing
 from marrowdx.encoding import encode
@@ -263,3 +264,37 @@ def test_evaluate_at_another_spacing_scores_the_fields_the_client_sends(tmp_path
     assert (left + 90, top + 30, left + 120, top + 60) in boxes  # the cell, at 0.3x
     assert len(boxes) > 1  # and its mirror images around the image
     assert spaced_cohort(tmp_path, 0.075, tmp_path / "spaced") == out  # written once
+
+
+@pytest.mark.parametrize(("width", "height"), [(100, 60), (256, 192), (1600, 300)])
+def test_mirror_images_fold_back_onto_the_cell_they_show(width, height) -> None:
+    """Every whole copy of an object in a padded field folds onto the object (input
+    pixels); the object itself and a piece cut by the image's border are no mirror images;
+    ``mirror_copies`` counts the copies ``fold_into_image`` takes."""
+    image = np.zeros((height, width, 1), np.uint8)
+    image[10:20, 30:45] = 1  # whole, inside the image
+    image[:, width - 3 :] = 2  # cut by the right-hand border
+    scale = 0.4
+    for plan in tiling.plan_fields(round(width / scale), round(height / scale), 0.1):
+        if not any(any(p) for p in plan.pad):
+            continue
+        field = plan.render(image)[..., 0]
+        boxes = _object_boxes(field == 1)
+        folded, mirrored = plan.fold_into_image(boxes)
+        on_image = boxes + [plan.x0, plan.y0, plan.x0, plan.y0]
+        inside = (on_image[:, 0] >= 0) & (on_image[:, 2] <= width)
+        inside &= (on_image[:, 1] >= 0) & (on_image[:, 3] <= height)
+        whole = (boxes[:, 2] - boxes[:, 0] == 15) & (boxes[:, 3] - boxes[:, 1] == 10)
+        assert not mirrored[inside].any() and (mirrored == (whole & ~inside)).all()
+        want = np.tile([30.0, 10.0, 45.0, 20.0], (int(mirrored.sum()), 1))
+        np.testing.assert_allclose(folded[mirrored] * scale, want)
+        assert plan.mirror_copies(np.array([[30, 10, 45, 20]]) / scale).tolist() == [
+            int(mirrored.sum())
+        ]
+        assert not plan.fold_into_image(_object_boxes(field == 2))[1].any()
+
+
+def _object_boxes(mask: np.ndarray) -> np.ndarray:
+    labels, _ = ndi.label(mask)
+    found = [[s[1].start, s[0].start, s[1].stop, s[0].stop] for s in ndi.find_objects(labels)]
+    return np.array(found, np.float64).reshape(-1, 4)

@@ -100,6 +100,12 @@ def field_boxes(
 
 
 # ------------------------------------------------------------------ images into model fields
+#: Field pixels (1 µm) a mirror image must keep from the edges of its copy of the image to be
+#: taken for a whole cell (``FieldPlan.fold_into_image``): the detector's box of a cell cut
+#: by the border ends within a few pixels of it.
+MIRROR_EDGE_MARGIN = 4.0
+
+
 @dataclass(frozen=True)
 class FieldPlan:
     """One model field of an image: ``x0``, ``y0`` is its top-left corner in the resampled
@@ -141,6 +147,45 @@ class FieldPlan:
         out[..., [0, 2]] = (out[..., [0, 2]] + self.x0) / self.scale
         out[..., [1, 3]] = (out[..., [1, 3]] + self.y0) / self.scale
         return out
+
+    def fold_into_image(self, boxes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Field boxes lying wholly in the mirror padding, mapped back onto what they are an
+        image of: (input-image boxes [N, 4], mask [N] of the boxes that are such mirror
+        images). The inverse of :meth:`shown`: the padding repeats the image reflected
+        about its edges (period twice its side), so a box inside one copy folds onto the
+        image. Not mirror images: a box on the image itself, and one across or within
+        ``MIRROR_EDGE_MARGIN`` of an edge between copies or of the field's edge (a cell cut
+        by the image's border, alone or joined to its own reflection, or by the field's, is
+        no whole cell)."""
+        boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+        folded = np.empty_like(boxes)
+        mirror = np.zeros(len(boxes), dtype=bool)
+        whole = np.ones(len(boxes), dtype=bool)
+        margin = MIRROR_EDGE_MARGIN
+        for lo_col, start, length, side in (
+            (0, self.x0, self.image_size[0], self.size[0]),
+            (1, self.y0, self.image_size[1], self.size[1]),
+        ):
+            # a copy cut by the field's own edge is no whole cell either
+            whole &= (boxes[:, lo_col] >= margin) & (boxes[:, lo_col + 2] <= side - margin)
+            lo, hi = boxes[:, lo_col] + start, boxes[:, lo_col + 2] + start
+            copy = np.floor((lo + hi) / 2 / length)
+            whole &= (lo >= copy * length + margin) & (hi <= (copy + 1) * length - margin)
+            # odd copies are reflections about their far edge, even ones translations
+            reflected = copy % 2 == 1
+            edge, start_of_copy = (copy + 1) * length, copy * length
+            folded[:, lo_col] = np.where(reflected, edge - hi, lo - start_of_copy)
+            folded[:, lo_col + 2] = np.where(reflected, edge - lo, hi - start_of_copy)
+            mirror |= copy != 0
+        return folded / self.scale, mirror & whole
+
+    def mirror_copies(self, boxes: np.ndarray) -> np.ndarray:
+        """How many mirror images of each input-image box [N, 4] lie wholly in this field's
+        padding, as :meth:`fold_into_image` would take them (the image itself not counted)."""
+        boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+        index, field_boxes = self.shown(boxes, min_visible=1.0)
+        mirrored = self.fold_into_image(field_boxes)[1]
+        return np.bincount(index[mirrored], minlength=len(boxes))
 
     def shown(self, boxes: np.ndarray, min_visible: float = 0.5) -> tuple[np.ndarray, np.ndarray]:
         """Where input-image boxes appear in this field, mirror images in the padding
