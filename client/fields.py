@@ -373,14 +373,15 @@ def merge_image(
         inside = np.clip(boxes, 0, [width, height, width, height])
         share = _area(inside) / np.maximum(_area(boxes), 1e-9)
         folded, mirrored = plan.fold_into_image(field_boxes)
-        n_copies = plan.mirror_copies(folded)
+        # copies counted only for the mirror images (none lies on the image): a padded
+        # crop's are about a hundred
+        copies += plan.mirror_copies(folded[mirrored]).tolist()
         for i, cell in enumerate(result.cells):
             if share[i] >= MIN_INSIDE_SHARE:
                 cells.append(replace(cell, box=tuple(float(v) for v in inside[i])))
                 field_ids.append(f)
             elif mirrored[i]:
                 mirror_images.append(replace(cell, box=tuple(float(v) for v in folded[i])))
-                copies.append(int(n_copies[i]))
     merged = merge_fields(
         np.array([c.box for c in cells], dtype=np.float64).reshape(-1, 4),
         np.array([c.score for c in cells], dtype=np.float64),
