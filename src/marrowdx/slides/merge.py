@@ -269,8 +269,8 @@ def _same_cell(
 #: Share of a cell's mirror images (wholly in the padding) the detector must find for the
 #: cell to count when the image itself showed no detection of it, and the share of a mirror
 #: image's box (or of the found cell's, the smaller) over a found cell beyond which it is
-#: that cell. On the held-out real sets: marrow crops without their centre cell 6.3% ->
-#: 4.1%, blood fields' right white-cell count 94.4% -> 95% (README "Real cells").
+#: that cell. On the held-out real marrow crops, those without their centre cell 6.3% ->
+#: 4.9%; the blood fields unchanged (README "Real cells").
 MIN_MIRROR_SUPPORT = 0.1
 MAX_MIRROR_OVERLAP = 0.25
 
