@@ -23,7 +23,7 @@ from pathlib import Path
 
 from marrowdx import taxonomy
 from marrowdx.client.report import Cell, ImageResult, PatientReport
-from marrowdx.differential import NO_PATTERN, WITHHOLDING_PATTERNS
+from marrowdx.differential import NO_PATTERN, TOO_FEW_CELLS, UNSETTLED, WITHHOLDING_PATTERNS
 
 #: Longest side of a field thumbnail in the page (px); the boxes are drawn in SVG on top.
 FIELD_THUMB_SIDE = 512
@@ -221,11 +221,11 @@ def _withheld(data: Mapping[str, object]) -> str:
     if pattern not in WITHHOLDING_PATTERNS or data["diagnosis"] or not model:
         return ""
     guess = max(model, key=model.__getitem__)
-    why = (
-        f"the differential fits none of {', '.join(model)}"
-        if pattern == NO_PATTERN
-        else "the cells found and not counted could change the pattern the counted cells fit"
-    )
+    why = {
+        NO_PATTERN: f"the differential fits none of {', '.join(model)}",
+        UNSETTLED: "the cells found and not counted could change the pattern the counted cells fit",
+        TOO_FEW_CELLS: "too few cells were counted to read any pattern",
+    }[pattern]
     return (
         f'<p class="withheld">No leukaemia named: {_esc(why)}. Forced to choose among '
         f"{_esc(', '.join(model))}, the diagnosis model would say {_esc(guess)} "

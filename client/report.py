@@ -159,8 +159,9 @@ class PatientReport:
 
     ``leukemia_pattern`` is what the differential fits by counting rules
     (``marrowdx.differential.leukemia_pattern``). When it fits none of ALL, AML and CML
-    (``"none"``), or the cells found and not counted could change the pattern the counted ones
-    fit (``"unsettled"``), no leukaemia is named: ``diagnosis`` is None, ``probabilities``
+    (``"none"``), the cells found and not counted could change the pattern the counted ones
+    fit (``"unsettled"``), or too few cells were counted to read one (``"too_few_cells"``), no
+    leukaemia is named: ``diagnosis`` is None, ``probabilities``
     empty and ``diagnosis_error`` says why, while ``model_probabilities`` keep what the
     diagnosis model answered among the three (for the reviewer; it always answers one).
     """
@@ -195,15 +196,18 @@ class PatientReport:
 
     @property
     def diagnosis_withheld(self) -> bool:
-        """No leukaemia named because the differential fits none, or because the cells not
-        counted could change the pattern it fits (a result, not a failure)."""
+        """No leukaemia named because the differential fits none, because the cells not
+        counted could change the pattern it fits, or because too few cells were counted to
+        read one (a result, not a failure)."""
         return self.withheld_because is not None
 
     @property
     def withheld_because(self) -> str | None:
         """Why no leukaemia was named, in a few words (the CLI table), or None if one was or
-        the diagnosis failed."""
+        the diagnosis failed (the model did not answer: a failure, whatever the pattern)."""
         if self.diagnosis is not None or self.leukemia_pattern is None:
+            return None
+        if not self.model_probabilities:
             return None
         return WITHHELD_IN_WORDS.get(self.leukemia_pattern)
 

@@ -18,6 +18,8 @@ from marrowdx.client.report import PatientReport, ReviewReason
 from marrowdx.differential import (
     INDETERMINATE,
     NO_PATTERN,
+    TOO_FEW_CELLS,
+    UNSETTLED,
     WITHHOLDING_PATTERNS,
     leukemia_pattern,
 )
@@ -33,10 +35,12 @@ UNIDENTIFIED = "many_unidentified_cells"
 UNFAMILIAR = "unfamiliar_cells"
 NO_LEUKEMIA_PATTERN = "no_leukemia_pattern"
 UNSETTLED_PATTERN = "unsettled_leukemia_pattern"
+TOO_FEW_FOR_PATTERN = "too_few_cells_for_pattern"
 REASON_CODES = (
     NO_DIAGNOSIS,
     NO_LEUKEMIA_PATTERN,
     UNSETTLED_PATTERN,
+    TOO_FEW_FOR_PATTERN,
     LOW_PROBABILITY,
     BLAST_STRADDLES,
     FEW_CELLS,
@@ -44,6 +48,13 @@ REASON_CODES = (
     UNIDENTIFIED,
     UNFAMILIAR,
 )
+
+#: The reason code and the message's opening words of each pattern that withholds a name.
+_PATTERN_REASONS: dict[str, tuple[str, str]] = {
+    NO_PATTERN: (NO_LEUKEMIA_PATTERN, "no leukaemia pattern"),
+    UNSETTLED: (UNSETTLED_PATTERN, "leukaemia pattern unsettled"),
+    TOO_FEW_CELLS: (TOO_FEW_FOR_PATTERN, "too few cells for a leukaemia pattern"),
+}
 
 
 @dataclass(frozen=True)
@@ -54,8 +65,8 @@ class ReviewThresholds:
     cells over nucleated plus unidentified, above this refers. ``max_unfamiliar_fraction``:
     unfamiliar cells over nucleated plus unidentified plus unfamiliar, above this refers. A
     blast interval straddling the threshold, a count short of its target, a differential
-    that fits none of ALL, AML and CML and one whose pattern the uncounted cells could change
-    always refer."""
+    that fits none of ALL, AML and CML, one whose pattern the uncounted cells could change
+    and one of too few cells to read a pattern always refer."""
 
     min_diagnosis_probability: float = 0.90
     max_failed_fraction: float = 0.10
@@ -143,13 +154,11 @@ def review_reasons(
         why = report.diagnosis_error or "no diagnosis"
         reasons.append(ReviewReason(NO_DIAGNOSIS, f"no diagnosis: {why}"))
     if report.leukemia_pattern in WITHHOLDING_PATTERNS:
-        # the differential fits none of the three diagnoses the model knows, or the cells
-        # not counted could change the one it fits
+        # the differential fits none of the three diagnoses the model knows, the cells not
+        # counted could change the one it fits, or too few were counted to read one
         why = leukemia_pattern(report.counts, d, uncounted=d.unidentified + d.unfamiliar).reason
-        if report.leukemia_pattern == NO_PATTERN:
-            reasons.append(ReviewReason(NO_LEUKEMIA_PATTERN, f"no leukaemia pattern: {why}"))
-        else:
-            reasons.append(ReviewReason(UNSETTLED_PATTERN, f"leukaemia pattern unsettled: {why}"))
+        code, words = _PATTERN_REASONS[report.leukemia_pattern]
+        reasons.append(ReviewReason(code, f"{words}: {why}"))
     if report.diagnosis is not None and (
         (p := report.probability or 0.0) < thresholds.min_diagnosis_probability
     ):

@@ -17,6 +17,7 @@ Numpy and the config only: the thin client imports it.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -246,11 +247,17 @@ def differential(
 #: (:func:`settled_by_counted`).
 ACUTE, CHRONIC_MYELOID, NO_PATTERN = "acute", "chronic_myeloid", "none"
 UNSETTLED = "unsettled"
+#: ``TOO_FEW_CELLS``: fewer nucleated cells counted than :func:`min_cells_for_pattern`, with
+#: which not even a count without blasts falls wholly below the blast threshold: the
+#: counting rules could only ever say "acute" (one blast in one cell is "above 20%") or
+#: "indeterminate", so no pattern is read from them.
+TOO_FEW_CELLS = "too_few_cells"
 #: Patterns under which no leukaemia is named (the diagnosis model's answer is kept apart),
 #: with the few words the CLI table and the review page give for each.
 WITHHELD_IN_WORDS = {
     NO_PATTERN: "no leukaemia pattern",
     UNSETTLED: "pattern rests on cells not counted",
+    TOO_FEW_CELLS: "too few cells for a pattern",
 }
 WITHHOLDING_PATTERNS = tuple(WITHHELD_IN_WORDS)
 
@@ -288,8 +295,9 @@ EOSINOPHIL_CLASSES: tuple[str, ...] = tuple(c for c in taxonomy.CLASSES if "eosi
 class LeukemiaPattern:
     """Which of the model's three diagnoses the differential can be, by counting rules.
 
-    ``pattern``: :data:`ACUTE`, :data:`CHRONIC_MYELOID`, :data:`NO_PATTERN` or
-    :data:`INDETERMINATE`; ``reason`` says why with the numbers (for review messages).
+    ``pattern``: :data:`ACUTE`, :data:`CHRONIC_MYELOID`, :data:`NO_PATTERN`,
+    :data:`INDETERMINATE`, :data:`UNSETTLED` or :data:`TOO_FEW_CELLS`; ``reason`` says why
+    with the numbers (for review messages).
     """
 
     pattern: str
@@ -297,8 +305,24 @@ class LeukemiaPattern:
 
     @property
     def withholds_diagnosis(self) -> bool:
-        """No leukaemia may be named under it: it fits none, or it rests on cells not counted."""
+        """No leukaemia may be named under it: it fits none, it rests on cells not counted,
+        or too few cells were counted to read one."""
         return self.pattern in WITHHOLDING_PATTERNS
+
+
+@functools.lru_cache(maxsize=32)
+def min_cells_for_pattern(threshold: float = BLAST_THRESHOLD) -> int:
+    """The fewest nucleated cells with which a count without blasts has its 95% interval
+    wholly below ``threshold`` (16 at 20%). Why this bound: below it the interval of any
+    count reaches the threshold, so the rules can call blasts "above" (one blast of one cell
+    is, by its interval) but never "below", and no differential could fit ``none`` or the
+    chronic-myeloid pattern: the count is too small to tell the patterns apart."""
+    if not 0 < threshold < 1:
+        raise InputError(f"blast threshold must be a fraction in (0, 1), got {threshold}")
+    n = 1
+    while wilson_interval(0, n)[1] >= threshold:
+        n += 1
+    return n
 
 
 def chronic_myeloid_pattern(
@@ -343,11 +367,12 @@ def leukemia_pattern(
     is (``blast_call`` "below"); a straddling interval is :data:`INDETERMINATE`.
     ``uncounted``: cells found but not counted (unidentified or unfamiliar); a pattern they
     could change is :data:`UNSETTLED` (:func:`settled_by_counted`). None (:data:`NO_PATTERN`)
-    stays none: no leukaemia is named under either.
+    stays none, and too few counted cells (:data:`TOO_FEW_CELLS`) stay too few: no
+    leukaemia is named under any of the three.
     """
     d = differential(counts) if d is None else d
     pattern = _counted_pattern(counts, d)
-    if uncounted <= 0 or pattern.pattern == NO_PATTERN:
+    if uncounted <= 0 or pattern.pattern in (NO_PATTERN, TOO_FEW_CELLS):
         return pattern
     settled, numbers = settled_by_counted(counts, d, pattern.pattern, uncounted)
     if settled:
@@ -396,6 +421,14 @@ def _counted_pattern(counts: Mapping[str, int], d: Differential) -> LeukemiaPatt
         return LeukemiaPattern(INDETERMINATE, "no nucleated cell counted")
     low, high = (100 * v for v in d.blast_ci95)
     blasts = f"blasts {100 * (d.blast_fraction or 0):.1f}% (95% CI {low:.1f}-{high:.1f}%)"
+    fewest = min_cells_for_pattern(d.blast_threshold)
+    if d.nucleated_cells < fewest:
+        return LeukemiaPattern(
+            TOO_FEW_CELLS,
+            f"{d.nucleated_cells} nucleated cell{'s' if d.nucleated_cells > 1 else ''} counted"
+            f" ({blasts}), fewer than the {fewest}"
+            f" with which blasts could be wholly below {100 * d.blast_threshold:.0f}%",
+        )
     if d.blast_call == ABOVE:
         return LeukemiaPattern(ACUTE, f"{blasts}, at or above {100 * d.blast_threshold:.0f}%")
     if d.blast_call == INDETERMINATE:

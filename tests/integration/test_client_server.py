@@ -129,8 +129,8 @@ def test_counts_are_the_sum_of_the_ensembles_per_image_counts(triton_server, coh
     assert report.n_cells == total.sum() and report.n_images == len(paths)
     assert report.n_unidentified == n_unidentified
     want = raw_diagnosis(url, total)
-    # the model's answer; named as the diagnosis unless the differential fits no leukaemia
-    # or the cells not counted could change the pattern it fits
+    # the model's answer; named as the diagnosis unless the differential fits no leukaemia,
+    # the cells not counted could change the pattern it fits or too few were counted
     assert [report.model_probabilities[d] for d in taxonomy.DIAGNOSES] == pytest.approx(
         want.tolist(), abs=1e-6
     )
@@ -159,7 +159,8 @@ def test_bad_images_are_reported_with_the_servers_reason(triton_server, cohort, 
     assert report.counts == {c: n for c, n in report.images[0].counts.items()}
     assert not report.complete
     # A diagnosis comes from the good image's cells (none found: no diagnosis, and why; a
-    # differential that fits no leukaemia, or rests on uncounted cells, names none either).
+    # differential that fits no leukaemia, rests on uncounted cells or on too few cells,
+    # names none either).
     answered = report.diagnosis is not None or report.diagnosis_withheld
     assert answered == (report.n_cells > 0), report.diagnosis_error
 

@@ -35,8 +35,10 @@ LETTERBOX_SCALE = 0.5  # the stand-in pretends every image was 1024 px, shrunk t
 
 
 def fake_detections(data: bytes) -> tuple[int, list[int]]:
-    """Deterministic per-image answer derived from the bytes: n cells and their classes."""
-    n = data[-1] % 5 + 1
+    """Deterministic per-image answer derived from the bytes: n cells and their classes
+    (at least 16, so that a patient's count can show a leukaemia pattern and be named:
+    ``differential.min_cells_for_pattern``)."""
+    n = data[-1] % 5 + 16
     return n, [(data[0] + 7 * i) % taxonomy.N_CLASSES for i in range(n)]
 
 

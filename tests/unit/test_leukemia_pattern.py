@@ -12,7 +12,12 @@ from marrowdx import differential, taxonomy
 from marrowdx.client import aggregate, html_report
 from marrowdx.client.cli import format_table
 from marrowdx.client.report import Cell, ImageResult
-from marrowdx.client.review import NO_DIAGNOSIS, NO_LEUKEMIA_PATTERN, UNSETTLED_PATTERN
+from marrowdx.client.review import (
+    NO_DIAGNOSIS,
+    NO_LEUKEMIA_PATTERN,
+    TOO_FEW_FOR_PATTERN,
+    UNSETTLED_PATTERN,
+)
 from marrowdx.simulate.cohort import draw_fractions
 
 
@@ -194,3 +199,41 @@ def test_a_straddling_blast_count_is_named_unless_the_uncounted_cells_could_deci
     image = _with_uncounted(straddling, unidentified=51, unfamiliar=2)
     withheld = aggregate.build_report("V", [image], {}, straddling, FORCED_AML, None)
     assert withheld.leukemia_pattern == differential.UNSETTLED and withheld.diagnosis is None
+
+
+def test_too_few_cells_to_read_a_pattern_name_no_leukaemia() -> None:
+    """Below 16 nucleated cells not even a count without blasts is wholly below 20%: one blast
+    of one cell was "acute" by its interval (20.7-100%), and a picture with one round blob
+    taken for a cell was named AML. No leukaemia is named from so few; 16 cells read as usual."""
+    assert differential.min_cells_for_pattern() == 16
+    assert differential.wilson_interval(0, 16)[1] < differential.BLAST_THRESHOLD
+    assert differential.wilson_interval(0, 15)[1] >= differential.BLAST_THRESHOLD
+    one_blast = _counts(myelocytic_blast=1)
+    assert differential.differential(_as_dict(one_blast)).blast_call == differential.ABOVE
+    pattern = differential.leukemia_pattern(_as_dict(one_blast))
+    assert pattern.pattern == differential.TOO_FEW_CELLS and pattern.withholds_diagnosis
+    assert "1 nucleated cell counted" in pattern.reason and "fewer than the 16" in pattern.reason
+    report = aggregate.build_report("ONE", [], {}, one_blast, FORCED_AML, None)
+    assert report.diagnosis is None and report.probabilities == {}
+    assert report.model_probabilities["AML"] == pytest.approx(0.998)
+    assert report.diagnosis_withheld and report.complete
+    codes = [r.code for r in report.review_reasons]
+    assert TOO_FEW_FOR_PATTERN in codes and NO_DIAGNOSIS not in codes
+    assert "too few cells for a pattern" in format_table([report])
+    assert "too few cells were counted" in html_report.render_html([report], {})
+    # uncounted cells do not rescue it; 16 lymphocytes read as usual (no pattern)
+    assert differential.leukemia_pattern(_as_dict(one_blast), uncounted=40).pattern == (
+        differential.TOO_FEW_CELLS
+    )
+    assert differential.leukemia_pattern(_as_dict(_counts(lymphocyte=15))).pattern == (
+        differential.TOO_FEW_CELLS
+    )
+    assert differential.leukemia_pattern(_as_dict(_counts(lymphocyte=16))).pattern == (
+        differential.NO_PATTERN
+    )
+    # a diagnosis call that failed stays a failure, whatever the pattern
+    failed = aggregate.build_report("F", [], {}, one_blast, None, "diagnosis: INTERNAL")
+    assert failed.diagnosis is None and not failed.diagnosis_withheld and not failed.complete
+    assert NO_DIAGNOSIS in [r.code for r in failed.review_reasons]
+    # the bound follows the threshold a lab sets
+    assert differential.min_cells_for_pattern(0.3) < 16 < differential.min_cells_for_pattern(0.1)
