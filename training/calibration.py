@@ -834,9 +834,14 @@ def calibrate_models(
             f" {100 * familiar.flagged_share:.1f}% of {familiar.n_samples} held-out cells)"
         )
     for name, head in (("classes", classes), ("attributes", attributes), ("diagnosis", diag)):
+        # separable: the fit had no minimum and T stays 1 (calibrate_head); for the class
+        # head that hangs on the few held-out cells it gets wrong (README "What a missing
+        # spacing costs"), so say it
+        separable = " (every held-out sample right: not sharpened, T kept at 1)"
         log(
             f"calibrated {name}: T={head.temperature:.3f}, held-out ECE"
             f" {head.ece_before:.3f} -> {head.ece_after:.3f} ({head.n_samples} samples)"
+            + (separable if head.separable else "")
         )
     cohort = {
         **{k: data.description[k] for k in ("patients", "images", "cells", "ground_truth_sha")},
