@@ -164,6 +164,11 @@ def blast_call(low: float, high: float, threshold: float = BLAST_THRESHOLD) -> s
     return INDETERMINATE
 
 
+def _check_blast_threshold(threshold: float) -> None:
+    if not 0 < threshold < 1:
+        raise InputError(f"blast threshold must be a fraction in (0, 1), got {threshold}")
+
+
 def nucleated_count(counts: Mapping[str, int]) -> int:
     """Cells of one field (or patient) that enter the nucleated differential."""
     return int(sum(counts.get(c, 0) for c in taxonomy.NUCLEATED_CLASSES))
@@ -209,8 +214,7 @@ def differential(
     negative = sorted(c for c, n in counts.items() if n < 0)
     if negative or unidentified < 0 or unfamiliar < 0:
         raise InputError(f"counts must be >= 0 (negative: {negative or ['unidentified']})")
-    if not 0 < threshold < 1:
-        raise InputError(f"blast threshold must be a fraction in (0, 1), got {threshold}")
+    _check_blast_threshold(threshold)
     roles = taxonomy.COUNTING_ROLES
     lineages = dict.fromkeys(taxonomy.LINEAGES, 0)
     myeloid = 0
@@ -317,8 +321,7 @@ def min_cells_for_pattern(threshold: float = BLAST_THRESHOLD) -> int:
     count reaches the threshold, so the rules can call blasts "above" (one blast of one cell
     is, by its interval) but never "below", and no differential could fit ``none`` or the
     chronic-myeloid pattern: the count is too small to tell the patterns apart."""
-    if not 0 < threshold < 1:
-        raise InputError(f"blast threshold must be a fraction in (0, 1), got {threshold}")
+    _check_blast_threshold(threshold)
     n = 1
     while wilson_interval(0, n)[1] >= threshold:
         n += 1
