@@ -23,7 +23,7 @@ from pathlib import Path
 
 from marrowdx import taxonomy
 from marrowdx.client.report import Cell, ImageResult, PatientReport
-from marrowdx.differential import NO_PATTERN, TOO_FEW_CELLS, UNSETTLED, WITHHOLDING_PATTERNS
+from marrowdx.differential import WITHHELD
 
 #: Longest side of a field thumbnail in the page (px); the boxes are drawn in SVG on top.
 FIELD_THUMB_SIDE = 512
@@ -217,15 +217,11 @@ def _reasons(data: Mapping[str, object]) -> str:
 def _withheld(data: Mapping[str, object]) -> str:
     """When no leukaemia was named: what the diagnosis model would have chosen, as such."""
     model: Mapping = data.get("model_probabilities") or {}  # type: ignore[assignment]
-    pattern = data.get("leukemia_pattern")
-    if pattern not in WITHHOLDING_PATTERNS or data["diagnosis"] or not model:
+    withheld = WITHHELD.get(str(data.get("leukemia_pattern")))
+    if withheld is None or data["diagnosis"] or not model:
         return ""
     guess = max(model, key=model.__getitem__)
-    why = {
-        NO_PATTERN: f"the differential fits none of {', '.join(model)}",
-        UNSETTLED: "the cells found and not counted could change the pattern the counted cells fit",
-        TOO_FEW_CELLS: "too few cells were counted to read any pattern",
-    }[pattern]
+    why = withheld.sentence(list(model))
     return (
         f'<p class="withheld">No leukaemia named: {_esc(why)}. Forced to choose among '
         f"{_esc(', '.join(model))}, the diagnosis model would say {_esc(guess)} "

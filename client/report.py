@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from marrowdx import taxonomy
-from marrowdx.differential import WITHHELD_IN_WORDS, Differential, differential
+from marrowdx.differential import WITHHELD, Differential, differential
 
 #: Decimals kept in the written files: sub-pixel boxes and 4-digit scores are plenty,
 #: and rounding keeps the JSON readable and diffable.
@@ -209,7 +209,8 @@ class PatientReport:
             return None
         if not self.model_probabilities:
             return None
-        return WITHHELD_IN_WORDS.get(self.leukemia_pattern)
+        withheld = WITHHELD.get(self.leukemia_pattern)
+        return withheld.in_words if withheld else None
 
     @property
     def target_reached(self) -> bool:

@@ -20,7 +20,7 @@ from marrowdx.differential import (
     NO_PATTERN,
     TOO_FEW_CELLS,
     UNSETTLED,
-    WITHHOLDING_PATTERNS,
+    WITHHELD,
     leukemia_pattern,
 )
 from marrowdx.errors import InputError
@@ -49,11 +49,11 @@ REASON_CODES = (
     UNFAMILIAR,
 )
 
-#: The reason code and the message's opening words of each pattern that withholds a name.
-_PATTERN_REASONS: dict[str, tuple[str, str]] = {
-    NO_PATTERN: (NO_LEUKEMIA_PATTERN, "no leukaemia pattern"),
-    UNSETTLED: (UNSETTLED_PATTERN, "leukaemia pattern unsettled"),
-    TOO_FEW_CELLS: (TOO_FEW_FOR_PATTERN, "too few cells for a leukaemia pattern"),
+#: The reason code of each pattern that withholds a name (its words: ``WITHHELD``).
+_PATTERN_CODES: dict[str, str] = {
+    NO_PATTERN: NO_LEUKEMIA_PATTERN,
+    UNSETTLED: UNSETTLED_PATTERN,
+    TOO_FEW_CELLS: TOO_FEW_FOR_PATTERN,
 }
 
 
@@ -153,12 +153,12 @@ def review_reasons(
     if report.diagnosis is None and not report.diagnosis_withheld:
         why = report.diagnosis_error or "no diagnosis"
         reasons.append(ReviewReason(NO_DIAGNOSIS, f"no diagnosis: {why}"))
-    if report.leukemia_pattern in WITHHOLDING_PATTERNS:
+    if (withheld := WITHHELD.get(report.leukemia_pattern or "")) is not None:
         # the differential fits none of the three diagnoses the model knows, the cells not
         # counted could change the one it fits, or too few were counted to read one
         why = leukemia_pattern(report.counts, d, uncounted=d.unidentified + d.unfamiliar).reason
-        code, words = _PATTERN_REASONS[report.leukemia_pattern]
-        reasons.append(ReviewReason(code, f"{words}: {why}"))
+        code = _PATTERN_CODES[report.leukemia_pattern]
+        reasons.append(ReviewReason(code, f"{withheld.in_words}: {why}"))
     if report.diagnosis is not None and (
         (p := report.probability or 0.0) < thresholds.min_diagnosis_probability
     ):

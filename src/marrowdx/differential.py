@@ -256,14 +256,39 @@ UNSETTLED = "unsettled"
 #: counting rules could only ever say "acute" (one blast in one cell is "above 20%") or
 #: "indeterminate", so no pattern is read from them.
 TOO_FEW_CELLS = "too_few_cells"
-#: Patterns under which no leukaemia is named (the diagnosis model's answer is kept apart),
-#: with the few words the CLI table and the review page give for each.
-WITHHELD_IN_WORDS = {
-    NO_PATTERN: "no leukaemia pattern",
-    UNSETTLED: "pattern rests on cells not counted",
-    TOO_FEW_CELLS: "too few cells for a pattern",
+
+
+@dataclass(frozen=True)
+class WithheldPattern:
+    """How a pattern under which no leukaemia is named is put to people. Why one record:
+    the CLI table, the review reason and the review page each say it, and a new withholding
+    pattern must be worded for all three at once."""
+
+    #: a few words: the CLI table's diagnosis column and the opening of the review reason
+    in_words: str
+    #: the clause after "No leukaemia named:" on the review page; ``{diagnoses}`` stands for
+    #: the diagnoses the model knows
+    because: str
+
+    def sentence(self, diagnoses: Sequence[str]) -> str:
+        """:attr:`because` with the model's diagnoses filled in."""
+        return self.because.format(diagnoses=", ".join(diagnoses))
+
+
+#: Patterns under which no leukaemia is named (the diagnosis model's answer is kept apart).
+WITHHELD: dict[str, WithheldPattern] = {
+    NO_PATTERN: WithheldPattern(
+        "no leukaemia pattern", "the differential fits none of {diagnoses}"
+    ),
+    UNSETTLED: WithheldPattern(
+        "pattern rests on cells not counted",
+        "the cells found and not counted could change the pattern the counted cells fit",
+    ),
+    TOO_FEW_CELLS: WithheldPattern(
+        "too few cells for a pattern", "too few cells were counted to read any pattern"
+    ),
 }
-WITHHOLDING_PATTERNS = tuple(WITHHELD_IN_WORDS)
+WITHHOLDING_PATTERNS = tuple(WITHHELD)
 
 #: The chronic-myeloid pattern of a marrow differential (WHO/ELN chronic phase): granulocytic
 #: hyperplasia (granulocytic series >= CML_MIN_GRANULOCYTIC of nucleated cells, myeloid

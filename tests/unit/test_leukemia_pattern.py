@@ -237,3 +237,20 @@ def test_too_few_cells_to_read_a_pattern_name_no_leukaemia() -> None:
     assert NO_DIAGNOSIS in [r.code for r in failed.review_reasons]
     # the bound follows the threshold a lab sets
     assert differential.min_cells_for_pattern(0.3) < 16 < differential.min_cells_for_pattern(0.1)
+
+
+def test_every_withholding_pattern_is_worded_for_each_reader() -> None:
+    """A pattern that withholds the name has its few words (CLI table, review reason), a
+    review code and a review-page sentence; a new one without them fails here, not on a
+    patient."""
+    from marrowdx.client import review
+
+    assert set(review._PATTERN_CODES) == set(differential.WITHHOLDING_PATTERNS)
+    assert set(review._PATTERN_CODES.values()) <= set(review.REASON_CODES)
+    for withheld in differential.WITHHELD.values():
+        assert withheld.in_words and withheld.in_words == withheld.in_words.strip()
+        sentence = withheld.sentence(["ALL", "AML", "CML"])
+        assert sentence and "{" not in sentence
+    assert "ALL, AML, CML" in differential.WITHHELD[differential.NO_PATTERN].sentence(
+        ["ALL", "AML", "CML"]
+    )
