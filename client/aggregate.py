@@ -37,7 +37,7 @@ DEFAULT_UNIDENTIFIED_BELOW = config.UNIDENTIFIED_BELOW
 #: Default ``min_familiarity``: a cell whose served FAMILIARITY is below this is unfamiliar.
 #: 0 is the limit fitted into the classifier (``training.calibration.fit_familiarity``: a
 #: quantile of held-out in-domain cells), so the served score already carries the limit
-#: and the client need not know the weights; README "Unfamiliar cells" says how it was
+#: and the client need not know the weights; docs/unfamiliar_cells.md says how it was
 #: chosen and what it flags.
 DEFAULT_MIN_FAMILIARITY = 0.0
 

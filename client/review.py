@@ -73,7 +73,7 @@ class ReviewThresholds:
     #: 0.05 flagged 33 of 99 correct patients (mostly on stain- and scanner-shifted cohorts);
     #: 0.10 flagged 2 and still referred the one wrong diagnosis (README, "Refer for review").
     max_unidentified_fraction: float = 0.10
-    #: The familiarity limit flags about 2% of in-domain cells (README "Unfamiliar cells"):
+    #: The familiarity limit flags about 2% of in-domain cells (docs/unfamiliar_cells.md):
     #: 10% of a 500-cell count is far beyond chance there, while a slide of cells the models
     #: never learned flags most of its cells.
     max_unfamiliar_fraction: float = 0.10

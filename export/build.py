@@ -332,7 +332,7 @@ def calibrate_checkpoints(layout: BuildLayout, preset, log: Progress, real=None)
 
     Weights trained on real images are not recalibrated when no real images are given:
     fitted on simulated cells alone, the familiarity limit calls nearly every real cell
-    unfamiliar (README "Unfamiliar cells"), and nothing else would show it; a slice left
+    unfamiliar (docs/unfamiliar_cells.md), and nothing else would show it; a slice left
     empty by a small data set is said in the log."""
     from marrowdx.models.checkpoints import load_checkpoint, read_metadata, save_checkpoint
     from marrowdx.training.calibration import (

@@ -189,7 +189,7 @@ class RealCellTemperature(Temperature):
 
     Why: one temperature fitted on simulated cells (whose exact classes are known) is far too
     sharp on real cells, which the classifier gets wrong more often, and one temperature for
-    both was too soft on the simulated cells (README "Unfamiliar cells"). A linear gate on
+    both was too soft on the simulated cells (docs/unfamiliar_cells.md). A linear gate on
     the penultimate features, fitted after training to tell held-out simulated from held-out
     real cells (:func:`marrowdx.training.calibration.fit_real_temperature`), picks each
     cell's temperature between the two fits. Persistent buffers, as for :class:`Temperature`,
@@ -257,7 +257,7 @@ class Familiarity(nn.Module):
     of held-out simulated cells' features, as in Lee et al. 2018).
 
     Why: a softmax is confident far from anything it was trained on; a distance in feature
-    space is not (README "Unfamiliar cells" has the comparison with the energy score and
+    space is not (docs/unfamiliar_cells.md has the comparison with the energy score and
     the max logit). Fitted after training, like the temperatures
     (:func:`marrowdx.training.calibration.fit_familiarity`), into persistent buffers, so the
     checkpoint and the exported graph (ONNX Runtime and TensorRT) carry it: ``centres`` are

@@ -63,7 +63,7 @@ NO_AUGMENT = AugmentSpec(enabled=False)
 
 #: For real images: they already hold real labs' variation, and the morphology that tells
 #: real marrow cells apart (granules, chromatin) is a few input pixels wide, which the blur,
-#: JPEG and wide stain swings of AugmentSpec() erase (README "Real cells"). Stain and light
+#: JPEG and wide stain swings of AugmentSpec() erase (docs/real_cells.md). Stain and light
 #: vary half as much, half the time; no blur, no JPEG, light noise.
 REAL_AUGMENT = AugmentSpec(
     probability=0.5,
@@ -83,7 +83,7 @@ REAL_AUGMENT = AugmentSpec(
 #: the cells. Real crops come from one lab: with milder colour the classifier learnt that
 #: lab's granule hue, and called peripheral-blood neutrophils of other labs eosinophils or
 #: monocytes; on every cell it lost the colour that tells a lab's not-identifiable cells from
-#: lymphocytes (README "Real cells"). The detector's real windows keep REAL_AUGMENT.
+#: lymphocytes (docs/real_cells.md). The detector's real windows keep REAL_AUGMENT.
 REAL_CELL_AUGMENT = AugmentSpec(
     probability=0.5,
     od_channel_gain=0.35,

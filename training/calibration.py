@@ -42,8 +42,8 @@ ECE_BINS = 15
 
 #: Familiarity (``networks.Familiarity``): the limit is this quantile of held-out in-domain
 #: cells' out-of-fold distances, so about 2% of such cells are flagged unfamiliar: under the
-#: goal of 5% with room for cohorts that differ a little from the held-out one (README
-#: "Unfamiliar cells" has what it flagged on a second cohort and under shifts; at 0.95 the
+#: goal of 5% with room for cohorts that differ a little from the held-out one (docs/
+#: unfamiliar_cells.md has what it flagged on a second cohort and under shifts; at 0.95 the
 #: shifted cohorts had 11% flagged).
 FAMILIARITY_QUANTILE = 0.98
 #: Shrinkage of the shared feature covariance towards its mean variance: a few thousand
@@ -56,13 +56,13 @@ FAMILIARITY_MIN_CLASS_CELLS = 3
 #: Folds (by image) of the out-of-fold distances the limit is taken from. With 2 folds each
 #: fit saw half the cells and its distances were inflated (a second held-out cohort then had
 #: none of its cells flagged, and real cells slipped under the limit); with 10 the flagged
-#: share on new in-domain cells came close to the quantile (README "Unfamiliar cells").
+#: share on new in-domain cells came close to the quantile (docs/unfamiliar_cells.md).
 FAMILIARITY_FOLDS = 10
 #: Real cells held out of training (a random sample of the calibration slice's crops' and
 #: fields' cells) the familiarity fit takes beside the simulated held-out ones when the build
 #: trains on real images: fitted on simulated cells alone, the limit called almost every real
 #: cell unfamiliar, and fitted on training cells it flagged many new cells of the same labs
-#: (README "Unfamiliar cells"). A few thousand suffice for 33 means and one shared covariance.
+#: (docs/unfamiliar_cells.md). A few thousand suffice for 33 means and one shared covariance.
 REAL_FAMILIARITY_CELLS = 4000
 #: The real-cell temperature (``networks.RealCellTemperature``) is fitted on the real cells
 #: whose label allows at most this share of the classes: a "white cell" label allows nearly
@@ -470,7 +470,7 @@ def real_cell_features(
     classified in the box the detector gives it (:func:`detected_boxes`), as served: the
     boxes a crop set's segmentation or a field's annotator drew are not the boxes served
     cells are classified in, and a limit fitted on them flagged many of the same labs' new
-    cells (README "Unfamiliar cells"). At most ``max_cells``, sampled evenly over crops and
+    cells (docs/unfamiliar_cells.md). At most ``max_cells``, sampled evenly over crops and
     fields."""
     import torch
 

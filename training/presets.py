@@ -74,15 +74,15 @@ PRESETS: dict[str, TrainingPreset] = {
         train_patients=48,
         images_per_patient=4,
         # 0.5 missed a real crop's centre cell 11% of the time; below 0.4 the extra boxes
-        # are peaks inside large cells, which the containment rule drops (README "Real cells")
+        # are peaks inside large cells, which the containment rule drops (docs/real_cells.md)
         detector=DetectorSpec(score_threshold=0.35, containment_threshold=0.85),
         # 1,600 had not converged: 4,800 raised real blood-field AP50 and the simulated one
-        # (README "Real cells", "The detector's schedule")
+        # (docs/real_cells.md, "The detector's schedule")
         det_steps=4800,
         det_batch=6,
         det_crop=256,
         # real crops kept paying for more passes: 2,700 -> 5,400 -> 8,100 -> 10,800; 13,500
-        # (with or without weight averaging) no longer did (README "Real cells")
+        # (with or without weight averaging) no longer did (docs/real_cells.md)
         cls_steps=10800,
         diag_patients=8000,
         diag_steps=800,
@@ -94,7 +94,7 @@ PRESETS: dict[str, TrainingPreset] = {
         # detector must find the centre cell and its copies there); per classifier step 96
         # real crops and 16 real field cells beside the 128 simulated cells; zoom +-25%
         # covers the uncertainty of real spacings; the simulated images' strong augmentation
-        # erased real cells' detail (README "Real cells"), so real images take a mild one;
+        # erased real cells' detail (docs/real_cells.md), so real images take a mild one;
         # the classifier's real cells vary the dye colour widely (one lab's hue did not carry
         # to other labs' blood cells)
         det_real_batch=6,

@@ -123,7 +123,7 @@ CLIENT_CONCURRENCY = 8
 #: the differential nor sent to the diagnosis. Why 0.6 and not 0.5 (no class beats all
 #: others together): calibration is fitted on the labs the models learnt, and on real cells
 #: of labs whose cell types they never learnt 0.5 left about 10% of the cells found wrong
-#: yet counted, 0.6 about 5% (README "Unfamiliar cells": the unidentified threshold).
+#: yet counted, 0.6 about 5% (docs/unfamiliar_cells.md: the unidentified threshold).
 UNIDENTIFIED_BELOW = 0.6
 
 

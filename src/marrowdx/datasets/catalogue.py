@@ -84,7 +84,7 @@ PUBLIC_SETS: dict[str, PublicSet] = {s.key: s for s in (
         "Bone-Marrow-Cytomorphology_MLL_Helmholtz_Fraunhofer (IBM Aspera download); unpack so "
         "that each class code is a folder (its numbered sub-folders may stay)",
         # so that its white cells measure what the same types measure in the blood sets
-        # (segmented neutrophils about 110 px, 11 µm; README "Real cells"); 0.09, from its
+        # (segmented neutrophils about 110 px, 11 µm; docs/real_cells.md); 0.09, from its
         # red cells, drew them 10-20% smaller than the blood sets' own
         um_per_pixel=0.10,
         labels={

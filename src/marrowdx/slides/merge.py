@@ -270,7 +270,7 @@ def _same_cell(
 #: cell to count when the image itself showed no detection of it, and the share of a mirror
 #: image's box (or of the found cell's, the smaller) over a found cell beyond which it is
 #: that cell. On the held-out real marrow crops, those without their centre cell 6.3% ->
-#: 4.9%; the blood fields unchanged (README "Real cells").
+#: 4.9%; the blood fields unchanged (docs/real_cells.md).
 MIN_MIRROR_SUPPORT = 0.1
 MAX_MIRROR_OVERLAP = 0.25
 
