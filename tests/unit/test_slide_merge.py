@@ -282,3 +282,46 @@ def test_a_faint_object_found_in_few_of_its_copies_is_not_counted() -> None:
     assert unseen_mirror_images(np.zeros((0, 4)), seen, np.full(n, 0.4), [100] * n).size == 1
     with pytest.raises(ValueError, match="copy counts"):
         unseen_mirror_images(np.zeros((0, 4)), seen, np.full(n, 0.4), [100])
+
+
+def _keep_box_by_box(boxes, field_ids, iou, containment):
+    """The rule of step 4 as first written: each box against the boxes kept before it."""
+    from marrowdx.slides.merge import _same_cell
+
+    kept: list[int] = []
+    duplicates: dict[int, int] = {}
+    for i in range(len(boxes)):
+        k = np.asarray(kept, dtype=np.int64)
+        other = k[field_ids[k] != field_ids[i]] if len(k) else k
+        if len(other):
+            same, overlap = _same_cell(boxes[i], boxes[other], iou, containment)
+            if same.any():
+                duplicates[i] = int(other[np.argmax(np.where(same, overlap, -1))])
+                continue
+        kept.append(i)
+    return kept, duplicates
+
+
+@pytest.mark.parametrize("block", [1, 7, 256])
+def test_blocks_of_the_pairwise_test_decide_as_box_by_box(
+    block: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The merge tests a block of boxes against all at once (a tenth of the client's CPU on a
+    slide); the decisions, and the kept box each duplicate is assigned to, are the ones the
+    box-by-box rule makes, across block edges too."""
+    from marrowdx.slides import merge
+
+    monkeypatch.setattr(merge, "SAME_CELL_BLOCK", block)
+    rng = np.random.default_rng(5)
+    n = 120
+    centres = rng.uniform(0, 400, (n, 2))
+    sizes = rng.uniform(10, 40, (n, 2))
+    boxes = np.concatenate([centres - sizes / 2, centres + sizes / 2], 1)
+    field_ids = rng.integers(0, 3, n)
+    twins = rng.integers(0, n, 40)  # the same cells seen again from another field
+    boxes[twins] += rng.normal(0, 3, (40, 4))
+    field_ids[twins] = (field_ids[twins] + 1) % 3
+    kept, duplicates = merge._keep_one_per_cell(boxes, field_ids, 0.5, 0.8)
+    want_kept, want_duplicates = _keep_box_by_box(boxes, field_ids, 0.5, 0.8)
+    assert kept.tolist() == want_kept and duplicates == want_duplicates
+    assert len(duplicates) >= 10  # the test holds duplicates to decide

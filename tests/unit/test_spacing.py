@@ -298,3 +298,16 @@ def _object_boxes(mask: np.ndarray) -> np.ndarray:
     labels, _ = ndi.label(mask)
     found = [[s[1].start, s[0].start, s[1].stop, s[0].stop] for s in ndi.find_objects(labels)]
     return np.array(found, np.float64).reshape(-1, 4)
+
+
+def test_encode_takes_an_rgb_image_as_its_array() -> None:
+    """The slide reader encodes the PIL image it decoded (no round trip through an array):
+    the same pixels give the same bytes either way; a mode other than RGB is refused."""
+    from PIL import Image
+
+    pixels = np.random.default_rng(0).integers(0, 256, (64, 48, 3), dtype=np.uint8)
+    image = Image.fromarray(pixels, "RGB")
+    for fmt in ("jpg", "png"):
+        assert encode(image, fmt) == encode(pixels, fmt)
+    with pytest.raises(ValueError, match="RGB"):
+        encode(image.convert("RGBA"), "jpg")

@@ -16,8 +16,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
-
 from marrowdx import config
 from marrowdx.slides.base import Field, Roi, SlideError
 from marrowdx.slides.tiling import DEFAULT_OVERLAP_PX, field_boxes
@@ -109,7 +107,7 @@ class PyramidSlide:
             raise
         except Exception as exc:  # the format library: a tile that will not decode
             raise self._fail(f"cannot read level {index} at ({x}, {y}, {w}, {h}): {exc}") from exc
-        return region.convert("RGB")
+        return region if region.mode == "RGB" else region.convert("RGB")
 
     # ------------------------------------------------------------------ fields
     def _scale(self, um_per_pixel: float) -> float:
@@ -192,7 +190,7 @@ class PyramidSlide:
 
         for roi, box, scale in self.field_boxes(um_per_pixel, overlap_px, field_px=field_px):
             image = self.read_box(box, scale)
-            yield Field(roi=roi, box=box, data=encode(np.asarray(image), "jpg"), scale=scale)
+            yield Field(roi=roi, box=box, data=encode(image, "jpg"), scale=scale)
 
     def input_fields(self, overlap_px: int = DEFAULT_OVERLAP_PX) -> Iterator[Field]:
         """Fields already at the detector's input resolution: ``config.INPUT_SIZE`` pixels
