@@ -62,6 +62,29 @@ def test_separable_held_out_data_leave_the_temperature_at_one() -> None:
     assert not cal.calibrate_head(*_overconfident(2.0)).separable
 
 
+def test_a_separable_class_head_is_fitted_as_if_its_least_sure_sample_were_wrong() -> None:
+    """No error in N held-out cells does not show an error rate of 0: the class head is
+    then fitted with its least sure sample (the smallest margin) taken as its runner-up
+    class, which sharpens it, but not without limit. The other heads keep T = 1, and a head
+    with a real error is fitted as before."""
+    rng = np.random.default_rng(3)
+    labels = np.arange(300) % 3
+    logits = rng.normal(0, 1, (300, 3))
+    logits[np.arange(300), labels] += 8.0
+    logits[7] = [0.0, 2.5, 1.8]  # the least sure sample (label 1), still right
+    moved = cal.least_sure_made_wrong(logits, labels)
+    assert (moved != labels).sum() == 1 and moved[7] != labels[7]
+    head = cal.calibrate_head(logits, labels, least_sure_wrong=True)
+    assert head.separable and cal.MIN_TEMPERATURE < head.temperature < 1.0
+    assert head.temperature == pytest.approx(cal.fit_temperature(logits, moved))
+    assert cal.calibrate_head(logits, labels).temperature == 1.0  # the other heads
+    assert moved[7] == 2  # its runner-up
+    real_error = cal.calibrate_head(*_overconfident(2.0), least_sure_wrong=True)
+    assert real_error.temperature == pytest.approx(
+        cal.calibrate_head(*_overconfident(2.0)).temperature
+    )
+
+
 def test_ece_formula_on_a_hand_worked_case() -> None:
     probs = np.array([[0.9, 0.1], [0.9, 0.1], [0.4, 0.6], [0.4, 0.6]])
     labels = np.array([0, 1, 1, 1])
