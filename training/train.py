@@ -113,9 +113,10 @@ def real_detector_samples(
     for pool, n in ((real.fields, preset.det_real_batch), (real.crops, preset.det_real_crops)):
         if pool and n:
             images += [pool[int(i)] for i in rng.integers(0, len(pool), n)]
+    low, high = preset.det_real_zoom or (1 - preset.real_zoom, 1 + preset.real_zoom)
     xs, ts = [], []
     for image in images:
-        zoom = float(rng.uniform(1 - preset.real_zoom, 1 + preset.real_zoom))
+        zoom = float(rng.uniform(low, high))
         x, boxes, _ = place_field(image, zoom, rng, preset.det_crop)
         x, t = random_flips(x, heatmap_labels(boxes, preset.det_crop), rng)
         xs.append(photometric(np.ascontiguousarray(x), preset.real_augment, rng))

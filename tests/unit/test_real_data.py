@@ -502,3 +502,29 @@ def test_a_build_replaces_reference_weights_an_earlier_package_installed(tmp_pat
             build.shipped_weights_dir() / f"{kind}.pt"
         )
     assert stale.read_bytes() != b"an export of the earlier weights"
+
+
+def test_the_detector_windows_take_their_own_zoom_range() -> None:
+    """``det_real_zoom`` sets the detector's real windows' zoom apart from the classifier's
+    (the client's estimate reads blood fields coarser than their boxes); unset, the windows
+    are drawn as before it existed, and so is the fingerprint."""
+    from marrowdx.training import train
+    from marrowdx.training.presets import PRESETS, get_preset
+
+    real = _committed_real()
+    base = dataclasses.replace(get_preset("tiny"), det_real_batch=1, det_real_crops=1)
+    assert base.det_real_zoom is None
+    fixed = dataclasses.replace(base, real_zoom=0.0)
+    same = dataclasses.replace(fixed, det_real_zoom=(1.0, 1.0))
+    doubled = dataclasses.replace(fixed, det_real_zoom=(2.0, 2.0))
+
+    def windows(preset):
+        return train.real_detector_samples(real, preset, np.random.default_rng(4))
+
+    (a, ta), (b, _), (c, tc) = windows(fixed), windows(same), windows(doubled)
+    assert all(np.array_equal(x, y) for x, y in zip(a, b, strict=True))
+    assert not all(np.array_equal(x, y) for x, y in zip(a, c, strict=True))
+    # cells twice as large: fewer cell centres fit in the same window
+    assert sum((t[0] == 1.0).sum() for t in tc) < sum((t[0] == 1.0).sum() for t in ta)
+    assert PRESETS["reference"].det_real_zoom == (0.75, 1.5)
+    assert dataclasses.replace(base, det_real_zoom=(0.75, 1.5)).fingerprint() != base.fingerprint()
