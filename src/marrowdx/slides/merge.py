@@ -327,14 +327,20 @@ def unseen_mirror_images(
     copies = np.asarray(copies, dtype=np.int64).reshape(-1)
     if len(copies) != len(mirrored):
         raise ValueError(f"{len(mirrored)} mirror images but {len(copies)} copy counts")
+    # every pair tested once: the mirror images are the detections in an image's padding,
+    # at most the detector's 256 boxes per field
+    same = _same_cell(mirrored[:, None, :], mirrored, iou, containment)[0]
+    support = same.sum(axis=1)
+    over_found = np.zeros(len(mirrored), dtype=bool)
+    if len(kept):
+        over_found = (_overlaps(mirrored[:, None, :], kept)[1] >= max_overlap).any(axis=1)
     chosen: list[int] = []
     for i in np.argsort(-np.asarray(scores, dtype=np.float64), kind="stable"):
-        if len(kept) and (_overlaps(mirrored[i], kept)[1] >= max_overlap).any():
+        if over_found[i]:
             continue  # over a found cell: a copy of it, or of a second peak inside it
-        if chosen and _same_cell(mirrored[i], mirrored[chosen], iou, containment)[0].any():
+        if same[i, chosen].any():
             continue  # another copy of a cell already taken
-        support = int(_same_cell(mirrored[i], mirrored, iou, containment)[0].sum())
-        if support >= min_support * max(int(copies[i]), 1):
+        if support[i] >= min_support * max(int(copies[i]), 1):
             chosen.append(int(i))
     return np.sort(np.asarray(chosen, dtype=np.int64))
 
