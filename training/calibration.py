@@ -861,12 +861,12 @@ def calibrate_models(
             f" {100 * familiar.flagged_share:.1f}% of {familiar.n_samples} held-out cells)"
         )
     for name, head in (("classes", classes), ("attributes", attributes), ("diagnosis", diag)):
-        # separable: the fit had no minimum; the class head is then fitted with its least
-        # sure cell taken as wrong, the others keep T = 1 (calibrate_head), so say which
+        # separable: the fit had no minimum; calibrate_head kept T = 1 or, where asked, fitted
+        # as if the least sure sample were wrong: say which it did
         kept = (
-            "fitted as if the least sure were wrong"
-            if name == "classes"
-            else "not sharpened, T kept at 1"
+            "not sharpened, T kept at 1"
+            if head.temperature == 1.0
+            else "fitted as if the least sure were wrong"
         )
         separable = f" (every held-out sample right: {kept})"
         log(
