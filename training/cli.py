@@ -192,9 +192,9 @@ def configure_evaluate(parser: argparse.ArgumentParser) -> None:
         "--shifts",
         default=None,
         metavar="KINDS",
-        help="also evaluate the cohort re-rendered under each lab/scanner shift, side by side "
-        "with it: comma-separated from stain, defocus, scanner, jpeg, mixed "
-        "(needs a cohort written by `marrowdx simulate`)",
+        help="also evaluate under each lab/scanner shift, side by side: comma-separated from "
+        "stain, defocus, scanner, jpeg, mixed; a cohort (written by `marrowdx simulate`) is "
+        "re-rendered, a real image set's (--data) validation images are transformed",
     )
     parser.add_argument(
         "--shift-strength", type=float, default=1.0, help="with --shifts: magnitude (1.0)"
@@ -220,6 +220,11 @@ def run_real_evaluation(args: argparse.Namespace, sets: tuple[Path, ...]) -> int
         if not args.quiet:
             print(f"[marrowdx evaluate] {message}", file=sys.stderr, flush=True)
 
+    kinds: tuple[str, ...] = ()
+    if args.shifts:  # a bad kind is refused before any build
+        from marrowdx.simulate.lab_variation import parse_shift_list
+
+        kinds = parse_shift_list(args.shifts)
     work_dir = work_dir_of(args)
     from marrowdx.export.build import build_onnx_models
 
@@ -231,6 +236,9 @@ def run_real_evaluation(args: argparse.Namespace, sets: tuple[Path, ...]) -> int
         repository,
         um_per_pixel=getattr(args, "um_per_pixel", None),
         estimate=args.estimate_spacing,
+        shifts=kinds,
+        shift_strength=args.shift_strength,
+        work_dir=work_dir,
         log=log,
     )
     print(format_real_table(report))
@@ -238,7 +246,8 @@ def run_real_evaluation(args: argparse.Namespace, sets: tuple[Path, ...]) -> int
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({"preset": args.preset, **report.as_dict()}, indent=2))
         for crops in report.crops:
-            png = args.json.with_name(f"{args.json.stem}_{crops.dataset}_confusion.png")
+            shift = "" if crops.shift == "none" else f"_{crops.shift}"
+            png = args.json.with_name(f"{args.json.stem}_{crops.dataset}{shift}_confusion.png")
             print(f"confusion matrix: {plot_confusion(crops, png)}")
     return 0
 

@@ -27,8 +27,10 @@ from pathlib import Path
 import numpy as np
 
 from marrowdx import taxonomy
+from marrowdx.errors import InputError
 from marrowdx.training import metrics
 from marrowdx.training.real_data import estimate_where_unknown, red_cell_spacing, split_of
+from marrowdx.training.real_shifts import shifted_copies
 
 #: A crop's cell is the detection whose box holds the crop's centre, else the nearest one
 #: whose centre lies within this share of the crop's shorter side.
@@ -54,6 +56,7 @@ class FieldScores:
     flagged_white_cells: float = 0.0  # share of found white cells unfamiliar or unidentified
     unfamiliar_white_cells: float = 0.0  # share of found white cells unfamiliar
     excluded: float = 0.0  # share of fields the default quality gate leaves out of the counts
+    shift: str = "none"  # the lab shift the images were put under (``real_shifts``)
 
 
 @dataclass
@@ -72,6 +75,7 @@ class CropScores:
     unfamiliar: float = 0.0
     confidently_wrong: float = 0.0
     excluded: float = 0.0  # share of crops the default quality gate leaves out of the counts
+    shift: str = "none"  # the lab shift the images were put under (``real_shifts``)
 
 
 @dataclass
@@ -131,7 +135,7 @@ async def _analyse(client, items: Sequence[tuple[Path, float | None]], log: Log 
     return results
 
 
-def score_fields(dataset, results, fields) -> FieldScores:
+def score_fields(dataset, results, fields, shift: str = "none") -> FieldScores:
     scores, tp, n_true, exact, errors, extra, failed = [], [], 0, 0, [], 0, 0
     found = flagged = unfamiliar = excluded = 0
     for f, result in zip(fields, results, strict=True):
@@ -173,10 +177,11 @@ def score_fields(dataset, results, fields) -> FieldScores:
         flagged_white_cells=flagged / max(1, found),
         unfamiliar_white_cells=unfamiliar / max(1, found),
         excluded=excluded / max(1, n),
+        shift=shift,
     )
 
 
-def score_crops(dataset, results, crops) -> CropScores:
+def score_crops(dataset, results, crops, shift: str = "none") -> CropScores:
     names = sorted({c.label for c in crops})
     to_label = _label_of_class(dataset, names)
     columns = [*names, OTHER, NO_CELL]
@@ -216,6 +221,7 @@ def score_crops(dataset, results, crops) -> CropScores:
         unfamiliar=unfamiliar / max(1, found),
         confidently_wrong=confidently_wrong / max(1, found),
         excluded=excluded / max(1, len(crops)),
+        shift=shift,
     )
 
 
@@ -236,6 +242,9 @@ def evaluate_real(
     *,
     um_per_pixel: float | None = None,
     estimate: bool = False,
+    shifts: Sequence[str] = (),
+    shift_strength: float = 1.0,
+    work_dir: Path | None = None,
     log: Log | None = None,
 ) -> RealReport:
     """Score every data set's validation split with the served models of ``repository``.
@@ -243,12 +252,24 @@ def evaluate_real(
     ``estimate``: give the client no spacing at all, to measure the estimator's effect on
     quality: each image's spacing is estimated from its red cells, pooled over the set's
     images of its size where its own are too few (as ``diagnose`` pools a patient's).
+    ``shifts``: also score the split under each of these lab shifts (``real_shifts``; the
+    copies are cached under ``work_dir``), each row after the images as they are.
     """
     from marrowdx.client import AsyncMarrowClient
     from marrowdx.client.quality import DEFAULT_QUALITY
     from marrowdx.serving.inprocess import InProcessPipeline, InProcessTransport
 
+    if shifts and work_dir is None:
+        raise InputError("scoring real images under lab shifts needs a work dir for the copies")
     report = RealReport()
+
+    def under(ds, kind: str, paths: list[Path], spacings: list[float | None]) -> list[Path]:
+        if kind == "none":
+            return paths
+        if log is not None:
+            log(f"{ds.name}: {len(paths)} images under the {kind} shift")
+        folder = Path(work_dir) / "real-shifts" / f"{ds.name}-{kind}-x{shift_strength:g}"
+        return shifted_copies(paths, ds.root, spacings, kind, shift_strength, folder)
 
     async def run() -> None:
         client = AsyncMarrowClient(
@@ -258,48 +279,55 @@ def evaluate_real(
             for ds in datasets:
                 fields = [f for f in ds.fields if split_of(f.path, f.split) == "val"]
                 crops = [c for c in ds.crops if split_of(c.path, c.split) == "val"]
-                if fields:
-                    if log is not None:
-                        log(f"{ds.name}: {len(fields)} validation fields")
-                    items = [
-                        (f.path, None if estimate else field_spacing(ds, f, um_per_pixel))
-                        for f in fields
-                    ]
-                    results = await _analyse(client, items, log)
-                    report.fields.append(score_fields(ds, results, fields))
-                if crops:
-                    if log is not None:
-                        log(f"{ds.name}: {len(crops)} validation crops")
-                    um = None if estimate else (um_per_pixel or ds.um_per_pixel)
-                    results = await _analyse(client, [(c.path, um) for c in crops], log)
-                    report.crops.append(score_crops(ds, results, crops))
+                field_um = [field_spacing(ds, f, um_per_pixel) for f in fields]
+                crop_um = [um_per_pixel or ds.um_per_pixel] * len(crops)
+                parts = (
+                    (fields, field_um, score_fields, "fields", report.fields),
+                    (crops, crop_um, score_crops, "crops", report.crops),
+                )
+                for kind in ("none", *[k for k in shifts if k != "none"]):
+                    for images, spacings, score, what, scores in parts:
+                        if not images:
+                            continue
+                        if log is not None:
+                            log(f"{ds.name}: {len(images)} validation {what}")
+                        paths = under(ds, kind, [i.path for i in images], spacings)
+                        sent = [None] * len(images) if estimate else spacings
+                        results = await _analyse(client, list(zip(paths, sent, strict=True)), log)
+                        scores.append(score(ds, results, images, kind))
 
     asyncio.run(run())
     return report
 
 
+def _set_label(scores: FieldScores | CropScores) -> str:
+    """The set's name, and the lab shift its images were put under if any."""
+    return scores.dataset if scores.shift == "none" else f"{scores.dataset} ({scores.shift})"
+
+
 def format_real_table(report: RealReport) -> str:
     lines = []
     if report.fields:
+        width = max(11, *(len(_set_label(f)) for f in report.fields))
         lines += [
-            "set          fields  white cells  AP50   right count  |count error|  extra/field"
-            "  flagged  unfamiliar  excluded",
-            "-----------  ------  -----------  -----  -----------  -------------  -----------"
-            "  -------  ----------  --------",
+            f"{'set':<{width}}  fields  white cells  AP50   right count  |count error|"
+            "  extra/field  flagged  unfamiliar  excluded",
+            f"{'-' * width}  ------  -----------  -----  -----------  -------------"
+            "  -----------  -------  ----------  --------",
         ]
         for f in report.fields:
             lines.append(
-                f"{f.dataset:<11}  {f.n_images:>6}  {f.n_white_cells:>11}  "
+                f"{_set_label(f):<{width}}  {f.n_images:>6}  {f.n_white_cells:>11}  "
                 f"{f.white_cell_ap50:.3f}  {f.count_exact:>11.0%}  {f.mean_abs_count_error:>13.2f}"
                 f"  {f.extra_white_cells_per_field:>11.2f}  {f.flagged_white_cells:>7.1%}"
                 f"  {f.unfamiliar_white_cells:>10.1%}  {f.excluded:>8.1%}"
             )
     for c in report.crops:
         lines.append(
-            f"{c.dataset}: {c.n_images} crops, macro-F1 {c.macro_f1:.3f}, no cell at the centre "
-            f"{c.no_centre_cell:.1%}; of the cells found: flagged {c.flagged:.1%} (unfamiliar "
-            f"{c.unfamiliar:.1%}), wrong yet counted {c.confidently_wrong:.1%}; excluded by the "
-            f"quality gate {c.excluded:.1%}; per label: "
+            f"{_set_label(c)}: {c.n_images} crops, macro-F1 {c.macro_f1:.3f}, no cell at the "
+            f"centre {c.no_centre_cell:.1%}; of the cells found: flagged {c.flagged:.1%} "
+            f"(unfamiliar {c.unfamiliar:.1%}), wrong yet counted {c.confidently_wrong:.1%}; "
+            f"excluded by the quality gate {c.excluded:.1%}; per label: "
             + ", ".join(f"{k} {v:.2f}" for k, v in c.per_label_f1.items())
         )
     return "\n".join(lines)

@@ -1,6 +1,8 @@
 """``marrowdx evaluate --shifts``: the held-out cohort is re-rendered under each
 shift with the same cells, evaluated side by side with the unshifted row, and reported as a
-table and JSON; a cohort that cannot be re-rendered is refused with the reason."""
+table and JSON; a cohort that cannot be re-rendered is refused with the reason. A real image
+set's (``--data``) validation images are transformed instead, each row beside the images as
+they are."""
 
 from __future__ import annotations
 
@@ -67,3 +69,33 @@ def test_shifts_need_a_simulated_unshifted_cohort(heldout: Path, tmp_path: Path)
     with pytest.raises(InputError, match="not written by `marrowdx simulate`"):
         shifted_cohort(foreign, "stain", 1.0, tmp_path, print)
     assert cli.main(["evaluate", "--cohort", str(heldout), "--shifts", "sepia"]) == 2
+
+
+REAL = Path(__file__).resolve().parents[1] / "data" / "real" / "txl_pbc_yolo"
+
+
+def test_evaluate_real_set_under_shifts(tmp_path: Path, capsys) -> None:
+    # the committed sample is a train split: its fields become a set's validation split here
+    data = tmp_path / "blood"
+    for part in ("images", "labels"):
+        shutil.copytree(REAL / part / "train", data / part / "val")
+    shutil.copy(REAL / "labels" / "classes.txt", data / "labels" / "classes.txt")
+    (data / "marrowdx-dataset.toml").write_text(
+        'name = "blood"\nformat = "yolo"\num_per_pixel = "unknown"\n\n[labels]\n'
+        'WBC = "nucleated"\nRBC = "red_cell"\nPlatelet = "thrombocyte"\n'
+    )
+    out = tmp_path / "real.json"
+    args = ["evaluate", "--work-dir", str(TEST_CACHE), "--preset", "tiny", "--quiet", "--data"]
+    code = cli.main([*args, str(data), "--shifts", "defocus,jpeg", "--json", str(out)])
+    assert code == 0
+    table = capsys.readouterr().out
+    assert "blood (defocus)" in table and "blood (jpeg)" in table
+    rows = json.loads(out.read_text())["fields"]
+    assert [r["shift"] for r in rows] == ["none", "defocus", "jpeg"]
+    assert {r["n_white_cells"] for r in rows} == {rows[0]["n_white_cells"]} != {0}
+    copies = [TEST_CACHE / "real-shifts" / f"blood-{kind}-x1" for kind in ("defocus", "jpeg")]
+    assert len(list((copies[1] / "images" / "val").glob("*.jpg"))) == 3
+    assert len(list((copies[0] / "images" / "val").glob("*.jpg.png"))) == 3
+    for folder in copies:
+        shutil.rmtree(folder)
+    assert cli.main([*args, str(data), "--shifts", "sepia"]) == 2  # refused before any build

@@ -31,6 +31,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 from PIL import Image, ImageFilter
 
+from marrowdx import config
 from marrowdx.errors import InputError
 
 #: Shift kinds accepted by ``marrowdx simulate --shift`` and ``marrowdx evaluate --shifts``.
@@ -119,15 +120,25 @@ class LabShift:
     def is_identity(self) -> bool:
         return self == LabShift(kind=self.kind)
 
-    def apply(self, image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-        """Shift one rendered field (uint8 HxWx3 RGB); ``rng`` draws the per-image noise."""
+    def apply(
+        self, image: np.ndarray, rng: np.random.Generator, *, um_per_pixel: float | None = None
+    ) -> np.ndarray:
+        """Shift one rendered field (uint8 HxWx3 RGB); ``rng`` draws the per-image noise.
+
+        The blur is set per ``REFERENCE_WIDTH`` pixels of the image's width (a simulated
+        field), or, when ``um_per_pixel`` is given (a real image of any size), in µm: the
+        simulated field's blur at the models' spacing, so a crop at 0.1 µm/px is blurred
+        2.5 times as many of its pixels as a field at 0.25."""
         if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
             raise ValueError(f"expected a uint8 HxWx3 image, got {image.dtype} {image.shape}")
         out = image
         if self.stain_vectors is not None or self.stain_scale != (1.0, 1.0, 1.0):
             out = self._restain(out)
         if self.blur_sigma > 0:
-            sigma = self.blur_sigma * image.shape[1] / REFERENCE_WIDTH
+            if um_per_pixel is None:
+                sigma = self.blur_sigma * image.shape[1] / REFERENCE_WIDTH
+            else:
+                sigma = self.blur_sigma * config.MODEL_UM_PER_PIXEL / um_per_pixel
             out = np.asarray(Image.fromarray(out).filter(ImageFilter.GaussianBlur(sigma)))
         if self.gamma != 1.0 or self.gains != (1.0, 1.0, 1.0) or self.noise_sigma > 0:
             x = (out.astype(np.float32) / WHITE) ** np.float32(self.gamma)
