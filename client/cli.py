@@ -180,6 +180,14 @@ def add_quality_options(parser: argparse.ArgumentParser) -> None:
         "(default %(default)s)",
     )
     parser.add_argument(
+        "--min-fine-focus",
+        type=float,
+        default=q.DEFAULT_MIN_FINE_FOCUS,
+        metavar="R",
+        help="exclude a field whose fine detail (the Laplacian's variance at 0.5 µm/px over "
+        "that at 1 µm/px) is below R: blurred by about half a µm (default %(default)s)",
+    )
+    parser.add_argument(
         "--min-foreground",
         type=float,
         default=q.DEFAULT_MIN_FOREGROUND,
@@ -243,6 +251,7 @@ def quality_thresholds(args: argparse.Namespace):
 
     return QualityThresholds(
         min_focus=args.min_focus,
+        min_fine_focus=args.min_fine_focus,
         min_foreground=args.min_foreground,
         max_thick=args.max_thick,
         max_um_per_pixel=args.max_um_per_pixel,

@@ -40,6 +40,12 @@ from marrowdx.errors import BadServerOutput, InputError
 from marrowdx.spacing import STATED_SOURCES
 
 DEFAULT_MIN_FOCUS = 1000.0
+#: Below this ``fine_focus`` (the Laplacian's variance at the models' 0.5 µm/px over that at 1
+#: µm/px) a field is out of focus for the models, though ``focus`` passes: a blur of about
+#: half a µm leaves a µm's detail but takes the chromatin and granules the classifier reads
+#: (real cells blurred so were mostly called not identifiable and left the counts). Sharp
+#: real fields and crops fall under it in about 1%, blurred ones in 95% (README "Field quality").
+DEFAULT_MIN_FINE_FOCUS = 0.18
 DEFAULT_MIN_FOREGROUND = 0.002
 DEFAULT_MAX_THICK = 0.25
 #: Share of the stained pixels that must be coloured (``stain_colour``): real and simulated
@@ -147,6 +153,7 @@ class QualityThresholds:
     cell_side_tolerance: float = CELL_SIDE_TOLERANCE  # x or / TYPICAL_CELL_SIDE
     max_um_per_pixel: float = MAX_UM_PER_PIXEL  # coarsest image spacing counted
     min_brightness: float = DEFAULT_MIN_BRIGHTNESS  # mean grey level of a bright field
+    min_fine_focus: float = DEFAULT_MIN_FINE_FOCUS  # fine detail over coarse (blur of ~0.5 µm)
 
     def __post_init__(self) -> None:
         if not (self.min_focus >= 0 and np.isfinite(self.min_focus)):
@@ -163,6 +170,8 @@ class QualityThresholds:
             raise InputError(
                 f"cell_side_tolerance must be a number > 1, got {self.cell_side_tolerance}"
             )
+        if not 0.0 <= self.min_fine_focus <= 1.0:
+            raise InputError(f"min_fine_focus must lie in [0, 1], got {self.min_fine_focus}")
         if not 0.0 <= self.min_brightness <= 255.0:
             raise InputError(f"min_brightness must lie in [0, 255], got {self.min_brightness}")
         if not (self.max_um_per_pixel > 0 and np.isfinite(self.max_um_per_pixel)):
@@ -175,16 +184,22 @@ DEFAULT_QUALITY = QualityThresholds()
 NO_GATING = QualityThresholds(enabled=False)
 
 
+#: FIELD_QUALITY's lengths of older servers: before the smear measures (``stain_colour``,
+#: ``background``, ``flat``: 4) and before ``fine_focus`` (7). A rule whose measure such a
+#: server does not send is not asked.
+LEGACY_QUALITY_FIELDS = (4, 7)
+
+
 def field_quality(outputs: Mapping[str, np.ndarray]) -> dict[str, float] | None:
     """FIELD_QUALITY as ``{name: value}``; None when the server does not send it (an older
-    repository), so such fields are counted as before. A server of the four measures
-    before ``stain_colour`` and ``background`` existed gives those four only (and the
-    smear check is skipped)."""
+    repository), so such fields are counted as before. An older server gives the first
+    measures only (``LEGACY_QUALITY_FIELDS``): without ``stain_colour`` the smear check is
+    skipped, without ``fine_focus`` the fine focus limit."""
     raw = outputs.get(config.TENSORS.field_quality)
     if raw is None:
         return None
     values = np.asarray(raw, np.float64).reshape(-1)
-    if values.shape == (LEGACY_QUALITY_FIELDS,) and np.isfinite(values).all():
+    if len(values) in LEGACY_QUALITY_FIELDS and np.isfinite(values).all():
         return {name: float(v) for name, v in zip(QUALITY_FIELDS, values, strict=False)}
     if values.shape != (len(QUALITY_FIELDS),) or not np.isfinite(values).all():
         raise BadServerOutput(
@@ -269,7 +284,8 @@ def _region_verdict(
     quality: Mapping[str, float], thresholds: QualityThresholds, small_image: bool
 ) -> tuple[str | None, str | None]:
     """Whether a region of smear can be counted, as (cause, reason): in focus (``focus``),
-    not empty (``empty``), not too thick (``thick``); (None, None) when it can."""
+    not empty (``empty``), not too thick (``thick``), not slightly blurred either (``focus``:
+    ``fine_focus``); (None, None) when it can."""
     if quality["focus"] < thresholds.min_focus:
         return "focus", (
             f"out of focus: sharpness {quality['focus']:.0f} below {thresholds.min_focus:g} "
@@ -285,6 +301,14 @@ def _region_verdict(
             f"too thick: {100 * quality['thick']:.0f}% of the field under dense clumps, above "
             f"{100 * thresholds.max_thick:g}%"
         )
+    # after "too thick": a thick field is named so (and, showing no smear's cells, as
+    # possibly no smear) whatever its fine detail
+    if quality.get("fine_focus", 1.0) < thresholds.min_fine_focus:
+        return "focus", (
+            f"out of focus: fine detail {quality['fine_focus']:.2f} of the coarse, below "
+            f"{thresholds.min_fine_focus:g} (variance of the Laplacian at 0.5 over that at 1 "
+            "µm/px: a slight blur takes the detail the cell types differ by)"
+        )
     return None, None
 
 
@@ -293,10 +317,6 @@ def _too_thick(
 ) -> bool:
     """The thick limit, which a crop (``small_image``) is not asked: its cell fills it."""
     return quality["thick"] > thresholds.max_thick and not small_image
-
-
-#: FIELD_QUALITY's length before the smear measures (``stain_colour``, ``background``).
-LEGACY_QUALITY_FIELDS = 4
 
 
 def smear_verdict(

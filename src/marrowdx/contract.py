@@ -182,6 +182,7 @@ QUALITY_FIELDS = (
     "stain_colour",
     "background",
     "flat",
+    "fine_focus",
 )
 
 IMAGE = TensorSpec(T.image, UINT8, (VARIABLE,), "encoded JPEG/PNG bytes", ragged=True)

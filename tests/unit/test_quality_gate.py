@@ -1,6 +1,7 @@
 """Field quality gating: the preprocessing graph measures each field, the client's
-default thresholds count sharp, mildly blurred and lab-shifted 1024 x 1024 fields and exclude
-blurred-beyond-recognition, empty and thick ones with a reason, and an excluded field is
+default thresholds count sharp, slightly blurred and lab-shifted 1024 x 1024 fields and exclude
+blurred (half a µm and more: the detail real cells differ by is gone), empty and thick ones
+with a reason, and an excluded field is
 reported apart and adds nothing to the counts. The measures switched off (only for
 ``marrowdx bench --workload gate``) give a constant that the gate passes."""
 
@@ -48,6 +49,7 @@ def fields() -> dict[str, np.ndarray]:
     thick[:640, :640] = np.clip(255.0 * np.exp(-(3.0 * od + 0.8)), 0, 255).astype(np.uint8)
     out = {
         "sharp": sharp,
+        "defocus_sigma1": blur(1.0),
         "defocus_sigma2": blur(2.0),
         "defocus_sigma3": blur(3.0),
         "defocus_sigma4": blur(4.0),
@@ -79,10 +81,11 @@ def measured(fields: dict[str, np.ndarray]) -> dict[str, dict[str, float]]:
     ("name", "verdict"),
     [
         ("sharp", None),
-        ("defocus_sigma2", None),
-        ("defocus_sigma3", None),
+        ("defocus_sigma1", None),
         ("stain_shift", None),
         ("scanner_shift", None),
+        ("defocus_sigma2", "out of focus: fine detail"),
+        ("defocus_sigma3", "out of focus: fine detail"),
         ("defocus_sigma4", "out of focus"),
         ("blurred_sigma8", "out of focus"),
         ("empty", "empty"),
@@ -194,8 +197,12 @@ def _outputs(quality: list[float] | None, labels=(0, 0, 5)) -> dict[str, np.ndar
 
 
 def test_excluded_field_adds_nothing_and_is_reported_apart() -> None:
-    good = aggregate.decode_image("a.jpg", _outputs([2000.0, 0.08, 0.03, 190.0, 0.8, 0.5, 0.1]))
-    blurred = aggregate.decode_image("b.jpg", _outputs([200.0, 0.08, 0.03, 190.0, 0.8, 0.5, 0.1]))
+    good = aggregate.decode_image(
+        "a.jpg", _outputs([2000.0, 0.08, 0.03, 190.0, 0.8, 0.5, 0.1, 0.3])
+    )
+    blurred = aggregate.decode_image(
+        "b.jpg", _outputs([200.0, 0.08, 0.03, 190.0, 0.8, 0.5, 0.1, 0.3])
+    )
     old_server = aggregate.decode_image("c.jpg", _outputs(None))
     assert good.excluded is None and good.quality["focus"] == 2000.0
     assert old_server.excluded is None and old_server.quality is None
@@ -214,9 +221,26 @@ def test_excluded_field_adds_nothing_and_is_reported_apart() -> None:
     assert set(d["images"][0]["quality"]) == set(QUALITY_FIELDS)
     # gating off: the same field counts
     kept = aggregate.decode_image(
-        "b.jpg", _outputs([200.0, 0.08, 0.03, 190.0, 0.8, 0.5, 0.1]), quality=q.NO_GATING
+        "b.jpg", _outputs([200.0, 0.08, 0.03, 190.0, 0.8, 0.5, 0.1, 0.3]), quality=q.NO_GATING
     )
     assert kept.excluded is None and sum(kept.counts.values()) == 3
+
+
+def test_fine_focus_excludes_a_slightly_blurred_field_and_older_servers_skip_it() -> None:
+    measures = [2000.0, 0.08, 0.03, 190.0, 0.8, 0.5, 0.1]
+    soft = aggregate.decode_image("s.jpg", _outputs([*measures, 0.12]))
+    assert soft.excluded.startswith("out of focus: fine detail 0.12")
+    assert sum(soft.counts.values()) == 0 and len(soft.cells) == 3
+    # a server of the seven measures before fine_focus: that limit is not asked
+    older = aggregate.decode_image("o.jpg", _outputs(measures))
+    assert older.excluded is None and "fine_focus" not in older.quality
+    relaxed = q.QualityThresholds(min_fine_focus=0.1)
+    assert (
+        aggregate.decode_image("s.jpg", _outputs([*measures, 0.12]), quality=relaxed).excluded
+        is None
+    )
+    with pytest.raises(InputError, match="min_fine_focus"):
+        q.QualityThresholds(min_fine_focus=1.5)
 
 
 def test_thresholds_are_configurable_and_checked() -> None:
