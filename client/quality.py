@@ -44,8 +44,8 @@ DEFAULT_MIN_FOCUS = 1000.0
 #: µm/px) a field is out of focus for the models, though ``focus`` passes: a blur of about
 #: half a µm leaves a µm's detail but takes the chromatin and granules the classifier reads
 #: (real cells blurred so were mostly called not identifiable and left the counts). Sharp
-#: real fields and crops fall under it in about 1%, blurred ones in 95% (README "Field quality").
-DEFAULT_MIN_FINE_FOCUS = 0.18
+#: real fields and crops fall under it in 1-2%, blurred ones in 85-97% (README "Field quality").
+DEFAULT_MIN_FINE_FOCUS = 0.19
 DEFAULT_MIN_FOREGROUND = 0.002
 DEFAULT_MAX_THICK = 0.25
 #: Share of the stained pixels that must be coloured (``stain_colour``): real and simulated

@@ -51,10 +51,10 @@ class QualitySpec:
       all: a drawing's flat fills and blank paper; a photographed smear has camera noise,
       grain and compression texture nearly everywhere;
     - fine_focus: variance of the Laplacian of the field's centre at the models' input
-      size (``fine_window`` of its 512 px, 0.5 µm/px) over that of the same region at 256
-      px (1 µm/px). ``focus`` reads detail of a µm and more, which a blur of half a µm
-      keeps; the models read finer detail (chromatin, granules), which it removes. A ratio,
-      so that how much a field holds cancels out.
+      size (``fine_window`` x ``fine_window`` of its 512 px, 0.5 µm/px) over that of the
+      same region at 256 px (1 µm/px). ``focus`` reads detail of a µm and more, which a
+      blur of half a µm keeps; the models read finer detail (chromatin, granules), which
+      it removes. A ratio, so that how much a field holds cancels out.
 
     The background is the per-channel maximum of the field averaged on a ``thick_grid``
     grid: white balance and lamp brightness differ per lab, so colours are compared to it.
@@ -74,7 +74,7 @@ class QualitySpec:
     thick_grid: int = 32
     colour_side: int = 64
     flat_below: float = 0.5
-    fine_window: int = 256
+    fine_window: int = 128
     stained_below_background: float = 0.8
     coloured_chroma: float = 0.1
     bright_above_background: float = 0.85
@@ -129,9 +129,8 @@ def quality_graph(resized, spec: QualitySpec = QualitySpec()):
 
 def _fine_focus(resized, laplacian, spec: QualitySpec):
     """``fine_focus`` of the resized field (see :class:`QualitySpec`), on its central
-    ``fine_window`` pixels and the same region of the 256-pixel ``laplacian``: on the whole
-    512-pixel field the grey copy and its Laplacian cost 2.6 ms of CPU per field (a fifth of
-    the preprocessing), on the window a quarter of that."""
+    ``fine_window`` pixels and the same region of the 256-pixel ``laplacian``: why a window,
+    and why this one, is in docs/real_cells.md ("Real images under other labs' shifts")."""
     from nvidia.dali import fn, types
 
     def centre(image, side: float):
