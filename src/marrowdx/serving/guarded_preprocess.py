@@ -24,7 +24,7 @@ class Preprocessed:
     pixels: np.ndarray  # UINT8 [3, INPUT_SIZE, INPUT_SIZE]
     letterbox: np.ndarray  # FP32 [4]
     image_size: np.ndarray  # INT32 [2]
-    field_quality: np.ndarray  # FP32 [6] (contract.QUALITY_FIELDS)
+    field_quality: np.ndarray  # FP32 [len(contract.QUALITY_FIELDS)]
 
 
 @dataclass(frozen=True)
