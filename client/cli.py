@@ -185,7 +185,8 @@ def add_quality_options(parser: argparse.ArgumentParser) -> None:
         default=q.DEFAULT_MIN_FINE_FOCUS,
         metavar="R",
         help="exclude a field whose fine detail (the Laplacian's variance at 0.5 µm/px over "
-        "that at 1 µm/px) is below R: blurred by about half a µm (default %(default)s)",
+        f"that at 1 µm/px) is below R, e.g. {q.FINE_FOCUS_WARNING:g}: blurred by about half a "
+        "µm (default %(default)s: such a field is counted with a warning)",
     )
     parser.add_argument(
         "--min-foreground",
@@ -325,8 +326,9 @@ def format_table(reports: Sequence[PatientReport]) -> str:
     return "\n".join(lines)
 
 
-def print_spacing_warnings(reports: Sequence[PatientReport], stream: TextIO) -> None:
-    """One line per image whose pixel spacing is uncertain or unknown (``spacing``)."""
+def print_image_warnings(reports: Sequence[PatientReport], stream: TextIO) -> None:
+    """One line per image warning: an uncertain or unknown pixel spacing, a slightly
+    blurred image (``SpacedImageResult.warnings``)."""
     for r in reports:
         for image in r.images:
             for warning in getattr(image, "warnings", ()):
@@ -575,7 +577,7 @@ def run_diagnose(args: argparse.Namespace) -> int:
             if p.slide is None
         }
         print(f"review page: {write_html_report(reports, sources, args.html)}", file=sys.stderr)
-    print_spacing_warnings(reports, sys.stderr)
+    print_image_warnings(reports, sys.stderr)
     print_failures(reports, sys.stderr)
     slides = [r for r in reports if hasattr(r, "n_fields")]  # marrowdx.client.slides.SlideReport
     n_failed = sum(len(r.failed_images) for r in reports if r not in slides)

@@ -33,6 +33,7 @@ from marrowdx.client.quality import (
     QualityThresholds,
     SmearEvidence,
     cells_verdict,
+    focus_warning,
     magnification_verdict,
     quality_verdict,
     red_cells_verdict,
@@ -96,13 +97,17 @@ class SpacingInfo:
 @dataclass(frozen=True)
 class SpacedImageResult(ImageResult):
     """An image's result with how it reached the models' spacing: the JSON adds
-    ``spacing`` (:class:`SpacingInfo`) and, when the spacing is uncertain, ``warnings``."""
+    ``spacing`` (:class:`SpacingInfo`) and ``warnings``: the spacing is uncertain, or the
+    image, counted, is slightly out of focus (``quality.focus_warning``)."""
 
     spacing: SpacingInfo | None = None
 
     @property
     def warnings(self) -> list[str]:
-        return [self.spacing.warning] if self.spacing and self.spacing.warning else []
+        out = [self.spacing.warning] if self.spacing and self.spacing.warning else []
+        if self.excluded is None and (focus := focus_warning(self.quality)) is not None:
+            out.append(focus)
+        return out
 
     def to_dict(self) -> dict[str, object]:
         out = super().to_dict()

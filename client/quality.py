@@ -41,11 +41,15 @@ from marrowdx.spacing import STATED_SOURCES
 
 DEFAULT_MIN_FOCUS = 1000.0
 #: Below this ``fine_focus`` (the Laplacian's variance at the models' 0.5 µm/px over that at 1
-#: µm/px) a field is out of focus for the models, though ``focus`` passes: a blur of about
-#: half a µm leaves a µm's detail but takes the chromatin and granules the classifier reads
-#: (real cells blurred so were mostly called not identifiable and left the counts). Sharp
-#: real fields and crops fall under it in 1-2%, blurred ones in 85-97% (README "Field quality").
-DEFAULT_MIN_FINE_FOCUS = 0.19
+#: µm/px) a field is blurred by about half a µm though ``focus`` passes: that keeps a µm's
+#: detail but takes the chromatin and granules real cells differ by (real cells blurred so
+#: were mostly called not identifiable). Sharp real fields and crops fall under it in 1-2%,
+#: blurred ones in 85-97% (README "Field quality"). Such an image gets a warning.
+FINE_FOCUS_WARNING = 0.19
+#: ... and is excluded only when asked (``--min-fine-focus``): simulated cells keep their
+#: counts under the same blur, and real patients' blurred cells already refer them (as
+#: unidentified), so by default the image is counted and the warning says why to look.
+DEFAULT_MIN_FINE_FOCUS = 0.0
 DEFAULT_MIN_FOREGROUND = 0.002
 DEFAULT_MAX_THICK = 0.25
 #: Share of the stained pixels that must be coloured (``stain_colour``): real and simulated
@@ -153,7 +157,7 @@ class QualityThresholds:
     cell_side_tolerance: float = CELL_SIDE_TOLERANCE  # x or / TYPICAL_CELL_SIDE
     max_um_per_pixel: float = MAX_UM_PER_PIXEL  # coarsest image spacing counted
     min_brightness: float = DEFAULT_MIN_BRIGHTNESS  # mean grey level of a bright field
-    min_fine_focus: float = DEFAULT_MIN_FINE_FOCUS  # fine detail over coarse (blur of ~0.5 µm)
+    min_fine_focus: float = DEFAULT_MIN_FINE_FOCUS  # fine over coarse detail; 0: warn only
 
     def __post_init__(self) -> None:
         if not (self.min_focus >= 0 and np.isfinite(self.min_focus)):
@@ -310,6 +314,20 @@ def _region_verdict(
             "µm/px: a slight blur takes the detail the cell types differ by)"
         )
     return None, None
+
+
+def focus_warning(quality: Mapping[str, float] | None) -> str | None:
+    """A warning for an image counted with less fine detail than ``FINE_FOCUS_WARNING``
+    (blurred by about half a µm), else None; a server without ``fine_focus`` gives none."""
+    fine = (quality or {}).get("fine_focus")
+    if fine is None or fine >= FINE_FOCUS_WARNING:
+        return None
+    return (
+        f"slightly out of focus: fine detail {fine:.2f} of the coarse, below "
+        f"{FINE_FOCUS_WARNING:g}; real cells at this focus are mostly read as not "
+        "identifiable and the rest may not be a fair sample (check the focus; "
+        f"--min-fine-focus {FINE_FOCUS_WARNING:g} excludes such images)"
+    )
 
 
 def _too_thick(

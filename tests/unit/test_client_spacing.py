@@ -505,7 +505,7 @@ def test_an_exif_orientation_is_applied_before_resampling() -> None:
 
 
 def test_the_json_and_the_command_output_carry_the_spacing_and_its_warning(capsys) -> None:
-    from marrowdx.client.cli import print_spacing_warnings
+    from marrowdx.client.cli import print_image_warnings
     from marrowdx.client.report import cohort_to_dict
 
     transport = FakeTransport()
@@ -514,7 +514,7 @@ def test_the_json_and_the_command_output_carry_the_spacing_and_its_warning(capsy
     report = asyncio.run(client.diagnose_patient("P", [blank], names=["P/a.png"]))
     (image,) = cohort_to_dict([report])["patients"][0]["images"]
     assert image["spacing"]["source"] == "assumed" and image["spacing"]["fields"] == 1
-    print_spacing_warnings([report], sys.stderr)
+    print_image_warnings([report], sys.stderr)
     err = capsys.readouterr().err
     assert err.startswith("warning: P/a.png: pixel spacing could not be estimated")
 
