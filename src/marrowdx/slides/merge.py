@@ -255,14 +255,16 @@ def _keep_one_per_cell(
     duplicate (the kept box it overlaps most, by IoU; the earliest on a tie). Returns the
     kept positions and {duplicate position: kept position}. Why by blocks of the pairwise
     test instead of box by box against the boxes kept so far: the same decisions at a tenth
-    of the client's CPU, which a slide's fields share with the server on a small host."""
+    of the client's CPU, which a slide's fields share with the server on a small host. A
+    block is tested against the boxes up to its end only: a box is judged by earlier ones."""
     m = len(boxes)
     kept = np.zeros(m, dtype=bool)
     duplicates: dict[int, int] = {}
     for start in range(0, m, SAME_CELL_BLOCK):
         rows = slice(start, min(m, start + SAME_CELL_BLOCK))
-        same, overlap_iou = _same_cell(boxes[rows, None, :], boxes, iou, containment)
-        same &= field_ids[rows, None] != field_ids[None, :]
+        earlier = boxes[: rows.stop]
+        same, overlap_iou = _same_cell(boxes[rows, None, :], earlier, iou, containment)
+        same &= field_ids[rows, None] != field_ids[None, : rows.stop]
         for r, a in enumerate(range(rows.start, rows.stop)):
             hits = same[r, :a] & kept[:a]
             if hits.any():
