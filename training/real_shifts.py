@@ -65,15 +65,24 @@ def shifted_copies(
 ) -> list[Path]:
     """Each image of ``paths`` (under ``root``) shifted by one draw of ``kind``, written under
     ``out_dir`` at its path relative to ``root``; the paths of the copies, in order. A folder
-    written before for the same images, kind and strength is reused as it is."""
+    written before for the same images, spacings, kind and strength is reused as it is."""
     if kind not in SHIFT_KINDS or kind == "none":
         kinds = ", ".join(k for k in SHIFT_KINDS if k != "none")
         raise InputError(f"unknown shift kind {kind!r} for real images; choose from {kinds}")
     keys = [Path(p).relative_to(root).as_posix() for p in paths]
-    stamp = {"version": SHIFT_VERSION, "kind": kind, "strength": strength, "images": keys}
+    # the spacings set the blur in pixels: another spacing (--um-per-pixel) is another copy
+    stamp = {
+        "version": SHIFT_VERSION,
+        "kind": kind,
+        "strength": strength,
+        "images": keys,
+        "um_per_pixel": list(spacings),
+    }
     done = out_dir / STAMP
-    if done.is_file() and json.loads(done.read_text())["stamp"] == stamp:
-        return [out_dir / rel for rel in json.loads(done.read_text())["copies"]]
+    if done.is_file():
+        written = json.loads(done.read_text())
+        if written["stamp"] == stamp:
+            return [out_dir / rel for rel in written["copies"]]
     partial = out_dir.with_name(out_dir.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     copies = []

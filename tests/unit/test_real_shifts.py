@@ -83,6 +83,11 @@ def test_cached_copies_are_reused_and_a_new_strength_rewrites_them(tmp_path: Pat
     shifted_copies(crops, SAMPLES, [0.1, 0.1], "scanner", 2.0, out)
     assert first[0].read_bytes() != before
     assert not out.with_name("c.partial").exists()
+    # the spacing sets the blur in pixels: a copy made at another spacing is not reused
+    blurred = tmp_path / "d"
+    fine = shifted_copies(crops, SAMPLES, [0.1, 0.1], "defocus", 1.0, blurred)[0].read_bytes()
+    coarse = shifted_copies(crops, SAMPLES, [0.25, 0.25], "defocus", 1.0, blurred)[0]
+    assert coarse.read_bytes() != fine
 
 
 @pytest.mark.parametrize("kind", ["none", "sepia"])
