@@ -197,8 +197,6 @@ def _as_sent(data: bytes, um_per_pixel: float | None, source: str, why: str) -> 
 #: Client-decoded formats whose several pages or frames leave the field ambiguous: a focus
 #: stack as a multi-page TIFF, an animated WebP.
 _MULTI_FRAME_REFUSED = frozenset({"TIFF", "WEBP"})
-#: EXIF orientations that swap width and height (the server's decoder applies them too).
-_TRANSPOSED = frozenset({5, 6, 7, 8})
 
 
 def _header(data: bytes) -> tuple[int, int, int | None] | str:
@@ -266,10 +264,10 @@ def prepare_image(
     (decoded here, never sent as such) beyond them or damaged raises ``RequestFailed``. An EXIF
     orientation is applied before resampling, as the server's decoder applies it.
     """
-    from PIL import Image, ImageOps
+    from PIL import Image
 
     from marrowdx import spacing
-    from marrowdx.image_checks import sniff_format
+    from marrowdx.image_checks import TRANSPOSED_ORIENTATIONS, sniff_format, upright_rgb
     from marrowdx.slides import tiling
 
     header = _header(data)
@@ -279,7 +277,7 @@ def prepare_image(
     if _beyond_limits(width, height):
         limits = f"{config.MIN_IMAGE_SIDE} px a side, {config.MAX_IMAGE_PIXELS} pixels"
         return _as_sent(data, um_per_pixel, source, f"{width}x{height} is beyond ({limits})")
-    if orientation in _TRANSPOSED:
+    if orientation in TRANSPOSED_ORIENTATIONS:
         width, height = height, width
     value, info, estimated = _spacing(um_per_pixel, source, data, estimate)
     tolerance = spacing.ESTIMATE_TOLERANCE if estimated else spacing.MODEL_SPACING_TOLERANCE
@@ -291,7 +289,7 @@ def prepare_image(
     ):
         return PreparedImage([data], None, (height, width), info)
     with _decoding(), Image.open(io.BytesIO(data)) as image:
-        upright = ImageOps.exif_transpose(image).convert("RGB")
+        upright = upright_rgb(image)
     resampled = np.asarray(spacing.resample(upright, value))
     plans = tiling.plan_fields(width, height, value)
     fields = [encode_field(np.ascontiguousarray(plan.render(resampled))) for plan in plans]

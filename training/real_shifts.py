@@ -24,6 +24,7 @@ import numpy as np
 from PIL import Image
 
 from marrowdx.errors import InputError
+from marrowdx.image_checks import upright_rgb
 from marrowdx.simulate.lab_variation import SHIFT_KINDS, SHIFT_STREAM, LabShift
 
 #: Bump when a shifted copy would differ for the same image, kind and strength (the cache key).
@@ -49,7 +50,7 @@ def shift_image(
     rng = image_rng(key, kind)
     shift = LabShift.draw(kind, strength, rng)
     with Image.open(path) as im:
-        rgb = np.asarray(im.convert("RGB"))
+        rgb = np.asarray(upright_rgb(im))
     shifted = shift.apply(rgb, rng, um_per_pixel=um_per_pixel)
     image_format = "jpg" if shift.jpeg_quality is not None else "png"
     return shift.encode(shifted, image_format), f".{image_format}"

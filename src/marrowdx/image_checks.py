@@ -34,11 +34,15 @@ import io
 import struct
 import zlib
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from marrowdx import config
 from marrowdx.errors import ImageRejected
+
+if TYPE_CHECKING:
+    from PIL import Image
 
 #: Leading bytes of the formats the pipeline accepts: JPEG or PNG.
 _MAGIC: dict[str, tuple[bytes, ...]] = {
@@ -70,6 +74,28 @@ class ImageHeader:
     width: int
     height: int
     mode: str  # Pillow mode as declared by the header (e.g. "RGB", "L", "CMYK", "I;16")
+
+
+#: EXIF orientations (tag 0x0112) that swap width and height: the server's decoder applies them.
+TRANSPOSED_ORIENTATIONS = frozenset({5, 6, 7, 8})
+
+
+def upright_size(image: Image.Image) -> tuple[int, int]:
+    """(width, height) of the image as :func:`upright_rgb` gives it, from its header only."""
+    if image.getexif().get(0x0112) in TRANSPOSED_ORIENTATIONS:
+        return int(image.height), int(image.width)
+    return int(image.width), int(image.height)
+
+
+def upright_rgb(image: Image.Image) -> Image.Image:
+    """The image as the server's decoder gives it: EXIF orientation applied, converted to RGB.
+
+    Why one function: the client, the data-set readers and training must see the same
+    pixels in the same orientation, or a data set's boxes (in the pixels a viewer shows)
+    would fall beside their cells in training while the client scores them upright."""
+    from PIL import ImageOps
+
+    return ImageOps.exif_transpose(image).convert("RGB")
 
 
 def sniff_format(data: bytes) -> str | None:

@@ -528,3 +528,41 @@ def test_the_detector_windows_take_their_own_zoom_range() -> None:
     assert sum((t[0] == 1.0).sum() for t in tc) < sum((t[0] == 1.0).sum() for t in ta)
     assert PRESETS["reference"].det_real_zoom == (0.75, 1.5)
     assert dataclasses.replace(base, det_real_zoom=(0.75, 1.5)).fingerprint() != base.fingerprint()
+
+
+def test_an_exif_rotated_field_is_read_upright_as_the_client_reads_it(tmp_path: Path) -> None:
+    """A camera JPEG stored sideways with an EXIF orientation: its boxes are in the upright
+    pixels a viewer (and the client) shows, so training must read the same pixels."""
+    import shutil
+
+    from PIL import Image
+
+    from marrowdx.datasets import load_dataset
+
+    labels = {"WBC": "nucleated", "RBC": "red_cell", "Platelet": "thrombocyte"}
+    root = shutil.copytree(SAMPLES / "txl_pbc_yolo", tmp_path / "yolo")
+    path = root / "images" / "train" / "e980dd0e-c7cb-5990-ac8a-e3384c2b2d71.jpg"
+    with Image.open(path) as image:
+        upright = image.convert("RGB")
+    exif = Image.Exif()
+    exif[0x0112] = 6  # shown rotated 90 degrees clockwise
+    upright.transpose(Image.Transpose.ROTATE_90).save(path, quality=95, exif=exif.tobytes())
+    with Image.open(path) as stored:
+        assert stored.size == (480, 640)
+
+    rotated = load_dataset(root, labels=labels)
+    original = load_dataset(SAMPLES / "txl_pbc_yolo", labels=labels)
+    field = next(f for f in rotated.fields if f.path == path)
+    assert (field.width, field.height) == (640, 480)
+    twin = next(f for f in original.fields if f.path.name == path.name)
+    np.testing.assert_allclose(field.boxes, twin.boxes)
+
+    i = rotated.fields.index(field)
+    ours, theirs = (
+        real_data.real_from_datasets([ds], splits=EVERY_SPLIT).fields[i]
+        for ds in (rotated, original)
+    )
+    np.testing.assert_allclose(ours.boxes, theirs.boxes)
+    assert ours.rgb.shape == theirs.rgb.shape
+    # the same pixels up to the second JPEG encoding (read sideways: a mean difference of tens)
+    assert np.abs(ours.rgb.astype(int) - theirs.rgb.astype(int)).mean() < 3

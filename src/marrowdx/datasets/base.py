@@ -10,7 +10,7 @@ from PIL import Image, UnidentifiedImageError
 
 from marrowdx.datasets.labels import LabelTarget
 from marrowdx.errors import InputError
-from marrowdx.image_checks import IMAGE_SUFFIXES
+from marrowdx.image_checks import IMAGE_SUFFIXES, upright_size
 
 #: The file beside the data that declares its format, pixel spacing and label map.
 DECLARATION_NAME = "marrowdx-dataset.toml"
@@ -119,13 +119,14 @@ def images_under(folder: Path) -> list[Path]:
 
 
 def image_size(path: Path, *, verify: bool = False) -> tuple[int, int]:
-    """(width, height) from the image's header; ``verify`` decodes all of it, which catches
-    truncated files a header read does not."""
+    """(width, height) from the image's header, upright (EXIF orientation applied, as the
+    client and the server read the image: boxes are in those pixels); ``verify`` decodes all
+    of it, which catches truncated files a header read does not."""
     try:
         with Image.open(path) as image:
             if verify:
                 image.load()
-            return int(image.width), int(image.height)
+            return upright_size(image)
     except FileNotFoundError:
         raise DatasetError(f"{path}: image not found") from None
     except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as exc:
