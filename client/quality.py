@@ -42,13 +42,13 @@ from marrowdx.spacing import STATED_SOURCES
 DEFAULT_MIN_FOCUS = 1000.0
 #: Below this ``fine_focus`` (the Laplacian's variance at the models' 0.5 µm/px over that at 1
 #: µm/px) a field is blurred by about half a µm though ``focus`` passes: that keeps a µm's
-#: detail but takes the chromatin and granules real cells differ by (real cells blurred so
-#: were mostly called not identifiable). Sharp real fields and crops fall under it in 1-2%,
+#: detail but takes much of the chromatin and granules real cells differ by (real cells
+#: blurred so score a few points lower). Sharp real fields and crops fall under it in 1-2%,
 #: blurred ones in 85-97% (README "Field quality"). Such an image gets a warning.
 FINE_FOCUS_WARNING = 0.19
 #: ... and is excluded only when asked (``--min-fine-focus``): simulated cells keep their
-#: counts under the same blur, and real patients' blurred cells already refer them (as
-#: unidentified), so by default the image is counted and the warning says why to look.
+#: counts under the same blur and real ones nearly so (the classifier learnt blurred real
+#: cells), so by default the image is counted and the warning says why to look.
 DEFAULT_MIN_FINE_FOCUS = 0.0
 DEFAULT_MIN_FOREGROUND = 0.002
 DEFAULT_MAX_THICK = 0.25
@@ -324,8 +324,8 @@ def focus_warning(quality: Mapping[str, float] | None) -> str | None:
         return None
     return (
         f"slightly out of focus: fine detail {fine:.2f} of the coarse, below "
-        f"{FINE_FOCUS_WARNING:g}; real cells at this focus are mostly read as not "
-        "identifiable and the rest may not be a fair sample (check the focus; "
+        f"{FINE_FOCUS_WARNING:g}; real cells lose the detail their types differ by at "
+        "this focus, and more are left unidentified (check the focus; "
         f"--min-fine-focus {FINE_FOCUS_WARNING:g} excludes such images)"
     )
 

@@ -78,18 +78,22 @@ REAL_AUGMENT = AugmentSpec(
     scale_probability=0.0,
 )
 
-#: For the classifier's real cells: REAL_AUGMENT's detail (no blur, no JPEG) with a dye-colour
-#: change (per-channel OD gain and OD mixing) more than twice the simulated fields', on half
-#: the cells. Real crops come from one lab: with milder colour the classifier learnt that
-#: lab's granule hue, and called peripheral-blood neutrophils of other labs eosinophils or
+#: For the classifier's real cells: a dye-colour change (per-channel OD gain and OD mixing)
+#: more than twice the simulated fields', on half the cells, and a slight defocus on half of
+#: those. Real crops come from one lab: with milder colour the classifier learnt that lab's
+#: granule hue, and called peripheral-blood neutrophils of other labs eosinophils or
 #: monocytes; on every cell it lost the colour that tells a lab's not-identifiable cells from
-#: lymphocytes (docs/real_cells.md). The detector's real windows keep REAL_AUGMENT.
+#: lymphocytes. Blur: sigma 0.3-1.2 px at the models' 0.5 µm/px (0.15-0.6 µm, the range of
+#: the defocus shift), which real cells blurred so were mostly called not identifiable
+#: without; the simulated fields' blur (up to 1 µm on 40%, with JPEG) had erased their detail
+#: (docs/real_cells.md). No JPEG. The detector's real windows keep REAL_AUGMENT.
 REAL_CELL_AUGMENT = AugmentSpec(
     probability=0.5,
     od_channel_gain=0.35,
     od_mixing=0.35,
     noise_sigma=3.0,
-    blur_probability=0.0,
+    blur_probability=0.5,
+    blur_sigma=1.2,
     jpeg_probability=0.0,
     scale_probability=0.0,
 )

@@ -102,7 +102,8 @@ PRESETS: dict[str, TrainingPreset] = {
         # covers the uncertainty of real spacings; the simulated images' strong augmentation
         # erased real cells' detail (docs/real_cells.md), so real images take a mild one;
         # the classifier's real cells vary the dye colour widely (one lab's hue did not carry
-        # to other labs' blood cells)
+        # to other labs' blood cells) and a quarter are slightly defocused (blurred real cells
+        # were read as not identifiable)
         det_real_batch=6,
         det_real_crops=2,
         cls_real_crops=96,
