@@ -28,7 +28,8 @@ from marrowdx.image_checks import upright_rgb
 from marrowdx.simulate.lab_variation import SHIFT_KINDS, SHIFT_STREAM, LabShift
 
 #: Bump when a shifted copy would differ for the same image, kind and strength (the cache key).
-SHIFT_VERSION = 1
+#: 2: the image is read upright (its EXIF orientation applied) before it is shifted.
+SHIFT_VERSION = 2
 #: Name of the file recording what a cached folder of shifted copies holds.
 STAMP = "shift.json"
 
