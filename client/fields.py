@@ -42,7 +42,7 @@ from marrowdx.client.quality import (
 )
 from marrowdx.client.report import Cell, ImageResult
 from marrowdx.errors import RequestFailed
-from marrowdx.spacing import scale_to_model
+from marrowdx.spacing import STATED_SOURCES, red_cells_at, scale_to_model
 
 if TYPE_CHECKING:
     from marrowdx.slides.tiling import FieldPlan
@@ -134,6 +134,7 @@ class PreparedImage:
     plans: list[FieldPlan] | None
     size: tuple[int, int]
     spacing: SpacingInfo
+    data: bytes = b""  # the input's own bytes, for a check of its pixels after inference
 
 
 def _spacing(
@@ -191,7 +192,7 @@ def _as_sent(data: bytes, um_per_pixel: float | None, source: str, why: str) -> 
         source if um_per_pixel is not None else "assumed",
         warning=None if um_per_pixel is not None else f"pixel spacing not estimated: {why}",
     )
-    return PreparedImage([data], None, (0, 0), info)
+    return PreparedImage([data], None, (0, 0), info)  # no pixels to check
 
 
 #: Client-decoded formats whose several pages or frames leave the field ambiguous: a focus
@@ -287,13 +288,13 @@ def prepare_image(
         and (width, height) == tuple(config.FIELD_SIZE)
         and spacing.at_model_spacing(value, tolerance)
     ):
-        return PreparedImage([data], None, (height, width), info)
+        return PreparedImage([data], None, (height, width), info, data)
     with _decoding(), Image.open(io.BytesIO(data)) as image:
         upright = upright_rgb(image)
     resampled = np.asarray(spacing.resample(upright, value))
     plans = tiling.plan_fields(width, height, value)
     fields = [encode_field(np.ascontiguousarray(plan.render(resampled))) for plan in plans]
-    return PreparedImage(fields, plans, (height, width), replace(info, fields=len(fields)))
+    return PreparedImage(fields, plans, (height, width), replace(info, fields=len(fields)), data)
 
 
 def _median_quality(results: Sequence[ImageResult]) -> dict[str, float] | None:
@@ -363,7 +364,7 @@ def merge_image(
     if prepared.plans is None:
         (only,) = results
         evidence = SmearEvidence.of(only.cells)
-        only = _without_smear_evidence(only, evidence, prepared.spacing, quality)
+        only = _without_smear_evidence(only, evidence, prepared, quality)
         return with_spacing(only, prepared.spacing)
     height, width = prepared.size
     cells: list[Cell] = []
@@ -425,7 +426,7 @@ def merge_image(
         file=name, cells=found, counts=counts, size=(height, width), quality=measures,
         excluded=excluded,
     )  # fmt: skip
-    return with_spacing(_without_smear_evidence(result, evidence, spacing, quality), spacing)
+    return with_spacing(_without_smear_evidence(result, evidence, prepared, quality), spacing)
 
 
 def _seen_only_mirrored(
@@ -451,16 +452,27 @@ def _seen_only_mirrored(
 def _without_smear_evidence(
     result: ImageResult,
     evidence: SmearEvidence,
-    spacing: SpacingInfo,
+    prepared: PreparedImage,
     quality: QualityThresholds,
 ) -> ImageResult:
     """``result`` excluded by ``quality.red_cells_verdict`` when it was counted but shows
-    nothing of a smear: no red cells to estimate its spacing by, no cell identified. Asked,
-    like ``quality.cells_verdict``, only of a field measured by a server with the smear
-    measures. ``evidence``: :meth:`SmearEvidence.of` the result's cells."""
+    nothing of a smear: no cell identified, no red cells (those the estimate took, or at a
+    stated spacing those of a red cell's size at it, counted here only for a field without
+    an identified cell: rare in a smear, so its few ms are seldom spent). Asked, like
+    ``quality.cells_verdict``, only of a field measured by a server with the smear measures.
+    ``evidence``: :meth:`SmearEvidence.of` the result's cells."""
     if result.excluded is not None or not smear_measured(result.quality):
         return result
-    reason = red_cells_verdict(spacing.source, spacing.n_red_cells, evidence, quality)
+    spacing = prepared.spacing
+    n_red_cells = spacing.n_red_cells
+    if spacing.source in STATED_SOURCES:
+        n_red_cells = None
+        if quality.enabled and not evidence.identified and not _small(prepared) and prepared.data:
+            with _decoding():
+                n_red_cells = red_cells_at(prepared.data, spacing.um_per_pixel)
+    reason = red_cells_verdict(
+        spacing.source, n_red_cells, evidence, quality, um_per_pixel=spacing.um_per_pixel
+    )
     if reason is None:
         return result
     return replace(result, excluded=reason, counts=dict.fromkeys(result.counts, 0))

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import io
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -77,6 +77,9 @@ MAX_DARK_SHARE = 0.2
 #: Objects kept around the first median diameter (lower, upper factor): clumps and white
 #: cells above, fragments below.
 DIAMETER_BAND = (0.6, 1.5)
+#: Diameters (µm) that pass for a red cell's at a stated spacing (:func:`red_cells_at`): the
+#: same band around ``RED_CELL_UM`` (4.5-11 µm), wide enough for a spacing a third off.
+RED_CELL_BAND_UM = (DIAMETER_BAND[0] * RED_CELL_UM, DIAMETER_BAND[1] * RED_CELL_UM)
 #: Inscribed diameters below this (work pixels) are noise whatever the scale.
 MIN_DIAMETER_WORK_PX = 5.0
 #: A pooled estimate is certain over at least this many red cells from at least two images,
@@ -364,9 +367,10 @@ def estimate_um_per_pixel(rgb: np.ndarray) -> SpacingEstimate:
     return _estimate(lambda side: _to_work_size(image, side), image.width, max(image.size))
 
 
-def estimate_from_bytes(data: bytes) -> SpacingEstimate:
-    """Estimate the spacing of an encoded image; JPEGs decode at a reduced size (draft mode:
-    libjpeg's 1/2, 1/4, 1/8 scaling, far cheaper than a full decode)."""
+def _work_reader(data: bytes) -> tuple[Callable[[int], np.ndarray], int, int]:
+    """(``read_work(side)``, width, longer side) of an encoded image; JPEGs decode at a
+    reduced size (draft mode: libjpeg's 1/2, 1/4, 1/8 scaling, far cheaper than a full
+    decode)."""
     from PIL import Image
 
     with Image.open(io.BytesIO(data)) as image:
@@ -379,7 +383,31 @@ def estimate_from_bytes(data: bytes) -> SpacingEstimate:
                 image.draft("RGB", (math.ceil(size[0] / shrink), math.ceil(size[1] / shrink)))
             return _to_work_size(image, side)
 
-    return _estimate(read_work, width, max(size))
+    return read_work, width, max(size)
+
+
+def estimate_from_bytes(data: bytes) -> SpacingEstimate:
+    """Estimate the spacing of an encoded image (:func:`estimate_um_per_pixel`)."""
+    read_work, width, longer = _work_reader(data)
+    return _estimate(read_work, width, longer)
+
+
+def red_cells_at(data: bytes, um_per_pixel: float) -> int:
+    """How many pale round objects of an encoded image are a red cell's size at a stated
+    ``um_per_pixel`` (diameter within ``RED_CELL_BAND_UM``): the estimator's candidates,
+    segmented at the smallest working size at which a red cell would be
+    ``MIN_CELL_WORK_PX`` across. Why: a field of a smear at its stated spacing shows red
+    cells of that size; a picture that is no smear, or a spacing far from the image's, shows
+    none (``quality.red_cells_verdict``)."""
+    check_um_per_pixel(um_per_pixel)
+    low, high = RED_CELL_BAND_UM
+    read_work, width, longer = _work_reader(data)
+    expected = RED_CELL_UM / um_per_pixel  # input pixels
+    sides = _work_sides(longer)
+    side = next((s for s in sides if expected * s / longer >= MIN_CELL_WORK_PX), sides[-1])
+    work = read_work(side)
+    diameters_um = _red_cell_diameters(work) * (width / work.shape[1]) * um_per_pixel
+    return int(np.count_nonzero((diameters_um >= low) & (diameters_um <= high)))
 
 
 def pooled_estimate(estimates: Sequence[SpacingEstimate]) -> SpacingEstimate:

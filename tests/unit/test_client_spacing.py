@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageDraw
 from scipy import ndimage as ndi
 
 from marrowdx import config, spacing, taxonomy
@@ -223,9 +223,44 @@ def test_an_image_with_one_round_object_and_no_identified_cell_is_no_smear() -> 
     assert unsure.spacing.n_red_cells == 1 and len(unsure.cells) == 1
     assert unsure.excluded.startswith(q.NOT_A_SMEAR) and "1 round object" in unsure.excluded
     assert sum(unsure.counts.values()) == 0
-    assert run(0.55, um_per_pixel=config.MODEL_UM_PER_PIXEL).excluded is None
     identified = run(0.9)
     assert identified.excluded is None and sum(identified.counts.values()) == 1
+
+
+def smear_picture(size: tuple[int, int], squares: list[tuple[int, int, int]]) -> bytes:
+    """``picture`` with pale red cells (30 px across: 7.5 µm at the models' spacing) in
+    rows below y = 400, which the fake detector does not find."""
+    image = Image.open(io.BytesIO(picture(size, squares)))
+    draw = ImageDraw.Draw(image)
+    for x in range(60, size[0] - 30, 70):
+        for y in range(400, size[1] - 30, 70):
+            draw.ellipse([x - 15, y - 15, x + 15, y + 15], fill=(215, 150, 170))
+    out = io.BytesIO()
+    image.save(out, "PNG")
+    return out.getvalue()
+
+
+def test_a_field_without_red_cells_of_their_size_at_a_stated_spacing_is_no_smear() -> None:
+    """Given a spacing, a field (not a crop) whose one object the models cannot place is
+    asked for red cells of a red cell's size at that spacing: none (a logo, or a spacing
+    far from the image's) excludes it as possibly no smear; a smear's red cells keep it
+    counted, as does an identified cell. A crop, which holds few red cells, is not asked."""
+
+    def run(data: bytes, top: float, um_per_pixel: float) -> SpacedImageResult:
+        client = AsyncMarrowClient(transport=MeasuredTransport(top))  # type: ignore[arg-type]
+        return asyncio.run(client.analyse_image(data, "x", um_per_pixel=um_per_pixel))  # type: ignore[arg-type]
+
+    at = config.MODEL_UM_PER_PIXEL
+    logo = run(picture((FIELD, FIELD), [(100, 100, 40)]), 0.55, at)
+    assert logo.excluded.startswith(q.NOT_A_SMEAR) and f"stated {at:g} µm/px" in logo.excluded
+    assert sum(logo.counts.values()) == 0
+    smear = smear_picture((FIELD, FIELD), [(100, 100, 40)])
+    assert spacing.red_cells_at(smear, at) > 50
+    assert run(smear, 0.55, at).excluded is None
+    assert "stated 0.1 µm/px" in run(smear, 0.55, 0.1).excluded  # red cells 2.5x too small
+    assert run(picture((FIELD, FIELD), [(100, 100, 40)]), 0.9, at).excluded is None
+    crop = run(picture((200, 200), [(80, 80, 40)]), 0.55, at)
+    assert crop.excluded is None and crop.spacing.fields == 1
 
 
 def test_client_default_and_per_image_spacings() -> None:

@@ -235,10 +235,28 @@ def test_no_red_cells_and_no_identified_cell_at_an_unstated_spacing_is_no_smear(
     for source, red in (("estimated", 1), ("assumed", 0), ("estimated", None)):
         verdict = q.red_cells_verdict(source, red, none)
         assert verdict.startswith(q.NOT_A_SMEAR) and "--um-per-pixel" in verdict
-    assert q.red_cells_verdict("given", 1, none) is None  # a stated spacing is trusted
     assert q.red_cells_verdict("estimated", 2, none) is None  # red cells: a smear
     assert q.red_cells_verdict("estimated", 1, q.SmearEvidence(1, 1)) is None
     assert q.red_cells_verdict("estimated", 1, none, q.NO_GATING) is None
+
+
+def test_no_red_cell_of_its_size_at_a_stated_spacing_and_no_identified_cell_is_no_smear() -> None:
+    """At a stated spacing the red cells are those of a red cell's size at it, counted by
+    the caller for a field only (None: not counted, a crop): nothing is asked without them,
+    nor of a field with any identified cell."""
+    none = q.SmearEvidence(identified=0, objects=3)
+    for source in ("given", "patient"):
+        verdict = q.red_cells_verdict(source, 1, none, um_per_pixel=0.25)
+        assert verdict.startswith(q.NOT_A_SMEAR) and "stated 0.25 µm/px" in verdict
+        assert "1 red cell of a red cell's size" in verdict
+        assert q.red_cells_verdict(source, None, none, um_per_pixel=0.25) is None
+    assert q.red_cells_verdict("given", 2, none, um_per_pixel=0.25) is None
+    assert q.red_cells_verdict("given", 0, q.SmearEvidence(1, 1), um_per_pixel=0.25) is None
+    # one identified cell among many unplaced objects: lacking, yet the stated spacing holds
+    assert q.red_cells_verdict("given", 0, q.SmearEvidence(1, 9), um_per_pixel=0.25) is None
+    assert q.red_cells_verdict("estimated", 0, q.SmearEvidence(1, 9)) is not None
+    with pytest.raises(ValueError, match="um_per_pixel"):
+        q.red_cells_verdict("given", 0, none)
 
 
 def test_a_thick_field_without_one_identified_cell_may_be_no_smear(measured) -> None:
