@@ -78,7 +78,7 @@ MAX_DARK_SHARE = 0.2
 #: cells above, fragments below.
 DIAMETER_BAND = (0.6, 1.5)
 #: Diameters (µm) that pass for a red cell's at a stated spacing (:func:`red_cells_at`): the
-#: same band around ``RED_CELL_UM`` (4.5-11 µm), wide enough for a spacing a third off.
+#: same band around ``RED_CELL_UM`` (4.8-12 µm), wide enough for a spacing a third off.
 RED_CELL_BAND_UM = (DIAMETER_BAND[0] * RED_CELL_UM, DIAMETER_BAND[1] * RED_CELL_UM)
 #: Inscribed diameters below this (work pixels) are noise whatever the scale.
 MIN_DIAMETER_WORK_PX = 5.0
