@@ -237,13 +237,14 @@ def quality_verdict(
     not "out of focus". ``small_image``: the field pads an image of at most
     ``SMALL_IMAGE_SIDE`` (a cell crop), which is not judged "too thick". ``evidence``: what
     the models found in it (None: not known yet); a too thick field that shows no smear's
-    cells (:meth:`SmearEvidence.lacking`) is named as possibly no smear."""
+    cells (:meth:`SmearEvidence.lacking`) is named as possibly no smear, and one in which
+    they found a cell is not empty (a pale stain: :func:`_region_verdict`)."""
     if quality is None or not thresholds.enabled:
         return None
     smear = smear_verdict(quality, thresholds, small_image=small_image)
     if smear is not None:
         return smear
-    cause, region = _region_verdict(quality, thresholds, small_image)
+    cause, region = _region_verdict(quality, thresholds, small_image, evidence)
     if cause != "thick" or evidence is None or not evidence.lacking:
         return region
     return evidence.maybe_no_smear("too thick to count", region)
@@ -289,17 +290,24 @@ class SmearEvidence:
 
 
 def _region_verdict(
-    quality: Mapping[str, float], thresholds: QualityThresholds, small_image: bool
+    quality: Mapping[str, float],
+    thresholds: QualityThresholds,
+    small_image: bool,
+    evidence: SmearEvidence | None = None,
 ) -> tuple[str | None, str | None]:
     """Whether a region of smear can be counted, as (cause, reason): in focus (``focus``),
     not empty (``empty``), not too thick (``thick``), not slightly blurred either (``focus``:
-    ``fine_focus``); (None, None) when it can."""
+    ``fine_focus``); (None, None) when it can. A field in which the models found a cell
+    (``evidence.objects``: platelets aside) is not empty whatever its stained share: that
+    share counts pixels darker than a fixed grey level, and a pale stain's nuclei, averaged
+    down to the measure's 256 pixels, stay above it (README "Field quality")."""
     if quality["focus"] < thresholds.min_focus:
         return "focus", (
             f"out of focus: sharpness {quality['focus']:.0f} below {thresholds.min_focus:g} "
             "(variance of the Laplacian)"
         )
-    if quality["foreground"] < thresholds.min_foreground:
+    found = evidence is not None and evidence.objects > 0
+    if quality["foreground"] < thresholds.min_foreground and not found:
         return "empty", (
             f"empty: {100 * quality['foreground']:.2f}% stained pixels, below "
             f"{100 * thresholds.min_foreground:g}%"

@@ -285,6 +285,19 @@ def test_a_thick_field_without_one_identified_cell_may_be_no_smear(measured) -> 
     assert smear.excluded.startswith("too thick")
 
 
+def test_a_field_with_a_cell_found_is_not_empty_whatever_its_stained_share(measured) -> None:
+    """A pale stain's nuclei stay lighter than the fixed grey level ``foreground`` counts
+    (real blood fields of one lab measured 0.00%): a field in which the models found a cell
+    is judged by the other rules; one with nothing found, or not yet known, is empty."""
+    pale = {**measured["smear"], "foreground": 0.0}
+    assert q.quality_verdict(pale, evidence=q.SmearEvidence(0, 1)) is None
+    assert q.quality_verdict(pale, evidence=q.SmearEvidence(1, 1)) is None
+    assert q.quality_verdict(pale, evidence=q.SmearEvidence(0, 0)).startswith("empty")
+    assert q.quality_verdict(pale).startswith("empty")
+    blurred = {**pale, "focus": 500.0}
+    assert q.quality_verdict(blurred, evidence=q.SmearEvidence(0, 1)).startswith("out of focus")
+
+
 def test_a_thick_field_of_mostly_unplaced_objects_may_be_no_smear(measured) -> None:
     """One identified cell among many detected objects the models cannot place (a circuit
     board's parts) is no smear's evidence either; platelets are not counted as objects (a
