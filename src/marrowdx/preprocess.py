@@ -37,8 +37,12 @@ class QualitySpec:
     - foreground: share of pixels darker than ``stained_below`` (stained cells: an empty field
       has none);
     - thick: share of the cells of a ``thick_grid`` x ``thick_grid`` grid whose mean is darker
-      than ``thick_below`` (a nucleus covers part of a cell; only a clump of overlapping cells
-      darkens a whole one);
+      than ``thick_below_background`` times the field's background grey (a nucleus covers
+      part of a cell; only a clump of overlapping cells darkens a whole one). The background
+      is the grid's brightest cell, at least ``thick_background_floor``: relative, so a lab's
+      dimmer lamp or shorter exposure does not read as a clump (at an absolute grey level of
+      120, 28 of 48 simulated fields at 0.6 of their light were "too thick"); floored, so a
+      field with no glass at all, whose brightest cell is itself a clump, is still thick;
     - brightness: mean grey level (0-255): a bright-field smear's glass is light;
     - stain_colour: share of the stained pixels (darker than ``stained_below_background``
       times the field's background, per channel) whose colour, white-balanced by that
@@ -70,7 +74,8 @@ class QualitySpec:
 
     side: int = 256
     stained_below: int = 150
-    thick_below: int = 120
+    thick_below_background: float = 0.51  # 120 grey levels under the simulated glass' 235
+    thick_background_floor: float = 150.0
     thick_grid: int = 32
     colour_side: int = 64
     flat_below: float = 0.5
@@ -99,6 +104,7 @@ class PreprocessSpec:
 def quality_graph(resized, spec: QualitySpec = QualitySpec()):
     """FIELD_QUALITY float32[8] of a resized RGB (HWC uint8) field, inside a DALI graph."""
     from nvidia.dali import fn, types
+    from nvidia.dali import math as dmath
 
     if not spec.enabled:
         # Per-sample constants tied to ``resized`` (its shape only, no pixel is read), so the
@@ -112,8 +118,14 @@ def quality_graph(resized, spec: QualitySpec = QualitySpec()):
     textureless = (laplacian < spec.flat_below) & (laplacian > -spec.flat_below)
     flat = fn.reductions.mean(fn.cast(textureless, dtype=types.FLOAT))
     foreground = fn.reductions.mean(fn.cast(grey < spec.stained_below, dtype=types.FLOAT))
-    grid = fn.resize(grey, size=(float(spec.thick_grid), float(spec.thick_grid)), antialias=True)
-    thick = fn.reductions.mean(fn.cast(grid < spec.thick_below, dtype=types.FLOAT))
+    grid = fn.cast(
+        fn.resize(grey, size=(float(spec.thick_grid), float(spec.thick_grid)), antialias=True),
+        dtype=types.FLOAT,
+    )
+    glass = dmath.max(fn.reductions.max(grid), spec.thick_background_floor)
+    thick = fn.reductions.mean(
+        fn.cast(grid < spec.thick_below_background * glass, dtype=types.FLOAT)
+    )
     stain_colour, background = _colour_measures(small, spec)
     return fn.stack(
         focus,

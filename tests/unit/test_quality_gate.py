@@ -57,6 +57,9 @@ def fields() -> dict[str, np.ndarray]:
         "blurred_sigma8": blur(8.0),
         "empty": fl.render_field([], (SIDE, SIDE), style, rng).image,
         "thick": thick,
+        # a dimmer lamp or a shorter exposure (0.6 of the light): no clump, whatever its grey
+        "dim": (sharp * 0.6).astype(np.uint8),
+        "dim_thick": (thick * 0.6).astype(np.uint8),
     }
     for kind in ("stain", "scanner"):
         shift = lv.LabShift.draw(kind, 1.0, lv.shift_rng(16, 0))
@@ -91,6 +94,8 @@ def measured(fields: dict[str, np.ndarray]) -> dict[str, dict[str, float]]:
         ("blurred_sigma8", "out of focus"),
         ("empty", "empty"),
         ("thick", "too thick"),
+        ("dim", None),
+        ("dim_thick", "too thick"),
     ],
 )
 def test_default_thresholds_count_and_exclude_the_right_fields(measured, name, verdict) -> None:
@@ -107,6 +112,10 @@ def test_measures_move_the_way_their_names_say(measured) -> None:
     assert m["empty"]["foreground"] == 0.0 < m["sharp"]["foreground"]
     assert m["thick"]["thick"] > 5 * m["sharp"]["thick"]
     assert m["thick"]["brightness"] < m["sharp"]["brightness"]
+    # thick is relative to the field's glass: less light is no clump (an absolute grey level
+    # read 0.17 on the dim copy, 0.02 on the field)
+    assert abs(m["dim"]["thick"] - m["sharp"]["thick"]) < 0.02
+    assert abs(m["dim_thick"]["thick"] - m["thick"]["thick"]) < 0.02
     # the focus limit sits beyond the trained tolerance: sigma 2 keeps a margin
     assert m["defocus_sigma2"]["focus"] > 1.5 * q.DEFAULT_MIN_FOCUS
 
