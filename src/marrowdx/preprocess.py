@@ -45,8 +45,10 @@ class QualitySpec:
       field with no glass at all, whose brightest cell is itself a clump, is still thick;
     - brightness: mean grey level (0-255): a bright-field smear's glass is light;
     - stain_colour: share of the stained pixels (darker than ``stained_below_background``
-      times the field's background, per channel) whose colour, white-balanced by that
-      background, spans at least ``coloured_chroma`` across the channels. A stained smear's
+      times the field's background, per channel; in a pale field, darker than half-way down
+      to its darkest grid cell, if that lies under ``pale_limit``) whose colour,
+      white-balanced by that background, spans at least ``coloured_chroma`` across the
+      channels. A stained smear's
       nuclei and red cells are coloured (0.26 and up on real and simulated fields); a
       greyscale copy, text, a line drawing or a black-and-white photo has none (0);
     - background: share of pixels within ``1 - bright_above_background`` of the background
@@ -81,6 +83,7 @@ class QualitySpec:
     flat_below: float = 0.5
     fine_window: int = 128
     stained_below_background: float = 0.8
+    pale_limit: float = 0.975  # the half-way limit is taken below this (a cell 5% darker)
     coloured_chroma: float = 0.1
     bright_above_background: float = 0.85
     enabled: bool = True
@@ -170,6 +173,7 @@ def _variance(x):
 def _colour_measures(small, spec: QualitySpec):
     """(stain_colour, background) of an RGB HWC uint8 field (see :class:`QualitySpec`)."""
     from nvidia.dali import fn, types
+    from nvidia.dali import math as dmath
 
     side = float(spec.thick_grid)
     coarse = fn.cast(fn.resize(small, size=(side, side), antialias=True), dtype=types.FLOAT)
@@ -180,7 +184,14 @@ def _colour_measures(small, spec: QualitySpec):
     balanced = (fn.cast(colours, dtype=types.FLOAT) + 1.0) / white  # 1 = background
     darkest = fn.reductions.min(balanced, axes=(2,))
     chroma = fn.reductions.max(balanced, axes=(2,)) - darkest
-    stained = darkest < spec.stained_below_background
+    # a pale field (its darkest grid cell lighter than 0.6 of its glass, yet at least 5%
+    # darker) takes as stained what lies half-way down to that cell: else nothing in it is
+    # stained and a pale colour field would read as greyscale (stain_colour 0); every other
+    # field keeps the fixed limit (a flat colour too: nothing in it to judge)
+    darkest_cell = fn.reductions.min((coarse + 1.0) / white)
+    half_way = (darkest_cell + 1.0) * 0.5
+    limit = dmath.max(spec.stained_below_background, half_way * (half_way < spec.pale_limit))
+    stained = darkest < limit
     coloured = fn.cast(stained & (chroma >= spec.coloured_chroma), dtype=types.FLOAT)
     n_stained = fn.reductions.sum(fn.cast(stained, dtype=types.FLOAT))
     stain_colour = fn.reductions.sum(coloured) / (n_stained + 1.0)

@@ -82,7 +82,11 @@ def images() -> dict[str, bytes]:
     labels = [taxonomy.CLASSES[i] for i in rng.integers(0, taxonomy.N_CLASSES, 30)]
     field = fl.render_field(labels, (SIDE, SIDE), style, rng).image
     grey16 = np.asarray(Image.fromarray(field).convert("L")).astype(np.uint16) * 257
+    # a pale stain or a washed-out camera: a quarter of the field's contrast to white left
+    pale = (255.0 - (255.0 - field.astype(np.float32)) * 0.25).astype(np.uint8)
     out = {
+        "smear_pale": _encode(Image.fromarray(pale)),
+        "grey_pale": _encode(Image.fromarray(pale).convert("L")),
         "smear": _encode(Image.fromarray(field)),
         "grey": _encode(Image.fromarray(field).convert("L")),
         "grey16_png": _encode(Image.fromarray(grey16), "PNG"),
@@ -134,6 +138,17 @@ def test_non_smears_are_excluded_as_such(measured, name, what) -> None:
     reason = q.quality_verdict(measured[name])
     sep = " " if what.startswith("(") else ": "
     assert reason is not None and reason.startswith(f"{q.NOT_A_SMEAR}{sep}{what}"), reason
+
+
+def test_a_pale_colour_field_is_no_greyscale_image(measured) -> None:
+    """Washed out so that nothing is darker than 0.8 of its background, a colour field still
+    has its stained pixels judged (half-way down to its darkest area) and keeps its colour;
+    its greyscale copy has none."""
+    pale, grey = measured["smear_pale"], measured["grey_pale"]
+    assert pale["stain_colour"] >= q.DEFAULT_MIN_STAIN_COLOUR, pale  # 0 at a fixed 0.8
+    assert "no stain colour" not in (q.smear_verdict(pale) or "")
+    assert grey["stain_colour"] < q.DEFAULT_MIN_STAIN_COLOUR
+    assert q.smear_verdict(grey).startswith(f"{q.NOT_A_SMEAR}: no stain colour")
 
 
 def test_what_the_models_found_can_exclude_a_field(measured) -> None:
