@@ -46,11 +46,11 @@ class QualitySpec:
     - brightness: mean grey level (0-255): a bright-field smear's glass is light;
     - stain_colour: share of the stained pixels (darker than ``stained_below_background``
       times the field's background, per channel; in a pale field, darker than half-way down
-      to its darkest grid cell, if that lies under ``pale_limit``) whose colour,
+      to its darkest grid cell when that lies under ``pale_limit``) whose colour,
       white-balanced by that background, spans at least ``coloured_chroma`` across the
-      channels. A stained smear's
-      nuclei and red cells are coloured (0.26 and up on real and simulated fields); a
-      greyscale copy, text, a line drawing or a black-and-white photo has none (0);
+      channels. A stained smear's nuclei and red cells are coloured (0.26 and up on real and
+      simulated fields); a greyscale copy, text, a line drawing or a black-and-white photo
+      has none (0);
     - background: share of pixels within ``1 - bright_above_background`` of the background
       in every channel (the glass and plasma between cells);
     - flat: share of the grey field where the Laplacian is (almost) 0, i.e. no texture at
@@ -184,8 +184,8 @@ def _colour_measures(small, spec: QualitySpec):
     balanced = (fn.cast(colours, dtype=types.FLOAT) + 1.0) / white  # 1 = background
     darkest = fn.reductions.min(balanced, axes=(2,))
     chroma = fn.reductions.max(balanced, axes=(2,)) - darkest
-    # a pale field (its darkest grid cell lighter than 0.6 of its glass, yet at least 5%
-    # darker) takes as stained what lies half-way down to that cell: else nothing in it is
+    # a pale field (its darkest grid cell at more than 0.6 of its glass, yet at least 5% under
+    # it) takes as stained what lies half-way down to that cell: else nothing in it is
     # stained and a pale colour field would read as greyscale (stain_colour 0); every other
     # field keeps the fixed limit (a flat colour too: nothing in it to judge)
     darkest_cell = fn.reductions.min((coarse + 1.0) / white)
