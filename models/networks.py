@@ -51,7 +51,7 @@ STAIN_GAIN_LIMITS = (0.25, 4.0)
 #: white cells were lost (README "Under other labs' stain..."); shown as stain, their edge
 #: drew a ring the detector found cells on. Found on the pooled grid; applying the mask is
 #: one more multiply over the field (docs/performance.md).
-STAIN_BLACK_LEVEL = 32.0
+STAIN_BLACK_LEVEL = config.CAMERA_BLACK_LEVEL
 #: Optical density of a grey level v is ln(OD_WHITE / (v + 1)): 255 -> 0, 0 -> finite.
 OD_WHITE = 256.0
 

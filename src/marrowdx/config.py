@@ -40,6 +40,11 @@ NORM_MEAN = (0.0, 0.0, 0.0)
 NORM_STD = (255.0, 255.0, 255.0)
 #: Grey level used to pad the letterbox (RGB, 0-255).
 LETTERBOX_FILL = 114
+#: Camera black (the corners of a round field of view, a black margin): an area whose
+#: brightest channel stays below this (0-255) is no stain and no clump, only no light. Even
+#: the densest stained nucleus passes one channel far above it. The models' stain
+#: normalisation and the field-quality measures both leave it out.
+CAMERA_BLACK_LEVEL = 32.0
 #: Number of optional lab values the diagnosis model accepts (with a presence mask).
 N_LAB_VALUES = 4
 LAB_VALUE_NAMES = ("wbc_per_nl", "hemoglobin_g_dl", "platelets_per_nl", "ldh_u_l")

@@ -38,19 +38,21 @@ class QualitySpec:
       has none);
     - thick: share of the cells of a ``thick_grid`` x ``thick_grid`` grid whose mean is darker
       than ``thick_below_background`` times the field's background grey (a nucleus covers
-      part of a cell; only a clump of overlapping cells darkens a whole one). The background
-      is the grid's brightest cell, at least ``thick_background_floor``: relative, so a lab's
-      dimmer lamp or shorter exposure does not read as a clump (at an absolute grey level of
-      120, 28 of 48 simulated fields at 0.6 of their light were "too thick"); floored, so a
-      field with no glass at all, whose brightest cell is itself a clump, is still thick;
+      part of a cell; only a clump of overlapping cells darkens a whole one), among the grid
+      cells with light (camera black, ``config.CAMERA_BLACK_LEVEL``, left out: the corners
+      of a round field of view are no clump). The background is the grid's brightest cell,
+      at least ``thick_background_floor``: relative, so a lab's dimmer lamp or shorter
+      exposure does not read as a clump (at an absolute grey level of 120, 28 of 48
+      simulated fields at 0.6 of their light were "too thick"); floored, so a field with no
+      glass at all, whose brightest cell is itself a clump, is still thick;
     - brightness: mean grey level (0-255): a bright-field smear's glass is light;
     - stain_colour: share of the stained pixels (darker than ``stained_below_background``
       times the field's background, per channel; in a pale field, darker than half-way down
       to its darkest grid cell when that lies under ``pale_limit``) whose colour,
       white-balanced by that background, spans at least ``coloured_chroma`` across the
-      channels. A stained smear's nuclei and red cells are coloured (0.26 and up on real and
-      simulated fields); a greyscale copy, text, a line drawing or a black-and-white photo
-      has none (0);
+      channels (camera black left out). A stained smear's nuclei and red cells are coloured
+      (0.26 and up on real and simulated fields); a greyscale copy, text, a line drawing or
+      a black-and-white photo has none (0);
     - background: share of pixels within ``1 - bright_above_background`` of the background
       in every channel (the glass and plasma between cells);
     - flat: share of the grey field where the Laplacian is (almost) 0, i.e. no texture at
@@ -121,15 +123,18 @@ def quality_graph(resized, spec: QualitySpec = QualitySpec()):
     textureless = (laplacian < spec.flat_below) & (laplacian > -spec.flat_below)
     flat = fn.reductions.mean(fn.cast(textureless, dtype=types.FLOAT))
     foreground = fn.reductions.mean(fn.cast(grey < spec.stained_below, dtype=types.FLOAT))
-    grid = fn.cast(
-        fn.resize(grey, size=(float(spec.thick_grid), float(spec.thick_grid)), antialias=True),
+    cells = (float(spec.thick_grid), float(spec.thick_grid))
+    grid = fn.cast(fn.resize(grey, size=cells, antialias=True), dtype=types.FLOAT)
+    coarse = fn.cast(fn.resize(small, size=cells, antialias=True), dtype=types.FLOAT)
+    # grid cells with light: camera black (a round field of view's corners) is no clump
+    lit = fn.cast(
+        fn.reductions.max(coarse, axes=(2,), keep_dims=True) >= config.CAMERA_BLACK_LEVEL,
         dtype=types.FLOAT,
     )
     glass = dmath.max(fn.reductions.max(grid), spec.thick_background_floor)
-    thick = fn.reductions.mean(
-        fn.cast(grid < spec.thick_below_background * glass, dtype=types.FLOAT)
-    )
-    stain_colour, background = _colour_measures(small, spec)
+    dark = fn.cast(grid < spec.thick_below_background * glass, dtype=types.FLOAT)
+    thick = fn.reductions.sum(dark * lit) / (fn.reductions.sum(lit) + 1.0)
+    stain_colour, background = _colour_measures(small, coarse, spec)
     return fn.stack(
         focus,
         foreground,
@@ -170,13 +175,12 @@ def _variance(x):
     return fn.reductions.variance(x, fn.reductions.mean(x))
 
 
-def _colour_measures(small, spec: QualitySpec):
-    """(stain_colour, background) of an RGB HWC uint8 field (see :class:`QualitySpec`)."""
+def _colour_measures(small, coarse, spec: QualitySpec):
+    """(stain_colour, background) of an RGB HWC uint8 field (see :class:`QualitySpec`);
+    ``coarse``: the field averaged on the ``thick_grid`` grid, float."""
     from nvidia.dali import fn, types
     from nvidia.dali import math as dmath
 
-    side = float(spec.thick_grid)
-    coarse = fn.cast(fn.resize(small, size=(side, side), antialias=True), dtype=types.FLOAT)
     # +1 on both sides: a black channel (0) divides without infinities
     white = fn.reductions.max(coarse, axes=(0, 1), keep_dims=True) + 1.0
     # shares of pixels need no more than colour_side pixels: a quarter of the float work
@@ -191,7 +195,9 @@ def _colour_measures(small, spec: QualitySpec):
     darkest_cell = fn.reductions.min((coarse + 1.0) / white)
     half_way = (darkest_cell + 1.0) * 0.5
     limit = dmath.max(spec.stained_below_background, half_way * (half_way < spec.pale_limit))
-    stained = darkest < limit
+    # camera black is no stain either: it would dilute the coloured share
+    lit = fn.reductions.max(colours, axes=(2,)) >= config.CAMERA_BLACK_LEVEL
+    stained = (darkest < limit) & lit
     coloured = fn.cast(stained & (chroma >= spec.coloured_chroma), dtype=types.FLOAT)
     n_stained = fn.reductions.sum(fn.cast(stained, dtype=types.FLOAT))
     stain_colour = fn.reductions.sum(coloured) / (n_stained + 1.0)

@@ -30,6 +30,12 @@ def _jpeg(image: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
+def _outside_circle(side: int, radius: float) -> np.ndarray:
+    """[side, side] bool: pixels beyond ``radius`` of the centre."""
+    yy, xx = np.mgrid[:side, :side]
+    return (yy - side / 2) ** 2 + (xx - side / 2) ** 2 > radius**2
+
+
 @pytest.fixture(scope="module")
 def fields() -> dict[str, np.ndarray]:
     """1024 x 1024 simulated fields, one per situation the gate must tell apart."""
@@ -60,6 +66,8 @@ def fields() -> dict[str, np.ndarray]:
         # a dimmer lamp or a shorter exposure (0.6 of the light): no clump, whatever its grey
         "dim": (sharp * 0.6).astype(np.uint8),
         "dim_thick": (thick * 0.6).astype(np.uint8),
+        # a round field of view: camera black over the corners (36% of the field)
+        "round": np.where(_outside_circle(SIDE, 0.45 * SIDE)[..., None], 5, sharp).astype(np.uint8),
     }
     for kind in ("stain", "scanner"):
         shift = lv.LabShift.draw(kind, 1.0, lv.shift_rng(16, 0))
@@ -96,6 +104,7 @@ def measured(fields: dict[str, np.ndarray]) -> dict[str, dict[str, float]]:
         ("thick", "too thick"),
         ("dim", None),
         ("dim_thick", "too thick"),
+        ("round", None),
     ],
 )
 def test_default_thresholds_count_and_exclude_the_right_fields(measured, name, verdict) -> None:
@@ -116,6 +125,10 @@ def test_measures_move_the_way_their_names_say(measured) -> None:
     # read 0.17 on the dim copy, 0.02 on the field)
     assert abs(m["dim"]["thick"] - m["sharp"]["thick"]) < 0.02
     assert abs(m["dim_thick"]["thick"] - m["thick"]["thick"]) < 0.02
+    # camera black is neither clump nor stain: a round field of view reads as the field
+    # (its edge, half black, half glass, leaves a ring of grid cells darker than the glass)
+    assert m["round"]["thick"] < 0.5 * q.DEFAULT_MAX_THICK
+    assert m["round"]["stain_colour"] > 0.8 * m["sharp"]["stain_colour"]
     # the focus limit sits beyond the trained tolerance: sigma 2 keeps a margin
     assert m["defocus_sigma2"]["focus"] > 1.5 * q.DEFAULT_MIN_FOCUS
 
