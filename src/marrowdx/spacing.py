@@ -338,6 +338,13 @@ def _work_sides(longer: int) -> list[int]:
     return sides
 
 
+def _red_cells_resolved(um_per_pixel: float, scale: float) -> bool:
+    """Whether red cells of an image at ``um_per_pixel``, seen at ``scale`` input pixels per
+    working pixel, are at least MIN_CELL_WORK_PX across: the working-size rule of the
+    estimate and of :func:`red_cells_at`."""
+    return RED_CELL_UM / (um_per_pixel * scale) >= MIN_CELL_WORK_PX
+
+
 def _estimate(read_work, width: int, longer: int) -> SpacingEstimate:
     """The estimate at the smallest working size at which red cells are at least
     MIN_CELL_WORK_PX across; ``read_work(side)`` gives the image at that size."""
@@ -346,9 +353,8 @@ def _estimate(read_work, width: int, longer: int) -> SpacingEstimate:
         work = read_work(side)
         scale = width / work.shape[1]
         estimate = _spacing_from_diameters(_red_cell_diameters(work), scale)
-        if estimate.um_per_pixel is not None:
-            if RED_CELL_UM / (estimate.um_per_pixel * scale) >= MIN_CELL_WORK_PX:
-                return estimate
+        if estimate.um_per_pixel is not None and _red_cells_resolved(estimate.um_per_pixel, scale):
+            return estimate
     return estimate
 
 
@@ -402,9 +408,8 @@ def red_cells_at(data: bytes, um_per_pixel: float) -> int:
     check_um_per_pixel(um_per_pixel)
     low, high = RED_CELL_BAND_UM
     read_work, width, longer = _work_reader(data)
-    expected = RED_CELL_UM / um_per_pixel  # input pixels
     sides = _work_sides(longer)
-    side = next((s for s in sides if expected * s / longer >= MIN_CELL_WORK_PX), sides[-1])
+    side = next((s for s in sides if _red_cells_resolved(um_per_pixel, longer / s)), sides[-1])
     work = read_work(side)
     diameters_um = _red_cell_diameters(work) * (width / work.shape[1]) * um_per_pixel
     return int(np.count_nonzero((diameters_um >= low) & (diameters_um <= high)))
