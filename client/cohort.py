@@ -4,9 +4,12 @@ Layouts the client cannot interpret (no patient folders, images directly in DIR,
 folders) are refused with an error that names the offending paths; anything else that is
 not an image is reported, never silently skipped: unsupported files inside a patient
 folder become that patient's failed images, stray files beside the patient folders are
-returned as warnings. A patient folder that holds a slide (DICOM files of a VL whole-slide
-image, any names, possibly in sub-folders of a study) is recognised by content and becomes a
-slide patient instead.
+returned as warnings. Files the operating system or a file share writes by itself (hidden
+names such as ``.DS_Store`` and macOS's ``._img.jpg`` forks, ``Thumbs.db``, ``__MACOSX/``)
+are skipped with one warning that names them, since they are never a lab's images. A
+patient folder that holds a slide (DICOM files of a VL whole-slide image, any names,
+possibly in sub-folders of a study) is recognised by content and becomes a slide patient
+instead.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from pathlib import Path
 
 from marrowdx import config
 from marrowdx.errors import CohortError
-from marrowdx.image_checks import IMAGE_SUFFIXES
+from marrowdx.image_checks import IMAGE_SUFFIXES, is_system_entry
 from marrowdx.slides.detect import is_slide_folder
 
 #: Files the client knows and reads itself rather than reporting as unexpected.
@@ -105,7 +108,9 @@ def discover(root: str | Path) -> Cohort:
     if not root.is_dir():
         raise CohortError(f"{root}: not a folder")
     entries = sorted(root.iterdir())
-    folders = [e for e in entries if e.is_dir() and not e.name.startswith(".")]
+    skipped = [e for e in entries if is_system_entry(e)]
+    entries = [e for e in entries if e not in skipped]
+    folders = [e for e in entries if e.is_dir()]
     files = [e for e in entries if not e.is_dir()]
     loose_images = [f for f in files if f.suffix.lower() in IMAGE_SUFFIXES]
     if loose_images:
@@ -139,7 +144,9 @@ def discover(root: str | Path) -> Cohort:
         images, names, problems, labs, spacing = [], [], {}, None, None
         for entry in sorted(folder.iterdir()):
             name = str(entry.relative_to(root))
-            if entry.is_dir():
+            if is_system_entry(entry):
+                skipped.append(entry)
+            elif entry.is_dir():
                 nested.append(entry)
             elif entry.name == LABS_FILE:
                 labs = _read_labs(entry)
@@ -161,5 +168,10 @@ def discover(root: str | Path) -> Cohort:
     if nested:
         raise CohortError(
             f"patient folders must hold images only, found sub-folders: {_listing(nested, root)}"
+        )
+    if skipped:
+        warnings.append(
+            f"skipped {len(skipped)} hidden or system file(s) ({_listing(skipped, root)}): "
+            "written by the operating system, not images"
         )
     return Cohort(root, patients, warnings)

@@ -42,6 +42,8 @@ from marrowdx import config
 from marrowdx.errors import ImageRejected
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from PIL import Image
 
 #: Leading bytes of the formats the pipeline accepts: JPEG or PNG.
@@ -57,6 +59,8 @@ SERVED_SUFFIXES: frozenset[str] = frozenset({".jpg", ".jpeg", ".png"})
 CLIENT_DECODED_SUFFIXES: frozenset[str] = frozenset({".tif", ".tiff", ".bmp", ".webp"})
 #: Image files the client, ``diagnose`` and the data-set readers take (case-insensitively).
 IMAGE_SUFFIXES: frozenset[str] = SERVED_SUFFIXES | CLIENT_DECODED_SUFFIXES
+#: Names (lower case) that Windows Explorer or a zip tool on macOS writes beside a user's files.
+SYSTEM_NAMES: frozenset[str] = frozenset({"thumbs.db", "ehthumbs.db", "desktop.ini", "__macosx"})
 #: Leading bytes of the client-decoded formats: TIFF and BigTIFF in both byte orders, BMP.
 _CLIENT_DECODED_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+", b"BM")
 
@@ -78,6 +82,14 @@ class ImageHeader:
 
 #: EXIF orientations (tag 0x0112) that swap width and height: the server's decoder applies them.
 TRANSPOSED_ORIENTATIONS = frozenset({5, 6, 7, 8})
+
+
+def is_system_entry(path: Path) -> bool:
+    """Hidden (a leading dot: ``.DS_Store``) or written by the operating system: never a lab's
+    image, so the cohort scanner and the data-set readers skip it. Why a leading dot counts:
+    macOS writes an AppleDouble ``._name.jpg`` beside every file copied to a network or FAT
+    share, with an image's suffix and no image in it."""
+    return path.name.startswith(".") or path.name.lower() in SYSTEM_NAMES
 
 
 def upright_size(image: Image.Image) -> tuple[int, int]:

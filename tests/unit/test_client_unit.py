@@ -399,6 +399,22 @@ def test_cohort_reports_unsupported_and_stray_files(tmp_path):
     assert cohort.warnings == ["ignored README.md: not a patient folder"]
 
 
+def test_cohort_skips_files_the_operating_system_writes_with_one_warning(tmp_path):
+    _touch(tmp_path / "P1" / "a.jpg")
+    _touch(tmp_path / "P1" / "._a.jpg")  # macOS AppleDouble fork: an image's suffix, no image
+    _touch(tmp_path / "P1" / ".DS_Store")
+    _touch(tmp_path / "P1" / "Thumbs.db")
+    _touch(tmp_path / "P1" / ".thumbnails" / "a.png")  # a hidden folder is no nesting
+    _touch(tmp_path / "__MACOSX" / "P1" / "._a.jpg")  # a zip made on macOS, unpacked
+    _touch(tmp_path / ".DS_Store")
+    cohort = discover(tmp_path)
+    (p1,) = cohort.patients
+    assert p1.names == ["P1/a.jpg"] and p1.problems == {}
+    (warning,) = cohort.warnings
+    assert warning.startswith("skipped 6 hidden or system file(s) (.DS_Store, __MACOSX, ")
+    assert "P1/._a.jpg" in warning and "written by the operating system" in warning
+
+
 def test_importing_the_client_stays_thin():
     code = (
         "import sys, marrowdx.client\n"

@@ -10,7 +10,7 @@ from PIL import Image, UnidentifiedImageError
 
 from marrowdx.datasets.labels import LabelTarget
 from marrowdx.errors import InputError
-from marrowdx.image_checks import IMAGE_SUFFIXES, upright_size
+from marrowdx.image_checks import IMAGE_SUFFIXES, is_system_entry, upright_size
 
 #: The file beside the data that declares its format, pixel spacing and label map.
 DECLARATION_NAME = "marrowdx-dataset.toml"
@@ -94,16 +94,12 @@ def split_of(name: str) -> str | None:
 
 
 def is_image(path: Path) -> bool:
-    return path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES and not _hidden(path)
-
-
-def _hidden(path: Path) -> bool:
-    return path.name.startswith(".") or path.name == "__MACOSX"
+    return path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES and not is_system_entry(path)
 
 
 def visible_children(folder: Path) -> list[Path]:
-    """A folder's entries less hidden ones (.DS_Store, __MACOSX), sorted."""
-    return sorted(p for p in folder.iterdir() if not _hidden(p))
+    """A folder's entries less hidden and system ones (.DS_Store, __MACOSX, Thumbs.db), sorted."""
+    return sorted(p for p in folder.iterdir() if not is_system_entry(p))
 
 
 def images_under(folder: Path) -> list[Path]:
@@ -114,7 +110,7 @@ def images_under(folder: Path) -> list[Path]:
         for p in folder.rglob("*")
         if p.suffix.lower() in IMAGE_SUFFIXES
         and p.is_file()
-        and not any(_hidden(Path(part)) for part in p.relative_to(folder).parts)
+        and not any(is_system_entry(Path(part)) for part in p.relative_to(folder).parts)
     )
 
 
