@@ -58,6 +58,12 @@ DEFAULT_MAX_THICK = 0.25
 #: colour (eosinophilic granules, basophilic cytoplasm), and a greyscale copy of a field was
 #: counted with other cells than the colour field.
 DEFAULT_MIN_STAIN_COLOUR = 0.05
+#: Above this share of the coloured stained pixels strongly green (``green``) the image is
+#: no Romanowsky-stained smear: none of its dyes nor haemoglobin passes green most. 1,296
+#: real TXL-PBC fields measure 0.010 at most, 700 Munich crops 0, simulated fields under
+#: twice the stain or mixed shift 0.011; a logo 0.50, a circuit board 0.92 (README "Field
+#: quality"). A camera's colour cast cancels in the measure's white balance.
+DEFAULT_MAX_GREEN = 0.2
 #: Below this mean grey level (0-255, ``brightness``) the image is no bright-field smear: a
 #: fluorescence, dark-field or astronomical image, a night photograph. The glass between a
 #: smear's cells is the brightest part of its field: 1,296 real TXL-PBC fields measure 81 and
@@ -162,6 +168,7 @@ class QualityThresholds:
     max_um_per_pixel: float = MAX_UM_PER_PIXEL  # coarsest image spacing counted
     min_brightness: float = DEFAULT_MIN_BRIGHTNESS  # mean grey level of a bright field
     min_fine_focus: float = DEFAULT_MIN_FINE_FOCUS  # fine over coarse detail; 0: warn only
+    max_green: float = DEFAULT_MAX_GREEN  # strongly green share of the coloured stained pixels
 
     def __post_init__(self) -> None:
         if not (self.min_focus >= 0 and np.isfinite(self.min_focus)):
@@ -172,6 +179,8 @@ class QualityThresholds:
             raise InputError(f"max_thick must lie in [0, 1], got {self.max_thick}")
         if not 0.0 <= self.min_stain_colour <= 1.0:
             raise InputError(f"min_stain_colour must lie in [0, 1], got {self.min_stain_colour}")
+        if not 0.0 <= self.max_green <= 1.0:
+            raise InputError(f"max_green must lie in [0, 1], got {self.max_green}")
         if not (self.min_structure >= 0 and np.isfinite(self.min_structure)):
             raise InputError(f"min_structure must be a number >= 0, got {self.min_structure}")
         if not (self.cell_side_tolerance > 1 and np.isfinite(self.cell_side_tolerance)):
@@ -193,16 +202,16 @@ NO_GATING = QualityThresholds(enabled=False)
 
 
 #: FIELD_QUALITY's lengths of older servers: before the smear measures (``stain_colour``,
-#: ``background``, ``flat``: 4) and before ``fine_focus`` (7). A rule whose measure such a
-#: server does not send is not asked.
-LEGACY_QUALITY_FIELDS = (4, 7)
+#: ``background``, ``flat``: 4), before ``fine_focus`` (7) and before ``green`` (8). A rule
+#: whose measure such a server does not send is not asked.
+LEGACY_QUALITY_FIELDS = (4, 7, 8)
 
 
 def field_quality(outputs: Mapping[str, np.ndarray]) -> dict[str, float] | None:
     """FIELD_QUALITY as ``{name: value}``; None when the server does not send it (an older
     repository), so such fields are counted as before. An older server gives the first
     measures only (``LEGACY_QUALITY_FIELDS``): without ``stain_colour`` the smear check is
-    skipped, without ``fine_focus`` the fine focus limit."""
+    skipped, without ``fine_focus`` the fine focus limit, without ``green`` the green one."""
     raw = outputs.get(config.TENSORS.field_quality)
     if raw is None:
         return None
@@ -356,9 +365,10 @@ def smear_verdict(
     small_image: bool = False,
 ) -> str | None:
     """``not a stained smear: ...`` when the measures say the image is no stained smear (no
-    stain colour: greyscale, text, a line drawing; dark: no bright field; no structure: a
-    gradient, a flat colour), else None. Fields from a server without the colour measure
-    are only asked about brightness and structure."""
+    stain colour: greyscale, text, a line drawing; dark: no bright field, named before green
+    (a fluorescence image glows green too); green: a colour no smear's stain gives; no
+    structure: a gradient, a flat colour), else None. Fields from a server without the
+    colour measure are only asked about brightness and structure."""
     if "stain_colour" in quality and quality["stain_colour"] < thresholds.min_stain_colour:
         return (
             f"{NOT_A_SMEAR}: no stain colour ({100 * quality['stain_colour']:.1f}% of the "
@@ -371,6 +381,12 @@ def smear_verdict(
             f"{NOT_A_SMEAR} (or one far too dark to count): mean grey level "
             f"{quality['brightness']:.0f} of 255, below {thresholds.min_brightness:g}; a "
             "bright-field smear's glass is light (a fluorescence or dark-field image?)"
+        )
+    if quality.get("green", 0.0) > thresholds.max_green:
+        return (
+            f"{NOT_A_SMEAR}: green ({100 * quality['green']:.0f}% of the coloured stained "
+            f"pixels strongly green, above {100 * thresholds.max_green:g}%; no dye of a "
+            "May-Grünwald-Giemsa or Wright stain gives green)"
         )
     if "flat" in quality and quality["flat"] > thresholds.max_flat:
         return (

@@ -183,6 +183,7 @@ QUALITY_FIELDS = (
     "background",
     "flat",
     "fine_focus",
+    "green",
 )
 
 IMAGE = TensorSpec(T.image, UINT8, (VARIABLE,), "encoded JPEG/PNG bytes", ragged=True)

@@ -221,10 +221,10 @@ def _outputs(quality: list[float] | None, labels=(0, 0, 5)) -> dict[str, np.ndar
 
 def test_excluded_field_adds_nothing_and_is_reported_apart() -> None:
     good = aggregate.decode_image(
-        "a.jpg", _outputs([2000.0, 0.08, 0.03, 190.0, 0.8, 0.5, 0.1, 0.3])
+        "a.jpg", _outputs([2000.0, 0.08, 0.03, 190.0, 0.8, 0.5, 0.1, 0.3, 0.0])
     )
     blurred = aggregate.decode_image(
-        "b.jpg", _outputs([200.0, 0.08, 0.03, 190.0, 0.8, 0.5, 0.1, 0.3])
+        "b.jpg", _outputs([200.0, 0.08, 0.03, 190.0, 0.8, 0.5, 0.1, 0.3, 0.0])
     )
     old_server = aggregate.decode_image("c.jpg", _outputs(None))
     assert good.excluded is None and good.quality["focus"] == 2000.0
@@ -244,7 +244,7 @@ def test_excluded_field_adds_nothing_and_is_reported_apart() -> None:
     assert set(d["images"][0]["quality"]) == set(QUALITY_FIELDS)
     # gating off: the same field counts
     kept = aggregate.decode_image(
-        "b.jpg", _outputs([200.0, 0.08, 0.03, 190.0, 0.8, 0.5, 0.1, 0.3]), quality=q.NO_GATING
+        "b.jpg", _outputs([200.0, 0.08, 0.03, 190.0, 0.8, 0.5, 0.1, 0.3, 0.0]), quality=q.NO_GATING
     )
     assert kept.excluded is None and sum(kept.counts.values()) == 3
 
@@ -272,6 +272,24 @@ def test_fine_focus_warns_by_default_excludes_when_asked_and_older_servers_skip_
     assert with_spacing(older, spacing).warnings == []
     with pytest.raises(InputError, match="min_fine_focus"):
         q.QualityThresholds(min_fine_focus=1.5)
+
+
+def test_green_fields_are_no_smear_and_older_servers_skip_the_rule() -> None:
+    measures = [2000.0, 0.08, 0.03, 190.0, 0.8, 0.5, 0.1, 0.3]
+    green = aggregate.decode_image("g.jpg", _outputs([*measures, 0.5]))
+    assert green.excluded.startswith(f"{q.NOT_A_SMEAR}: green (50% of the coloured stained")
+    assert sum(green.counts.values()) == 0 and len(green.cells) == 3  # kept for review
+    assert aggregate.decode_image("s.jpg", _outputs([*measures, 0.01])).excluded is None
+    allowed = q.QualityThresholds(max_green=1.0)
+    assert (
+        aggregate.decode_image("g.jpg", _outputs([*measures, 0.5]), quality=allowed).excluded
+        is None
+    )
+    # a server of the eight measures before green: the rule is not asked
+    older = aggregate.decode_image("o.jpg", _outputs(measures))
+    assert older.excluded is None and "green" not in older.quality
+    with pytest.raises(InputError, match="max_green"):
+        q.QualityThresholds(max_green=-0.1)
 
 
 def test_thresholds_are_configurable_and_checked() -> None:

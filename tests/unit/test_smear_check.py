@@ -72,6 +72,20 @@ def _fluorescence(rng: np.random.Generator) -> Image.Image:
     return image.filter(ImageFilter.GaussianBlur(2))
 
 
+def _green_logo(rng: np.random.Generator) -> Image.Image:
+    """A logo photographed or scanned: a green and an orange half-disc on white, with grain,
+    drawn lines and cell-sized dots (so it is neither flat nor structureless)."""
+    image = Image.new("RGB", (SIDE, SIDE), "white")
+    draw = ImageDraw.Draw(image)
+    draw.pieslice((60, 60, SIDE - 60, SIDE - 60), 180, 360, fill=(140, 195, 70))
+    draw.pieslice((60, 60, SIDE - 60, SIDE - 60), 0, 180, fill=(250, 140, 60))
+    for _ in range(80):
+        x, y = (int(v) for v in rng.integers(100, SIDE - 100, 2))
+        draw.ellipse((x, y, x + 30, y + 30), outline=(60, 90, 40), width=3)
+    grain = rng.normal(0, 6, (SIDE, SIDE, 3))
+    return Image.fromarray((np.asarray(image, np.float64) + grain).clip(0, 255).astype(np.uint8))
+
+
 @pytest.fixture(scope="module")
 def images() -> dict[str, bytes]:
     from marrowdx.simulate import field as fl
@@ -96,6 +110,9 @@ def images() -> dict[str, bytes]:
         "photo_like": _encode(_photo_like(rng)),
         "clip_art": _encode(_shapes(rng)),
         "fluorescence": _encode(_fluorescence(rng)),
+        "green_logo": _encode(_green_logo(rng)),
+        # a camera without white balance: its green cast cancels in the measure's balance
+        "smear_green_cast": _encode(Image.fromarray((field * [0.75, 1.0, 0.8]).astype(np.uint8))),
     }
     for kind in ("stain", "scanner"):
         shift = lv.LabShift.draw(kind, 1.0, lv.shift_rng(22, 0))
@@ -116,7 +133,9 @@ def measured(images: dict[str, bytes]) -> dict[str, dict[str, float]]:
     }
 
 
-@pytest.mark.parametrize("name", ["smear", "smear_stain_shift", "smear_scanner_shift"])
+@pytest.mark.parametrize(
+    "name", ["smear", "smear_stain_shift", "smear_scanner_shift", "smear_green_cast"]
+)
 def test_smears_are_counted(measured, name) -> None:
     assert q.quality_verdict(measured[name]) is None, measured[name]
 
@@ -132,6 +151,7 @@ def test_smears_are_counted(measured, name) -> None:
         ("photo_like", "(or one too thick or blurred to count): no background"),
         ("clip_art", "flat colours without texture"),
         ("fluorescence", "(or one far too dark to count): mean grey level"),
+        ("green_logo", "green"),
     ],
 )
 def test_non_smears_are_excluded_as_such(measured, name, what) -> None:
