@@ -67,8 +67,8 @@ class QualitySpec:
       strongly green once white-balanced: green brighter than both red and blue by
       ``green_margin``, at a chroma of ``green_chroma`` or more. No dye of a Romanowsky stain
       (eosin, azure, methylene blue) nor haemoglobin passes green most, so a smear has
-      almost none (real fields up to 0.05, lab-shifted simulated ones 0.02; a colour cast of
-      the camera cancels in the white balance), a logo or a circuit board half or more.
+      almost none (real fields up to 0.010, lab-shifted simulated ones 0.011; a colour cast
+      of the camera cancels in the white balance), a logo or a circuit board half or more.
 
     The background is the per-channel maximum of the field averaged on a ``thick_grid``
     grid: white balance and lamp brightness differ per lab, so colours are compared to it.
@@ -215,8 +215,8 @@ def _colour_measures(small, coarse, spec: QualitySpec):
     n_coloured = fn.reductions.sum(fn.cast(coloured, dtype=types.FLOAT))
     n_stained = fn.reductions.sum(fn.cast(stained, dtype=types.FLOAT))
     stain_colour = n_coloured / (n_stained + 1.0)
-    # green's lead over red and over blue in one matrix product (channel subscripts, one
-    # operator each, cost 1.8 ms per field), its lesser lead by a channel minimum
+    # green's lead over red and over blue in one matrix product rather than three channel
+    # subscripts (docs/performance.md: their cost), its lesser lead by a channel minimum
     lead = fn.reductions.min(fn.coord_transform(balanced, M=_GREEN_LEADS), axes=(2,))
     green = coloured & (chroma >= spec.green_chroma) & (lead > spec.green_margin)
     green_share = fn.reductions.sum(fn.cast(green, dtype=types.FLOAT)) / (n_coloured + 1.0)
