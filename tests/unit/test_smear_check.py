@@ -113,6 +113,8 @@ def images() -> dict[str, bytes]:
         "green_logo": _encode(_green_logo(rng)),
         # a camera without white balance: its green cast cancels in the measure's balance
         "smear_green_cast": _encode(Image.fromarray((field * [0.75, 1.0, 0.8]).astype(np.uint8))),
+        # an overexposed camera: the glass clipped to a texture-less white, as a drawing's paper
+        "smear_overexposed": _encode(Image.fromarray((field * 1.7).clip(0, 255).astype(np.uint8))),
     }
     for kind in ("stain", "scanner"):
         shift = lv.LabShift.draw(kind, 1.0, lv.shift_rng(22, 0))
@@ -134,7 +136,8 @@ def measured(images: dict[str, bytes]) -> dict[str, dict[str, float]]:
 
 
 @pytest.mark.parametrize(
-    "name", ["smear", "smear_stain_shift", "smear_scanner_shift", "smear_green_cast"]
+    "name",
+    ["smear", "smear_stain_shift", "smear_scanner_shift", "smear_green_cast", "smear_overexposed"],
 )
 def test_smears_are_counted(measured, name) -> None:
     assert q.quality_verdict(measured[name]) is None, measured[name]
