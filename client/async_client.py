@@ -346,7 +346,7 @@ class AsyncMarrowClient:
         async with self._semaphore():
             data = read_image(source)
             sent = await self._send(data, spacing, source_label, spacing_estimate)
-        return await asyncio.to_thread(self._merge, name, *sent)
+        return await self._merge(name, *sent)
 
     async def _analyse_pooled(
         self, source: ImageSource, name: str, slot: int, pool: SpacingPool
@@ -362,14 +362,14 @@ class AsyncMarrowClient:
                 added = True
                 if pool.ready(slot):
                     sent = await self._send(data, None, "given", await pool.resolve(slot))
-                    return await asyncio.to_thread(self._merge, name, *sent)
+                    return await self._merge(name, *sent)
         finally:
             if not added:
                 pool.add(slot, None)
         estimate = await pool.resolve(slot)
         async with self._semaphore():
             sent = await self._send(read_image(source), None, "given", estimate)
-        return await asyncio.to_thread(self._merge, name, *sent)
+        return await self._merge(name, *sent)
 
     async def _send(
         self,
@@ -387,13 +387,17 @@ class AsyncMarrowClient:
         )
         return prepared, list(outputs)
 
-    def _merge(
+    async def _merge(
         self, name: str, prepared: fields.PreparedImage, outputs: list[Mapping[str, np.ndarray]]
     ) -> ImageResult:
-        """The image's result (``fields.merge_image``); run in a worker thread, as preparing
-        is: a field without an identified cell has its red cells counted from its pixels."""
-        results = [self._decode(name, out) for out in outputs]
-        return fields.merge_image(name, prepared, results, self.quality)
+        """The image's result (``fields.merge_image``), in a worker thread as preparing is: a
+        field without an identified cell has its red cells counted from its pixels."""
+
+        def merge() -> ImageResult:
+            results = [self._decode(name, out) for out in outputs]
+            return fields.merge_image(name, prepared, results, self.quality)
+
+        return await asyncio.to_thread(merge)
 
     async def analyse_field(self, data: bytes, name: str) -> ImageResult:
         """One model field sent exactly as given (a slide's field, already tiled at the
