@@ -39,6 +39,7 @@ from marrowdx.client.quality import (
     red_cells_verdict,
     smear_measured,
     spacing_verdict,
+    wrong_spacing_named,
 )
 from marrowdx.client.report import Cell, ImageResult
 from marrowdx.errors import RequestFailed
@@ -364,7 +365,8 @@ def merge_image(
     if prepared.plans is None:
         (only,) = results
         evidence = SmearEvidence.of(only.cells)
-        only = _without_smear_evidence(only, evidence, prepared, quality)
+        named = wrong_spacing_named(only.excluded, prepared.spacing.source, evidence)
+        only = _without_smear_evidence(replace(only, excluded=named), evidence, prepared, quality)
         return with_spacing(only, prepared.spacing)
     height, width = prepared.size
     cells: list[Cell] = []
@@ -415,7 +417,9 @@ def merge_image(
         if excluded is None and all(r.excluded for r in results):
             excluded = results[0].excluded  # e.g. every field's cells far from the models' size
         if excluded is None or excluded.startswith(WRONG_SPACING):
-            excluded = _cell_size_verdict(kept, prepared.spacing, quality, evidence) or excluded
+            excluded = _cell_size_verdict(
+                kept, prepared.spacing, quality, evidence
+            ) or wrong_spacing_named(excluded, prepared.spacing.source, evidence)
     spacing = prepared.spacing
     coarse = magnification_verdict(spacing.um_per_pixel, spacing.source, quality, evidence=evidence)
     if coarse is not None and not (excluded or "").startswith(NOT_A_SMEAR):
@@ -471,7 +475,12 @@ def _without_smear_evidence(
             with _decoding():
                 n_red_cells = red_cells_at(prepared.data, spacing.um_per_pixel)
     reason = red_cells_verdict(
-        spacing.source, n_red_cells, evidence, quality, um_per_pixel=spacing.um_per_pixel
+        spacing.source,
+        n_red_cells,
+        evidence,
+        quality,
+        um_per_pixel=spacing.um_per_pixel,
+        red_cell_spread=spacing.relative_uncertainty,
     )
     if reason is None:
         return result

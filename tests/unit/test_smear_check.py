@@ -266,6 +266,12 @@ def test_cells_no_larger_than_red_cells_at_an_estimated_spacing_may_be_no_smear(
         verdict = q.spacing_verdict(boxes, labels, source=source, evidence=evidence)
         assert verdict.startswith(q.WRONG_SPACING)
     assert q.spacing_verdict(boxes * 2, labels, source="estimated", evidence=few) is None
+    # a reason the image's fields gave (its own cells too few to judge) is named the same way
+    field_reason = q.spacing_verdict(boxes, labels)
+    assert q.wrong_spacing_named(field_reason, "estimated", few) == named
+    assert q.wrong_spacing_named(field_reason, "given", few) == field_reason
+    assert q.wrong_spacing_named("out of focus: ...", "estimated", few) == "out of focus: ..."
+    assert q.wrong_spacing_named(None, "estimated", few) is None
 
 
 def test_no_red_cells_and_no_identified_cell_at_an_unstated_spacing_is_no_smear() -> None:
@@ -276,6 +282,40 @@ def test_no_red_cells_and_no_identified_cell_at_an_unstated_spacing_is_no_smear(
     assert q.red_cells_verdict("estimated", 2, none) is None  # red cells: a smear
     assert q.red_cells_verdict("estimated", 1, q.SmearEvidence(1, 1)) is None
     assert q.red_cells_verdict("estimated", 1, none, q.NO_GATING) is None
+
+
+def test_round_objects_all_of_one_size_at_an_estimated_spacing_are_drawn(images) -> None:
+    """A chart's dots measure the same to the pixel; a smear's red cells never do. The
+    estimate's spread tells them apart, and an image whose models found no smear's cells is
+    then no smear; cells identified, a stated spacing or too few objects ask nothing."""
+    from marrowdx.spacing import estimate_from_bytes
+
+    chart = Image.new("RGB", (640, 480), "white")
+    draw = ImageDraw.Draw(chart)
+    for i in range(6):
+        draw.ellipse((40 + 100 * i, 200, 100 + 100 * i, 260), fill=(200, 80, 90))
+    drawn = estimate_from_bytes(_encode(chart, "PNG"))
+    smear = estimate_from_bytes(images["smear"])
+    assert drawn.n_red_cells >= q.MIN_DRAWN_OBJECTS
+    assert drawn.relative_uncertainty <= q.MAX_DRAWN_SPREAD < 0.05 < smear.relative_uncertainty
+
+    few = q.SmearEvidence(identified=1, objects=8)
+    verdict = q.red_cells_verdict(
+        "estimated", drawn.n_red_cells, few, red_cell_spread=drawn.relative_uncertainty
+    )
+    assert verdict.startswith(q.NOT_A_SMEAR) and "all measure the same" in verdict
+    assert "1 of 8 objects" in verdict and "--um-per-pixel" in verdict
+    n, spread = drawn.n_red_cells, drawn.relative_uncertainty
+    assert q.red_cells_verdict("pooled", n, few, red_cell_spread=spread) is not None
+    for args, kwargs in (
+        (("estimated", n, q.SmearEvidence(identified=6, objects=8)), {}),  # cells identified
+        (("given", n, few), {"um_per_pixel": 0.25}),  # the user's word
+        (("estimated", q.MIN_DRAWN_OBJECTS - 1, few), {}),  # too few to tell
+        (("estimated", n, few, q.NO_GATING), {}),
+    ):
+        assert q.red_cells_verdict(*args, red_cell_spread=spread, **kwargs) is None
+    assert q.red_cells_verdict("estimated", n, few, red_cell_spread=0.05) is None
+    assert q.red_cells_verdict("estimated", n, few, red_cell_spread=None) is None
 
 
 def test_no_red_cell_of_its_size_at_a_stated_spacing_and_no_identified_cell_is_no_smear() -> None:
