@@ -53,6 +53,9 @@ DEFAULT_TARGET_CELLS = differential.DEFAULT_TARGET_CELLS
 #: What ``on_image`` hears for an image that was not analysed because the patient's count
 #: had reached its target before the image's turn (it is not a failure).
 SKIPPED_REASON = "skipped: the target number of nucleated cells was reached"
+#: ``diagnosis_error`` of a patient given no image (the CLI says more when the folder held
+#: files of no supported type: ``client.cli``).
+NO_IMAGES = "no images given"
 #: Patients whose images may be in flight at once while streaming a cohort; more than one
 #: so the next patient's images fill the pipe while the last ones of the previous finish.
 DEFAULT_PATIENTS_IN_FLIGHT = 4
@@ -496,7 +499,7 @@ class AsyncMarrowClient:
         counts = aggregate.sum_counts(done)
         probs, why = None, None
         if not images:
-            why = "no images given"
+            why = NO_IMAGES
         elif not done:
             why = f"all {chosen.fields_used} images failed"
         elif counts.sum() == 0:

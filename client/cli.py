@@ -22,7 +22,7 @@ from marrowdx import config
 from marrowdx.client.aggregate import DEFAULT_MIN_FAMILIARITY
 from marrowdx.client.cohort import Cohort, PatientFolder
 from marrowdx.client.report import PatientReport, differential_to_dict
-from marrowdx.client.review import add_review_options, thresholds_from_args
+from marrowdx.client.review import ReviewThresholds, add_review_options, thresholds_from_args
 from marrowdx.differential import DEFAULT_TARGET_CELLS
 from marrowdx.errors import EXIT_FAILED, EXIT_OK, InputError, MissingExtra, ServerNotReady
 
@@ -511,6 +511,7 @@ async def _diagnose(args: argparse.Namespace, cohort: Cohort) -> list[PatientRep
                 folder = folders[report.patient_id]
                 # Unsupported files in a patient folder: reported with the images, not skipped.
                 report.failed_images.update(folder.problems)
+                _name_unsupported_only(report, client.review)
                 reports.append(report)
                 if args.overlays is not None and folder.slide is None:
                     from marrowdx.client.overlays import write_patient_overlays
@@ -521,6 +522,21 @@ async def _diagnose(args: argparse.Namespace, cohort: Cohort) -> list[PatientRep
             if progress is not None:
                 progress.close()
     return reports
+
+
+def _name_unsupported_only(report: PatientReport, review: ReviewThresholds) -> None:
+    """A patient folder whose only files are of no supported type (a GIF, a document) says
+    so: ``no images given`` read as if the folder were empty."""
+    from marrowdx.client.async_client import NO_IMAGES
+    from marrowdx.client.review import review_reasons
+
+    files = [name for name in report.failed_images if not name.endswith("/")]  # not the folder
+    if report.diagnosis_error != NO_IMAGES or not files:
+        return
+    report.diagnosis_error = (
+        f"no image of a supported type ({len(files)} file(s) not processed: see failed_images)"
+    )
+    report.review_reasons = review_reasons(report, review)
 
 
 def run_diagnose(args: argparse.Namespace) -> int:

@@ -399,6 +399,29 @@ def test_cohort_reports_unsupported_and_stray_files(tmp_path):
     assert cohort.warnings == ["ignored README.md: not a patient folder"]
 
 
+def test_a_folder_of_unsupported_files_only_says_so(tmp_path):
+    """A patient folder holding only a GIF is not "given no images": the report names the
+    unsupported files (and refers for them); an empty folder stays "no images given"."""
+    from marrowdx.client.aggregate import build_report
+    from marrowdx.client.async_client import NO_IMAGES
+    from marrowdx.client.cli import _name_unsupported_only
+    from marrowdx.client.review import DEFAULT_THRESHOLDS, NO_DIAGNOSIS
+
+    _touch(tmp_path / "P1" / "a.gif")
+    (tmp_path / "P2").mkdir()
+    for folder in discover(tmp_path).patients:
+        empty = np.zeros(config.N_CLASSES, np.int64)
+        report = build_report(folder.patient_id, [], {}, empty, None, NO_IMAGES)
+        report.failed_images.update(folder.problems)
+        _name_unsupported_only(report, DEFAULT_THRESHOLDS)
+        reasons = {r.code: r.message for r in report.review_reasons}
+        if folder.patient_id == "P1":
+            assert report.diagnosis_error.startswith("no image of a supported type (1 file(s)")
+            assert reasons[NO_DIAGNOSIS] == f"no diagnosis: {report.diagnosis_error}"
+        else:
+            assert report.diagnosis_error == NO_IMAGES
+
+
 def test_cohort_skips_files_the_operating_system_writes_with_one_warning(tmp_path):
     _touch(tmp_path / "P1" / "a.jpg")
     _touch(tmp_path / "P1" / "._a.jpg")  # macOS AppleDouble fork: an image's suffix, no image
