@@ -269,6 +269,7 @@ def prepare_image(
     from PIL import Image
 
     from marrowdx import spacing
+    from marrowdx.burned_in import paint_over
     from marrowdx.image_checks import TRANSPOSED_ORIENTATIONS, sniff_format, upright_rgb
     from marrowdx.slides import tiling
 
@@ -292,6 +293,9 @@ def prepare_image(
         return PreparedImage([data], None, (height, width), info, data)
     with _decoding(), Image.open(io.BytesIO(data)) as image:
         upright = upright_rgb(image)
+    pixels = np.asarray(upright)
+    if (painted := paint_over(pixels)) is not pixels:  # a scale bar, a label
+        upright = Image.fromarray(painted)
     resampled = np.asarray(spacing.resample(upright, value))
     plans = tiling.plan_fields(width, height, value)
     fields = [encode_field(np.ascontiguousarray(plan.render(resampled))) for plan in plans]

@@ -316,8 +316,11 @@ def _spacing_from_diameters(diameters: np.ndarray, work_scale: float) -> Spacing
 
 
 def _to_work_size(image, side: int) -> np.ndarray:
-    """A PIL image as RGB at most ``side`` pixels on its longer side."""
+    """A PIL image as RGB at most ``side`` pixels on its longer side, its burned-in scale bar
+    and labels painted over (``marrowdx.burned_in``: their black is no stain to split on)."""
     from PIL import Image
+
+    from marrowdx.burned_in import paint_over
 
     image = image.convert("RGB")
     longer = max(image.size)
@@ -325,7 +328,7 @@ def _to_work_size(image, side: int) -> np.ndarray:
         factor = longer / side
         size = (max(1, round(image.width / factor)), max(1, round(image.height / factor)))
         image = image.resize(size, Image.Resampling.BOX)
-    return np.asarray(image)
+    return paint_over(np.asarray(image))
 
 
 def _work_sides(longer: int) -> list[int]:

@@ -141,6 +141,30 @@ def test_a_small_image_is_padded_not_enlarged_and_its_mirrored_cells_are_dropped
     assert field[top + 72, left + 96].tolist() != list(CELL)  # a background pixel, unscaled
 
 
+def test_a_burned_in_scale_bar_and_label_reach_no_model() -> None:
+    """A camera program's black scale bar and its length are painted over before the image
+    is resampled (``marrowdx.burned_in``): the fake detector, which finds any dark object,
+    counts the cells only; the same bar in a stain's colour is counted, so the test can
+    fail."""
+    squares = [(100, 100, 100), (400, 260, 120)]
+
+    def with_bar(colour: tuple[int, int, int]) -> bytes:
+        image = Image.open(io.BytesIO(picture((640, 480), squares)))
+        draw = ImageDraw.Draw(image)
+        draw.rectangle((480, 446, 610, 453), fill=colour)
+        draw.text((480, 430), "10 um", fill=colour)
+        out = io.BytesIO()
+        image.save(out, "JPEG", quality=85)
+        return out.getvalue()
+
+    result, _ = analyse(with_bar((0, 0, 0)), um_per_pixel=0.075)
+    assert result.counts["lymphocyte"] == len(squares)
+    for box, (x0, y0, side) in zip(sorted(c.box for c in result.cells), squares, strict=True):
+        assert box == pytest.approx((x0, y0, x0 + side, y0 + side), abs=6)
+    stained, _ = analyse(with_bar(CELL), um_per_pixel=0.075)
+    assert stained.counts["lymphocyte"] > len(squares)
+
+
 def test_a_large_image_is_tiled_and_a_cell_on_a_seam_is_counted_once() -> None:
     """1600 x 1200 at the models' spacing: 2 x 2 fields overlapping by >= 256 px; one cell
     in the middle of the overlaps (seen whole by all four fields), one cut by a field edge."""
