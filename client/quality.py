@@ -374,23 +374,26 @@ def smear_verdict(
     *,
     small_image: bool = False,
 ) -> str | None:
-    """``not a stained smear: ...`` when the measures say the image is no stained smear (no
-    stain colour: greyscale, text, a line drawing; dark: no bright field, named before green
-    (a fluorescence image glows green too); green: a colour no smear's stain gives; no
-    structure: a gradient, a flat colour), else None. Fields from a server without the
-    colour measure are only asked about brightness and structure."""
+    """``not a stained smear: ...`` when the measures say the image is no stained smear (dark:
+    no bright field, named first: in a nearly black image no colour can be told either, and
+    a fluorescence image glows green too; no stain colour: greyscale, text, a line drawing;
+    green: a colour no smear's stain gives; no structure: a gradient, a flat colour), else
+    None. Fields from a server without the colour measure are only asked about brightness
+    and structure."""
+    if quality["brightness"] < thresholds.min_brightness:
+        return (
+            f"{NOT_A_SMEAR} (or one far too dark to count): mean grey level "
+            f"{quality['brightness']:.0f} of 255, below {thresholds.min_brightness:g}; a "
+            "bright-field smear's glass is light (a fluorescence or dark-field image? a "
+            "camera's 10-14-bit image stored unscaled in a 16-bit file reads this dark: "
+            "export it scaled to the full range)"
+        )
     if "stain_colour" in quality and quality["stain_colour"] < thresholds.min_stain_colour:
         return (
             f"{NOT_A_SMEAR}: no stain colour ({100 * quality['stain_colour']:.1f}% of the "
             f"stained pixels coloured, below {100 * thresholds.min_stain_colour:g}%; a "
             "greyscale or black-and-white image cannot be counted: classes differ by stain "
             "colour)"
-        )
-    if quality["brightness"] < thresholds.min_brightness:
-        return (
-            f"{NOT_A_SMEAR} (or one far too dark to count): mean grey level "
-            f"{quality['brightness']:.0f} of 255, below {thresholds.min_brightness:g}; a "
-            "bright-field smear's glass is light (a fluorescence or dark-field image?)"
         )
     if quality.get("green", 0.0) > thresholds.max_green:
         return (

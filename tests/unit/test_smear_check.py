@@ -15,6 +15,7 @@ from marrowdx import config, taxonomy
 from marrowdx.client import aggregate
 from marrowdx.client import quality as q
 from marrowdx.contract import QUALITY_FIELDS
+from tests.helpers.bad_inputs import png_from_rows
 
 SIDE = 1024
 T = config.TENSORS
@@ -24,6 +25,11 @@ def _encode(image: Image.Image, fmt: str = "JPEG") -> bytes:
     buf = io.BytesIO()
     image.save(buf, format=fmt, **({"quality": 92} if fmt == "JPEG" else {}))
     return buf.getvalue()
+
+
+def _png16(rgb16: np.ndarray) -> bytes:
+    rows = b"".join(b"\x00" + row.astype(">u2").tobytes() for row in rgb16)
+    return png_from_rows(rgb16.shape[1], rgb16.shape[0], 16, 2, rows)
 
 
 def _gradient(start: tuple[int, int, int], end: tuple[int, int, int]) -> Image.Image:
@@ -115,6 +121,8 @@ def images() -> dict[str, bytes]:
         "smear_green_cast": _encode(Image.fromarray((field * [0.75, 1.0, 0.8]).astype(np.uint8))),
         # an overexposed camera: the glass clipped to a texture-less white, as a drawing's paper
         "smear_overexposed": _encode(Image.fromarray((field * 1.7).clip(0, 255).astype(np.uint8))),
+        # a 12-bit camera image stored unscaled in a 16-bit PNG: decoders keep the high byte
+        "smear_12_bit_in_16": _png16(field.astype(np.uint16) * 16),
     }
     for kind in ("stain", "scanner"):
         shift = lv.LabShift.draw(kind, 1.0, lv.shift_rng(22, 0))
@@ -154,6 +162,7 @@ def test_smears_are_counted(measured, name) -> None:
         ("photo_like", "(or one too thick or blurred to count): no background"),
         ("clip_art", "flat colours without texture"),
         ("fluorescence", "(or one far too dark to count): mean grey level"),
+        ("smear_12_bit_in_16", "(or one far too dark to count): mean grey level"),
         ("green_logo", "green"),
     ],
 )
@@ -161,6 +170,11 @@ def test_non_smears_are_excluded_as_such(measured, name, what) -> None:
     reason = q.quality_verdict(measured[name])
     sep = " " if what.startswith("(") else ": "
     assert reason is not None and reason.startswith(f"{q.NOT_A_SMEAR}{sep}{what}"), reason
+
+
+def test_a_dark_image_names_an_unscaled_16_bit_file_among_its_causes(measured) -> None:
+    reason = q.quality_verdict(measured["smear_12_bit_in_16"])
+    assert "stored unscaled in a 16-bit file" in reason and "full range" in reason
 
 
 def test_a_pale_colour_field_is_no_greyscale_image(measured) -> None:
