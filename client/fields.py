@@ -197,18 +197,20 @@ def _as_sent(data: bytes, um_per_pixel: float | None, source: str, why: str) -> 
 
 
 #: Client-decoded formats whose several pages or frames leave the field ambiguous: a focus
-#: stack as a multi-page TIFF, an animated WebP.
-_MULTI_FRAME_REFUSED = frozenset({"TIFF", "WEBP"})
+#: stack as a multi-page TIFF, an animated WebP, a phone's burst in one HEIF.
+_MULTI_FRAME_REFUSED = frozenset({"TIFF", "WEBP", "HEIF"})
 
 
 def _header(data: bytes) -> tuple[int, int, int | None] | str:
     """(width, height, EXIF orientation) of encoded image bytes, or why they cannot be
     prepared (not an image Pillow opens, or a multi-page file: which page holds the field
     is not ours to guess)."""
-    from PIL import Image, UnidentifiedImageError
+    from PIL import UnidentifiedImageError
+
+    from marrowdx.image_checks import open_image
 
     try:
-        with Image.open(io.BytesIO(data)) as probe:
+        with open_image(data) as probe:
             pages = getattr(probe, "n_frames", 1)
             # (a camera JPEG may hold a preview frame (MPO): the server decodes its first)
             if probe.format in _MULTI_FRAME_REFUSED and pages > 1:
@@ -270,7 +272,12 @@ def prepare_image(
 
     from marrowdx import spacing
     from marrowdx.burned_in import paint_over
-    from marrowdx.image_checks import TRANSPOSED_ORIENTATIONS, sniff_format, upright_rgb
+    from marrowdx.image_checks import (
+        TRANSPOSED_ORIENTATIONS,
+        open_image,
+        sniff_format,
+        upright_rgb,
+    )
     from marrowdx.slides import tiling
 
     header = _header(data)
@@ -291,7 +298,7 @@ def prepare_image(
         and spacing.at_model_spacing(value, tolerance)
     ):
         return PreparedImage([data], None, (height, width), info, data)
-    with _decoding(), Image.open(io.BytesIO(data)) as image:
+    with _decoding(), open_image(data) as image:
         upright = upright_rgb(image)
     pixels = np.asarray(upright)
     if (painted := paint_over(pixels)) is not pixels:  # a scale bar, a label

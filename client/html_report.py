@@ -90,10 +90,9 @@ def _data_uri(image, fmt: str = "JPEG") -> str:
 
 
 def _open_rgb(source: Source):
-    from PIL import Image
+    from marrowdx.image_checks import open_image
 
-    handle = io.BytesIO(source) if isinstance(source, bytes) else source
-    with Image.open(handle) as opened:
+    with open_image(source) as opened:
         return opened.convert("RGB")
 
 

@@ -5,7 +5,6 @@ imported inside the functions and the library stays thin.
 
 from __future__ import annotations
 
-import io
 from pathlib import Path
 
 from marrowdx import taxonomy
@@ -25,8 +24,9 @@ def draw_image_overlay(image: bytes | str | Path, result: ImageResult, out: Path
     """The original image with one box per cell and a legend of the classes present."""
     from PIL import Image, ImageDraw, ImageFont
 
-    source = io.BytesIO(image) if isinstance(image, bytes) else image
-    with Image.open(source) as opened:
+    from marrowdx.image_checks import open_image
+
+    with open_image(image) as opened:
         picture = opened.convert("RGB")
     present = [c for c in taxonomy.CLASSES if result.counts.get(c, 0) > 0]
     legend_height = 2 * LEGEND_MARGIN + (len(present) + 2) * LEGEND_ROW

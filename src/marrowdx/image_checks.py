@@ -30,11 +30,12 @@ to log and to return to clients.
 
 from __future__ import annotations
 
+import functools
 import io
 import struct
 import zlib
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, BinaryIO
 
 import numpy as np
 
@@ -55,14 +56,19 @@ _MAGIC: dict[str, tuple[bytes, ...]] = {
 SERVED_SUFFIXES: frozenset[str] = frozenset({".jpg", ".jpeg", ".png"})
 #: Camera formats the client decodes itself (Pillow) and sends as re-encoded model fields:
 #: lab cameras and public sets (AML-Cytomorphology_LMU) store TIFF, some capture software
-#: BMP, web exports and image archives WebP. The server's contract stays JPEG/PNG.
-CLIENT_DECODED_SUFFIXES: frozenset[str] = frozenset({".tif", ".tiff", ".bmp", ".webp"})
+#: BMP, web exports and image archives WebP, and a phone held to the eyepiece HEIF (iPhones'
+#: default; read with pillow-heif, the client extra). The server's contract stays JPEG/PNG.
+CLIENT_DECODED_SUFFIXES: frozenset[str] = frozenset(
+    {".tif", ".tiff", ".bmp", ".webp", ".heic", ".heif"}
+)
 #: Image files the client, ``diagnose`` and the data-set readers take (case-insensitively).
 IMAGE_SUFFIXES: frozenset[str] = SERVED_SUFFIXES | CLIENT_DECODED_SUFFIXES
 #: Names (lower case) that Windows Explorer or a zip tool on macOS writes beside a user's files.
 SYSTEM_NAMES: frozenset[str] = frozenset({"thumbs.db", "ehthumbs.db", "desktop.ini", "__macosx"})
 #: Leading bytes of the client-decoded formats: TIFF and BigTIFF in both byte orders, BMP.
 _CLIENT_DECODED_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+", b"BM")
+#: Major brands (ISO BMFF ``ftyp`` box, bytes 8-12) of HEIF still images.
+_HEIF_BRANDS = frozenset({b"heic", b"heix", b"heim", b"heis", b"hevc", b"hevx", b"mif1", b"msf1"})
 
 
 @dataclass(frozen=True)
@@ -119,11 +125,37 @@ def sniff_format(data: bytes) -> str | None:
 
 
 def client_decoded(data: bytes) -> bool:
-    """Whether ``data`` starts like a TIFF, BMP or WebP file, which the client decodes
+    """Whether ``data`` starts like a TIFF, BMP, WebP or HEIF file, which the client decodes
     itself."""
     # WebP: a RIFF container, its form type after the 4-byte size
     webp = data.startswith(b"RIFF") and data[8:12] == b"WEBP"
-    return webp or data.startswith(_CLIENT_DECODED_MAGIC)
+    heif = data[4:8] == b"ftyp" and data[8:12] in _HEIF_BRANDS
+    return webp or heif or data.startswith(_CLIENT_DECODED_MAGIC)
+
+
+def open_image(source: bytes | str | Path | BinaryIO) -> Image.Image:
+    """``PIL.Image.open`` of an input image (encoded bytes, a path or a file), with every
+    format the client decodes registered: Pillow's own, and HEIF where pillow-heif (the
+    client extra) is installed. Why one function: the client, the spacing estimate and the
+    data-set readers must read the same files."""
+    from PIL import Image
+
+    _register_heif()
+    if isinstance(source, bytes | bytearray | memoryview):
+        source = io.BytesIO(source)
+    return Image.open(source)
+
+
+@functools.cache
+def _register_heif() -> bool:
+    """Pillow's HEIF opener, registered once per process; False without pillow-heif (a HEIF
+    file is then an image format Pillow cannot open, reported as such)."""
+    try:
+        from pillow_heif import register_heif_opener
+    except ImportError:
+        return False
+    register_heif_opener()
+    return True
 
 
 def _read_header(data: bytes, fmt: str) -> tuple[int, int, str]:

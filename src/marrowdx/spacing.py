@@ -26,7 +26,6 @@ Euclidean distance transform in C: the estimate must cost a few ms per image on 
 
 from __future__ import annotations
 
-import io
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
@@ -380,13 +379,13 @@ def _work_reader(data: bytes) -> tuple[Callable[[int], np.ndarray], int, int]:
     """(``read_work(side)``, width, longer side) of an encoded image; JPEGs decode at a
     reduced size (draft mode: libjpeg's 1/2, 1/4, 1/8 scaling, far cheaper than a full
     decode)."""
-    from PIL import Image
+    from marrowdx.image_checks import open_image
 
-    with Image.open(io.BytesIO(data)) as image:
+    with open_image(data) as image:
         width, size = image.width, image.size
 
     def read_work(side: int) -> np.ndarray:
-        with Image.open(io.BytesIO(data)) as image:
+        with open_image(data) as image:
             if image.format == "JPEG" and max(size) > side:
                 shrink = max(size) / side  # draft keeps the size >= the one asked
                 image.draft("RGB", (math.ceil(size[0] / shrink), math.ceil(size[1] / shrink)))
@@ -464,11 +463,11 @@ def estimate_images(images: Sequence[bytes]) -> list[SpacingEstimate]:
     """Each encoded image's estimate (:func:`estimate_from_bytes`), an uncertain one pooled
     with the images of its size (:func:`pool_uncertain`): for images known to come from one
     source (a data set, a patient) whose spacing is not stated."""
-    from PIL import Image
+    from marrowdx.image_checks import open_image
 
     sizes = []
     for data in images:
-        with Image.open(io.BytesIO(data)) as image:
+        with open_image(data) as image:
             sizes.append(image.size)
     return pool_uncertain([estimate_from_bytes(data) for data in images], sizes)
 

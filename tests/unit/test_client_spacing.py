@@ -402,6 +402,32 @@ def test_tiff_bmp_and_webp_images_are_decoded_by_the_client_and_counted_as_the_p
     assert resampled["TIFF"] == resampled["PNG"] == resampled["BMP"] == resampled["WEBP"]
 
 
+def test_a_phones_heif_photograph_is_decoded_by_the_client_and_counted_as_the_png_is(
+    tmp_path: Path,
+) -> None:
+    """iPhones save HEIF (``.heic``): with pillow-heif (the client extra) the client decodes
+    it like a TIFF; ``diagnose`` takes the suffix, the bytes are known as client-decoded."""
+    pillow_heif = pytest.importorskip("pillow_heif", reason="pillow-heif (client extra)")
+    from marrowdx.image_checks import client_decoded
+
+    pillow_heif.register_heif_opener()
+    squares = [(100, 100, 100), (400, 300, 120), (700, 800, 90)]
+    field = _squares(config.FIELD_SIZE, squares)
+    png_result, _ = analyse(_encoded(field, "PNG"), um_per_pixel=config.MODEL_UM_PER_PIXEL)
+    heif = _encoded(field, "HEIF", quality=90)
+    assert client_decoded(heif) and not client_decoded(_encoded(field, "PNG"))
+    result, sent = analyse(heif, um_per_pixel=config.MODEL_UM_PER_PIXEL)
+    (sent_field,) = sent.sent
+    assert sent_field.startswith(b"\xff\xd8\xff")  # re-encoded as a JPEG field
+    assert result.counts == png_result.counts
+    for cell, png_cell in zip(result.cells, png_result.cells, strict=True):
+        assert cell.box == pytest.approx(png_cell.box, abs=3)
+    (tmp_path / "P1").mkdir()
+    (tmp_path / "P1" / "IMG_0001.HEIC").write_bytes(heif)
+    (patient,) = discover(tmp_path).patients
+    assert patient.names == ["P1/IMG_0001.HEIC"] and not patient.problems
+
+
 def test_a_multi_page_or_damaged_tiff_or_webp_fails_with_its_reason_and_is_never_sent() -> None:
     from marrowdx.client.transport import RequestFailed
 

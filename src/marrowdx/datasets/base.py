@@ -10,7 +10,7 @@ from PIL import Image, UnidentifiedImageError
 
 from marrowdx.datasets.labels import LabelTarget
 from marrowdx.errors import InputError
-from marrowdx.image_checks import IMAGE_SUFFIXES, is_system_entry, upright_size
+from marrowdx.image_checks import IMAGE_SUFFIXES, is_system_entry, open_image, upright_size
 
 #: The file beside the data that declares its format, pixel spacing and label map.
 DECLARATION_NAME = "marrowdx-dataset.toml"
@@ -119,7 +119,7 @@ def image_size(path: Path, *, verify: bool = False) -> tuple[int, int]:
     client and the server read the image: boxes are in those pixels); ``verify`` decodes all
     of it, which catches truncated files a header read does not."""
     try:
-        with Image.open(path) as image:
+        with open_image(path) as image:
             if verify:
                 image.load()
             return upright_size(image)
