@@ -259,7 +259,7 @@ def build_report(
     total = int(counts.sum())
     fields_used = len(images) + len(failed_images) if fields_used is None else fields_used
     # fields the quality gate excluded count 0 cells: listed apart, not among the images
-    excluded = {im.file: im.excluded for im in images if im.excluded is not None}
+    excluded = {im.file: im.exclusion for im in images if im.exclusion is not None}
     images = [im for im in images if im.excluded is None]
     n_unidentified = sum(image.n_unidentified for image in images)
     n_unfamiliar = sum(image.n_unfamiliar for image in images)

@@ -287,6 +287,35 @@ def test_a_field_without_red_cells_of_their_size_at_a_stated_spacing_is_no_smear
     assert crop.excluded is None and crop.spacing.fields == 1
 
 
+def test_an_excluded_image_says_when_its_spacing_was_only_an_uncertain_estimate() -> None:
+    """A single-cell crop sent without its spacing is judged as a field and may be excluded
+    ("too thick"); the reason then carries the spacing warning, which says what to do,
+    unless it says so itself. In the patient report too."""
+    from marrowdx.client.aggregate import build_report
+    from marrowdx.client.fields import SpacingInfo
+
+    warning = (
+        "pixel spacing estimate 0.08 um/px is uncertain (1 red cells, unknown spread); give "
+        "the spacing with --um-per-pixel"
+    )
+    uncertain = SpacingInfo(0.08, "estimated", None, 1, warning=warning)
+    counts = dict.fromkeys(taxonomy.CLASSES, 0)
+
+    def image(name: str, excluded: str | None, info: SpacingInfo) -> SpacedImageResult:
+        return SpacedImageResult(name, (), counts, (250, 250), excluded=excluded, spacing=info)
+
+    thick = image("a.jpg", "too thick: 27%", uncertain)
+    assert thick.exclusion == f"too thick: 27%; {warning}"
+    named = "not a stained smear (...): 1 round object; give the spacing (--um-per-pixel)"
+    assert image("b.jpg", named, uncertain).exclusion == named
+    given = image("c.jpg", "too thick: 27%", SpacingInfo(0.1, "given"))
+    assert given.exclusion == "too thick: 27%"
+    assert image("d.jpg", None, uncertain).exclusion is None
+    empty = np.zeros(config.N_CLASSES, np.int64)
+    report = build_report("P1", [thick, given], {}, empty, None, "no cells")
+    assert report.excluded_images == {"a.jpg": thick.exclusion, "c.jpg": "too thick: 27%"}
+
+
 def test_client_default_and_per_image_spacings() -> None:
     small = picture((640, 480), [(100, 100, 100)])
     transport = FakeTransport()
