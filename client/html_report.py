@@ -90,10 +90,10 @@ def _data_uri(image, fmt: str = "JPEG") -> str:
 
 
 def _open_rgb(source: Source):
-    from marrowdx.image_checks import open_image
+    from marrowdx.image_checks import open_image, upright_rgb
 
     with open_image(source) as opened:
-        return opened.convert("RGB")
+        return upright_rgb(opened)  # the boxes are in the upright image's pixels
 
 
 def _crop(picture, box: Sequence[float]):

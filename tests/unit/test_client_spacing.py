@@ -600,7 +600,7 @@ def test_an_image_coarser_than_the_models_can_read_is_excluded_not_counted() -> 
         QualityThresholds(max_um_per_pixel=0)
 
 
-def test_an_exif_orientation_is_applied_before_resampling() -> None:
+def test_an_exif_orientation_is_applied_before_resampling(tmp_path: Path) -> None:
     """Stored 200 wide and 100 high, displayed (orientation 6) 100 wide and 200 high."""
     from marrowdx.client.fields import prepare_image
 
@@ -616,6 +616,15 @@ def test_an_exif_orientation_is_applied_before_resampling() -> None:
     field = np.asarray(Image.open(io.BytesIO(prepared.fields[0])))
     (top, _), (left, _) = plan.pad
     assert field[top + 5, left + 50, 1] < 100 and field[top + 195, left + 50, 1] > 150
+    # the pictures drawn for people show the image upright too, as its boxes are
+    from marrowdx.client.html_report import _open_rgb
+    from marrowdx.client.overlays import draw_image_overlay
+
+    assert _open_rgb(out.getvalue()).size == (100, 200)
+    result, _ = analyse(out.getvalue(), um_per_pixel=config.MODEL_UM_PER_PIXEL)
+    assert result.size == (200, 100)
+    overlay = np.asarray(Image.open(draw_image_overlay(out.getvalue(), result, tmp_path / "o.png")))
+    assert overlay[5, 50, 1] < 100 and overlay[195, 50, 1] > 150
 
 
 def test_the_json_and_the_command_output_carry_the_spacing_and_its_warning(capsys) -> None:
