@@ -114,7 +114,8 @@ def test_a_failed_image_gives_a_nonzero_exit_after_writing_every_output(
     patient = sorted(p.name for p in broken.iterdir() if p.is_dir())[0]
     (broken / patient / "zz_broken.jpg").write_bytes(b"\xff\xd8\xff not really a jpeg")
     (broken / patient / "scan.tiff").write_bytes(b"II*\x00")  # a TIFF header, nothing after
-    (broken / patient / "scan.heic").write_bytes(b"\x00\x00\x00\x18ftypheic")
+    (broken / patient / "scan.heic").write_bytes(b"\x00\x00\x00\x18ftypheic")  # a header only
+    (broken / patient / "scan.gif").write_bytes(b"GIF89a")
     out = tmp_path / "out"
     run = diagnose(
         str(broken), "--url", triton_server.grpc_url, "--json", str(out / "d.json"),
@@ -124,14 +125,15 @@ def test_a_failed_image_gives_a_nonzero_exit_after_writing_every_output(
     report = json.loads((out / "d.json").read_text())["patients"][0]
     failed = report["failed_images"]
     assert set(failed) == {
-        f"{patient}/{name}" for name in ("zz_broken.jpg", "scan.tiff", "scan.heic")
+        f"{patient}/{name}" for name in ("zz_broken.jpg", "scan.tiff", "scan.heic", "scan.gif")
     }
-    assert "not an image file" in failed[f"{patient}/scan.heic"]
-    assert "image not prepared" in failed[f"{patient}/scan.tiff"]  # decoded by the client
+    assert "not an image file" in failed[f"{patient}/scan.gif"]
+    for name in ("scan.tiff", "scan.heic"):  # decoded by the client
+        assert "image not prepared" in failed[f"{patient}/{name}"]
     assert len(report["images"]) == 2  # the other images still count
     assert f"failed: {patient}/zz_broken.jpg" in run.stderr
     assert (out / "d.csv").exists() and (out / "ov" / patient / "differential.png").exists()
-    assert "(+3 failed)" in run.stdout
+    assert "(+4 failed)" in run.stdout
 
 
 def test_a_folder_without_patient_folders_is_refused_clearly(tmp_path):
