@@ -1,5 +1,5 @@
 """Burned-in annotations: the scale bars, labels and arrows a microscope camera's program
-draws into an image, painted over with the image's glass before the models see it.
+draws into an image, painted over with the colours around them before the models see it.
 
 Why: drawn in black, or in yellow or green, they reached the models as stained objects. On
 288 real blood fields with a black scale bar, its length and a yellow label added, 32 fields'
@@ -17,12 +17,14 @@ image (a bar, a letter, a line):
 - yellow or green (green at least red less ``yellow_red_margin`` and above blue by
   ``yellow_blue_gap``): no Romanowsky dye nor haemoglobin is;
 
-and thin: gone after a morphological opening with a square of ``thin_share`` of the image's
-shorter side. A black corner of a round field of view, a black margin, a dark-field image's
-sky or a logo's fill is wide and stays (the quality gate judges those). An image whose thin
-strokes cover more than ``max_share`` of it is left as it is: that is no annotation on a
-smear but a drawing or a dense dark picture, and painting it would hide what the gate must
-see.
+thin: gone after a morphological opening with a square of ``thin_share`` of the image's
+shorter side; and long: a group of strokes (letters ``gap`` apart are one word) at least
+``min_length`` across, so that a speck of dust or a dark granule is no annotation. A black
+corner of a round field of view, a black margin, a dark-field image's sky or a logo's fill
+is wide and stays, and so does the thin fringe where such a region nears the image's edge
+(the quality gate judges those). An image whose strokes cover more than ``max_share`` of
+it is left as it is: that is no annotation on a smear but a drawing or a dense dark
+picture, and painting it would hide what the gate must see.
 """
 
 from __future__ import annotations
