@@ -14,6 +14,7 @@ import numpy as np
 from marrowdx import config, differential, taxonomy
 from marrowdx.client.quality import (
     DEFAULT_QUALITY,
+    NOT_A_SMEAR,
     QualityThresholds,
     SmearEvidence,
     cells_verdict,
@@ -230,6 +231,17 @@ def select_fields(
     )
 
 
+def exclusion(image: ImageResult) -> str:
+    """Why ``image`` (excluded) is left out, with the warnings that say what to do about it:
+    an uncertain spacing estimate (a single-cell crop sent without its spacing is judged as
+    a field), unless the reason says so already or names what no spacing changes (``not a
+    stained smear:`` its colour, texture or light)."""
+    reason = image.excluded or ""
+    if "--um-per-pixel" in reason or reason.startswith(f"{NOT_A_SMEAR}:"):
+        return reason
+    return "; ".join([reason, *image.warnings])
+
+
 def build_report(
     patient_id: str,
     images: Sequence[ImageResult],
@@ -259,7 +271,7 @@ def build_report(
     total = int(counts.sum())
     fields_used = len(images) + len(failed_images) if fields_used is None else fields_used
     # fields the quality gate excluded count 0 cells: listed apart, not among the images
-    excluded = {im.file: im.exclusion for im in images if im.exclusion is not None}
+    excluded = {im.file: exclusion(im) for im in images if im.excluded is not None}
     images = [im for im in images if im.excluded is None]
     n_unidentified = sum(image.n_unidentified for image in images)
     n_unfamiliar = sum(image.n_unfamiliar for image in images)

@@ -107,16 +107,6 @@ class ImageResult:
         ``client.fields.SpacedImageResult``)."""
         return []
 
-    @property
-    def exclusion(self) -> str | None:
-        """``excluded`` with the warnings that say what to do about it (an uncertain spacing
-        estimate: a single-cell crop sent without its spacing is judged as a field), unless
-        the reason says so already; None when the image counts."""
-        if self.excluded is None:
-            return None
-        hints = [w for w in self.warnings if "--um-per-pixel" not in self.excluded]
-        return "; ".join([self.excluded, *hints])
-
     def to_dict(self) -> dict[str, object]:
         out: dict[str, object] = {"file": self.file, "cells": [c.to_dict() for c in self.cells]}
         if self.quality is not None:

@@ -289,9 +289,9 @@ def test_a_field_without_red_cells_of_their_size_at_a_stated_spacing_is_no_smear
 
 def test_an_excluded_image_says_when_its_spacing_was_only_an_uncertain_estimate() -> None:
     """A single-cell crop sent without its spacing is judged as a field and may be excluded
-    ("too thick"); the reason then carries the spacing warning, which says what to do,
-    unless it says so itself. In the patient report too."""
-    from marrowdx.client.aggregate import build_report
+    ("too thick"); the reason then carries the spacing warning, which says what to do, unless
+    it says so itself or names what no spacing changes. In the patient report too."""
+    from marrowdx.client.aggregate import build_report, exclusion
     from marrowdx.client.fields import SpacingInfo
 
     warning = (
@@ -301,19 +301,23 @@ def test_an_excluded_image_says_when_its_spacing_was_only_an_uncertain_estimate(
     uncertain = SpacingInfo(0.08, "estimated", None, 1, warning=warning)
     counts = dict.fromkeys(taxonomy.CLASSES, 0)
 
-    def image(name: str, excluded: str | None, info: SpacingInfo) -> SpacedImageResult:
+    def image(name: str, excluded: str, info: SpacingInfo) -> SpacedImageResult:
         return SpacedImageResult(name, (), counts, (250, 250), excluded=excluded, spacing=info)
 
     thick = image("a.jpg", "too thick: 27%", uncertain)
-    assert thick.exclusion == f"too thick: 27%; {warning}"
-    named = "not a stained smear (...): 1 round object; give the spacing (--um-per-pixel)"
-    assert image("b.jpg", named, uncertain).exclusion == named
-    given = image("c.jpg", "too thick: 27%", SpacingInfo(0.1, "given"))
-    assert given.exclusion == "too thick: 27%"
-    assert image("d.jpg", None, uncertain).exclusion is None
+    assert exclusion(thick) == f"too thick: 27%; {warning}"
+    for reason in (
+        "not a stained smear (...): 1 round object; give the spacing (--um-per-pixel)",
+        f"{q.NOT_A_SMEAR}: no stain colour (0.0% of the stained pixels coloured)",
+    ):
+        assert exclusion(image("b.jpg", reason, uncertain)) == reason
+    maybe = f"{q.NOT_A_SMEAR} (or one too thick to count): no cell identified; too thick: 27%"
+    assert exclusion(image("c.jpg", maybe, uncertain)) == f"{maybe}; {warning}"
+    given = image("d.jpg", "too thick: 27%", SpacingInfo(0.1, "given"))
+    assert exclusion(given) == "too thick: 27%"
     empty = np.zeros(config.N_CLASSES, np.int64)
     report = build_report("P1", [thick, given], {}, empty, None, "no cells")
-    assert report.excluded_images == {"a.jpg": thick.exclusion, "c.jpg": "too thick: 27%"}
+    assert report.excluded_images == {"a.jpg": exclusion(thick), "d.jpg": "too thick: 27%"}
 
 
 def test_client_default_and_per_image_spacings() -> None:
