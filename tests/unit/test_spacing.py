@@ -49,6 +49,26 @@ def test_estimate_follows_a_field_resampled_by_a_known_factor(factor: float) -> 
     assert not estimate.uncertain and estimate.warning() is None
 
 
+@pytest.mark.parametrize("edge_light", [0.8, 0.65, 0.45])
+def test_a_vignetted_field_is_estimated_as_its_evenly_lit_self(edge_light: float) -> None:
+    """A phone or a trinocular camera dims a field's corners: its dim glass passed the
+    one density threshold and red cells merged with it, measured larger. The illumination
+    is divided out first (an evenly lit field's estimate is untouched by that). Before, a
+    field with its edges at 0.8 of the light was estimated at 0.014 instead of 0.125."""
+    field = resampled(simulated_field(), 2.0)  # 0.125 um/px, as a camera at 63x
+    height, width = field.shape[:2]
+    yy, xx = np.mgrid[0:height, 0:width]
+    r = np.hypot(xx - width / 2, yy - height / 2) / (0.5 * max(height, width))
+    light = np.clip(1.0 - (1.0 - edge_light) * r**2, 0.0, 1.0)  # 0.45: black corners
+    vignetted = (field * light[..., None]).astype(np.uint8)
+    even = spacing.estimate_um_per_pixel(field).um_per_pixel
+    assert even == pytest.approx(0.125, rel=spacing.ESTIMATE_TOLERANCE)
+    estimate = spacing.estimate_um_per_pixel(vignetted).um_per_pixel
+    assert estimate == pytest.approx(even, rel=0.1)
+    green = np.ascontiguousarray(field[..., 1])
+    assert spacing._flat_fielded(green) is green
+
+
 def test_estimate_from_jpeg_bytes_matches_the_decoded_estimate() -> None:
     data = encode(simulated_field(), "jpg")
     from_bytes = spacing.estimate_from_bytes(data)
