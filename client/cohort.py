@@ -3,7 +3,8 @@
 Layouts the client cannot interpret (no patient folders, images directly in DIR, nested
 folders) are refused with an error that names the offending paths; anything else that is
 not an image is reported, never silently skipped: unsupported files inside a patient
-folder become that patient's failed images, stray files beside the patient folders are
+folder become that patient's failed images, and so does a byte-for-byte copy of one of its
+images (counted, it would count its cells twice); stray files beside the patient folders are
 returned as warnings. Files the operating system or a file share writes by itself (hidden
 names such as ``.DS_Store`` and macOS's ``._img.jpg`` forks, ``Thumbs.db``, ``__MACOSX/``)
 are skipped with one warning that names them, since they are never a lab's images. A
@@ -102,6 +103,29 @@ def read_spacing(path: Path) -> float:
         raise CohortError(f"{path}: {exc}") from None
 
 
+def _copies(images: list[Path]) -> dict[Path, Path]:
+    """Each image that repeats an earlier one byte for byte (``IMG_1.jpg`` and ``IMG_1
+    (1).jpg``, a field exported twice) -> that earlier one. Only files of one size are read
+    and hashed, so a folder without copies costs a ``stat`` per image."""
+    import hashlib
+
+    by_size: dict[int, list[Path]] = {}
+    for path in images:
+        by_size.setdefault(path.stat().st_size, []).append(path)
+    copies: dict[Path, Path] = {}
+    for size, same_size in by_size.items():
+        if len(same_size) < 2 or size == 0:  # empty files fail on their own, each named
+            continue
+        first: dict[str, Path] = {}
+        for path in same_size:
+            digest = hashlib.sha256(path.read_bytes()).hexdigest()
+            if digest in first:
+                copies[path] = first[digest]
+            else:
+                first[digest] = path
+    return copies
+
+
 def discover(root: str | Path) -> Cohort:
     """Every sub-folder of ``root`` is a patient; raises CohortError for unusable layouts."""
     root = Path(root)
@@ -162,6 +186,13 @@ def discover(root: str | Path) -> Cohort:
                 )
         if not images and not problems:
             problems[f"{folder.name}/"] = "no image files in the patient folder"
+        for copy, original in _copies(images).items():
+            index = images.index(copy)
+            problems[names.pop(index)] = (
+                f"not processed: the same bytes as {original.relative_to(root)} (a copy of "
+                "an image would count its cells twice)"
+            )
+            images.pop(index)
         patients.append(
             PatientFolder(folder.name, images, names, labs, problems, um_per_pixel=spacing)
         )

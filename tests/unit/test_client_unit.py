@@ -362,9 +362,10 @@ def test_json_and_csv_files_follow_the_contract(stand_in, tmp_path):
     assert rows[1]["n_failed_images"] == "1" and rows[1]["diagnosis"] == ""
 
 
-def _touch(path: Path, data: bytes = b"x") -> None:
+def _touch(path: Path, data: bytes | None = None) -> None:
+    """A file; by default its bytes are its name, so that no two are copies of each other."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(data)
+    path.write_bytes(path.name.encode() if data is None else data)
 
 
 def test_cohort_layouts_that_cannot_be_interpreted_are_refused(tmp_path):
@@ -420,6 +421,23 @@ def test_a_folder_of_unsupported_files_only_says_so(tmp_path):
             assert reasons[NO_DIAGNOSIS] == f"no diagnosis: {report.diagnosis_error}"
         else:
             assert report.diagnosis_error == NO_IMAGES
+
+
+def test_a_copy_of_an_image_is_reported_not_counted_twice(tmp_path):
+    _touch(tmp_path / "P1" / "IMG_1.jpg", b"field one")
+    _touch(tmp_path / "P1" / "IMG_1 (1).jpg", b"field one")  # the same field, copied twice
+    _touch(tmp_path / "P1" / "IMG_1 copy.png", b"field one")
+    _touch(tmp_path / "P1" / "IMG_2.jpg", b"field two")  # the same size, other bytes
+    _touch(tmp_path / "P2" / "IMG_1.jpg", b"field one")  # another patient's: not a copy
+    _touch(tmp_path / "P2" / "a.jpg", b"")  # empty files fail as empty, each of them
+    _touch(tmp_path / "P2" / "b.jpg", b"")
+    p1, p2 = discover(tmp_path).patients
+    kept = "P1/IMG_1 (1).jpg"  # the first in name order
+    assert p1.names == [kept, "P1/IMG_2.jpg"]
+    assert set(p1.problems) == {"P1/IMG_1 copy.png", "P1/IMG_1.jpg"}
+    for reason in p1.problems.values():
+        assert f"the same bytes as {kept}" in reason and "twice" in reason
+    assert p2.names == ["P2/IMG_1.jpg", "P2/a.jpg", "P2/b.jpg"] and not p2.problems
 
 
 def test_cohort_skips_files_the_operating_system_writes_with_one_warning(tmp_path):
