@@ -272,12 +272,7 @@ def prepare_image(
 
     from marrowdx import spacing
     from marrowdx.burned_in import paint_over
-    from marrowdx.image_checks import (
-        TRANSPOSED_ORIENTATIONS,
-        open_image,
-        sniff_format,
-        upright_rgb,
-    )
+    from marrowdx.image_checks import TRANSPOSED_ORIENTATIONS, sniff_format, upright_rgb
     from marrowdx.slides import tiling
 
     header = _header(data)
@@ -298,8 +293,8 @@ def prepare_image(
         and spacing.at_model_spacing(value, tolerance)
     ):
         return PreparedImage([data], None, (height, width), info, data)
-    with _decoding(), open_image(data) as image:
-        upright = upright_rgb(image)
+    with _decoding():
+        upright = upright_rgb(data)
     pixels = np.asarray(upright)
     if (painted := paint_over(pixels)) is not pixels:  # a scale bar, a label
         upright = Image.fromarray(painted)

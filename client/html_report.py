@@ -89,13 +89,6 @@ def _data_uri(image, fmt: str = "JPEG") -> str:
     return f"data:image/{mime};base64,{base64.b64encode(buffer.getvalue()).decode('ascii')}"
 
 
-def _open_rgb(source: Source):
-    from marrowdx.image_checks import open_image, upright_rgb
-
-    with open_image(source) as opened:
-        return upright_rgb(opened)  # the boxes are in the upright image's pixels
-
-
 def _crop(picture, box: Sequence[float]):
     """The cell with ``CROP_MARGIN`` context, squared and scaled to ``CROP_SIDE``."""
     x0, y0, x1, y1 = box
@@ -274,7 +267,10 @@ def _lineage_table(data: Mapping[str, object]) -> str:
 def _patient_section(report: PatientReport, sources: Mapping[str, Source]) -> str:
     data = report.to_dict()
     pid = _esc(report.patient_id)
-    pictures = {i.file: _open_rgb(sources[i.file]) for i in report.images if i.file in sources}
+    from marrowdx.image_checks import upright_rgb
+
+    # the boxes are in the upright image's pixels
+    pictures = {i.file: upright_rgb(sources[i.file]) for i in report.images if i.file in sources}
     failed = "".join(
         f"<li>{_esc(name)}: {_esc(why)}</li>" for name, why in report.failed_images.items()
     )

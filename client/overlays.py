@@ -24,10 +24,9 @@ def draw_image_overlay(image: bytes | str | Path, result: ImageResult, out: Path
     """The original image with one box per cell and a legend of the classes present."""
     from PIL import Image, ImageDraw, ImageFont
 
-    from marrowdx.image_checks import open_image, upright_rgb
+    from marrowdx.image_checks import upright_rgb
 
-    with open_image(image) as opened:
-        picture = upright_rgb(opened)  # the boxes are in the upright image's pixels
+    picture = upright_rgb(image)  # the boxes are in the upright image's pixels
     present = [c for c in taxonomy.CLASSES if result.counts.get(c, 0) > 0]
     legend_height = 2 * LEGEND_MARGIN + (len(present) + 2) * LEGEND_ROW
     canvas = Image.new(

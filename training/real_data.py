@@ -24,7 +24,7 @@ import numpy as np
 from PIL import Image
 
 from marrowdx import config
-from marrowdx.image_checks import open_image, upright_rgb
+from marrowdx.image_checks import upright_rgb
 from marrowdx.spacing import RED_CELL_UM, SpacingEstimate, estimate_images
 
 #: µm per pixel of the detector's and classifier's input: a FIELD_SIZE field at
@@ -167,8 +167,7 @@ def allowed_rows(targets: Sequence) -> np.ndarray:
 
 
 def _load_rgb(path: Path, um_per_pixel: float) -> np.ndarray:
-    with open_image(path) as img:
-        rgb = np.asarray(upright_rgb(img))
+    rgb = np.asarray(upright_rgb(path))
     return resize_rgb(rgb, um_per_pixel / config.MODEL_UM_PER_PIXEL)
 
 

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from marrowdx.errors import InputError
-from marrowdx.image_checks import open_image, upright_rgb
+from marrowdx.image_checks import upright_rgb
 from marrowdx.simulate.lab_variation import SHIFT_KINDS, SHIFT_STREAM, LabShift
 
 #: Bump when a shifted copy would differ for the same image, kind and strength (the cache key).
@@ -49,8 +49,7 @@ def shift_image(
     blur in µm; unknown, it is set per 1024 pixels of width as on a simulated field."""
     rng = image_rng(key, kind)
     shift = LabShift.draw(kind, strength, rng)
-    with open_image(path) as im:
-        rgb = np.asarray(upright_rgb(im))
+    rgb = np.asarray(upright_rgb(path))
     shifted = shift.apply(rgb, rng, um_per_pixel=um_per_pixel)
     image_format = "jpg" if shift.jpeg_quality is not None else "png"
     return shift.encode(shifted, image_format), f".{image_format}"

@@ -105,15 +105,18 @@ def upright_size(image: Image.Image) -> tuple[int, int]:
     return int(image.width), int(image.height)
 
 
-def upright_rgb(image: Image.Image) -> Image.Image:
-    """The image as the server's decoder gives it: EXIF orientation applied, converted to RGB.
+def upright_rgb(source: bytes | str | Path | BinaryIO) -> Image.Image:
+    """The input image (:func:`open_image`'s ``source``) as the server's decoder gives it:
+    EXIF orientation applied, converted to RGB, decoded.
 
-    Why one function: the client, the data-set readers and training must see the same
-    pixels in the same orientation, or a data set's boxes (in the pixels a viewer shows)
-    would fall beside their cells in training while the client scores them upright."""
+    Why one function: the client, the pictures drawn for people, the data-set readers and
+    training must see the same pixels in the same orientation, or a data set's boxes (in the
+    pixels a viewer shows) would fall beside their cells in training while the client scores
+    them upright."""
     from PIL import ImageOps
 
-    return ImageOps.exif_transpose(image).convert("RGB")
+    with open_image(source) as image:
+        return ImageOps.exif_transpose(image).convert("RGB")
 
 
 def sniff_format(data: bytes) -> str | None:

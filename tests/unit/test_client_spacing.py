@@ -621,11 +621,12 @@ def test_an_exif_orientation_is_applied_before_resampling(tmp_path: Path) -> Non
     field = np.asarray(Image.open(io.BytesIO(prepared.fields[0])))
     (top, _), (left, _) = plan.pad
     assert field[top + 5, left + 50, 1] < 100 and field[top + 195, left + 50, 1] > 150
-    # the pictures drawn for people show the image upright too, as its boxes are
-    from marrowdx.client.html_report import _open_rgb
+    # the pictures drawn for people show the image upright too, as its boxes are: the
+    # review page's (image_checks.upright_rgb) and the overlays
     from marrowdx.client.overlays import draw_image_overlay
+    from marrowdx.image_checks import upright_rgb
 
-    assert _open_rgb(out.getvalue()).size == (100, 200)
+    assert upright_rgb(out.getvalue()).size == (100, 200)
     result, _ = analyse(out.getvalue(), um_per_pixel=config.MODEL_UM_PER_PIXEL)
     assert result.size == (200, 100)
     overlay = np.asarray(Image.open(draw_image_overlay(out.getvalue(), result, tmp_path / "o.png")))
