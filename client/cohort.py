@@ -15,6 +15,7 @@ instead.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -107,8 +108,6 @@ def _copies(images: list[Path]) -> dict[Path, Path]:
     """Each image that repeats an earlier one byte for byte (``IMG_1.jpg`` and ``IMG_1
     (1).jpg``, a field exported twice) -> that earlier one. Only files of one size are read
     and hashed, so a folder without copies costs a ``stat`` per image."""
-    import hashlib
-
     by_size: dict[int, list[Path]] = {}
     for path in images:
         by_size.setdefault(path.stat().st_size, []).append(path)
@@ -186,13 +185,14 @@ def discover(root: str | Path) -> Cohort:
                 )
         if not images and not problems:
             problems[f"{folder.name}/"] = "no image files in the patient folder"
-        for copy, original in _copies(images).items():
-            index = images.index(copy)
-            problems[names.pop(index)] = (
+        copies = _copies(images)
+        for copy, original in copies.items():
+            problems[str(copy.relative_to(root))] = (
                 f"not processed: the same bytes as {original.relative_to(root)} (a copy of "
                 "an image would count its cells twice)"
             )
-            images.pop(index)
+        names = [name for path, name in zip(images, names, strict=True) if path not in copies]
+        images = [path for path in images if path not in copies]
         patients.append(
             PatientFolder(folder.name, images, names, labs, problems, um_per_pixel=spacing)
         )
