@@ -324,12 +324,8 @@ def _flat_fielded(green: np.ndarray) -> np.ndarray:
         return green
     tiles = green[: rows * block, : cols * block].reshape(rows, block, cols, block)
     bright = np.percentile(tiles, 95, axis=(1, 3)).ravel()
-    y, x = np.mgrid[0:rows, 0:cols]
-    y = ((y + 0.5) / rows - 0.5).ravel()
-    x = ((x + 0.5) / cols - 0.5).ravel()
-    design = np.stack([np.ones_like(x), x, y, x * x, x * y, y * y], axis=1)
+    design = _quadratic_terms((rows, cols), (rows, cols)).reshape(rows * cols, -1)
     keep = bright > config.CAMERA_BLACK_LEVEL
-    surface = np.full_like(bright, bright[keep].max() if keep.any() else 255.0)
     for _ in range(3):
         if keep.sum() < design.shape[1] * 2:
             return green
@@ -339,16 +335,21 @@ def _flat_fielded(green: np.ndarray) -> np.ndarray:
     lit = surface[keep]
     if lit.min() >= (1.0 - FLAT_FIELD_TOLERANCE) * lit.max():
         return green
-    yy, xx = np.mgrid[0:height, 0:width]
-    yy = (yy + 0.5) / (rows * block) - 0.5
-    xx = (xx + 0.5) / (cols * block) - 0.5
-    full = coef[0] + coef[1] * xx + coef[2] * yy + coef[3] * xx**2 + coef[4] * xx * yy
-    full += coef[5] * yy**2
+    full = _quadratic_terms((height, width), (rows * block, cols * block)) @ coef
     gain = lit.max() / np.maximum(full, 1.0)
     corrected = np.clip(np.rint(green * np.maximum(gain, 1.0)), 0, 255).astype(np.uint8)
     # where the light falls under a third, nothing can be read: shown as glass, not as stain
     corrected[gain > FLAT_FIELD_MAX_GAIN] = 255
     return corrected
+
+
+def _quadratic_terms(shape: tuple[int, int], span: tuple[int, int]) -> np.ndarray:
+    """[rows, cols, 6]: the terms of a quadratic surface at the centres of a ``shape`` grid,
+    its coordinates scaled so that ``span`` cells run from -0.5 to 0.5. Why a span: the
+    surface fitted on the blocks (``span`` = the grid of blocks) is evaluated at every pixel
+    (``span`` = the pixels those blocks cover), one scale for both."""
+    y, x = ((np.mgrid[0 : shape[0], 0 : shape[1]] + 0.5) / np.reshape(span, (2, 1, 1))) - 0.5
+    return np.stack([np.ones_like(x), x, y, x * x, x * y, y * y], axis=-1)
 
 
 def _spacing_from_diameters(diameters: np.ndarray, work_scale: float) -> SpacingEstimate:
