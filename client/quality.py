@@ -525,15 +525,20 @@ def red_cells_verdict(
             raise ValueError("a stated spacing's red cells are counted at its um_per_pixel")
         low, high = RED_CELL_BAND_UM
         red = "no red cell" if not found else f"{found} red cell"
-        return (
-            f"{NOT_A_SMEAR} (or one whose cells the models cannot read): "
-            f"{evidence.in_words()}, {red} of a red cell's size ({low:.1f}-{high:.0f} µm) at "
-            f"the stated {um_per_pixel:.3g} µm/px; check the spacing if it is a smear"
+        return _unreadable(
+            evidence,
+            f"{red} of a red cell's size ({low:.1f}-{high:.0f} µm) at the stated "
+            f"{um_per_pixel:.3g} µm/px; check the spacing if it is a smear",
         )
     red = "no red cell" if not found else f"{found} round object taken for a red cell"
+    return _unreadable(evidence, f"{red}; give the spacing (--um-per-pixel) if it is a smear")
+
+
+def _unreadable(evidence: SmearEvidence, red_cells: str) -> str:
+    """A reason of :func:`red_cells_verdict`: what the models found, then ``red_cells``."""
     return (
         f"{NOT_A_SMEAR} (or one whose cells the models cannot read): {evidence.in_words()}, "
-        f"{red}; give the spacing (--um-per-pixel) if it is a smear"
+        f"{red_cells}"
     )
 
 
@@ -541,11 +546,11 @@ def _drawn_verdict(n_red_cells: int, spread: float | None, evidence: SmearEviden
     """The reason of :func:`red_cells_verdict` for an estimate's red cells all of one size."""
     if spread is None or n_red_cells < MIN_DRAWN_OBJECTS or spread > MAX_DRAWN_SPREAD:
         return None
-    return (
-        f"{NOT_A_SMEAR} (or one whose cells the models cannot read): {evidence.in_words()}, "
+    return _unreadable(
+        evidence,
         f"and the {n_red_cells} round objects taken for red cells all measure the same "
         f"({100 * spread:.1f}% spread: drawn, not photographed; red cells differ in size); "
-        "give the spacing (--um-per-pixel) if it is a smear"
+        "give the spacing (--um-per-pixel) if it is a smear",
     )
 
 
