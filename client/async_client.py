@@ -67,7 +67,8 @@ class PatientInput:
 
     ``names`` label the images in the report (default: the path as given, or ``#index``
     for bytes); they stay on this machine. ``um_per_pixel``: the images' pixel spacing, one
-    value for all or one per image (None: the client's default, else estimated);
+    value for all or one per image (None: the client's default, else the file's stated
+    calibration, else estimated);
     ``spacing_source`` is what the JSON says it came from (``given``, or ``patient`` for a
     patient folder's ``spacing.json``).
     """
@@ -223,7 +224,8 @@ class AsyncMarrowClient:
       listed apart, not counted (default 0, the limit fitted into the classifier; -inf =
       never).
     - ``um_per_pixel``: pixel spacing of every image (µm per pixel) unless a patient or an
-      image gives its own; None (default) estimates each image's from its red cells
+      image gives its own; None (default) takes the calibration an image file states
+      (``marrowdx.file_spacing``), else estimates each image's from its red cells
       (``marrowdx.spacing``). Images reach the server at the models' spacing: resampled,
       padded when smaller than a model field, tiled when larger (``marrowdx.client.fields``).
 

@@ -239,7 +239,8 @@ def add_spacing_option(parser: argparse.ArgumentParser, help_text: str | None = 
         metavar="X",
         help=help_text
         or "pixel spacing of every image, in µm per pixel (a patient folder's spacing.json "
-        "overrides it; default: estimated per image from the red cells, pooled over the "
+        "overrides it; default: the calibration an image file states (ImageJ, OME-TIFF, "
+        "TIFF/PNG resolution), else estimated per image from the red cells, pooled over the "
         "patient's images of one size where an image has too few, as a crop does). Images are "
         f"resampled to the models' {config.MODEL_UM_PER_PIXEL} µm per pixel, padded when "
         "smaller than a model field, tiled when larger",

@@ -63,7 +63,8 @@ FIELD_JPEG_QUALITY = 95
 class SpacingInfo:
     """How an image was brought to the models' spacing: the ``spacing`` object of the
     diagnose JSON. ``source``: ``given`` (the call or ``--um-per-pixel``), ``patient``
-    (the patient's ``spacing.json``), ``estimated`` (from the image's red cells), ``pooled``
+    (the patient's ``spacing.json``), ``file`` (the calibration the image file states:
+    ``marrowdx.file_spacing``), ``estimated`` (from the image's red cells), ``pooled``
     (from the red cells of the patient's images of its size: its own were too few) or
     ``assumed`` (no estimate: the models' spacing); ``n_images``: images an estimate's red
     cells came from; ``fields``: requests the image took."""
@@ -141,9 +142,13 @@ class PreparedImage:
 def _spacing(
     um_per_pixel: float | None, source: str, data: bytes, estimate: SpacingEstimate | None
 ):
-    """(um_per_pixel, SpacingInfo less ``fields``, whether the value is only an estimate)."""
+    """(um_per_pixel, SpacingInfo less ``fields``, whether the value is only an estimate).
+    Without a value given, the calibration the file states comes before any estimate."""
     from marrowdx import spacing
+    from marrowdx.file_spacing import spacing_in_file
 
+    if um_per_pixel is None and (stated := spacing_in_file(data)) is not None:
+        um_per_pixel, source = stated, spacing.FILE_SOURCE
     if um_per_pixel is not None:
         value = spacing.check_um_per_pixel(um_per_pixel)
         return value, SpacingInfo(value, source), False
@@ -243,11 +248,15 @@ def _beyond_limits(width: int, height: int) -> bool:
 
 def own_estimate(data: bytes) -> tuple[tuple[int, int], SpacingEstimate] | None:
     """((width, height), the spacing estimate from the image's own red cells), or None for
-    bytes that ``prepare_image`` sends undecoded (the server refuses them)."""
+    bytes that ``prepare_image`` sends undecoded (the server refuses them) and for an image
+    whose file states its spacing (``_spacing`` takes that: nothing to estimate or pool)."""
     from marrowdx import spacing
+    from marrowdx.file_spacing import spacing_in_file
 
     header = _header(data)
     if isinstance(header, str) or _beyond_limits(header[0], header[1]):
+        return None
+    if spacing_in_file(data) is not None:
         return None
     with _decoding():
         return (header[0], header[1]), spacing.estimate_from_bytes(data)

@@ -98,9 +98,12 @@ MIN_DIAMETER_WORK_PX = 5.0
 MIN_POOLED_RED_CELLS = 20
 MAX_POOLED_SPREAD = 0.4
 #: Where a spacing came from (the ``spacing.source`` of the diagnose JSON): ``pooled`` is
-#: estimated from the red cells of the patient's (or data set's) images of the same size.
-#: ``STATED_SOURCES`` are the ones the user gave (the rest are estimates or a fallback).
-STATED_SOURCES = ("given", "patient")
+#: estimated from the red cells of the patient's (or data set's) images of the same size;
+#: ``file`` (``FILE_SOURCE``) is the calibration the image file states about itself
+#: (``marrowdx.file_spacing``). ``STATED_SOURCES`` are the ones the user or the user's
+#: camera stated (the rest are estimates or a fallback).
+FILE_SOURCE = "file"
+STATED_SOURCES = ("given", "patient", FILE_SOURCE)
 SOURCES = (*STATED_SOURCES, "estimated", "pooled", "assumed")
 
 

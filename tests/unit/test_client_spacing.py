@@ -692,6 +692,35 @@ def test_a_patients_crops_share_a_pooled_spacing_from_all_their_red_cells() -> N
     assert alone.spacing.source == "estimated" and "uncertain" in alone.warnings[0]
 
 
+def test_an_image_file_stating_its_calibration_is_sent_at_it_not_estimated() -> None:
+    """A camera's TIFF whose resolution says 0.075 µm/px (pixels per centimetre) goes out as
+    the very fields of its PNG given 0.075, says so in the JSON and carries no warning; a
+    spacing the caller gives still wins; in a patient it is not pooled with the crops (nor
+    held up by them), and a crop saved with its calibration keeps it."""
+    small = _squares((640, 480), [(100, 100, 100), (400, 300, 120)])
+    calibrated = _encoded(small, "TIFF", resolution=1e4 / 0.075, resolution_unit="cm")
+    given, given_sent = analyse(_encoded(small, "PNG"), um_per_pixel=0.075)
+    stated, stated_sent = analyse(calibrated)
+    assert stated_sent.sent == given_sent.sent
+    assert stated.spacing.source == "file" and stated.spacing.um_per_pixel == pytest.approx(0.075)
+    assert stated.counts == given.counts and stated.excluded == given.excluded
+    assert "warnings" not in stated.to_dict()
+    overridden, _ = analyse(calibrated, um_per_pixel=0.1)
+    assert overridden.spacing.source == "given" and overridden.spacing.um_per_pixel == 0.1
+    crops = [crop(cells) for cells in CROP_RED_CELLS * 2]
+    as_png = Image.open(io.BytesIO(crops[0]))
+    calibrated_crop = _encoded(np.asarray(as_png), "PNG", dpi=(25_400 / 0.3, 25_400 / 0.3))
+    client = AsyncMarrowClient(transport=FakeTransport(), concurrency=2)  # type: ignore[arg-type]
+    report = asyncio.run(
+        asyncio.wait_for(client.diagnose_patient("P", [calibrated, calibrated_crop, *crops]), 60)
+    )
+    first, second, *pooled = report.images
+    assert first.spacing.source == second.spacing.source == "file"
+    assert second.spacing.um_per_pixel == pytest.approx(0.3, rel=1e-3)
+    assert {p.spacing.source for p in pooled} == {"pooled"}
+    assert {p.spacing.n_images for p in pooled} == {len(crops)}
+
+
 def test_a_pooled_patient_stops_at_its_target_without_waiting_forever() -> None:
     crops = [crop(cells) for cells in CROP_RED_CELLS * 3]
     client = AsyncMarrowClient(transport=FakeTransport(), concurrency=1)  # type: ignore[arg-type]

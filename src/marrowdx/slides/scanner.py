@@ -20,6 +20,7 @@ import importlib.util
 import math
 from pathlib import Path
 
+from marrowdx.file_spacing import UM_PER_UNIT
 from marrowdx.slides.base import SlideError
 from marrowdx.slides.detect import scanner_file
 from marrowdx.slides.pyramid import PyramidLevel, PyramidSlide
@@ -28,8 +29,6 @@ from marrowdx.slides.pyramid import PyramidLevel, PyramidSlide
 CACHE_BYTES = 64 * 1024 * 1024
 #: Tile size assumed when a format does not report one (OpenSlide's usual tiles).
 _DEFAULT_TILE = 256
-#: micrometres per TIFF ResolutionUnit.
-_UM_PER_UNIT = {"centimeter": 1e4, "inch": 25.4e3}
 
 
 def _fail(path: Path, problem: str) -> SlideError:
@@ -50,8 +49,8 @@ def spacing_from_properties(props: dict[str, str]) -> tuple[float | None, str]:
         per_unit = float(props["tiff.XResolution"])
     except (KeyError, ValueError):
         per_unit = 0.0
-    if unit in _UM_PER_UNIT and per_unit > 0:
-        return _UM_PER_UNIT[unit] / per_unit, "tiff.XResolution"
+    if unit in ("centimeter", "inch") and per_unit > 0:
+        return UM_PER_UNIT[unit] / per_unit, "tiff.XResolution"
     return None, "none"
 
 
