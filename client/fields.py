@@ -428,7 +428,9 @@ def merge_image(
             unfamiliar = sum(cell.unfamiliar for cell in kept)
             excluded = cells_verdict(n_cells, unfamiliar, measures, quality, small_image=True)
     else:
-        excluded = quality_verdict(measures, quality, evidence=evidence)
+        excluded = _as_its_fields_name_it(
+            quality_verdict(measures, quality, evidence=evidence), results
+        )
         if excluded is None and all(r.excluded for r in results):
             excluded = results[0].excluded  # e.g. every field's cells far from the models' size
         if excluded is None or excluded.startswith(WRONG_SPACING):
@@ -446,6 +448,20 @@ def merge_image(
         excluded=excluded,
     )  # fmt: skip
     return with_spacing(_without_smear_evidence(result, evidence, prepared, quality), spacing)
+
+
+def _as_its_fields_name_it(reason: str | None, results: Sequence[ImageResult]) -> str | None:
+    """An image's "too thick" (or other region) ``reason`` as its fields named it when every
+    field said it may be no smear. Why: the image's own few detections can look like a
+    smear's (a photograph padded at an uncertain spacing: 1 of its 2 objects identified)
+    where its fields, with all they show, hold almost nothing the models identify (5 of 77).
+    It only names an exclusion: no count changes."""
+    if reason is None or reason.startswith((NOT_A_SMEAR, WRONG_SPACING)):
+        return reason
+    named = [r.excluded for r in results]
+    if all(n is not None and n.startswith(NOT_A_SMEAR) for n in named):
+        return named[0]
+    return reason
 
 
 def _seen_only_mirrored(

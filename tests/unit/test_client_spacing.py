@@ -320,6 +320,32 @@ def test_an_excluded_image_says_when_its_spacing_was_only_an_uncertain_estimate(
     assert report.excluded_images == {"a.jpg": exclusion(thick), "d.jpg": "too thick: 27%"}
 
 
+def test_an_image_too_thick_is_named_as_its_fields_named_it_when_all_said_no_smear() -> None:
+    """A photograph padded at an uncertain spacing: its own two detections look like a
+    smear's (one identified), its field, copies and all, holds 5 identified of 77 objects.
+    The image's "too thick" takes the fields' naming when every field gave it; a name is
+    all that changes (the counts are 0 either way)."""
+    from marrowdx.client.fields import _as_its_fields_name_it as named
+    from marrowdx.client.report import ImageResult
+
+    counts = dict.fromkeys(taxonomy.CLASSES, 0)
+
+    def field(reason: str | None) -> ImageResult:
+        return ImageResult("field", (), counts, (1024, 1024), excluded=reason)
+
+    no_smear = (
+        f"{q.NOT_A_SMEAR} (or one too thick to count): 5 of 77 objects identified as "
+        "nucleated cells; too thick: 30%"
+    )
+    assert named("too thick: 30%", [field(no_smear)]) == no_smear
+    assert named("too thick: 30%", [field(no_smear), field(no_smear)]) == no_smear
+    for others in ([field(no_smear), field("too thick: 31%")], [field(no_smear), field(None)]):
+        assert named("too thick: 30%", others) == "too thick: 30%"
+    assert named(None, [field(no_smear)]) is None
+    wrong = f"{q.WRONG_SPACING}: cells measure 0.4 times their size"
+    assert named(wrong, [field(no_smear)]) == wrong
+
+
 def test_client_default_and_per_image_spacings() -> None:
     small = picture((640, 480), [(100, 100, 100)])
     transport = FakeTransport()
