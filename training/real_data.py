@@ -171,13 +171,26 @@ def _load_rgb(path: Path, um_per_pixel: float) -> np.ndarray:
     return resize_rgb(rgb, um_per_pixel / config.MODEL_UM_PER_PIXEL)
 
 
+def stated_where_unknown(spacings: Sequence[float | None], paths: Sequence[Path]) -> list:
+    """Each spacing, or where it is None the calibration the image's file states
+    (``marrowdx.file_spacing``), which the client takes before any estimate."""
+    from marrowdx.file_spacing import spacing_in_file
+
+    return [
+        spacing_in_file(path.read_bytes()) if um is None else um
+        for um, path in zip(spacings, paths, strict=True)
+    ]
+
+
 def estimate_where_unknown(
     spacings: Sequence[float | None], paths: Sequence[Path]
 ) -> list[SpacingEstimate | None]:
-    """The client's spacing estimate of each image whose spacing is None (else None),
-    pooled per image size as the client pools a patient's images (one data set, one
-    camera): real images are learnt and scored at the spacing the client would estimate."""
-    unknown = [i for i, um in enumerate(spacings) if um is None]
+    """The client's spacing estimate of each image whose spacing is None and whose file
+    states none (else None), pooled per image size as the client pools a patient's images
+    (one data set, one camera): real images are learnt and scored at the spacing the client
+    would estimate."""
+    stated = stated_where_unknown(spacings, paths)
+    unknown = [i for i, um in enumerate(stated) if um is None]
     out: list[SpacingEstimate | None] = [None] * len(spacings)
     estimates = estimate_images([paths[i].read_bytes() for i in unknown])
     for i, estimate in zip(unknown, estimates, strict=True):
@@ -186,8 +199,9 @@ def estimate_where_unknown(
 
 
 def _with_estimates(spacings: Sequence[float | None], paths: Sequence[Path]) -> list:
-    estimates = estimate_where_unknown(spacings, paths)
-    return [um if e is None else e.um_per_pixel for um, e in zip(spacings, estimates, strict=True)]
+    stated = stated_where_unknown(spacings, paths)
+    estimates = estimate_where_unknown(stated, paths)
+    return [um if e is None else e.um_per_pixel for um, e in zip(stated, estimates, strict=True)]
 
 
 def load_sets(

@@ -477,6 +477,42 @@ def test_crops_of_unknown_spacing_are_learnt_at_the_pooled_estimate(tmp_path: Pa
     assert {c.rgb.shape[:2] for c in learnt.crops} == {(round(200 * scale),) * 2}
 
 
+def test_a_crop_whose_file_states_its_calibration_is_learnt_at_it_not_pooled(
+    tmp_path: Path,
+) -> None:
+    """In a set without a spacing, a crop saved with its camera's calibration (0.3 µm/px in
+    its PNG header) is learnt at it, as the client reads it, and lends no red cell to the
+    pool of the others (0.2 µm/px from their 40 px red cells)."""
+    from marrowdx import spacing
+    from marrowdx.datasets import load_dataset
+
+    folder = tmp_path / "set" / "LYT"
+    folder.mkdir(parents=True)
+    corners = [[(30, 30)], [(30, 170), (170, 30)], [(170, 170)], [(30, 100), (170, 100)]]
+    for i, centres in enumerate(corners * 2):
+        _crop_with_red_cells(40, 200, centres).save(folder / f"c{i:02d}.png")
+    calibrated = 25_400 / 0.3  # dots per inch
+    _crop_with_red_cells(40, 200, corners[0]).save(folder / "z.png", dpi=(calibrated,) * 2)
+    (tmp_path / "set" / "marrowdx-dataset.toml").write_text(
+        'name = "calibrated"\nformat = "crops"\num_per_pixel = "unknown"\n\n'
+        '[labels]\nLYT = "lymphocyte"\n'
+    )
+    crops = load_dataset(tmp_path / "set")
+    paths = [c.path for c in crops.crops]
+    assert paths[-1].name == "z.png"
+    stated = real_data.stated_where_unknown([None] * len(paths), paths)
+    assert stated[:-1] == [None] * (len(paths) - 1) and stated[-1] == pytest.approx(0.3)
+    estimates = real_data.estimate_where_unknown([None] * len(paths), paths)
+    assert estimates[-1] is None and {e.source for e in estimates[:-1]} == {"pooled"}  # type: ignore[union-attr]
+    assert {e.n_images for e in estimates[:-1]} == {len(paths) - 1}  # type: ignore[union-attr]
+    learnt = real_data.real_from_datasets([crops], splits=EVERY_SPLIT)
+    sides = [c.rgb.shape[0] for c in learnt.crops]
+    pooled = estimates[0].um_per_pixel  # type: ignore[union-attr]
+    assert pooled == pytest.approx(spacing.RED_CELL_UM / 40, rel=0.1)
+    assert sides[-1] == round(200 * 0.3 / config.MODEL_UM_PER_PIXEL)
+    assert set(sides[:-1]) == {round(200 * pooled / config.MODEL_UM_PER_PIXEL)}
+
+
 def test_a_build_replaces_reference_weights_an_earlier_package_installed(tmp_path: Path) -> None:
     """Weights installed from the package are replaced when the package ships others (an
     updated checkout: same preset fingerprint, other bytes), and exported again; weights
