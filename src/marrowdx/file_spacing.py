@@ -49,8 +49,9 @@ UM_PER_UNIT: Mapping[str, float] = {
     "inch": 25_400.0,
     "in": 25_400.0,
 }
-#: TIFF tags read (TIFF 6.0): the free-text description, X resolution, its unit.
-_IMAGE_DESCRIPTION, _X_RESOLUTION, _RESOLUTION_UNIT = 270, 282, 296
+#: TIFF tags read (TIFF 6.0): the free-text description and the X resolution (the unit
+#: tag Pillow reads itself, into the ``dpi`` it gives).
+_IMAGE_DESCRIPTION, _X_RESOLUTION = 270, 282
 _OME_PIXELS = re.compile(r"<(?:\w+:)?Pixels\b[^>]*>", re.IGNORECASE)
 _XML_ATTRIBUTE = re.compile(r'(\w+)\s*=\s*"([^"]*)"')
 _APERIO_MPP = re.compile(r"\|\s*MPP\s*=\s*([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)")
