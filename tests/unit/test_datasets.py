@@ -137,6 +137,24 @@ def test_crops_without_declaration_are_matched_by_name_only(tmp_path: Path) -> N
     assert [c.target.name for c in ds.crops] == ["segmented_neutrophil"] * 2
 
 
+def test_undeclared_crops_named_as_haematology_names_cells_are_matched(tmp_path: Path) -> None:
+    """A PBC or Raabin-WBC copy without a declaration: singular and plural names and the
+    standard "neutrophil" map to their class or group; a code ("ig") stays unmapped."""
+    source = _copy(CROPS, tmp_path / "sample", declaration=False)
+    root = tmp_path / "crops"
+    for folder, label in (("NGS", "neutrophil"), ("BLA", "Eosinophil"), ("NIF", "ig")):
+        shutil.copytree(source / folder, root / label)
+    shutil.copytree(source / "NGS", root / "Lymphocytes")
+    ds = load_dataset(root)
+    assert ds.label_source == "names" and ds.unmapped == {"ig": 2}
+    targets = {c.label: c.target.name for c in ds.crops}
+    assert targets == {
+        "neutrophil": "neutrophils_mature",
+        "Eosinophil": "eosinophils",
+        "Lymphocytes": "lymphocyte",
+    }
+
+
 def test_crops_split_folders_nested_images_and_split_filter(tmp_path: Path) -> None:
     root = tmp_path / "split"
     for split, label in (("train", "BLA"), ("Valid", "NGS"), ("TestA", "NIF")):
@@ -157,11 +175,18 @@ def test_crops_split_folders_nested_images_and_split_filter(tmp_path: Path) -> N
 # ----------------------------------------------------------------------------- YOLO
 def test_yolo_sample_matches_its_label_files() -> None:
     assert detect_format(YOLO) == "yolo"
-    ds = load_dataset(YOLO)  # no declaration: WBC and Platelet are group names, RBC is not
+    # no declaration: WBC and Platelet are group names, RBC a standard name for red cells
+    named = load_dataset(YOLO)
+    assert named.label_source == "names" and named.unmapped == {}
+    assert named.label_map["RBC"].kind == "red_cell"
+    # a label map that leaves RBC out: its boxes are kept apart, unmapped
+    ds = load_dataset(YOLO, labels={"WBC": "wbc", "Platelet": "thrombocyte"})
     truth = _yolo_truth(YOLO)
     assert ds.format == "yolo" and ds.splits == ["train"] and len(ds.fields) == len(truth)
     assert ds.label_map["WBC"].name == "wbc" and ds.label_map["WBC"].is_group
     assert ds.label_map["Platelet"].class_names == ("thrombocyte",)
+    assert named.label_map["WBC"] == ds.label_map["WBC"]
+    assert named.label_map["Platelet"].classes == ds.label_map["Platelet"].classes
     n_rbc = sum(labels.count("RBC") for labels, _ in truth.values())
     assert ds.unmapped == {"RBC": n_rbc} and n_rbc > 0
     for field in ds.fields:

@@ -97,11 +97,28 @@ def _normalised(label: str) -> str:
     return re.sub(r"[\s\-]+", "_", label.strip().lower())
 
 
+#: Names public sets and lab tools give cells that are no class's or group's own name but
+#: mean one in every haematology text: "neutrophil" is the mature cell, band or segmented
+#: (PBC, Raabin-WBC); "RBC" / "erythrocyte" the red cell a YOLO set boxes (BCCD, TXL-PBC).
+STANDARD_NAMES: dict[str, str] = {
+    "neutrophil": "neutrophils_mature",
+    "rbc": RED_CELL,
+    "red_blood_cell": RED_CELL,
+    "erythrocyte": RED_CELL,
+    "white_blood_cell": "wbc",
+    "leukocyte": "wbc",
+}
+
+
 def auto_target(label: str) -> LabelTarget | None:
     """The target of an undeclared label: the class or group whose name it is (ignoring
-    case, and spaces or hyphens for underscores: "Segmented neutrophil", "WBC"), else None.
-    Never a guess beyond that: anything else stays unmapped and is reported."""
+    case, and spaces or hyphens for underscores: "Segmented neutrophil", "WBC"), also in the
+    singular or the plural ("Eosinophil" is the group "eosinophils", "Lymphocytes" the class),
+    or a ``STANDARD_NAMES`` entry; else None. Never a guess beyond that: codes ("BLA", "ig")
+    and anything else stay unmapped and are reported."""
     key = _normalised(label)
-    if key in taxonomy.CLASS_INDEX or key in taxonomy.LABEL_GROUPS:
-        return resolve_target(key)
+    for name in (key, f"{key}s", key.removesuffix("s")):
+        name = STANDARD_NAMES.get(name, name)
+        if name in taxonomy.CLASS_INDEX or name in taxonomy.LABEL_GROUPS or name == RED_CELL:
+            return resolve_target(name)
     return None

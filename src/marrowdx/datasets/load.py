@@ -132,7 +132,8 @@ def load_dataset(
     The declaration is ``declaration`` or ROOT/marrowdx-dataset.toml when present; keyword
     arguments override it (``um_per_pixel="unknown"`` overrides a declared number; ``labels``
     overrides the declared target of each label it names). With no label map from either,
-    labels that are class or group names (ignoring case) map to them, the rest are unmapped.
+    labels that are class or group names (ignoring case; singular or plural) or standard
+    names (``labels.auto_target``) map to them, the rest are unmapped.
     ``split`` keeps one split. ``verify`` decodes every image fully (else headers only).
     """
     root = Path(root)
