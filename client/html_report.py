@@ -65,7 +65,9 @@ section.patient{border-top:2px solid #888;margin-top:2em;padding-top:0.5em}
 .field{position:relative;display:inline-block}
 .field img{display:block}
 .field svg{position:absolute;left:0;top:0}
-figcaption{font-size:12px}
+figcaption{font-size:12px;max-width:512px}
+.warnings{margin:0.2em 0;padding-left:1.2em}
+li.warning{color:#8a5300}
 """
 
 
@@ -131,8 +133,26 @@ def _field_figure(image: ImageResult, picture) -> str:
         f'alt="{_esc(image.file)}">'
         f'<svg width="{thumb.width}" height="{thumb.height}" viewBox="0 0 {width} {height}">'
         f"{''.join(rects)}</svg></div>"
-        f"<figcaption>{_esc(image.file)}: {len(image.cells)} cells</figcaption></figure>"
+        f"<figcaption>{_esc(image.file)}: {len(image.cells)} cells{_spacing_caption(image)}"
+        "</figcaption></figure>"
     )
+
+
+def _spacing_caption(image: ImageResult) -> str:
+    """The pixel spacing the image was read at and where it came from, then its warnings (an
+    uncertain estimate, a slight blur) as the JSON gives them: a count read at a guessed
+    scale or from a soft field is one a reviewer should know about before signing."""
+    data = image.to_dict()
+    spacing: Mapping | None = data.get("spacing")  # type: ignore[assignment]
+    text = ""
+    if spacing is not None:
+        source, um = _esc(spacing["source"]), f"{spacing['um_per_pixel']:g}"
+        text = f'; <span data-spacing="{source}">{um} µm/px ({source})</span>'
+    warnings = "".join(
+        f'<li class="warning" data-warning>{_esc(w)}</li>'
+        for w in data.get("warnings", [])  # type: ignore[union-attr]
+    )
+    return text + (f'<ul class="warnings">{warnings}</ul>' if warnings else "")
 
 
 def _chart(report: PatientReport) -> str:

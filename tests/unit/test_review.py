@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import html
 import re
 
 import numpy as np
@@ -175,6 +176,37 @@ def test_review_page_shows_the_json_numbers_and_puts_unidentified_cells_first():
     first_two = [html_report.UNFAMILIAR, html_report.UNIDENTIFIED]
     assert galleries == [*first_two, "myelocytic_blast", "lymphocyte"]
     assert "<P<1>" not in page and "P&lt;1&gt;" in page
+
+
+def test_review_page_shows_each_fields_spacing_and_its_warnings_as_the_json_has_them():
+    """A field read at an uncertain estimate carries the JSON's warning under its picture;
+    one at a given spacing says so and carries none."""
+    from marrowdx.client.fields import SpacingInfo, with_spacing
+
+    warning = "pixel spacing estimate 0.08 um/px is uncertain (3 red cells, 41% spread)"
+    counts = dict.fromkeys(taxonomy.CLASSES, 0) | {"lymphocyte": 1}
+    guessed = with_spacing(
+        ImageResult("P1/a.jpg", (_cell("lymphocyte"),), counts, (96, 128)),
+        SpacingInfo(0.08, "estimated", 0.41, 3, warning=warning),
+    )
+    given = with_spacing(
+        ImageResult("P1/b.jpg", (_cell("lymphocyte"),), counts, (96, 128)),
+        SpacingInfo(0.1, "given"),
+    )
+    total = np.array([2 * counts[c] for c in taxonomy.CLASSES])
+    report = aggregate.build_report("P1", [guessed, given], {}, total, CONFIDENT, None)
+    sources = {"P1": {"P1/a.jpg": _jpeg(1), "P1/b.jpg": _jpeg(2)}}
+    page = html_report.render_html([report], sources)
+    captions = re.findall(r"<figcaption>(.*?)</figcaption>", page, re.S)
+    assert len(captions) == 2
+    assert '<span data-spacing="estimated">0.08 µm/px (estimated)</span>' in captions[0]
+    assert (
+        re.findall(r"<li class=\"warning\" data-warning>(.*?)</li>", captions[0])
+        == [html.escape(w) for w in report.to_dict()["images"][0]["warnings"]]
+        == [html.escape(warning)]
+    )
+    assert '<span data-spacing="given">0.1 µm/px (given)</span>' in captions[1]
+    assert "warning" not in captions[1]
 
 
 def test_referral_measurement_counts_caught_and_flagged_per_cohort():
