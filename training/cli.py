@@ -202,8 +202,9 @@ def configure_evaluate(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--estimate-spacing",
         action="store_true",
-        help="with real image sets: give the client no pixel spacing (it estimates each "
-        "image's from its red cells) instead of the set's declared or red-cell-box one",
+        help="with real image sets: give the client no pixel spacing (it takes the "
+        "calibration an image file states, else estimates each image's from its red cells) "
+        "instead of the set's declared or red-cell-box one",
     )
 
 
