@@ -290,6 +290,7 @@ def train_classifier(
     image_weight = np.bincount(cells.image_index, weights=weights, minlength=data.n_images)
     image_p = image_weight / image_weight.sum()
     per_image = [data.cells_of(i) for i in range(data.n_images)]
+    real_weight = preset.real_weight if preset.cls_real_weight is None else preset.cls_real_weight
     started = time.monotonic()
     model.train()
     for step in range(preset.cls_steps):
@@ -325,7 +326,7 @@ def train_classifier(
         loss = F.cross_entropy(cls[:n_sim], y, label_smoothing=LABEL_SMOOTHING)
         loss = loss + F.binary_cross_entropy_with_logits(att[:n_sim], a)
         if real_batch is not None:
-            loss = loss + preset.real_weight * partial_label_loss(cls[n_sim:], real_batch[2])
+            loss = loss + real_weight * partial_label_loss(cls[n_sim:], real_batch[2])
         _cosine_lr(opt, preset.cls_lr, step, preset.cls_steps)
         opt.zero_grad()
         loss.backward()
