@@ -189,9 +189,15 @@ def estimate_where_unknown(
     states none (else None), pooled per image size as the client pools a patient's images
     (one data set, one camera): real images are learnt and scored at the spacing the client
     would estimate."""
-    stated = stated_where_unknown(spacings, paths)
+    return _estimate_unstated(stated_where_unknown(spacings, paths), paths)
+
+
+def _estimate_unstated(
+    stated: Sequence[float | None], paths: Sequence[Path]
+) -> list[SpacingEstimate | None]:
+    """:func:`estimate_where_unknown` once the files' calibrations are in ``stated``."""
     unknown = [i for i, um in enumerate(stated) if um is None]
-    out: list[SpacingEstimate | None] = [None] * len(spacings)
+    out: list[SpacingEstimate | None] = [None] * len(stated)
     estimates = estimate_images([paths[i].read_bytes() for i in unknown])
     for i, estimate in zip(unknown, estimates, strict=True):
         out[i] = estimate
@@ -200,7 +206,7 @@ def estimate_where_unknown(
 
 def _with_estimates(spacings: Sequence[float | None], paths: Sequence[Path]) -> list:
     stated = stated_where_unknown(spacings, paths)
-    estimates = estimate_where_unknown(stated, paths)
+    estimates = _estimate_unstated(stated, paths)
     return [um if e is None else e.um_per_pixel for um, e in zip(stated, estimates, strict=True)]
 
 
