@@ -112,8 +112,9 @@ def _cell_title(file: str, cell: Cell) -> str:
     return f"{file}: {unlike}{guess}{cell.label}{p}{familiar}"
 
 
-def _field_figure(image: ImageResult, picture) -> str:
-    """Thumbnail with one SVG rectangle per cell (viewBox in original pixels)."""
+def _field_figure(image: ImageResult, picture, shown: Mapping[str, object]) -> str:
+    """Thumbnail with one SVG rectangle per cell (viewBox in original pixels); ``shown``:
+    the image's entry in the report's JSON dict, which the caption reads."""
     thumb = picture.copy()
     thumb.thumbnail((FIELD_THUMB_SIDE, FIELD_THUMB_SIDE))
     height, width = picture.height, picture.width
@@ -133,16 +134,16 @@ def _field_figure(image: ImageResult, picture) -> str:
         f'alt="{_esc(image.file)}">'
         f'<svg width="{thumb.width}" height="{thumb.height}" viewBox="0 0 {width} {height}">'
         f"{''.join(rects)}</svg></div>"
-        f"<figcaption>{_esc(image.file)}: {len(image.cells)} cells{_spacing_caption(image)}"
+        f"<figcaption>{_esc(image.file)}: {len(image.cells)} cells{_spacing_caption(shown)}"
         "</figcaption></figure>"
     )
 
 
-def _spacing_caption(image: ImageResult) -> str:
-    """The pixel spacing the image was read at and where it came from, then its warnings (an
-    uncertain estimate, a slight blur) as the JSON gives them: a count read at a guessed
-    scale or from a soft field is one a reviewer should know about before signing."""
-    data = image.to_dict()
+def _spacing_caption(data: Mapping[str, object]) -> str:
+    """The pixel spacing the image (its JSON dict) was read at and where it came from, then
+    its warnings (an uncertain estimate, a slight blur) as the JSON gives them: a count read
+    at a guessed scale or from a soft field is one a reviewer should know about before
+    signing."""
     spacing: Mapping | None = data.get("spacing")  # type: ignore[assignment]
     text = ""
     if spacing is not None:
@@ -298,8 +299,11 @@ def _patient_section(report: PatientReport, sources: Mapping[str, Source]) -> st
         f'<li data-excluded="{_esc(name)}">{_esc(name)}: {_esc(why)}</li>'
         for name, why in report.excluded_images.items()
     )
+    shown = {entry["file"]: entry for entry in data["images"]}  # type: ignore[union-attr]
     fields = "".join(
-        _field_figure(i, pictures[i.file]) for i in report.images if i.file in pictures
+        _field_figure(i, pictures[i.file], shown[i.file])
+        for i in report.images
+        if i.file in pictures
     )
     return (
         f'<section class="patient" id="patient-{pid}"><h2>{pid}</h2>'
