@@ -212,7 +212,7 @@ def _header(data: bytes) -> tuple[int, int, int | None] | str:
     is not ours to guess)."""
     from PIL import UnidentifiedImageError
 
-    from marrowdx.image_checks import open_image
+    from marrowdx.image_checks import EXIF_ORIENTATION, open_image
 
     try:
         with open_image(data) as probe:
@@ -223,7 +223,7 @@ def _header(data: bytes) -> tuple[int, int, int | None] | str:
                     f"a multi-page {probe.format} ({pages} pages or frames, e.g. a focus "
                     "stack); give each field of view as its own file"
                 )
-            return probe.width, probe.height, probe.getexif().get(0x0112)
+            return probe.width, probe.height, probe.getexif().get(EXIF_ORIENTATION)
     except UnidentifiedImageError:
         # Pillow's own message names the BytesIO object by its memory address, which would
         # make the same input's report differ from run to run

@@ -86,8 +86,13 @@ class ImageHeader:
     mode: str  # Pillow mode as declared by the header (e.g. "RGB", "L", "CMYK", "I;16")
 
 
-#: EXIF orientations (tag 0x0112) that swap width and height: the server's decoder applies them.
+#: The EXIF (and TIFF) orientation tag, and the orientations that swap width and height: the
+#: server's decoder applies them.
+EXIF_ORIENTATION = 0x0112
 TRANSPOSED_ORIENTATIONS = frozenset({5, 6, 7, 8})
+#: TIFF tags read to find a camera's wide samples (:func:`_wide_tiff_rgb`), and their values.
+_BITS_PER_SAMPLE, _PHOTOMETRIC, _SAMPLE_FORMAT = 258, 262, 339
+_MIN_IS_BLACK, _RGB = 1, 2
 
 
 def is_system_entry(path: Path) -> bool:
@@ -100,7 +105,7 @@ def is_system_entry(path: Path) -> bool:
 
 def upright_size(image: Image.Image) -> tuple[int, int]:
     """(width, height) of the image as :func:`upright_rgb` gives it, from its header only."""
-    if image.getexif().get(0x0112) in TRANSPOSED_ORIENTATIONS:
+    if image.getexif().get(EXIF_ORIENTATION) in TRANSPOSED_ORIENTATIONS:
         return int(image.height), int(image.width)
     return int(image.width), int(image.height)
 
@@ -116,7 +121,77 @@ def upright_rgb(source: bytes | str | Path | BinaryIO) -> Image.Image:
     from PIL import ImageOps
 
     with open_image(source) as image:
-        return ImageOps.exif_transpose(image).convert("RGB")
+        wide = _wide_tiff_rgb(image)
+        return ImageOps.exif_transpose(image).convert("RGB") if wide is None else wide
+
+
+def rgb_of(image: Image.Image) -> Image.Image:
+    """An opened image's pixels as 8-bit RGB, as :func:`upright_rgb` reads them (a JPEG's
+    EXIF orientation not applied): for the spacing estimate, which decodes at a reduced
+    size."""
+    wide = _wide_tiff_rgb(image)
+    return image.convert("RGB") if wide is None else wide
+
+
+def _wide_tiff_rgb(image: Image.Image) -> Image.Image | None:
+    """A TIFF of 16-bit integer samples (RGB, RGBA or greyscale) as 8-bit RGB scaled by the
+    bits its samples use, upright (Pillow applies a TIFF's orientation when it loads one);
+    None for any other image, or without tifffile (the client extra), or where tifffile
+    cannot read it: Pillow's conversion stands then.
+
+    Why: microscope cameras write their 10-, 12- or 14-bit samples unscaled into 16-bit
+    TIFFs, and Pillow keeps the high byte of each (grey levels 0-15 for 12 bits: a black
+    field, excluded as far too dark) and clips 16-bit greyscale. The bits used are those of
+    the largest sample: a bright-field smear's glass is its brightest part and lies near
+    its camera's top level, so 4,095 at most is a 12-bit camera. A full-range file keeps its
+    high byte, as Pillow gives it."""
+    if image.format != "TIFF" or not _sixteen_bit_integer(image.tag_v2):
+        return None
+    try:
+        import tifffile
+    except ImportError:
+        return None
+    try:
+        image.fp.seek(0)
+        with tifffile.TiffFile(io.BytesIO(image.fp.read())) as tiff:
+            page = tiff.pages[0]
+            samples = page.asarray()
+            separate = page.planarconfig == tifffile.PLANARCONFIG.SEPARATE
+    except Exception:  # noqa: BLE001 - a codec tifffile lacks: Pillow's reading stands
+        return None
+    if separate and samples.ndim == 3:
+        samples = np.moveaxis(samples, 0, -1)
+    if samples.ndim == 2:
+        samples = samples[..., None]
+    orientation = image.tag_v2.get(EXIF_ORIENTATION, 1)
+    stored = (image.width, image.height)  # Pillow gives the upright size
+    if orientation not in TRANSPOSED_ORIENTATIONS:
+        stored = stored[::-1]
+    if samples.shape[:2] != stored or samples.shape[2] not in (1, 2, 3, 4):
+        return None
+    colour = samples[..., :3] if samples.shape[2] >= 3 else samples[..., :1].repeat(3, axis=2)
+    used = max(8, int(colour.max()).bit_length())
+    from PIL import Image as PilImage
+    from PIL import ImageOps
+
+    wide = PilImage.fromarray(np.ascontiguousarray(colour >> (used - 8)).astype(np.uint8))
+    wide.getexif()[EXIF_ORIENTATION] = orientation
+    return ImageOps.exif_transpose(wide)
+
+
+def _sixteen_bit_integer(tags) -> bool:
+    """Whether a TIFF's tags (Pillow's ``tag_v2``) declare 16-bit unsigned integer samples
+    that read as an image (black is zero: RGB or greyscale)."""
+    bits = tags.get(_BITS_PER_SAMPLE)
+    bits = bits if isinstance(bits, tuple) else (bits,)
+    fmt = tags.get(_SAMPLE_FORMAT, 1)
+    fmt = fmt if isinstance(fmt, tuple) else (fmt,)
+    return (
+        bool(bits)
+        and all(b == 16 for b in bits)
+        and all(f == 1 for f in fmt)
+        and tags.get(_PHOTOMETRIC) in (_MIN_IS_BLACK, _RGB)
+    )
 
 
 def sniff_format(data: bytes) -> str | None:

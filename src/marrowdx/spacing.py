@@ -380,8 +380,9 @@ def _to_work_size(image, side: int) -> np.ndarray:
     from PIL import Image
 
     from marrowdx.burned_in import paint_over
+    from marrowdx.image_checks import rgb_of
 
-    image = image.convert("RGB")
+    image = rgb_of(image)
     longer = max(image.size)
     if longer > side:
         factor = longer / side

@@ -467,6 +467,26 @@ def test_tiff_bmp_and_webp_images_are_decoded_by_the_client_and_counted_as_the_p
     assert resampled["TIFF"] == resampled["PNG"] == resampled["BMP"] == resampled["WEBP"]
 
 
+@pytest.mark.parametrize("bits", [10, 12, 14, 16])
+def test_a_cameras_wide_samples_in_a_16_bit_tiff_are_scaled_by_the_bits_they_use(bits) -> None:
+    """A microscope camera's 10-14-bit samples written unscaled into a 16-bit RGB TIFF (and a
+    full-range 16-bit one) go out as the very fields of the 8-bit PNG: resampled at a given
+    spacing, and at the spacing estimated from them. Before, the client kept each sample's
+    high byte: grey levels 0-15 for 12 bits, a black field excluded as far too dark."""
+    tifffile = pytest.importorskip("tifffile", reason="tifffile (client extra) not installed")
+    small = _squares((640, 480), [(100, 100, 100), (400, 300, 120)])
+    wide = small.astype(np.uint16) << (bits - 8)
+    wide |= np.random.default_rng(bits).integers(0, 1 << (bits - 8), wide.shape, np.uint16)
+    out = io.BytesIO()
+    tifffile.imwrite(out, wide, photometric="rgb")
+    png = _encoded(small, "PNG")
+    for um_per_pixel in (0.075, None):
+        png_result, png_sent = analyse(png, um_per_pixel=um_per_pixel)
+        result, sent = analyse(out.getvalue(), um_per_pixel=um_per_pixel)
+        assert sent.sent == png_sent.sent
+        assert result.spacing == png_result.spacing and result.counts == png_result.counts
+
+
 def test_a_phones_heif_photograph_is_decoded_by_the_client_and_counted_as_the_png_is(
     tmp_path: Path,
 ) -> None:
