@@ -385,9 +385,9 @@ def smear_verdict(
             f"{NOT_A_SMEAR} (or one far too dark to count): mean grey level "
             f"{quality['brightness']:.0f} of 255, below {thresholds.min_brightness:g}; a "
             "bright-field smear's glass is light (a fluorescence or dark-field image? a "
-            "camera's 10-14-bit image stored unscaled in a 16-bit file reads this dark "
-            "unless it is a TIFF, which the client scales: export it scaled to the full "
-            "range)"
+            "camera's 10-14-bit image stored unscaled in a 16-bit file reads this dark, "
+            "unless it is a TIFF whose samples the client can decode (tifffile; imagecodecs "
+            "for LZW or JPEG compression): export it scaled to the full range)"
         )
     if "stain_colour" in quality and quality["stain_colour"] < thresholds.min_stain_colour:
         return (

@@ -137,7 +137,9 @@ def _wide_tiff_rgb(image: Image.Image) -> Image.Image | None:
     """A TIFF of 16-bit integer samples (RGB, RGBA or greyscale) as 8-bit RGB scaled by the
     bits its samples use, upright (Pillow applies a TIFF's orientation when it loads one);
     None for any other image, or without tifffile (the client extra), or where tifffile
-    cannot read it: Pillow's conversion stands then.
+    cannot read it (LZW and JPEG compression need imagecodecs, the slides extra): Pillow's
+    conversion stands then, right for a full-range file, dark for a camera's narrower one
+    (excluded with a reason that names this).
 
     Why: microscope cameras write their 10-, 12- or 14-bit samples unscaled into 16-bit
     TIFFs, and Pillow keeps the high byte of each (grey levels 0-15 for 12 bits: a black
