@@ -154,8 +154,8 @@ def _wide_tiff_rgb(image: Image.Image) -> Image.Image | None:
     except ImportError:
         return None
     try:
-        image.fp.seek(0)
-        with tifffile.TiffFile(io.BytesIO(image.fp.read())) as tiff:
+        image.fp.seek(0)  # tifffile reads the file Pillow opened, from its start, in place
+        with tifffile.TiffFile(image.fp) as tiff:
             page = tiff.pages[0]
             samples = page.asarray()
             separate = page.planarconfig == tifffile.PLANARCONFIG.SEPARATE
