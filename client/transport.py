@@ -33,8 +33,8 @@ DEFAULT_REQUEST_TIMEOUT_S = config.CLIENT_REQUEST_TIMEOUT_S
 DEFAULT_RETRY_TOTAL_S = config.CLIENT_RETRY_TOTAL_S
 
 #: gRPC status codes that mean "try again later": the server is down, restarting, its queue
-#: is full, or the attempt ran out of time. Everything else (INVALID_ARGUMENT or INTERNAL for
-#: a bad image, ...) is the server's final answer and is not retried.
+#: is full, or the attempt ran out of time. Everything else (INVALID_ARGUMENT for a bad image,
+#: INTERNAL for a server fault, ...) is the server's final answer and is not retried.
 TRANSIENT_STATUSES = frozenset({"StatusCode.UNAVAILABLE", "StatusCode.DEADLINE_EXCEEDED"})
 #: While Triton shuts down (SIGTERM) it unloads models and answers NOT_FOUND with this text
 #: for a few seconds before it closes the port (seen with Triton 2.51): part of a restart,

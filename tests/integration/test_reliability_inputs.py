@@ -36,6 +36,8 @@ pytestmark = pytest.mark.server
 #: gRPC statuses the client retries: a bad image must never get one (it would be retried
 #: until the client's time budget runs out instead of failing at once).
 TRANSIENT = {"StatusCode.UNAVAILABLE", "StatusCode.DEADLINE_EXCEEDED"}
+#: The status of a refused image: the request's fault, as the in-process server says too.
+REFUSED = "StatusCode.INVALID_ARGUMENT"
 #: Decompression bombs may raise a stub's peak memory by at most this much (MB). Decoding
 #: the complete bomb (30000 x 30000 RGB) would need 2700 MB.
 MAX_BOMB_PEAK_GROWTH_MB = 300.0
@@ -93,6 +95,8 @@ def expect_rejected(client, entry: bad_inputs.BadInput, model: str = config.MODE
             problems.append(f"message lacks any of {entry.error_substrings}")
         if exc.status() in TRANSIENT:
             problems.append(f"transient status {exc.status()} (clients would retry it)")
+        elif exc.status() != REFUSED:
+            problems.append(f"status {exc.status()}, not {REFUSED} (the server's own fault)")
         if not problems:
             return ""
         return f"{entry.name} via {model}: {'; '.join(problems)}: {message!r}"

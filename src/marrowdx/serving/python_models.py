@@ -63,9 +63,15 @@ class _BaseModel:
     def setup(self) -> None:  # pragma: no cover - overridden
         raise NotImplementedError
 
-    def _error(self, message: str):
+    def _error(self, message: str, *, bad_input: bool = False):
+        """A failed response. ``bad_input``: the request itself is wrong (a rejected image,
+        inputs that disagree), answered INVALID_ARGUMENT as the in-process server and the
+        bench's peer answer it; anything else is the server's own failure (INTERNAL), so a
+        deployment's error rates tell its faults from its users' files."""
+        errors = self.pb_utils.TritonError
+        code = errors.INVALID_ARG if bad_input else errors.INTERNAL
         return self.pb_utils.InferenceResponse(
-            output_tensors=[], error=self.pb_utils.TritonError(f"{self.name}: {message}")
+            output_tensors=[], error=errors(f"{self.name}: {message}", code)
         )
 
     def _response(self, arrays: dict[str, np.ndarray]):
@@ -117,12 +123,12 @@ class PreprocessModel(_BaseModel):
             pos += len(imgs)
             errors = [(k, r.reason) for k, r in enumerate(mine) if isinstance(r, Rejected)]
             if not imgs:
-                responses.append(self._error("empty request: no image in the batch"))
+                responses.append(self._error("empty request: no image in the batch", bad_input=True))
             elif errors:
                 text = "; ".join(
                     f"image {k}: {reason}" if len(imgs) > 1 else reason for k, reason in errors
                 )
-                responses.append(self._error(text))
+                responses.append(self._error(text, bad_input=True))
             else:
                 ok: list[Preprocessed] = mine  # type: ignore[assignment]
                 responses.append(
@@ -166,7 +172,7 @@ class OnnxModel(_BaseModel):
             arrays = {spec["name"]: self._input(request, spec) for spec in self.inputs}
             n = next(iter(arrays.values())).shape[0]
             if any(a.shape[0] != n for a in arrays.values()):
-                responses[r] = self._error("inputs disagree on the batch size")
+                responses[r] = self._error("inputs disagree on the batch size", bad_input=True)
                 continue
             for name, a in arrays.items():
                 columns[name].append(a)
