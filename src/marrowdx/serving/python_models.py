@@ -123,7 +123,9 @@ class PreprocessModel(_BaseModel):
             pos += len(imgs)
             errors = [(k, r.reason) for k, r in enumerate(mine) if isinstance(r, Rejected)]
             if not imgs:
-                responses.append(self._error("empty request: no image in the batch", bad_input=True))
+                responses.append(
+                    self._error("empty request: no image in the batch", bad_input=True)
+                )
             elif errors:
                 text = "; ".join(
                     f"image {k}: {reason}" if len(imgs) > 1 else reason for k, reason in errors
