@@ -327,13 +327,28 @@ def format_table(reports: Sequence[PatientReport]) -> str:
     return "\n".join(lines)
 
 
+#: Images a repeated warning names before it says how many more share it.
+WARNING_NAMES_SHOWN = 3
+
+
 def print_image_warnings(reports: Sequence[PatientReport], stream: TextIO) -> None:
     """One line per image warning: an uncertain or unknown pixel spacing, a slightly
-    blurred image (``SpacedImageResult.warnings``)."""
+    blurred image (``SpacedImageResult.warnings``). A warning that several images of one
+    patient share (a pooled spacing estimate is every image's) is one line naming them, so
+    a cohort of 24 fields a patient does not print each estimate 24 times."""
     for r in reports:
+        files: dict[str, list[str]] = {}
         for image in r.images:
             for warning in getattr(image, "warnings", ()):
-                print(f"warning: {image.file}: {warning}", file=stream)
+                files.setdefault(warning, []).append(image.file)
+        for warning, names in files.items():
+            if len(names) == 1:
+                print(f"warning: {names[0]}: {warning}", file=stream)
+                continue
+            shown = ", ".join(names[:WARNING_NAMES_SHOWN])
+            more = len(names) - WARNING_NAMES_SHOWN
+            shown += f" and {more} more" if more > 0 else ""
+            print(f"warning: {r.patient_id}, {len(names)} images ({shown}): {warning}", file=stream)
 
 
 def print_failures(reports: Sequence[PatientReport], stream: TextIO) -> None:

@@ -694,6 +694,19 @@ def test_the_json_and_the_command_output_carry_the_spacing_and_its_warning(capsy
     assert err.startswith("warning: P/a.png: pixel spacing could not be estimated")
 
 
+def test_a_warning_several_images_share_is_printed_once_naming_them(capsys) -> None:
+    from marrowdx.client.cli import WARNING_NAMES_SHOWN, print_image_warnings
+
+    client = AsyncMarrowClient(transport=FakeTransport())  # type: ignore[arg-type]
+    blank = picture((FIELD, FIELD), [])
+    names = [f"P/{i}.png" for i in range(WARNING_NAMES_SHOWN + 2)]
+    report = asyncio.run(client.diagnose_patient("P", [blank] * len(names), names=names))
+    print_image_warnings([report], sys.stderr)
+    (line,) = capsys.readouterr().err.splitlines()
+    shown = ", ".join(names[:WARNING_NAMES_SHOWN])
+    assert line.startswith(f"warning: P, {len(names)} images ({shown} and 2 more): pixel spacing")
+
+
 def crop(red_cells: list[tuple[int, int]], red_diameter: int = 40) -> bytes:
     """A 200 px single-cell crop: a dark 40 px square (the cell) in the middle and pink
     discs (red cells) ``red_diameter`` across, too few for an estimate of its own."""
