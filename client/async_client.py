@@ -39,8 +39,11 @@ if TYPE_CHECKING:
     from marrowdx.spacing import SpacingEstimate
 
 #: An image given as a file path or as encoded bytes: JPEG/PNG (what the server decodes), or
-#: TIFF/BMP, which the client decodes and sends as JPEG fields (``client.fields``).
-ImageSource = str | os.PathLike | bytes | bytearray | memoryview
+#: TIFF/BMP, which the client decodes and sends as JPEG fields (``client.fields``); or decoded,
+#: as a numpy array (``fields.encode_array``: height x width x 3 RGB, uint8).
+ImageSource = str | os.PathLike | bytes | bytearray | memoryview | np.ndarray
+#: The sources that carry the image itself (no file name to label it by).
+_IN_MEMORY = (bytes, bytearray, memoryview, np.ndarray)
 #: A pixel spacing (µm per pixel) for every image, or one per image (None: the client's
 #: default, else estimated from the red cells).
 SpacingArg = float | Sequence[float | None] | None
@@ -100,10 +103,7 @@ def image_names(images: Sequence[ImageSource], names: Sequence[str] | None) -> l
         if len(set(names)) != len(names):
             raise ValueError("image names must be unique within a patient")
         return [str(n) for n in names]
-    out = [
-        f"#{i}" if isinstance(s, bytes | bytearray | memoryview) else os.fspath(s)
-        for i, s in enumerate(images)
-    ]
+    out = [f"#{i}" if isinstance(s, _IN_MEMORY) else _path_name(s, i) for i, s in enumerate(images)]
     # The same file given twice would be counted twice; keep them apart by index.
     seen: dict[str, int] = {}
     for i, name in enumerate(out):
@@ -111,6 +111,16 @@ def image_names(images: Sequence[ImageSource], names: Sequence[str] | None) -> l
         if seen[name] > 1:
             out[i] = f"{name}#{i}"
     return out
+
+
+def _path_name(source: object, index: int) -> str:
+    try:
+        return os.fspath(source)  # type: ignore[arg-type]
+    except TypeError:
+        raise TypeError(
+            f"images[{index}] is a {type(source).__name__}: give a file path, encoded image "
+            "bytes or a numpy array (height x width x 3, uint8)"
+        ) from None
 
 
 def check_spacing(value: object, what: str = "um_per_pixel") -> float:
@@ -140,6 +150,9 @@ def per_image_spacing(um_per_pixel: SpacingArg, n_images: int) -> list[float | N
 
 def read_image(source: ImageSource) -> bytes:
     """The encoded bytes of an image; raises RequestFailed with a readable reason."""
+    if isinstance(source, np.ndarray):
+        # (its own PNG: no file-size limit or damage to check; its pixel count is checked)
+        return fields.encode_array(source)
     if isinstance(source, bytes | bytearray | memoryview):
         data = bytes(source)
     else:
@@ -334,8 +347,8 @@ class AsyncMarrowClient:
         spacing_estimate: SpacingEstimate | None = None,
     ) -> ImageResult:
         """One image through the ensemble (bounded by ``concurrency``): its cells in the
-        original image's pixels and its counts. ``source`` is a file path or encoded
-        JPEG/PNG (or TIFF/BMP) bytes; ``name`` labels the result (it is not sent). Raises
+        original image's pixels and its counts. ``source`` is a file path, encoded
+        JPEG/PNG (or TIFF/BMP) bytes or a decoded numpy array (``ImageSource``); ``name`` labels the result (it is not sent). Raises
         ``RequestFailed`` with the reason (unreadable file, the server's refusal, retries
         exhausted, bad server output).
 

@@ -171,14 +171,24 @@ def _wide_tiff_rgb(image: Image.Image) -> Image.Image | None:
         stored = stored[::-1]
     if samples.shape[:2] != stored or samples.shape[2] not in (1, 2, 3, 4):
         return None
-    colour = samples[..., :3] if samples.shape[2] >= 3 else samples[..., :1].repeat(3, axis=2)
-    used = max(8, int(colour.max()).bit_length())
     from PIL import Image as PilImage
     from PIL import ImageOps
 
-    wide = PilImage.fromarray(np.ascontiguousarray(colour >> (used - 8)).astype(np.uint8))
+    wide = PilImage.fromarray(eight_bit_rgb(samples))
     wide.getexif()[EXIF_ORIENTATION] = orientation
     return ImageOps.exif_transpose(wide)
+
+
+def eight_bit_rgb(samples: np.ndarray) -> np.ndarray:
+    """H x W x C (C 1-4: grey, grey + alpha, RGB, RGBA) samples of up to 16 bits as 8-bit
+    RGB, shifted by the bits the largest colour sample uses (at least 8: an 8-bit image is
+    kept as it is, a full-range 16-bit one keeps its high byte); alpha is dropped.
+
+    Why by the bits used: a camera's 10-14-bit samples are stored unscaled in 16 bits, and
+    a bright-field smear's glass, its brightest part, lies near its camera's top level."""
+    colour = samples[..., :3] if samples.shape[2] >= 3 else samples[..., :1].repeat(3, axis=2)
+    used = max(8, int(colour.max(initial=0)).bit_length())
+    return np.ascontiguousarray(colour >> (used - 8)).astype(np.uint8)
 
 
 def _sixteen_bit_integer(tags) -> bool:

@@ -487,6 +487,56 @@ def test_a_cameras_wide_samples_in_a_16_bit_tiff_are_scaled_by_the_bits_they_use
         assert result.spacing == png_result.spacing and result.counts == png_result.counts
 
 
+def test_a_numpy_array_is_counted_as_the_png_of_its_pixels() -> None:
+    """A pipeline that holds images decoded gives them as arrays: the same fields go out as
+    for the PNG of the same pixels (8-bit RGB, greyscale, a camera's 12 bits in uint16), at a
+    given spacing and at the spacing estimated from them."""
+    small = _squares((640, 480), [(100, 100, 100), (400, 300, 120)])
+    grey = small.mean(axis=2).astype(np.uint8)
+    twelve = (small.astype(np.uint16) << 4) | 7
+    for array, same_as in ((small, small), (grey, grey), (twelve, small)):
+        png = _encoded(same_as, "PNG")
+        for um_per_pixel in (0.075, None):
+            png_result, png_sent = analyse(png, um_per_pixel=um_per_pixel)
+            result, sent = analyse(array, um_per_pixel=um_per_pixel)  # type: ignore[arg-type]
+            assert sent.sent == png_sent.sent
+            assert result.spacing == png_result.spacing and result.counts == png_result.counts
+    # a field at the models' spacing goes as one lossless PNG of its pixels, as a PNG would
+    field = _squares(config.FIELD_SIZE, [(100, 100, 100), (700, 800, 90)])
+    png_result, _ = analyse(_encoded(field, "PNG"), um_per_pixel=config.MODEL_UM_PER_PIXEL)
+    result, sent = analyse(field, um_per_pixel=config.MODEL_UM_PER_PIXEL)  # type: ignore[arg-type]
+    (sent_field,) = sent.sent
+    assert np.array_equal(np.asarray(Image.open(io.BytesIO(sent_field))), field)
+    assert result.counts == png_result.counts and result.cells == png_result.cells
+
+
+@pytest.mark.parametrize(
+    ("array", "reason"),
+    [
+        (np.zeros((480, 640, 3), np.float32), "dtype float32: give uint8"),
+        (np.zeros((3, 480, 640), np.uint8), "shape 3x480x640: .* channels last"),
+        (np.zeros((480, 640, 3, 1), np.uint8), "shape 480x640x3x1"),
+        (np.zeros((8, 400, 3), np.uint8), "400x8 is beyond"),
+    ],
+)
+def test_an_array_the_client_cannot_read_as_an_image_fails_with_what_is_wrong(
+    array: np.ndarray, reason: str
+) -> None:
+    from marrowdx.client.transport import RequestFailed
+
+    with pytest.raises(RequestFailed, match=reason):
+        analyse(array, um_per_pixel=0.1)  # type: ignore[arg-type]
+
+
+def test_a_patients_arrays_are_named_by_position_and_a_wrong_type_is_named() -> None:
+    client = AsyncMarrowClient(transport=FakeTransport())  # type: ignore[arg-type]
+    array = _squares((640, 480), [(100, 100, 100)])
+    report = asyncio.run(client.diagnose_patient("P", [array, array], um_per_pixel=0.1))
+    assert [image.file for image in report.images] == ["#0", "#1"] and not report.failed_images
+    with pytest.raises(TypeError, match=r"images\[1\] is a int: give a file path"):
+        asyncio.run(client.diagnose_patient("P", [array, 7], um_per_pixel=0.1))  # type: ignore[list-item]
+
+
 def test_a_phones_heif_photograph_is_decoded_by_the_client_and_counted_as_the_png_is(
     tmp_path: Path,
 ) -> None:
