@@ -348,9 +348,9 @@ class AsyncMarrowClient:
     ) -> ImageResult:
         """One image through the ensemble (bounded by ``concurrency``): its cells in the
         original image's pixels and its counts. ``source`` is a file path, encoded
-        JPEG/PNG (or TIFF/BMP) bytes or a decoded numpy array (``ImageSource``); ``name`` labels the result (it is not sent). Raises
-        ``RequestFailed`` with the reason (unreadable file, the server's refusal, retries
-        exhausted, bad server output).
+        JPEG/PNG (or TIFF/BMP) bytes or a decoded numpy array (``ImageSource``); ``name``
+        labels the result (it is not sent). Raises ``RequestFailed`` with the reason
+        (unreadable file, the server's refusal, retries exhausted, bad server output).
 
         The image is sent at the models' pixel spacing (``marrowdx.client.fields``):
         ``um_per_pixel`` (default: the client's; None: ``spacing_estimate``, else estimated
