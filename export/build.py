@@ -465,10 +465,15 @@ def build_onnx_models(
             cohort_key = ground_truth_key(read_ground_truth(Path(cohort)))
         real = real_calibration = None
         if real_data:
-            from marrowdx.training.real_data import load_sets, real_from_datasets
+            from marrowdx.training.real_data import (
+                load_sets,
+                real_from_datasets,
+                require_every_set,
+            )
 
             sets = load_sets(real_data, layout.work_dir, log, um_per_pixel=real_um_per_pixel)
             real = real_from_datasets(sets, log=log)
+            require_every_set(sets, {i.source for i in [*real.fields, *real.crops]}, ("train",))
             real.description["um_per_pixel_given"] = real_um_per_pixel
             real_calibration = real_from_datasets(sets, splits=("calibration",))
             log(

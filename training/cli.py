@@ -229,11 +229,12 @@ def run_real_evaluation(args: argparse.Namespace, sets: tuple[Path, ...]) -> int
     work_dir = work_dir_of(args)
     from marrowdx.export.build import build_onnx_models
 
+    datasets = load_sets(sets, work_dir, log)  # a bad layout is refused before any build
     models = build_onnx_models(work_dir, args.preset, progress=not args.quiet)
     repository = work_dir / "evaluate" / args.preset / "model_repository"
     build_repository(repository, "cpu", work_dir, onnx_files=models.paths())
     report = evaluate_real(
-        load_sets(sets, work_dir, log),
+        datasets,
         repository,
         um_per_pixel=getattr(args, "um_per_pixel", None),
         estimate=args.estimate_spacing,

@@ -16,7 +16,7 @@ which is what the in-graph stain normalisation sees in the served path too.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -299,6 +299,40 @@ def real_from_datasets(
             f" {len(data.crops)} single-cell crops from {', '.join(data.description['sets'])}"
         )
     return data
+
+
+def require_every_set(datasets: Sequence, used: Collection[str], splits: Sequence[str]) -> None:
+    """Raise InputError naming each data set whose name is not in ``used`` (it gave no image
+    of ``splits``), and why: a set given with ``--data`` that silently adds nothing (all its
+    labels unmapped, no image of the split) would train or score without it, and the user
+    would take the result for one that used it."""
+    from marrowdx.errors import InputError
+
+    problems = [f"{ds.root}: {_why_unused(ds, splits)}" for ds in datasets if ds.name not in used]
+    if problems:
+        raise InputError("nothing usable in " + "; ".join(problems))
+
+
+def _why_unused(ds, splits: Sequence[str]) -> str:
+    from marrowdx.datasets import DECLARATION_NAME
+
+    if not ds.n_annotations:
+        if not ds.unmapped:
+            return "no annotated image found"
+        labels = ", ".join(sorted(ds.unmapped))
+        return (
+            f"none of its labels maps to a cell class ({labels}: {sum(ds.unmapped.values())} "
+            f"annotations left out); map them in [labels] of {DECLARATION_NAME} "
+            "(`marrowdx data check` lists them)"
+        )
+    items = ds.crops if ds.format == "crops" else ds.fields
+    found = sorted({split_of(i.path, i.split) for i in items})
+    if not any(s in splits for s in found):
+        return f"no image in its {' or '.join(splits)} split (it has {', '.join(found)})"
+    return (
+        "no image whose pixel spacing could be had (no red cells to measure): declare "
+        f"um_per_pixel in {DECLARATION_NAME} or give --um-per-pixel"
+    )
 
 
 def centre_cell_box(rgb: np.ndarray) -> np.ndarray:

@@ -29,7 +29,12 @@ import numpy as np
 from marrowdx import taxonomy
 from marrowdx.errors import InputError
 from marrowdx.training import metrics
-from marrowdx.training.real_data import estimate_where_unknown, red_cell_spacing, split_of
+from marrowdx.training.real_data import (
+    estimate_where_unknown,
+    red_cell_spacing,
+    require_every_set,
+    split_of,
+)
 from marrowdx.training.real_shifts import shifted_copies
 
 #: A crop's cell is the detection whose box holds the crop's centre, else the nearest one
@@ -277,8 +282,7 @@ def evaluate_real(
         )
         async with client:
             for ds in datasets:
-                fields = [f for f in ds.fields if split_of(f.path, f.split) == "val"]
-                crops = [c for c in ds.crops if split_of(c.path, c.split) == "val"]
+                fields, crops = _validation_split(ds)
                 field_um = [field_spacing(ds, f, um_per_pixel) for f in fields]
                 crop_um = [um_per_pixel or ds.um_per_pixel] * len(crops)
                 parts = (
@@ -296,8 +300,15 @@ def evaluate_real(
                         results = await _analyse(client, list(zip(paths, sent, strict=True)), log)
                         scores.append(score(ds, results, images, kind))
 
+    require_every_set(datasets, {ds.name for ds in datasets if any(_validation_split(ds))}, ["val"])
     asyncio.run(run())
     return report
+
+
+def _validation_split(ds) -> tuple[list, list]:
+    """A data set's validation fields and crops."""
+    fields = [f for f in ds.fields if split_of(f.path, f.split) == "val"]
+    return fields, [c for c in ds.crops if split_of(c.path, c.split) == "val"]
 
 
 def _set_label(scores: FieldScores | CropScores) -> str:

@@ -609,3 +609,40 @@ def test_an_exif_rotated_field_is_read_upright_as_the_client_reads_it(tmp_path: 
     assert ours.rgb.shape == theirs.rgb.shape
     # the same pixels up to the second JPEG encoding (read sideways: a mean difference of tens)
     assert np.abs(ours.rgb.astype(int) - theirs.rgb.astype(int)).mean() < 3
+
+
+def _crops_in(root: Path, layout: str, declared: bool = True) -> Path:
+    """The committed Munich crops copied under ``root`` as ``layout`` ("{label}" and
+    "{split}" filled in), with their declaration or without (labels matched by name)."""
+    import shutil
+
+    for image in sorted(SAMPLES.glob("matek_bm_crops/*/*.jpg")):
+        folder = root / layout.format(label=image.parent.name, split="val")
+        folder.mkdir(parents=True, exist_ok=True)
+        shutil.copy(image, folder / image.name)
+    if declared:
+        shutil.copy(SAMPLES / "matek_bm_crops" / "marrowdx-dataset.toml", root)
+    return root
+
+
+def test_a_set_that_gives_nothing_to_train_or_score_on_is_refused_with_why(tmp_path) -> None:
+    """``--data`` with a set whose labels map to no class, or whose images all lie in
+    another split, was trained (or scored) without it, silently: it is refused, named."""
+    from marrowdx.errors import InputError
+    from marrowdx.export import build
+    from marrowdx.training.real_eval import evaluate_real
+
+    # one folder, "pictures": one label the taxonomy does not know
+    unmapped = _crops_in(tmp_path / "unmapped", "pictures", declared=False)
+    with pytest.raises(InputError, match=r"unmapped: none of its labels .*\(pictures: 6 "):
+        build.build_onnx_models(tmp_path / "work", "tiny", real_data=(unmapped,))
+    validation = _crops_in(tmp_path / "validation", "{split}/{label}")
+    (ds,) = real_data.load_sets([validation], tmp_path / "work")
+    taken = real_data.real_from_datasets([ds])
+    with pytest.raises(InputError, match="no image in its train split \\(it has val\\)"):
+        real_data.require_every_set([ds], {i.source for i in taken.crops}, ["train"])
+    real_data.require_every_set([ds], {ds.name}, ["train"])  # a set that gave images passes
+    training = _crops_in(tmp_path / "training", "train/{label}")
+    (ds,) = real_data.load_sets([training], tmp_path / "work")
+    with pytest.raises(InputError, match="training: no image in its val split"):
+        evaluate_real([ds], tmp_path / "no-repository")  # refused before any server starts
