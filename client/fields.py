@@ -186,37 +186,25 @@ def encode_field(pixels: np.ndarray) -> bytes:
 
 
 def encode_array(array: np.ndarray) -> bytes:
-    """An image given decoded, as a numpy array, in the form every other image takes: lossless
-    PNG bytes (then sent or resampled by the rules above). Height x width x 3 RGB (x 4 RGBA,
-    x 1 or no third axis greyscale), 8-bit, or 16-bit scaled by the bits its samples use as
-    a camera's TIFF is (``image_checks.eight_bit_rgb``).
-
-    Raises ``RequestFailed`` naming what is wrong (reported as the image's failure): a float
-    image's scale (0-1 or 0-255) and a channels-first array's layout are not ours to guess."""
+    """An image given decoded, as a numpy array (``image_checks.array_rgb``), in the form
+    every other image takes: lossless PNG bytes (then sent or resampled by the rules above).
+    Raises ``RequestFailed`` naming what is wrong (reported as the image's failure)."""
     from PIL import Image
 
-    from marrowdx.image_checks import eight_bit_rgb
+    from marrowdx.errors import ImageRejected
+    from marrowdx.image_checks import array_rgb
 
-    shape = "x".join(map(str, array.shape))
-    if array.ndim == 2:
-        array = array[..., np.newaxis]
-    if array.ndim != 3 or array.shape[2] not in (1, 2, 3, 4):
-        raise RequestFailed(
-            f"array of shape {shape}: give height x width x 3 (RGB; x 4 RGBA, or height x "
-            "width greyscale), channels last"
-        )
-    if array.dtype not in (np.uint8, np.uint16):
-        raise RequestFailed(
-            f"array of dtype {array.dtype}: give uint8 samples (0-255) or a camera's uint16 "
-            "ones; a float image's scale is not known"
-        )
-    height, width = array.shape[:2]
+    try:
+        rgb = array_rgb(array)
+    except ImageRejected as exc:
+        raise RequestFailed(str(exc)) from None
+    height, width = rgb.shape[:2]
     if _beyond_limits(width, height):
         limits = f"{config.MIN_IMAGE_SIDE} px a side, {config.MAX_IMAGE_PIXELS} pixels"
-        raise RequestFailed(f"array of shape {shape}: {width}x{height} is beyond ({limits})")
+        raise RequestFailed(f"array of {width}x{height} pixels is beyond ({limits})")
     out = io.BytesIO()
     # level 1: a lossless copy in about a tenth of the default's time, the size is not kept
-    Image.fromarray(eight_bit_rgb(array)).save(out, "PNG", compress_level=1)
+    Image.fromarray(rgb).save(out, "PNG", compress_level=1)
     return out.getvalue()
 
 

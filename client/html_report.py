@@ -21,6 +21,8 @@ import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+import numpy as np
+
 from marrowdx import taxonomy
 from marrowdx.client.report import Cell, ImageResult, PatientReport
 from marrowdx.differential import WITHHELD
@@ -45,8 +47,8 @@ UNFAMILIAR = "unfamiliar"
 UNIDENTIFIED = "unidentified"
 INDEX_FILE = "index.html"
 
-#: An image as given to the client: a path or the encoded bytes.
-Source = str | Path | bytes
+#: An image as given to the client: a path, the encoded bytes or a decoded array.
+Source = str | Path | bytes | np.ndarray
 
 STYLE = """
 body{font-family:system-ui,sans-serif;margin:1.5em;color:#222}

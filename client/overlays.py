@@ -6,10 +6,14 @@ imported inside the functions and the library stays thin.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from marrowdx import taxonomy
 from marrowdx.client.report import ImageResult, PatientReport
 from marrowdx.taxonomy import class_colour
+
+if TYPE_CHECKING:
+    import numpy as np
 
 #: Box outline width and legend geometry (pixels) for the image overlays.
 BOX_WIDTH = 3
@@ -20,7 +24,9 @@ LEGEND_MARGIN = 8
 LEGEND_FONT_SIZE = 13
 
 
-def draw_image_overlay(image: bytes | str | Path, result: ImageResult, out: Path) -> Path:
+def draw_image_overlay(
+    image: bytes | str | Path | np.ndarray, result: ImageResult, out: Path
+) -> Path:
     """The original image with one box per cell and a legend of the classes present."""
     from PIL import Image, ImageDraw, ImageFont
 

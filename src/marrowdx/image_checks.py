@@ -110,16 +110,20 @@ def upright_size(image: Image.Image) -> tuple[int, int]:
     return int(image.width), int(image.height)
 
 
-def upright_rgb(source: bytes | str | Path | BinaryIO) -> Image.Image:
-    """The input image (:func:`open_image`'s ``source``) as the server's decoder gives it:
-    EXIF orientation applied, converted to RGB, decoded.
+def upright_rgb(source: bytes | str | Path | BinaryIO | np.ndarray) -> Image.Image:
+    """The input image (:func:`open_image`'s ``source``, or a decoded array:
+    :func:`array_rgb`) as the server's decoder gives it: EXIF orientation applied, converted
+    to RGB, decoded.
 
     Why one function: the client, the pictures drawn for people, the data-set readers and
     training must see the same pixels in the same orientation, or a data set's boxes (in the
     pixels a viewer shows) would fall beside their cells in training while the client scores
     them upright."""
+    from PIL import Image as PilImage
     from PIL import ImageOps
 
+    if isinstance(source, np.ndarray):
+        return PilImage.fromarray(array_rgb(source))
     with open_image(source) as image:
         wide = _wide_tiff_rgb(image)
         return ImageOps.exif_transpose(image).convert("RGB") if wide is None else wide
@@ -177,6 +181,26 @@ def _wide_tiff_rgb(image: Image.Image) -> Image.Image | None:
     wide = PilImage.fromarray(eight_bit_rgb(samples))
     wide.getexif()[EXIF_ORIENTATION] = orientation
     return ImageOps.exif_transpose(wide)
+
+
+def array_rgb(array: np.ndarray) -> np.ndarray:
+    """An image a program holds decoded, as 8-bit RGB: height x width x 3 (x 4 RGBA, x 1 or
+    no third axis greyscale), uint8, or uint16 scaled as a camera's TIFF is
+    (:func:`eight_bit_rgb`). Raises ImageRejected naming what is wrong: a float image's
+    scale (0-1 or 0-255) and a channels-first array's layout are not ours to guess."""
+    shape = "x".join(map(str, array.shape))
+    samples = array[..., np.newaxis] if array.ndim == 2 else array
+    if samples.ndim != 3 or samples.shape[2] not in (1, 2, 3, 4):
+        raise ImageRejected(
+            f"array of shape {shape}: give height x width x 3 (RGB; x 4 RGBA, or height x "
+            "width greyscale), channels last"
+        )
+    if samples.dtype not in (np.uint8, np.uint16):
+        raise ImageRejected(
+            f"array of dtype {samples.dtype}: give uint8 samples (0-255) or a camera's uint16 "
+            "ones; a float image's scale is not known"
+        )
+    return eight_bit_rgb(samples)
 
 
 def eight_bit_rgb(samples: np.ndarray) -> np.ndarray:

@@ -516,7 +516,7 @@ def test_a_numpy_array_is_counted_as_the_png_of_its_pixels() -> None:
         (np.zeros((480, 640, 3), np.float32), "dtype float32: give uint8"),
         (np.zeros((3, 480, 640), np.uint8), "shape 3x480x640: .* channels last"),
         (np.zeros((480, 640, 3, 1), np.uint8), "shape 480x640x3x1"),
-        (np.zeros((8, 400, 3), np.uint8), "400x8 is beyond"),
+        (np.zeros((8, 400, 3), np.uint8), "array of 400x8 pixels is beyond"),
     ],
 )
 def test_an_array_the_client_cannot_read_as_an_image_fails_with_what_is_wrong(

@@ -178,6 +178,31 @@ def test_review_page_shows_the_json_numbers_and_puts_unidentified_cells_first():
     assert "<P<1>" not in page and "P&lt;1&gt;" in page
 
 
+def test_review_page_and_overlay_draw_an_image_given_as_an_array_as_its_png(tmp_path):
+    """A field the Python API was given as a numpy array is drawn from its pixels."""
+    import io
+
+    from PIL import Image
+
+    from marrowdx.client.overlays import draw_image_overlay
+
+    pixels = np.asarray(Image.open(io.BytesIO(_jpeg(2))))
+    png = io.BytesIO()
+    Image.fromarray(pixels).save(png, format="PNG")
+    counts = dict.fromkeys(taxonomy.CLASSES, 0) | {"lymphocyte": 1}
+    image = ImageResult("#0", (_cell("lymphocyte"),), counts, (96, 128))
+    report = aggregate.build_report(
+        "P", [image], {}, np.array([counts[c] for c in taxonomy.CLASSES]), CONFIDENT, None
+    )
+    as_array = html_report.render_html([report], {"P": {"#0": pixels}})
+    assert as_array == html_report.render_html([report], {"P": {"#0": png.getvalue()}})
+    drawn = [
+        draw_image_overlay(s, image, tmp_path / f"{i}.png")
+        for i, s in enumerate([pixels, png.getvalue()])
+    ]
+    assert np.array_equal(*(np.asarray(Image.open(d)) for d in drawn))
+
+
 def test_review_page_shows_each_fields_spacing_and_its_warnings_as_the_json_has_them():
     """A field read at an uncertain estimate carries the JSON's warning under its picture;
     one at a given spacing says so and carries none."""
