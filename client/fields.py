@@ -304,7 +304,12 @@ def prepare_image(
 
     from marrowdx import spacing
     from marrowdx.burned_in import paint_over
-    from marrowdx.image_checks import TRANSPOSED_ORIENTATIONS, sniff_format, upright_rgb
+    from marrowdx.image_checks import (
+        TRANSPOSED_ORIENTATIONS,
+        client_decoded,
+        sniff_format,
+        upright_rgb,
+    )
     from marrowdx.slides import tiling
 
     header = _header(data)
@@ -318,7 +323,8 @@ def prepare_image(
         width, height = height, width
     value, info, estimated = _spacing(um_per_pixel, source, data, estimate)
     tolerance = spacing.ESTIMATE_TOLERANCE if estimated else spacing.MODEL_SPACING_TOLERANCE
-    served = sniff_format(data) is not None  # else a camera format the client decodes
+    # else a camera format (or a 16-bit PNG) the client decodes
+    served = sniff_format(data) is not None and not client_decoded(data)
     if (
         served
         and (width, height) == tuple(config.FIELD_SIZE)

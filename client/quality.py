@@ -386,8 +386,9 @@ def smear_verdict(
             f"{quality['brightness']:.0f} of 255, below {thresholds.min_brightness:g}; a "
             "bright-field smear's glass is light (a fluorescence or dark-field image? a "
             "camera's 10-14-bit image stored unscaled in a 16-bit file reads this dark, "
-            "unless it is a TIFF whose samples the client can decode (tifffile; imagecodecs "
-            "for LZW or JPEG compression): export it scaled to the full range)"
+            "unless the client can read its samples whole (a TIFF: tifffile, and imagecodecs "
+            "for LZW or JPEG compression; an RGB PNG: imagecodecs): export it scaled to the "
+            "full range)"
         )
     if "stain_colour" in quality and quality["stain_colour"] < thresholds.min_stain_colour:
         return (

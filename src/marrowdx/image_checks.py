@@ -93,6 +93,8 @@ TRANSPOSED_ORIENTATIONS = frozenset({5, 6, 7, 8})
 #: TIFF tags read to find a camera's wide samples (:func:`_wide_tiff_rgb`), and their values.
 _BITS_PER_SAMPLE, _PHOTOMETRIC, _SAMPLE_FORMAT = 258, 262, 339
 _MIN_IS_BLACK, _RGB = 1, 2
+#: A PNG's IHDR chunk, which must come first, and the offset of its bit depth in the file.
+_PNG_IHDR, _PNG_BIT_DEPTH_AT = b"IHDR", 24
 
 
 def is_system_entry(path: Path) -> bool:
@@ -125,7 +127,7 @@ def upright_rgb(source: bytes | str | Path | BinaryIO | np.ndarray) -> Image.Ima
     if isinstance(source, np.ndarray):
         return PilImage.fromarray(array_rgb(source))
     with open_image(source) as image:
-        wide = _wide_tiff_rgb(image)
+        wide = _wide_rgb(image)
         return ImageOps.exif_transpose(image).convert("RGB") if wide is None else wide
 
 
@@ -133,8 +135,58 @@ def rgb_of(image: Image.Image) -> Image.Image:
     """An opened image's pixels as 8-bit RGB, as :func:`upright_rgb` reads them (a JPEG's
     EXIF orientation not applied): for the spacing estimate, which decodes at a reduced
     size."""
-    wide = _wide_tiff_rgb(image)
+    wide = _wide_rgb(image)
     return image.convert("RGB") if wide is None else wide
+
+
+def _wide_rgb(image: Image.Image) -> Image.Image | None:
+    """A TIFF's or PNG's 16-bit samples as 8-bit RGB scaled by the bits they use, upright;
+    None for any other image, or where they cannot be read so (Pillow's reading stands)."""
+    if image.format == "PNG":
+        return _wide_png_rgb(image)
+    return _wide_tiff_rgb(image)
+
+
+def sixteen_bit_png(data: bytes) -> bool:
+    """Whether ``data`` starts like a PNG of 16-bit samples (grey, RGB, with or without
+    alpha), which the client reads itself rather than letting the server keep the high byte
+    of each sample."""
+    return (
+        data.startswith(_MAGIC["PNG"])
+        and data[12:16] == _PNG_IHDR
+        and len(data) > _PNG_BIT_DEPTH_AT
+        and data[_PNG_BIT_DEPTH_AT] == 16
+    )
+
+
+def _wide_png_rgb(image: Image.Image) -> Image.Image | None:
+    """A 16-bit PNG as 8-bit RGB scaled by the bits its samples use (a camera's 12 bits in a
+    16-bit PNG are as dark to a decoder as in a TIFF: see :func:`_wide_tiff_rgb`). Pillow
+    reads 16-bit grey at full depth but keeps only the high byte of 16-bit RGB, which
+    imagecodecs (the slides extra) reads whole; without it, Pillow's reading stands (right
+    for a full-range file, dark for a narrower one: excluded with a reason naming this)."""
+    from PIL import Image as PilImage
+    from PIL import ImageOps
+
+    image.fp.seek(0)
+    if not sixteen_bit_png(image.fp.read(_PNG_BIT_DEPTH_AT + 1)):
+        return None
+    if image.mode.startswith("I"):  # grey: Pillow's "I;16" holds every bit
+        samples = np.asarray(image)
+    else:
+        try:
+            import imagecodecs
+
+            image.fp.seek(0)
+            samples = imagecodecs.png_decode(image.fp.read())
+        except Exception:  # noqa: BLE001 - not installed, or a file it refuses
+            return None
+    if samples.dtype != np.uint16:
+        return None
+    samples = samples[..., np.newaxis] if samples.ndim == 2 else samples
+    wide = PilImage.fromarray(eight_bit_rgb(samples))
+    wide.getexif()[EXIF_ORIENTATION] = image.getexif().get(EXIF_ORIENTATION, 1)
+    return ImageOps.exif_transpose(wide)
 
 
 def _wide_tiff_rgb(image: Image.Image) -> Image.Image | None:
@@ -239,12 +291,12 @@ def sniff_format(data: bytes) -> str | None:
 
 
 def client_decoded(data: bytes) -> bool:
-    """Whether ``data`` starts like a TIFF, BMP, WebP or HEIF file, which the client decodes
-    itself."""
+    """Whether ``data`` starts like a TIFF, BMP, WebP or HEIF file, or a 16-bit PNG, which
+    the client decodes itself."""
     # WebP: a RIFF container, its form type after the 4-byte size
     webp = data.startswith(b"RIFF") and data[8:12] == b"WEBP"
     heif = data[4:8] == b"ftyp" and data[8:12] in _HEIF_BRANDS
-    return webp or heif or data.startswith(_CLIENT_DECODED_MAGIC)
+    return webp or heif or data.startswith(_CLIENT_DECODED_MAGIC) or sixteen_bit_png(data)
 
 
 def open_image(source: bytes | str | Path | BinaryIO) -> Image.Image:

@@ -487,6 +487,23 @@ def test_a_cameras_wide_samples_in_a_16_bit_tiff_are_scaled_by_the_bits_they_use
         assert result.spacing == png_result.spacing and result.counts == png_result.counts
 
 
+def test_a_cameras_12_bits_in_a_16_bit_png_are_scaled_as_in_a_tiff() -> None:
+    """A 16-bit RGB PNG of a camera's 12 bits is decoded by the client (the server's decoder
+    keeps each sample's high byte: a black field) and goes out as the fields of the 8-bit
+    PNG; at the models' spacing as one JPEG field counted as that PNG."""
+    imagecodecs = pytest.importorskip("imagecodecs", reason="imagecodecs (slides extra)")
+    small = _squares((640, 480), [(100, 100, 100), (400, 300, 120)])
+    wide = imagecodecs.png_encode((small.astype(np.uint16) << 4) | 9)
+    for um_per_pixel in (0.075, None):
+        png_result, png_sent = analyse(_encoded(small, "PNG"), um_per_pixel=um_per_pixel)
+        result, sent = analyse(wide, um_per_pixel=um_per_pixel)
+        assert sent.sent == png_sent.sent
+        assert result.spacing == png_result.spacing and result.counts == png_result.counts
+    field = _squares(config.FIELD_SIZE, [(100, 100, 100), (700, 800, 90)])
+    png_result, _ = analyse(_encoded(field, "PNG"), um_per_pixel=config.MODEL_UM_PER_PIXEL)
+    _counted_as(imagecodecs.png_encode(field.astype(np.uint16) << 4), png_result, tolerance=2)
+
+
 def test_a_numpy_array_is_counted_as_the_png_of_its_pixels() -> None:
     """A pipeline that holds images decoded gives them as arrays: the same fields go out as
     for the PNG of the same pixels (8-bit RGB, greyscale, a camera's 12 bits in uint16), at a

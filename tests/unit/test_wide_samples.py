@@ -1,5 +1,5 @@
-"""A camera's 16-bit TIFF read as the 8-bit image it shows (``image_checks.upright_rgb``): its
-samples scaled by the bits they use, in every layout tifffile writes and Pillow orients."""
+"""A camera's 16-bit TIFF or PNG read as the 8-bit image it shows (``image_checks.upright_rgb``):
+its samples scaled by the bits they use, in every layout tifffile writes and Pillow orients."""
 
 from __future__ import annotations
 
@@ -58,3 +58,38 @@ def test_a_16_bit_tiff_is_oriented_as_its_8_bit_copy(orientation: int) -> None:
     eight = np.asarray(upright_rgb(_tiff(RGB, photometric="rgb", extratags=tag)))
     wide = np.asarray(upright_rgb(_tiff(_twelve_bit(RGB), photometric="rgb", extratags=tag)))
     assert np.array_equal(wide, eight)
+
+
+def _png(samples: np.ndarray) -> bytes:
+    """A 16-bit PNG: RGB through imagecodecs (Pillow writes no 16-bit colour), grey Pillow."""
+    if samples.ndim == 3:
+        return pytest.importorskip("imagecodecs", reason="imagecodecs (slides extra)").png_encode(
+            samples
+        )
+    from PIL import Image
+
+    out = io.BytesIO()
+    Image.fromarray(samples).save(out, "PNG")
+    return out.getvalue()
+
+
+@pytest.mark.parametrize("bits", [10, 12, 16])
+def test_a_16_bit_png_is_read_as_the_8_bit_image(bits: int) -> None:
+    """Pillow keeps the high byte of a 16-bit RGB PNG (grey levels 0-15 for 12 bits) and
+    clips 16-bit grey to white: both are read whole and scaled, and the client decodes them
+    itself (the server's decoder would keep the high byte too)."""
+    from marrowdx.image_checks import client_decoded
+
+    wide = RGB.astype(np.uint16) << (bits - 8)
+    grey = RGB[..., 1].astype(np.uint16) << (bits - 8)
+    expected_grey = np.repeat(RGB[..., 1:2], 3, axis=2)
+    for data, expected in ((_png(grey), expected_grey), (_png(wide), RGB)):
+        assert client_decoded(data)
+        assert np.array_equal(np.asarray(upright_rgb(data)), expected)
+        with open_image(data) as image:
+            assert np.array_equal(np.asarray(rgb_of(image)), expected)
+    eight = io.BytesIO()
+    from PIL import Image
+
+    Image.fromarray(RGB).save(eight, "PNG")
+    assert not client_decoded(eight.getvalue())  # an 8-bit PNG stays the server's to decode
