@@ -171,8 +171,8 @@ def _wide_png_rgb(image: Image.Image) -> Image.Image | None:
     image.fp.seek(0)
     if not sixteen_bit_png(image.fp.read(_PNG_BIT_DEPTH_AT + 1)):
         return None
-    if image.mode.startswith("I"):  # grey: Pillow's "I;16" holds every bit
-        samples = np.asarray(image)
+    if image.mode.startswith("I"):  # grey: Pillow's "I;16" (or "I") holds every bit
+        samples = np.asarray(image).astype(np.uint16)  # a PNG's samples fit 16 bits
     else:
         try:
             import imagecodecs
