@@ -113,6 +113,17 @@ def image_names(images: Sequence[ImageSource], names: Sequence[str] | None) -> l
     return out
 
 
+def image_list(images: Iterable[ImageSource]) -> list[ImageSource]:
+    """A patient's images as a list. One image given where the list belongs (a path, bytes,
+    an array of one image) raises TypeError: iterated, it would be read as many images."""
+    one = isinstance(images, str | bytes | bytearray | memoryview | os.PathLike)
+    if one or (isinstance(images, np.ndarray) and images.ndim < 4):
+        raise TypeError(
+            f"images is one {type(images).__name__}: give a list of images (for one, [image])"
+        )
+    return list(images)
+
+
 def _path_name(source: object, index: int) -> str:
     try:
         return os.fspath(source)  # type: ignore[arg-type]
@@ -436,7 +447,7 @@ class AsyncMarrowClient:
     async def diagnose_patient(
         self,
         patient_id: str,
-        images: Sequence[ImageSource],
+        images: Iterable[ImageSource],
         labs: Mapping[str, float | None] | None = None,
         *,
         names: Sequence[str] | None = None,
@@ -466,8 +477,10 @@ class AsyncMarrowClient:
         labelled ``spacing_source`` in the JSON; a bad value raises ``InputError`` before
         any request. An image too poor in red cells for its own estimate (a single-cell
         crop) takes the pooled estimate of the patient's images of its size
-        (``client.spacing_pool``; ``source`` ``pooled`` in the JSON).
+        (``client.spacing_pool``; ``source`` ``pooled`` in the JSON). ``images`` may be any
+        iterable (``Path.glob``'s generator, a batch array of height x width images).
         """
+        images = image_list(images)
         labels = image_names(images, names)
         spacings = per_image_spacing(um_per_pixel, len(images))
         # images whose spacing is estimated share one pool (crops show too few red cells)

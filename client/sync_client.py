@@ -96,7 +96,7 @@ class MarrowClient:
     def diagnose_patient(
         self,
         patient_id: str,
-        images: Sequence[ImageSource],
+        images: Iterable[ImageSource],
         labs: Mapping[str, float | None] | None = None,
         *,
         names: Sequence[str] | None = None,

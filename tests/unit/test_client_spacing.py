@@ -545,11 +545,18 @@ def test_an_array_the_client_cannot_read_as_an_image_fails_with_what_is_wrong(
         analyse(array, um_per_pixel=0.1)  # type: ignore[arg-type]
 
 
-def test_a_patients_arrays_are_named_by_position_and_a_wrong_type_is_named() -> None:
+def test_a_patients_images_are_any_iterable_arrays_named_by_position_a_wrong_type_named() -> None:
     client = AsyncMarrowClient(transport=FakeTransport())  # type: ignore[arg-type]
     array = _squares((640, 480), [(100, 100, 100)])
     report = asyncio.run(client.diagnose_patient("P", [array, array], um_per_pixel=0.1))
     assert [image.file for image in report.images] == ["#0", "#1"] and not report.failed_images
+    batch = asyncio.run(client.diagnose_patient("P", np.stack([array, array]), um_per_pixel=0.1))
+    assert batch.counts == report.counts  # a batch array is its images, as a list of them
+    streamed = asyncio.run(client.diagnose_patient("P", (a for a in [array]), um_per_pixel=0.1))
+    assert streamed.n_images == 1  # any iterable, e.g. Path.glob's generator
+    for one in (array, "field.png", b"\x89PNG"):  # one image where the list belongs
+        with pytest.raises(TypeError, match="give a list of images \\(for one, \\[image\\]\\)"):
+            asyncio.run(client.diagnose_patient("P", one))  # type: ignore[arg-type]
     with pytest.raises(TypeError, match=r"images\[1\] is a int: give a file path"):
         asyncio.run(client.diagnose_patient("P", [array, 7], um_per_pixel=0.1))  # type: ignore[list-item]
 
