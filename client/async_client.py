@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import os
+import sys
 from collections import deque
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Protocol, TypeAlias
 
 import numpy as np
 
@@ -36,12 +37,16 @@ from marrowdx.errors import InputError
 from marrowdx.image_checks import client_decoded
 
 if TYPE_CHECKING:
+    from PIL.Image import Image as PillowImage
+
     from marrowdx.spacing import SpacingEstimate
 
 #: An image given as a file path or as encoded bytes: JPEG/PNG (what the server decodes), or
 #: TIFF/BMP, which the client decodes and sends as JPEG fields (``client.fields``); or decoded,
-#: as a numpy array (``fields.encode_array``: height x width x 3 RGB, uint8).
-ImageSource = str | os.PathLike | bytes | bytearray | memoryview | np.ndarray
+#: as a numpy array (``fields.encode_array``: height x width x 3 RGB, uint8) or a Pillow image.
+ImageSource: TypeAlias = (
+    "str | os.PathLike | bytes | bytearray | memoryview | np.ndarray | PillowImage"
+)
 #: The sources that carry the image itself (no file name to label it by).
 _IN_MEMORY = (bytes, bytearray, memoryview, np.ndarray)
 #: A pixel spacing (µm per pixel) for every image, or one per image (None: the client's
@@ -103,7 +108,7 @@ def image_names(images: Sequence[ImageSource], names: Sequence[str] | None) -> l
         if len(set(names)) != len(names):
             raise ValueError("image names must be unique within a patient")
         return [str(n) for n in names]
-    out = [f"#{i}" if isinstance(s, _IN_MEMORY) else _path_name(s, i) for i, s in enumerate(images)]
+    out = [f"#{i}" if in_memory(s) else _path_name(s, i) for i, s in enumerate(images)]
     # The same file given twice would be counted twice; keep them apart by index.
     seen: dict[str, int] = {}
     for i, name in enumerate(out):
@@ -113,11 +118,22 @@ def image_names(images: Sequence[ImageSource], names: Sequence[str] | None) -> l
     return out
 
 
+def in_memory(source: object) -> bool:
+    """Whether the image itself was given (bytes, an array, a Pillow image), not a path."""
+    return isinstance(source, _IN_MEMORY) or _is_pillow(source)
+
+
+def _is_pillow(source: object) -> bool:
+    """A Pillow image, without importing Pillow for a program that never made one."""
+    pillow = sys.modules.get("PIL.Image")
+    return pillow is not None and isinstance(source, pillow.Image)
+
+
 def image_list(images: Iterable[ImageSource]) -> list[ImageSource]:
     """A patient's images as a list. One image given where the list belongs (a path, bytes,
     an array of one image) raises TypeError: iterated, it would be read as many images."""
     one = isinstance(images, str | bytes | bytearray | memoryview | os.PathLike)
-    if one or (isinstance(images, np.ndarray) and images.ndim < 4):
+    if one or _is_pillow(images) or (isinstance(images, np.ndarray) and images.ndim < 4):
         raise TypeError(
             f"images is one {type(images).__name__}: give a list of images (for one, [image])"
         )
@@ -130,7 +146,7 @@ def _path_name(source: object, index: int) -> str:
     except TypeError:
         raise TypeError(
             f"images[{index}] is a {type(source).__name__}: give a file path, encoded image "
-            "bytes or a numpy array (height x width x 3, uint8)"
+            "bytes, a numpy array (height x width x 3, uint8) or a Pillow image"
         ) from None
 
 
@@ -164,6 +180,8 @@ def read_image(source: ImageSource) -> bytes:
     if isinstance(source, np.ndarray):
         # (its own PNG: no file-size limit or damage to check; its pixel count is checked)
         return fields.encode_array(source)
+    if _is_pillow(source):
+        return fields.encode_pillow(source)
     if isinstance(source, bytes | bytearray | memoryview):
         data = bytes(source)
     else:
@@ -359,7 +377,7 @@ class AsyncMarrowClient:
     ) -> ImageResult:
         """One image through the ensemble (bounded by ``concurrency``): its cells in the
         original image's pixels and its counts. ``source`` is a file path, encoded
-        JPEG/PNG (or TIFF/BMP) bytes or a decoded numpy array (``ImageSource``); ``name``
+        JPEG/PNG (or TIFF/BMP) bytes, or decoded (``ImageSource``); ``name``
         labels the result (it is not sent). Raises ``RequestFailed`` with the reason
         (unreadable file, the server's refusal, retries exhausted, bad server output).
 

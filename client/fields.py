@@ -208,6 +208,18 @@ def encode_array(array: np.ndarray) -> bytes:
     return out.getvalue()
 
 
+def encode_pillow(image) -> bytes:
+    """A Pillow image a program holds (``image_checks.pillow_rgb``), as :func:`encode_array`
+    encodes an array."""
+    from marrowdx.errors import ImageRejected
+    from marrowdx.image_checks import pillow_rgb
+
+    try:
+        return encode_array(pillow_rgb(image))
+    except ImageRejected as exc:
+        raise RequestFailed(str(exc)) from None
+
+
 def _as_sent(data: bytes, um_per_pixel: float | None, source: str, why: str) -> PreparedImage:
     """The bytes as they are, for the server to decode or to refuse in its own words; a
     format only the client decodes (TIFF, BMP, WebP) is refused here instead, with ``why``: the

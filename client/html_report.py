@@ -20,12 +20,14 @@ import io
 import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-
-import numpy as np
+from typing import TYPE_CHECKING
 
 from marrowdx import taxonomy
 from marrowdx.client.report import Cell, ImageResult, PatientReport
 from marrowdx.differential import WITHHELD
+
+if TYPE_CHECKING:
+    from marrowdx.client.async_client import ImageSource
 
 #: Longest side of a field thumbnail in the page (px); the boxes are drawn in SVG on top.
 FIELD_THUMB_SIDE = 512
@@ -46,9 +48,6 @@ CHART_BAR_WIDTH = 320
 UNFAMILIAR = "unfamiliar"
 UNIDENTIFIED = "unidentified"
 INDEX_FILE = "index.html"
-
-#: An image as given to the client: a path, the encoded bytes or a decoded array.
-Source = str | Path | bytes | np.ndarray
 
 STYLE = """
 body{font-family:system-ui,sans-serif;margin:1.5em;color:#222}
@@ -287,7 +286,7 @@ def _lineage_table(data: Mapping[str, object]) -> str:
     return f"<table><tr><th>lineage / not counted</th><th>cells</th></tr>{rows}</table>"
 
 
-def _patient_section(report: PatientReport, sources: Mapping[str, Source]) -> str:
+def _patient_section(report: PatientReport, sources: Mapping[str, ImageSource]) -> str:
     data = report.to_dict()
     pid = _esc(report.patient_id)
     from marrowdx.image_checks import upright_rgb
@@ -319,11 +318,11 @@ def _patient_section(report: PatientReport, sources: Mapping[str, Source]) -> st
 
 def render_html(
     reports: Sequence[PatientReport],
-    sources: Mapping[str, Mapping[str, Source]],
+    sources: Mapping[str, Mapping[str, ImageSource]],
     title: str = "marrowdx review",
 ) -> str:
-    """The page as a string. ``sources``: patient id -> image name -> path or bytes (images
-    without a source, e.g. slide regions, are listed but not pictured)."""
+    """The page as a string. ``sources``: patient id -> image name -> the image as given to
+    the client (images without a source, e.g. slide regions, are listed but not pictured)."""
     header = "".join(f"<th>{_esc(h)}</th>" for h in SUMMARY_HEADER)
     rows = "".join(_summary_row(r.to_dict()) for r in reports)
     n_refer = sum(r.refer_for_review for r in reports)
@@ -340,7 +339,7 @@ def render_html(
 
 def write_html_report(
     reports: Sequence[PatientReport],
-    sources: Mapping[str, Mapping[str, Source]],
+    sources: Mapping[str, Mapping[str, ImageSource]],
     out_dir: str | Path,
     title: str = "marrowdx review",
 ) -> Path:

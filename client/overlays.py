@@ -13,7 +13,7 @@ from marrowdx.client.report import ImageResult, PatientReport
 from marrowdx.taxonomy import class_colour
 
 if TYPE_CHECKING:
-    import numpy as np
+    from marrowdx.client.async_client import ImageSource
 
 #: Box outline width and legend geometry (pixels) for the image overlays.
 BOX_WIDTH = 3
@@ -24,9 +24,7 @@ LEGEND_MARGIN = 8
 LEGEND_FONT_SIZE = 13
 
 
-def draw_image_overlay(
-    image: bytes | str | Path | np.ndarray, result: ImageResult, out: Path
-) -> Path:
+def draw_image_overlay(image: ImageSource, result: ImageResult, out: Path) -> Path:
     """The original image with one box per cell and a legend of the classes present."""
     from PIL import Image, ImageDraw, ImageFont
 

@@ -112,10 +112,10 @@ def upright_size(image: Image.Image) -> tuple[int, int]:
     return int(image.width), int(image.height)
 
 
-def upright_rgb(source: bytes | str | Path | BinaryIO | np.ndarray) -> Image.Image:
-    """The input image (:func:`open_image`'s ``source``, or a decoded array:
-    :func:`array_rgb`) as the server's decoder gives it: EXIF orientation applied, converted
-    to RGB, decoded.
+def upright_rgb(source: bytes | str | Path | BinaryIO | np.ndarray | Image.Image) -> Image.Image:
+    """The input image (:func:`open_image`'s ``source``, or one decoded: an array,
+    :func:`array_rgb`, or a Pillow image, :func:`pillow_rgb`) as the server's decoder gives
+    it: EXIF orientation applied, converted to RGB, decoded.
 
     Why one function: the client, the pictures drawn for people, the data-set readers and
     training must see the same pixels in the same orientation, or a data set's boxes (in the
@@ -126,6 +126,8 @@ def upright_rgb(source: bytes | str | Path | BinaryIO | np.ndarray) -> Image.Ima
 
     if isinstance(source, np.ndarray):
         return PilImage.fromarray(array_rgb(source))
+    if isinstance(source, PilImage.Image):
+        return PilImage.fromarray(pillow_rgb(source))
     with open_image(source) as image:
         wide = _wide_rgb(image)
         return ImageOps.exif_transpose(image).convert("RGB") if wide is None else wide
@@ -253,6 +255,25 @@ def array_rgb(array: np.ndarray) -> np.ndarray:
             "ones; a float image's scale is not known"
         )
     return eight_bit_rgb(samples)
+
+
+def pillow_rgb(image: Image.Image) -> np.ndarray:
+    """An image a program holds as a Pillow image, as :func:`array_rgb` gives an array: its
+    EXIF orientation applied (as for its file), 16-bit grey scaled by the bits it uses,
+    other modes (palette, CMYK, 1-bit) through Pillow's RGB. A float image ("F") is refused:
+    its scale is not known."""
+    from PIL import ImageOps
+
+    upright = ImageOps.exif_transpose(image)
+    if upright.mode == "F":
+        raise ImageRejected("Pillow image of mode F (float): its scale is not known")
+    if upright.mode.startswith("I"):  # 16-bit grey ("I;16") or 32-bit integer ("I")
+        samples = np.asarray(upright)
+        if samples.min(initial=0) < 0 or samples.max(initial=0) > np.iinfo(np.uint16).max:
+            raise ImageRejected("Pillow image of mode I with samples beyond 16 bits")
+        return array_rgb(samples.astype(np.uint16))
+    kept = upright if upright.mode in ("RGB", "RGBA", "L", "LA") else upright.convert("RGB")
+    return array_rgb(np.asarray(kept))
 
 
 def eight_bit_rgb(samples: np.ndarray) -> np.ndarray:

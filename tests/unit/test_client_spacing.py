@@ -545,6 +545,28 @@ def test_an_array_the_client_cannot_read_as_an_image_fails_with_what_is_wrong(
         analyse(array, um_per_pixel=0.1)  # type: ignore[arg-type]
 
 
+def test_a_pillow_image_is_counted_as_its_file_is() -> None:
+    """A Pillow image a program opened (or made) goes out as its file would: upright (an
+    EXIF-rotated JPEG), palette and 16-bit grey modes read as their file is read."""
+    from marrowdx.client.transport import RequestFailed
+
+    small = _squares((640, 480), [(100, 100, 100), (400, 300, 120)])
+    rotated = io.BytesIO()
+    exif = Image.Exif()
+    exif[0x0112] = 6  # the camera held sideways
+    Image.fromarray(small).save(rotated, "JPEG", quality=95, exif=exif.tobytes())
+    palette = _encoded(np.asarray(Image.fromarray(small).quantize(64).convert("RGB")), "PNG")
+    grey16 = io.BytesIO()
+    Image.fromarray(small[..., 1].astype(np.uint16) << 4).save(grey16, "PNG")
+    for data in (rotated.getvalue(), palette, grey16.getvalue()):
+        file_result, file_sent = analyse(data, um_per_pixel=0.075)
+        result, sent = analyse(Image.open(io.BytesIO(data)), um_per_pixel=0.075)  # type: ignore[arg-type]
+        assert sent.sent == file_sent.sent and result.counts == file_result.counts
+        assert result.size == file_result.size
+    with pytest.raises(RequestFailed, match="mode F \\(float\\): its scale is not known"):
+        analyse(Image.fromarray(small[..., 0].astype(np.float32)), um_per_pixel=0.1)  # type: ignore[arg-type]
+
+
 def test_a_patients_images_are_any_iterable_arrays_named_by_position_a_wrong_type_named() -> None:
     client = AsyncMarrowClient(transport=FakeTransport())  # type: ignore[arg-type]
     array = _squares((640, 480), [(100, 100, 100)])
@@ -554,7 +576,7 @@ def test_a_patients_images_are_any_iterable_arrays_named_by_position_a_wrong_typ
     assert batch.counts == report.counts  # a batch array is its images, as a list of them
     streamed = asyncio.run(client.diagnose_patient("P", (a for a in [array]), um_per_pixel=0.1))
     assert streamed.n_images == 1  # any iterable, e.g. Path.glob's generator
-    for one in (array, "field.png", b"\x89PNG"):  # one image where the list belongs
+    for one in (array, "field.png", b"\x89PNG", Image.fromarray(array)):  # not in a list
         with pytest.raises(TypeError, match="give a list of images \\(for one, \\[image\\]\\)"):
             asyncio.run(client.diagnose_patient("P", one))  # type: ignore[arg-type]
     with pytest.raises(TypeError, match=r"images\[1\] is a int: give a file path"):

@@ -179,7 +179,8 @@ def test_review_page_shows_the_json_numbers_and_puts_unidentified_cells_first():
 
 
 def test_review_page_and_overlay_draw_an_image_given_as_an_array_as_its_png(tmp_path):
-    """A field the Python API was given as a numpy array is drawn from its pixels."""
+    """A field the Python API was given as a numpy array (or a Pillow image) is drawn from
+    its pixels."""
     import io
 
     from PIL import Image
@@ -196,6 +197,7 @@ def test_review_page_and_overlay_draw_an_image_given_as_an_array_as_its_png(tmp_
     )
     as_array = html_report.render_html([report], {"P": {"#0": pixels}})
     assert as_array == html_report.render_html([report], {"P": {"#0": png.getvalue()}})
+    assert as_array == html_report.render_html([report], {"P": {"#0": Image.fromarray(pixels)}})
     drawn = [
         draw_image_overlay(s, image, tmp_path / f"{i}.png")
         for i, s in enumerate([pixels, png.getvalue()])
