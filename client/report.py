@@ -323,6 +323,8 @@ CSV_COUNTING_COLUMNS = (
     "review_reasons",
     "unfamiliar",
     "leukemia_pattern",
+    "unidentified",
+    "n_excluded_images",
 )
 
 
@@ -372,6 +374,8 @@ def write_csv(reports: Sequence[PatientReport], path: str | Path) -> Path:
                 review_reasons="; ".join(x.code for x in r.review_reasons),
                 unfamiliar=d["unfamiliar"],
                 leukemia_pattern=r.leukemia_pattern or "",
+                unidentified=d["unidentified"],
+                n_excluded_images=len(r.excluded_images),
             )
             writer.writerow(row)
     return path

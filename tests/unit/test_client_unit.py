@@ -360,6 +360,9 @@ def test_json_and_csv_files_follow_the_contract(stand_in, tmp_path):
     assert int(rows[0]["n_cells"]) == first["n_cells"]
     assert sum(int(rows[0][f"n_{c}"]) for c in taxonomy.CLASSES) == first["n_cells"]
     assert rows[1]["n_failed_images"] == "1" and rows[1]["diagnosis"] == ""
+    for row, patient in zip(rows, data["patients"], strict=True):  # the JSON's numbers
+        assert int(row["n_excluded_images"]) == len(patient["excluded_images"])
+        assert int(row["unidentified"]) == patient["differential"]["unidentified"]
 
 
 def _touch(path: Path, data: bytes | None = None) -> None:
