@@ -170,6 +170,8 @@ def _wide_png_rgb(image: Image.Image) -> Image.Image | None:
     from PIL import Image as PilImage
     from PIL import ImageOps
 
+    if getattr(image, "fp", None) is None:  # made in memory, or its file already closed
+        return None
     image.fp.seek(0)
     if not sixteen_bit_png(image.fp.read(_PNG_BIT_DEPTH_AT + 1)):
         return None
