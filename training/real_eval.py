@@ -266,6 +266,10 @@ def evaluate_real(
 
     if shifts and work_dir is None:
         raise InputError("scoring real images under lab shifts needs a work dir for the copies")
+    validation = [(ds, *_validation_split(ds)) for ds in datasets]
+    require_every_set(
+        datasets, {ds.name for ds, fields, crops in validation if fields or crops}, ["val"]
+    )
     report = RealReport()
 
     def under(ds, kind: str, paths: list[Path], spacings: list[float | None]) -> list[Path]:
@@ -281,8 +285,7 @@ def evaluate_real(
             transport=InProcessTransport(InProcessPipeline(repository)), quality=DEFAULT_QUALITY
         )
         async with client:
-            for ds in datasets:
-                fields, crops = _validation_split(ds)
+            for ds, fields, crops in validation:
                 field_um = [field_spacing(ds, f, um_per_pixel) for f in fields]
                 crop_um = [um_per_pixel or ds.um_per_pixel] * len(crops)
                 parts = (
@@ -300,7 +303,6 @@ def evaluate_real(
                         results = await _analyse(client, list(zip(paths, sent, strict=True)), log)
                         scores.append(score(ds, results, images, kind))
 
-    require_every_set(datasets, {ds.name for ds in datasets if any(_validation_split(ds))}, ["val"])
     asyncio.run(run())
     return report
 
