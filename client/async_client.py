@@ -43,7 +43,7 @@ if TYPE_CHECKING:
 
 #: An image given as a file path or as encoded bytes: JPEG/PNG (what the server decodes), or
 #: TIFF/BMP, which the client decodes and sends as JPEG fields (``client.fields``); or decoded,
-#: as a numpy array (``fields.encode_array``: height x width x 3 RGB, uint8) or a Pillow image.
+#: as a numpy array (height x width x 3 RGB, uint8) or a Pillow image (``fields.encode_decoded``).
 ImageSource: TypeAlias = (
     "str | os.PathLike | bytes | bytearray | memoryview | np.ndarray | PillowImage"
 )
@@ -132,8 +132,8 @@ def _is_pillow(source: object) -> bool:
 def image_list(images: Iterable[ImageSource]) -> list[ImageSource]:
     """A patient's images as a list. One image given where the list belongs (a path, bytes,
     an array of one image) raises TypeError: iterated, it would be read as many images."""
-    one = isinstance(images, str | bytes | bytearray | memoryview | os.PathLike)
-    if one or _is_pillow(images) or (isinstance(images, np.ndarray) and images.ndim < 4):
+    batch = isinstance(images, np.ndarray) and images.ndim >= 4  # N x height x width x C
+    if isinstance(images, str | os.PathLike) or (in_memory(images) and not batch):
         raise TypeError(
             f"images is one {type(images).__name__}: give a list of images (for one, [image])"
         )
@@ -177,11 +177,9 @@ def per_image_spacing(um_per_pixel: SpacingArg, n_images: int) -> list[float | N
 
 def read_image(source: ImageSource) -> bytes:
     """The encoded bytes of an image; raises RequestFailed with a readable reason."""
-    if isinstance(source, np.ndarray):
+    if isinstance(source, np.ndarray) or _is_pillow(source):
         # (its own PNG: no file-size limit or damage to check; its pixel count is checked)
-        return fields.encode_array(source)
-    if _is_pillow(source):
-        return fields.encode_pillow(source)
+        return fields.encode_decoded(source)
     if isinstance(source, bytes | bytearray | memoryview):
         data = bytes(source)
     else:

@@ -185,39 +185,25 @@ def encode_field(pixels: np.ndarray) -> bytes:
     return out.getvalue()
 
 
-def encode_array(array: np.ndarray) -> bytes:
-    """An image given decoded, as a numpy array (``image_checks.array_rgb``), in the form
-    every other image takes: lossless PNG bytes (then sent or resampled by the rules above).
-    Raises ``RequestFailed`` naming what is wrong (reported as the image's failure)."""
-    from PIL import Image
-
+def encode_decoded(image) -> bytes:
+    """An image a program holds decoded, a numpy array or a Pillow image
+    (``image_checks.upright_rgb``: ``array_rgb``, ``pillow_rgb``), in the form every other
+    image takes: lossless PNG bytes (then sent or resampled by the rules above). Raises
+    ``RequestFailed`` naming what is wrong (reported as the image's failure)."""
     from marrowdx.errors import ImageRejected
-    from marrowdx.image_checks import array_rgb
+    from marrowdx.image_checks import upright_rgb
 
     try:
-        rgb = array_rgb(array)
+        rgb = upright_rgb(image)
     except ImageRejected as exc:
         raise RequestFailed(str(exc)) from None
-    height, width = rgb.shape[:2]
-    if _beyond_limits(width, height):
+    if _beyond_limits(rgb.width, rgb.height):
         limits = f"{config.MIN_IMAGE_SIDE} px a side, {config.MAX_IMAGE_PIXELS} pixels"
-        raise RequestFailed(f"array of {width}x{height} pixels is beyond ({limits})")
+        raise RequestFailed(f"array of {rgb.width}x{rgb.height} pixels is beyond ({limits})")
     out = io.BytesIO()
     # level 1: a lossless copy in about a tenth of the default's time, the size is not kept
-    Image.fromarray(rgb).save(out, "PNG", compress_level=1)
+    rgb.save(out, "PNG", compress_level=1)
     return out.getvalue()
-
-
-def encode_pillow(image) -> bytes:
-    """A Pillow image a program holds (``image_checks.pillow_rgb``), as :func:`encode_array`
-    encodes an array."""
-    from marrowdx.errors import ImageRejected
-    from marrowdx.image_checks import pillow_rgb
-
-    try:
-        return encode_array(pillow_rgb(image))
-    except ImageRejected as exc:
-        raise RequestFailed(str(exc)) from None
 
 
 def _as_sent(data: bytes, um_per_pixel: float | None, source: str, why: str) -> PreparedImage:

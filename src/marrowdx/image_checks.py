@@ -167,9 +167,6 @@ def _wide_png_rgb(image: Image.Image) -> Image.Image | None:
     reads 16-bit grey at full depth but keeps only the high byte of 16-bit RGB, which
     imagecodecs (the slides extra) reads whole; without it, Pillow's reading stands (right
     for a full-range file, dark for a narrower one: excluded with a reason naming this)."""
-    from PIL import Image as PilImage
-    from PIL import ImageOps
-
     if getattr(image, "fp", None) is None:  # made in memory, or its file already closed
         return None
     image.fp.seek(0)
@@ -185,12 +182,8 @@ def _wide_png_rgb(image: Image.Image) -> Image.Image | None:
             samples = imagecodecs.png_decode(image.fp.read())
         except Exception:  # noqa: BLE001 - not installed, or a file it refuses
             return None
-    if samples.dtype != np.uint16:
-        return None
     samples = samples[..., np.newaxis] if samples.ndim == 2 else samples
-    wide = PilImage.fromarray(eight_bit_rgb(samples))
-    wide.getexif()[EXIF_ORIENTATION] = image.getexif().get(EXIF_ORIENTATION, 1)
-    return ImageOps.exif_transpose(wide)
+    return _upright_eight_bit(samples, image.getexif().get(EXIF_ORIENTATION, 1))
 
 
 def _wide_tiff_rgb(image: Image.Image) -> Image.Image | None:
@@ -231,6 +224,12 @@ def _wide_tiff_rgb(image: Image.Image) -> Image.Image | None:
         stored = stored[::-1]
     if samples.shape[:2] != stored or samples.shape[2] not in (1, 2, 3, 4):
         return None
+    return _upright_eight_bit(samples, orientation)
+
+
+def _upright_eight_bit(samples: np.ndarray, orientation: int) -> Image.Image:
+    """A file's wide samples (H x W x C) as the 8-bit RGB image :func:`upright_rgb` gives,
+    turned by the file's orientation as Pillow turns an image it decodes itself."""
     from PIL import Image as PilImage
     from PIL import ImageOps
 
@@ -286,6 +285,8 @@ def eight_bit_rgb(samples: np.ndarray) -> np.ndarray:
     Why by the bits used: a camera's 10-14-bit samples are stored unscaled in 16 bits, and
     a bright-field smear's glass, its brightest part, lies near its camera's top level."""
     colour = samples[..., :3] if samples.shape[2] >= 3 else samples[..., :1].repeat(3, axis=2)
+    if colour.dtype == np.uint8:  # 8 bits used at most: kept as it is
+        return np.ascontiguousarray(colour)
     used = max(8, int(colour.max(initial=0)).bit_length())
     return np.ascontiguousarray(colour >> (used - 8)).astype(np.uint8)
 
