@@ -467,6 +467,16 @@ def test_tiff_bmp_and_webp_images_are_decoded_by_the_client_and_counted_as_the_p
     assert resampled["TIFF"] == resampled["PNG"] == resampled["BMP"] == resampled["WEBP"]
 
 
+def _sent_as_the_png(source: object, png: bytes) -> None:
+    """``source`` goes out as the very fields of ``png`` (an 8-bit PNG of the same pixels),
+    with the same spacing and counts, at a given spacing and at the one estimated."""
+    for um_per_pixel in (0.075, None):
+        png_result, png_sent = analyse(png, um_per_pixel=um_per_pixel)
+        result, sent = analyse(source, um_per_pixel=um_per_pixel)  # type: ignore[arg-type]
+        assert sent.sent == png_sent.sent
+        assert result.spacing == png_result.spacing and result.counts == png_result.counts
+
+
 @pytest.mark.parametrize("bits", [10, 12, 14, 16])
 def test_a_cameras_wide_samples_in_a_16_bit_tiff_are_scaled_by_the_bits_they_use(bits) -> None:
     """A microscope camera's 10-14-bit samples written unscaled into a 16-bit RGB TIFF (and a
@@ -479,12 +489,7 @@ def test_a_cameras_wide_samples_in_a_16_bit_tiff_are_scaled_by_the_bits_they_use
     wide |= np.random.default_rng(bits).integers(0, 1 << (bits - 8), wide.shape, np.uint16)
     out = io.BytesIO()
     tifffile.imwrite(out, wide, photometric="rgb")
-    png = _encoded(small, "PNG")
-    for um_per_pixel in (0.075, None):
-        png_result, png_sent = analyse(png, um_per_pixel=um_per_pixel)
-        result, sent = analyse(out.getvalue(), um_per_pixel=um_per_pixel)
-        assert sent.sent == png_sent.sent
-        assert result.spacing == png_result.spacing and result.counts == png_result.counts
+    _sent_as_the_png(out.getvalue(), _encoded(small, "PNG"))
 
 
 def test_a_cameras_12_bits_in_a_16_bit_png_are_scaled_as_in_a_tiff() -> None:
@@ -494,11 +499,7 @@ def test_a_cameras_12_bits_in_a_16_bit_png_are_scaled_as_in_a_tiff() -> None:
     imagecodecs = pytest.importorskip("imagecodecs", reason="imagecodecs (slides extra)")
     small = _squares((640, 480), [(100, 100, 100), (400, 300, 120)])
     wide = imagecodecs.png_encode((small.astype(np.uint16) << 4) | 9)
-    for um_per_pixel in (0.075, None):
-        png_result, png_sent = analyse(_encoded(small, "PNG"), um_per_pixel=um_per_pixel)
-        result, sent = analyse(wide, um_per_pixel=um_per_pixel)
-        assert sent.sent == png_sent.sent
-        assert result.spacing == png_result.spacing and result.counts == png_result.counts
+    _sent_as_the_png(wide, _encoded(small, "PNG"))
     field = _squares(config.FIELD_SIZE, [(100, 100, 100), (700, 800, 90)])
     png_result, _ = analyse(_encoded(field, "PNG"), um_per_pixel=config.MODEL_UM_PER_PIXEL)
     _counted_as(imagecodecs.png_encode(field.astype(np.uint16) << 4), png_result, tolerance=2)
@@ -512,12 +513,7 @@ def test_a_numpy_array_is_counted_as_the_png_of_its_pixels() -> None:
     grey = small.mean(axis=2).astype(np.uint8)
     twelve = (small.astype(np.uint16) << 4) | 7
     for array, same_as in ((small, small), (grey, grey), (twelve, small)):
-        png = _encoded(same_as, "PNG")
-        for um_per_pixel in (0.075, None):
-            png_result, png_sent = analyse(png, um_per_pixel=um_per_pixel)
-            result, sent = analyse(array, um_per_pixel=um_per_pixel)  # type: ignore[arg-type]
-            assert sent.sent == png_sent.sent
-            assert result.spacing == png_result.spacing and result.counts == png_result.counts
+        _sent_as_the_png(array, _encoded(same_as, "PNG"))
     # a field at the models' spacing goes as one lossless PNG of its pixels, as a PNG would
     field = _squares(config.FIELD_SIZE, [(100, 100, 100), (700, 800, 90)])
     png_result, _ = analyse(_encoded(field, "PNG"), um_per_pixel=config.MODEL_UM_PER_PIXEL)
