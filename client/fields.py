@@ -39,6 +39,8 @@ from marrowdx.client.quality import (
     red_cells_verdict,
     smear_measured,
     spacing_verdict,
+    thick_named,
+    transparency_verdict,
     wrong_spacing_named,
 )
 from marrowdx.client.report import Cell, ImageResult
@@ -188,10 +190,13 @@ def encode_field(pixels: np.ndarray) -> bytes:
 def encode_decoded(image) -> bytes:
     """An image a program holds decoded, a numpy array or a Pillow image
     (``image_checks.upright_rgb``: ``array_rgb``, ``pillow_rgb``), in the form every other
-    image takes: lossless PNG bytes (then sent or resampled by the rules above). Raises
-    ``RequestFailed`` naming what is wrong (reported as the image's failure)."""
+    image takes: lossless PNG bytes (then sent or resampled by the rules above), with its
+    alpha when some pixel is transparent (``_no_smear_named`` reads it as it reads a file's).
+    Raises ``RequestFailed`` naming what is wrong (reported as the image's failure)."""
+    from PIL import Image
+
     from marrowdx.errors import ImageRejected
-    from marrowdx.image_checks import upright_rgb
+    from marrowdx.image_checks import decoded_alpha, upright_rgb
 
     try:
         rgb = upright_rgb(image)
@@ -200,6 +205,9 @@ def encode_decoded(image) -> bytes:
     if _beyond_limits(rgb.width, rgb.height):
         limits = f"{config.MIN_IMAGE_SIDE} px a side, {config.MAX_IMAGE_PIXELS} pixels"
         raise RequestFailed(f"array of {rgb.width}x{rgb.height} pixels is beyond ({limits})")
+    alpha = decoded_alpha(image)
+    if alpha is not None and (alpha < 255).any():
+        rgb.putalpha(Image.fromarray(np.ascontiguousarray(alpha)))
     out = io.BytesIO()
     # level 1: a lossless copy in about a tenth of the default's time, the size is not kept
     rgb.save(out, "PNG", compress_level=1)
@@ -409,7 +417,7 @@ def merge_image(
         evidence = SmearEvidence.of(only.cells)
         named = wrong_spacing_named(only.excluded, prepared.spacing.source, evidence)
         only = _without_smear_evidence(replace(only, excluded=named), evidence, prepared, quality)
-        return with_spacing(only, prepared.spacing)
+        return with_spacing(_no_smear_named(only, prepared, quality), prepared.spacing)
     height, width = prepared.size
     cells: list[Cell] = []
     field_ids: list[int] = []
@@ -474,7 +482,29 @@ def merge_image(
         file=name, cells=found, counts=counts, size=(height, width), quality=measures,
         excluded=excluded,
     )  # fmt: skip
-    return with_spacing(_without_smear_evidence(result, evidence, prepared, quality), spacing)
+    result = _without_smear_evidence(result, evidence, prepared, quality)
+    return with_spacing(_no_smear_named(result, prepared, quality), spacing)
+
+
+def _no_smear_named(
+    result: ImageResult, prepared: PreparedImage, quality: QualityThresholds
+) -> ImageResult:
+    """The last word on whether the input is a smear at all: excluded by
+    ``quality.transparency_verdict`` when it is mostly transparent (read from its own bytes,
+    decoded only when it has an alpha channel or a transparent colour: the fields sent carry
+    no alpha), and a "too thick" reason named by ``quality.thick_named``. A reason that
+    already says it is no smear is kept."""
+    from marrowdx.image_checks import transparent_share
+
+    if not quality.enabled or (result.excluded or "").startswith(NOT_A_SMEAR):
+        return result
+    if prepared.data:
+        with _decoding():
+            reason = transparency_verdict(transparent_share(prepared.data), quality)
+        if reason is not None:
+            return replace(result, excluded=reason, counts=dict.fromkeys(result.counts, 0))
+    named = thick_named(result.excluded, prepared.spacing.source, prepared.spacing.n_red_cells)
+    return replace(result, excluded=named)
 
 
 def _as_its_fields_name_it(reason: str | None, results: Sequence[ImageResult]) -> str | None:

@@ -147,6 +147,13 @@ MIN_RED_CELLS_IN_SMEAR = 2
 #: smear's cells (:meth:`SmearEvidence.lacking`).
 MIN_DRAWN_OBJECTS = 4
 MAX_DRAWN_SPREAD = 0.001
+#: Above this share of its pixels transparent an image is no photograph of a smear: a
+#: microscope camera writes no alpha channel, while a logo, an icon or a clip-art drawing
+#: saved as a PNG is mostly transparent (2 of 32 pictures that are no smears: 47% and 73%;
+#: a cut-out photograph of a horse 0.009%, charts saved with an opaque alpha 0). Nor is
+#: what lies under a transparent pixel an image: the decoders drop the alpha and read
+#: whatever colour is stored there.
+MAX_TRANSPARENT_SHARE = 0.01
 #: The coarsest pixel spacing (µm/px) counted: the models read each cell at 0.5 µm/px, and an
 #: image coarser than that lost detail no resampling brings back. The 507 held-out Munich
 #: crops (0.10 µm/px) shrunk to 0.25 / 0.5 / 0.75 / 1.0 µm/px scored macro-F1 0.76 / 0.71 /
@@ -158,6 +165,7 @@ MAX_UM_PER_PIXEL = 0.6
 NOT_A_SMEAR = "not a stained smear"
 WRONG_SPACING = "magnification far from the given spacing"
 TOO_COARSE = "magnification too low"
+TOO_THICK = "too thick"
 
 
 @dataclass(frozen=True)
@@ -333,7 +341,7 @@ def _region_verdict(
         )
     if _too_thick(quality, thresholds, small_image):
         return "thick", (
-            f"too thick: {100 * quality['thick']:.0f}% of the field under dense clumps, above "
+            f"{TOO_THICK}: {100 * quality['thick']:.0f}% of the field under dense clumps, above "
             f"{100 * thresholds.max_thick:g}%"
         )
     # after "too thick": a thick field is named so (and, showing no smear's cells, as
@@ -426,6 +434,22 @@ def smear_verdict(
             f"background, below {100 * thresholds.min_background:g}%)"
         )
     return None
+
+
+def transparency_verdict(
+    share: float, thresholds: QualityThresholds = DEFAULT_QUALITY
+) -> str | None:
+    """``not a stained smear: ...`` for an image more than ``MAX_TRANSPARENT_SHARE`` of
+    whose pixels are transparent (``share``: ``image_checks.transparent_share``); None
+    otherwise or with the gate off."""
+    if not thresholds.enabled or share <= MAX_TRANSPARENT_SHARE:
+        return None
+    return (
+        f"{NOT_A_SMEAR}: {100 * share:.0f}% of the image transparent, above "
+        f"{100 * MAX_TRANSPARENT_SHARE:g}% (a logo, an icon or a drawing: a microscope "
+        "camera's image has no transparency, and the colour under a transparent pixel is no "
+        "image; if it is a smear, export it without its alpha channel)"
+    )
 
 
 def cells_verdict(
@@ -593,6 +617,20 @@ def wrong_spacing_named(
     if source in (None, *STATED_SOURCES) or not (evidence and evidence.lacking):
         return reason
     return evidence.maybe_no_smear("at another magnification", reason)
+
+
+def thick_named(reason: str | None, source: str, n_red_cells: int | None) -> str | None:
+    """A ``too thick`` ``reason`` named as possibly no smear when the spacing was estimated
+    (``source``) from fewer than ``MIN_RED_CELLS_IN_SMEAR`` round objects (``n_red_cells``):
+    a smear too thick to count still shows red cells between its clumps, a photograph's
+    dark areas (a cup of coffee: one round object) none; any other reason, or None, as it
+    is. It only names an exclusion: no count changes."""
+    if reason is None or not reason.startswith(TOO_THICK) or source in STATED_SOURCES:
+        return reason
+    if n_red_cells is None or n_red_cells >= MIN_RED_CELLS_IN_SMEAR:
+        return reason
+    red = "no round object" if not n_red_cells else f"{n_red_cells} round object"
+    return f"{NOT_A_SMEAR} (or one too thick to count): {red} taken for a red cell; {reason}"
 
 
 def _cell_size_reason(

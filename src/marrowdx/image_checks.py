@@ -277,6 +277,37 @@ def pillow_rgb(image: Image.Image) -> np.ndarray:
     return array_rgb(np.asarray(kept))
 
 
+def transparent_share(data: bytes) -> float:
+    """The share of an encoded image's pixels that are not fully opaque (alpha under 255, or
+    a palette's or greyscale's transparent entry); 0.0 for an image without transparency,
+    which is not decoded. Why: a microscope camera writes no alpha, and what lies under a
+    transparent pixel is no image (the server's decoder and :func:`upright_rgb` drop the
+    alpha and read whatever colour is stored there)."""
+    with open_image(data) as image:
+        if not image.has_transparency_data:
+            return 0.0
+        alpha = np.asarray(image.convert("RGBA"))[..., 3]
+    return float((alpha < 255).mean())
+
+
+def decoded_alpha(image: np.ndarray | Image.Image) -> np.ndarray | None:
+    """The 8-bit alpha channel of an image a program holds decoded (an array of 2 or 4
+    channels, a uint16 one scaled as :func:`eight_bit_rgb` scales a full-range 16-bit image;
+    a Pillow image with transparency), upright as :func:`upright_rgb` gives its colour; None
+    without one. So that the PNG the client makes of it keeps what its file would have."""
+    from PIL import Image as PilImage
+    from PIL import ImageOps
+
+    if isinstance(image, np.ndarray):
+        if image.ndim != 3 or image.shape[2] not in (2, 4):
+            return None
+        alpha = image[..., -1]
+        return alpha if alpha.dtype == np.uint8 else (alpha >> 8).astype(np.uint8)
+    if isinstance(image, PilImage.Image) and image.has_transparency_data:
+        return np.asarray(ImageOps.exif_transpose(image).convert("RGBA"))[..., 3]
+    return None
+
+
 def eight_bit_rgb(samples: np.ndarray) -> np.ndarray:
     """H x W x C (C 1-4: grey, grey + alpha, RGB, RGBA) samples of up to 16 bits as 8-bit
     RGB, shifted by the bits the largest colour sample uses (at least 8: an 8-bit image is

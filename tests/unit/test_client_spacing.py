@@ -664,13 +664,15 @@ def _analysed(data: bytes, **options: object) -> SpacedImageResult:
 def test_a_crop_at_a_known_spacing_is_judged_by_its_own_cells_not_as_too_thick() -> None:
     """250 px at 0.1 µm/px is 100 model pixels: a crop, whose padded field is not a region
     of smear. A field, or a crop whose spacing is only an uncertain estimate (any picture
-    could be shrunk to a crop's size by one), is still judged too thick."""
+    could be shrunk to a crop's size by one), is still judged too thick: the crop, whose
+    estimate rests on one round object, as possibly no smear."""
     crop = picture((250, 250), [(90, 90, 70)])
     counted = _analysed(crop, um_per_pixel=0.1)
     assert counted.excluded is None and counted.counts["lymphocyte"] == 1
     unsure = _analysed(crop)
     assert unsure.spacing.source in ("estimated", "assumed") and unsure.warnings
-    assert unsure.excluded is not None and unsure.excluded.startswith("too thick")
+    assert unsure.excluded is not None and f"; {q.TOO_THICK}: 60%" in unsure.excluded
+    assert unsure.excluded.startswith(f"{q.NOT_A_SMEAR} (or one too thick to count): 1 round")
     field = _analysed(picture(config.FIELD_SIZE, [(90, 90, 70)]), um_per_pixel=0.25)
     assert field.excluded is not None and field.excluded.startswith("too thick")
     empty = _analysed(picture((250, 250), []), um_per_pixel=0.1)
@@ -877,3 +879,48 @@ def test_a_pooled_patient_stops_at_its_target_without_waiting_forever() -> None:
     client = AsyncMarrowClient(transport=FakeTransport(), concurrency=1)  # type: ignore[arg-type]
     report = asyncio.run(asyncio.wait_for(client.diagnose_patient("P", crops, target_cells=2), 60))
     assert 2 <= sum(sum(i.counts.values()) for i in report.images) < len(crops)
+
+
+def _with_alpha(rgb: np.ndarray, transparent: float) -> np.ndarray:
+    """``rgb`` with an alpha channel whose top ``transparent`` share of rows is clear."""
+    alpha = np.full(rgb.shape[:2], 255, np.uint8)
+    alpha[: int(round(transparent * rgb.shape[0]))] = 0
+    return np.dstack([rgb, alpha])
+
+
+def test_a_mostly_transparent_image_is_no_smear_as_a_file_an_array_or_a_pillow_image() -> None:
+    """A logo or an icon saved with transparency is excluded as no smear, however it comes
+    (a PNG, a palette PNG with a clear colour, an RGBA array of 8 or 16 bits, a Pillow image,
+    a field at the models' spacing sent as its own bytes), with no cell counted; an opaque
+    alpha, or a few clear pixels, is counted as the RGB image is; the gate off counts it."""
+    small = _squares((640, 480), [(100, 300, 100), (400, 300, 120)])
+    rgba = _with_alpha(small, 0.4)
+    palette = Image.fromarray(small).quantize(8)
+    palette.info["transparency"] = int(np.asarray(palette)[0, 0])  # the background is clear
+    field = _with_alpha(_squares(config.FIELD_SIZE, [(100, 600, 100)]), 0.4)
+    wide = rgba.astype(np.uint16) * 257
+    for source, um_per_pixel in (
+        (_encoded(rgba, "PNG"), 0.1),
+        (rgba, 0.1),
+        (wide, 0.1),
+        (Image.fromarray(rgba), 0.1),
+        (_palette_png(palette), 0.1),
+        (_encoded(field, "PNG"), config.MODEL_UM_PER_PIXEL),
+    ):
+        result, _ = analyse(source, um_per_pixel=um_per_pixel)  # type: ignore[arg-type]
+        assert result.excluded.startswith(f"{q.NOT_A_SMEAR}: ") and "transparent" in result.excluded
+        assert sum(result.counts.values()) == 0 and result.cells
+    rgb_result, _ = analyse(_encoded(small, "PNG"), um_per_pixel=0.1)
+    assert rgb_result.excluded is None and sum(rgb_result.counts.values()) == 2
+    for counted in (_with_alpha(small, 0.0), _with_alpha(small, 0.005)):
+        for source in (_encoded(counted, "PNG"), counted):
+            result, _ = analyse(source, um_per_pixel=0.1)  # type: ignore[arg-type]
+            assert result.excluded is None and result.counts == rgb_result.counts
+    ungated, _ = analyse(_encoded(rgba, "PNG"), q.NO_GATING, um_per_pixel=0.1)
+    assert ungated.excluded is None and ungated.counts == rgb_result.counts
+
+
+def _palette_png(image: Image.Image) -> bytes:
+    out = io.BytesIO()
+    image.save(out, "PNG", transparency=image.info["transparency"])
+    return out.getvalue()

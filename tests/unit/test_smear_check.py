@@ -420,3 +420,26 @@ def test_too_low_an_estimated_magnification_without_smear_cells_may_be_no_smear(
         q.TOO_COARSE
     )
     assert q.magnification_verdict(0.5, "estimated", evidence=q.SmearEvidence(0, 9)) is None
+
+
+def test_too_thick_at_an_estimate_from_under_two_round_objects_is_named_as_maybe_no_smear() -> None:
+    """A smear too thick to count still shows red cells between its clumps; a photograph's
+    dark areas (a cup of coffee) gave the estimate one round object. Only the name changes;
+    a stated spacing, or an estimate from red cells, keeps "too thick"."""
+    thick = "too thick: 30% of the field under dense clumps, above 25%"
+    for red in (0, 1):
+        named = q.thick_named(thick, "estimated", red)
+        assert named.startswith(f"{q.NOT_A_SMEAR} (or one too thick to count)")
+        assert named.endswith(thick) and "taken for a red cell" in named
+    for source, red in (("estimated", 2), ("given", 0), ("patient", 1), ("estimated", None)):
+        assert q.thick_named(thick, source, red) == thick
+    assert q.thick_named("out of focus: ...", "estimated", 0) == "out of focus: ..."
+    assert q.thick_named(None, "estimated", 0) is None
+
+
+def test_transparency_is_no_smear_beyond_a_few_pixels() -> None:
+    assert q.transparency_verdict(0.0) is None
+    assert q.transparency_verdict(q.MAX_TRANSPARENT_SHARE) is None
+    reason = q.transparency_verdict(0.47)
+    assert reason.startswith(f"{q.NOT_A_SMEAR}: 47% of the image transparent")
+    assert q.transparency_verdict(0.47, q.NO_GATING) is None
