@@ -398,8 +398,11 @@ class AsyncMarrowClient:
     ) -> ImageResult:
         """``analyse_image`` for an image of a patient whose spacing is estimated: an
         uncertain own estimate waits (outside the concurrency slots) for the pool of the
-        patient's images of its size (``client.spacing_pool``)."""
+        patient's images of its size (``client.spacing_pool``). A file is read again after
+        the wait (a patient's waiting images are not all held in memory); an image given
+        in memory keeps its bytes (an array is not encoded twice)."""
         added = False
+        data = b""
         try:
             async with self._semaphore():
                 data = read_image(source)
@@ -413,7 +416,8 @@ class AsyncMarrowClient:
                 pool.add(slot, None)
         estimate = await pool.resolve(slot)
         async with self._semaphore():
-            sent = await self._send(read_image(source), None, "given", estimate)
+            again = data if in_memory(source) else read_image(source)
+            sent = await self._send(again, None, "given", estimate)
         return await self._merge(name, *sent)
 
     async def _send(

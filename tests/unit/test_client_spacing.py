@@ -845,6 +845,31 @@ def test_a_patients_crops_share_a_pooled_spacing_from_all_their_red_cells() -> N
     assert alone.spacing.source == "estimated" and "uncertain" in alone.warnings[0]
 
 
+def test_a_patients_arrays_are_pooled_as_their_pngs_are_and_encoded_once(monkeypatch) -> None:
+    """Crops a pipeline holds as arrays take the pool their PNGs take, and each is encoded
+    once, not again after waiting for the pool (a file is read again: not all held)."""
+    from marrowdx.client import fields
+
+    crops = [crop(cells) for cells in CROP_RED_CELLS * 2]
+    arrays = [np.asarray(Image.open(io.BytesIO(c)).convert("RGB")) for c in crops]
+    encoded: list[int] = []
+    encode = fields.encode_decoded
+    monkeypatch.setattr(fields, "encode_decoded", lambda a: encoded.append(1) or encode(a))
+
+    def pooled(images: list) -> tuple[list[bytes], object]:
+        transport = FakeTransport()
+        client = AsyncMarrowClient(transport=transport, concurrency=2)  # type: ignore[arg-type]
+        report = asyncio.run(asyncio.wait_for(client.diagnose_patient("P", images), 60))
+        return sorted(transport.sent), report
+
+    png_sent, png_report = pooled(crops)
+    assert not encoded
+    array_sent, array_report = pooled(arrays)
+    assert len(encoded) == len(arrays) and array_sent == png_sent
+    assert {i.spacing.source for i in array_report.images} == {"pooled"}
+    assert [i.counts for i in array_report.images] == [i.counts for i in png_report.images]
+
+
 def test_an_image_file_stating_its_calibration_is_sent_at_it_not_estimated() -> None:
     """A camera's TIFF whose resolution says 0.075 µm/px (pixels per centimetre) goes out as
     the very fields of its PNG given 0.075, says so in the JSON and carries no warning; a
