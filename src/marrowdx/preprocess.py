@@ -60,7 +60,9 @@ class QualitySpec:
       camera noise, grain and compression texture nearly everywhere. Why white is left
       out: an overexposed camera clips a smear's glass to a texture-less white, and with
       the glass counted such smears read as drawings (real fields at 1.7 times their light:
-      65 of 144 excluded so); blank paper is white too, so a drawing is judged by its fills;
+      65 of 144 excluded so); blank paper is white too, so a drawing is judged by its fills.
+      Camera black (the frame of a photograph taken at the eyepiece) is left out the same
+      way: it is no fill either;
     - fine_focus: variance of the Laplacian of the field's centre at the models' input
       size (``fine_window`` x ``fine_window`` of its 512 px, 0.5 µm/px) over that of the
       same region at 256 px (1 µm/px). ``focus`` reads detail of a µm and more, which a
@@ -133,7 +135,9 @@ def quality_graph(resized, spec: QualitySpec = QualitySpec()):
     laplacian = fn.laplacian(grey, window_size=3, dtype=types.FLOAT)
     focus = _variance(laplacian)
     textureless = (laplacian < spec.flat_below) & (laplacian > -spec.flat_below)
-    below_white = grey < spec.clipped_from
+    # camera black (an eyepiece photograph's frame) is as texture-less as clipped white
+    light = fn.reductions.max(small, axes=(2,), keep_dims=True) >= config.CAMERA_BLACK_LEVEL
+    below_white = (grey < spec.clipped_from) & light
     flat = fn.reductions.sum(fn.cast(textureless & below_white, dtype=types.FLOAT)) / (
         fn.reductions.sum(fn.cast(below_white, dtype=types.FLOAT)) + 1.0
     )

@@ -949,3 +949,51 @@ def _palette_png(image: Image.Image) -> bytes:
     out = io.BytesIO()
     image.save(out, "PNG", transparency=image.info["transparency"])
     return out.getvalue()
+
+
+def _in_black_frame(pixels: np.ndarray, margin: tuple[int, int]) -> np.ndarray:
+    mx, my = margin
+    height, width = pixels.shape[:2]
+    out = np.full((height + 2 * my, width + 2 * mx, 3), (5, 5, 7), np.uint8)
+    out[my : my + height, mx : mx + width] = pixels
+    return out
+
+
+@pytest.mark.parametrize(("size", "um_per_pixel"), [((640, 480), 0.1), ((2400, 1800), 0.2)])
+def test_a_black_frame_is_taken_off_and_the_boxes_stay_in_the_images_pixels(
+    size: tuple[int, int], um_per_pixel: float
+) -> None:
+    """A photograph taken at the eyepiece holds its field in camera black, which the mirror
+    padding would repeat until the field sent is mostly black: the frame is taken off, the
+    image sends the very fields of its unframed self (padded or tiled), counts the same,
+    and its boxes are those boxes in its own pixels."""
+    pixels = _squares(size, [(100, 100, 100), (400, 300, 120)])
+    margin = (230, 170)
+    plain, plain_sent = analyse(_encoded(pixels, "PNG"), um_per_pixel=um_per_pixel)
+    result, sent = analyse(
+        _encoded(_in_black_frame(pixels, margin), "PNG"), um_per_pixel=um_per_pixel
+    )
+    assert sent.sent == plain_sent.sent and result.counts == plain.counts
+    assert result.size == (size[1] + 2 * margin[1], size[0] + 2 * margin[0])
+    shift = np.array([*margin, *margin])
+    assert len(result.cells) == len(plain.cells) == 2
+    for framed, alone in zip(result.cells, plain.cells, strict=True):
+        np.testing.assert_allclose(np.array(framed.box) - shift, alone.box, atol=1e-6)
+
+
+def test_the_lit_region_takes_off_a_frame_of_camera_black_and_nothing_else() -> None:
+    from marrowdx.client.fields import lit_region
+
+    pixels = _squares((300, 200), [(50, 50, 40)])
+    assert lit_region(pixels) is None  # no frame
+    assert lit_region(_in_black_frame(pixels, (3, 2))) is None  # a thin border is left on
+    framed = _in_black_frame(pixels, (40, 25))
+    assert lit_region(framed) == (40, 25, 340, 225)
+    framed[5, 5:10] = 200  # a speck of noise (or a label) in the frame
+    assert lit_region(framed) == (40, 25, 340, 225)
+    assert lit_region(np.full((200, 300, 3), 5, np.uint8)) is None  # all black
+    sliver = np.full((200, 300, 3), 5, np.uint8)
+    sliver[:, 100:108] = 220
+    assert lit_region(sliver) is None  # what is left is narrower than any image
+    dark_smear = (pixels // 4).astype(np.uint8)  # an underexposed field: dim, not black
+    assert lit_region(dark_smear) is None

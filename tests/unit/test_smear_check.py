@@ -92,6 +92,14 @@ def _green_logo(rng: np.random.Generator) -> Image.Image:
     return Image.fromarray((np.asarray(image, np.float64) + grain).clip(0, 255).astype(np.uint8))
 
 
+def _in_black_frame(field: np.ndarray, side: int) -> Image.Image:
+    """``field`` shrunk to ``side`` pixels in a SIDE x SIDE frame of camera black (as the
+    client sends a photograph taken at the eyepiece at the models' size and spacing)."""
+    out = Image.new("RGB", (SIDE, SIDE), (4, 4, 6))
+    out.paste(Image.fromarray(field).resize((side, side), Image.Resampling.LANCZOS), (212, 212))
+    return out
+
+
 @pytest.fixture(scope="module")
 def images() -> dict[str, bytes]:
     from marrowdx.simulate import field as fl
@@ -121,6 +129,8 @@ def images() -> dict[str, bytes]:
         "smear_green_cast": _encode(Image.fromarray((field * [0.75, 1.0, 0.8]).astype(np.uint8))),
         # an overexposed camera: the glass clipped to a texture-less white, as a drawing's paper
         "smear_overexposed": _encode(Image.fromarray((field * 1.7).clip(0, 255).astype(np.uint8))),
+        # a field photographed at the eyepiece: a third of it in a frame of camera black
+        "smear_in_black_frame": _encode(_in_black_frame(field, 600)),
         # a 12-bit camera image stored unscaled in a 16-bit PNG: decoders keep the high byte
         "smear_12_bit_in_16": _png16(field.astype(np.uint16) * 16),
     }
@@ -145,7 +155,14 @@ def measured(images: dict[str, bytes]) -> dict[str, dict[str, float]]:
 
 @pytest.mark.parametrize(
     "name",
-    ["smear", "smear_stain_shift", "smear_scanner_shift", "smear_green_cast", "smear_overexposed"],
+    [
+        "smear",
+        "smear_stain_shift",
+        "smear_scanner_shift",
+        "smear_green_cast",
+        "smear_overexposed",
+        "smear_in_black_frame",
+    ],
 )
 def test_smears_are_counted(measured, name) -> None:
     assert q.quality_verdict(measured[name]) is None, measured[name]

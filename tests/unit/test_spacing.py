@@ -69,6 +69,37 @@ def test_a_vignetted_field_is_estimated_as_its_evenly_lit_self(edge_light: float
     assert spacing._flat_fielded(green) is green
 
 
+def framed(image: np.ndarray, margin: tuple[int, int], round_view: bool = False) -> np.ndarray:
+    """``image`` in a frame of camera black ``margin`` (x, y) pixels wide, as a photograph
+    taken at the eyepiece holds its field; ``round_view`` also blacks out what lies outside
+    the circle inscribed in the field's diagonal at 0.85."""
+    height, width = image.shape[:2]
+    shown = image.copy()
+    if round_view:
+        yy, xx = np.mgrid[0:height, 0:width]
+        outside = np.hypot(xx - width / 2, yy - height / 2) > 0.85 * 0.5 * np.hypot(width, height)
+        shown[outside] = (5, 5, 7)
+    mx, my = margin
+    out = np.full((height + 2 * my, width + 2 * mx, 3), (5, 5, 7), np.uint8)
+    out[my : my + height, mx : mx + width] = shown
+    return out
+
+
+@pytest.mark.parametrize("round_view", [False, True])
+def test_a_field_in_a_black_frame_is_estimated_as_the_field_alone(round_view: bool) -> None:
+    """Camera black is no stain: counted as the densest one it was the foreground, and the
+    field inside it one hole that filled to a single "red cell" the field's size (a real
+    blood field framed so was estimated at a twentieth of its spacing)."""
+    field = resampled(simulated_field(), 2.0)  # 0.125 um/px
+    alone = spacing.estimate_um_per_pixel(field).um_per_pixel
+    for margin in ((600, 300), (80, 0)):
+        estimate = spacing.estimate_um_per_pixel(framed(field, margin, round_view))
+        assert estimate.um_per_pixel == pytest.approx(alone, rel=0.05)
+        assert estimate.n_red_cells >= spacing.MIN_RED_CELLS
+    black = spacing.estimate_um_per_pixel(np.full((400, 400, 3), 5, np.uint8))
+    assert black.um_per_pixel is None
+
+
 def test_estimate_from_jpeg_bytes_matches_the_decoded_estimate() -> None:
     data = encode(simulated_field(), "jpg")
     from_bytes = spacing.estimate_from_bytes(data)
