@@ -56,14 +56,6 @@ if TYPE_CHECKING:
 #: own mirror image into one symmetric box, half inside: it is kept, clipped to the image
 #: (as the image shows it); a whole cell's mirror image lies entirely outside.
 MIN_INSIDE_SHARE = 0.4
-#: A row or column of an image lit (not camera black) on at most this share of its pixels is
-#: part of a black frame around the field (``lit_region``): the specks of JPEG noise and a
-#: burned-in label in the frame stay under it.
-MAX_FRAME_LIT_SHARE = 0.02
-#: ... and a frame of less than this share of the image's area is left on: mirrored, a thin
-#: black border costs a field little, and the image is sent as it always was (1-26 px
-#: borders of 83 of the real sets' 4,947 images).
-MIN_FRAME_AREA = 0.1
 #: JPEG quality of a resampled field. Why JPEG rather than PNG: docs/performance.md
 #: ("Images at any magnification") has the cost and the count difference of both.
 FIELD_JPEG_QUALITY = 95
@@ -142,7 +134,7 @@ class PreparedImage:
     """What one image sends: ``fields`` (encoded), and ``plans`` (None when the input's own
     bytes are the one field); ``size`` = the input's (height, width); ``region`` = the part
     of it the plans cover (x0, y0, x1, y1; None: all of it), the image less a frame of
-    camera black (``lit_region``)."""
+    camera black (``image_checks.lit_region``)."""
 
     fields: list[bytes]
     plans: list[FieldPlan] | None
@@ -324,6 +316,7 @@ def prepare_image(
     from marrowdx.image_checks import (
         TRANSPOSED_ORIENTATIONS,
         client_decoded,
+        lit_region,
         sniff_format,
         upright_rgb,
     )
@@ -353,35 +346,13 @@ def prepare_image(
     pixels = np.asarray(upright)
     if (painted := paint_over(pixels)) is not pixels:  # a scale bar, a label
         upright = Image.fromarray(painted)
-    region = lit_region(np.asarray(upright))
+    region = lit_region(np.asarray(upright))  # a frame of camera black taken off
     shown = upright if region is None else upright.crop(region)
     resampled = np.asarray(spacing.resample(shown, value))
     plans = tiling.plan_fields(shown.width, shown.height, value)
     fields = [encode_field(np.ascontiguousarray(plan.render(resampled))) for plan in plans]
     info = replace(info, fields=len(fields))
     return PreparedImage(fields, plans, (height, width), info, data, region)
-
-
-def lit_region(pixels: np.ndarray) -> tuple[int, int, int, int] | None:
-    """The box (x0, y0, x1, y1) of an RGB image without its frame of camera black (rows and columns
-    of which at most ``MAX_FRAME_LIT_SHARE`` is lit: some channel at
-    ``config.CAMERA_BLACK_LEVEL`` or above), or None when there is no such frame to take off
-    (none, one under ``MIN_FRAME_AREA``, or nothing but it). Why: a photograph taken at the
-    eyepiece holds its field in a black frame, which the mirror padding of a small image
-    repeats until the field sent is mostly black: 37 of 40 real blood fields so framed were
-    excluded (too thick), and 39 of 40 counted as the fields alone are once the frame was
-    taken off."""
-    lit = pixels.max(axis=2) >= config.CAMERA_BLACK_LEVEL
-    rows = np.flatnonzero(lit.mean(axis=1) > MAX_FRAME_LIT_SHARE)
-    cols = np.flatnonzero(lit.mean(axis=0) > MAX_FRAME_LIT_SHARE)
-    if not rows.size or not cols.size:
-        return None
-    height, width = lit.shape
-    box = (int(cols[0]), int(rows[0]), int(cols[-1]) + 1, int(rows[-1]) + 1)
-    side_x, side_y = box[2] - box[0], box[3] - box[1]
-    if side_x * side_y > (1.0 - MIN_FRAME_AREA) * width * height:
-        return None
-    return None if min(side_x, side_y) < config.MIN_IMAGE_SIDE else box
 
 
 def _median_quality(results: Sequence[ImageResult]) -> dict[str, float] | None:

@@ -97,6 +97,16 @@ _MIN_IS_BLACK, _RGB = 1, 2
 _PNG_IHDR, _PNG_BIT_DEPTH_AT = b"IHDR", 24
 
 
+#: A row or column of an image lit (not camera black) on at most this share of its pixels is
+#: part of a black frame around the field (``lit_region``): the specks of JPEG noise and a
+#: burned-in label in the frame stay under it.
+MAX_FRAME_LIT_SHARE = 0.02
+#: ... and a frame of less than this share of the image's area is left on: mirrored, a thin
+#: black border costs a field little, and the image is sent as it always was (1-26 px
+#: borders of 83 of the real sets' 4,947 images).
+MIN_FRAME_AREA = 0.1
+
+
 def is_system_entry(path: Path) -> bool:
     """Hidden (a leading dot: ``.DS_Store``) or written by the operating system: never a lab's
     image, so the cohort scanner and the data-set readers skip it. Why a leading dot counts:
@@ -275,6 +285,31 @@ def pillow_rgb(image: Image.Image) -> np.ndarray:
         return array_rgb(samples.astype(np.uint16))
     kept = upright if upright.mode in ("RGB", "RGBA", "L", "LA") else upright.convert("RGB")
     return array_rgb(np.asarray(kept))
+
+
+def lit_region(pixels: np.ndarray) -> tuple[int, int, int, int] | None:
+    """The box (x0, y0, x1, y1) of an RGB image without its frame of camera black: rows and
+    columns of which at most ``MAX_FRAME_LIT_SHARE`` is lit (some channel at
+    ``config.CAMERA_BLACK_LEVEL`` or above). None when there is no such frame to take off:
+    none, one under ``MIN_FRAME_AREA``, or nothing but it.
+
+    Why: a photograph taken at the eyepiece holds its field in a black frame. The red-cell
+    estimate took the frame for the densest stain and the field inside it for one hole,
+    filled to a single "red cell" the field's size (estimates at a twentieth of the
+    spacing), and the mirror padding of a small image repeated the frame until the field
+    sent was mostly black. Both read the field without it (``spacing``, ``client.fields``):
+    288 real blood fields so framed counted as they do unframed (README "A black frame")."""
+    lit = pixels.max(axis=2) >= config.CAMERA_BLACK_LEVEL
+    rows = np.flatnonzero(lit.mean(axis=1) > MAX_FRAME_LIT_SHARE)
+    cols = np.flatnonzero(lit.mean(axis=0) > MAX_FRAME_LIT_SHARE)
+    if not rows.size or not cols.size:
+        return None
+    height, width = lit.shape
+    box = (int(cols[0]), int(rows[0]), int(cols[-1]) + 1, int(rows[-1]) + 1)
+    side_x, side_y = box[2] - box[0], box[3] - box[1]
+    if side_x * side_y > (1.0 - MIN_FRAME_AREA) * width * height:
+        return None
+    return None if min(side_x, side_y) < config.MIN_IMAGE_SIDE else box
 
 
 def transparent_share(data: bytes) -> float:

@@ -90,9 +90,6 @@ DIAMETER_BAND = (0.6, 1.5)
 RED_CELL_BAND_UM = (DIAMETER_BAND[0] * RED_CELL_UM, DIAMETER_BAND[1] * RED_CELL_UM)
 #: Inscribed diameters below this (work pixels) are noise whatever the scale.
 MIN_DIAMETER_WORK_PX = 5.0
-#: Fewer lit pixels (not camera black) than this on the working copy hold no red cells to
-#: measure: an image that is all black but a sliver.
-MIN_LIT_WORK_PIXELS = 256
 #: A pooled estimate is certain over at least this many red cells from at least two images,
 #: with a spread (as MAX_RELATIVE_UNCERTAINTY) of at most ``MAX_POOLED_SPREAD``. Why a wider
 #: spread than one image's: the median of n diameters moves by about spread / sqrt(n), and
@@ -253,26 +250,15 @@ def _red_cell_diameters(rgb: np.ndarray) -> np.ndarray:
     density clipped at its 85th percentile, so that dark nuclei do not pull the split above
     the red cells; a second Otsu split of the foreground marks nucleus-dark pixels. Both are
     computed on the 256-level histogram, so each costs one pass over 256 values.
-
-    Camera black (every channel under ``config.CAMERA_BLACK_LEVEL``: the frame of a
-    photograph taken at the eyepiece, a round field of view's corners) is no light, left out
-    of the histogram and of the objects, and an object that touches it is cut, as one cut by
-    the border is. Why: counted as the densest stain it was the foreground, the field inside
-    it a hole that filled to one "red cell" the size of the field (real blood fields in a
-    black frame were estimated at a twentieth of their spacing and excluded).
     """
     from scipy import ndimage as ndi
 
     green = _flat_fielded(np.ascontiguousarray(rgb[..., 1]))
-    lit = rgb.max(axis=2) >= config.CAMERA_BLACK_LEVEL
-    n_lit = int(np.count_nonzero(lit))
-    if n_lit < MIN_LIT_WORK_PIXELS:
-        return np.zeros(0)
-    hist = np.bincount(green[lit], minlength=256)
+    hist = np.bincount(green.ravel(), minlength=256)
     cumulative = np.cumsum(hist)
-    background = float(np.searchsorted(cumulative, 0.99 * n_lit)) + 1.0
+    background = float(np.searchsorted(cumulative, 0.99 * green.size)) + 1.0
     od = np.log(background / (np.arange(256, dtype=np.float64) + 1.0)).clip(0)
-    cap = od[int(np.searchsorted(cumulative, 0.15 * n_lit))]
+    cap = od[int(np.searchsorted(cumulative, 0.15 * green.size))]
     fg_threshold = otsu_threshold(np.minimum(od, cap), hist)
     foreground_levels = od > fg_threshold
     dark_threshold = np.inf
@@ -286,7 +272,7 @@ def _red_cell_diameters(rgb: np.ndarray) -> np.ndarray:
         ]
         dark_threshold = max(otsu_threshold(levels, counts), DARK_OVER_TYPICAL * float(typical))
     # density falls as the green level rises: thresholds become level comparisons
-    foreground = _open3((od > fg_threshold)[green] & lit)
+    foreground = _open3((od > fg_threshold)[green])
     dark_pixels = (od > dark_threshold)[green]
     filled = _fill_holes(foreground)
     labels, n = ndi.label(filled)
@@ -301,8 +287,6 @@ def _red_cell_diameters(rgb: np.ndarray) -> np.ndarray:
     area = np.bincount(flat, minlength=n + 1)[1:]
     dark = np.bincount(flat, weights=dark_pixels.ravel(), minlength=n + 1)[1:]
     edge = np.unique(np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]]))
-    if n_lit < lit.size:  # and those touching camera black: cut by the field's own edge
-        edge = np.union1d(edge, labels[~_erode3(lit)])
     inner = np.ones(n, dtype=bool)
     inner[edge[edge > 0] - 1] = False  # cut by the border: smaller than it is
     diameter = 2.0 * radius
@@ -424,6 +408,18 @@ def _red_cells_resolved(um_per_pixel: float, scale: float) -> bool:
     return RED_CELL_UM / (um_per_pixel * scale) >= MIN_CELL_WORK_PX
 
 
+def _without_frame(work: np.ndarray) -> np.ndarray:
+    """The working copy less its frame of camera black (``image_checks.lit_region``): the
+    same pixel scale, only what the field shows."""
+    from marrowdx.image_checks import lit_region
+
+    region = lit_region(work)
+    if region is None:
+        return work
+    x0, y0, x1, y1 = region
+    return work[y0:y1, x0:x1]
+
+
 def _estimate(read_work, width: int, longer: int) -> SpacingEstimate:
     """The estimate at the smallest working size at which red cells are at least
     MIN_CELL_WORK_PX across; ``read_work(side)`` gives the image at that size."""
@@ -431,7 +427,7 @@ def _estimate(read_work, width: int, longer: int) -> SpacingEstimate:
     for side in _work_sides(longer):
         work = read_work(side)
         scale = width / work.shape[1]
-        estimate = _spacing_from_diameters(_red_cell_diameters(work), scale)
+        estimate = _spacing_from_diameters(_red_cell_diameters(_without_frame(work)), scale)
         if estimate.um_per_pixel is not None and _red_cells_resolved(estimate.um_per_pixel, scale):
             return estimate
     return estimate
@@ -490,7 +486,8 @@ def red_cells_at(data: bytes, um_per_pixel: float) -> int:
     sides = _work_sides(longer)
     side = next((s for s in sides if _red_cells_resolved(um_per_pixel, longer / s)), sides[-1])
     work = read_work(side)
-    diameters_um = _red_cell_diameters(work) * (width / work.shape[1]) * um_per_pixel
+    scale = width / work.shape[1]
+    diameters_um = _red_cell_diameters(_without_frame(work)) * scale * um_per_pixel
     return int(np.count_nonzero((diameters_um >= low) & (diameters_um <= high)))
 
 

@@ -982,7 +982,7 @@ def test_a_black_frame_is_taken_off_and_the_boxes_stay_in_the_images_pixels(
 
 
 def test_the_lit_region_takes_off_a_frame_of_camera_black_and_nothing_else() -> None:
-    from marrowdx.client.fields import lit_region
+    from marrowdx.image_checks import lit_region
 
     pixels = _squares((300, 200), [(50, 50, 40)])
     assert lit_region(pixels) is None  # no frame
