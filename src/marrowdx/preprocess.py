@@ -135,11 +135,11 @@ def quality_graph(resized, spec: QualitySpec = QualitySpec()):
     laplacian = fn.laplacian(grey, window_size=3, dtype=types.FLOAT)
     focus = _variance(laplacian)
     textureless = (laplacian < spec.flat_below) & (laplacian > -spec.flat_below)
-    # camera black (an eyepiece photograph's frame) is as texture-less as clipped white
-    light = fn.reductions.max(small, axes=(2,), keep_dims=True) >= config.CAMERA_BLACK_LEVEL
-    below_white = (grey < spec.clipped_from) & light
-    flat = fn.reductions.sum(fn.cast(textureless & below_white, dtype=types.FLOAT)) / (
-        fn.reductions.sum(fn.cast(below_white, dtype=types.FLOAT)) + 1.0
+    # the grey levels judged: below clipped white and above camera black (an eyepiece
+    # photograph's frame is as texture-less), 1.0 or 0.0 by one table lookup
+    judged = fn.lookup_table(grey, dtype=types.FLOAT, **_flat_levels(spec))
+    flat = fn.reductions.sum(fn.cast(textureless, dtype=types.FLOAT) * judged) / (
+        fn.reductions.sum(judged) + 1.0
     )
     foreground = fn.reductions.mean(fn.cast(grey < spec.stained_below, dtype=types.FLOAT))
     cells = (float(spec.thick_grid), float(spec.thick_grid))
@@ -165,6 +165,13 @@ def quality_graph(resized, spec: QualitySpec = QualitySpec()):
         _fine_focus(resized, laplacian, spec),
         green,
     )
+
+
+def _flat_levels(spec: QualitySpec) -> dict[str, list]:
+    """``fn.lookup_table``'s keys and values: 1.0 for the grey levels ``flat`` judges
+    (camera black to clipped white), 0.0 (the default) for the others."""
+    keys = list(range(int(config.CAMERA_BLACK_LEVEL), spec.clipped_from))
+    return {"keys": keys, "values": [1.0] * len(keys), "default_value": 0.0}
 
 
 def _fine_focus(resized, laplacian, spec: QualitySpec):
