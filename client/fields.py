@@ -4,11 +4,12 @@ The client side of ``marrowdx.spacing``: each image reaches the server at the mo
 spacing. An image that is already one model field (``config.FIELD_SIZE``) at that spacing,
 given or estimated, is sent as its own bytes (no decode, no re-encode: simulated cohorts and
 the bench send exactly what they did) when it is a JPEG or PNG, the formats the server
-decodes. Any other image (a camera's TIFF or BMP, a WebP, at any size, too) is decoded, resampled,
-mirror-padded or tiled (``slides.tiling.plan_fields``), and each field is encoded as JPEG at
-quality 95 without chroma subsampling. The answers are mapped back to the input image's
-pixels, mirror images in the padding are dropped (a cell the detector found only in its
-mirror images is counted once, from the best of them), and cells seen by two overlapping
+decodes. Any other image (a camera's TIFF or BMP, a WebP, at any size, too) is decoded, its
+frame of camera black taken off (an eyepiece photograph's: ``image_checks.lit_region``),
+resampled, mirror-padded or tiled (``slides.tiling.plan_fields``), and each field is encoded
+as JPEG at quality 95 without chroma subsampling. The answers are mapped back to the input
+image's pixels, mirror images in the padding are dropped (a cell the detector found only in
+its mirror images is counted once, from the best of them), and cells seen by two overlapping
 tiles are counted once by the slides' own merge (``marrowdx.slides.merge``).
 
 Pillow, scipy and the estimator load on first use, so importing the client stays thin.
