@@ -167,7 +167,7 @@ def quality_graph(resized, spec: QualitySpec = QualitySpec()):
     )
 
 
-def _flat_levels(spec: QualitySpec) -> dict[str, list]:
+def _flat_levels(spec: QualitySpec) -> dict[str, object]:
     """``fn.lookup_table``'s keys and values: 1.0 for the grey levels ``flat`` judges
     (camera black to clipped white), 0.0 (the default) for the others."""
     keys = list(range(int(config.CAMERA_BLACK_LEVEL), spec.clipped_from))
