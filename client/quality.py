@@ -311,9 +311,15 @@ class SmearEvidence:
         return f"{self.identified} of {self.objects} objects identified as nucleated cells"
 
     def maybe_no_smear(self, otherwise: str, reason: str) -> str:
-        """``reason`` renamed as possibly no smear, this evidence given: ``not a stained
-        smear (or one {otherwise}): {evidence}; {reason}``."""
-        return f"{NOT_A_SMEAR} (or one {otherwise}): {self.in_words()}; {reason}"
+        """``reason`` renamed as possibly no smear, this evidence given
+        (:func:`maybe_no_smear`)."""
+        return maybe_no_smear(otherwise, self.in_words(), reason)
+
+
+def maybe_no_smear(otherwise: str, evidence: str, reason: str) -> str:
+    """``reason`` renamed as possibly no smear: ``not a stained smear (or one {otherwise}):
+    {evidence}; {reason}``."""
+    return f"{NOT_A_SMEAR} (or one {otherwise}): {evidence}; {reason}"
 
 
 def _region_verdict(
@@ -630,7 +636,7 @@ def thick_named(reason: str | None, source: str, n_red_cells: int | None) -> str
     if n_red_cells is None or n_red_cells >= MIN_RED_CELLS_IN_SMEAR:
         return reason
     red = "no round object" if not n_red_cells else f"{n_red_cells} round object"
-    return f"{NOT_A_SMEAR} (or one too thick to count): {red} taken for a red cell; {reason}"
+    return maybe_no_smear("too thick to count", f"{red} taken for a red cell", reason)
 
 
 def _cell_size_reason(
