@@ -243,7 +243,8 @@ def _fill_holes(mask: np.ndarray) -> np.ndarray:
 
 
 def _red_cell_diameters(rgb: np.ndarray) -> np.ndarray:
-    """Inscribed diameters (work pixels) of the pale, non-nucleated objects of ``rgb``.
+    """Inscribed diameters (work pixels) of the pale, non-nucleated objects of ``rgb``, read
+    without its frame of camera black (:func:`_without_frame`).
 
     Optical density of the green channel (eosin and haematoxylin both absorb green) over the
     image's own background (its 99th percentile). The foreground threshold is Otsu's on the
@@ -253,6 +254,7 @@ def _red_cell_diameters(rgb: np.ndarray) -> np.ndarray:
     """
     from scipy import ndimage as ndi
 
+    rgb = _without_frame(rgb)
     green = _flat_fielded(np.ascontiguousarray(rgb[..., 1]))
     hist = np.bincount(green.ravel(), minlength=256)
     cumulative = np.cumsum(hist)
@@ -427,7 +429,7 @@ def _estimate(read_work, width: int, longer: int) -> SpacingEstimate:
     for side in _work_sides(longer):
         work = read_work(side)
         scale = width / work.shape[1]
-        estimate = _spacing_from_diameters(_red_cell_diameters(_without_frame(work)), scale)
+        estimate = _spacing_from_diameters(_red_cell_diameters(work), scale)
         if estimate.um_per_pixel is not None and _red_cells_resolved(estimate.um_per_pixel, scale):
             return estimate
     return estimate
@@ -486,8 +488,7 @@ def red_cells_at(data: bytes, um_per_pixel: float) -> int:
     sides = _work_sides(longer)
     side = next((s for s in sides if _red_cells_resolved(um_per_pixel, longer / s)), sides[-1])
     work = read_work(side)
-    scale = width / work.shape[1]
-    diameters_um = _red_cell_diameters(_without_frame(work)) * scale * um_per_pixel
+    diameters_um = _red_cell_diameters(work) * (width / work.shape[1]) * um_per_pixel
     return int(np.count_nonzero((diameters_um >= low) & (diameters_um <= high)))
 
 
