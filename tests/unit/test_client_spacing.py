@@ -845,6 +845,27 @@ def test_a_patients_crops_share_a_pooled_spacing_from_all_their_red_cells() -> N
     assert alone.spacing.source == "estimated" and "uncertain" in alone.warnings[0]
 
 
+def test_crops_pooled_at_an_uncertain_spread_are_judged_as_crops_not_as_too_thick() -> None:
+    """Real crops add pieces of red cells cut by their borders to a pool: it spreads wider
+    than a pool is trusted (warned) while its median stays near the truth. Enough red cells
+    from several images still tell a crop from a field, so each crop is judged by its own
+    cell, not as a region of smear ("too thick" in ThickTransport's measures). A pool of
+    fewer red cells than one image's estimate needs does not: judged as before."""
+    mixed = [crop(cells, red_diameter=d) for d in (30, 52) for cells in CROP_RED_CELLS]
+    client = AsyncMarrowClient(transport=ThickTransport())  # type: ignore[arg-type]
+    report = asyncio.run(client.diagnose_patient("P", mixed, target_cells=0))
+    assert len(report.images) == len(mixed) and not report.excluded_images
+    for image in report.images:
+        info = image.spacing
+        assert info.source == "pooled" and info.n_images == len(mixed) and not info.known
+        assert info.relative_uncertainty > spacing.MAX_POOLED_SPREAD and image.warnings
+        assert image.counts["lymphocyte"] == 1
+    few = [crop([(30, 30)]), crop([(170, 170)])]
+    report = asyncio.run(client.diagnose_patient("P", few, target_cells=0))
+    assert len(report.excluded_images) == len(few) and not report.images
+    assert all(f"{q.TOO_THICK}: 60%" in r for r in report.excluded_images.values())
+
+
 def test_a_patients_arrays_are_pooled_as_their_pngs_are_and_encoded_once(monkeypatch) -> None:
     """Crops a pipeline holds as arrays take the pool their PNGs take, and each is encoded
     once, not again after waiting for the pool (a file is read again: not all held)."""
