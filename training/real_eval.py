@@ -27,9 +27,11 @@ from pathlib import Path
 import numpy as np
 
 from marrowdx import taxonomy
+from marrowdx.datasets import DECLARATION_NAME
 from marrowdx.errors import InputError
 from marrowdx.training import metrics
 from marrowdx.training.real_data import (
+    VALIDATION_PERCENT,
     estimate_where_unknown,
     red_cell_spacing,
     require_every_set,
@@ -297,7 +299,7 @@ def evaluate_real(
                         if not images:
                             continue
                         if log is not None:
-                            log(f"{ds.name}: {len(images)} validation {what}")
+                            log(f"{ds.name}: {len(images)} validation {what}{_held_out(ds)}")
                         paths = under(ds, kind, [i.path for i in images], spacings)
                         sent = [None] * len(images) if estimate else spacings
                         results = await _analyse(client, list(zip(paths, sent, strict=True)), log)
@@ -311,6 +313,17 @@ def _validation_split(ds) -> tuple[list, list]:
     """A data set's validation fields and crops."""
     fields = [f for f in ds.fields if split_of(f.path, f.split) == "val"]
     return fields, [c for c in ds.crops if split_of(c.path, c.split) == "val"]
+
+
+def _held_out(ds) -> str:
+    """How a set that names no split was held out, and how to score all of it: a lab's own
+    images the models never learnt are evaluated whole only when it says so."""
+    if ds.splits:
+        return ""
+    return (
+        f" (the set names no split: {VALIDATION_PERCENT}% of its images are held out by file "
+        f'name; declare split = "val" in its {DECLARATION_NAME} to score every image)'
+    )
 
 
 def _set_label(scores: FieldScores | CropScores) -> str:

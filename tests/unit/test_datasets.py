@@ -23,6 +23,7 @@ from marrowdx.datasets import (
     write_voc,
 )
 from marrowdx.errors import InputError
+from marrowdx.training.real_data import split_of
 
 REAL = Path(__file__).resolve().parents[1] / "data" / "real"
 CROPS = REAL / "matek_bm_crops"
@@ -227,6 +228,21 @@ def test_declaration_and_keyword_overrides(tmp_path: Path) -> None:
     other = tmp_path / "other.toml"
     other.write_text('format = "yolo"\n[labels]\nWBC = "blasts"\n')
     assert load_dataset(root, declaration=other).label_map["WBC"].name == "blasts"
+
+
+def test_a_declared_split_is_given_to_every_image_whose_layout_names_none(tmp_path: Path) -> None:
+    """A lab's own images, held out whole (``split = "val"``), are every one validation
+    images; a split the layout names (YOLO's ``train`` folder) is the layout's."""
+    crops = _copy(CROPS, tmp_path / "crops")
+    declared = (crops / DECLARATION_NAME).read_text()
+    (crops / DECLARATION_NAME).write_text('split = "Validation"\n' + declared)
+    ds = load_dataset(crops)
+    assert ds.crops and {c.split for c in ds.crops} == {"val"} and ds.splits == ["val"]
+    assert len(load_dataset(crops, split="val").crops) == len(ds.crops)
+    assert {split_of(c.path, c.split) for c in ds.crops} == {"val"}
+    yolo = _copy(YOLO, tmp_path / "yolo")
+    (yolo / DECLARATION_NAME).write_text('split = "val"\n')
+    assert {f.split for f in load_dataset(yolo).fields} == {"train"}
 
 
 def _box_label_table(path: Path, rows: list[tuple[str, np.ndarray, str]]) -> Path:
@@ -454,6 +470,7 @@ def test_image_that_does_not_open(tmp_path: Path) -> None:
         ('[labels]\nBLA = "blast"\n', "label 'BLA'.*unknown label target"),
         ("[labels]\nBLA = 3\n", "give a name or a list"),
         ("name = \n", "not valid TOML"),
+        ('split = "holdout"\n', "split must be one of test, train, val"),
     ],
 )
 def test_bad_declarations(tmp_path: Path, text: str, match: str) -> None:

@@ -103,10 +103,15 @@ def _print_summary(s: dict) -> None:
     spacing = s["um_per_pixel"]
     print(f"pixel size   {f'{spacing:g} µm/px' if spacing else 'unknown'}")
     held = f"; held out (never train or tune): {', '.join(s['held_out_splits'])}"
+    unsplit = (
+        "; (none): training and evaluation hold a share out by file name (`split` in "
+        f"{DECLARATION_NAME} sets one for all)"
+    )
     print(
         "splits       "
         + ", ".join(f"{k} {v}" for k, v in s["splits"].items())
         + (held if s["held_out_splits"] else "")
+        + (unsplit if "(none)" in s["splits"] else "")
     )
     if s["format"] == "crops":
         print(f"crops        {s['crops']} mapped")

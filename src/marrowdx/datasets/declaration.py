@@ -12,7 +12,7 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from marrowdx.datasets.base import DECLARATION_NAME, FORMATS, DatasetError
+from marrowdx.datasets.base import DECLARATION_NAME, FORMATS, SPLIT_NAMES, DatasetError
 
 #: The value of ``um_per_pixel`` that says the spacing is not known.
 UNKNOWN = "unknown"
@@ -24,6 +24,8 @@ KEYS: dict[str, str] = {
     "um_per_pixel": f"micrometres per pixel, or {UNKNOWN!r}",
     "labels": "table: source label -> class, group, list of them, 'ignore' or 'red_cell'",
     "held_out_splits": "splits that must never be trained or tuned on (e.g. ['test'])",
+    "split": "the split of every image whose layout names none ('train', 'val' or 'test'; "
+    "'val' holds a set out whole, to be scored whole; else 15% are held out by file name)",
     "box_labels": "a CSV (file, x0, y0, x1, y1, label; image pixels) of finer labels for some "
     "of the set's boxes, relative to this file",
     "source": "free text: where the data came from",
@@ -46,6 +48,7 @@ class Declaration:
     spacing_declared: bool = False
     labels: dict[str, str | list[str]] | None = None
     held_out_splits: tuple[str, ...] = ()
+    split: str | None = None  # of every image whose layout names none
     box_labels: Path | None = None  # resolved against the declaration's folder
     notes: dict[str, str] = field(default_factory=dict)
 
@@ -70,6 +73,16 @@ def check_format(value: object, where: str) -> str:
     if value not in FORMATS:
         raise DatasetError(f"{where}: format must be one of {', '.join(FORMATS)}, not {value!r}")
     return str(value)
+
+
+def check_split(value: object, where: str) -> str:
+    """A declared split, named as a layout's folder may name it ("validation" is "val":
+    ``SPLIT_NAMES``)."""
+    split = SPLIT_NAMES.get(value.strip().lower()) if isinstance(value, str) else None
+    if split is None:
+        splits = ", ".join(sorted(set(SPLIT_NAMES.values())))
+        raise DatasetError(f"{where}: split must be one of {splits}, not {value!r}")
+    return split
 
 
 def check_labels(value: object, where: str) -> dict[str, str | list[str]]:
@@ -114,6 +127,8 @@ def read_declaration(path: Path) -> Declaration:
         if not isinstance(held, list) or not all(isinstance(s, str) for s in held):
             raise DatasetError(f"{path}: held_out_splits must be a list of split names")
         decl.held_out_splits = tuple(held)
+    if "split" in data:
+        decl.split = check_split(data["split"], str(path))
     if "box_labels" in data:
         if not isinstance(data["box_labels"], str) or not data["box_labels"].strip():
             raise DatasetError(f"{path}: box_labels must be the path of a CSV file")

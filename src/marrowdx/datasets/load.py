@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -134,6 +134,7 @@ def load_dataset(
     overrides the declared target of each label it names). With no label map from either,
     labels that are class or group names (ignoring case; singular or plural) or standard
     names (``labels.auto_target``) map to them, the rest are unmapped.
+    The declaration's ``split`` is given to every image whose layout names none.
     ``split`` keeps one split. ``verify`` decodes every image fully (else headers only).
     """
     root = Path(root)
@@ -159,6 +160,8 @@ def load_dataset(
         items = READERS[fmt](root, verify=verify)
     else:  # pragma: no cover - check_format / detect_format only return FORMATS
         raise DatasetError(f"format must be one of {', '.join(FORMATS)}")
+    if decl.split is not None:  # the declared split of every image the layout leaves open
+        items = [i if i.split is not None else replace(i, split=decl.split) for i in items]
     if split is not None:
         _check_split(split, {i.split for i in items}, root)
         items = [i for i in items if i.split == split]
