@@ -25,7 +25,7 @@ KEYS: dict[str, str] = {
     "labels": "table: source label -> class, group, list of them, 'ignore' or 'red_cell'",
     "held_out_splits": "splits that must never be trained or tuned on (e.g. ['test'])",
     "split": "the split of every image whose layout names none ('train', 'val' or 'test'; "
-    "'val' holds a set out whole, to be scored whole; else 15% are held out by file name)",
+    "'val' holds a set out whole, to be scored whole; else a share is held out by file name)",
     "box_labels": "a CSV (file, x0, y0, x1, y1, label; image pixels) of finer labels for some "
     "of the set's boxes, relative to this file",
     "source": "free text: where the data came from",
