@@ -845,6 +845,26 @@ def test_a_patients_crops_share_a_pooled_spacing_from_all_their_red_cells() -> N
     assert alone.spacing.source == "estimated" and "uncertain" in alone.warnings[0]
 
 
+def test_an_image_stated_far_off_the_spacing_its_red_cells_give_is_excluded() -> None:
+    """A blood field stated at a fraction of its spacing shrinks to a crop's size, whose
+    white cells' size is not judged: its own red cells (30 px: about 0.27 µm/px) are. At
+    0.25 µm/px it is counted; at 0.1 excluded, the reason naming both; a crop whose red
+    cells are too few for a certain estimate keeps the spacing it was given."""
+    grid = [(x, y) for x in (25, 75, 125, 175) for y in (25, 75, 125, 175)]
+    around = [c for c in grid if not (75 <= c[0] <= 125 and 75 <= c[1] <= 125)]  # 12
+    assert len(around) >= q.MIN_RED_CELLS_AGAINST_STATED
+    field = crop(around, red_diameter=30)
+    right, _ = analyse(field, um_per_pixel=0.25)
+    assert right.excluded is None and right.counts["lymphocyte"] == 1
+    wrong, _ = analyse(field, um_per_pixel=0.1)
+    assert wrong.excluded is not None and wrong.excluded.startswith(q.WRONG_SPACING)
+    assert "at the stated 0.1 µm/px" in wrong.excluded and sum(wrong.counts.values()) == 0
+    few, _ = analyse(crop(around[:2], red_diameter=30), um_per_pixel=0.1)
+    assert few.excluded is None and few.counts["lymphocyte"] == 1
+    unchecked, _ = analyse(field, q.NO_GATING, um_per_pixel=0.1)
+    assert unchecked.excluded is None
+
+
 def test_crops_pooled_at_an_uncertain_spread_are_judged_as_crops_not_as_too_thick() -> None:
     """Real crops add pieces of red cells cut by their borders to a pool: it spreads wider
     than a pool is trusted (warned) while its median stays near the truth. Enough red cells
