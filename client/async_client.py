@@ -542,6 +542,7 @@ class AsyncMarrowClient:
             for name, task, outcome in zip(labels, tasks, outcomes, strict=True):
                 if outcome is None and task.cancelled():
                     on_image(patient_id, name, SKIPPED_REASON)
+        outcomes = fields.stated_spacings_checked(outcomes, self.quality)
         chosen = aggregate.select_fields(labels, outcomes, target)
         done, failed = chosen.images, chosen.failed
         counts = aggregate.sum_counts(done)

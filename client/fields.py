@@ -48,7 +48,13 @@ from marrowdx.client.quality import (
 )
 from marrowdx.client.report import Cell, ImageResult
 from marrowdx.errors import RequestFailed
-from marrowdx.spacing import MIN_RED_CELLS, STATED_SOURCES, red_cells_at, scale_to_model
+from marrowdx.spacing import (
+    MIN_POOLED_RED_CELLS,
+    MIN_RED_CELLS,
+    STATED_SOURCES,
+    red_cells_at,
+    scale_to_model,
+)
 
 if TYPE_CHECKING:
     from marrowdx.slides.tiling import FieldPlan
@@ -123,6 +129,9 @@ class SpacedImageResult(ImageResult):
     image, counted, is slightly out of focus (``quality.focus_warning``)."""
 
     spacing: SpacingInfo | None = None
+    #: At a stated spacing, the estimate from a crop-sized image's own red cells (not in the
+    #: JSON): what ``stated_spacings_checked`` pools over a patient's images of one size.
+    own_red_cells: SpacingEstimate | None = None
 
     @property
     def warnings(self) -> list[str]:
@@ -414,22 +423,58 @@ def _small(prepared: PreparedImage) -> bool:
     )
 
 
-def _stated_spacing_verdict(prepared: PreparedImage, quality: QualityThresholds) -> str | None:
-    """``quality.stated_spacing_verdict`` of a crop-sized image at a stated spacing, from its
-    own red cells (the estimator on its bytes: about 7 ms for a 575 px blood field, asked of
-    no image larger than a crop). A real crop shows too few red cells for a certain estimate
-    and is not judged; a field shrunk to a crop's size by a wrong spacing shows many."""
+def _own_red_cells(prepared: PreparedImage, quality: QualityThresholds) -> SpacingEstimate | None:
+    """The estimate from the image's own red cells when its spacing was stated (the
+    estimator on its bytes: about 7 ms for a 575 px blood field, asked only of a crop-sized
+    image), else None: what the stated spacing is checked against
+    (``quality.stated_spacing_verdict``), here and pooled over the patient's images."""
     from marrowdx.spacing import estimate_from_bytes
 
     spacing = prepared.spacing
     if not quality.enabled or spacing.source not in STATED_SOURCES or not prepared.data:
         return None
     with _decoding():
-        own = estimate_from_bytes(prepared.data)
-    trusted = not own.uncertain and own.n_red_cells >= MIN_RED_CELLS_AGAINST_STATED
-    return stated_spacing_verdict(
-        spacing.um_per_pixel, own.um_per_pixel if trusted else None, quality
-    )
+        return estimate_from_bytes(prepared.data)
+
+
+def _overruling(own: SpacingEstimate | None) -> float | None:
+    """``own``'s spacing where one image's red cells may overrule a stated spacing: a
+    certain estimate from at least ``MIN_RED_CELLS_AGAINST_STATED`` of them; else None."""
+    if own is None or own.uncertain or own.n_red_cells < MIN_RED_CELLS_AGAINST_STATED:
+        return None
+    return own.um_per_pixel
+
+
+def stated_spacings_checked(
+    outcomes: Sequence[ImageResult | str | None], quality: QualityThresholds
+) -> list[ImageResult | str | None]:
+    """A patient's image ``outcomes`` (results, failure reasons, None: not done) with the
+    stated spacing of its crop-sized images of one size and one stated spacing checked
+    against all their red cells pooled (``marrowdx.spacing.pooled_estimate``): when the
+    pool holds at least ``MIN_POOLED_RED_CELLS`` red cells and is more than
+    ``cell_side_tolerance`` times off, each such image still counted is excluded as
+    ``magnification far from the given spacing``. Why pooled: a single crop shows too few
+    red cells to overrule a stated spacing, a patient's crops together do; their spread is
+    not asked (crops add pieces of red cells cut by their borders: ``SpacingInfo.sizes_crops``)."""
+    from marrowdx.spacing import pooled_estimate
+
+    groups: dict[tuple[tuple[int, int], float], list[int]] = {}
+    for i, out in enumerate(outcomes):
+        if isinstance(out, SpacedImageResult) and out.own_red_cells is not None and out.spacing:
+            groups.setdefault((out.size, out.spacing.um_per_pixel), []).append(i)
+    checked = list(outcomes)
+    for (_, stated), members in groups.items():
+        if len(members) < 2:
+            continue
+        pool = pooled_estimate([checked[i].own_red_cells for i in members])  # type: ignore[union-attr]
+        enough = pool.n_images >= 2 and pool.n_red_cells >= MIN_POOLED_RED_CELLS
+        red_cells = pool.um_per_pixel if enough else None
+        reason = stated_spacing_verdict(stated, red_cells, quality, pooled=pool.n_images)
+        for i in members if reason is not None else ():
+            out = checked[i]
+            if isinstance(out, ImageResult) and out.excluded is None:
+                checked[i] = replace(out, excluded=reason, counts=dict.fromkeys(out.counts, 0))
+    return checked
 
 
 def _cell_size_verdict(
@@ -517,6 +562,7 @@ def merge_image(
             counts[cell.label] += 1
     measures = _median_quality(results)
     evidence = SmearEvidence.of(kept)
+    own = None
     if _small(prepared):
         excluded = quality_verdict(measures, quality, small_image=True, evidence=evidence)
         if excluded is None and smear_measured(measures):
@@ -524,8 +570,10 @@ def merge_image(
             n_cells = len(kept) + sum(cell.counted for cell in mirrored_only)
             unfamiliar = sum(cell.unfamiliar for cell in kept)
             excluded = cells_verdict(n_cells, unfamiliar, measures, quality, small_image=True)
+        own = _own_red_cells(prepared, quality)
         if excluded is None:
-            excluded = _stated_spacing_verdict(prepared, quality)
+            stated = prepared.spacing.um_per_pixel
+            excluded = stated_spacing_verdict(stated, _overruling(own), quality)
     else:
         excluded = _as_its_fields_name_it(
             quality_verdict(measures, quality, evidence=evidence), results
@@ -547,7 +595,8 @@ def merge_image(
         excluded=excluded,
     )  # fmt: skip
     result = _without_smear_evidence(result, evidence, prepared, quality)
-    return with_spacing(_no_smear_named(result, prepared, quality), spacing)
+    spaced = with_spacing(_no_smear_named(result, prepared, quality), spacing)
+    return replace(spaced, own_red_cells=own)
 
 
 def _no_smear_named(

@@ -618,7 +618,11 @@ def spacing_verdict(
 
 
 def stated_spacing_verdict(
-    stated: float, red_cells: float | None, thresholds: QualityThresholds = DEFAULT_QUALITY
+    stated: float,
+    red_cells: float | None,
+    thresholds: QualityThresholds = DEFAULT_QUALITY,
+    *,
+    pooled: int = 1,
 ) -> str | None:
     """``magnification far from the given spacing: ...`` for an image whose own red cells
     (``red_cells``: the spacing a certain estimate from at least
@@ -626,14 +630,16 @@ def stated_spacing_verdict(
     ``cell_side_tolerance`` times off the spacing the user ``stated``; None otherwise or with
     the gate off. Why: at a stated spacing an image may shrink to a crop's size (a blood
     field stated at half its spacing), and a crop is not asked the size of its white cells
-    (:func:`spacing_verdict`): its red cells are the ruler left."""
+    (:func:`spacing_verdict`): its red cells are the ruler left. ``pooled``: how many images
+    of its size, the image among them, the red cells were pooled over."""
     if not thresholds.enabled or red_cells is None:
         return None
     ratio = red_cells / stated
     if 1 / thresholds.cell_side_tolerance <= ratio <= thresholds.cell_side_tolerance:
         return None
+    whose = "its red cells" if pooled < 2 else f"the red cells of the {pooled} images of its size"
     return (
-        f"{WRONG_SPACING}: its red cells measure {RED_CELL_UM * ratio:.1f} µm at the stated "
+        f"{WRONG_SPACING}: {whose} measure {RED_CELL_UM * ratio:.1f} µm at the stated "
         f"{stated:.3g} µm/px (about {RED_CELL_UM:.0f} µm in a smear): the image is at about "
         f"{red_cells:.3g} µm/px; check the image's pixel spacing"
     )

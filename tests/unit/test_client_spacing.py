@@ -26,6 +26,7 @@ from marrowdx.client import quality as q
 from marrowdx.client.cli import configure_diagnose
 from marrowdx.client.cohort import SPACING_FILE, discover
 from marrowdx.client.fields import SpacedImageResult
+from marrowdx.client.report import PatientReport
 from marrowdx.encoding import encode
 from marrowdx.errors import CohortError, InputError
 from marrowdx.simulate.field import NEUTRAL_STYLE, render_field
@@ -863,6 +864,29 @@ def test_an_image_stated_far_off_the_spacing_its_red_cells_give_is_excluded() ->
     assert few.excluded is None and few.counts["lymphocyte"] == 1
     unchecked, _ = analyse(field, q.NO_GATING, um_per_pixel=0.1)
     assert unchecked.excluded is None
+
+
+def test_a_patients_crops_stated_far_off_their_pooled_red_cells_are_excluded() -> None:
+    """Each crop shows one or two red cells (40 px: 0.2 µm/px), too few to overrule the
+    spacing it is given; the patient's crops of one size pooled are enough. Stated at 0.1
+    µm/px every crop is excluded, the reason naming the pool; at 0.2 every one is counted."""
+    crops = [crop(cells) for cells in CROP_RED_CELLS * 4]
+
+    def patient(um_per_pixel: float) -> PatientReport:
+        client = AsyncMarrowClient(transport=FakeTransport())  # type: ignore[arg-type]
+        job = client.diagnose_patient("P", crops, um_per_pixel=um_per_pixel, target_cells=0)
+        return asyncio.run(job)
+
+    alone, _ = analyse(crops[0], um_per_pixel=0.1)
+    assert alone.excluded is None
+    wrong = patient(0.1)
+    assert not wrong.images and not wrong.failed_images
+    assert len(wrong.excluded_images) == len(crops)
+    pooled = f"the red cells of the {len(crops)} images of its size"
+    assert all(r.startswith(f"{q.WRONG_SPACING}: {pooled}") for r in wrong.excluded_images.values())
+    right = patient(0.2)
+    assert len(right.images) == len(crops) and not right.excluded_images
+    assert right.counts["lymphocyte"] == len(crops)
 
 
 def test_crops_pooled_at_an_uncertain_spread_are_judged_as_crops_not_as_too_thick() -> None:
