@@ -625,13 +625,13 @@ def stated_spacing_verdict(
     pooled: int = 1,
 ) -> str | None:
     """``magnification far from the given spacing: ...`` for an image whose own red cells
-    (``red_cells``: the spacing a certain estimate from at least
-    ``MIN_RED_CELLS_AGAINST_STATED`` of them gives, else None) put it more than
-    ``cell_side_tolerance`` times off the spacing the user ``stated``; None otherwise or with
-    the gate off. Why: at a stated spacing an image may shrink to a crop's size (a blood
-    field stated at half its spacing), and a crop is not asked the size of its white cells
-    (:func:`spacing_verdict`): its red cells are the ruler left. ``pooled``: how many images
-    of its size, the image among them, the red cells were pooled over."""
+    (``red_cells``: the spacing they give where they may overrule a stated one, else None:
+    one image's certain estimate from at least ``MIN_RED_CELLS_AGAINST_STATED``, or a pool
+    of ``pooled`` images of its size) put it more than ``cell_side_tolerance`` times off the
+    spacing the user ``stated``; None otherwise or with the gate off. Why: at a stated
+    spacing an image may shrink to a crop's size (a blood field stated at half its spacing),
+    and a crop is not asked the size of its white cells (:func:`spacing_verdict`): its red
+    cells are the ruler left."""
     if not thresholds.enabled or red_cells is None:
         return None
     ratio = red_cells / stated
