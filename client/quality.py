@@ -511,9 +511,11 @@ def magnification_verdict(
 ) -> str | None:
     """``magnification too low: ...`` for an image (or slide) whose pixel spacing, given or
     estimated (``source``), is coarser than ``max_um_per_pixel``; None otherwise or with the
-    gate off. An estimated spacing whose image shows no smear's cells (``evidence``,
-    :meth:`SmearEvidence.lacking`) is named as possibly no smear: the estimate took some
-    other round blobs for red cells."""
+    gate off. An estimated spacing is named as possibly no smear (``evidence``: what the
+    models found, given in the reason): the estimate may have taken other round blobs for
+    red cells, and what the models identify is no evidence of a smear at a magnification at
+    which they cannot read cells (a scatter plot's dots, enlarged 5x to reach them, were
+    "lymphocytes" to them: 67 of 160 objects)."""
     if not thresholds.enabled or um_per_pixel <= thresholds.max_um_per_pixel:
         return None
     coarse = (
@@ -521,7 +523,7 @@ def magnification_verdict(
         f"{thresholds.max_um_per_pixel:g} µm/px at which cells can still be told apart; "
         "use a higher magnification (40x or more) or check the image's pixel spacing"
     )
-    if source in STATED_SOURCES or evidence is None or not evidence.lacking:
+    if source in STATED_SOURCES or evidence is None:
         return coarse
     return evidence.maybe_no_smear("at too low a magnification", coarse)
 

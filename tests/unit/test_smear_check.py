@@ -421,10 +421,10 @@ def test_a_thick_field_of_mostly_unplaced_objects_may_be_no_smear(measured) -> N
     assert aggregate.decode_image("blood.jpg", blood).excluded.startswith("too thick")
 
 
-def test_too_low_an_estimated_magnification_without_smear_cells_may_be_no_smear() -> None:
-    """An estimated spacing came from round blobs that may be no red cells: when the models
-    place few of the objects, the reason says it may be no smear. A spacing the user gave
-    is trusted, and so is an image whose cells were identified."""
+def test_too_low_an_estimated_magnification_may_be_no_smear() -> None:
+    """An estimated spacing came from round blobs that may be no red cells, and at a
+    magnification too low to read cells what the models identify says nothing: the reason
+    says it may be no smear, with what they found. A spacing the user gave is trusted."""
     plain = q.magnification_verdict(0.9, "estimated")
     assert plain.startswith(q.TOO_COARSE)  # cells not known
     named = q.magnification_verdict(0.9, "estimated", evidence=q.SmearEvidence(2, 9))
@@ -433,9 +433,8 @@ def test_too_low_an_estimated_magnification_without_smear_cells_may_be_no_smear(
     assert q.magnification_verdict(0.9, "given", evidence=q.SmearEvidence(0, 9)).startswith(
         q.TOO_COARSE
     )
-    assert q.magnification_verdict(0.9, "pooled", evidence=q.SmearEvidence(5, 9)).startswith(
-        q.TOO_COARSE
-    )
+    dots = q.magnification_verdict(1.26, "pooled", evidence=q.SmearEvidence(67, 160))
+    assert dots.startswith(f"{q.NOT_A_SMEAR} (or one at too low a magnification): 67 of 160")
     assert q.magnification_verdict(0.5, "estimated", evidence=q.SmearEvidence(0, 9)) is None
 
 
