@@ -358,13 +358,18 @@ class TritonServer:
         the same instance name). Empty while Triton itself is stopped: that is
         :meth:`poll`'s business. A model unloaded on purpose (explicit/poll model control)
         is not ready, so its stopped processes are dropped from the watch, and processes
-        of models (re)loaded since are added to it."""
+        of models (re)loaded since are added to it. Without model control no model is
+        unloaded on purpose, so every process gone is dead, whatever Triton answers about
+        its model in that moment: it had said "not ready" once, for a moment, about a model
+        whose stub had been killed, then "ready" again for good, and the death went unseen
+        (a failure of the dead-model reliability test)."""
         if self.process is None or self.process.poll() is not None:
             return []
         current = self.current_model_processes()
         live = {m.instance for m in current}
         gone = [m for m in self.model_processes if not m.alive() and m.instance not in live]
-        dead = [m for m in gone if self.model_ready(m.model) is not False]
+        controlled = self.cfg.model_control_mode != "none"
+        dead = [m for m in gone if not controlled or self.model_ready(m.model) is not False]
         self.model_processes = current + dead
         return dead
 
