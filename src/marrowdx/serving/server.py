@@ -360,9 +360,11 @@ class TritonServer:
         is not ready, so its stopped processes are dropped from the watch, and processes
         of models (re)loaded since are added to it. Without model control no model is
         unloaded on purpose, so every process gone is dead, whatever Triton answers about
-        its model in that moment: it had said "not ready" once, for a moment, about a model
-        whose stub had been killed, then "ready" again for good, and the death went unseen
-        (a failure of the dead-model reliability test)."""
+        its model in that moment. Why: a killed stub once went unseen while Triton went on
+        reporting its model ready (the dead-model reliability test, in a fresh clone), and
+        an answer other than "ready" at the one poll that saw the process gone (an HTTP
+        error, the model briefly unavailable) is the only way this method drops a process
+        from the watch without reporting it."""
         if self.process is None or self.process.poll() is not None:
             return []
         current = self.current_model_processes()
