@@ -397,6 +397,12 @@ def _frame_off(image) -> tuple[int, int, int, int] | None:
     return x0 * factor, y0 * factor, min(x1 * factor, image.width), min(y1 * factor, image.height)
 
 
+def _excluded(result: ImageResult, reason: str) -> ImageResult:
+    """``result`` left out of every count for ``reason``: its cells stay listed, its counts
+    are zero (what an image the quality gate excludes reports)."""
+    return replace(result, excluded=reason, counts=dict.fromkeys(result.counts, 0))
+
+
 def _median_quality(results: Sequence[ImageResult]) -> dict[str, float] | None:
     """Per measure, the median over an image's fields (None if a field has none)."""
     if not results or any(r.quality is None for r in results):
@@ -475,7 +481,7 @@ def stated_spacings_checked(
             continue
         for i, out in members:
             if out.excluded is None:
-                checked[i] = replace(out, excluded=reason, counts=dict.fromkeys(out.counts, 0))
+                checked[i] = _excluded(out, reason)
     return checked
 
 
@@ -617,7 +623,7 @@ def _no_smear_named(
         with _decoding():
             reason = transparency_verdict(transparent_share(prepared.data), quality)
         if reason is not None:
-            return replace(result, excluded=reason, counts=dict.fromkeys(result.counts, 0))
+            return _excluded(result, reason)
     named = thick_named(result.excluded, prepared.spacing.source, prepared.spacing.n_red_cells)
     return replace(result, excluded=named)
 
@@ -687,4 +693,4 @@ def _without_smear_evidence(
     )
     if reason is None:
         return result
-    return replace(result, excluded=reason, counts=dict.fromkeys(result.counts, 0))
+    return _excluded(result, reason)
