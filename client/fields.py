@@ -149,10 +149,12 @@ class SpacedImageResult(ImageResult):
         return out
 
 
-def with_spacing(result: ImageResult, spacing: SpacingInfo) -> SpacedImageResult:
-    """``result`` (any ImageResult) carrying ``spacing``."""
+def with_spacing(
+    result: ImageResult, spacing: SpacingInfo, red_cell_estimate: SpacingEstimate | None = None
+) -> SpacedImageResult:
+    """``result`` (any ImageResult) carrying ``spacing`` (and ``red_cell_estimate``)."""
     values = {f.name: getattr(result, f.name) for f in fields(result) if f.init}
-    values["spacing"] = spacing
+    values.update(spacing=spacing, red_cell_estimate=red_cell_estimate)
     return SpacedImageResult(**values)
 
 
@@ -603,8 +605,7 @@ def merge_image(
         excluded=excluded,
     )  # fmt: skip
     result = _without_smear_evidence(result, evidence, prepared, quality)
-    spaced = with_spacing(_no_smear_named(result, prepared, quality), spacing)
-    return replace(spaced, red_cell_estimate=own)
+    return with_spacing(_no_smear_named(result, prepared, quality), spacing, own)
 
 
 def _no_smear_named(
