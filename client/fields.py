@@ -585,9 +585,10 @@ def merge_image(
             stated = prepared.spacing.um_per_pixel
             excluded = stated_spacing_verdict(stated, _overruling(own), quality)
     else:
-        excluded = _as_its_fields_name_it(
-            quality_verdict(measures, quality, evidence=evidence), results
+        judged = quality_verdict(
+            measures, quality, evidence=evidence, scale_known=prepared.spacing.known
         )
+        excluded = _as_its_fields_name_it(judged, results)
         if excluded is None and all(r.excluded for r in results):
             excluded = results[0].excluded  # e.g. every field's cells far from the models' size
         if excluded is None or excluded.startswith(WRONG_SPACING):

@@ -184,6 +184,7 @@ QUALITY_FIELDS = (
     "flat",
     "fine_focus",
     "green",
+    "thick_wide",
 )
 
 IMAGE = TensorSpec(T.image, UINT8, (VARIABLE,), "encoded JPEG/PNG bytes", ragged=True)

@@ -73,7 +73,16 @@ class QualitySpec:
       ``green_margin``, at a chroma of ``green_chroma`` or more. No dye of a Romanowsky stain
       (eosin, azure, methylene blue) nor haemoglobin passes green most, so a smear has
       almost none (real fields up to 0.010, lab-shifted simulated ones 0.011; a colour cast
-      of the camera cancels in the white balance), a logo or a circuit board half or more.
+      of the camera cancels in the white balance), a logo or a circuit board half or more;
+    - thick_wide: share of the field under the dark areas of ``thick`` that are at least
+      ``wide_cells`` cells of a ``wide_grid`` x ``wide_grid`` grid across (28 µm on a 1024-pixel
+      field at the models' spacing: a morphological opening of the dark cells, camera black
+      left out). Why: ``thick`` counts every grid cell a nucleus darkens, so a packed
+      monolayer of marrow (real marrow crops tiled 4 x 4: 21-55%) reads as thick as a
+      clump of piled cells; only the clump is wider than a cell or two (the slide search
+      drops dense clusters narrower than a thick area the same way:
+      ``marrowdx.slides.roi_finder``). The client asks it of a field whose cells the models
+      identified (``marrowdx.client.quality``).
 
     The background is the per-channel maximum of the field averaged on a ``thick_grid``
     grid: white balance and lamp brightness differ per lab, so colours are compared to it.
@@ -102,15 +111,28 @@ class QualitySpec:
     bright_above_background: float = 0.85
     green_chroma: float = 0.3  # a saturated colour: the pale green-grey glass of some labs is not
     green_margin: float = 0.1  # of the white-balanced range: green leads, not merely ties
+    wide_grid: int = 64  # 4 µm cells on a 1024-pixel field: a nucleus spans two or more
+    wide_cells: int = 7  # odd, so the opening is centred: wider than a marrow cell's nucleus
     enabled: bool = True
 
 
 #: FIELD_QUALITY when the measures are off (``QualitySpec(enabled=False)``): finite, and a pass
 #: under any thresholds the client accepts (focus at float32's maximum, every pixel stained,
 #: nothing thick, brightness 255, every stained pixel coloured, all background, no flat
-#: area, as much fine detail as coarse, nothing green), so the tensor keeps its dtype and
-#: shape and the gate counts every field.
-UNMEASURED_QUALITY = (float(np.finfo(np.float32).max), 1.0, 0.0, 255.0, 1.0, 1.0, 0.0, 1.0, 0.0)
+#: area, as much fine detail as coarse, nothing green, nothing wide and dark), so the tensor
+#: keeps its dtype and shape and the gate counts every field.
+UNMEASURED_QUALITY = (
+    float(np.finfo(np.float32).max),
+    1.0,
+    0.0,
+    255.0,
+    1.0,
+    1.0,
+    0.0,
+    1.0,
+    0.0,
+    0.0,
+)
 
 
 @dataclass(frozen=True)
@@ -121,7 +143,7 @@ class PreprocessSpec:
 
 
 def quality_graph(resized, spec: QualitySpec = QualitySpec()):
-    """FIELD_QUALITY float32[9] of a resized RGB (HWC uint8) field, inside a DALI graph."""
+    """FIELD_QUALITY float32[10] of a resized RGB (HWC uint8) field, inside a DALI graph."""
     from nvidia.dali import fn, types
     from nvidia.dali import math as dmath
 
@@ -154,6 +176,7 @@ def quality_graph(resized, spec: QualitySpec = QualitySpec()):
     dark = fn.cast(grid < spec.thick_below_background * glass, dtype=types.FLOAT)
     thick = fn.reductions.sum(dark * lit) / (fn.reductions.sum(lit) + 1.0)
     stain_colour, background, green = _colour_measures(small, coarse, spec)
+    thick_wide = _thick_wide(small, grey, spec.thick_below_background * glass, spec)
     return fn.stack(
         focus,
         foreground,
@@ -164,6 +187,7 @@ def quality_graph(resized, spec: QualitySpec = QualitySpec()):
         flat,
         _fine_focus(resized, laplacian, spec),
         green,
+        thick_wide,
     )
 
 
@@ -194,6 +218,31 @@ def _fine_focus(resized, laplacian, spec: QualitySpec):
     coarse = centre(laplacian, window * spec.side / config.INPUT_SIZE)
     # +1: a flat window (no coarse detail) gives 0, not a division by zero
     return _variance(fine) / (_variance(coarse) + 1.0)
+
+
+def _thick_wide(small, grey, dark_below, spec: QualitySpec):
+    """``thick_wide`` (see :class:`QualitySpec`): the cells of a ``wide_grid`` grid darker
+    than ``dark_below`` (``thick``'s limit) and lit, opened by a ``wide_cells`` square; two
+    box filters (an erosion: the window all dark; a dilation: any of it eroded) on 4,096
+    cells, a small share of the measures' cost (docs/performance.md)."""
+    from nvidia.dali import fn, types
+
+    cells = (float(spec.wide_grid), float(spec.wide_grid))
+    level = fn.cast(fn.resize(grey, size=cells, antialias=True), dtype=types.FLOAT)
+    colour = fn.cast(fn.resize(small, size=cells, antialias=True), dtype=types.FLOAT)
+    lit = fn.reductions.max(colour, axes=(2,), keep_dims=True) >= config.CAMERA_BLACK_LEVEL
+    dark = fn.cast((level < dark_below) & lit, dtype=types.FLOAT)
+    side = spec.wide_cells
+    box = np.full((side, side), 1.0 / side**2, np.float32)
+    # DALI 2 names it fn.filter; the GPU image's DALI 1.x only fn.experimental.filter
+    box_filter = getattr(fn, "filter", None) or fn.experimental.filter
+    # 0.5 of one window cell under the full window, for float rounding of the box sums
+    tolerance = 0.5 / side**2
+    eroded = box_filter(dark, box, border="clamp") > 1.0 - tolerance
+    opened = box_filter(fn.cast(eroded, dtype=types.FLOAT), box, border="clamp") > tolerance
+    lit_cells = fn.cast(lit, dtype=types.FLOAT)
+    wide = fn.cast(opened, dtype=types.FLOAT) * lit_cells
+    return fn.reductions.sum(wide) / (fn.reductions.sum(lit_cells) + 1.0)
 
 
 def _variance(x):
@@ -249,7 +298,7 @@ def preprocess_graph(
     input_name: str = config.TENSORS.image,
 ):
     """The DALI graph (call inside a ``pipeline_def``): encoded images from ``input_name`` ->
-    (PIXELS uint8 CHW, LETTERBOX float32[4], IMAGE_SIZE int32[2], FIELD_QUALITY float32[9]).
+    (PIXELS uint8 CHW, LETTERBOX float32[4], IMAGE_SIZE int32[2], FIELD_QUALITY float32[10]).
 
     Separate from :func:`build_pipeline` so the gpu target's ``dali.py`` can wrap the very
     same graph in its own ``@autoserialize @pipeline_def`` (DALI's autoserialization needs a
@@ -291,7 +340,7 @@ def build_pipeline(
     input_name: str = config.TENSORS.image,
 ):
     """A DALI pipeline taking encoded images from ``input_name`` and returning
-    (PIXELS uint8 CHW, LETTERBOX float32[4], IMAGE_SIZE int32[2], FIELD_QUALITY float32[9]).
+    (PIXELS uint8 CHW, LETTERBOX float32[4], IMAGE_SIZE int32[2], FIELD_QUALITY float32[10]).
 
     ``device="cpu"`` decodes on the host (``device_id=None`` works without CUDA);
     ``device="gpu"`` uses the ``mixed`` nvJPEG decoder and GPU resize.

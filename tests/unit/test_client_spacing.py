@@ -652,6 +652,7 @@ class ThickTransport(FakeTransport):
         measures = {
             "focus": 20000.0, "foreground": 0.5, "thick": 0.6, "brightness": 140.0,
             "stain_colour": 0.9, "background": 0.3, "flat": 0.01, "fine_focus": 0.3, "green": 0.0,
+            "thick_wide": 0.6,
         }  # fmt: skip
         out[T.field_quality] = np.array([measures[k] for k in QUALITY_FIELDS], np.float32)
         return out

@@ -54,6 +54,13 @@ def fields() -> dict[str, np.ndarray]:
     thick = sharp.copy()
     # a dense clump over 40% of the field: optical density of stacked cells
     thick[:640, :640] = np.clip(255.0 * np.exp(-(3.0 * od + 0.8)), 0, 255).astype(np.uint8)
+    # a packed monolayer, darkly stained: the simulator's densest field (about 190 cells
+    # touching), its optical density 1.5 times: nuclei darken most grid cells, yet no dark
+    # area is wider than a cell
+    crowd = [taxonomy.CLASSES[i] for i in rng.integers(0, taxonomy.N_CLASSES, 250)]
+    dense = fl.render_field(crowd, (SIDE, SIDE), style, rng).image
+    dense_od = -np.log(np.maximum(dense.astype(np.float32), 1.0) / 255.0)
+    packed = np.clip(255.0 * np.exp(-1.5 * dense_od), 0, 255).astype(np.uint8)
     out = {
         "sharp": sharp,
         "defocus_sigma1": blur(1.0),
@@ -63,6 +70,7 @@ def fields() -> dict[str, np.ndarray]:
         "blurred_sigma8": blur(8.0),
         "empty": fl.render_field([], (SIDE, SIDE), style, rng).image,
         "thick": thick,
+        "packed": packed,
         # a dimmer lamp or a shorter exposure (0.6 of the light): no clump, whatever its grey
         "dim": (sharp * 0.6).astype(np.uint8),
         "dim_thick": (thick * 0.6).astype(np.uint8),
@@ -113,6 +121,38 @@ def test_default_thresholds_count_and_exclude_the_right_fields(measured, name, v
         assert reason is None, f"{name} {measured[name]} excluded: {reason}"
     else:
         assert reason is not None and reason.startswith(verdict), (name, measured[name], reason)
+
+
+def test_a_packed_monolayer_is_told_from_a_clump_by_the_width_of_its_dark_areas(
+    measured,
+) -> None:
+    """Both are over the thick limit; only the clump's dark area is wider than a cell. The
+    packed field counts once the models identified a smear's cells in it (at least
+    ``MIN_CELLS_PACKED``) at a spacing known for sure; with fewer or none identified, its
+    cells not known yet, an uncertain spacing (a width in µm means nothing there), or from a
+    server without ``thick_wide``, the thick limit alone decides, as before."""
+    packed, clump = measured["packed"], measured["thick"]
+    assert packed["thick"] > q.DEFAULT_MAX_THICK and clump["thick"] > q.DEFAULT_MAX_THICK
+    assert (
+        packed["thick_wide"]
+        < 0.2 * q.DEFAULT_MAX_THICK
+        < q.DEFAULT_MAX_THICK
+        < (clump["thick_wide"])
+    )
+    assert measured["sharp"]["thick_wide"] == 0.0
+    cells = q.SmearEvidence(identified=120, objects=150)
+    assert q.quality_verdict(packed, evidence=cells) is None
+    assert q.quality_verdict(clump, evidence=cells).startswith(q.TOO_THICK)
+    assert q.quality_verdict(packed).startswith(q.TOO_THICK)
+    none = q.quality_verdict(packed, evidence=q.SmearEvidence(0, 30))
+    assert none.startswith(f"{q.NOT_A_SMEAR} (or one too thick to count)")
+    assert q.quality_verdict(packed, evidence=cells, scale_known=False).startswith(q.TOO_THICK)
+    assert q.quality_verdict(packed, evidence=q.SmearEvidence(4, 5)).startswith(q.TOO_THICK)
+    # a server of before thick_wide sends the first 9 measures
+    first = np.array([packed[k] for k in QUALITY_FIELDS[:9]], np.float32)
+    older = q.field_quality({config.TENSORS.field_quality: first})
+    assert older is not None and "thick_wide" not in older
+    assert q.quality_verdict(older, evidence=cells).startswith(q.TOO_THICK)
 
 
 def test_measures_move_the_way_their_names_say(measured) -> None:
@@ -221,10 +261,10 @@ def _outputs(quality: list[float] | None, labels=(0, 0, 5)) -> dict[str, np.ndar
 
 def test_excluded_field_adds_nothing_and_is_reported_apart() -> None:
     good = aggregate.decode_image(
-        "a.jpg", _outputs([2000.0, 0.08, 0.03, 190.0, 0.8, 0.5, 0.1, 0.3, 0.0])
+        "a.jpg", _outputs([2000.0, 0.08, 0.03, 190.0, 0.8, 0.5, 0.1, 0.3, 0.0, 0.0])
     )
     blurred = aggregate.decode_image(
-        "b.jpg", _outputs([200.0, 0.08, 0.03, 190.0, 0.8, 0.5, 0.1, 0.3, 0.0])
+        "b.jpg", _outputs([200.0, 0.08, 0.03, 190.0, 0.8, 0.5, 0.1, 0.3, 0.0, 0.0])
     )
     old_server = aggregate.decode_image("c.jpg", _outputs(None))
     assert good.excluded is None and good.quality["focus"] == 2000.0
@@ -244,7 +284,9 @@ def test_excluded_field_adds_nothing_and_is_reported_apart() -> None:
     assert set(d["images"][0]["quality"]) == set(QUALITY_FIELDS)
     # gating off: the same field counts
     kept = aggregate.decode_image(
-        "b.jpg", _outputs([200.0, 0.08, 0.03, 190.0, 0.8, 0.5, 0.1, 0.3, 0.0]), quality=q.NO_GATING
+        "b.jpg",
+        _outputs([200.0, 0.08, 0.03, 190.0, 0.8, 0.5, 0.1, 0.3, 0.0, 0.0]),
+        quality=q.NO_GATING,
     )
     assert kept.excluded is None and sum(kept.counts.values()) == 3
 

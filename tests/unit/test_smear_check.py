@@ -373,7 +373,7 @@ def test_a_thick_field_without_one_identified_cell_may_be_no_smear(measured) -> 
     in it: the reason then says it may be no smear. Where a nucleated cell was identified,
     or the field is blurred or empty, the reason stays what the measure says (a blurred smear
     seen by weak models has no identified cell either); counts are 0 either way."""
-    thick = {**measured["smear"], "thick": 0.6}
+    thick = {**measured["smear"], "thick": 0.6, "thick_wide": 0.5}
     assert q.quality_verdict(thick, evidence=q.SmearEvidence(1, 0)).startswith("too thick")
     assert q.quality_verdict(thick).startswith("too thick")  # cells not known yet
     named = q.quality_verdict(thick, evidence=q.SmearEvidence(0, 0))
@@ -411,7 +411,7 @@ def test_a_thick_field_of_mostly_unplaced_objects_may_be_no_smear(measured) -> N
     """One identified cell among many detected objects the models cannot place (a circuit
     board's parts) is no smear's evidence either; platelets are not counted as objects (a
     blood field holds many per white cell)."""
-    thick = {**measured["smear"], "thick": 0.6}
+    thick = {**measured["smear"], "thick": 0.6, "thick_wide": 0.5}
     named = q.quality_verdict(thick, evidence=q.SmearEvidence(1, 8))
     assert named.startswith(f"{q.NOT_A_SMEAR} (or one too thick to count): 1 of 8 objects")
     assert q.quality_verdict(thick, evidence=q.SmearEvidence(2, 8)).startswith("too thick")
