@@ -1063,3 +1063,21 @@ def test_the_lit_region_takes_off_a_frame_of_camera_black_and_nothing_else() -> 
     assert lit_region(sliver) is None  # what is left is narrower than any image
     dark_smear = (pixels // 4).astype(np.uint8)  # an underexposed field: dim, not black
     assert lit_region(dark_smear) is None
+
+
+def test_a_path_is_read_while_another_thread_is_still_importing_pillow(
+    monkeypatch, tmp_path
+) -> None:
+    """The first images of a cold-started client are read concurrently: while a worker
+    thread imports ``PIL.Image``, the module is in ``sys.modules`` without its ``Image``
+    class yet. Asking whether a path is a Pillow image must not fail then (it did: 25-28 of
+    32 images "client error: ... partially initialized module")."""
+    import types
+
+    from marrowdx.client.async_client import in_memory, read_image
+
+    path = tmp_path / "field.png"
+    Image.new("RGB", (64, 64), (200, 150, 170)).save(path)
+    monkeypatch.setitem(sys.modules, "PIL.Image", types.ModuleType("PIL.Image"))
+    assert read_image(path) == path.read_bytes()
+    assert not in_memory(str(path)) and in_memory(path.read_bytes())
