@@ -185,6 +185,30 @@ def test_pooling_replaces_only_uncertain_estimates_and_only_within_one_size() ->
         spacing.pool_uncertain(own, [(200, 200)])
 
 
+def test_a_crop_with_one_round_object_takes_the_certain_pool_of_crops_of_other_sizes() -> None:
+    """Crops cut to each cell's size share no size, so none has a size pool; the ones whose
+    estimate is one object's size take the pool of all of them when it is certain (one
+    spacing), those with two or more objects keep their own. Crops of two magnifications
+    pool to a spread too wide to be certain: each keeps its own."""
+    own = crops_of_one_camera() * 2
+    sizes = [(200 + i, 200) for i in range(len(own))]  # every crop its own size
+    out = spacing.pool_uncertain(own, sizes)
+    whole = spacing.pooled_estimate(own)
+    assert not whole.uncertain
+    for before, after in zip(own, out, strict=True):
+        if before.n_red_cells < spacing.MIN_OWN_RED_CELLS:
+            assert after == whole and after.source == "pooled"
+        else:
+            assert after is before
+    assert whole.um_per_pixel == pytest.approx(spacing.RED_CELL_UM / 40, rel=0.1)
+    other = crops_of_one_camera(diameter=64) * 2  # the same crops at 1.6 times the magnification
+    mixed = [*own, *other]
+    # the median keeps one magnification's red cells, certain as if it were all of them
+    assert not spacing.pooled_estimate(mixed).uncertain
+    sizes = [(200 + i, 200) for i in range(len(mixed))]
+    assert spacing.pool_uncertain(mixed, sizes) == mixed
+
+
 @pytest.mark.parametrize("bad", [0, -0.1, float("nan"), float("inf"), "0.1", None, True])
 def test_a_spacing_must_be_a_positive_number(bad: object) -> None:
     with pytest.raises(ValueError, match="um_per_pixel"):
