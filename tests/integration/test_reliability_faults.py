@@ -159,6 +159,7 @@ def test_dead_model_process_is_detected_and_nothing_hangs(built_repository, tmp_
             client.close()
         stubs = stub_processes(served.proc.pid, config.MODELS.preprocess)
         assert stubs, "no python-backend stub process found for the preprocess model"
+        killed = [f"pid {stub.pid}: {' '.join(stub.cmdline())[:300]}" for stub in stubs]
         for stub in stubs:
             stub.send_signal(signal.SIGKILL)
         killed_at = time.monotonic()
@@ -192,7 +193,11 @@ def test_dead_model_process_is_detected_and_nothing_hangs(built_repository, tmp_
                 break
             time.sleep(1.0)
         try:
-            assert not problems, f"{problems}; outcomes: {sorted(set(outcomes))}"
+            assert not problems, (
+                f"{problems}; outcomes: {sorted(set(outcomes))}; killed {killed}; serve said: "
+                f"{served.stdout.read_text(errors='replace')}"
+                f"{served.stderr.read_text(errors='replace')[-2000:]}"
+            )
             if not recovered:
                 assert not _ready(served.grpc_url), f"broken but ready: {sorted(set(outcomes))}"
             if served.proc.poll() is not None:

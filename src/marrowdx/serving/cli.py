@@ -171,6 +171,9 @@ def supervise(server, *, ready_timeout: float, generated_key: bool) -> int:
         print(f"  gRPC     {scheme}://{cfg.grpc_url}", flush=True)
         print(f"  HTTP     {cfg.http_url}", flush=True)
         print(f"  metrics  {cfg.metrics_url}", flush=True)
+        watched = sorted(m.instance for m in server.model_processes)
+        # which model processes a death is watched for: what to read first if one goes unseen
+        print(f"  watching {len(watched)} model processes: {', '.join(watched)}", flush=True)
         if generated_key:
             if sys.stdout.isatty():
                 print(
