@@ -528,6 +528,11 @@ def merge_image(
     if prepared.plans is None:
         (only,) = results
         evidence = SmearEvidence.of(only.cells)
+        if only.excluded is None and not prepared.spacing.known:
+            # the field was judged at the models' spacing; at an uncertain estimate of it
+            # no dark area's width tells a packed monolayer from a clump
+            unsure = quality_verdict(only.quality, quality, evidence=evidence, scale_known=False)
+            only = only if unsure is None else _excluded(only, unsure)
         named = wrong_spacing_named(only.excluded, prepared.spacing.source, evidence)
         only = _without_smear_evidence(replace(only, excluded=named), evidence, prepared, quality)
         return with_spacing(_no_smear_named(only, prepared, quality), prepared.spacing)

@@ -1081,3 +1081,43 @@ def test_a_path_is_read_while_another_thread_is_still_importing_pillow(
     monkeypatch.setitem(sys.modules, "PIL.Image", types.ModuleType("PIL.Image"))
     assert read_image(path) == path.read_bytes()
     assert not in_memory(str(path)) and in_memory(path.read_bytes())
+
+
+class PackedTransport(FakeTransport):
+    """FakeTransport whose fields measure as a packed monolayer does: 45% of the field
+    under dark grid cells (over the thick limit), none of it in areas wider than a cell."""
+
+    async def infer_image(self, data: bytes) -> dict[str, np.ndarray]:
+        from marrowdx.contract import QUALITY_FIELDS
+
+        out = await super().infer_image(data)
+        measures = {
+            "focus": 20000.0, "foreground": 0.5, "thick": 0.45, "brightness": 140.0,
+            "stain_colour": 0.9, "background": 0.2, "flat": 0.01, "fine_focus": 0.3, "green": 0.0,
+            "thick_wide": 0.02,
+        }  # fmt: skip
+        out[T.field_quality] = np.array([measures[k] for k in QUALITY_FIELDS], np.float32)
+        return out
+
+
+def test_a_packed_field_counts_only_at_a_spacing_known_for_sure() -> None:
+    """Six identified cells, dark areas no wider than a cell: counted when the spacing is
+    given, whether the field is sent as it is or resampled; at an uncertain estimate (the
+    same pixels could be anything at another scale) it is too thick, as before."""
+    cells = [(60 + 150 * i, 300, 60) for i in range(6)]
+
+    def run(data: bytes, **options: object) -> SpacedImageResult:
+        client = AsyncMarrowClient(transport=PackedTransport())  # type: ignore[arg-type]
+        return asyncio.run(client.analyse_image(data, "img", **options))  # type: ignore[arg-type]
+
+    field = picture(config.FIELD_SIZE, cells)
+    as_sent = run(field, um_per_pixel=0.25)
+    assert as_sent.excluded is None and as_sent.counts["lymphocyte"] == 6
+    resampled = run(picture((1400, 700), cells), um_per_pixel=0.2)
+    assert resampled.spacing.fields > 0 and resampled.excluded is None
+    assert resampled.counts["lymphocyte"] == 6
+    one_object = {"spacing_estimate": spacing.SpacingEstimate(0.25, None, 1)}
+    for unsure in (run(field, **one_object), run(picture((1400, 700), cells), **one_object)):
+        assert not unsure.spacing.known
+        assert unsure.excluded is not None and f"{q.TOO_THICK}: 45%" in unsure.excluded
+        assert sum(unsure.counts.values()) == 0
