@@ -81,3 +81,49 @@ def test_a_missing_repository_fails_before_triton_starts(tmp_path) -> None:
     with pytest.raises(ServerError, match="does not exist"):
         with launch_triton(tmp_path / "no-repository", work_dir=tmp_path / "work"):
             pass
+
+
+def test_a_model_process_that_exits_unreadable_is_still_seen_dying(tmp_path, monkeypatch) -> None:
+    """A stub killed under Triton first exits (its argv unreadable once its memory is
+    released, so it is no longer among the model processes found) and only then turns
+    zombie. Watched through that window it is reported dead once gone; dropped from the
+    watch at it, as it was, its death went unseen and Triton went on claiming ready. A
+    process that Triton replaced (a new one of the same instance) is not reported."""
+    from dataclasses import dataclass
+
+    from marrowdx.serving.server import ModelProcess, ServerConfig, TritonServer
+    from marrowdx.serving.triton_install import TritonInstall
+
+    running: set[int] = set()
+
+    @dataclass(frozen=True)
+    class Stub(ModelProcess):
+        def alive(self) -> bool:
+            return self.pid in running
+
+    class Triton:
+        def poll(self) -> None:
+            return None
+
+    preprocess = Stub(101, "preprocess", "preprocess_0_0", 1.0)
+    classifier = Stub(102, "classifier", "classifier_0_0", 1.0)
+    server = TritonServer(ServerConfig(tmp_path), TritonInstall(tmp_path, tmp_path))
+    server.process = Triton()  # type: ignore[assignment]
+    server.model_processes = [preprocess, classifier]
+    found: list[list[ModelProcess]] = []
+    monkeypatch.setattr(server, "current_model_processes", lambda: found[-1])
+    running |= {101, 102}
+    found.append([preprocess, classifier])
+    assert server.dead_models() == []
+    found.append([classifier])  # killed: exiting, its argv gone, not yet a zombie
+    assert server.dead_models() == []
+    running.discard(101)  # a zombie, then reaped
+    assert server.dead_models() == [preprocess]
+    # a stub Triton replaced, the old one exiting meanwhile, is no death
+    server.model_processes = [classifier]
+    successor = Stub(103, "classifier", "classifier_0_0", 2.0)
+    running.add(103)
+    found.append([successor])
+    assert server.dead_models() == []
+    running.discard(102)
+    assert server.dead_models() == []

@@ -372,7 +372,13 @@ class TritonServer:
         gone = [m for m in self.model_processes if not m.alive() and m.instance not in live]
         controlled = self.cfg.model_control_mode != "none"
         dead = [m for m in gone if not controlled or self.model_ready(m.model) is not False]
-        self.model_processes = current + dead
+        # A watched process still running but not among ``current`` is exiting: its argv is
+        # unreadable once its memory is released, before it turns zombie. Dropped from the
+        # watch then, its death went unseen (the dead-model reliability test, twice in a
+        # fresh clone): it stays watched until it is gone.
+        seen = {m.pid for m in current}
+        exiting = [m for m in self.model_processes if m.pid not in seen and m.alive()]
+        self.model_processes = current + exiting + dead
         return dead
 
     def model_ready(self, model: str) -> bool | None:
