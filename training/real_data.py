@@ -25,7 +25,7 @@ from PIL import Image
 
 from marrowdx import config
 from marrowdx.image_checks import upright_rgb
-from marrowdx.spacing import RED_CELL_UM, SpacingEstimate, estimate_images
+from marrowdx.spacing import SpacingEstimate, estimate_images
 
 #: µm per pixel of the detector's and classifier's input: a FIELD_SIZE field at
 #: MODEL_UM_PER_PIXEL letterboxed to INPUT_SIZE.
@@ -41,9 +41,6 @@ VALIDATION_PERCENT = 15
 #: calibration slice the familiarity limit is fitted on: cells a model trained on lie closer
 #: to its class means than new cells of the same labs, so a limit fitted on them flags those.
 CALIBRATION_PERCENT = 10
-#: Boxes cut by the image border by more than this fraction of their side are not used to
-#: measure red cells (a cut cell looks smaller than it is).
-BORDER_MARGIN_PX = 2.0
 
 Log = Callable[[str], None]
 
@@ -139,23 +136,6 @@ def _mirror_boxes(boxes: np.ndarray, w: int, h: int, ox: int, oy: int, canvas: i
     b = np.clip(b, 0, canvas)
     keep = ((b[:, 2] - b[:, 0]) >= 2) & ((b[:, 3] - b[:, 1]) >= 2)
     return b[keep]
-
-
-def red_cell_spacing(boxes: np.ndarray, width: int, height: int) -> float | None:
-    """µm per pixel from red-cell boxes (median side of those not cut by the border)."""
-    if len(boxes) == 0:
-        return None
-    b = np.asarray(boxes, np.float32)
-    inside = (
-        (b[:, 0] > BORDER_MARGIN_PX)
-        & (b[:, 1] > BORDER_MARGIN_PX)
-        & (b[:, 2] < width - BORDER_MARGIN_PX)
-        & (b[:, 3] < height - BORDER_MARGIN_PX)
-    )
-    if not inside.any():
-        return None
-    sides = ((b[inside, 2] - b[inside, 0]) + (b[inside, 3] - b[inside, 1])) / 2
-    return float(RED_CELL_UM / np.median(sides))
 
 
 def allowed_rows(targets: Sequence) -> np.ndarray:
@@ -255,11 +235,7 @@ def real_from_datasets(
     digest = hashlib.blake2b(digest_size=8)
     for ds in datasets:
         fields = [f for f in ds.fields if split_of(f.path, f.split) in splits]
-        spacings: list[float | None] = []
-        for f in fields:
-            red = np.array([t.kind == "red_cell" for t in f.targets], bool)
-            spacings.append(f.um_per_pixel or red_cell_spacing(f.boxes[red], f.width, f.height))
-        spacings = _with_estimates(spacings, [f.path for f in fields])
+        spacings = _with_estimates([f.known_spacing for f in fields], [f.path for f in fields])
         for f, um in zip(fields, spacings, strict=True):
             if not um:
                 skipped[ds.name] = skipped.get(ds.name, 0) + 1

@@ -33,7 +33,6 @@ from marrowdx.training import metrics
 from marrowdx.training.real_data import (
     VALIDATION_PERCENT,
     estimate_where_unknown,
-    red_cell_spacing,
     require_every_set,
     split_of,
 )
@@ -235,12 +234,7 @@ def score_crops(dataset, results, crops, shift: str = "none") -> CropScores:
 def field_spacing(dataset, f, given: float | None) -> float | None:
     """The spacing a field is evaluated at: the one given, the set's declared one, or the
     one its red-cell boxes give (as in training); None lets the client estimate it."""
-    if given is not None:
-        return given
-    if f.um_per_pixel:
-        return f.um_per_pixel
-    red = np.array([t.kind == "red_cell" for t in f.targets], bool)
-    return red_cell_spacing(f.boxes[red], f.width, f.height) if red.any() else None
+    return given if given is not None else f.known_spacing
 
 
 def evaluate_real(

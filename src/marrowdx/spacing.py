@@ -146,6 +146,31 @@ def at_model_spacing(um_per_pixel: float, tolerance: float = MODEL_SPACING_TOLER
     return abs(scale_to_model(um_per_pixel) - 1.0) <= tolerance
 
 
+#: Red-cell boxes reaching within this many pixels of the image border are not used to
+#: measure red cells (a cell cut by the border looks smaller than it is).
+BORDER_MARGIN_PX = 2.0
+
+
+def red_cell_spacing(boxes: np.ndarray, width: int, height: int) -> float | None:
+    """µm per pixel that a data set's red-cell boxes (x0, y0, x1, y1 in an image of
+    ``width`` x ``height``) give: ``RED_CELL_UM`` over the median side of those not cut by
+    the border; None with none left. The ruler for labelled fields that state no spacing,
+    in training, evaluation and the crops cut from them alike."""
+    if len(boxes) == 0:
+        return None
+    b = np.asarray(boxes, np.float32)
+    inside = (
+        (b[:, 0] > BORDER_MARGIN_PX)
+        & (b[:, 1] > BORDER_MARGIN_PX)
+        & (b[:, 2] < width - BORDER_MARGIN_PX)
+        & (b[:, 3] < height - BORDER_MARGIN_PX)
+    )
+    if not inside.any():
+        return None
+    sides = ((b[inside, 2] - b[inside, 0]) + (b[inside, 3] - b[inside, 1])) / 2
+    return float(RED_CELL_UM / np.median(sides))
+
+
 # ------------------------------------------------------------------------------ estimate
 @dataclass(frozen=True)
 class SpacingEstimate:

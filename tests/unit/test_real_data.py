@@ -58,15 +58,6 @@ def test_split_of_is_stable_and_respects_a_declared_split() -> None:
     assert all(d == "calibration" for d, s in pairs if s == "calibration")
 
 
-def test_red_cell_spacing_ignores_cells_cut_by_the_border() -> None:
-    side = 32.0
-    boxes = np.array([[10, 10, 10 + side, 10 + side], [50, 50, 50 + side, 50 + side]])
-    assert real_data.red_cell_spacing(boxes, 200, 200) == pytest.approx(config.MODEL_UM_PER_PIXEL)
-    cut = np.vstack([boxes, [[0, 0, 5, 5]] * 5])  # small cut cells at the corner: left out
-    assert real_data.red_cell_spacing(cut, 200, 200) == pytest.approx(config.MODEL_UM_PER_PIXEL)
-    assert real_data.red_cell_spacing(np.zeros((0, 4)), 200, 200) is None
-
-
 def test_centre_cell_box_finds_the_stained_cell_at_the_centre() -> None:
     rgb = np.full((100, 100, 3), 235, np.uint8)
     yy, xx = np.mgrid[0:100, 0:100]

@@ -390,3 +390,12 @@ def test_encode_takes_an_rgb_image_as_its_array() -> None:
         assert encode(image, fmt) == encode(pixels, fmt)
     with pytest.raises(ValueError, match="RGB"):
         encode(image.convert("RGBA"), "jpg")
+
+
+def test_red_cell_spacing_ignores_cells_cut_by_the_border() -> None:
+    side = 32.0
+    boxes = np.array([[10, 10, 10 + side, 10 + side], [50, 50, 50 + side, 50 + side]])
+    assert spacing.red_cell_spacing(boxes, 200, 200) == pytest.approx(config.MODEL_UM_PER_PIXEL)
+    cut = np.vstack([boxes, [[0, 0, 5, 5]] * 5])  # small cut cells at the corner: left out
+    assert spacing.red_cell_spacing(cut, 200, 200) == pytest.approx(config.MODEL_UM_PER_PIXEL)
+    assert spacing.red_cell_spacing(np.zeros((0, 4)), 200, 200) is None

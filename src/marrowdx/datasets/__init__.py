@@ -2,7 +2,8 @@
 
 Reads the layouts public sets and lab tools write: folder-per-class single-cell crops
 (Munich bone marrow, PBC, Raabin-WBC, AML-Cytomorphology), YOLO txt boxes, Pascal VOC XML
-and COCO JSON. A small declaration file beside the data (``marrowdx-dataset.toml``) states
+and COCO JSON; cuts a field set's labelled cells out as crops (``cut_crops``, ``marrowdx
+data crops``). A small declaration file beside the data (``marrowdx-dataset.toml``) states
 its pixel spacing (or that it is unknown) and maps its labels onto the taxonomy: one class,
 a group of classes (a partial label), ``ignore`` or ``red_cell``. Unmapped labels are
 reported, never guessed. Whole-slide cohorts with DICOM Microscopy Bulk Simple Annotations
@@ -20,6 +21,7 @@ from marrowdx.datasets.base import (
     DatasetError,
 )
 from marrowdx.datasets.catalogue import PUBLIC_SETS, PublicSet, public_set
+from marrowdx.datasets.cut import CutCrops, cut_crops
 from marrowdx.datasets.declaration import UNKNOWN, Declaration, read_declaration
 from marrowdx.datasets.labels import LabelTarget, auto_target, resolve_target, target_names
 from marrowdx.datasets.load import Dataset, load_dataset
@@ -33,12 +35,14 @@ __all__ = [
     "UNKNOWN",
     "AnnotatedField",
     "CellCrop",
+    "CutCrops",
     "Dataset",
     "DatasetError",
     "Declaration",
     "LabelTarget",
     "PublicSet",
     "auto_target",
+    "cut_crops",
     "detect_format",
     "load_dataset",
     "public_set",

@@ -8,9 +8,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from marrowdx.datasets.labels import LabelTarget
+from marrowdx.datasets.labels import KIND_RED_CELL, LabelTarget
 from marrowdx.errors import InputError
 from marrowdx.image_checks import IMAGE_SUFFIXES, is_system_entry, open_image, upright_size
+from marrowdx.spacing import red_cell_spacing
 
 #: The file beside the data that declares its format, pixel spacing and label map.
 DECLARATION_NAME = "marrowdx-dataset.toml"
@@ -67,6 +68,16 @@ class AnnotatedField:
     um_per_pixel: float | None  # the data set's declared spacing (None: unknown)
     unmapped_boxes: np.ndarray = field(default_factory=lambda: np.zeros((0, 4), np.float32))
     unmapped_labels: list[str] = field(default_factory=list)
+
+    @property
+    def known_spacing(self) -> float | None:
+        """The field's pixel spacing as its labels know it: the declared one, else the one
+        its red-cell boxes give (``marrowdx.spacing.red_cell_spacing``), else None (the
+        client's estimate is then all there is)."""
+        if self.um_per_pixel:
+            return self.um_per_pixel
+        red = np.array([t.kind == KIND_RED_CELL for t in self.targets], bool)
+        return red_cell_spacing(self.boxes[red], self.width, self.height) if red.any() else None
 
 
 @dataclass

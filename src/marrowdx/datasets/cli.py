@@ -10,6 +10,7 @@ from pathlib import Path
 
 from marrowdx.datasets.base import DECLARATION_NAME, FORMATS, DatasetError
 from marrowdx.datasets.catalogue import PUBLIC_SETS, public_set
+from marrowdx.datasets.cut import DEFAULT_CONTEXT, cut_crops
 from marrowdx.datasets.declaration import UNKNOWN
 from marrowdx.datasets.load import Dataset, load_dataset
 
@@ -23,24 +24,59 @@ def configure_data(parser: argparse.ArgumentParser) -> None:
     de.add_argument("--set", dest="set_name", required=True, choices=sorted(PUBLIC_SETS))
     de.add_argument("--force", action="store_true", help="replace an existing declaration")
     ch = sub.add_parser("check", help="read a data set and show its format, spacing and labels")
-    ch.add_argument("dir", type=Path, help="the data set folder (or a COCO .json file)")
-    ch.add_argument("--declaration", type=Path, default=None, help=f"else DIR/{DECLARATION_NAME}")
-    ch.add_argument("--format", choices=FORMATS, default=None, help="else detected")
-    ch.add_argument("--um-per-pixel", default=None, help=f"pixel spacing (a number or {UNKNOWN!r})")
-    ch.add_argument(
-        "--label",
-        action="append",
-        default=[],
-        metavar="SRC=TARGET[,TARGET]",
-        help="map a source label (repeatable; overrides the declaration)",
-    )
-    ch.add_argument("--split", default=None, help="only this split")
+    _reading_options(ch)
     ch.add_argument(
         "--headers-only",
         action="store_true",
         help="read image headers only (default: decode every image, which finds truncated files)",
     )
     ch.add_argument("--json", type=Path, default=None, help="also write the summary as JSON")
+    cr = sub.add_parser(
+        "crops",
+        help="cut the labelled cells of a field set out as single-cell crops, a folder per label",
+    )
+    _reading_options(cr)
+    cr.add_argument("--out", type=Path, required=True, help="a new or empty folder for the crops")
+    cr.add_argument(
+        "--only",
+        default=None,
+        metavar="LABEL[,LABEL]",
+        help="cut only boxes with these source labels (default: every label mapped to cells)",
+    )
+    cr.add_argument(
+        "--context",
+        type=float,
+        default=DEFAULT_CONTEXT,
+        help="the crop's side over its box's longer side (default %(default)s: the cell "
+        "and its neighbours)",
+    )
+    cr.add_argument(
+        "--to-um-per-pixel",
+        type=float,
+        default=None,
+        help="resample every crop to this spacing from its field's (declared, else from its "
+        "red-cell boxes); default: keep the fields' pixels",
+    )
+
+
+def _reading_options(parser: argparse.ArgumentParser) -> None:
+    """How a data set folder is read: the options ``check`` and ``crops`` share."""
+    parser.add_argument("dir", type=Path, help="the data set folder (or a COCO .json file)")
+    parser.add_argument(
+        "--declaration", type=Path, default=None, help=f"else DIR/{DECLARATION_NAME}"
+    )
+    parser.add_argument("--format", choices=FORMATS, default=None, help="else detected")
+    parser.add_argument(
+        "--um-per-pixel", default=None, help=f"pixel spacing (a number or {UNKNOWN!r})"
+    )
+    parser.add_argument(
+        "--label",
+        action="append",
+        default=[],
+        metavar="SRC=TARGET[,TARGET]",
+        help="map a source label (repeatable; overrides the declaration)",
+    )
+    parser.add_argument("--split", default=None, help="only this split")
 
 
 def parse_label_options(options: list[str]) -> dict[str, str | list[str]] | None:
@@ -176,6 +212,34 @@ def _catalogue_json() -> list[dict]:
     ]
 
 
+def _cut(dataset: Dataset, args: argparse.Namespace) -> int:
+    """``data crops``: cut, then say what was written and how to score it."""
+    if dataset.format == "crops":
+        raise DatasetError(f"{args.dir}: already single-cell crops; nothing to cut")
+    only = [s.strip() for s in args.only.split(",") if s.strip()] if args.only else None
+    print(f"cutting the cells of {len(dataset.fields)} fields of {dataset.name} into {args.out}")
+    cut = cut_crops(
+        dataset.fields,
+        dataset.label_map,
+        args.out,
+        labels=only,
+        context=args.context,
+        um_per_pixel=args.to_um_per_pixel,
+        name=f"{dataset.name}-crops",
+        notes=dataset.notes,
+        log=print,
+    )
+    per_label = ", ".join(f"{k} {v}" for k, v in sorted(cut.per_label.items()))
+    print(f"wrote {cut.n_crops} crops ({per_label}) and {cut.declaration}")
+    if cut.unknown_spacing:
+        print(
+            f"left out {cut.unknown_spacing} fields whose spacing is not known (declare the "
+            "set's um_per_pixel, or label its red cells)"
+        )
+    print(f"score them with: marrowdx evaluate --data {args.out}")
+    return 0
+
+
 def _write_json(path: Path, data: object) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(data, indent=1, ensure_ascii=False) + "\n")
@@ -205,8 +269,10 @@ def run_data(args: argparse.Namespace) -> int:
         um_per_pixel=args.um_per_pixel,
         labels=parse_label_options(args.label),
         split=args.split,
-        verify=not args.headers_only,
+        verify=args.data_command == "check" and not args.headers_only,
     )
+    if args.data_command == "crops":
+        return _cut(dataset, args)
     s = summary(dataset)
     _print_summary(s)
     if args.json is not None:
