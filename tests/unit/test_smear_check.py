@@ -348,6 +348,16 @@ def test_round_objects_all_of_one_size_at_an_estimated_spacing_are_drawn(images)
     assert q.red_cells_verdict("estimated", n, few, red_cell_spread=0.05) is None
     assert q.red_cells_verdict("estimated", n, few, red_cell_spread=None) is None
 
+    # three drawn dots are enough to tell (a bar chart's three bar ends were): red cells
+    # estimated from three objects spread 0.004 and up in the real sets
+    three = Image.new("RGB", (640, 480), "white")
+    for i in range(3):
+        ImageDraw.Draw(three).ellipse((40 + 200 * i, 200, 100 + 200 * i, 260), fill=(200, 80, 90))
+    dots = estimate_from_bytes(_encode(three, "PNG"))
+    assert dots.n_red_cells == 3 and dots.relative_uncertainty <= q.MAX_DRAWN_SPREAD
+    verdict = q.red_cells_verdict("estimated", 3, few, red_cell_spread=dots.relative_uncertainty)
+    assert verdict is not None and "the 3 round objects taken for red cells" in verdict
+
 
 def test_no_red_cell_of_its_size_at_a_stated_spacing_and_no_identified_cell_is_no_smear() -> None:
     """At a stated spacing the red cells are those of a red cell's size at it, counted by
