@@ -104,6 +104,22 @@ def test_what_cannot_be_cut_is_named(tmp_path: Path) -> None:
     assert not (tmp_path / "b" / DECLARATION_NAME).exists()
 
 
+def test_a_damaged_field_is_named_before_anything_is_cut(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    root = _field_set(tmp_path / "fields")
+    ds = load_dataset(root)
+    image = root / "images" / "val" / "f1.png"
+    data = image.read_bytes()
+    image.write_bytes(data[: len(data) // 2])  # truncated after the set was read
+    out = tmp_path / "crops"
+    with pytest.raises(DatasetError, match="f1.png: cannot decode the image"):
+        cut_crops(ds.fields, ds.label_map, out)
+    assert main(["data", "crops", str(root), "--out", str(out)]) == 2
+    assert "f1.png: cannot open the image" in capsys.readouterr().err
+    assert not (out / DECLARATION_NAME).exists()
+
+
 def test_cli_cuts_the_real_samples_white_cells(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -269,7 +269,7 @@ def run_data(args: argparse.Namespace) -> int:
         um_per_pixel=args.um_per_pixel,
         labels=parse_label_options(args.label),
         split=args.split,
-        verify=args.data_command == "check" and not args.headers_only,
+        verify=not getattr(args, "headers_only", False),  # a damaged image named before cutting
     )
     if args.data_command == "crops":
         return _cut(dataset, args)

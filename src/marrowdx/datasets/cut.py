@@ -122,7 +122,7 @@ def cut_crops(
                 unknown += 1
                 continue
             factor = spacing / um_per_pixel
-        rgb = upright_rgb(f.path)
+        rgb = _decoded(f.path)
         folder = out / f.split if f.split is not None else out
         for i in rows:
             window = crop_window(f.boxes[i], f.width, f.height, context)
@@ -142,6 +142,15 @@ def cut_crops(
         _declaration(name, spacing_out, wanted, label_map, notes or {}, context), encoding="utf-8"
     )
     return CutCrops(out=out, per_label=per_label, declaration=declaration, unknown_spacing=unknown)
+
+
+def _decoded(path: Path) -> Image.Image:
+    """The field's upright pixels, or a ``DatasetError`` naming the image (a set read with
+    headers only can hold a truncated file)."""
+    try:
+        return upright_rgb(path)
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        raise DatasetError(f"{path}: cannot decode the image ({exc})") from None
 
 
 def _wanted_labels(
