@@ -641,21 +641,29 @@ def test_a_tiff_is_held_to_the_decoded_pixel_limit_not_the_request_byte_limit(
         read_image(tiff)
 
 
-class ThickTransport(FakeTransport):
-    """FakeTransport whose every field measures 60% under dense clumps, as the padded field
-    of a real marrow crop (a cell filling most of it, mirrored all around) does."""
+class FixedMeasuresTransport(FakeTransport):
+    """FakeTransport whose every field measures ``measures`` (the field-quality measures by
+    name), whatever the image."""
+
+    measures: dict[str, float] = {}
 
     async def infer_image(self, data: bytes) -> dict[str, np.ndarray]:
         from marrowdx.contract import QUALITY_FIELDS
 
         out = await super().infer_image(data)
-        measures = {
-            "focus": 20000.0, "foreground": 0.5, "thick": 0.6, "brightness": 140.0,
-            "stain_colour": 0.9, "background": 0.3, "flat": 0.01, "fine_focus": 0.3, "green": 0.0,
-            "thick_wide": 0.6,
-        }  # fmt: skip
-        out[T.field_quality] = np.array([measures[k] for k in QUALITY_FIELDS], np.float32)
+        out[T.field_quality] = np.array([self.measures[k] for k in QUALITY_FIELDS], np.float32)
         return out
+
+
+class ThickTransport(FixedMeasuresTransport):
+    """Every field 60% under dense clumps, as the padded field of a real marrow crop (a cell
+    filling most of it, mirrored all around) measures."""
+
+    measures = {
+        "focus": 20000.0, "foreground": 0.5, "thick": 0.6, "brightness": 140.0,
+        "stain_colour": 0.9, "background": 0.3, "flat": 0.01, "fine_focus": 0.3, "green": 0.0,
+        "thick_wide": 0.6,
+    }  # fmt: skip
 
 
 def _analysed(data: bytes, **options: object) -> SpacedImageResult:
@@ -1083,21 +1091,15 @@ def test_a_path_is_read_while_another_thread_is_still_importing_pillow(
     assert not in_memory(str(path)) and in_memory(path.read_bytes())
 
 
-class PackedTransport(FakeTransport):
-    """FakeTransport whose fields measure as a packed monolayer does: 45% of the field
-    under dark grid cells (over the thick limit), none of it in areas wider than a cell."""
+class PackedTransport(FixedMeasuresTransport):
+    """Fields measured as a packed monolayer: 45% of the field under dark grid cells (over
+    the thick limit), none of it in areas wider than a cell."""
 
-    async def infer_image(self, data: bytes) -> dict[str, np.ndarray]:
-        from marrowdx.contract import QUALITY_FIELDS
-
-        out = await super().infer_image(data)
-        measures = {
-            "focus": 20000.0, "foreground": 0.5, "thick": 0.45, "brightness": 140.0,
-            "stain_colour": 0.9, "background": 0.2, "flat": 0.01, "fine_focus": 0.3, "green": 0.0,
-            "thick_wide": 0.02,
-        }  # fmt: skip
-        out[T.field_quality] = np.array([measures[k] for k in QUALITY_FIELDS], np.float32)
-        return out
+    measures = {
+        "focus": 20000.0, "foreground": 0.5, "thick": 0.45, "brightness": 140.0,
+        "stain_colour": 0.9, "background": 0.2, "flat": 0.01, "fine_focus": 0.3, "green": 0.0,
+        "thick_wide": 0.02,
+    }  # fmt: skip
 
 
 def test_a_packed_field_counts_only_at_a_spacing_known_for_sure() -> None:
