@@ -5,6 +5,7 @@ YOLO sample."""
 from __future__ import annotations
 
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -85,6 +86,11 @@ def test_without_resampling_the_crops_keep_the_fields_pixels_and_spacing(tmp_pat
     crop = np.asarray(Image.open(tmp_path / "crops" / "val" / "WBC" / "f1_000.png"))
     assert crop.shape == (120, 120, 3)
     assert load_dataset(tmp_path / "crops").um_per_pixel == pytest.approx(0.08)
+    # two images of one stem (a copy saved as JPEG beside the PNG): no crop overwrites another
+    twice = [ds.fields[0], replace(ds.fields[0], path=ds.fields[0].path.with_suffix(".jpg"))]
+    shutil.copy(ds.fields[0].path, twice[1].path)
+    cut = cut_crops(twice, ds.label_map, tmp_path / "twice")
+    assert cut.per_label == {"WBC": 4} and len(list((tmp_path / "twice").rglob("*.png"))) == 4
 
 
 def test_what_cannot_be_cut_is_named(tmp_path: Path) -> None:

@@ -132,7 +132,10 @@ def cut_crops(
                 crop = crop.resize(size, Image.Resampling.LANCZOS)
             target = folder / folder_name(f.labels[i])
             target.mkdir(parents=True, exist_ok=True)
-            crop.save(target / f"{f.path.stem}_{i:03d}.png")
+            path = target / f"{f.path.stem}_{i:03d}.png"
+            if path.exists():  # another image of this stem (a.jpg beside a.png, subfolders)
+                path = target / f"{f.path.stem}-{n}_{i:03d}.png"
+            crop.save(path)
             per_label[folder_name(f.labels[i])] += 1
     if not per_label:
         raise DatasetError(_nothing_cut(wanted, unknown))
