@@ -21,6 +21,7 @@ from marrowdx.client import MarrowClient
 from marrowdx.client.fields import SpacingInfo
 from marrowdx.differential import WITHHOLDING_PATTERNS
 from marrowdx.preprocess import boxes_to_original
+from marrowdx.serving.server import SHM_DIR
 
 pytestmark = pytest.mark.server
 
@@ -199,9 +200,12 @@ def test_a_server_restart_mid_patient_loses_and_double_counts_nothing(
         worker = threading.Thread(target=diagnose)
         worker.start()
         assert first_done.wait(READY_TIMEOUT_S)
+        regions = set(launched.server.shm_regions)
         if stop == "sigkill":  # a crash: in-flight requests die with the server
             os.killpg(launched.pid, signal.SIGKILL)
         launched.server.stop()  # SIGTERM: Triton refuses new requests, unloads, exits
+        # a killed server's model processes leave their shared memory behind: released
+        assert regions and not [r for r in regions if (SHM_DIR / r).exists()]
         time.sleep(1.0)  # clients see the server gone
         # A new Triton on the same ports, not waited for: the client's retries are tested.
         launched.restart(wait=False)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import secrets
 import signal
 import socket
@@ -62,6 +63,10 @@ TRITON_EXIT_TIMEOUT_S = 10
 DEAD_MODEL_STOP_TIMEOUT_S = 5.0
 #: Executable name of the python backend's per-instance model process.
 STUB_NAME = "triton_python_backend_stub"
+#: Where a model process's shared-memory region lives, and the names the python backend gives
+#: them (a plain file name: what a stub's argv says is never a path out of /dev/shm).
+SHM_DIR = Path("/dev/shm")
+SHM_REGION = re.compile(r"triton_python_backend_shm_region_[0-9A-Za-z-]+")
 #: Folder under the work dir where the launcher keeps its copy of the Triton tree.
 TRITON_INSTALL_DIR = "triton"
 #: After a kill the kernel may hold the ports for a moment: how long a restart on the same
@@ -241,6 +246,7 @@ class ModelProcess:
     model: str  # model name (the folder above the version folder in the stub's argv)
     instance: str  # Triton's instance name, e.g. "preprocess_0_0"
     create_time: float  # with the pid, identifies the process (pids are reused)
+    shm_region: str | None = None  # its shared-memory region's name under /dev/shm
 
     @classmethod
     def from_process(cls, proc) -> ModelProcess | None:
@@ -259,7 +265,10 @@ class ModelProcess:
         model_file = Path(argv[1])
         model = model_file.parent.parent.name if len(model_file.parts) >= 3 else str(model_file)
         instance = argv[8] if len(argv) > 8 else model
-        return cls(pid=proc.pid, model=model, instance=instance, create_time=created)
+        region = argv[2] if len(argv) > 2 and SHM_REGION.fullmatch(argv[2]) else None
+        return cls(
+            pid=proc.pid, model=model, instance=instance, create_time=created, shm_region=region
+        )
 
     def alive(self) -> bool:
         """Running (a zombie, killed but not yet reaped by Triton, counts as dead)."""
@@ -287,6 +296,8 @@ class TritonServer:
         self.ready_after_s: float | None = None
         #: The model processes seen when the server became ready (see :meth:`dead_models`).
         self.model_processes: list[ModelProcess] = []
+        #: The shared-memory regions of every model process seen (:meth:`_release_shm`).
+        self.shm_regions: set[str] = set()
 
     def start(self) -> TritonServer:
         for port in (self.cfg.http_port, self.cfg.grpc_port, self.cfg.metrics_port):
@@ -350,7 +361,9 @@ class TritonServer:
         except psutil.Error:
             return []
         found = (ModelProcess.from_process(c) for c in children)
-        return [m for m in found if m is not None and m.alive()]
+        live = [m for m in found if m is not None and m.alive()]
+        self.shm_regions.update(m.shm_region for m in live if m.shm_region)
+        return live
 
     def dead_models(self) -> list[ModelProcess]:
         """Model processes that died while Triton lives on and still calls their model
@@ -408,6 +421,7 @@ class TritonServer:
             except subprocess.TimeoutExpired:
                 self.kill()
         self._reap_group()
+        self._release_shm()
         return self.process.returncode
 
     def kill(self) -> None:
@@ -419,6 +433,20 @@ class TritonServer:
         except ProcessLookupError:
             pass
         self.process.wait()
+
+    def _release_shm(self) -> None:
+        """Remove the shared-memory regions of this server's model processes once its whole
+        group is gone. Why: a stub unlinks its region only when it exits cleanly; after a
+        crash or a SIGKILL (the OOM killer) every region stays in /dev/shm, 16 MiB or more
+        each (seen: 5 regions, 80 MiB, left by the crash tests of each test-suite run), until
+        a small /dev/shm is full and no python model can load. The names come from the
+        stubs' own argv, so no other server's region is touched."""
+        if self.group_alive():
+            return
+        for name in sorted(self.shm_regions):
+            with contextlib.suppress(OSError):
+                (SHM_DIR / name).unlink(missing_ok=True)
+        self.shm_regions.clear()
 
     def _reap_group(self) -> None:
         """Kill anything left in Triton's process group (e.g. a stub that outlived a crash)."""
