@@ -99,6 +99,10 @@ def test_what_cannot_be_cut_is_named(tmp_path: Path) -> None:
         cut_crops(ds.fields, ds.label_map, tmp_path / "a", labels=["NEU"])
     with pytest.raises(DatasetError, match="no cells labelled RBC"):  # red cells are no cells
         cut_crops(ds.fields, ds.label_map, tmp_path / "a", labels=["RBC"])
+    with pytest.raises(DatasetError, match="must be a positive number of µm per pixel"):
+        cut_crops(ds.fields, ds.label_map, tmp_path / "a", um_per_pixel=-0.1)
+    with pytest.raises(DatasetError, match="context .* must be positive"):
+        cut_crops(ds.fields, ds.label_map, tmp_path / "a", context=0)
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "x.txt").write_text("x")
     with pytest.raises(DatasetError, match="not empty"):

@@ -102,7 +102,10 @@ def cut_crops(
             f"context (the crop's side over the box's) must be positive, not {context}"
         )
     if um_per_pixel is not None:
-        um_per_pixel = check_um_per_pixel(um_per_pixel, "the crops' um_per_pixel")
+        try:
+            um_per_pixel = check_um_per_pixel(um_per_pixel, "the crops' um_per_pixel")
+        except ValueError as exc:
+            raise DatasetError(str(exc)) from None
     if out.exists() and any(out.iterdir()):
         raise DatasetError(f"{out}: not empty; cut the crops into a new or empty folder")
     wanted = _wanted_labels(label_map, labels)
