@@ -415,6 +415,7 @@ class TritonServer:
         if self.process is None:
             return 0
         if self.process.poll() is None:
+            self.current_model_processes()  # their shm regions, for _release_shm
             self.process.send_signal(signal.SIGTERM)
             try:
                 self.process.wait(timeout_s)
@@ -428,6 +429,7 @@ class TritonServer:
         """SIGKILL Triton's whole process group (Triton and every model process) and reap it."""
         if self.process is None:
             return
+        self.current_model_processes()  # their shm regions, for _release_shm
         try:
             os.killpg(self.process.pid, signal.SIGKILL)
         except ProcessLookupError:
