@@ -451,20 +451,27 @@ class TritonServer:
         self.shm_regions.clear()
 
     def _reap_group(self) -> None:
-        """Kill anything left in Triton's process group (e.g. a stub that outlived a crash)."""
+        """Kill anything left in Triton's process group (e.g. a stub that outlived a crash),
+        and wait a moment for it to be gone: its shared memory is released only then."""
         pgid = self.process.pid if self.process is not None else None
         if pgid is None:
             return
-        for _ in range(50):
-            try:
-                os.killpg(pgid, 0)
-            except ProcessLookupError:
-                return
-            time.sleep(0.1)
+        if self._group_gone_within(5.0):
+            return
         try:
             os.killpg(pgid, signal.SIGKILL)
         except ProcessLookupError:
-            pass
+            return
+        self._group_gone_within(2.0)
+
+    def _group_gone_within(self, seconds: float) -> bool:
+        """Whether Triton's process group is gone within ``seconds`` (polled)."""
+        deadline = time.monotonic() + seconds
+        while self.group_alive():
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.1)
+        return True
 
     def group_alive(self) -> bool:
         """Whether any process of Triton's group still exists (for orphan checks)."""
