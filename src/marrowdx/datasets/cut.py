@@ -133,19 +133,20 @@ def cut_crops(
             if factor != 1.0:
                 size = (max(1, round(crop.width * factor)), max(1, round(crop.height * factor)))
                 crop = crop.resize(size, Image.Resampling.LANCZOS)
-            target = folder / folder_name(f.labels[i])
+            label = folder_name(f.labels[i])
+            target = folder / label
             target.mkdir(parents=True, exist_ok=True)
             path = target / f"{f.path.stem}_{i:03d}.png"
             if path.exists():  # another image of this stem (a.jpg beside a.png, subfolders)
                 path = target / f"{f.path.stem}-{n}_{i:03d}.png"
             crop.save(path)
-            per_label[folder_name(f.labels[i])] += 1
+            per_label[label] += 1
     if not per_label:
         raise DatasetError(_nothing_cut(wanted, unknown))
     spacing_out: float | str = um_per_pixel or _shared_spacing(fields) or UNKNOWN
     declaration = out / DECLARATION_NAME
     declaration.write_text(
-        _declaration(name, spacing_out, wanted, label_map, notes or {}, context), encoding="utf-8"
+        _declaration(name, spacing_out, wanted, notes or {}, context), encoding="utf-8"
     )
     return CutCrops(out=out, per_label=per_label, declaration=declaration, unknown_spacing=unknown)
 
@@ -207,7 +208,6 @@ def _declaration(
     name: str,
     spacing: float | str,
     wanted: dict[str, LabelTarget],
-    label_map: dict[str, LabelTarget],
     notes: dict[str, str],
     context: float,
 ) -> str:
@@ -216,7 +216,7 @@ def _declaration(
     values: dict[str, object] = {"name": name, "format": "crops", "um_per_pixel": spacing}
     values.update({k: v for k, v in notes.items() if k in ("source", "license", "citation", "url")})
     values["description"] = f"{notes['description']}; {cut}" if "description" in notes else cut
-    targets = {folder_name(k): _as_declared(t) for k, t in wanted.items() if k in label_map}
+    targets = {folder_name(k): _as_declared(t) for k, t in wanted.items()}
     return declaration_text(header=[f"Single-cell crops {cut}."], values=values, labels=targets)
 
 

@@ -429,7 +429,6 @@ class TritonServer:
         """SIGKILL Triton's whole process group (Triton and every model process) and reap it."""
         if self.process is None:
             return
-        self.current_model_processes()  # their shm regions, for _release_shm
         try:
             os.killpg(self.process.pid, signal.SIGKILL)
         except ProcessLookupError:
