@@ -683,12 +683,20 @@ def wrong_spacing_named(
     reason: str | None, source: str | None, evidence: SmearEvidence | None
 ) -> str | None:
     """A ``magnification far from the given spacing`` ``reason`` named as possibly no smear
-    when the spacing was estimated (``source``) and the image shows no smear's cells
-    (``evidence``, :meth:`SmearEvidence.lacking`); any other reason, or None, as it is. Also
-    for a reason its fields gave where the image's own cells are too few to judge."""
-    if reason is None or not reason.startswith(WRONG_SPACING):
+    when the image shows no smear's cells (``evidence``, :meth:`SmearEvidence.lacking`) and
+    the spacing was estimated (``source``), or when the user stated it and the models
+    identified no cell at all; any other reason, or None, as it is. Also for a reason its
+    fields gave where the image's own cells are too few to judge. Why at a stated spacing
+    too: the image is excluded either way, and a picture that is no smear (an
+    immunohistochemistry image, a scatter plot at 0.25 µm/px: no cell identified) was named
+    only for its magnification; why no cell at all there: the user's spacing is trusted, so
+    a field of a few identified cells stays a smear sent at the wrong spacing. It only names
+    an exclusion: no count changes."""
+    if reason is None or not reason.startswith(WRONG_SPACING) or source is None:
         return reason
-    if source in (None, *STATED_SOURCES) or not (evidence and evidence.lacking):
+    if evidence is None or not evidence.lacking:
+        return reason
+    if source in STATED_SOURCES and evidence.identified:
         return reason
     return evidence.maybe_no_smear("at another magnification", reason)
 

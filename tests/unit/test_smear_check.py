@@ -279,8 +279,9 @@ def test_the_magnification_check_sizes_nucleated_cells_not_platelets() -> None:
 def test_cells_no_larger_than_red_cells_at_an_estimated_spacing_may_be_no_smear() -> None:
     """A chart's dots or a pattern's blobs all have one size: at a spacing estimated from
     them as red cells, its "white cells" come out too small. When the models identify
-    few of them, the reason says it may be no smear; at a stated spacing, or with cells
-    identified, it stays a wrong magnification."""
+    few of them, the reason says it may be no smear; at a stated spacing only when they
+    identify none (the user's spacing is trusted), and with enough cells identified it
+    stays a wrong magnification."""
     white = taxonomy.CLASS_INDEX["lymphocyte"]
     boxes = np.array([(40 * i, 40, 40 * i + 14, 54) for i in range(8)], np.float32)
     labels = np.full(8, white)
@@ -301,6 +302,12 @@ def test_cells_no_larger_than_red_cells_at_an_estimated_spacing_may_be_no_smear(
     field_reason = q.spacing_verdict(boxes, labels)
     assert q.wrong_spacing_named(field_reason, "estimated", few) == named
     assert q.wrong_spacing_named(field_reason, "given", few) == field_reason
+    none = q.SmearEvidence(identified=0, objects=8)
+    for stated in ("given", "patient", "file"):
+        renamed = q.wrong_spacing_named(field_reason, stated, none)
+        assert renamed.startswith(f"{q.NOT_A_SMEAR} (or one at another magnification)")
+        assert renamed.endswith(field_reason) and "no cell identified" in renamed
+    assert q.wrong_spacing_named(field_reason, None, none) == field_reason
     assert q.wrong_spacing_named("out of focus: ...", "estimated", few) == "out of focus: ..."
     assert q.wrong_spacing_named(None, "estimated", few) is None
 
