@@ -34,11 +34,13 @@ from marrowdx.client.quality import (
     WRONG_SPACING,
     QualityThresholds,
     SmearEvidence,
+    cell_size_ratio,
     cells_verdict,
     focus_warning,
     magnification_verdict,
     quality_verdict,
     red_cells_verdict,
+    size_suspect,
     smear_measured,
     spacing_verdict,
     stated_spacing_verdict,
@@ -487,20 +489,48 @@ def stated_spacings_checked(
     return checked
 
 
+def _in_model_input(cells: Sequence[Cell], spacing: SpacingInfo) -> tuple[np.ndarray, np.ndarray]:
+    """The boxes (input pixels, brought to the models' input scale) and class indices of
+    ``cells``: what the cell-size rules read."""
+    to_model = scale_to_model(spacing.um_per_pixel) * config.INPUT_SIZE / config.FIELD_SIZE[0]
+    boxes = np.array([c.box for c in cells], np.float64).reshape(-1, 4) * to_model
+    labels = np.array([taxonomy.CLASS_INDEX[c.label] for c in cells], np.int64)
+    return boxes, labels
+
+
 def _cell_size_verdict(
     cells: Sequence[Cell],
     spacing: SpacingInfo,
     quality: QualityThresholds,
     evidence: SmearEvidence,
 ) -> str | None:
-    """``quality.spacing_verdict`` over every nucleated cell of a tiled image (boxes in input
-    pixels, brought to the models' input scale): the median of the whole image's cells,
-    where one field may hold too few to judge; the image's spacing source and evidence
-    decide whether it is named as possibly no smear."""
-    to_model = scale_to_model(spacing.um_per_pixel) * config.INPUT_SIZE / config.FIELD_SIZE[0]
-    boxes = np.array([c.box for c in cells], np.float64).reshape(-1, 4) * to_model
-    labels = np.array([taxonomy.CLASS_INDEX[c.label] for c in cells], np.int64)
+    """``quality.spacing_verdict`` over every nucleated cell of a tiled image: the median of
+    the whole image's cells, where one field may hold too few to judge; the image's spacing
+    source and evidence decide whether it is named as possibly no smear."""
+    boxes, labels = _in_model_input(cells, spacing)
     return spacing_verdict(boxes, labels, quality, source=spacing.source, evidence=evidence)
+
+
+def _stated_against_red_cells(
+    excluded: str | None,
+    cells: Sequence[Cell],
+    prepared: PreparedImage,
+    quality: QualityThresholds,
+) -> tuple[str | None, SpacingEstimate | None]:
+    """For a field (not a crop: ``merge_image`` asks a crop's red cells always) counted at a
+    stated spacing whose cells are of a suspect size (``quality.size_suspect``): the
+    estimate from its own red cells, and the exclusion when they overrule the stated spacing
+    (``quality.stated_spacing_verdict``); ``excluded`` and None otherwise. The estimate also
+    joins the patient's pool (``stated_spacings_checked``). Why: the cell-size rule's
+    tolerance lets a field stated at half or twice its spacing through, its cells read at
+    the wrong size; red cells are a ruler the detector's boxes are not."""
+    spacing = prepared.spacing
+    if excluded is not None or not quality.enabled or spacing.source not in STATED_SOURCES:
+        return excluded, None
+    if not size_suspect(cell_size_ratio(*_in_model_input(cells, spacing))):
+        return excluded, None
+    own = _red_cell_estimate(prepared, quality)
+    return stated_spacing_verdict(spacing.um_per_pixel, _overruling(own), quality), own
 
 
 def merge_image(
@@ -534,8 +564,11 @@ def merge_image(
             unsure = quality_verdict(only.quality, quality, evidence=evidence, scale_known=False)
             only = only if unsure is None else _excluded(only, unsure)
         named = wrong_spacing_named(only.excluded, prepared.spacing.source, evidence)
-        only = _without_smear_evidence(replace(only, excluded=named), evidence, prepared, quality)
-        return with_spacing(_no_smear_named(only, prepared, quality), prepared.spacing)
+        named, own = _stated_against_red_cells(named, only.cells, prepared, quality)
+        if named is not None:
+            only = _excluded(only, named)
+        only = _without_smear_evidence(only, evidence, prepared, quality)
+        return with_spacing(_no_smear_named(only, prepared, quality), prepared.spacing, own)
     height, width = prepared.size
     x0, y0, x1, y1 = prepared.region or (0, 0, width, height)
     # the plans' pixels are the region's: shifted onto the input image
@@ -600,6 +633,7 @@ def merge_image(
             excluded = _cell_size_verdict(
                 kept, prepared.spacing, quality, evidence
             ) or wrong_spacing_named(excluded, prepared.spacing.source, evidence)
+        excluded, own = _stated_against_red_cells(excluded, kept, prepared, quality)
     spacing = prepared.spacing
     coarse = magnification_verdict(spacing.um_per_pixel, spacing.source, quality, evidence=evidence)
     if coarse is not None and not (excluded or "").startswith(NOT_A_SMEAR):

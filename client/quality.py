@@ -104,6 +104,13 @@ TYPICAL_CELL_SIDE = 29.0
 CELL_SIDE_TOLERANCE = 1.8
 #: The spacing check needs this many detected nucleated cells to take a median.
 MIN_CELLS_FOR_SPACING = 5
+#: A field at a stated spacing whose median cell is within the tolerance but more than this
+#: many times off the typical size has its red cells asked (``size_suspect``; about 6.5-14
+#: ms of the client's CPU, spent only on such a field). Why: the detector's boxes do not
+#: scale with a wrong spacing; a field stated at half or twice its spacing measured cells
+#: 0.55-0.73 or 1.65-1.79 times the typical size (simulated, 48 fields), mostly within the
+#: tolerance, and was counted with another differential; at the right spacing 0.82-1.14.
+CELL_SIZE_SUSPECT = 1.3
 #: A field over the thick limit is taken for a packed monolayer (``_packed``) only with at
 #: least this many nucleated cells identified in it: real marrow crops tiled 4 x 4 (a 100 µm
 #: field) showed 4-8, a whole 256 µm field of them dozens; a photograph of a cup of coffee
@@ -668,7 +675,8 @@ def stated_spacing_verdict(
     cells are the ruler left."""
     if not thresholds.enabled or red_cells is None:
         return None
-    ratio = red_cells / stated
+    # red cells RED_CELL_UM across at the spacing they give measure this at the stated one
+    ratio = stated / red_cells
     if 1 / thresholds.cell_side_tolerance <= ratio <= thresholds.cell_side_tolerance:
         return None
     whose = "its red cells" if pooled < 2 else f"the red cells of the {pooled} images of its size"
@@ -715,22 +723,38 @@ def thick_named(reason: str | None, source: str, n_red_cells: int | None) -> str
     return maybe_no_smear("too thick to count", f"{red} taken for a red cell", reason)
 
 
-def _cell_size_reason(
-    boxes: np.ndarray, labels: np.ndarray, thresholds: QualityThresholds
-) -> str | None:
-    if not thresholds.enabled:
-        return None
+def cell_size_ratio(boxes: np.ndarray, labels: np.ndarray) -> float | None:
+    """The median side of the detected nucleated cells (``boxes`` [N, 4] in the models'
+    input pixels, ``labels`` [N] class indices) over ``TYPICAL_CELL_SIDE``: 1 at the models'
+    spacing; None with fewer than ``MIN_CELLS_FOR_SPACING`` nucleated cells."""
     nucleated = np.isin(np.asarray(labels).reshape(-1), taxonomy.NUCLEATED_INDICES)
     b = np.asarray(boxes, np.float64).reshape(-1, 4)[nucleated]
     if len(b) < MIN_CELLS_FOR_SPACING:
         return None
     sides = np.sqrt(np.clip(b[:, 2] - b[:, 0], 0, None) * np.clip(b[:, 3] - b[:, 1], 0, None))
-    median = float(np.median(sides))
+    return float(np.median(sides)) / TYPICAL_CELL_SIDE
+
+
+def size_suspect(ratio: float | None) -> bool:
+    """Whether a cell-size ``ratio`` (:func:`cell_size_ratio`) within the tolerance still
+    lies beyond ``CELL_SIZE_SUSPECT``: the image's red cells are then asked
+    (``stated_spacing_verdict``)."""
+    return ratio is not None and not 1 / CELL_SIZE_SUSPECT <= ratio <= CELL_SIZE_SUSPECT
+
+
+def _cell_size_reason(
+    boxes: np.ndarray, labels: np.ndarray, thresholds: QualityThresholds
+) -> str | None:
+    if not thresholds.enabled:
+        return None
+    ratio = cell_size_ratio(boxes, labels)
+    if ratio is None:
+        return None
+    median = ratio * TYPICAL_CELL_SIDE
     low = TYPICAL_CELL_SIDE / thresholds.cell_side_tolerance
     high = TYPICAL_CELL_SIDE * thresholds.cell_side_tolerance
     if low <= median <= high:
         return None
-    ratio = median / TYPICAL_CELL_SIDE
     return (
         f"{WRONG_SPACING}: cells measure {ratio:.1f} times their size at the models' "
         f"spacing (median {median:.0f} px in the model input, expected {low:.0f}-{high:.0f}); "

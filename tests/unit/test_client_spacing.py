@@ -875,6 +875,49 @@ def test_an_image_stated_far_off_the_spacing_its_red_cells_give_is_excluded() ->
     assert unchecked.excluded is None
 
 
+def field_of(side: int, red_diameter: int) -> bytes:
+    """A 1024 x 1024 field: a row of six dark squares of ``side`` px (the cells the fake
+    detector finds) between rows of pink discs ``red_diameter`` across (48 red cells)."""
+    image = np.empty((FIELD, FIELD, 3), np.uint8)
+    image[:] = BACKGROUND
+    yy, xx = np.mgrid[0:FIELD, 0:FIELD]
+    for cy in (64, 192, 576, 704, 832, 960):
+        for cx in range(64, FIELD, 128):
+            image[(xx - cx) ** 2 + (yy - cy) ** 2 < (red_diameter / 2) ** 2] = (220, 150, 150)
+    for i in range(6):
+        image[300 : 300 + side, 40 + i * 160 : 40 + i * 160 + side] = CELL
+    out = io.BytesIO()
+    Image.fromarray(image).save(out, "PNG")
+    return out.getvalue()
+
+
+def test_a_field_stated_at_half_or_twice_its_spacing_is_excluded_by_its_red_cells() -> None:
+    """A field whose cells are of a suspect size, yet within the size rule's tolerance, has
+    its red cells asked. At 0.125 µm/px (red cells 64 px) stated as 0.25, its 11.6 µm cells
+    1.6 times the typical size, it is sent as its own bytes and excluded, the reason naming
+    its red cells; at 0.25 µm/px (red cells 32 px) stated as 0.125, its cells 0.6 times the
+    typical size once resampled, too. At their right spacing both are counted, as is a
+    field of cells that large whose red cells agree with the stated spacing."""
+    typical = 2 * q.TYPICAL_CELL_SIDE  # in a 1024 field; the model input is 512
+    fine = field_of(round(1.6 * typical), red_diameter=64)
+    wrong, sent = analyse(fine, um_per_pixel=0.25)
+    assert sent.sent == [fine] and wrong.red_cell_estimate is not None
+    assert wrong.excluded is not None and wrong.excluded.startswith(
+        f"{q.WRONG_SPACING}: its red cells measure 16"
+    ), wrong.excluded
+    assert "at the stated 0.25 µm/px" in wrong.excluded
+    assert sum(wrong.counts.values()) == 0 and len(wrong.cells) == 6
+    assert analyse(fine, q.NO_GATING, um_per_pixel=0.25)[0].excluded is None
+    large = field_of(round(1.6 * typical), red_diameter=32)
+    counted, _ = analyse(large, um_per_pixel=0.25)
+    assert counted.excluded is None and counted.counts["lymphocyte"] == 6
+    coarse = field_of(round(1.2 * typical), red_diameter=32)
+    right, _ = analyse(coarse, um_per_pixel=0.25)
+    assert right.excluded is None and right.red_cell_estimate is None  # not suspect: not asked
+    shrunk, _ = analyse(coarse, um_per_pixel=0.125)
+    assert shrunk.excluded is not None and "its red cells measure 4" in shrunk.excluded
+
+
 def test_a_patients_crops_stated_far_off_their_pooled_red_cells_are_excluded() -> None:
     """Each crop shows one or two red cells (40 px: 0.2 µm/px), too few to overrule the
     spacing it is given; the patient's crops of one size pooled are enough. Stated at 0.1
