@@ -131,8 +131,9 @@ class SpacedImageResult(ImageResult):
     image, counted, is slightly out of focus (``quality.focus_warning``)."""
 
     spacing: SpacingInfo | None = None
-    #: At a stated spacing, the estimate from a crop-sized image's own red cells (not in the
-    #: JSON): what ``stated_spacings_checked`` pools over a patient's images of one size.
+    #: At a stated spacing, the estimate from the own red cells of a crop-sized image or of a
+    #: field of cells of a suspect size (not in the JSON): what ``stated_spacings_checked``
+    #: pools over a patient's images of one size.
     red_cell_estimate: SpacingEstimate | None = None
 
     @property
@@ -437,7 +438,8 @@ def _red_cell_estimate(
     prepared: PreparedImage, quality: QualityThresholds
 ) -> SpacingEstimate | None:
     """The estimate from the image's own red cells when its spacing was stated (the
-    estimator on its bytes: about 6.5 ms an image, asked only of a crop-sized image), else
+    estimator on its bytes: about 6.5 ms an image, asked only of a crop-sized image or a
+    field of cells of a suspect size: ``_stated_against_red_cells``), else
     None: what the stated spacing is checked against (``quality.stated_spacing_verdict``),
     here and pooled over the patient's images."""
     from marrowdx.spacing import estimate_from_bytes
@@ -461,7 +463,8 @@ def stated_spacings_checked(
     outcomes: Sequence[ImageResult | str | None], quality: QualityThresholds
 ) -> list[ImageResult | str | None]:
     """A patient's image ``outcomes`` (results, failure reasons, None: not done) with the
-    stated spacing of its crop-sized images of one size and one stated spacing checked
+    stated spacing of its images of one size and one stated spacing whose red cells were
+    asked (crop-sized ones, fields of cells of a suspect size) checked
     against all their red cells pooled (``marrowdx.spacing.pooled_estimate``): when the
     pool holds at least ``MIN_POOLED_RED_CELLS`` red cells and is more than
     ``cell_side_tolerance`` times off, each such image still counted is excluded as
