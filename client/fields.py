@@ -37,6 +37,7 @@ from marrowdx.client.quality import (
     cell_size_ratio,
     cells_verdict,
     focus_warning,
+    hue_verdict,
     magnification_verdict,
     quality_verdict,
     red_cells_verdict,
@@ -514,6 +515,20 @@ def _cell_size_verdict(
     return spacing_verdict(boxes, labels, quality, source=spacing.source, evidence=evidence)
 
 
+def _hue_verdict(data: bytes, evidence: SmearEvidence, quality: QualityThresholds) -> str | None:
+    """``quality.hue_verdict`` of a crop-sized image's own pixels (decoded again: about 1 ms
+    for a crop, asked only of one in which the models identify no smear's cells). Why a
+    crop: a photograph stated at a fine spacing shrinks to a crop's size, and the rules about
+    a region of smear are not asked of a crop."""
+    from marrowdx.image_checks import pink_or_purple_share
+
+    if not quality.enabled:
+        return None
+    with _decoding():
+        share, n_coloured = pink_or_purple_share(data)
+    return hue_verdict(share, n_coloured, evidence, quality)
+
+
 def _stated_against_red_cells(
     excluded: str | None,
     cells: Sequence[Cell],
@@ -624,7 +639,13 @@ def merge_image(
         own = _red_cell_estimate(prepared, quality)
         if excluded is None:
             stated = prepared.spacing.um_per_pixel
-            excluded = stated_spacing_verdict(stated, _overruling(own), quality)
+            excluded = wrong_spacing_named(
+                stated_spacing_verdict(stated, _overruling(own), quality),
+                prepared.spacing.source,
+                evidence,
+            )
+        if excluded is None and evidence.lacking and prepared.data and smear_measured(measures):
+            excluded = _hue_verdict(prepared.data, evidence, quality)
     else:
         judged = quality_verdict(
             measures, quality, evidence=evidence, scale_known=prepared.spacing.known

@@ -328,6 +328,38 @@ def transparent_share(data: bytes) -> float:
     return float((alpha < 255).mean())
 
 
+#: Side of the copy :func:`pink_or_purple_share` reads: shares of colours need few pixels.
+HUE_SIDE = 64
+
+
+def pink_or_purple_share(data: bytes) -> tuple[float, int]:
+    """The share of an encoded image's coloured stained pixels that are pink to purple (green
+    their weakest channel once white-balanced), and how many coloured stained pixels there
+    are, on a copy at most ``HUE_SIDE`` pixels a side. White: the brightest of an 8 x 8
+    grid's means per channel; stained: every channel under 0.8 of it; coloured: its channels
+    spanning 0.1 or more of it (the preprocessing graph's ``stain_colour``, on the image
+    rather than its padded field). Why: eosin and the azure-eosin complex, which stain a
+    smear's nuclei, platelets and red cells, absorb green most; a photograph of skin, wood or
+    coffee, a brown immunohistochemistry stain or a blue chart has almost none (README
+    "Field quality")."""
+    from PIL import Image as PilImage
+
+    image = upright_rgb(data)
+    image.thumbnail((HUE_SIDE, HUE_SIDE), PilImage.Resampling.BILINEAR)
+    pixels = np.asarray(image, np.float32)
+    height, width = pixels.shape[:2]
+    k = max(1, min(height, width) // 8)
+    grid = pixels[: height // k * k, : width // k * k]
+    grid = grid.reshape(height // k, k, width // k, k, 3).mean(axis=(1, 3))
+    balanced = (pixels + 1.0) / (grid.reshape(-1, 3).max(axis=0) + 1.0)
+    darkest = balanced.min(axis=2)
+    lit = pixels.max(axis=2) >= config.CAMERA_BLACK_LEVEL
+    coloured = (darkest < 0.8) & (balanced.max(axis=2) - darkest >= 0.1) & lit
+    green_weakest = balanced[..., 1] <= np.minimum(balanced[..., 0], balanced[..., 2])
+    n_coloured = int(coloured.sum())
+    return float((coloured & green_weakest).sum() / max(n_coloured, 1)), n_coloured
+
+
 def decoded_alpha(image: np.ndarray | Image.Image) -> np.ndarray | None:
     """The 8-bit alpha channel of an image a program holds decoded (an array of 2 or 4
     channels, a uint16 one scaled as :func:`eight_bit_rgb` scales a full-range 16-bit image;

@@ -1166,3 +1166,59 @@ def test_a_packed_field_counts_only_at_a_spacing_known_for_sure() -> None:
         assert not unsure.spacing.known
         assert unsure.excluded is not None and f"{q.TOO_THICK}: 45%" in unsure.excluded
         assert sum(unsure.counts.values()) == 0
+
+
+class PlateletsOnly(ThickTransport):
+    """ThickTransport (a crop's field measures) whose every object is a platelet: the models
+    identify no nucleated cell, as in a photograph shrunk to a crop's size."""
+
+    async def infer_image(self, data: bytes) -> dict[str, np.ndarray]:
+        out = await super().infer_image(data)
+        probs = out[T.class_probs]
+        found = probs.sum(axis=1) > 0
+        probs[found] = 0.0
+        probs[found, taxonomy.CLASS_INDEX[taxonomy.PLATELET]] = 1.0
+        n = int(out[T.num_detections][0])
+        out[T.class_counts] = np.bincount(probs[:n].argmax(1), minlength=config.N_CLASSES).astype(
+            np.float32
+        )
+        return out
+
+
+def brown_crop() -> bytes:
+    """A 200 px crop in browns (wood, coffee, skin, an immunohistochemistry stain): discs and
+    a dark square (what the fake detector finds) on beige."""
+    image = Image.new("RGB", (200, 200), (236, 224, 200))
+    draw = ImageDraw.Draw(image)
+    for x, y in ((20, 20), (120, 30), (30, 120), (130, 130)):
+        draw.ellipse((x, y, x + 50, y + 50), fill=(205, 155, 95))
+    draw.rectangle((80, 80, 120, 120), fill=(90, 50, 20))
+    out = io.BytesIO()
+    image.save(out, "PNG")
+    return out.getvalue()
+
+
+def test_a_crop_of_no_pink_or_purple_with_no_cell_identified_is_no_smear() -> None:
+    """A crop-sized image in browns whose objects the models take for platelets only is no
+    Romanowsky-stained smear; a crop of pink red cells and a purple cell with the same
+    detections is counted as before, and so is the brown crop once a cell in it is
+    identified: the hue alone never excludes a crop that shows a smear's cells."""
+    from marrowdx.image_checks import pink_or_purple_share
+
+    def run(transport: FakeTransport, data: bytes, gate: object = q.DEFAULT_QUALITY):
+        client = AsyncMarrowClient(transport=transport, quality=gate)  # type: ignore[arg-type]
+        return asyncio.run(client.analyse_image(data, "img", um_per_pixel=0.1))
+
+    brown = brown_crop()
+    share, n_coloured = pink_or_purple_share(brown)
+    assert share < q.MIN_PINK_OR_PURPLE and n_coloured >= q.MIN_COLOURED_FOR_HUE
+    excluded = run(PlateletsOnly(), brown)
+    assert excluded.excluded is not None, excluded
+    assert excluded.excluded.startswith(f"{q.NOT_A_SMEAR}: no pink or purple (")
+    assert "no cell identified" in excluded.excluded and sum(excluded.counts.values()) == 0
+    smear_like = crop(CROP_RED_CELLS[1])
+    assert pink_or_purple_share(smear_like)[0] > 10 * q.MIN_PINK_OR_PURPLE
+    assert run(PlateletsOnly(), smear_like).excluded is None
+    identified = run(ThickTransport(), brown)
+    assert identified.excluded is None and identified.counts["lymphocyte"] == 1
+    assert run(PlateletsOnly(), brown, q.NO_GATING).excluded is None
