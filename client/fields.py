@@ -522,7 +522,7 @@ def _hue_verdict(data: bytes, evidence: SmearEvidence, quality: QualityThreshold
     a region of smear are not asked of a crop."""
     from marrowdx.image_checks import pink_or_purple_share
 
-    if not quality.enabled:
+    if not quality.enabled or not evidence.lacking:  # nothing to decode for
         return None
     with _decoding():
         share, n_coloured = pink_or_purple_share(data)
@@ -644,7 +644,7 @@ def merge_image(
                 prepared.spacing.source,
                 evidence,
             )
-        if excluded is None and evidence.lacking and prepared.data and smear_measured(measures):
+        if excluded is None and prepared.data and smear_measured(measures):
             excluded = _hue_verdict(prepared.data, evidence, quality)
     else:
         judged = quality_verdict(

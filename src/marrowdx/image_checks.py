@@ -336,14 +336,17 @@ def pink_or_purple_share(data: bytes) -> tuple[float, int]:
     """The share of an encoded image's coloured stained pixels that are pink to purple (green
     their weakest channel once white-balanced), and how many coloured stained pixels there
     are, on a copy at most ``HUE_SIDE`` pixels a side. White: the brightest of an 8 x 8
-    grid's means per channel; stained: every channel under 0.8 of it; coloured: its channels
-    spanning 0.1 or more of it (the preprocessing graph's ``stain_colour``, on the image
-    rather than its padded field). Why: eosin and the azure-eosin complex, which stain a
-    smear's nuclei, platelets and red cells, absorb green most; a photograph of skin, wood or
-    coffee, a brown immunohistochemistry stain or a blue chart has almost none (README
-    "Field quality")."""
+    grid's means per channel; stained and coloured as the preprocessing graph's
+    ``stain_colour`` takes them (``QualitySpec.stained_below_background``,
+    ``coloured_chroma``), on the image rather than its padded field. Why: eosin and the
+    azure-eosin complex, which stain a smear's nuclei, platelets and red cells, absorb green
+    most; a photograph of skin, wood or coffee, a brown immunohistochemistry stain or a blue
+    chart has almost none (README "Field quality")."""
     from PIL import Image as PilImage
 
+    from marrowdx.preprocess import QualitySpec
+
+    spec = QualitySpec()
     image = upright_rgb(data)
     image.thumbnail((HUE_SIDE, HUE_SIDE), PilImage.Resampling.BILINEAR)
     pixels = np.asarray(image, np.float32)
@@ -354,7 +357,8 @@ def pink_or_purple_share(data: bytes) -> tuple[float, int]:
     balanced = (pixels + 1.0) / (grid.reshape(-1, 3).max(axis=0) + 1.0)
     darkest = balanced.min(axis=2)
     lit = pixels.max(axis=2) >= config.CAMERA_BLACK_LEVEL
-    coloured = (darkest < 0.8) & (balanced.max(axis=2) - darkest >= 0.1) & lit
+    stained = (darkest < spec.stained_below_background) & lit
+    coloured = stained & (balanced.max(axis=2) - darkest >= spec.coloured_chroma)
     green_weakest = balanced[..., 1] <= np.minimum(balanced[..., 0], balanced[..., 2])
     n_coloured = int(coloured.sum())
     return float((coloured & green_weakest).sum() / max(n_coloured, 1)), n_coloured
