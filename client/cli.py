@@ -168,7 +168,7 @@ def configure_diagnose(parser: argparse.ArgumentParser) -> None:
 
 
 def add_quality_options(parser: argparse.ArgumentParser) -> None:
-    """Field quality gate flags (``marrowdx.client.quality``; README "Field quality")."""
+    """Field quality gate flags (``marrowdx.client.quality``; docs/field_quality.md)."""
     from marrowdx.client import quality as q
 
     parser.add_argument(

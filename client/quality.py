@@ -22,7 +22,7 @@ Before those, :func:`quality_verdict` asks whether the image is a stained smear 
 :func:`magnification_verdict` whether its pixel spacing still holds the detail they need;
 reasons start with ``not a stained smear``, ``magnification far from the given spacing`` and
 ``magnification too low``. Why: a photo, a diagram or a greyscale copy used to be excluded as
-"too thick" or "empty", or counted (README "Field quality": what each check measures and how
+"too thick" or "empty", or counted (docs/field_quality.md: what each check measures and how
 its limit was chosen).
 """
 
@@ -44,7 +44,7 @@ DEFAULT_MIN_FOCUS = 1000.0
 #: µm/px) a field is blurred by about half a µm though ``focus`` passes: that keeps a µm's
 #: detail but takes much of the chromatin and granules real cells differ by (real cells
 #: blurred so score a few points lower). Sharp real fields and crops fall under it in 1-2%,
-#: blurred ones in 85-97% (README "Field quality"). Such an image gets a warning.
+#: blurred ones in 85-97% (docs/field_quality.md). Such an image gets a warning.
 FINE_FOCUS_WARNING = 0.19
 #: ... and is excluded only when asked (``--min-fine-focus``): simulated cells keep their
 #: counts under the same blur and real ones nearly so (the classifier learnt blurred real
@@ -61,8 +61,8 @@ DEFAULT_MIN_STAIN_COLOUR = 0.05
 #: Above this share of the coloured stained pixels strongly green (``green``) the image is
 #: no Romanowsky-stained smear: none of its dyes nor haemoglobin passes green most. 1,296
 #: real TXL-PBC fields measure 0.010 at most, 700 Munich crops 0, simulated fields under
-#: twice the stain or mixed shift 0.011; a logo 0.50, a circuit board 0.92 (README "Field
-#: quality"). A camera's colour cast cancels in the measure's white balance.
+#: twice the stain or mixed shift 0.011; a logo 0.50, a circuit board 0.92
+#: (docs/field_quality.md). A camera's colour cast cancels in the measure's white balance.
 DEFAULT_MAX_GREEN = 0.2
 #: Below this mean grey level (0-255, ``brightness``) the image is no bright-field smear: a
 #: fluorescence, dark-field or astronomical image, a night photograph. The glass between a
@@ -127,7 +127,7 @@ SMALL_IMAGE_SIDE = config.FIELD_SIZE[0] // 4
 #: A field excluded as too thick in which the models identified fewer nucleated cells than
 #: this shows none of what a real smear, even a thick one, still shows: so the reason says it
 #: may be no smear. Photos (of a person, a cat, a motorcycle, a rocket) measured "too thick"
-#: with 0 cells identified in 9 of 10 (README "Field quality"). It only renames an exclusion:
+#: with 0 cells identified in 9 of 10 (docs/field_quality.md). It only renames an exclusion:
 #: no field's count changes. Not asked of a blurred field: blurred smears seen by a weakly
 #: trained model (the ``tiny`` preset) have no identified cell either, and stay "out of focus".
 MIN_CELLS_IN_SMEAR = 1
@@ -148,7 +148,7 @@ MIN_IDENTIFIED_SHARE = 0.25
 #: spacing the same is asked of a field (not a crop) with no cell identified at all, with
 #: red cells of a red cell's size at that spacing: a logo counted at 0.25 µm/px is excluded
 #: so; 140 of 490 real Munich crops at 0.1 µm/px would have been too, which is why a crop
-#: is not asked (README "Field quality").
+#: is not asked (docs/field_quality.md).
 MIN_RED_CELLS_IN_SMEAR = 2
 #: ... and the round objects an estimated spacing rests on, when there are at least
 #: ``MIN_DRAWN_OBJECTS`` of them, must differ in size: red cells in a photograph always do
@@ -170,8 +170,9 @@ MAX_DRAWN_SPREAD = 0.001
 #: orange to yellow, with one white cell; photographs of coffee, a portrait, a cat, a brown
 #: immunohistochemistry stain and blue charts 0.0-0.019. Why only with no smear's cells: the
 #: hue of labs never seen may be further off still, and such an image counts no nucleated
-#: cell either way, so the rule excludes no cell a smear would count (README "Field
-#: quality"). Not asked with fewer than ``MIN_COLOURED_FOR_HUE`` coloured stained pixels.
+#: cell either way, so the rule excludes no cell a smear would count
+#: (docs/field_quality.md). Not asked with fewer than ``MIN_COLOURED_FOR_HUE`` coloured
+#: stained pixels.
 MIN_PINK_OR_PURPLE = 0.03
 MIN_COLOURED_FOR_HUE = 50
 #: Above this share of its pixels transparent an image is no photograph of a smear: a
@@ -192,7 +193,7 @@ MAX_UM_PER_PIXEL = 0.6
 #: only when at least this many give a certain estimate: on real crops and fields at their
 #: right spacing, estimates from 5-7 red cells (cut by a crop's border, or a few pale ones
 #: in a blood field) were off by 1.9-7x in 4 of 946 images, from 8 or more by at most 1.5x
-#: (TXL-PBC `val` 1.06-1.51; README "Field quality").
+#: (TXL-PBC `val` 1.06-1.51; docs/field_quality.md).
 MIN_RED_CELLS_AGAINST_STATED = 8
 #: Reason prefixes (stable: programs may filter on them; the rest of a reason has numbers).
 NOT_A_SMEAR = "not a stained smear"
@@ -372,7 +373,7 @@ def _region_verdict(
     ``fine_focus``); (None, None) when it can. A field in which the models found a cell
     (``evidence.objects``: platelets aside) is not empty whatever its stained share: that
     share counts pixels darker than a fixed grey level, and a pale stain's nuclei, averaged
-    down to the measure's 256 pixels, stay above it (README "Field quality"). A ``packed``
+    down to the measure's 256 pixels, stay above it (docs/field_quality.md). A ``packed``
     monolayer is not too thick (:func:`_packed`)."""
     if quality["focus"] < thresholds.min_focus:
         return "focus", (

@@ -117,7 +117,8 @@ PRESETS: dict[str, TrainingPreset] = {
         real_zoom=0.25,
         # the client's red-cell estimate reads real blood fields 14% coarser than their
         # red-cell boxes (median; a quarter 26% and more): the detector's real windows also
-        # see their cells that much larger (README "What a missing spacing costs")
+        # see their cells that much larger (docs/magnification.md, "What a missing spacing
+        # costs on real images")
         det_real_zoom=(0.75, 1.5),
         # the real cells' partial-label loss counts twice beside the simulated cells': the
         # held-out Munich crops 0.762 -> 0.780 and other labs' blood crops 0.707 -> 0.732

@@ -4,10 +4,10 @@ draws into an image, painted over with the colours around them before the models
 Why: drawn in black, or in yellow or green, they reached the models as stained objects. On
 288 real blood fields with a black scale bar, its length and a yellow label added, 32 fields'
 counts changed: the detector took the bar and the letters for white cells, and the bar's
-black moved the red-cell spacing estimate of a few (README "Burned-in scale bars and
-labels"). The client paints them before it resamples an image and before it estimates the
-spacing from the red cells, so both read the smear alone; the quality gate reads what the
-models read.
+black moved the red-cell spacing estimate of a few (docs/magnification.md, "Burned-in scale
+bars and labels"). The client paints them before it resamples an image and before it
+estimates the spacing from the red cells, so both read the smear alone; the quality gate
+reads what the models read.
 
 What is painted: pixels of a colour no stained smear shows, in strokes thin next to the
 image (a bar, a letter, a line):

@@ -298,7 +298,8 @@ def lit_region(pixels: np.ndarray) -> tuple[int, int, int, int] | None:
     filled to a single "red cell" the field's size (estimates at a twentieth of the
     spacing), and the mirror padding of a small image repeated the frame until the field
     sent was mostly black. Both read the field without it (``spacing``, ``client.fields``):
-    288 real blood fields so framed counted as they do unframed (README "A black frame")."""
+    288 real blood fields so framed counted as they do unframed (docs/magnification.md, "A
+    black frame")."""
     # the channels' maximum by two elementwise maxima: a tenth of ndarray.max over the
     # channel axis (25 against 210 ms for 12 megapixels)
     brightest = np.maximum(np.maximum(pixels[..., 0], pixels[..., 1]), pixels[..., 2])
@@ -341,7 +342,7 @@ def pink_or_purple_share(data: bytes) -> tuple[float, int]:
     ``coloured_chroma``), on the image rather than its padded field. Why: eosin and the
     azure-eosin complex, which stain a smear's nuclei, platelets and red cells, absorb green
     most; a photograph of skin, wood or coffee, a brown immunohistochemistry stain or a blue
-    chart has almost none (README "Field quality")."""
+    chart has almost none (docs/field_quality.md)."""
     from PIL import Image as PilImage
 
     from marrowdx.preprocess import QualitySpec
