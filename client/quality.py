@@ -52,9 +52,9 @@ FINE_FOCUS_WARNING = 0.19
 DEFAULT_MIN_FINE_FOCUS = 0.0
 DEFAULT_MIN_FOREGROUND = 0.002
 DEFAULT_MAX_THICK = 0.25
-#: Share of the stained pixels that must be coloured (``stain_colour``): real and simulated
-#: smear fields measure 0.26 and up (lab-shifted ones too), a greyscale copy, text and line
-#: drawings 0. Why exclude greyscale rather than count it: the classes differ by stain
+#: Share of the stained pixels that must be coloured (``stain_colour``): simulated fields
+#: measure 0.84 and up (lab-shifted 0.30), 1,296 real TXL-PBC fields 0.16 and up (1st
+#: percentile 0.27), a greyscale copy, text and line drawings 0. Why exclude greyscale rather than count it: the classes differ by stain
 #: colour (eosinophilic granules, basophilic cytoplasm), and a greyscale copy of a field was
 #: counted with other cells than the colour field.
 DEFAULT_MIN_STAIN_COLOUR = 0.05
@@ -135,8 +135,9 @@ MIN_CELLS_IN_SMEAR = 1
 #: circuit board or a rendered drawing shows a few blobs taken for cells among many the
 #: models cannot place (1 of 8 and 2 of 9 objects), a smear's detections are mostly cells
 #: they identify (simulated fields 0.54 and up, every real field excluded as too thick 0.5
-#: and up). Also asked of an image excluded for too low a magnification that was
-#: *estimated* (its "red cells" may be any round blobs); a spacing the user gave is trusted.
+#: and up). An image excluded for too low a magnification that was *estimated* (its "red
+#: cells" may be any round blobs) is named as possibly no smear whatever it shows
+#: (``magnification_verdict``); a spacing the user gave is trusted.
 MIN_IDENTIFIED_SHARE = 0.25
 #: A smear shows red cells: an image whose spacing was not stated and in which the estimator
 #: found fewer than this many (one round object, or none), and in which the models identify

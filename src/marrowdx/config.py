@@ -54,8 +54,9 @@ LAB_VALUE_NAMES = ("wbc_per_nl", "hemoglobin_g_dl", "platelets_per_nl", "ldh_u_l
 MAX_IMAGE_BYTES = 32 * 1024 * 1024
 #: Decoded pixel count (width * height) above this is refused before decoding.
 MAX_IMAGE_PIXELS = 8192 * 8192
-#: File size above which a TIFF/BMP the client decodes itself is refused: an uncompressed
-#: 8-bit RGB image at MAX_IMAGE_PIXELS (such files are never sent as they are).
+#: File size above which a file the client decodes itself (TIFF, BMP, WebP, HEIF, 16-bit
+#: PNG) is refused: an uncompressed 8-bit RGB image at MAX_IMAGE_PIXELS (such files are
+#: never sent as they are).
 MAX_CLIENT_DECODED_BYTES = 3 * MAX_IMAGE_PIXELS
 #: Smallest side accepted (a 1x1 image holds no cell).
 MIN_IMAGE_SIDE = 16
