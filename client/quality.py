@@ -54,9 +54,10 @@ DEFAULT_MIN_FOREGROUND = 0.002
 DEFAULT_MAX_THICK = 0.25
 #: Share of the stained pixels that must be coloured (``stain_colour``): simulated fields
 #: measure 0.84 and up (lab-shifted 0.30), 1,296 real TXL-PBC fields 0.16 and up (1st
-#: percentile 0.27), a greyscale copy, text and line drawings 0. Why exclude greyscale rather than count it: the classes differ by stain
-#: colour (eosinophilic granules, basophilic cytoplasm), and a greyscale copy of a field was
-#: counted with other cells than the colour field.
+#: percentile 0.27), a greyscale copy, text and line drawings 0. Why exclude greyscale
+#: rather than count it: the classes differ by stain colour (eosinophilic granules,
+#: basophilic cytoplasm), and a greyscale copy of a field was counted with other cells than
+#: the colour field.
 DEFAULT_MIN_STAIN_COLOUR = 0.05
 #: Above this share of the coloured stained pixels strongly green (``green``) the image is
 #: no Romanowsky-stained smear: none of its dyes nor haemoglobin passes green most. 1,296
