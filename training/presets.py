@@ -1,7 +1,7 @@
 """Training presets: how much data and how many steps each build trains with.
 
-"reference" is the full build (about half an hour on 2 CPU cores, simulation included;
-docs/model_card.md);
+"reference" is the full build (with the real data sets about 66-73 minutes on 2 CPU cores:
+detector 15, classifier 50-57, simulation included; docs/model_card.md);
 "tiny" is for tests and CI fixtures (a minute or two; its quality is not a target).
 Changing a preset changes its fingerprint, which makes existing weights stale.
 """
