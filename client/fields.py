@@ -5,9 +5,10 @@ spacing. An image that is already one model field (``config.FIELD_SIZE``) at tha
 given or estimated, is sent as its own bytes (no decode, no re-encode: simulated cohorts and
 the bench send exactly what they did) when it is a JPEG or PNG, the formats the server
 decodes. Any other image (a camera's TIFF or BMP, a WebP, at any size, too) is decoded, its
-frame of camera black taken off (an eyepiece photograph's: ``image_checks.lit_region``),
-resampled, mirror-padded or tiled (``slides.tiling.plan_fields``), and each field is encoded
-as JPEG at quality 95 without chroma subsampling. The answers are mapped back to the input
+frame taken off (an eyepiece photograph's camera black, a page's or a viewer's white:
+``image_checks.field_region``), resampled, mirror-padded or tiled
+(``slides.tiling.plan_fields``), and each field is encoded as JPEG at quality 95 without
+chroma subsampling. The answers are mapped back to the input
 image's pixels, mirror images in the padding are dropped (a cell the detector found only in
 its mirror images is counted once, from the best of them), and cells seen by two overlapping
 tiles are counted once by the slides' own merge (``marrowdx.slides.merge``).
@@ -166,8 +167,8 @@ def with_spacing(
 class PreparedImage:
     """What one image sends: ``fields`` (encoded), and ``plans`` (None when the input's own
     bytes are the one field); ``size`` = the input's (height, width); ``region`` = the part
-    of it the plans cover (x0, y0, x1, y1; None: all of it), the image less a frame of
-    camera black (``image_checks.lit_region``)."""
+    of it the plans cover (x0, y0, x1, y1; None: all of it), the image less its frame
+    (``image_checks.field_region``)."""
 
     fields: list[bytes]
     plans: list[FieldPlan] | None
@@ -388,15 +389,15 @@ def prepare_image(
 
 
 def _frame_off(image) -> tuple[int, int, int, int] | None:
-    """``image_checks.lit_region`` of a PIL image, looked for on a copy reduced to about
+    """``image_checks.field_region`` of a PIL image, looked for on a copy reduced to about
     ``FRAME_SEARCH_SIDE`` pixels (box averages), its box in the image's pixels: at full size
     the search cost 38 of a 12 megapixel photograph's 357 ms of preparation, so reduced
     it costs no more than the scatter of that time. The box is found to within the
     reduction's few pixels, which only keep or take off a sliver of the frame or field."""
-    from marrowdx.image_checks import lit_region
+    from marrowdx.image_checks import field_region
 
     factor = max(1, max(image.size) // FRAME_SEARCH_SIDE)
-    box = lit_region(np.asarray(image.reduce(factor) if factor > 1 else image))
+    box = field_region(np.asarray(image.reduce(factor) if factor > 1 else image))
     if box is None or factor == 1:
         return box
     x0, y0, x1, y1 = box

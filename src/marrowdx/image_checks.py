@@ -98,13 +98,37 @@ _PNG_IHDR, _PNG_BIT_DEPTH_AT = b"IHDR", 24
 
 
 #: A row or column of an image lit (not camera black) on at most this share of its pixels is
-#: part of a black frame around the field (``lit_region``): the specks of JPEG noise and a
+#: part of a black frame around the field (``field_region``): the specks of JPEG noise and a
 #: burned-in label in the frame stay under it.
 MAX_FRAME_LIT_SHARE = 0.02
 #: ... and a frame of less than this share of the image's area is left on: mirrored, a thin
 #: black border costs a field little, and the image is sent as it always was (1-26 px
 #: borders of 83 of the real sets' 4,947 images).
 MIN_FRAME_AREA = 0.1
+#: A light frame is taken off only when at most this share of the field inside it is of its
+#: colour: then it is a page or a viewer's background, not the field's own glass. An
+#: overexposed field's clipped glass is as white as a page (288 TXL-PBC ``val`` fields at
+#: 1.7 times their light: 85% of their pixels clipped, median), a smear's glass is not of
+#: one colour (1,296 TXL-PBC fields and 160 blood crops: at most 0.05% of their pixels
+#: white).
+MAX_FRAME_COLOUR_INSIDE = 0.01
+#: A light frame: the median colour of the image's outermost rows and columns at least this
+#: grey in every channel (a page, a viewer's background), and the pixels within this of it
+#: in every channel (JPEG noise, a scanned page's grain).
+MIN_FRAME_GREY = 200
+FRAME_COLOUR_TOLERANCE = 6
+#: ... and only when the field inside it meets it along straight edges, at least this share
+#: of each of its outermost rows and columns not of the frame's colour (a pasted picture's),
+#: found within ``MAX_EDGE_PEEL`` of its side inwards of the frame's last speck (the ringing
+#: a JPEG leaves beside an edge). Where the glass of a field with few cells is as even as a
+#: frame, the box around the cells meets the glass only at the cells (a round cell's chord
+#: reaches 0.9 of its width only 28% of its width in), and the glass is left on.
+MIN_EDGE_CONTENT = 0.9
+MAX_EDGE_PEEL = 0.05
+#: ... and at least this share of the image's area: a field pasted on a page or shown in a
+#: viewer fills much of it (288 TXL-PBC fields set in 1.4 x 1.2 their size: 60%), where a
+#: logo's lone shape on its background is no field.
+MIN_PASTED_AREA = 0.2
 
 
 def is_system_entry(path: Path) -> bool:
@@ -287,26 +311,89 @@ def pillow_rgb(image: Image.Image) -> np.ndarray:
     return array_rgb(np.asarray(kept))
 
 
-def lit_region(pixels: np.ndarray) -> tuple[int, int, int, int] | None:
-    """The box (x0, y0, x1, y1) of an RGB image without its frame of camera black: rows and
-    columns of which at most ``MAX_FRAME_LIT_SHARE`` is lit (some channel at
-    ``config.CAMERA_BLACK_LEVEL`` or above). None when there is no such frame to take off:
-    none, one under ``MIN_FRAME_AREA``, or nothing but it.
+def field_region(pixels: np.ndarray) -> tuple[int, int, int, int] | None:
+    """The box (x0, y0, x1, y1) of an RGB image without its frame: camera black (rows and
+    columns of which at most ``MAX_FRAME_LIT_SHARE`` is lit, some channel at
+    ``config.CAMERA_BLACK_LEVEL`` or above), or a light one (white or light grey: a page, a
+    viewer's background) around a field that meets it along straight edges and shows almost
+    none of its colour (``MIN_EDGE_CONTENT``, ``MAX_FRAME_COLOUR_INSIDE``). None when there
+    is no such frame to take off: none, one under ``MIN_FRAME_AREA``, or nothing but it.
 
     Why: a photograph taken at the eyepiece holds its field in a black frame. The red-cell
     estimate took the frame for the densest stain and the field inside it for one hole,
     filled to a single "red cell" the field's size (estimates at a twentieth of the
     spacing), and the mirror padding of a small image repeated the frame until the field
-    sent was mostly black. Both read the field without it (``spacing``, ``client.fields``):
-    288 real blood fields so framed counted as they do unframed (docs/magnification.md, "A
-    black frame")."""
+    sent was mostly black. A field pasted on a page or exported from a viewer on white is
+    framed in white, which the models' stain normalisation read as the field's glass: every
+    stained pixel looked darker, and red cells were counted as white cells (288 real blood
+    fields so framed: 0.5 extra white cells a field). Both read the field without it
+    (``spacing``, ``client.fields``; docs/magnification.md, "A black frame" and "A white
+    frame")."""
     # the channels' maximum by two elementwise maxima: a tenth of ndarray.max over the
     # channel axis (25 against 210 ms for 12 megapixels)
     brightest = np.maximum(np.maximum(pixels[..., 0], pixels[..., 1]), pixels[..., 2])
     lit = brightest >= config.CAMERA_BLACK_LEVEL
-    height, width = lit.shape
-    rows = np.flatnonzero(np.count_nonzero(lit, axis=1) > MAX_FRAME_LIT_SHARE * width)
-    cols = np.flatnonzero(np.count_nonzero(lit, axis=0) > MAX_FRAME_LIT_SHARE * height)
+    black_framed = _framed_box(lit, MAX_FRAME_LIT_SHARE)
+    frame_coloured = _frame_coloured(pixels)
+    if frame_coloured is None:
+        return black_framed
+    content = lit & ~frame_coloured
+    framed = _framed_box(content, MAX_FRAME_LIT_SHARE)
+    pasted = None if framed is None else _straight_edged(content, framed)
+    if pasted is None or pasted == black_framed:
+        return black_framed
+    x0, y0, x1, y1 = pasted
+    large = (x1 - x0) * (y1 - y0) >= MIN_PASTED_AREA * content.size
+    of_frame = frame_coloured[y0:y1, x0:x1].mean()
+    return pasted if large and of_frame <= MAX_FRAME_COLOUR_INSIDE else black_framed
+
+
+def _straight_edged(
+    content: np.ndarray, box: tuple[int, int, int, int]
+) -> tuple[int, int, int, int] | None:
+    """``box`` narrowed, each side by at most ``MAX_EDGE_PEEL`` of its length, until each of
+    its outermost rows and columns is at least ``MIN_EDGE_CONTENT`` ``content``; None when
+    that takes more (no pasted rectangle: cells on even glass)."""
+    x0, y0, x1, y1 = box
+    peel_x, peel_y = MAX_EDGE_PEEL * (x1 - x0), MAX_EDGE_PEEL * (y1 - y0)
+    left, top, right, bottom = x0, y0, x1, y1
+    while True:
+        if content[top:bottom, left].mean() < MIN_EDGE_CONTENT and left - x0 < peel_x:
+            left += 1
+        elif content[top:bottom, right - 1].mean() < MIN_EDGE_CONTENT and x1 - right < peel_x:
+            right -= 1
+        elif content[top, left:right].mean() < MIN_EDGE_CONTENT and top - y0 < peel_y:
+            top += 1
+        elif content[bottom - 1, left:right].mean() < MIN_EDGE_CONTENT and y1 - bottom < peel_y:
+            bottom -= 1
+        else:
+            break
+    edges = (content[top, left:right], content[bottom - 1, left:right])
+    edges += (content[top:bottom, left], content[top:bottom, right - 1])
+    if min(edge.mean() for edge in edges) < MIN_EDGE_CONTENT:
+        return None
+    return left, top, right, bottom
+
+
+def _frame_coloured(pixels: np.ndarray) -> np.ndarray | None:
+    """The pixels of the colour of a light frame (within ``FRAME_COLOUR_TOLERANCE`` in every
+    channel of the median of the image's outermost rows and columns), when that colour is
+    light (``MIN_FRAME_GREY`` in every channel); None otherwise."""
+    ring = np.concatenate([pixels[0], pixels[-1], pixels[:, 0], pixels[:, -1]])
+    colour = np.median(ring, axis=0)
+    if colour.min() < MIN_FRAME_GREY:
+        return None
+    off = np.abs(pixels.astype(np.int16) - colour.astype(np.int16))
+    return np.maximum(np.maximum(off[..., 0], off[..., 1]), off[..., 2]) <= FRAME_COLOUR_TOLERANCE
+
+
+def _framed_box(content: np.ndarray, min_share: float) -> tuple[int, int, int, int] | None:
+    """The box of the rows and columns of which more than ``min_share`` is ``content``; None
+    when what lies outside it is under ``MIN_FRAME_AREA`` of the image or when nothing, or a
+    sliver narrower than any image, is left."""
+    height, width = content.shape
+    rows = np.flatnonzero(np.count_nonzero(content, axis=1) > min_share * width)
+    cols = np.flatnonzero(np.count_nonzero(content, axis=0) > min_share * height)
     if not rows.size or not cols.size:
         return None
     box = (int(cols[0]), int(rows[0]), int(cols[-1]) + 1, int(rows[-1]) + 1)

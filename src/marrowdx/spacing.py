@@ -448,11 +448,11 @@ def _red_cells_resolved(um_per_pixel: float, scale: float) -> bool:
 
 
 def _without_frame(work: np.ndarray) -> np.ndarray:
-    """The working copy less its frame of camera black (``image_checks.lit_region``): the
-    same pixel scale, only what the field shows."""
-    from marrowdx.image_checks import lit_region
+    """The working copy less its frame of camera black or of a page's white
+    (``image_checks.field_region``): the same pixel scale, only what the field shows."""
+    from marrowdx.image_checks import field_region
 
-    region = lit_region(work)
+    region = field_region(work)
     if region is None:
         return work
     x0, y0, x1, y1 = region

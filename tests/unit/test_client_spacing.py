@@ -1068,27 +1068,35 @@ def _palette_png(image: Image.Image) -> bytes:
     return out.getvalue()
 
 
-def _in_black_frame(pixels: np.ndarray, margin: tuple[int, int]) -> np.ndarray:
+CAMERA_BLACK, PAGE_WHITE, VIEWER_GREY = (5, 5, 7), (255, 255, 255), (240, 240, 240)
+
+
+def _in_frame(
+    pixels: np.ndarray, margin: tuple[int, int], colour: tuple[int, int, int] = CAMERA_BLACK
+) -> np.ndarray:
     mx, my = margin
     height, width = pixels.shape[:2]
-    out = np.full((height + 2 * my, width + 2 * mx, 3), (5, 5, 7), np.uint8)
+    out = np.full((height + 2 * my, width + 2 * mx, 3), colour, np.uint8)
     out[my : my + height, mx : mx + width] = pixels
     return out
 
 
+@pytest.mark.parametrize("colour", [CAMERA_BLACK, PAGE_WHITE, VIEWER_GREY])
 @pytest.mark.parametrize(("size", "um_per_pixel"), [((640, 480), 0.1), ((2400, 1800), 0.2)])
-def test_a_black_frame_is_taken_off_and_the_boxes_stay_in_the_images_pixels(
-    size: tuple[int, int], um_per_pixel: float
+def test_a_frame_is_taken_off_and_the_boxes_stay_in_the_images_pixels(
+    size: tuple[int, int], um_per_pixel: float, colour: tuple[int, int, int]
 ) -> None:
     """A photograph taken at the eyepiece holds its field in camera black, which the mirror
-    padding would repeat until the field sent is mostly black: the frame is taken off, the
-    image sends the very fields of its unframed self (padded or tiled), counts the same,
-    and its boxes are those boxes in its own pixels."""
+    padding would repeat until the field sent is mostly black; a field pasted on a page or
+    exported from a viewer sits on white or light grey, which the models' stain
+    normalisation would read as its glass: the frame is taken off, the image sends the very
+    fields of its unframed self (padded or tiled), counts the same, and its boxes are those
+    boxes in its own pixels."""
     pixels = _squares(size, [(100, 100, 100), (400, 300, 120)])
     margin = (230, 170)
     plain, plain_sent = analyse(_encoded(pixels, "PNG"), um_per_pixel=um_per_pixel)
     result, sent = analyse(
-        _encoded(_in_black_frame(pixels, margin), "PNG"), um_per_pixel=um_per_pixel
+        _encoded(_in_frame(pixels, margin, colour), "PNG"), um_per_pixel=um_per_pixel
     )
     assert sent.sent == plain_sent.sent and result.counts == plain.counts
     assert result.size == (size[1] + 2 * margin[1], size[0] + 2 * margin[0])
@@ -1098,22 +1106,43 @@ def test_a_black_frame_is_taken_off_and_the_boxes_stay_in_the_images_pixels(
         np.testing.assert_allclose(np.array(framed.box) - shift, alone.box, atol=1e-6)
 
 
-def test_the_lit_region_takes_off_a_frame_of_camera_black_and_nothing_else() -> None:
-    from marrowdx.image_checks import lit_region
+def test_the_field_region_takes_off_a_frame_of_camera_black_and_nothing_else() -> None:
+    from marrowdx.image_checks import field_region
 
-    pixels = _squares((300, 200), [(50, 50, 40)])
-    assert lit_region(pixels) is None  # no frame
-    assert lit_region(_in_black_frame(pixels, (3, 2))) is None  # a thin border is left on
-    framed = _in_black_frame(pixels, (40, 25))
-    assert lit_region(framed) == (40, 25, 340, 225)
+    pixels = _squares((300, 200), [(50, 50, 40), (200, 120, 30)])
+    assert field_region(pixels) is None  # no frame
+    assert field_region(_in_frame(pixels, (3, 2))) is None  # a thin border is left on
+    framed = _in_frame(pixels, (40, 25))
+    assert field_region(framed) == (40, 25, 340, 225)
     framed[5, 5:10] = 200  # a speck of noise (or a label) in the frame
-    assert lit_region(framed) == (40, 25, 340, 225)
-    assert lit_region(np.full((200, 300, 3), 5, np.uint8)) is None  # all black
+    assert field_region(framed) == (40, 25, 340, 225)
+    assert field_region(np.full((200, 300, 3), 5, np.uint8)) is None  # all black
     sliver = np.full((200, 300, 3), 5, np.uint8)
     sliver[:, 100:108] = 220
-    assert lit_region(sliver) is None  # what is left is narrower than any image
+    assert field_region(sliver) is None  # what is left is narrower than any image
     dark_smear = (pixels // 4).astype(np.uint8)  # an underexposed field: dim, not black
-    assert lit_region(dark_smear) is None
+    assert field_region(dark_smear) is None
+
+
+def test_a_light_frame_is_taken_off_only_around_a_field_whose_glass_is_not_of_its_colour() -> None:
+    """White or light grey around a field is a page or a viewer's background when the field
+    inside does not show that colour; an overexposed field's clipped glass is as white as a
+    page, and its white border rows are the field's own."""
+    from marrowdx.image_checks import field_region
+
+    pixels = _squares((300, 200), [(50, 50, 40), (200, 120, 30)])
+    for colour in (PAGE_WHITE, VIEWER_GREY):
+        framed = _in_frame(pixels, (40, 25), colour)
+        assert field_region(framed) == (40, 25, 340, 225)
+        noisy = framed.astype(np.int16) + np.random.default_rng(1).integers(-3, 4, framed.shape)
+        assert field_region(np.clip(noisy, 0, 255).astype(np.uint8)) == (40, 25, 340, 225)
+    overexposed = pixels.copy()
+    overexposed[(pixels == BACKGROUND).all(axis=2)] = PAGE_WHITE  # clipped glass
+    assert field_region(_in_frame(overexposed, (40, 25), PAGE_WHITE)) is None
+    on_its_glass = _in_frame(pixels, (40, 25), BACKGROUND)  # the glass's own colour
+    assert field_region(on_its_glass) is None
+    in_both = _in_frame(_in_frame(pixels, (30, 20)), (20, 15), PAGE_WHITE)  # black in white
+    assert field_region(in_both) == (50, 35, 350, 235)
 
 
 def test_a_path_is_read_while_another_thread_is_still_importing_pillow(
