@@ -17,6 +17,7 @@ from marrowdx.client.quality import (
     NOT_A_SMEAR,
     QualityThresholds,
     SmearEvidence,
+    at_full_light,
     cells_verdict,
     field_quality,
     quality_verdict,
@@ -70,6 +71,7 @@ def decode_image(
     unidentified_below: float = DEFAULT_UNIDENTIFIED_BELOW,
     quality: QualityThresholds = DEFAULT_QUALITY,
     min_familiarity: float = DEFAULT_MIN_FAMILIARITY,
+    light: float | None = None,
 ) -> ImageResult:
     """Turn one image's ensemble outputs into cells in original-image pixels.
 
@@ -83,7 +85,9 @@ def decode_image(
     server without FAMILIARITY (an older repository) flags no cell unfamiliar.
 
     The field is excluded when the quality gate fails or, with the gate on, when its cells
-    are far from the size the models work at (``quality.spacing_verdict``).
+    are far from the size the models work at (``quality.spacing_verdict``). ``light``, the
+    grey level of the image's glass when known, has its focus judged at full light
+    (``quality.at_full_light``); the measures reported stay as measured.
     """
     t = config.TENSORS
     k = config.MAX_DETECTIONS
@@ -137,10 +141,11 @@ def decode_image(
         raise BadServerOutput(f"{t.class_counts} disagree with the labels of {t.class_probs}")
     height, width = (int(v) for v in outputs[t.image_size])
     measures = field_quality(outputs)
-    excluded = quality_verdict(measures, quality, evidence=SmearEvidence.of(cells))
-    if excluded is None and smear_measured(measures):
+    judged = measures if measures is None else at_full_light(measures, light)
+    excluded = quality_verdict(judged, quality, evidence=SmearEvidence.of(cells))
+    if excluded is None and smear_measured(judged):
         # (a server without the smear measures is judged as before)
-        excluded = cells_verdict(n, int(unfamiliar.sum()), measures, quality) or spacing_verdict(
+        excluded = cells_verdict(n, int(unfamiliar.sum()), judged, quality) or spacing_verdict(
             boxes[:n], labels, quality
         )
     if excluded is not None:

@@ -444,11 +444,16 @@ class AsyncMarrowClient:
         self, name: str, prepared: fields.PreparedImage, outputs: list[Mapping[str, np.ndarray]]
     ) -> ImageResult:
         """The image's result (``fields.merge_image``), in a worker thread as preparing is: a
-        field without an identified cell has its red cells counted from its pixels."""
+        field without an identified cell has its red cells counted from its pixels, and a
+        field that measures blurred is judged at full light when the image is dim
+        (``fields.light_in_doubt``)."""
 
         def merge() -> ImageResult:
             results = [self._decode(name, out) for out in outputs]
-            return fields.merge_image(name, prepared, results, self.quality)
+            light = fields.light_in_doubt(prepared, results, self.quality)
+            if light is not None:
+                results = [self._decode(name, out, light) for out in outputs]
+            return fields.merge_image(name, prepared, results, self.quality, light)
 
         return await asyncio.to_thread(merge)
 
@@ -460,10 +465,12 @@ class AsyncMarrowClient:
             outputs = await self._transport.infer_image(bytes(data))
         return self._decode(name, outputs)
 
-    def _decode(self, name: str, outputs: Mapping[str, np.ndarray]) -> ImageResult:
+    def _decode(
+        self, name: str, outputs: Mapping[str, np.ndarray], light: float | None = None
+    ) -> ImageResult:
         try:
             return aggregate.decode_image(
-                name, outputs, self.unidentified_below, self.quality, self.min_familiarity
+                name, outputs, self.unidentified_below, self.quality, self.min_familiarity, light
             )
         except aggregate.BadServerOutput as exc:
             raise RequestFailed(f"unexpected server output: {exc}") from exc

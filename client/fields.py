@@ -31,12 +31,15 @@ from marrowdx.client.quality import (
     DEFAULT_QUALITY,
     MIN_RED_CELLS_AGAINST_STATED,
     NOT_A_SMEAR,
+    REFERENCE_LIGHT,
     SMALL_IMAGE_SIDE,
     WRONG_SPACING,
     QualityThresholds,
     SmearEvidence,
+    at_full_light,
     cell_size_ratio,
     cells_verdict,
+    focus_in_doubt,
     focus_warning,
     hue_verdict,
     magnification_verdict,
@@ -552,11 +555,30 @@ def _stated_against_red_cells(
     return stated_spacing_verdict(spacing.um_per_pixel, _overruling(own), quality), own
 
 
+def light_in_doubt(
+    prepared: PreparedImage, results: Sequence[ImageResult], quality: QualityThresholds
+) -> float | None:
+    """The grey level of the image's glass (``image_checks.light_level``, from its own
+    bytes) when a field's focus falls under a limit (``quality.focus_in_doubt``) and the
+    glass is darker than the light the limits were set at (``quality.REFERENCE_LIGHT``);
+    None otherwise, without reading the image. Why: a sharp field photographed dim measures
+    blurred, a variance falling with the square of the light; a field in focus is never
+    read again, so the bench's fields cost nothing more."""
+    from marrowdx.image_checks import light_level
+
+    if not prepared.data or not any(focus_in_doubt(r.quality, quality) for r in results):
+        return None
+    with _decoding():
+        light = light_level(prepared.data)
+    return light if light < REFERENCE_LIGHT else None
+
+
 def merge_image(
     name: str,
     prepared: PreparedImage,
     results: Sequence[ImageResult],
     quality: QualityThresholds = DEFAULT_QUALITY,
+    light: float | None = None,
 ) -> ImageResult:
     """One image's result from its fields' results: boxes in input pixels, mirror images in
     the padding dropped (``MIN_INSIDE_SHARE``) unless no detection on the image shows their
@@ -571,6 +593,8 @@ def merge_image(
     ``quality.cells_verdict`` (none found in a stained image, or mostly unfamiliar). An image
     coarser than the gate's ``max_um_per_pixel`` is excluded for its magnification
     (``quality.magnification_verdict``), unless the measures say it is no smear at all.
+    ``light`` (:func:`light_in_doubt`) has the focus judged at full light; the measures
+    reported stay as measured.
     """
     from marrowdx.slides.merge import merge_fields
 
@@ -580,7 +604,8 @@ def merge_image(
         if only.excluded is None and not prepared.spacing.known:
             # the field was judged at the models' spacing; at an uncertain estimate of it
             # no dark area's width tells a packed monolayer from a clump
-            unsure = quality_verdict(only.quality, quality, evidence=evidence, scale_known=False)
+            judged = at_full_light(only.quality, light) if only.quality else only.quality
+            unsure = quality_verdict(judged, quality, evidence=evidence, scale_known=False)
             only = only if unsure is None else _excluded(only, unsure)
         named = wrong_spacing_named(only.excluded, prepared.spacing.source, evidence)
         named, own = _stated_against_red_cells(named, only.cells, prepared, quality)
@@ -628,15 +653,16 @@ def merge_image(
         if cell.counted:
             counts[cell.label] += 1
     measures = _median_quality(results)
+    judged = measures if measures is None else at_full_light(measures, light)
     evidence = SmearEvidence.of(kept)
     own = None
     if _small(prepared):
-        excluded = quality_verdict(measures, quality, small_image=True, evidence=evidence)
-        if excluded is None and smear_measured(measures):
+        excluded = quality_verdict(judged, quality, small_image=True, evidence=evidence)
+        if excluded is None and smear_measured(judged):
             # a cell seen only in mirror images must at least be recognised to be the crop's
             n_cells = len(kept) + sum(cell.counted for cell in mirrored_only)
             unfamiliar = sum(cell.unfamiliar for cell in kept)
-            excluded = cells_verdict(n_cells, unfamiliar, measures, quality, small_image=True)
+            excluded = cells_verdict(n_cells, unfamiliar, judged, quality, small_image=True)
         own = _red_cell_estimate(prepared, quality)
         if excluded is None:
             stated = prepared.spacing.um_per_pixel
@@ -645,11 +671,11 @@ def merge_image(
                 prepared.spacing.source,
                 evidence,
             )
-        if excluded is None and prepared.data and smear_measured(measures):
+        if excluded is None and prepared.data and smear_measured(judged):
             excluded = _hue_verdict(prepared.data, evidence, quality)
     else:
         judged = quality_verdict(
-            measures, quality, evidence=evidence, scale_known=prepared.spacing.known
+            judged, quality, evidence=evidence, scale_known=prepared.spacing.known
         )
         excluded = _as_its_fields_name_it(judged, results)
         if excluded is None and all(r.excluded for r in results):

@@ -40,6 +40,15 @@ from marrowdx.errors import BadServerOutput, InputError
 from marrowdx.spacing import RED_CELL_BAND_UM, RED_CELL_UM, STATED_SOURCES
 
 DEFAULT_MIN_FOCUS = 1000.0
+#: The grey level of the glass the focus limits were set at (simulated fields' glass: 207 and
+#: up; the real sets' median 205). ``focus``, a variance, falls with the square of the light:
+#: a sharp field at half its light measures a quarter of its focus, so a dim camera's sharp
+#: fields read as blurred (288 TXL-PBC ``val`` fields at half their light: 38 excluded as
+#: out of focus, their fine detail as sharp as before). A field whose glass is darker than
+#: this is judged at this light (:func:`at_full_light`).
+REFERENCE_LIGHT = 200.0
+#: The key under which :func:`at_full_light` keeps the light it judged a field's focus at.
+GLASS = "glass"
 #: Below this ``fine_focus`` (the Laplacian's variance at the models' 0.5 µm/px over that at 1
 #: µm/px) a field is blurred by about half a µm though ``focus`` passes: that keeps a µm's
 #: detail but takes much of the chromatin and granules real cells differ by (real cells
@@ -280,6 +289,35 @@ def field_quality(outputs: Mapping[str, np.ndarray]) -> dict[str, float] | None:
     return {name: float(v) for name, v in zip(QUALITY_FIELDS, values, strict=True)}
 
 
+def focus_in_doubt(
+    quality: Mapping[str, float] | None, thresholds: QualityThresholds = DEFAULT_QUALITY
+) -> bool:
+    """Whether a field's ``focus`` falls under a limit that its light may explain (so the
+    client reads the image's light: :func:`at_full_light`)."""
+    return thresholds.enabled and quality is not None and quality["focus"] < thresholds.min_focus
+
+
+def at_full_light(quality: Mapping[str, float], light: float | None) -> dict[str, float]:
+    """The measures with ``focus`` as the field would measure at ``REFERENCE_LIGHT`` when its
+    glass (``light``: ``image_checks.light_level``) is darker, and that light as ``glass``:
+    a variance scales with the square of the light. A brighter field, or one whose light is
+    unknown, as it is."""
+    scaled = dict(quality)
+    if light is not None and 0 < light < REFERENCE_LIGHT:
+        scaled["focus"] = quality["focus"] * (REFERENCE_LIGHT / light) ** 2
+        scaled[GLASS] = light
+    return scaled
+
+
+def _at_light(quality: Mapping[str, float]) -> str:
+    """How a reason names a focus judged at full light (:func:`at_full_light`)."""
+    if GLASS not in quality:
+        return ""
+    return (
+        f", at the light of glass of grey {REFERENCE_LIGHT:g}: the image's is {quality[GLASS]:.0f}"
+    )
+
+
 def smear_measured(quality: Mapping[str, float] | None) -> bool:
     """Whether FIELD_QUALITY came from a server with the smear measures (``stain_colour``,
     ``background``): the rules on what the models found are asked only then, so a field from
@@ -380,7 +418,7 @@ def _region_verdict(
     if quality["focus"] < thresholds.min_focus:
         return "focus", (
             f"out of focus: sharpness {quality['focus']:.0f} below {thresholds.min_focus:g} "
-            "(variance of the Laplacian)"
+            f"(variance of the Laplacian{_at_light(quality)})"
         )
     found = evidence is not None and evidence.objects > 0
     if quality["foreground"] < thresholds.min_foreground and not found:

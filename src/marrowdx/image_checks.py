@@ -430,19 +430,11 @@ def pink_or_purple_share(data: bytes) -> tuple[float, int]:
     azure-eosin complex, which stain a smear's nuclei, platelets and red cells, absorb green
     most; a photograph of skin, wood or coffee, a brown immunohistochemistry stain or a blue
     chart has almost none (docs/field_quality.md)."""
-    from PIL import Image as PilImage
-
     from marrowdx.preprocess import QualitySpec
 
     spec = QualitySpec()
-    image = upright_rgb(data)
-    image.thumbnail((HUE_SIDE, HUE_SIDE), PilImage.Resampling.BILINEAR)
-    pixels = np.asarray(image, np.float32)
-    height, width = pixels.shape[:2]
-    k = max(1, min(height, width) // 8)
-    grid = pixels[: height // k * k, : width // k * k]
-    grid = grid.reshape(height // k, k, width // k, k, 3).mean(axis=(1, 3))
-    balanced = (pixels + 1.0) / (grid.reshape(-1, 3).max(axis=0) + 1.0)
+    pixels = _small_copy(data)
+    balanced = (pixels + 1.0) / (_grid_means(pixels).reshape(-1, 3).max(axis=0) + 1.0)
     darkest = balanced.min(axis=2)
     lit = pixels.max(axis=2) >= config.CAMERA_BLACK_LEVEL
     stained = (darkest < spec.stained_below_background) & lit
@@ -450,6 +442,34 @@ def pink_or_purple_share(data: bytes) -> tuple[float, int]:
     green_weakest = balanced[..., 1] <= np.minimum(balanced[..., 0], balanced[..., 2])
     n_coloured = int(coloured.sum())
     return float((coloured & green_weakest).sum() / max(n_coloured, 1)), n_coloured
+
+
+def light_level(data: bytes) -> float:
+    """The grey level of an encoded image's glass: the brightest of an 8 x 8 grid's mean
+    grey levels, on a copy at most ``HUE_SIDE`` pixels a side (as
+    :func:`pink_or_purple_share` takes its white). Why: the focus measure is a variance of
+    grey levels, which a dim camera lowers with the square of its light
+    (``client.quality.at_full_light``)."""
+    return float(_grid_means(_small_copy(data)).mean(axis=-1).max())
+
+
+def _small_copy(data: bytes) -> np.ndarray:
+    """An encoded image upright, at most ``HUE_SIDE`` pixels a side, as float RGB: shares
+    of colours and light levels need few pixels."""
+    from PIL import Image as PilImage
+
+    image = upright_rgb(data)
+    image.thumbnail((HUE_SIDE, HUE_SIDE), PilImage.Resampling.BILINEAR)
+    return np.asarray(image, np.float32)
+
+
+def _grid_means(pixels: np.ndarray) -> np.ndarray:
+    """The mean colour of each cell of a grid about 8 x 8 cells across ``pixels`` (square
+    cells, the remainder left out): the brightest cell is the image's glass."""
+    height, width = pixels.shape[:2]
+    k = max(1, min(height, width) // 8)
+    grid = pixels[: height // k * k, : width // k * k]
+    return grid.reshape(height // k, k, width // k, k, 3).mean(axis=(1, 3))
 
 
 def decoded_alpha(image: np.ndarray | Image.Image) -> np.ndarray | None:

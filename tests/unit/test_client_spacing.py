@@ -252,6 +252,45 @@ def test_an_image_with_one_round_object_and_no_identified_cell_is_no_smear() -> 
     assert identified.excluded is None and sum(identified.counts.values()) == 1
 
 
+class DimTransport(MeasuredTransport):
+    """MeasuredTransport whose fields measure ``focus`` (their other measures in focus)."""
+
+    def __init__(self, focus: float) -> None:
+        super().__init__(0.9)
+        self.focus = focus
+
+    async def infer_image(self, data: bytes) -> dict[str, np.ndarray]:
+        outputs = await super().infer_image(data)
+        outputs[T.field_quality][0] = self.focus
+        return outputs
+
+
+def test_a_sharp_field_photographed_dim_is_not_excluded_as_out_of_focus() -> None:
+    """A dim camera lowers the focus measure with the square of its light: the client reads
+    the image's glass (only when a field measures blurred) and judges it at full light. The
+    same measure on a field lit as the limit's is still out of focus."""
+    from marrowdx.image_checks import light_level
+
+    squares = [(100, 100, 100), (400, 300, 120)]
+    bright = np.asarray(Image.open(io.BytesIO(picture((640, 480), squares))))
+    dim = (bright * 0.5).astype(np.uint8)
+    assert light_level(_encoded(dim, "PNG")) == pytest.approx(
+        light_level(_encoded(bright, "PNG")) / 2, abs=1
+    )
+
+    def run(pixels: np.ndarray, focus: float) -> SpacedImageResult:
+        client = AsyncMarrowClient(transport=DimTransport(focus))  # type: ignore[arg-type]
+        data = _encoded(pixels, "PNG")
+        return asyncio.run(client.analyse_image(data, "f", um_per_pixel=0.1))  # type: ignore[arg-type]
+
+    # BACKGROUND's grey is 227, over REFERENCE_LIGHT: a bright field is judged as measured
+    assert run(bright, 500).excluded.startswith("out of focus")
+    at_half = run(dim, 500)  # glass at 113: 500 x (200 / 113)^2 = 1,566
+    assert at_half.excluded is None and sum(at_half.counts.values()) == 2
+    assert at_half.quality["focus"] == 500  # reported as measured
+    assert run(dim, 200).excluded.startswith("out of focus")  # blurred at any light
+
+
 def smear_picture(size: tuple[int, int], squares: list[tuple[int, int, int]]) -> bytes:
     """``picture`` with pale red cells (30 px across: 7.5 µm at the models' spacing) in
     rows below y = 400, which the fake detector does not find."""

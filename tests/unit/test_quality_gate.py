@@ -406,3 +406,24 @@ def test_fine_focus_tells_a_blurred_real_crop_from_a_sharp_one() -> None:
     for m in failing:
         assert q.focus_warning(m) is not None and q.quality_verdict(m, small_image=True) is None
         assert q.quality_verdict(m, strict, small_image=True).startswith("out of focus: fine")
+
+
+def test_a_dim_fields_focus_is_judged_at_the_light_its_limit_was_set_at() -> None:
+    """The focus measure is a variance of grey levels: a sharp field photographed at half
+    its light measures a quarter of its focus. Given the image's glass (``light``), a field
+    darker than ``REFERENCE_LIGHT`` is judged as if lit to it; a bright field, or a dim one
+    that is blurred all the same, is not rescued, and the JSON keeps the measure as
+    measured."""
+    measures = [500.0, 0.08, 0.03, 95.0, 0.8, 0.5, 0.1, 0.3, 0.0, 0.0]
+    unknown = aggregate.decode_image("d.jpg", _outputs(measures))
+    assert unknown.excluded.startswith("out of focus")
+    half = q.REFERENCE_LIGHT / 2  # 500 x 2^2 = 2,000: in focus at full light
+    dim = aggregate.decode_image("d.jpg", _outputs(measures), light=half)
+    assert dim.excluded is None and sum(dim.counts.values()) == 3
+    assert dim.quality["focus"] == 500.0 and q.GLASS not in dim.quality
+    bright = aggregate.decode_image("d.jpg", _outputs(measures), light=q.REFERENCE_LIGHT + 10)
+    assert bright.excluded == unknown.excluded
+    blurred = aggregate.decode_image("d.jpg", _outputs([100.0, *measures[1:]]), light=half)
+    assert blurred.excluded.startswith("out of focus: sharpness 400 below 1000")
+    assert f"the image's is {half:.0f}" in blurred.excluded
+    assert q.at_full_light({"focus": 500.0}, None) == {"focus": 500.0}
