@@ -141,11 +141,11 @@ def decode_image(
         raise BadServerOutput(f"{t.class_counts} disagree with the labels of {t.class_probs}")
     height, width = (int(v) for v in outputs[t.image_size])
     measures = field_quality(outputs)
-    judged = measures if measures is None else at_full_light(measures, light)
-    excluded = quality_verdict(judged, quality, evidence=SmearEvidence.of(cells))
-    if excluded is None and smear_measured(judged):
+    at_light = at_full_light(measures, light)
+    excluded = quality_verdict(at_light, quality, evidence=SmearEvidence.of(cells))
+    if excluded is None and smear_measured(at_light):
         # (a server without the smear measures is judged as before)
-        excluded = cells_verdict(n, int(unfamiliar.sum()), judged, quality) or spacing_verdict(
+        excluded = cells_verdict(n, int(unfamiliar.sum()), at_light, quality) or spacing_verdict(
             boxes[:n], labels, quality
         )
     if excluded is not None:

@@ -604,8 +604,8 @@ def merge_image(
         if only.excluded is None and not prepared.spacing.known:
             # the field was judged at the models' spacing; at an uncertain estimate of it
             # no dark area's width tells a packed monolayer from a clump
-            judged = at_full_light(only.quality, light) if only.quality else only.quality
-            unsure = quality_verdict(judged, quality, evidence=evidence, scale_known=False)
+            at_light = at_full_light(only.quality, light)
+            unsure = quality_verdict(at_light, quality, evidence=evidence, scale_known=False)
             only = only if unsure is None else _excluded(only, unsure)
         named = wrong_spacing_named(only.excluded, prepared.spacing.source, evidence)
         named, own = _stated_against_red_cells(named, only.cells, prepared, quality)
@@ -653,16 +653,16 @@ def merge_image(
         if cell.counted:
             counts[cell.label] += 1
     measures = _median_quality(results)
-    judged = measures if measures is None else at_full_light(measures, light)
+    at_light = at_full_light(measures, light)
     evidence = SmearEvidence.of(kept)
     own = None
     if _small(prepared):
-        excluded = quality_verdict(judged, quality, small_image=True, evidence=evidence)
-        if excluded is None and smear_measured(judged):
+        excluded = quality_verdict(at_light, quality, small_image=True, evidence=evidence)
+        if excluded is None and smear_measured(at_light):
             # a cell seen only in mirror images must at least be recognised to be the crop's
             n_cells = len(kept) + sum(cell.counted for cell in mirrored_only)
             unfamiliar = sum(cell.unfamiliar for cell in kept)
-            excluded = cells_verdict(n_cells, unfamiliar, judged, quality, small_image=True)
+            excluded = cells_verdict(n_cells, unfamiliar, at_light, quality, small_image=True)
         own = _red_cell_estimate(prepared, quality)
         if excluded is None:
             stated = prepared.spacing.um_per_pixel
@@ -671,11 +671,11 @@ def merge_image(
                 prepared.spacing.source,
                 evidence,
             )
-        if excluded is None and prepared.data and smear_measured(judged):
+        if excluded is None and prepared.data and smear_measured(at_light):
             excluded = _hue_verdict(prepared.data, evidence, quality)
     else:
         judged = quality_verdict(
-            judged, quality, evidence=evidence, scale_known=prepared.spacing.known
+            at_light, quality, evidence=evidence, scale_known=prepared.spacing.known
         )
         excluded = _as_its_fields_name_it(judged, results)
         if excluded is None and all(r.excluded for r in results):

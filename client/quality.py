@@ -297,16 +297,16 @@ def focus_in_doubt(
     return thresholds.enabled and quality is not None and quality["focus"] < thresholds.min_focus
 
 
-def at_full_light(quality: Mapping[str, float], light: float | None) -> dict[str, float]:
+def at_full_light(
+    quality: Mapping[str, float] | None, light: float | None
+) -> Mapping[str, float] | None:
     """The measures with ``focus`` as the field would measure at ``REFERENCE_LIGHT`` when its
     glass (``light``: ``image_checks.light_level``) is darker, and that light as ``glass``:
-    a variance scales with the square of the light. A brighter field, or one whose light is
-    unknown, as it is."""
-    scaled = dict(quality)
-    if light is not None and 0 < light < REFERENCE_LIGHT:
-        scaled["focus"] = quality["focus"] * (REFERENCE_LIGHT / light) ** 2
-        scaled[GLASS] = light
-    return scaled
+    a variance scales with the square of the light. A brighter field, one whose light is
+    unknown, or no measures at all (an older server), as they are."""
+    if quality is None or light is None or not 0 < light < REFERENCE_LIGHT:
+        return quality
+    return {**quality, "focus": quality["focus"] * (REFERENCE_LIGHT / light) ** 2, GLASS: light}
 
 
 def _at_light(quality: Mapping[str, float]) -> str:

@@ -333,12 +333,12 @@ def field_region(pixels: np.ndarray) -> tuple[int, int, int, int] | None:
     # channel axis (25 against 210 ms for 12 megapixels)
     brightest = np.maximum(np.maximum(pixels[..., 0], pixels[..., 1]), pixels[..., 2])
     lit = brightest >= config.CAMERA_BLACK_LEVEL
-    black_framed = _framed_box(lit, MAX_FRAME_LIT_SHARE)
+    black_framed = _framed_box(lit)
     frame_coloured = _frame_coloured(pixels)
     if frame_coloured is None:
         return black_framed
     content = lit & ~frame_coloured
-    framed = _framed_box(content, MAX_FRAME_LIT_SHARE)
+    framed = _framed_box(content)
     pasted = None if framed is None else _straight_edged(content, framed)
     if pasted is None or pasted == black_framed:
         return black_framed
@@ -387,13 +387,13 @@ def _frame_coloured(pixels: np.ndarray) -> np.ndarray | None:
     return np.maximum(np.maximum(off[..., 0], off[..., 1]), off[..., 2]) <= FRAME_COLOUR_TOLERANCE
 
 
-def _framed_box(content: np.ndarray, min_share: float) -> tuple[int, int, int, int] | None:
-    """The box of the rows and columns of which more than ``min_share`` is ``content``; None
-    when what lies outside it is under ``MIN_FRAME_AREA`` of the image or when nothing, or a
-    sliver narrower than any image, is left."""
+def _framed_box(content: np.ndarray) -> tuple[int, int, int, int] | None:
+    """The box of the rows and columns of which more than ``MAX_FRAME_LIT_SHARE`` is
+    ``content``; None when what lies outside it is under ``MIN_FRAME_AREA`` of the image or
+    when nothing, or a sliver narrower than any image, is left."""
     height, width = content.shape
-    rows = np.flatnonzero(np.count_nonzero(content, axis=1) > min_share * width)
-    cols = np.flatnonzero(np.count_nonzero(content, axis=0) > min_share * height)
+    rows = np.flatnonzero(np.count_nonzero(content, axis=1) > MAX_FRAME_LIT_SHARE * width)
+    cols = np.flatnonzero(np.count_nonzero(content, axis=0) > MAX_FRAME_LIT_SHARE * height)
     if not rows.size or not cols.size:
         return None
     box = (int(cols[0]), int(rows[0]), int(cols[-1]) + 1, int(rows[-1]) + 1)
@@ -416,7 +416,8 @@ def transparent_share(data: bytes) -> float:
     return float((alpha < 255).mean())
 
 
-#: Side of the copy :func:`pink_or_purple_share` reads: shares of colours need few pixels.
+#: Side of the copy :func:`pink_or_purple_share` and :func:`light_level` read: shares of
+#: colours and a light level need few pixels.
 HUE_SIDE = 64
 
 
