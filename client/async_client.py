@@ -35,6 +35,7 @@ from marrowdx.client.transport import (
 )
 from marrowdx.errors import InputError
 from marrowdx.image_checks import client_decoded
+from marrowdx.wording import quantity
 
 if TYPE_CHECKING:
     from PIL.Image import Image as PillowImage
@@ -563,7 +564,7 @@ class AsyncMarrowClient:
         elif not done:
             why = f"all {chosen.fields_used} images failed"
         elif counts.sum() == 0:
-            why = f"no cells detected in {len(done)} processed images"
+            why = f"no cells detected in {quantity(len(done), 'processed image')}"
         else:
             probs, why = await self.diagnose_counts(counts, labs)
         return aggregate.build_report(

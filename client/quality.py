@@ -38,6 +38,7 @@ from marrowdx.client.report import Cell
 from marrowdx.contract import QUALITY_FIELDS
 from marrowdx.errors import BadServerOutput, InputError
 from marrowdx.spacing import RED_CELL_BAND_UM, RED_CELL_UM, STATED_SOURCES
+from marrowdx.wording import quantity
 
 DEFAULT_MIN_FOCUS = 1000.0
 #: The grey level of the glass the focus limits were set at (simulated fields' glass: 207 and
@@ -676,13 +677,13 @@ def red_cells_verdict(
         if um_per_pixel is None:
             raise ValueError("a stated spacing's red cells are counted at its um_per_pixel")
         low, high = RED_CELL_BAND_UM
-        red = "no red cell" if not found else f"{found} red cell"
+        red = "no red cell" if not found else quantity(found, "red cell")
         return _unreadable(
             evidence,
             f"{red} of a red cell's size ({low:.1f}-{high:.0f} µm) at the stated "
             f"{um_per_pixel:.3g} µm/px; check the spacing if it is a smear",
         )
-    red = "no red cell" if not found else f"{found} round object taken for a red cell"
+    red = "no red cell" if not found else f"{quantity(found, 'round object')} taken for a red cell"
     return _unreadable(evidence, f"{red}; give the spacing (--um-per-pixel) if it is a smear")
 
 
@@ -793,7 +794,7 @@ def thick_named(reason: str | None, source: str, n_red_cells: int | None) -> str
         return reason
     if n_red_cells is None or n_red_cells >= MIN_RED_CELLS_IN_SMEAR:
         return reason
-    red = "no round object" if not n_red_cells else f"{n_red_cells} round object"
+    red = "no round object" if not n_red_cells else quantity(n_red_cells, "round object")
     return maybe_no_smear("too thick to count", f"{red} taken for a red cell", reason)
 
 
@@ -831,6 +832,6 @@ def _cell_size_reason(
         return None
     return (
         f"{WRONG_SPACING}: cells measure {ratio:.1f} times their size at the models' "
-        f"spacing (median {median:.0f} px in the model input, expected {low:.0f}-{high:.0f}); "
+        f"spacing (median {median:.1f} px in the model input, expected {low:.1f}-{high:.1f}); "
         "check the image's pixel spacing"
     )

@@ -33,6 +33,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 
 from marrowdx import config
+from marrowdx.wording import quantity
 
 #: Red-cell diameter (µm): the simulator's red cells are config.RED_CELL_DIAMETER_PX across at the
 #: models' spacing, i.e. 7-9 µm, as human red cells are.
@@ -226,7 +227,7 @@ class SpacingEstimate:
         images = f" in {self.n_images} images" if self.n_images > 1 else ""
         return (
             f"pixel spacing estimate {self.um_per_pixel:.3g} um/px is uncertain "
-            f"({self.n_red_cells} red cells{images}, {spread}); {hint}"
+            f"({quantity(self.n_red_cells, 'red cell')}{images}, {spread}); {hint}"
         )
 
 

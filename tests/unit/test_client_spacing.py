@@ -335,7 +335,7 @@ def test_an_excluded_image_says_when_its_spacing_was_only_an_uncertain_estimate(
     from marrowdx.client.fields import SpacingInfo
 
     warning = (
-        "pixel spacing estimate 0.08 um/px is uncertain (1 red cells, unknown spread); give "
+        "pixel spacing estimate 0.08 um/px is uncertain (1 red cell, unknown spread); give "
         "the spacing with --um-per-pixel"
     )
     uncertain = SpacingInfo(0.08, "estimated", None, 1, warning=warning)
