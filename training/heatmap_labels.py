@@ -52,6 +52,12 @@ def flip_heatmap_labels(t: np.ndarray, horizontal: bool) -> np.ndarray:
     return out
 
 
+def transpose_heatmap_labels(t: np.ndarray) -> np.ndarray:
+    """Transpose a target stack [6,h,w] (rows become columns): widths and heights swap, and
+    so do the sub-cell offsets along x and y."""
+    return np.ascontiguousarray(t[[0, 2, 1, 4, 3, 5]].transpose(0, 2, 1))
+
+
 def detector_loss(
     logits: torch.Tensor, regress: torch.Tensor, target: torch.Tensor
 ) -> torch.Tensor:

@@ -29,6 +29,10 @@ class TrainingPreset:
     det_batch: int = 8
     det_crop: int = 256
     det_lr: float = 3e-3
+    # the detector's windows also transposed (with the flips, all 8 orientations); off keeps
+    # the draws of the presets trained before it existed, and the reference preset leaves it
+    # off (probed: docs/real_cells.md, "Fields and crops at a right angle")
+    det_transpose: bool = False
     # classifier: ground-truth boxes with jitter, a few images per step
     classifier: ClassifierSpec = field(default_factory=ClassifierSpec)
     cls_steps: int = 600
@@ -67,8 +71,8 @@ class TrainingPreset:
         """Stable hash of everything that affects the trained weights. Without augmentation
         the ``augment`` field is left out: such training draws exactly what it drew before
         the field existed (``training.augment`` draws nothing when disabled); so is an unset
-        ``det_real_zoom`` (the zoom drawn is then the one drawn before it existed) and an
-        unset ``cls_real_weight``."""
+        ``det_real_zoom`` (the zoom drawn is then the one drawn before it existed), an unset
+        ``cls_real_weight`` and an unset ``det_transpose``."""
         fields = asdict(self)
         if not self.augment.enabled:
             del fields["augment"]
@@ -76,6 +80,8 @@ class TrainingPreset:
             del fields["det_real_zoom"]
         if self.cls_real_weight is None:
             del fields["cls_real_weight"]
+        if not self.det_transpose:
+            del fields["det_transpose"]
         blob = json.dumps(fields, sort_keys=True, default=str).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 

@@ -30,7 +30,12 @@ from marrowdx.training.augment import (
     zoom_batch,
 )
 from marrowdx.training.data import PreparedCohort
-from marrowdx.training.heatmap_labels import detector_loss, flip_heatmap_labels, heatmap_labels
+from marrowdx.training.heatmap_labels import (
+    detector_loss,
+    flip_heatmap_labels,
+    heatmap_labels,
+    transpose_heatmap_labels,
+)
 from marrowdx.training.presets import TrainingPreset
 from marrowdx.training.real_data import RealData, place_crop, place_field
 
@@ -88,22 +93,26 @@ def detector_targets(data: PreparedCohort, input_size: int) -> np.ndarray:
     return np.stack(out) if out else np.zeros((0, 6, 1, 1), np.float32)
 
 
-def random_flips(
-    x: np.ndarray, t: np.ndarray, rng: np.random.Generator
+def random_orientation(
+    x: np.ndarray, t: np.ndarray, rng: np.random.Generator, transpose: bool = False
 ) -> tuple[np.ndarray, np.ndarray]:
-    """A detector window (CHW) and its heatmap targets, each flipped left-right and then
-    top-bottom with probability 1/2 (cells have no orientation)."""
+    """A square detector window (CHW) and its heatmap targets, each flipped left-right and
+    then top-bottom with probability 1/2 and, with ``transpose``, transposed with
+    probability 1/2: all eight orientations of the square (cells have no orientation, and
+    a lab's camera may sit at a right angle to another's)."""
     if rng.random() < 0.5:
         x, t = x[:, :, ::-1], flip_heatmap_labels(t, horizontal=True)
     if rng.random() < 0.5:
         x, t = x[:, ::-1, :], flip_heatmap_labels(t, horizontal=False)
+    if transpose and rng.random() < 0.5:
+        x, t = x.transpose(0, 2, 1), transpose_heatmap_labels(t)
     return x, t
 
 
 def real_detector_samples(
     real: RealData, preset: TrainingPreset, rng: np.random.Generator
 ) -> tuple[list[np.ndarray], list[np.ndarray]]:
-    """Real images placed on detector windows (mirror-padded, random zoom and flips), with
+    """Real images placed on detector windows (mirror-padded, random zoom and orientation), with
     their heatmap targets: ``preset.det_real_batch`` fields (white cells and platelets are
     cells, red cells background) and ``preset.det_real_crops`` single-cell crops, whose
     centre cell and its mirrored copies are the cells (the client mirror-pads a small image
@@ -118,7 +127,9 @@ def real_detector_samples(
     for image in images:
         zoom = float(rng.uniform(low, high))
         x, boxes, _ = place_field(image, zoom, rng, preset.det_crop)
-        x, t = random_flips(x, heatmap_labels(boxes, preset.det_crop), rng)
+        x, t = random_orientation(
+            x, heatmap_labels(boxes, preset.det_crop), rng, preset.det_transpose
+        )
         xs.append(photometric(np.ascontiguousarray(x), preset.real_augment, rng))
         ts.append(t)
     return xs, ts
@@ -157,7 +168,7 @@ def train_detector(
                 boxes = data.cells.boxes[data.cells_of(i)]
                 x, kept = scaled_crop(np.asarray(data.pixels[i]), boxes, crop, scale, rng)
                 t = heatmap_labels(kept, crop)
-            x, t = random_flips(x, t, rng)
+            x, t = random_orientation(x, t, rng, preset.det_transpose)
             xs.append(photometric(np.ascontiguousarray(x), aug, rng))
             ts.append(t)
         n_sim = len(xs)

@@ -24,9 +24,13 @@ from marrowdx.models.networks import (
     DiagnosisModel,
     DiagnosisSpec,
 )
-from marrowdx.training import metrics
+from marrowdx.training import metrics, train
 from marrowdx.training.data import CellTable, PreparedCohort, attribute_bits
-from marrowdx.training.heatmap_labels import flip_heatmap_labels, heatmap_labels
+from marrowdx.training.heatmap_labels import (
+    flip_heatmap_labels,
+    heatmap_labels,
+    transpose_heatmap_labels,
+)
 
 SMALL_DET = DetectorSpec(width4=8, width8=8, width16=8, head=8)
 SMALL_CLS = ClassifierSpec(widths=(8, 8, 8), hidden=8)
@@ -172,6 +176,24 @@ def test_heatmap_labels_peak_size_offset_and_flip() -> None:
     mirror = np.array([[S - 70.0, 60.0, S - 40.0, 86.0]], np.float32)
     np.testing.assert_allclose(flipped[1:6], heatmap_labels(mirror, S)[1:6], atol=1e-5)
     assert flipped.shape == (6, n, n)
+
+
+def test_transposed_targets_are_the_targets_of_the_transposed_boxes() -> None:
+    """A window turned by a right angle (transposed, then flipped) keeps every cell a target,
+    with its width and height, and its sub-cell offsets, swapped: the detector's eighth
+    orientations are exact."""
+    boxes = np.array([[40.0, 60.0, 70.0, 86.0], [101.0, 13.0, 117.0, 41.0]], np.float32)
+    t = heatmap_labels(boxes, S)
+    swapped = boxes[:, [1, 0, 3, 2]]
+    np.testing.assert_allclose(transpose_heatmap_labels(t), heatmap_labels(swapped, S), atol=1e-5)
+    x = np.random.default_rng(0).random((3, S, S)).astype(np.float32)
+    rng = np.random.default_rng(1)
+    seen = set()
+    for _ in range(64):
+        turned, targets = train.random_orientation(x, t, rng, transpose=True)
+        seen.add(turned.tobytes()[:64])
+        assert targets[5].sum() == 2 and targets[0].max() == 1.0
+    assert len(seen) == 8  # all eight orientations of the square
 
 
 def test_attribute_bits_reads_value_names_and_rejects_unknown() -> None:
