@@ -281,7 +281,7 @@ def _header(data: bytes) -> tuple[int, int, int | None] | str:
     is not ours to guess)."""
     from PIL import UnidentifiedImageError
 
-    from marrowdx.image_checks import EXIF_ORIENTATION, open_image
+    from marrowdx.image_checks import EXIF_ORIENTATION, TIFF_MAGIC, open_image
 
     try:
         with open_image(data) as probe:
@@ -296,6 +296,11 @@ def _header(data: bytes) -> tuple[int, int, int | None] | str:
     except UnidentifiedImageError:
         # Pillow's own message names the BytesIO object by its memory address, which would
         # make the same input's report differ from run to run
+        if data[:4] in TIFF_MAGIC:  # a scientific camera's or program's TIFF, most often
+            return (
+                "a TIFF Pillow cannot open: damaged, or of samples it does not read (32-bit "
+                "or floating-point); save the field as an 8- or 16-bit TIFF, a PNG or a JPEG"
+            )
         return "not an image format Pillow can open"
     except Exception as exc:  # noqa: BLE001 - Pillow raises many types; the server names it
         return f"{type(exc).__name__}: {exc}"

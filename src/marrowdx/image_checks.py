@@ -65,8 +65,10 @@ CLIENT_DECODED_SUFFIXES: frozenset[str] = frozenset(
 IMAGE_SUFFIXES: frozenset[str] = SERVED_SUFFIXES | CLIENT_DECODED_SUFFIXES
 #: Names (lower case) that Windows Explorer or a zip tool on macOS writes beside a user's files.
 SYSTEM_NAMES: frozenset[str] = frozenset({"thumbs.db", "ehthumbs.db", "desktop.ini", "__macosx"})
-#: Leading bytes of the client-decoded formats: TIFF and BigTIFF in both byte orders, BMP.
-_CLIENT_DECODED_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+", b"BM")
+#: Leading bytes of TIFF and BigTIFF in both byte orders.
+TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
+#: Leading bytes of the client-decoded formats: TIFF, BMP.
+_CLIENT_DECODED_MAGIC = (*TIFF_MAGIC, b"BM")
 #: Major brands (ISO BMFF ``ftyp`` box, bytes 8-12) of HEIF still images.
 _HEIF_BRANDS = frozenset({b"heic", b"heix", b"heim", b"heis", b"hevc", b"hevx", b"mif1", b"msf1"})
 

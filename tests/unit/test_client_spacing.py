@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import tifffile
 from PIL import Image, ImageDraw
 from scipy import ndimage as ndi
 
@@ -658,6 +659,10 @@ def test_a_multi_page_or_damaged_tiff_or_webp_fails_with_its_reason_and_is_never
         analyse(whole[: len(whole) // 2], um_per_pixel=0.1)
     with pytest.raises(RequestFailed, match="not decodable"):
         analyse(whole[: len(whole) // 2])  # the spacing estimate decodes it first
+    floats = io.BytesIO()
+    tifffile.imwrite(floats, page.astype(np.float32) / 255, photometric="rgb")  # 0-1 floats
+    with pytest.raises(RequestFailed, match="TIFF Pillow cannot open: .* 8- or 16-bit TIFF"):
+        analyse(floats.getvalue(), um_per_pixel=0.1)
     with pytest.raises(RequestFailed, match="8x400 is beyond"):
         analyse(_encoded(np.zeros((400, 8, 3), np.uint8), "TIFF"), um_per_pixel=0.1)
 
