@@ -134,11 +134,14 @@ def test_presets_augment_and_fingerprint_follows_the_spec() -> None:
 
     assert PRESETS["reference"].augment.enabled and PRESETS["tiny"].augment.enabled
     plain = dataclasses.replace(PRESETS["reference"], augment=ag.NO_AUGMENT)
-    # without augmentation the fingerprint is what it was before the field existed
+    # without augmentation the fingerprint is what it was before the field existed (and
+    # before det_transpose did, which the preset leaves unset)
     fields = dataclasses.asdict(plain)
-    del fields["augment"]
+    del fields["augment"], fields["det_transpose"]
     old = hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()
     assert plain.fingerprint() == old[:16]
     assert PRESETS["reference"].fingerprint() != plain.fingerprint()
     milder = dataclasses.replace(PRESETS["reference"], augment=ag.AugmentSpec(od_mixing=0.01))
     assert milder.fingerprint() != PRESETS["reference"].fingerprint()
+    turned = dataclasses.replace(PRESETS["reference"], det_transpose=True)
+    assert turned.fingerprint() != PRESETS["reference"].fingerprint()
