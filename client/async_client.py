@@ -12,7 +12,16 @@ import asyncio
 import os
 import sys
 from collections import deque
-from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Mapping, Sequence
+from collections.abc import (
+    AsyncIterable,
+    AsyncIterator,
+    Callable,
+    Iterable,
+    Iterator,
+    Mapping,
+    Sequence,
+)
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol, TypeAlias
@@ -21,7 +30,7 @@ import numpy as np
 
 from marrowdx import config, differential
 from marrowdx.client import aggregate, fields
-from marrowdx.client.quality import DEFAULT_QUALITY, QualityThresholds
+from marrowdx.client.quality import DEFAULT_QUALITY, QualityThresholds, field_quality
 from marrowdx.client.report import ImageResult, PatientReport
 from marrowdx.client.review import DEFAULT_THRESHOLDS, ReviewThresholds
 from marrowdx.client.spacing_pool import SpacingPool
@@ -214,6 +223,16 @@ def _check_not_damaged(data: bytes) -> None:
             check_integrity(data, fmt, strict_decode=False)
         except ImageRejected as exc:
             raise RequestFailed(str(exc)) from None
+
+
+@contextmanager
+def _server_output() -> Iterator[None]:
+    """Outputs the server should not have sent (``aggregate.BadServerOutput``) as the image's
+    failure."""
+    try:
+        yield
+    except aggregate.BadServerOutput as exc:
+        raise RequestFailed(f"unexpected server output: {exc}") from exc
 
 
 async def _until_target(
@@ -450,10 +469,10 @@ class AsyncMarrowClient:
         (``fields.light_in_doubt``)."""
 
         def merge() -> ImageResult:
-            results = [self._decode(name, out) for out in outputs]
-            light = fields.light_in_doubt(prepared, results, self.quality)
-            if light is not None:
-                results = [self._decode(name, out, light) for out in outputs]
+            with _server_output():
+                measures = [field_quality(out) for out in outputs]
+            light = fields.light_in_doubt(prepared, measures, self.quality)
+            results = [self._decode(name, out, light) for out in outputs]
             return fields.merge_image(name, prepared, results, self.quality, light)
 
         return await asyncio.to_thread(merge)
@@ -469,12 +488,10 @@ class AsyncMarrowClient:
     def _decode(
         self, name: str, outputs: Mapping[str, np.ndarray], light: float | None = None
     ) -> ImageResult:
-        try:
+        with _server_output():
             return aggregate.decode_image(
                 name, outputs, self.unidentified_below, self.quality, self.min_familiarity, light
             )
-        except aggregate.BadServerOutput as exc:
-            raise RequestFailed(f"unexpected server output: {exc}") from exc
 
     async def diagnose_patient(
         self,

@@ -19,7 +19,7 @@ Pillow, scipy and the estimator load on first use, so importing the client stays
 from __future__ import annotations
 
 import io
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, fields, replace
 from typing import TYPE_CHECKING
@@ -561,17 +561,21 @@ def _stated_against_red_cells(
 
 
 def light_in_doubt(
-    prepared: PreparedImage, results: Sequence[ImageResult], quality: QualityThresholds
+    prepared: PreparedImage,
+    measures: Sequence[Mapping[str, float] | None],
+    quality: QualityThresholds,
 ) -> float | None:
     """The grey level of the image's glass (``image_checks.light_level``, from its own
-    bytes) when a field's focus falls under a limit (``quality.focus_in_doubt``) and the
-    glass is darker than the light the limits were set at (``quality.REFERENCE_LIGHT``);
-    None otherwise, without reading the image. Why: a sharp field photographed dim measures
-    blurred, a variance falling with the square of the light; a field in focus is never
-    read again, so the bench's fields cost nothing more."""
+    bytes) when one of its fields' ``measures`` (``quality.field_quality``) has a focus
+    under a limit (``quality.focus_in_doubt``) and the glass is darker than the light the
+    limits were set at (``quality.REFERENCE_LIGHT``); None otherwise, without reading the
+    image. Asked before the fields are decoded, so each is decoded once, at that light. Why:
+    a sharp field photographed dim measures blurred, a variance falling with the square of
+    the light; a field in focus is never read again, so the bench's fields cost nothing
+    more."""
     from marrowdx.image_checks import light_level
 
-    if not prepared.data or not any(focus_in_doubt(r.quality, quality) for r in results):
+    if not prepared.data or not any(focus_in_doubt(m, quality) for m in measures):
         return None
     with _decoding():
         light = light_level(prepared.data)
