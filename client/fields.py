@@ -525,10 +525,11 @@ def _cell_size_verdict(
 
 
 def _hue_verdict(data: bytes, evidence: SmearEvidence, quality: QualityThresholds) -> str | None:
-    """``quality.hue_verdict`` of a crop-sized image's own pixels (decoded again: about 1 ms
-    for a crop, asked only of one in which the models identify no smear's cells). Why a
-    crop: a photograph stated at a fine spacing shrinks to a crop's size, and the rules about
-    a region of smear are not asked of a crop."""
+    """``quality.hue_verdict`` of an image's own pixels, decoded again on a 64-pixel copy
+    (about 1 ms for a crop, 4 ms for a 575-pixel field, 31 ms for a 2048 x 1536 JPEG), asked
+    only of an image in which the models identify no smear's cells. Why every image, not
+    only crops: a photograph whose orange, brown or red blobs pass the rules about a region
+    of smear is as often a field as a crop (docs/field_quality.md)."""
     from marrowdx.image_checks import pink_or_purple_share
 
     if not quality.enabled or not evidence.lacking:  # nothing to decode for
@@ -680,8 +681,6 @@ def merge_image(
                 prepared.spacing.source,
                 evidence,
             )
-        if excluded is None and prepared.data and smear_measured(at_light):
-            excluded = _hue_verdict(prepared.data, evidence, quality)
     else:
         judged = quality_verdict(
             at_light, quality, evidence=evidence, scale_known=prepared.spacing.known
@@ -769,14 +768,19 @@ def _without_smear_evidence(
     prepared: PreparedImage,
     quality: QualityThresholds,
 ) -> ImageResult:
-    """``result`` excluded by ``quality.red_cells_verdict`` when it was counted but shows
-    nothing of a smear: no cell identified, no red cells (those the estimate took, or at a
-    stated spacing those of a red cell's size at it, counted here from the image's pixels
-    only for a field without an identified cell: about 8.5 ms per 1024-pixel field). Asked, like
-    ``quality.cells_verdict``, only of a field measured by a server with the smear measures.
-    ``evidence``: :meth:`SmearEvidence.of` the result's cells."""
+    """``result`` excluded when it was counted but shows nothing of a smear: no smear's
+    cells identified and no pink or purple (``quality.hue_verdict``, :func:`_hue_verdict`),
+    or no cell identified and no red cells (``quality.red_cells_verdict``: those the
+    estimate took, or at a stated spacing those of a red cell's size at it, counted here
+    from the image's pixels only for a field without an identified cell: about 8.5 ms per
+    1024-pixel field). Asked, like ``quality.cells_verdict``, only of an image measured by a
+    server with the smear measures. ``evidence``: :meth:`SmearEvidence.of` the result's
+    cells."""
     if result.excluded is not None or not smear_measured(result.quality):
         return result
+    hue = _hue_verdict(prepared.data, evidence, quality) if prepared.data else None
+    if hue is not None:
+        return _excluded(result, hue)
     spacing = prepared.spacing
     n_red_cells = spacing.n_red_cells
     if spacing.source in STATED_SOURCES:

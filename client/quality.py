@@ -174,17 +174,18 @@ MIN_RED_CELLS_IN_SMEAR = 2
 MIN_DRAWN_OBJECTS = 3
 MAX_DRAWN_SPREAD = 0.001
 #: Below this share of its coloured stained pixels pink to purple (green their weakest
-#: channel: ``image_checks.pink_or_purple_share``) a crop-sized image in which the models
+#: channel: ``image_checks.pink_or_purple_share``) an image, crop or field, in which the models
 #: identify no smear's cells (:meth:`SmearEvidence.lacking`) is no Romanowsky-stained smear:
 #: eosin and the azure-eosin complex, which stain its nuclei, platelets and red cells, absorb
 #: green most. 4,659 real images read as crops (3,203 Munich crops, 160 blood crops, 1,296
 #: TXL-PBC fields at their spacing) measure 0.062 and up, the least a lab whose red cells are
 #: orange to yellow, with one white cell; photographs of coffee, a portrait, a cat, a brown
-#: immunohistochemistry stain and blue charts 0.0-0.019. Why only with no smear's cells: the
-#: hue of labs never seen may be further off still, and such an image counts no nucleated
-#: cell either way, so the rule excludes no cell a smear would count
-#: (docs/field_quality.md). Not asked with fewer than ``MIN_COLOURED_FOR_HUE`` coloured
-#: stained pixels.
+#: immunohistochemistry stain and blue charts 0.0-0.019; the TXL-PBC fields with their white
+#: cells painted out 0.35 and up (a blood field between white cells is pinker, not less).
+#: Why only with no smear's cells: the hue of labs never seen may be further off still (real
+#: fields under the simulated stain shift: 0.002 and up), and such an image counts few
+#: nucleated cells if any either way (docs/field_quality.md). Not asked with fewer than
+#: ``MIN_COLOURED_FOR_HUE`` coloured stained pixels.
 MIN_PINK_OR_PURPLE = 0.03
 MIN_COLOURED_FOR_HUE = 50
 #: Above this share of its pixels transparent an image is no photograph of a smear: a

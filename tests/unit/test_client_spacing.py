@@ -1295,3 +1295,56 @@ def test_a_crop_of_no_pink_or_purple_with_no_cell_identified_is_no_smear() -> No
     identified = run(ThickTransport(), brown)
     assert identified.excluded is None and identified.counts["lymphocyte"] == 1
     assert run(PlateletsOnly(), brown, q.NO_GATING).excluded is None
+
+
+class PlateletsOnlyField(PlateletsOnly):
+    """PlateletsOnly whose fields measure as a region of smear does (thin, with glass): the
+    rules about a region of smear let it through, as they did photographs of orange, brown
+    or red things."""
+
+    measures = {**ThickTransport.measures, "thick": 0.02, "thick_wide": 0.0, "background": 0.6}
+
+
+class FieldMeasures(ThickTransport):
+    """ThickTransport (cells identified as lymphocytes) with PlateletsOnlyField's measures."""
+
+    measures = PlateletsOnlyField.measures
+
+
+def brown_field() -> bytes:
+    """A 1024 px field in brown_crop's browns: rows of brown discs and a row of four dark
+    brown squares of a typical cell's size (what the fake detector finds)."""
+    image = Image.new("RGB", (FIELD, FIELD), (236, 224, 200))
+    draw = ImageDraw.Draw(image)
+    for cy in (64, 192, 576, 704, 832, 960):
+        for cx in range(64, FIELD, 128):
+            draw.ellipse((cx - 20, cy - 20, cx + 20, cy + 20), fill=(205, 155, 95))
+    side = round(2 * q.TYPICAL_CELL_SIDE)
+    for i in range(4):
+        draw.rectangle((60 + i * 240, 360, 60 + i * 240 + side, 360 + side), fill=(90, 50, 20))
+    out = io.BytesIO()
+    image.save(out, "PNG")
+    return out.getvalue()
+
+
+def test_a_field_of_no_pink_or_purple_with_no_cell_identified_is_no_smear() -> None:
+    """The hue rule is asked of a field as of a crop: a 1024 px field in browns at 0.25
+    µm/px whose objects the models take for platelets only is excluded as no smear; a field
+    of pink red cells with the same detections is not, nor is the brown field once its cells
+    are identified."""
+
+    def run(transport: FakeTransport, data: bytes):
+        client = AsyncMarrowClient(transport=transport)  # type: ignore[arg-type]
+        return asyncio.run(client.analyse_image(data, "img", um_per_pixel=0.25))
+
+    brown = brown_field()
+    excluded = run(PlateletsOnlyField(), brown)
+    assert excluded.excluded is not None, excluded
+    assert excluded.excluded.startswith(f"{q.NOT_A_SMEAR}: no pink or purple ("), excluded
+    assert sum(excluded.counts.values()) == 0
+    pink = field_of(round(2 * q.TYPICAL_CELL_SIDE), red_diameter=32)
+    smear_like = run(PlateletsOnlyField(), pink)
+    assert "no pink or purple" not in (smear_like.excluded or ""), smear_like.excluded
+    identified = run(FieldMeasures(), brown)
+    assert identified.excluded is None, identified.excluded
+    assert identified.counts["lymphocyte"] == 4
