@@ -28,6 +28,7 @@ from marrowdx.client.report import Cell, ImageResult, PatientReport
 from marrowdx.client.review import DEFAULT_THRESHOLDS, ReviewThresholds, review_reasons
 from marrowdx.errors import BadServerOutput, InputError
 from marrowdx.preprocess import boxes_to_original
+from marrowdx.wording import quantity
 
 #: An attribute is reported with its "present/high" value at or above this probability.
 ATTRIBUTE_THRESHOLD = 0.5
@@ -166,6 +167,26 @@ def sum_counts(images: Sequence[ImageResult]) -> np.ndarray:
     for image in images:
         total += np.array([image.counts[c] for c in taxonomy.CLASSES], dtype=np.int64)
     return total
+
+
+def nothing_counted(results: Sequence[ImageResult], processed: str) -> str:
+    """Why a patient whose ``processed`` images or fields (``results``, "4 processed
+    images") have no cell counted gets no diagnosis: none detected, or what became of those
+    that were (their image excluded, the cells unidentified or unfamiliar). Why: "no cells
+    detected" said of cells that were found but not identified sends a reviewer to the
+    scanner instead of to the models' limits."""
+    excluded = sum(result.excluded is not None for result in results)
+    found = [cell for result in results if result.excluded is None for cell in result.cells]
+    unidentified = sum(cell.unidentified for cell in found)
+    unfamiliar = sum(cell.unfamiliar for cell in found)
+    if not excluded and not unidentified and not unfamiliar:
+        return f"no cells detected in {processed}"
+    parts = [f"{excluded} excluded"] if excluded else []
+    if unidentified:
+        parts.append(f"{quantity(unidentified, 'cell')} unidentified")
+    if unfamiliar:
+        parts.append(f"{quantity(unfamiliar, 'cell')} unfamiliar")
+    return f"no cell counted in {processed}: {', '.join(parts)}"
 
 
 def probabilities(raw: np.ndarray) -> dict[str, float]:

@@ -581,7 +581,7 @@ class AsyncMarrowClient:
         elif not done:
             why = f"all {chosen.fields_used} images failed"
         elif counts.sum() == 0:
-            why = f"no cells detected in {quantity(len(done), 'processed image')}"
+            why = aggregate.nothing_counted(done, quantity(len(done), "processed image"))
         else:
             probs, why = await self.diagnose_counts(counts, labs)
         return aggregate.build_report(

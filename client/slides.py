@@ -31,6 +31,7 @@ from marrowdx.client.quality import magnification_verdict
 from marrowdx.client.report import Cell, ImageResult, PatientReport
 from marrowdx.errors import RequestFailed
 from marrowdx.slides.tiling import TILINGS, tile
+from marrowdx.wording import quantity
 
 if TYPE_CHECKING:
     from marrowdx.client.async_client import AsyncMarrowClient, ImageCallback
@@ -297,7 +298,7 @@ async def diagnose_slide(
         if not rois:
             why = "no field of the slide was processed"
         elif counts.sum() == 0:
-            why = f"no cells detected in {n_fields} processed fields"
+            why = aggregate.nothing_counted(rois, quantity(n_fields, "processed field"))
         else:
             probs, why = await client.diagnose_counts(counts, patient.labs)
         written = stored = None

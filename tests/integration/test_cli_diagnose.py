@@ -84,7 +84,7 @@ def test_diagnose_writes_table_json_csv_and_overlays(triton_server, cohort, tmp_
                 assert cell["label"] in taxonomy.CLASSES
                 assert set(cell["attributes"]) == set(taxonomy.ATTRIBUTE_NAMES)
         row_text = next(line for line in lines[2:] if line.startswith(report["patient_id"]))
-        said = WITHHELD[report["leukemia_pattern"]].in_words if withheld else "no cells detected"
+        said = WITHHELD[report["leukemia_pattern"]].in_words if withheld else "no cell"
         named = report["diagnosis"] or said
         assert named in row_text
         assert str(report["n_cells"]) in row_text.split()

@@ -16,7 +16,7 @@ import pytest
 from marrowdx import config, taxonomy
 from marrowdx.client import aggregate
 from marrowdx.client.async_client import AsyncMarrowClient
-from marrowdx.client.report import cohort_to_dict
+from marrowdx.client.report import ImageResult, cohort_to_dict
 from marrowdx.errors import BadServerOutput, InputError
 
 T = config.TENSORS
@@ -125,6 +125,24 @@ def test_patient_report_and_diagnosis_inputs_exclude_unidentified_cells() -> Non
     assert [c["unidentified"] for c in cells] == [False, True, False, True, False]
     assert cells[1]["probability"] == pytest.approx(0.4)
     json.dumps(data)  # the JSON contract stays serialisable
+
+
+def test_a_patient_whose_cells_are_all_unidentified_is_told_so_not_that_none_were_found() -> None:
+    """Every cell found but none identified: the report says what became of them, and the
+    diagnosis model is not asked; with no cell found at all it says none was detected."""
+    report, transport = _diagnose(1.0)
+    assert report.diagnosis is None and not transport.diagnosis_calls
+    assert report.diagnosis_error == "no cell counted in 2 processed images: 10 cells unidentified"
+    empty = ImageResult(file="a", cells=(), counts={}, size=(10, 10))
+    assert aggregate.nothing_counted([empty], "1 processed image") == (
+        "no cells detected in 1 processed image"
+    )
+    excluded = ImageResult(
+        file="b", cells=(), counts={}, size=(10, 10), excluded="out of focus: ..."
+    )
+    assert aggregate.nothing_counted([empty, excluded], "2 processed images") == (
+        "no cell counted in 2 processed images: 1 excluded"
+    )
 
 
 def test_threshold_zero_keeps_the_previous_behaviour() -> None:
