@@ -919,17 +919,25 @@ def test_an_image_stated_far_off_the_spacing_its_red_cells_give_is_excluded() ->
     assert unchecked.excluded is None
 
 
-def field_of(side: int, red_diameter: int) -> bytes:
+def field_of(
+    side: int,
+    red_diameter: int,
+    *,
+    disc: tuple[int, int, int] = (220, 150, 150),
+    cell: tuple[int, int, int] = CELL,
+    background: tuple[int, int, int] = BACKGROUND,
+) -> bytes:
     """A 1024 x 1024 field: a row of six dark squares of ``side`` px (the cells the fake
-    detector finds) between rows of pink discs ``red_diameter`` across (48 red cells)."""
+    detector finds) between rows of discs ``red_diameter`` across (48 red cells), pink
+    unless other colours are given."""
     image = np.empty((FIELD, FIELD, 3), np.uint8)
-    image[:] = BACKGROUND
+    image[:] = background
     yy, xx = np.mgrid[0:FIELD, 0:FIELD]
     for cy in (64, 192, 576, 704, 832, 960):
         for cx in range(64, FIELD, 128):
-            image[(xx - cx) ** 2 + (yy - cy) ** 2 < (red_diameter / 2) ** 2] = (220, 150, 150)
+            image[(xx - cx) ** 2 + (yy - cy) ** 2 < (red_diameter / 2) ** 2] = disc
     for i in range(6):
-        image[300 : 300 + side, 40 + i * 160 : 40 + i * 160 + side] = CELL
+        image[300 : 300 + side, 40 + i * 160 : 40 + i * 160 + side] = cell
     out = io.BytesIO()
     Image.fromarray(image).save(out, "PNG")
     return out.getvalue()
@@ -1258,14 +1266,19 @@ class PlateletsOnly(ThickTransport):
         return out
 
 
+#: Browns of wood, coffee, skin or an immunohistochemistry stain: beige, brown discs and a
+#: dark brown the fake detector finds.
+BEIGE, BROWN, DARK_BROWN = (236, 224, 200), (205, 155, 95), (90, 50, 20)
+
+
 def brown_crop() -> bytes:
-    """A 200 px crop in browns (wood, coffee, skin, an immunohistochemistry stain): discs and
-    a dark square (what the fake detector finds) on beige."""
-    image = Image.new("RGB", (200, 200), (236, 224, 200))
+    """A 200 px crop in browns: brown discs and a dark brown square (what the fake detector
+    finds) on beige."""
+    image = Image.new("RGB", (200, 200), BEIGE)
     draw = ImageDraw.Draw(image)
     for x, y in ((20, 20), (120, 30), (30, 120), (130, 130)):
-        draw.ellipse((x, y, x + 50, y + 50), fill=(205, 155, 95))
-    draw.rectangle((80, 80, 120, 120), fill=(90, 50, 20))
+        draw.ellipse((x, y, x + 50, y + 50), fill=BROWN)
+    draw.rectangle((80, 80, 120, 120), fill=DARK_BROWN)
     out = io.BytesIO()
     image.save(out, "PNG")
     return out.getvalue()
@@ -1297,34 +1310,23 @@ def test_a_crop_of_no_pink_or_purple_with_no_cell_identified_is_no_smear() -> No
     assert run(PlateletsOnly(), brown, q.NO_GATING).excluded is None
 
 
-class PlateletsOnlyField(PlateletsOnly):
-    """PlateletsOnly whose fields measure as a region of smear does (thin, with glass): the
-    rules about a region of smear let it through, as they did photographs of orange, brown
-    or red things."""
+#: A region of smear's measures (thin, with glass): the rules about a region of smear let
+#: such a field through, as they did photographs of orange, brown or red things.
+THIN_FIELD_MEASURES = {
+    **ThickTransport.measures, "thick": 0.02, "thick_wide": 0.0, "background": 0.6,
+}  # fmt: skip
 
-    measures = {**ThickTransport.measures, "thick": 0.02, "thick_wide": 0.0, "background": 0.6}
+
+class PlateletsOnlyField(PlateletsOnly):
+    """PlateletsOnly on a field that measures as a region of smear does."""
+
+    measures = THIN_FIELD_MEASURES
 
 
 class FieldMeasures(ThickTransport):
-    """ThickTransport (cells identified as lymphocytes) with PlateletsOnlyField's measures."""
+    """ThickTransport (cells identified as lymphocytes) on such a field."""
 
-    measures = PlateletsOnlyField.measures
-
-
-def brown_field() -> bytes:
-    """A 1024 px field in brown_crop's browns: rows of brown discs and a row of four dark
-    brown squares of a typical cell's size (what the fake detector finds)."""
-    image = Image.new("RGB", (FIELD, FIELD), (236, 224, 200))
-    draw = ImageDraw.Draw(image)
-    for cy in (64, 192, 576, 704, 832, 960):
-        for cx in range(64, FIELD, 128):
-            draw.ellipse((cx - 20, cy - 20, cx + 20, cy + 20), fill=(205, 155, 95))
-    side = round(2 * q.TYPICAL_CELL_SIDE)
-    for i in range(4):
-        draw.rectangle((60 + i * 240, 360, 60 + i * 240 + side, 360 + side), fill=(90, 50, 20))
-    out = io.BytesIO()
-    image.save(out, "PNG")
-    return out.getvalue()
+    measures = THIN_FIELD_MEASURES
 
 
 def test_a_field_of_no_pink_or_purple_with_no_cell_identified_is_no_smear() -> None:
@@ -1337,14 +1339,15 @@ def test_a_field_of_no_pink_or_purple_with_no_cell_identified_is_no_smear() -> N
         client = AsyncMarrowClient(transport=transport)  # type: ignore[arg-type]
         return asyncio.run(client.analyse_image(data, "img", um_per_pixel=0.25))
 
-    brown = brown_field()
+    side = round(2 * q.TYPICAL_CELL_SIDE)
+    brown = field_of(side, red_diameter=40, disc=BROWN, cell=DARK_BROWN, background=BEIGE)
     excluded = run(PlateletsOnlyField(), brown)
     assert excluded.excluded is not None, excluded
     assert excluded.excluded.startswith(f"{q.NOT_A_SMEAR}: no pink or purple ("), excluded
     assert sum(excluded.counts.values()) == 0
-    pink = field_of(round(2 * q.TYPICAL_CELL_SIDE), red_diameter=32)
+    pink = field_of(side, red_diameter=32)
     smear_like = run(PlateletsOnlyField(), pink)
     assert "no pink or purple" not in (smear_like.excluded or ""), smear_like.excluded
     identified = run(FieldMeasures(), brown)
     assert identified.excluded is None, identified.excluded
-    assert identified.counts["lymphocyte"] == 4
+    assert identified.counts["lymphocyte"] == 6
