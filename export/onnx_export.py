@@ -44,10 +44,11 @@ BOX_TOLERANCE = 1e-2
 #: graph changes without the weights changing (2: PIXELS uint8, normalised in-graph; 3: the
 #: classifier cuts its box axis at the batch's largest NUM_DETECTIONS in-graph; 4: the
 #: classifier returns FAMILIARITY per cell; 5: its class temperature is gated per cell,
-#: ``RealCellTemperature``), so a build re-exports from the existing checkpoints instead of
-#: retraining.
+#: ``RealCellTemperature``; 6: the stain normaliser follows uneven light,
+#: ``StainNormalizer.light_deficit``), so a build re-exports from the existing checkpoints
+#: instead of retraining.
 FORMAT_KEY = "export_format"
-EXPORT_FORMAT = 5
+EXPORT_FORMAT = 6
 
 T = config.TENSORS
 #: (input names, output names) per exported model, in graph order: from the contract.

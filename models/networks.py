@@ -54,6 +54,32 @@ STAIN_GAIN_LIMITS = (0.25, 4.0)
 STAIN_BLACK_LEVEL = config.CAMERA_BLACK_LEVEL
 #: Optical density of a grey level v is ln(OD_WHITE / (v + 1)): 255 -> 0, 0 -> finite.
 OD_WHITE = 256.0
+#: Uneven light (vignetting, a lamp off centre) is taken out before the stain statistics: the
+#: glass level is followed across the field on a grid of LIGHT_GRID x LIGHT_GRID cells (64
+#: input pixels, 32 µm at the detector's 0.5 µm/px), each its brightest background block,
+#: closed over 3 x 3 cells (96 µm: a smear shows glass or plasma within that; a packed clump
+#: that wide is `too thick` anyway).
+LIGHT_GRID = 8
+#: Light shortfalls (in log light) under this are left alone: a uniformly lit field's cells
+#: differ from its brightest block by noise and plasma tone, and those fields stay exactly as
+#: the models were trained on them.
+LIGHT_DEADBAND = 0.05
+#: The most light made up (log light): a corner at half the centre's light. A darker area
+#: holds no glass to follow, or is no smear.
+LIGHT_MAX_DEFICIT = math.log(2.0)
+#: Glass dimmed by uneven light stays grey: a grid cell whose brightest block falls short of
+#: the field's by more (log light) in one channel than in another is not followed.
+LIGHT_GREY_SPREAD = 0.05
+
+
+def light_basis(grid: int) -> torch.Tensor:
+    """The smooth surfaces uneven light is fitted with, at the centres of a ``grid`` x
+    ``grid`` grid [grid*grid, 4]: a constant, a plane (a lamp off centre) and a bowl
+    (vignetting), in coordinates from -1 to 1 across the field."""
+    centres = (torch.arange(grid, dtype=torch.float64) + 0.5) / grid * 2.0 - 1.0
+    y, x = torch.meshgrid(centres, centres, indexing="ij")
+    x, y = x.reshape(-1), y.reshape(-1)
+    return torch.stack((torch.ones_like(x), x, y, x * x + y * y), dim=1).to(torch.float32)
 
 
 class StainNormalizer(nn.Module):
@@ -78,15 +104,21 @@ class StainNormalizer(nn.Module):
         super().__init__()
         target = torch.tensor(STAIN_TARGET_OD, dtype=torch.float32).reshape(1, 3, 1)
         self.register_buffer("target", target, persistent=False)
+        terms = light_basis(LIGHT_GRID)  # [g*g, terms]
+        self.register_buffer("light_terms", terms.T.contiguous(), persistent=False)
+        self.register_buffer("light_fit", torch.linalg.pinv(terms).T.contiguous(), persistent=False)
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         """uint8 or float pixels [B,3,H,W] (0-255) -> normalised OD [B,3,H,W] (float)."""
         # OD - background = ln(OD_WHITE) - background - ln(x + 1): one log pass over the field
         log_light = torch.log(pixels.to(self.target.dtype) + 1.0)
         pooled = F.avg_pool2d(log_light, STAIN_POOL)
-        brightest = F.avg_pool2d(pooled, BACKGROUND_BLOCK).amax(dim=(2, 3), keepdim=True)
+        blocks = F.avg_pool2d(pooled, BACKGROUND_BLOCK)
+        brightest = blocks.amax(dim=(2, 3), keepdim=True)
         lit = self.lit_blocks(pooled)  # [B,1,h,w]: 0 on camera black and around it
-        stained = (F.relu(brightest - pooled) * lit).flatten(2)  # pooled OD above background
+        deficit = self.light_deficit(blocks, brightest, lit)  # [B,1,g,g], log light
+        background = brightest - F.interpolate(deficit, size=pooled.shape[2:], mode="bilinear")
+        stained = (F.relu(background - pooled) * lit).flatten(2)  # pooled OD above background
         darkest_count = stained.shape[2] * STAIN_TOP_FRACTION  # of the whole field
         top = max(1, int(darkest_count))
         darkest = torch.topk(stained, top, dim=2).values.unsqueeze(2)  # [B,3,1,top], sorted
@@ -111,7 +143,51 @@ class StainNormalizer(nn.Module):
             .expand(b, 1, h, STAIN_POOL, w, STAIN_POOL)
             .reshape(b, 1, h * STAIN_POOL, w * STAIN_POOL)
         )
-        return F.relu(brightest - log_light) * (gain.unsqueeze(-1) * shown)
+        background = brightest - F.interpolate(deficit, size=log_light.shape[2:], mode="bilinear")
+        return F.relu(background - log_light) * (gain.unsqueeze(-1) * shown)
+
+    def light_deficit(
+        self, blocks: torch.Tensor, brightest: torch.Tensor, lit: torch.Tensor
+    ) -> torch.Tensor:
+        """How far the light falls short of the field's brightest block, per cell of a
+        ``LIGHT_GRID`` grid [B,1,g,g] (log light, 0 = as bright; the same for every
+        channel): each cell's brightest lit block, closed over 3 x 3 cells, its shortfall
+        taken where it is grey (``LIGHT_GREY_SPREAD``), then a smooth surface fitted to those
+        shortfalls (a plane and a bowl: a lamp off centre and vignetting,
+        :func:`light_basis`), past ``LIGHT_DEADBAND`` and capped at ``LIGHT_MAX_DEFICIT``.
+
+        Why: the background is one value per channel for the field, so under uneven light the
+        glass of the dark side read as stain and its cells as darker ones (simulated fields
+        lit from 0.6 to 1.0 across: white-cell AP50 0.90, docs/model_quality.md). Why a
+        fitted surface and not each cell's own level: where a field has no glass for 100 µm
+        (tissue, a clump) the brightest block is a cell's cytoplasm, and following it paled
+        the cells there; light varies smoothly across a field, such areas do not."""
+        grid = LIGHT_GRID
+        # lit blocks only (camera black is no glass); -1e4 never wins a maximum
+        lit_blocks = -F.max_pool2d(-lit, BACKGROUND_BLOCK)  # [B,1,h/2,w/2]: 1 where all lit
+        masked = blocks * lit_blocks - 1e4 * (1.0 - lit_blocks)
+        # [B,3,g,g]: each cell's brightest block (adaptive: training's windows and crops come
+        # in other sizes than the served 512 pixels, where it is a plain MaxPool)
+        glass = F.adaptive_max_pool2d(masked, grid)
+        # a closing (the 3 x 3 maximum, then the minimum): a cell with no glass of its own (a
+        # clump, a large cell) takes its neighbours' level, a smooth slope keeps its own
+        glass = -F.max_pool2d(-F.max_pool2d(glass, 3, stride=1, padding=1), 3, stride=1, padding=1)
+        short = brightest - glass  # [B,3,g,g]
+        # dimmed glass stays grey: light takes the same share of every channel, so a cell
+        # whose brightest block falls short by more in one channel than another is no glass
+        # (tissue, a photograph's colours) and is not followed; nor is camera black
+        spread = short.amax(dim=1, keepdim=True) - short.amin(dim=1, keepdim=True)
+        followed = ((glass.amin(dim=1, keepdim=True) > -1e3) & (spread < LIGHT_GREY_SPREAD)).to(
+            blocks.dtype
+        )  # [B,1,g,g]
+        common = short.amin(dim=1, keepdim=True) * followed
+        # cells not followed take the mean of the others, so they pull the fit towards no
+        # slope (pools, not ReduceMean: see forward)
+        counted = torch.clamp(F.avg_pool2d(followed, grid), min=1.0 / (grid * grid))
+        common = common + (1.0 - followed) * (F.avg_pool2d(common, grid) / counted)
+        coefficients = torch.matmul(common.flatten(2), self.light_fit)  # [B,1,terms]
+        surface = torch.matmul(coefficients, self.light_terms).reshape(common.shape)
+        return torch.clamp(surface - LIGHT_DEADBAND, 0.0, LIGHT_MAX_DEFICIT)
 
     @staticmethod
     def lit_blocks(pooled: torch.Tensor) -> torch.Tensor:

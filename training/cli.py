@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 
 from marrowdx.errors import InputError
+from marrowdx.simulate.lab_variation import SHIFT_KINDS
 
 
 def add_common_options(parser: argparse.ArgumentParser) -> None:
@@ -193,8 +194,9 @@ def configure_evaluate(parser: argparse.ArgumentParser) -> None:
         default=None,
         metavar="KINDS",
         help="also evaluate under each lab/scanner shift, side by side: comma-separated from "
-        "stain, defocus, scanner, jpeg, mixed; a cohort (written by `marrowdx simulate`) is "
-        "re-rendered, a real image set's (--data) validation images are transformed",
+        f"{', '.join(k for k in SHIFT_KINDS if k != 'none')}; a cohort (written by `marrowdx "
+        "simulate`) is re-rendered, a real image set's (--data) validation images are "
+        "transformed",
     )
     parser.add_argument(
         "--shift-strength", type=float, default=1.0, help="with --shifts: magnitude (1.0)"

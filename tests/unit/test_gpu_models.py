@@ -69,7 +69,13 @@ def test_the_meta_check_catches_a_tensor_made_on_the_host_in_forward() -> None:
 
 def test_normalisation_constants_are_buffers_outside_checkpoints() -> None:
     norm = PixelNormalizer()
-    assert {name for name, _ in norm.named_buffers()} == {"mean", "inv_std", "stain.target"}
+    assert {name for name, _ in norm.named_buffers()} == {
+        "mean",
+        "inv_std",
+        "stain.target",
+        "stain.light_terms",
+        "stain.light_fit",
+    }
     assert norm.state_dict() == {}  # constants come from code, not from training
     plain = PixelNormalizer(stain=False)
     pixels = torch.randint(0, 256, (2, 3, 8, 8), dtype=torch.uint8)

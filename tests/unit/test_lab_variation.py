@@ -92,6 +92,32 @@ def test_scanner_shift_applies_gamma_gains_and_noise() -> None:
     assert 4.0 < out[..., 0].std() < 6.0
 
 
+def test_light_shift_darkens_one_side_and_the_corners() -> None:
+    flat = np.full((100, 200, 3), 200, np.uint8)
+    towards_left = lv.LabShift(kind="light", light_slope=0.4, light_angle=np.pi)
+    out = towards_left.apply(flat, np.random.default_rng(0)).astype(np.float64)[..., 0]
+    assert out[:, :5].mean() < 0.65 * 200 < out[:, -5:].mean()  # 40% lost across the width
+    assert np.allclose(out[0], out[-1])  # and nothing up or down
+    corners = lv.LabShift(kind="light", vignette=0.2).apply(flat, np.random.default_rng(0))
+    centre, corner = float(corners[50, 100, 0]), float(corners[0, 0, 0])
+    assert centre == 200 and corner < centre
+    drawn = lv.LabShift.draw("light", 1.0, lv.shift_rng(7, 0))
+    assert lv.LIGHT_SLOPE[0] <= drawn.light_slope <= lv.LIGHT_SLOPE[1]
+    assert lv.VIGNETTE[0] <= drawn.vignette <= lv.VIGNETTE[1]
+
+
+def test_light_shift_is_set_in_um_when_the_spacing_is_known() -> None:
+    """A 25 µm crop sits in one part of a camera field: it sees a tenth of the slope across a
+    256 µm field, not all of it."""
+    crop = np.full((250, 250, 3), 200, np.uint8)
+    shift = lv.LabShift(kind="light", light_slope=0.4)
+    across = shift.light_map(250, 250, um_per_pixel=None)
+    at_spacing = shift.light_map(250, 250, um_per_pixel=0.1)
+    assert across[0, 0] - across[0, -1] > 0.39
+    assert 0.03 < at_spacing[0, 0] - at_spacing[0, -1] < 0.05
+    assert shift.apply(crop, np.random.default_rng(0), um_per_pixel=0.1).min() > 150
+
+
 def test_jpeg_shift_encodes_at_its_quality() -> None:
     image = _field()
     low = lv.LabShift(jpeg_quality=20).encode(image, "jpg")

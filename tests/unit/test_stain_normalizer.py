@@ -8,9 +8,12 @@ import math
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from marrowdx import taxonomy
+from marrowdx.models import networks
 from marrowdx.models.networks import (
+    BACKGROUND_BLOCK,
     OD_WHITE,
     STAIN_GAIN_LIMITS,
     STAIN_POOL,
@@ -62,6 +65,58 @@ def test_normaliser_undoes_light_and_stain_strength(field: np.ndarray, shift: La
     normalised = _difference(field, shifted, normalise=True)
     assert raw > 0.04, "the shift should visibly change the field"
     assert normalised < 0.35 * raw, (raw, normalised)
+
+
+def _lit_unevenly(field: np.ndarray, left: float) -> np.ndarray:
+    """The field under light falling linearly from full on the right to ``left`` of it on the
+    left (a lamp off centre), as a camera records it."""
+    light = np.linspace(left, 1.0, field.shape[1], dtype=np.float32)[None, :, None]
+    return np.clip(np.rint(field.astype(np.float32) * light), 0, 255).astype(np.uint8)
+
+
+def test_normaliser_takes_out_uneven_light(
+    field: np.ndarray, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Under a lamp off centre the dark side's glass is not stain: it is followed across the
+    field, so the field normalises nearly as it does evenly lit. With one background for the
+    field (the light step off), the dark side's glass and cells read as up to 0.5 more OD."""
+    uneven = _lit_unevenly(field, 0.6)
+    raw = _difference(field, uneven, normalise=False)
+    normalised = _difference(field, uneven, normalise=True)
+    monkeypatch.setattr(networks, "LIGHT_MAX_DEFICIT", 0.0)
+    one_background = _difference(field, uneven, normalise=True)
+    assert raw > 0.15
+    assert normalised < 0.25 * raw, (raw, normalised)
+    assert normalised < 0.6 * one_background, (one_background, normalised)
+
+
+def test_an_evenly_lit_field_is_normalised_as_before(field: np.ndarray) -> None:
+    """The light step makes up only shortfalls past LIGHT_DEADBAND: an evenly lit field, as
+    the models were trained on, keeps one background (none of its glass made up), and a
+    slightly uneven one (5% across) is left as it is too."""
+    for shown in (field, _lit_unevenly(field, 0.96)):
+        assert float(_light_deficit(shown).abs().max()) == 0.0
+
+
+def _light_deficit(shown: np.ndarray) -> torch.Tensor:
+    log_light = torch.log(_chw(shown).float() + 1.0)
+    pooled = F.avg_pool2d(log_light, STAIN_POOL)
+    blocks = F.avg_pool2d(pooled, BACKGROUND_BLOCK)
+    brightest = blocks.amax(dim=(2, 3), keepdim=True)
+    normaliser = StainNormalizer()
+    return normaliser.light_deficit(blocks, brightest, normaliser.lit_blocks(pooled))
+
+
+def test_a_coloured_darker_half_is_not_taken_for_light(field: np.ndarray) -> None:
+    """Light dims every channel alike; a half whose brightest parts are darker and pink (a
+    tissue section, a photograph's colours) is content, not light, and is left as it is,
+    while the same half dimmed grey is made up."""
+    tinted, dimmed = field.copy(), field.copy()
+    half = field.shape[1] // 2
+    tinted[:, :half] = np.rint(field[:, :half] * np.array([0.8, 0.5, 0.7])).astype(np.uint8)
+    dimmed[:, :half] = np.rint(field[:, :half] * 0.7).astype(np.uint8)
+    assert float(_light_deficit(tinted).max()) == 0.0
+    assert float(_light_deficit(dimmed).max()) > 0.15
 
 
 def test_background_goes_to_white_and_stain_strength_to_the_target(field: np.ndarray) -> None:

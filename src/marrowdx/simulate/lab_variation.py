@@ -17,6 +17,10 @@ Kinds (``strength`` 1.0 = the magnitudes measured between labs; 0 = no change):
 - ``jpeg``: heavy JPEG compression (quality about 25) instead of the simulator's 92.
 - ``mixed``: each of the four above, independently, with probability 1/2 per slide (at
   least one).
+- ``light``: uneven light: a lamp off centre (the light falls linearly across the field in a
+  random direction) and the objective's vignetting (darker corners); its magnitudes are
+  chosen (``LIGHT_SLOPE``, ``VIGNETTE``), not measured between labs. Not part of ``mixed``,
+  so the figures of the four above stay comparable with those measured before it.
 
 The training augmentation (:mod:`marrowdx.training.augment`) is a separate implementation with
 its own parametrisation, so evaluating on these shifts measures transfer, not memorisation.
@@ -35,7 +39,7 @@ from marrowdx import config
 from marrowdx.errors import InputError
 
 #: Shift kinds accepted by ``marrowdx simulate --shift`` and ``marrowdx evaluate --shifts``.
-SHIFT_KINDS = ("none", "stain", "defocus", "scanner", "jpeg", "mixed")
+SHIFT_KINDS = ("none", "stain", "defocus", "scanner", "jpeg", "mixed", "light")
 #: The single-cause kinds (what ``mixed`` combines and ``evaluate --shifts`` reports by default).
 BASIC_SHIFTS = ("stain", "defocus", "scanner", "jpeg")
 #: Entropy tag of the shift's random stream (separate from the renderer's per-patient stream).
@@ -57,6 +61,9 @@ SCANNER_GAMMA = (0.65, 1.5)
 SCANNER_GAIN = (0.82, 1.18)
 SCANNER_NOISE = (3.0, 7.0)  # grey levels (0-255)
 JPEG_QUALITY = (18, 32)
+# chosen, not measured between labs: a camera frame falling 20-40% across, corners 10-25% darker
+LIGHT_SLOPE = (0.2, 0.4)  # share of the light lost across a reference field
+VIGNETTE = (0.1, 0.25)  # share of the light lost at a reference field's corners
 #: Field width the defocus sigma refers to; other sizes scale it.
 REFERENCE_WIDTH = 1024
 
@@ -77,6 +84,9 @@ class LabShift:
     gains: tuple[float, float, float] = (1.0, 1.0, 1.0)
     noise_sigma: float = 0.0
     jpeg_quality: int | None = None  # None = the simulator's own quality
+    light_slope: float = 0.0  # share of the light lost across a REFERENCE_WIDTH field
+    light_angle: float = 0.0  # direction the light falls towards (radians, image axes)
+    vignette: float = 0.0  # share of the light lost at a REFERENCE_WIDTH field's corners
 
     @staticmethod
     def draw(kind: str, strength: float, rng: np.random.Generator) -> LabShift:
@@ -114,6 +124,10 @@ class LabShift:
         if "jpeg" in chosen:
             q = rng.integers(JPEG_QUALITY[0], JPEG_QUALITY[1] + 1)
             fields["jpeg_quality"] = int(np.clip(round(92 - (92 - q) * strength), 5, 95))
+        if kind == "light":
+            fields["light_slope"] = float(min(rng.uniform(*LIGHT_SLOPE) * strength, 0.8))
+            fields["light_angle"] = float(rng.uniform(0.0, 2.0 * math.pi))
+            fields["vignette"] = float(min(rng.uniform(*VIGNETTE) * strength, 0.8))
         return LabShift(**fields)
 
     @property
@@ -140,6 +154,9 @@ class LabShift:
             else:
                 sigma = self.blur_sigma * config.MODEL_UM_PER_PIXEL / um_per_pixel
             out = np.asarray(Image.fromarray(out).filter(ImageFilter.GaussianBlur(sigma)))
+        if self.light_slope > 0 or self.vignette > 0:
+            light = self.light_map(out.shape[0], out.shape[1], um_per_pixel)
+            out = np.clip(np.rint(out * light[..., None]), 0, 255).astype(np.uint8)
         if self.gamma != 1.0 or self.gains != (1.0, 1.0, 1.0) or self.noise_sigma > 0:
             x = (out.astype(np.float32) / WHITE) ** np.float32(self.gamma)
             x = x * np.asarray(self.gains, np.float32) * WHITE
@@ -147,6 +164,23 @@ class LabShift:
                 x = x + rng.normal(0.0, self.noise_sigma, x.shape).astype(np.float32)
             out = np.clip(np.rint(x), 0, 255).astype(np.uint8)
         return out
+
+    def light_map(self, height: int, width: int, um_per_pixel: float | None) -> np.ndarray:
+        """The share of the light reaching each pixel [H, W] (1 = full), set across a
+        ``REFERENCE_WIDTH`` field as the blur is: over the image's width when its spacing is
+        unknown, else in µm (a 25 µm crop sits in one part of a camera field and sees a tenth
+        of the slope a 256 µm field does)."""
+        if um_per_pixel is None:
+            scale = 1.0 / width
+        else:
+            scale = um_per_pixel / (REFERENCE_WIDTH * config.MODEL_UM_PER_PIXEL)
+        y, x = np.mgrid[0:height, 0:width].astype(np.float32)
+        u = (x - (width - 1) / 2) * scale  # reference fields from the image's centre
+        v = (y - (height - 1) / 2) * scale
+        along = u * math.cos(self.light_angle) + v * math.sin(self.light_angle)
+        slope = 1.0 - self.light_slope * (0.5 + along)
+        corners = 1.0 - self.vignette * (u * u + v * v) / 0.5
+        return np.clip(slope * corners, 0.0, 1.0).astype(np.float32)
 
     def _restain(self, image: np.ndarray) -> np.ndarray:
         """Beer-Lambert: OD = C @ M; scale the concentrations C and swap in new vectors M'."""
