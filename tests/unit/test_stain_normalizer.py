@@ -93,7 +93,7 @@ def test_normaliser_takes_out_uneven_light(
 def test_an_evenly_lit_field_is_normalised_as_before(field: np.ndarray) -> None:
     """The light step makes up only shortfalls past LIGHT_DEADBAND: an evenly lit field, as
     the models were trained on, keeps one background (none of its glass made up), and a
-    slightly uneven one (5% across) is left as it is too."""
+    slightly uneven one (4% across) is left as it is too."""
     for shown in (field, _lit_unevenly(field, 0.96)):
         assert float(_light_deficit(shown).abs().max()) == 0.0
 
