@@ -74,6 +74,16 @@ def _lit_unevenly(field: np.ndarray, left: float) -> np.ndarray:
     return np.clip(np.rint(field.astype(np.float32) * light), 0, 255).astype(np.uint8)
 
 
+def _light_deficit(shown: np.ndarray) -> torch.Tensor:
+    """The light step's shortfall grid for a 512-pixel field, as the normaliser computes it."""
+    log_light = torch.log(_chw(shown).float() + 1.0)
+    pooled = F.avg_pool2d(log_light, STAIN_POOL)
+    blocks = F.avg_pool2d(pooled, BACKGROUND_BLOCK)
+    brightest = blocks.amax(dim=(2, 3), keepdim=True)
+    normaliser = StainNormalizer()
+    return normaliser.light_deficit(blocks, brightest, normaliser.lit_blocks(pooled))
+
+
 def test_normaliser_takes_out_uneven_light(
     field: np.ndarray, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -96,15 +106,6 @@ def test_an_evenly_lit_field_is_normalised_as_before(field: np.ndarray) -> None:
     slightly uneven one (4% across) is left as it is too."""
     for shown in (field, _lit_unevenly(field, 0.96)):
         assert float(_light_deficit(shown).abs().max()) == 0.0
-
-
-def _light_deficit(shown: np.ndarray) -> torch.Tensor:
-    log_light = torch.log(_chw(shown).float() + 1.0)
-    pooled = F.avg_pool2d(log_light, STAIN_POOL)
-    blocks = F.avg_pool2d(pooled, BACKGROUND_BLOCK)
-    brightest = blocks.amax(dim=(2, 3), keepdim=True)
-    normaliser = StainNormalizer()
-    return normaliser.light_deficit(blocks, brightest, normaliser.lit_blocks(pooled))
 
 
 def test_a_coloured_darker_half_is_not_taken_for_light(field: np.ndarray) -> None:
