@@ -68,6 +68,16 @@ VIGNETTE = (0.1, 0.25)  # share of the light lost at a reference field's corners
 REFERENCE_WIDTH = 1024
 
 
+def reference_pixels(width: int, um_per_pixel: float | None) -> float:
+    """An image's pixels per pixel of a ``REFERENCE_WIDTH`` field, which the blur and the
+    light are set on: across the image's width when its spacing is unknown (a simulated
+    field), else in µm, at the models' spacing (a crop at 0.1 µm/px spans 2.5 of its pixels
+    per reference pixel)."""
+    if um_per_pixel is None:
+        return width / REFERENCE_WIDTH
+    return config.MODEL_UM_PER_PIXEL / um_per_pixel
+
+
 def _normalise_rows(m: np.ndarray) -> np.ndarray:
     return m / np.linalg.norm(m, axis=1, keepdims=True)
 
@@ -149,10 +159,7 @@ class LabShift:
         if self.stain_vectors is not None or self.stain_scale != (1.0, 1.0, 1.0):
             out = self._restain(out)
         if self.blur_sigma > 0:
-            if um_per_pixel is None:
-                sigma = self.blur_sigma * image.shape[1] / REFERENCE_WIDTH
-            else:
-                sigma = self.blur_sigma * config.MODEL_UM_PER_PIXEL / um_per_pixel
+            sigma = self.blur_sigma * reference_pixels(image.shape[1], um_per_pixel)
             out = np.asarray(Image.fromarray(out).filter(ImageFilter.GaussianBlur(sigma)))
         if self.light_slope > 0 or self.vignette > 0:
             light = self.light_map(out.shape[0], out.shape[1], um_per_pixel)
@@ -167,13 +174,10 @@ class LabShift:
 
     def light_map(self, height: int, width: int, um_per_pixel: float | None) -> np.ndarray:
         """The share of the light reaching each pixel [H, W] (1 = full), set across a
-        ``REFERENCE_WIDTH`` field as the blur is: over the image's width when its spacing is
-        unknown, else in µm (a 25 µm crop sits in one part of a camera field and sees a tenth
-        of the slope a 256 µm field does)."""
-        if um_per_pixel is None:
-            scale = 1.0 / width
-        else:
-            scale = um_per_pixel / (REFERENCE_WIDTH * config.MODEL_UM_PER_PIXEL)
+        ``REFERENCE_WIDTH`` field as the blur is (:func:`reference_pixels`: a 25 µm crop
+        sits in one part of a camera field and sees a tenth of the slope a 256 µm field
+        does)."""
+        scale = 1.0 / (reference_pixels(width, um_per_pixel) * REFERENCE_WIDTH)
         y, x = np.mgrid[0:height, 0:width].astype(np.float32)
         u = (x - (width - 1) / 2) * scale  # reference fields from the image's centre
         v = (y - (height - 1) / 2) * scale
