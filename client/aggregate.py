@@ -260,12 +260,14 @@ def select_fields(
 def exclusion(image: ImageResult) -> str:
     """Why ``image`` (excluded) is left out, with the warnings that say what to do about it:
     an uncertain spacing estimate (a single-cell crop sent without its spacing is judged as
-    a field), unless the reason says so already or names what no spacing changes (``not a
-    stained smear:`` its colour, texture or light)."""
+    a field), unless the reason says so already, and overexposure; none when the reason
+    names what no spacing or light changes (``not a stained smear:`` its colour, texture or
+    light: blank paper is as white as clipped glass)."""
     reason = image.excluded or ""
-    if "--um-per-pixel" in reason or reason.startswith(f"{NOT_A_SMEAR}:"):
+    if reason.startswith(f"{NOT_A_SMEAR}:"):
         return reason
-    return "; ".join([reason, *image.warnings])
+    said = "--um-per-pixel" in reason
+    return "; ".join([reason, *(w for w in image.warnings if not (said and "--um-per-pixel" in w))])
 
 
 def build_report(

@@ -332,8 +332,8 @@ WARNING_NAMES_SHOWN = 3
 
 
 def print_image_warnings(reports: Sequence[PatientReport], stream: TextIO) -> None:
-    """One line per image warning: an uncertain or unknown pixel spacing, a slightly
-    blurred image (``SpacedImageResult.warnings``). A warning that several images of one
+    """One line per image warning: an uncertain or unknown pixel spacing, an overexposed or
+    slightly blurred image (``SpacedImageResult.warnings``). A warning that several images of one
     patient share (a pooled spacing estimate is every image's) is one line naming them, so
     a cohort of 24 fields a patient does not print each estimate 24 times."""
     for r in reports:

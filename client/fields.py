@@ -39,6 +39,7 @@ from marrowdx.client.quality import (
     at_full_light,
     cell_size_ratio,
     cells_verdict,
+    exposure_warning,
     focus_in_doubt,
     focus_warning,
     hue_verdict,
@@ -132,8 +133,9 @@ class SpacingInfo:
 @dataclass(frozen=True)
 class SpacedImageResult(ImageResult):
     """An image's result with how it reached the models' spacing: the JSON adds
-    ``spacing`` (:class:`SpacingInfo`) and ``warnings``: the spacing is uncertain, or the
-    image, counted, is slightly out of focus (``quality.focus_warning``)."""
+    ``spacing`` (:class:`SpacingInfo`) and ``warnings``: the spacing is uncertain, the
+    image is overexposed (``quality.exposure_warning``), or, counted, slightly out of focus
+    (``quality.focus_warning``)."""
 
     spacing: SpacingInfo | None = None
     #: At a stated spacing, the estimate from the own red cells of a crop-sized image or of a
@@ -144,6 +146,8 @@ class SpacedImageResult(ImageResult):
     @property
     def warnings(self) -> list[str]:
         out = [self.spacing.warning] if self.spacing and self.spacing.warning else []
+        if (exposure := exposure_warning(self.quality)) is not None:
+            out.append(exposure)
         if self.excluded is None and (focus := focus_warning(self.quality)) is not None:
             out.append(focus)
         return out

@@ -24,7 +24,7 @@ import numpy as np
 from PIL import Image, ImageFilter
 
 from marrowdx import config
-from marrowdx.simulate.lab_variation import STAIN_VECTORS, WHITE
+from marrowdx.simulate.lab_variation import GLASS_PERCENTILE, STAIN_VECTORS, WHITE
 
 # Ruifrok & Johnston's stain vectors (rows H, E, residual), one shared definition.
 _STAIN_INV = np.linalg.inv(STAIN_VECTORS).astype(np.float32)
@@ -57,6 +57,11 @@ class AugmentSpec:
     jpeg_quality: tuple[int, int] = (8, 90)
     scale_probability: float = 0.5
     scale: float = 0.15  # zoom factor U(1 - a, 1 + a)
+    # a camera exposed too long: the glass raised to U(lo, hi) times white, clipped with the
+    # palest parts (0 = never, every preset: presets trained before it draw exactly what they
+    # drew; 0.3 was probed and not shipped: docs/model_quality.md, "Overexposed images")
+    overexpose_probability: float = 0.0
+    overexpose_glass: tuple[float, float] = (1.0, 1.5)
 
 
 NO_AUGMENT = AugmentSpec(enabled=False)
@@ -163,6 +168,11 @@ def photometric(image: np.ndarray, spec: AugmentSpec, rng: np.random.Generator) 
     od2 *= np.float32(-gamma)
     np.exp(od2, out=od2)
     od2 *= (wb * bright * WHITE).astype(np.float32)[:, None]
+    if spec.overexpose_probability > 0 and rng.random() < spec.overexpose_probability:
+        # the image's own glass, as lab_variation's exposure shift takes it (every 7th pixel:
+        # a percentile of 0.26 M values per image cost more than the rest)
+        glass = float(np.percentile(od2.max(axis=0)[::7], GLASS_PERCENTILE))
+        od2 *= np.float32(rng.uniform(*spec.overexpose_glass) * WHITE / max(glass, 1.0))
     if spec.noise_probability > 0 and rng.random() < spec.noise_probability:
         sigma = np.float32(rng.uniform(0.0, spec.noise_sigma))
         y0, x0 = rng.integers(0, _NOISE_TILE - h + 1), rng.integers(0, _NOISE_TILE - w + 1)

@@ -72,8 +72,12 @@ class TrainingPreset:
         the ``augment`` field is left out: such training draws exactly what it drew before
         the field existed (``training.augment`` draws nothing when disabled); so is an unset
         ``det_real_zoom`` (the zoom drawn is then the one drawn before it existed), an unset
-        ``cls_real_weight`` and an unset ``det_transpose``."""
+        ``cls_real_weight``, an unset ``det_transpose`` and an augmentation's overexposure
+        that is never drawn."""
         fields = asdict(self)
+        for name in ("augment", "real_augment", "cls_real_augment"):
+            if not getattr(self, name).overexpose_probability:
+                del fields[name]["overexpose_probability"], fields[name]["overexpose_glass"]
         if not self.augment.enabled:
             del fields["augment"]
         if self.det_real_zoom is None:
@@ -105,7 +109,9 @@ PRESETS: dict[str, TrainingPreset] = {
         diag_patients=8000,
         diag_steps=800,
         # inter-lab variation; with the in-graph stain normalisation it cost no unshifted
-        # accuracy once the classifier had 1500 steps (600 were too few)
+        # accuracy once the classifier had 1500 steps (600 were too few); no overexposure:
+        # learnt on 3 in 10 images it cost the Munich crops and pictures that are no smears
+        # more than it bought (docs/model_quality.md, "Overexposed images")
         augment=AugmentSpec(),
         # real images (when --data gives them): as many real windows as simulated ones per
         # detector step, and 2 mirror-padded crops (the client pads a small image so: the

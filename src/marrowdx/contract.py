@@ -185,6 +185,7 @@ QUALITY_FIELDS = (
     "fine_focus",
     "green",
     "thick_wide",
+    "clipped",
 )
 
 IMAGE = TensorSpec(T.image, UINT8, (VARIABLE,), "encoded JPEG/PNG bytes", ragged=True)

@@ -82,7 +82,12 @@ class QualitySpec:
       clump of piled cells; only the clump is wider than a cell or two (the slide search
       drops dense clusters narrower than a thick area the same way:
       ``marrowdx.slides.roi_finder``). The client asks it of a field whose cells the models
-      identified (``marrowdx.client.quality``).
+      identified (``marrowdx.client.quality``);
+    - clipped: share of the grey field at or above ``clipped_from``: what the camera
+      recorded as white. A smear's glass sits under white (real fields of six labs: none
+      clipped), an overexposed one's is white and so are its palest parts (red cells, thin
+      cytoplasm), which the models then read as glass. The client warns of it
+      (``marrowdx.client.quality.exposure_warning``).
 
     The background is the per-channel maximum of the field averaged on a ``thick_grid``
     grid: white balance and lamp brightness differ per lab, so colours are compared to it.
@@ -119,8 +124,8 @@ class QualitySpec:
 #: FIELD_QUALITY when the measures are off (``QualitySpec(enabled=False)``): finite, and a pass
 #: under any thresholds the client accepts (focus at float32's maximum, every pixel stained,
 #: nothing thick, brightness 255, every stained pixel coloured, all background, no flat
-#: area, as much fine detail as coarse, nothing green, nothing wide and dark), so the tensor
-#: keeps its dtype and shape and the gate counts every field.
+#: area, as much fine detail as coarse, nothing green, nothing wide and dark, nothing
+#: clipped), so the tensor keeps its dtype and shape and the gate counts every field.
 UNMEASURED_QUALITY = (
     float(np.finfo(np.float32).max),
     1.0,
@@ -130,6 +135,7 @@ UNMEASURED_QUALITY = (
     1.0,
     0.0,
     1.0,
+    0.0,
     0.0,
     0.0,
 )
@@ -143,7 +149,7 @@ class PreprocessSpec:
 
 
 def quality_graph(resized, spec: QualitySpec = QualitySpec()):
-    """FIELD_QUALITY float32[10] of a resized RGB (HWC uint8) field, inside a DALI graph."""
+    """FIELD_QUALITY float32[11] of a resized RGB (HWC uint8) field, inside a DALI graph."""
     from nvidia.dali import fn, types
     from nvidia.dali import math as dmath
 
@@ -164,6 +170,7 @@ def quality_graph(resized, spec: QualitySpec = QualitySpec()):
         fn.reductions.sum(judged) + 1.0
     )
     foreground = fn.reductions.mean(fn.cast(grey < spec.stained_below, dtype=types.FLOAT))
+    clipped = fn.reductions.mean(fn.cast(grey >= spec.clipped_from, dtype=types.FLOAT))
     cells = (float(spec.thick_grid), float(spec.thick_grid))
     grid = fn.cast(fn.resize(grey, size=cells, antialias=True), dtype=types.FLOAT)
     coarse = fn.cast(fn.resize(small, size=cells, antialias=True), dtype=types.FLOAT)
@@ -188,6 +195,7 @@ def quality_graph(resized, spec: QualitySpec = QualitySpec()):
         _fine_focus(resized, laplacian, spec),
         green,
         thick_wide,
+        clipped,
     )
 
 
@@ -298,7 +306,7 @@ def preprocess_graph(
     input_name: str = config.TENSORS.image,
 ):
     """The DALI graph (call inside a ``pipeline_def``): encoded images from ``input_name`` ->
-    (PIXELS uint8 CHW, LETTERBOX float32[4], IMAGE_SIZE int32[2], FIELD_QUALITY float32[10]).
+    (PIXELS uint8 CHW, LETTERBOX float32[4], IMAGE_SIZE int32[2], FIELD_QUALITY float32[11]).
 
     Separate from :func:`build_pipeline` so the gpu target's ``dali.py`` can wrap the very
     same graph in its own ``@autoserialize @pipeline_def`` (DALI's autoserialization needs a
@@ -340,7 +348,7 @@ def build_pipeline(
     input_name: str = config.TENSORS.image,
 ):
     """A DALI pipeline taking encoded images from ``input_name`` and returning
-    (PIXELS uint8 CHW, LETTERBOX float32[4], IMAGE_SIZE int32[2], FIELD_QUALITY float32[10]).
+    (PIXELS uint8 CHW, LETTERBOX float32[4], IMAGE_SIZE int32[2], FIELD_QUALITY float32[11]).
 
     ``device="cpu"`` decodes on the host (``device_id=None`` works without CUDA);
     ``device="gpu"`` uses the ``mixed`` nvJPEG decoder and GPU resize.

@@ -56,6 +56,25 @@ def test_disabled_draws_nothing_and_returns_the_input() -> None:
     assert rng.random() == np.random.default_rng(5).random()  # stream untouched
 
 
+def test_overexposure_clips_the_glass_and_draws_nothing_when_off() -> None:
+    """The image's own glass raised past white: it clips, the stained squares only
+    brighten. Off (the default), the stream is what it was before the option existed."""
+    img = _image()
+    out = ag.photometric(
+        img,
+        _only(overexpose_probability=1.0, overexpose_glass=(1.3, 1.3)),
+        np.random.default_rng(0),
+    )
+    glass = img[0] == 235
+    assert (out[:, glass] == 255).all()
+    gain = 1.3 * 255 / 235
+    assert np.allclose(out[:, ~glass].mean(axis=1), np.array([90, 40, 140]) * gain, atol=1.5)
+    a, b = np.random.default_rng(3), np.random.default_rng(3)
+    ag.photometric(img, _only(), a)
+    ag.photometric(img, _only(overexpose_glass=(2.0, 2.0)), b)
+    assert a.random() == b.random()
+
+
 def test_stain_jitter_changes_stained_pixels_more_than_background() -> None:
     img = _image()
     spec = _only(stain_scale=0.45)
@@ -138,6 +157,8 @@ def test_presets_augment_and_fingerprint_follows_the_spec() -> None:
     # before det_transpose did, which the preset leaves unset)
     fields = dataclasses.asdict(plain)
     del fields["augment"], fields["det_transpose"]
+    for name in ("real_augment", "cls_real_augment"):  # nor the overexposure, never drawn
+        del fields[name]["overexpose_probability"], fields[name]["overexpose_glass"]
     old = hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()
     assert plain.fingerprint() == old[:16]
     assert PRESETS["reference"].fingerprint() != plain.fingerprint()
@@ -145,3 +166,9 @@ def test_presets_augment_and_fingerprint_follows_the_spec() -> None:
     assert milder.fingerprint() != PRESETS["reference"].fingerprint()
     turned = dataclasses.replace(PRESETS["reference"], det_transpose=True)
     assert turned.fingerprint() != PRESETS["reference"].fingerprint()
+    # an overexposure never drawn leaves the fingerprint as it was before the option existed
+    never = dataclasses.replace(PRESETS["tiny"], augment=ag.AugmentSpec(overexpose_glass=(2, 3)))
+    assert (
+        never.fingerprint()
+        == dataclasses.replace(PRESETS["tiny"], augment=ag.AugmentSpec()).fingerprint()
+    )

@@ -706,7 +706,7 @@ class ThickTransport(FixedMeasuresTransport):
     measures = {
         "focus": 20000.0, "foreground": 0.5, "thick": 0.6, "brightness": 140.0,
         "stain_colour": 0.9, "background": 0.3, "flat": 0.01, "fine_focus": 0.3, "green": 0.0,
-        "thick_wide": 0.6,
+        "thick_wide": 0.6, "clipped": 0.0,
     }  # fmt: skip
 
 
@@ -1222,7 +1222,7 @@ class PackedTransport(FixedMeasuresTransport):
     measures = {
         "focus": 20000.0, "foreground": 0.5, "thick": 0.45, "brightness": 140.0,
         "stain_colour": 0.9, "background": 0.2, "flat": 0.01, "fine_focus": 0.3, "green": 0.0,
-        "thick_wide": 0.02,
+        "thick_wide": 0.02, "clipped": 0.0,
     }  # fmt: skip
 
 

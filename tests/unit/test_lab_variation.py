@@ -118,6 +118,20 @@ def test_light_shift_is_set_in_um_when_the_spacing_is_known() -> None:
     assert shift.apply(crop, np.random.default_rng(0), um_per_pixel=0.1).min() > 150
 
 
+def test_exposure_shift_clips_the_glass_and_the_pale_parts() -> None:
+    """Set on the image's own glass: a dim lab's field and a bright one both clip."""
+    for glass in (160, 230):
+        field = np.full((64, 64, 3), glass, np.uint8)
+        field[:16] = int(glass * 0.85)  # a pale red cell
+        field[-16:] = int(glass * 0.4)  # a nucleus
+        out = lv.LabShift(kind="exposure", exposure=1.3).apply(field, np.random.default_rng(0))
+        assert (out[16:-16] == 255).all() and (out[:16] == 255).all()  # 0.85 x 1.3 > 1
+        assert abs(float(out[-16:].mean()) - 0.4 * 1.3 * 255) < 2  # the nucleus, brighter
+    drawn = lv.LabShift.draw("exposure", 1.0, lv.shift_rng(7, 0))
+    assert lv.EXPOSURE_GLASS[0] <= drawn.exposure <= lv.EXPOSURE_GLASS[1]
+    assert lv.LabShift.draw("exposure", 0.0, lv.shift_rng(7, 0)).is_identity
+
+
 def test_jpeg_shift_encodes_at_its_quality() -> None:
     image = _field()
     low = lv.LabShift(jpeg_quality=20).encode(image, "jpg")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import io
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -76,6 +77,8 @@ def fields() -> dict[str, np.ndarray]:
         "dim_thick": (thick * 0.6).astype(np.uint8),
         # a round field of view: camera black over the corners (36% of the field)
         "round": np.where(_outside_circle(SIDE, 0.45 * SIDE)[..., None], 5, sharp).astype(np.uint8),
+        # a camera exposed too long: the glass and the pale red cells recorded as white
+        "overexposed": lv.LabShift(kind="exposure", exposure=1.3).apply(sharp, rng),
     }
     for kind in ("stain", "scanner"):
         shift = lv.LabShift.draw(kind, 1.0, lv.shift_rng(16, 0))
@@ -113,6 +116,7 @@ def measured(fields: dict[str, np.ndarray]) -> dict[str, dict[str, float]]:
         ("dim", None),
         ("dim_thick", "too thick"),
         ("round", None),
+        ("overexposed", None),
     ],
 )
 def test_default_thresholds_count_and_exclude_the_right_fields(measured, name, verdict) -> None:
@@ -169,6 +173,9 @@ def test_measures_move_the_way_their_names_say(measured) -> None:
     # (its edge, half black, half glass, leaves a ring of grid cells darker than the glass)
     assert m["round"]["thick"] < 0.5 * q.DEFAULT_MAX_THICK
     assert m["round"]["stain_colour"] > 0.8 * m["sharp"]["stain_colour"]
+    # only what the camera recorded as white is clipped: not the dim field's glass
+    assert m["sharp"]["clipped"] == m["dim"]["clipped"] == 0.0
+    assert m["overexposed"]["clipped"] > 2 * q.CLIPPED_WARNING
     # the focus limit sits beyond the trained tolerance: sigma 2 keeps a margin
     assert m["defocus_sigma2"]["focus"] > 1.5 * q.DEFAULT_MIN_FOCUS
 
@@ -261,10 +268,10 @@ def _outputs(quality: list[float] | None, labels=(0, 0, 5)) -> dict[str, np.ndar
 
 def test_excluded_field_adds_nothing_and_is_reported_apart() -> None:
     good = aggregate.decode_image(
-        "a.jpg", _outputs([2000.0, 0.08, 0.03, 190.0, 0.8, 0.5, 0.1, 0.3, 0.0, 0.0])
+        "a.jpg", _outputs([2000.0, 0.08, 0.03, 190.0, 0.8, 0.5, 0.1, 0.3, 0.0, 0.0, 0.0])
     )
     blurred = aggregate.decode_image(
-        "b.jpg", _outputs([200.0, 0.08, 0.03, 190.0, 0.8, 0.5, 0.1, 0.3, 0.0, 0.0])
+        "b.jpg", _outputs([200.0, 0.08, 0.03, 190.0, 0.8, 0.5, 0.1, 0.3, 0.0, 0.0, 0.0])
     )
     old_server = aggregate.decode_image("c.jpg", _outputs(None))
     assert good.excluded is None and good.quality["focus"] == 2000.0
@@ -285,7 +292,7 @@ def test_excluded_field_adds_nothing_and_is_reported_apart() -> None:
     # gating off: the same field counts
     kept = aggregate.decode_image(
         "b.jpg",
-        _outputs([200.0, 0.08, 0.03, 190.0, 0.8, 0.5, 0.1, 0.3, 0.0, 0.0]),
+        _outputs([200.0, 0.08, 0.03, 190.0, 0.8, 0.5, 0.1, 0.3, 0.0, 0.0, 0.0]),
         quality=q.NO_GATING,
     )
     assert kept.excluded is None and sum(kept.counts.values()) == 3
@@ -314,6 +321,32 @@ def test_fine_focus_warns_by_default_excludes_when_asked_and_older_servers_skip_
     assert with_spacing(older, spacing).warnings == []
     with pytest.raises(InputError, match="min_fine_focus"):
         q.QualityThresholds(min_fine_focus=1.5)
+
+
+def test_overexposure_is_warned_of_counted_or_excluded_and_older_servers_skip_it() -> None:
+    """Counted with a warning; excluded for what it costs (the focus here), the warning
+    follows the reason; a picture that is no smear by its colour, texture or light (blank
+    paper is as white) is named only so."""
+    from marrowdx.client.fields import SpacingInfo, with_spacing
+
+    measures = [2000.0, 0.08, 0.03, 230.0, 0.8, 0.5, 0.1, 0.3, 0.0, 0.0]
+    spacing = SpacingInfo(0.25, "given")
+    white = aggregate.decode_image("w.jpg", _outputs([*measures, 0.6]))
+    assert white.excluded is None and sum(white.counts.values()) == 3
+    (warning,) = with_spacing(white, spacing).warnings
+    assert warning.startswith("overexposed: 60% of the image recorded as white, above 25%")
+    assert (
+        with_spacing(aggregate.decode_image("f.jpg", _outputs([*measures, 0.0])), spacing).warnings
+        == []
+    )
+    blurred = aggregate.decode_image("b.jpg", _outputs([200.0, *measures[1:], 0.6]))
+    reason = aggregate.exclusion(with_spacing(blurred, spacing))
+    assert reason.startswith("out of focus") and reason.endswith(warning)
+    paper = with_spacing(replace(white, excluded=f"{q.NOT_A_SMEAR}: flat colours"), spacing)
+    assert aggregate.exclusion(paper) == f"{q.NOT_A_SMEAR}: flat colours"
+    # a server of the ten measures before clipped: no warning
+    older = aggregate.decode_image("o.jpg", _outputs(measures))
+    assert "clipped" not in older.quality and with_spacing(older, spacing).warnings == []
 
 
 def test_green_fields_are_no_smear_and_older_servers_skip_the_rule() -> None:

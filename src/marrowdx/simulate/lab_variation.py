@@ -21,6 +21,10 @@ Kinds (``strength`` 1.0 = the magnitudes measured between labs; 0 = no change):
   random direction) and the objective's vignetting (darker corners); its magnitudes are
   chosen (``LIGHT_SLOPE``, ``VIGNETTE``), not measured between labs. Not part of ``mixed``,
   so the figures of the four above stay comparable with those measured before it.
+- ``exposure``: the camera exposed too long (or the lamp turned up): the light is raised so
+  that the image's glass would read ``EXPOSURE_GLASS`` times white, and the glass and every
+  pale part (red cells, thin cytoplasm) clip to white. Chosen, not measured; not in
+  ``mixed`` either.
 
 The training augmentation (:mod:`marrowdx.training.augment`) is a separate implementation with
 its own parametrisation, so evaluating on these shifts measures transfer, not memorisation.
@@ -39,7 +43,7 @@ from marrowdx import config
 from marrowdx.errors import InputError
 
 #: Shift kinds accepted by ``marrowdx simulate --shift`` and ``marrowdx evaluate --shifts``.
-SHIFT_KINDS = ("none", "stain", "defocus", "scanner", "jpeg", "mixed", "light")
+SHIFT_KINDS = ("none", "stain", "defocus", "scanner", "jpeg", "mixed", "light", "exposure")
 #: The single-cause kinds (what ``mixed`` combines and ``evaluate --shifts`` reports by default).
 BASIC_SHIFTS = ("stain", "defocus", "scanner", "jpeg")
 #: Entropy tag of the shift's random stream (separate from the renderer's per-patient stream).
@@ -64,6 +68,12 @@ JPEG_QUALITY = (18, 32)
 # chosen, not measured between labs: a camera frame falling 20-40% across, corners 10-25% darker
 LIGHT_SLOPE = (0.2, 0.4)  # share of the light lost across a reference field
 VIGNETTE = (0.1, 0.25)  # share of the light lost at a reference field's corners
+# chosen, not measured: the glass pushed 10-40% past white (a camera's exposure set by hand
+# on a darker slide, a lamp turned up); real blood fields at 1.3 times their light have a
+# third of their pixels clipped (median), at 1.7 times 86%
+EXPOSURE_GLASS = (1.1, 1.4)
+#: The image's glass for the exposure: this percentile of its pixels' brightest channel.
+GLASS_PERCENTILE = 99.0
 #: Field width the defocus sigma refers to; other sizes scale it.
 REFERENCE_WIDTH = 1024
 
@@ -97,6 +107,7 @@ class LabShift:
     light_slope: float = 0.0  # share of the light lost across a REFERENCE_WIDTH field
     light_angle: float = 0.0  # direction the light falls towards (radians, image axes)
     vignette: float = 0.0  # share of the light lost at a REFERENCE_WIDTH field's corners
+    exposure: float = 1.0  # the glass raised to this many times white (1 = unchanged)
 
     @staticmethod
     def draw(kind: str, strength: float, rng: np.random.Generator) -> LabShift:
@@ -138,6 +149,8 @@ class LabShift:
             fields["light_slope"] = float(min(rng.uniform(*LIGHT_SLOPE) * strength, 0.8))
             fields["light_angle"] = float(rng.uniform(0.0, 2.0 * math.pi))
             fields["vignette"] = float(min(rng.uniform(*VIGNETTE) * strength, 0.8))
+        if kind == "exposure":
+            fields["exposure"] = float(1.0 + (rng.uniform(*EXPOSURE_GLASS) - 1.0) * strength)
         return LabShift(**fields)
 
     @property
@@ -164,6 +177,8 @@ class LabShift:
         if self.light_slope > 0 or self.vignette > 0:
             light = self.light_map(out.shape[0], out.shape[1], um_per_pixel)
             out = np.clip(np.rint(out * light[..., None]), 0, 255).astype(np.uint8)
+        if self.exposure != 1.0:
+            out = self.overexposed(out)
         if self.gamma != 1.0 or self.gains != (1.0, 1.0, 1.0) or self.noise_sigma > 0:
             x = (out.astype(np.float32) / WHITE) ** np.float32(self.gamma)
             x = x * np.asarray(self.gains, np.float32) * WHITE
@@ -185,6 +200,16 @@ class LabShift:
         slope = 1.0 - self.light_slope * (0.5 + along)
         corners = 1.0 - self.vignette * (u * u + v * v) / 0.5
         return np.clip(slope * corners, 0.0, 1.0).astype(np.float32)
+
+    def overexposed(self, image: np.ndarray) -> np.ndarray:
+        """``image`` with its light raised so that its glass (the ``GLASS_PERCENTILE`` of its
+        pixels' brightest channel) reads ``exposure`` times white, clipped: the camera cannot
+        record more light than white, so what was paler than the glass's new level is lost.
+        Set on each image's own glass: labs' glass lies anywhere from grey 150 to 240, and one
+        gain would clip one lab's images and leave another's."""
+        glass = max(float(np.percentile(image.max(axis=2), GLASS_PERCENTILE)), 1.0)
+        gain = np.float32(self.exposure * WHITE / glass)
+        return np.clip(np.rint(image.astype(np.float32) * gain), 0, 255).astype(np.uint8)
 
     def _restain(self, image: np.ndarray) -> np.ndarray:
         """Beer-Lambert: OD = C @ M; scale the concentrations C and swap in new vectors M'."""
