@@ -63,8 +63,9 @@ DEFAULT_MIN_FINE_FOCUS = 0.0
 #: Above this ``clipped`` share (the field recorded as white) the image is overexposed: its
 #: glass and its palest parts (red cells, thin cytoplasm) are white alike, and real cells are
 #: read less well (held-out Munich crops at 1.3 times their light: macro-F1 0.78 -> 0.72).
-#: The real fields and crops of six labs as they come clip none (at most 1% of a crop:
-#: docs/field_quality.md, "Overexposed images"). Such an image gets a warning; it is counted
+#: Real images as they come clip almost nothing (blood fields of four labs and blood crops
+#: none; 3 of 500 Munich marrow crops over the limit: docs/field_quality.md, "Overexposed
+#: images"). Such an image gets a warning; it is counted
 #: (blood fields at 1.3 times their light keep white-cell AP50 0.94 and 95% right counts).
 CLIPPED_WARNING = 0.25
 DEFAULT_MIN_FOREGROUND = 0.002

@@ -84,8 +84,8 @@ class QualitySpec:
       ``marrowdx.slides.roi_finder``). The client asks it of a field whose cells the models
       identified (``marrowdx.client.quality``);
     - clipped: share of the grey field at or above ``clipped_from``: what the camera
-      recorded as white. A smear's glass sits under white (real fields of six labs: none
-      clipped), an overexposed one's is white and so are its palest parts (red cells, thin
+      recorded as white. A smear's glass sits under white (real blood fields of four labs:
+      none clipped), an overexposed one's is white and so are its palest parts (red cells, thin
       cytoplasm), which the models then read as glass. The client warns of it
       (``marrowdx.client.quality.exposure_warning``).
 
