@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import re
 import sys
 import tempfile
 from collections.abc import Sequence
@@ -331,17 +332,40 @@ def format_table(reports: Sequence[PatientReport]) -> str:
 WARNING_NAMES_SHOWN = 3
 
 
+#: A figure in a warning's text (a percentage, a spacing, a ratio).
+_FIGURE = re.compile(r"\d+(?:\.\d+)?")
+
+
+def _merged_text(texts: Sequence[str]) -> str:
+    """One text for warnings that differ only in their figures (the same text with each
+    figure masked), each figure that differs given as its range: "overexposed: 31-47% of
+    the image ..."."""
+    parts = _FIGURE.split(texts[0])
+    figures = [_FIGURE.findall(text) for text in texts]
+    merged = [parts[0]]
+    for i, part in enumerate(parts[1:]):
+        column = sorted({row[i] for row in figures}, key=float)
+        merged += [column[0] if len(column) == 1 else f"{column[0]}-{column[-1]}", part]
+    return "".join(merged)
+
+
 def print_image_warnings(reports: Sequence[PatientReport], stream: TextIO) -> None:
     """One line per image warning: an uncertain or unknown pixel spacing, an overexposed or
     slightly blurred image (``SpacedImageResult.warnings``). A warning that several images of one
     patient share (a pooled spacing estimate is every image's) is one line naming them, so
-    a cohort of 24 fields a patient does not print each estimate 24 times."""
+    a cohort of 24 fields a patient does not print each estimate 24 times; so are warnings
+    that differ only in their figures (each image's own share overexposed), with the range
+    of each (the JSON keeps every image's own text)."""
     for r in reports:
         files: dict[str, list[str]] = {}
+        texts: dict[str, list[str]] = {}
         for image in r.images:
             for warning in getattr(image, "warnings", ()):
-                files.setdefault(warning, []).append(image.file)
-        for warning, names in files.items():
+                key = _FIGURE.sub("#", warning)
+                files.setdefault(key, []).append(image.file)
+                texts.setdefault(key, []).append(warning)
+        for key, names in files.items():
+            warning = _merged_text(texts[key])
             if len(names) == 1:
                 print(f"warning: {names[0]}: {warning}", file=stream)
                 continue

@@ -855,6 +855,33 @@ def test_a_warning_several_images_share_is_printed_once_naming_them(capsys) -> N
     assert line.startswith(f"warning: P, {len(names)} images ({shown} and 2 more): pixel spacing")
 
 
+def test_warnings_that_differ_only_in_their_figures_are_one_line_with_their_ranges(
+    capsys,
+) -> None:
+    """Each overexposed field's own share (the JSON keeps each text), one line for them all;
+    a warning of other words stays a line of its own."""
+    from types import SimpleNamespace
+
+    from marrowdx.client.cli import print_image_warnings
+    from marrowdx.client.quality import exposure_warning
+
+    shares = (0.31, 0.47, 0.28)
+    images = [
+        SimpleNamespace(file=f"P/{i}.png", warnings=[exposure_warning({"clipped": share})])
+        for i, share in enumerate(shares)
+    ]
+    images.append(SimpleNamespace(file="P/blank.png", warnings=["pixel spacing could not be"]))
+    report = SimpleNamespace(patient_id="P", images=images)
+    print_image_warnings([report], sys.stderr)  # type: ignore[list-item]
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 2
+    assert lines[0].startswith(
+        "warning: P, 3 images (P/0.png, P/1.png, P/2.png): overexposed: 28-47%"
+    )
+    assert lines[0].endswith(exposure_warning({"clipped": 0.31}).split("31%", 1)[1])
+    assert lines[1] == "warning: P/blank.png: pixel spacing could not be"
+
+
 def crop(red_cells: list[tuple[int, int]], red_diameter: int = 40) -> bytes:
     """A 200 px single-cell crop: a dark 40 px square (the cell) in the middle and pink
     discs (red cells) ``red_diameter`` across, too few for an estimate of its own."""
