@@ -62,7 +62,21 @@ class AugmentSpec:
     # drew; 0.3 was probed and not shipped: docs/model_quality.md, "Overexposed images")
     overexpose_probability: float = 0.0
     overexpose_glass: tuple[float, float] = (1.0, 1.5)
+    # a dye colour taken away: each pixel's OD pulled towards its mean over the channels by
+    # U(lo, hi) (1 = grey: after the stain normalisation one hue), so that a cell type is
+    # told by its shape and texture as well as by a lab's hue (0 = never, every preset; 0.5
+    # of the classifier's real cells was probed and not shipped: every real figure lost,
+    # docs/real_cells.md, "Real cells without their colour")
+    desaturate_probability: float = 0.0
+    desaturate: tuple[float, float] = (0.5, 1.0)
 
+
+#: The options drawn only when their probability (the key) is above 0: left out of a
+#: preset's fingerprint while off, since training then draws what it drew before they existed.
+DRAWN_ONLY_WHEN_ON: dict[str, tuple[str, ...]] = {
+    "overexpose_probability": ("overexpose_probability", "overexpose_glass"),
+    "desaturate_probability": ("desaturate_probability", "desaturate"),
+}
 
 NO_AUGMENT = AugmentSpec(enabled=False)
 
@@ -160,6 +174,10 @@ def photometric(image: np.ndarray, spec: AugmentSpec, rng: np.random.Generator) 
         return image
     c, h, w = image.shape
     a, b = od_transform(spec, rng)
+    if spec.desaturate_probability > 0 and rng.random() < spec.desaturate_probability:
+        pull = float(rng.uniform(*spec.desaturate))
+        grey = ((1.0 - pull) * np.eye(3) + pull / 3.0).astype(np.float32)
+        a, b = a @ grey, b @ grey
     gamma = float(np.exp(rng.uniform(-spec.gamma, spec.gamma)))
     wb = 1.0 + rng.uniform(-spec.white_balance, spec.white_balance, 3)
     bright = 1.0 + rng.uniform(-spec.brightness, spec.brightness)

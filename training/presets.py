@@ -13,7 +13,13 @@ import json
 from dataclasses import asdict, dataclass, field
 
 from marrowdx.models.networks import ClassifierSpec, DetectorSpec, DiagnosisSpec
-from marrowdx.training.augment import NO_AUGMENT, REAL_AUGMENT, REAL_CELL_AUGMENT, AugmentSpec
+from marrowdx.training.augment import (
+    DRAWN_ONLY_WHEN_ON,
+    NO_AUGMENT,
+    REAL_AUGMENT,
+    REAL_CELL_AUGMENT,
+    AugmentSpec,
+)
 
 
 @dataclass(frozen=True)
@@ -72,12 +78,14 @@ class TrainingPreset:
         the ``augment`` field is left out: such training draws exactly what it drew before
         the field existed (``training.augment`` draws nothing when disabled); so is an unset
         ``det_real_zoom`` (the zoom drawn is then the one drawn before it existed), an unset
-        ``cls_real_weight``, an unset ``det_transpose`` and an augmentation's overexposure
-        that is never drawn."""
+        ``cls_real_weight``, an unset ``det_transpose`` and an augmentation's options that
+        are never drawn (``augment.DRAWN_ONLY_WHEN_ON``)."""
         fields = asdict(self)
         for name in ("augment", "real_augment", "cls_real_augment"):
-            if not getattr(self, name).overexpose_probability:
-                del fields[name]["overexpose_probability"], fields[name]["overexpose_glass"]
+            for switch, options in DRAWN_ONLY_WHEN_ON.items():
+                if not getattr(getattr(self, name), switch):
+                    for option in options:
+                        del fields[name][option]
         if not self.augment.enabled:
             del fields["augment"]
         if self.det_real_zoom is None:

@@ -75,6 +75,31 @@ def test_overexposure_clips_the_glass_and_draws_nothing_when_off() -> None:
     assert a.random() == b.random()
 
 
+def test_desaturation_greys_the_stain_and_draws_nothing_when_off() -> None:
+    """Pulled all the way, every pixel's OD is its mean over the channels (grey: the glass
+    stays as it is, a purple square turns a grey of the same optical density); half-way, the
+    channels' spread halves. Off (the default), the stream is what it was before."""
+    img = _image()
+    od = -np.log((img.astype(float) + 1) / 256)
+    grey = ag.photometric(
+        img, _only(desaturate_probability=1.0, desaturate=(1.0, 1.0)), np.random.default_rng(0)
+    )
+    out_od = -np.log((grey.astype(float) + 1) / 256)
+    stained = img[1] == 40
+    assert np.ptp(out_od[:, stained], axis=0).max() < 0.03
+    assert np.allclose(out_od[:, stained].mean(), od[:, stained].mean(), atol=0.02)
+    half = ag.photometric(
+        img, _only(desaturate_probability=1.0, desaturate=(0.5, 0.5)), np.random.default_rng(0)
+    )
+    half_od = -np.log((half.astype(float) + 1) / 256)
+    spread = np.ptp(od[:, stained], axis=0).mean()
+    assert np.isclose(np.ptp(half_od[:, stained], axis=0).mean(), spread / 2, rtol=0.05)
+    a, b = np.random.default_rng(3), np.random.default_rng(3)
+    ag.photometric(img, _only(), a)
+    ag.photometric(img, _only(desaturate=(0.1, 0.2)), b)
+    assert a.random() == b.random()
+
+
 def test_stain_jitter_changes_stained_pixels_more_than_background() -> None:
     img = _image()
     spec = _only(stain_scale=0.45)
@@ -157,8 +182,11 @@ def test_presets_augment_and_fingerprint_follows_the_spec() -> None:
     # before det_transpose did, which the preset leaves unset)
     fields = dataclasses.asdict(plain)
     del fields["augment"], fields["det_transpose"]
-    for name in ("real_augment", "cls_real_augment"):  # nor the overexposure, never drawn
-        del fields[name]["overexpose_probability"], fields[name]["overexpose_glass"]
+    for name in ("real_augment", "cls_real_augment"):  # nor options never drawn
+        for option in ("overexpose_probability", "overexpose_glass"):
+            del fields[name][option]
+        for option in ("desaturate_probability", "desaturate"):
+            del fields[name][option]
     old = hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()
     assert plain.fingerprint() == old[:16]
     assert PRESETS["reference"].fingerprint() != plain.fingerprint()
@@ -171,4 +199,15 @@ def test_presets_augment_and_fingerprint_follows_the_spec() -> None:
     assert (
         never.fingerprint()
         == dataclasses.replace(PRESETS["tiny"], augment=ag.AugmentSpec()).fingerprint()
+    )
+    # so does a desaturation never drawn; drawn, it is another preset
+    grey = ag.AugmentSpec(desaturate=(0.9, 1.0))
+    assert (
+        dataclasses.replace(PRESETS["tiny"], augment=grey).fingerprint()
+        == dataclasses.replace(PRESETS["tiny"], augment=ag.AugmentSpec()).fingerprint()
+    )
+    drawn = dataclasses.replace(grey, desaturate_probability=0.5)
+    assert (
+        dataclasses.replace(PRESETS["tiny"], augment=drawn).fingerprint()
+        != dataclasses.replace(PRESETS["tiny"], augment=ag.AugmentSpec()).fingerprint()
     )
