@@ -69,6 +69,14 @@ class AugmentSpec:
     # docs/real_cells.md, "Real cells without their colour")
     desaturate_probability: float = 0.0
     desaturate: tuple[float, float] = (0.5, 1.0)
+    # the pale parts' density against the dense parts' changed: each channel's OD above the
+    # image's glass raised to a power p = exp(U(-a, a)), its densest parts kept, so a ratio
+    # r of two densities becomes r^p (the stain normalisation undoes a gamma, not this):
+    # other labs' neutrophils, a denser cytoplasm against a paler nucleus, were read as
+    # eosinophils (0 = never, every preset; docs/real_cells.md, "Real cells without their
+    # colour")
+    density_power_probability: float = 0.0
+    density_power: float = 0.5
 
 
 #: The options drawn only when their probability (the key) is above 0: left out of a
@@ -76,6 +84,7 @@ class AugmentSpec:
 DRAWN_ONLY_WHEN_ON: dict[str, tuple[str, ...]] = {
     "overexpose_probability": ("overexpose_probability", "overexpose_glass"),
     "desaturate_probability": ("desaturate_probability", "desaturate"),
+    "density_power_probability": ("density_power_probability", "density_power"),
 }
 
 NO_AUGMENT = AugmentSpec(enabled=False)
@@ -164,6 +173,24 @@ def od_transform(spec: AugmentSpec, rng: np.random.Generator) -> tuple[np.ndarra
     return a.astype(np.float32), b.astype(np.float32)
 
 
+#: The percentiles of a channel's OD taken as the image's glass and as its densest parts
+#: (on every 7th pixel, as the overexposure's glass).
+DENSITY_GLASS_PERCENTILE = 1.0
+DENSITY_DENSE_PERCENTILE = 99.0
+
+
+def density_powered(od: np.ndarray, power: float) -> np.ndarray:
+    """OD [3, N] with each channel's density above its glass raised to ``power``, scaled so
+    that its densest parts keep theirs: the ratio r of a pale part's density to a dense
+    part's becomes r^power."""
+    sample = od[:, ::7]
+    glass = np.percentile(sample, DENSITY_GLASS_PERCENTILE, axis=1).astype(np.float32)[:, None]
+    above = np.maximum(od - glass, 0.0)
+    dense = np.percentile(above[:, ::7], DENSITY_DENSE_PERCENTILE, axis=1)
+    dense = np.maximum(dense, 1e-3).astype(np.float32)[:, None]
+    return glass + dense * (above / dense) ** np.float32(power)
+
+
 def photometric(image: np.ndarray, spec: AugmentSpec, rng: np.random.Generator) -> np.ndarray:
     """One uint8 CHW image with random stain, light, optics, noise and JPEG variation.
 
@@ -183,6 +210,10 @@ def photometric(image: np.ndarray, spec: AugmentSpec, rng: np.random.Generator) 
     bright = 1.0 + rng.uniform(-spec.brightness, spec.brightness)
     od = _OD_LUT[image.reshape(c, -1)]  # [3, N]
     od2 = np.maximum(a.T @ od + b[:, None], 0.0)
+    if spec.density_power_probability > 0 and rng.random() < spec.density_power_probability:
+        od2 = density_powered(
+            od2, float(np.exp(rng.uniform(-spec.density_power, spec.density_power)))
+        )
     od2 *= np.float32(-gamma)
     np.exp(od2, out=od2)
     od2 *= (wb * bright * WHITE).astype(np.float32)[:, None]

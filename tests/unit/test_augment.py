@@ -100,6 +100,29 @@ def test_desaturation_greys_the_stain_and_draws_nothing_when_off() -> None:
     assert a.random() == b.random()
 
 
+def test_density_power_raises_the_pale_to_dense_ratio_to_its_power() -> None:
+    """Glass, a pale part and a dense part: the glass and the dense part keep their density,
+    the pale part's ratio r to the dense part's becomes r^p (a denser cytoplasm against its
+    nucleus for p < 1). Off (the default), the stream is what it was before."""
+    od = np.zeros((3, 700), np.float32)
+    od[:, :400] = 0.05  # glass
+    od[:, 400:600] = 0.05 + np.array([0.2, 0.3, 0.1], np.float32)[:, None]  # cytoplasm
+    od[:, 600:] = 0.05 + np.array([1.0, 1.2, 0.6], np.float32)[:, None]  # nucleus
+    ratio = (od[:, 500] - 0.05) / (od[:, 650] - 0.05)
+    for power in (0.6, 1.6):
+        out = ag.density_powered(od, power)
+        assert np.allclose(out[:, 0], 0.05, atol=1e-6) and np.allclose(out[:, 650], od[:, 650])
+        assert np.allclose((out[:, 500] - 0.05) / (out[:, 650] - 0.05), ratio**power, rtol=1e-4)
+    img = _image()
+    a, b = np.random.default_rng(3), np.random.default_rng(3)
+    ag.photometric(img, _only(), a)
+    ag.photometric(img, _only(density_power=0.9), b)
+    assert a.random() == b.random()
+    drawn = ag.photometric(img, _only(density_power_probability=1.0), np.random.default_rng(0))
+    glass = img[0] == 235
+    assert np.abs(drawn[:, glass].astype(int) - img[:, glass]).max() <= 1  # the glass stays
+
+
 def test_stain_jitter_changes_stained_pixels_more_than_background() -> None:
     img = _image()
     spec = _only(stain_scale=0.45)
@@ -186,6 +209,8 @@ def test_presets_augment_and_fingerprint_follows_the_spec() -> None:
         for option in ("overexpose_probability", "overexpose_glass"):
             del fields[name][option]
         for option in ("desaturate_probability", "desaturate"):
+            del fields[name][option]
+        for option in ("density_power_probability", "density_power"):
             del fields[name][option]
     old = hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()
     assert plain.fingerprint() == old[:16]
