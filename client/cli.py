@@ -357,15 +357,13 @@ def print_image_warnings(reports: Sequence[PatientReport], stream: TextIO) -> No
     that differ only in their figures (each image's own share overexposed), with the range
     of each (the JSON keeps every image's own text)."""
     for r in reports:
-        files: dict[str, list[str]] = {}
-        texts: dict[str, list[str]] = {}
+        shared: dict[str, list[tuple[str, str]]] = {}  # figures masked -> (file, text)
         for image in r.images:
             for warning in getattr(image, "warnings", ()):
-                key = _FIGURE.sub("#", warning)
-                files.setdefault(key, []).append(image.file)
-                texts.setdefault(key, []).append(warning)
-        for key, names in files.items():
-            warning = _merged_text(texts[key])
+                shared.setdefault(_FIGURE.sub("#", warning), []).append((image.file, warning))
+        for pairs in shared.values():
+            names = [name for name, _ in pairs]
+            warning = _merged_text([text for _, text in pairs])
             if len(names) == 1:
                 print(f"warning: {names[0]}: {warning}", file=stream)
                 continue
