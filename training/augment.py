@@ -174,8 +174,10 @@ def od_transform(spec: AugmentSpec, rng: np.random.Generator) -> tuple[np.ndarra
     return a.astype(np.float32), b.astype(np.float32)
 
 
-#: The percentiles of a channel's OD taken as the image's glass and as its densest parts
-#: (on every 7th pixel, as the overexposure's glass).
+#: An image's percentiles are taken on every this-many-th pixel: a percentile of 0.26 M
+#: values per image cost more than the rest of the augmentation.
+PERCENTILE_STRIDE = 7
+#: The percentiles of a channel's OD taken as the image's glass and as its densest parts.
 DENSITY_GLASS_PERCENTILE = 1.0
 DENSITY_DENSE_PERCENTILE = 99.0
 
@@ -184,12 +186,19 @@ def density_powered(od: np.ndarray, power: float) -> np.ndarray:
     """OD [3, N] with each channel's density above its glass raised to ``power``, scaled so
     that its densest parts keep theirs: the ratio r of a pale part's density to a dense
     part's becomes r^power."""
-    sample = od[:, ::7]
+    sample = od[:, ::PERCENTILE_STRIDE]
     glass = np.percentile(sample, DENSITY_GLASS_PERCENTILE, axis=1).astype(np.float32)[:, None]
     above = np.maximum(od - glass, 0.0)
-    dense = np.percentile(above[:, ::7], DENSITY_DENSE_PERCENTILE, axis=1)
+    dense = np.percentile(above[:, ::PERCENTILE_STRIDE], DENSITY_DENSE_PERCENTILE, axis=1)
     dense = np.maximum(dense, 1e-3).astype(np.float32)[:, None]
     return glass + dense * (above / dense) ** np.float32(power)
+
+
+def _drawn(rng: np.random.Generator, probability: float) -> bool:
+    """Whether an option with this probability applies to this image. Why the test of 0
+    first: an option that is off draws nothing from ``rng``, so every other draw stays as it
+    was without it (what ``DRAWN_ONLY_WHEN_ON`` relies on)."""
+    return probability > 0 and rng.random() < probability
 
 
 def photometric(image: np.ndarray, spec: AugmentSpec, rng: np.random.Generator) -> np.ndarray:
@@ -202,7 +211,7 @@ def photometric(image: np.ndarray, spec: AugmentSpec, rng: np.random.Generator) 
         return image
     c, h, w = image.shape
     a, b = od_transform(spec, rng)
-    if spec.desaturate_probability > 0 and rng.random() < spec.desaturate_probability:
+    if _drawn(rng, spec.desaturate_probability):
         pull = float(rng.uniform(*spec.desaturate))
         grey = ((1.0 - pull) * np.eye(3) + pull / 3.0).astype(np.float32)
         a, b = a @ grey, b @ grey
@@ -211,19 +220,18 @@ def photometric(image: np.ndarray, spec: AugmentSpec, rng: np.random.Generator) 
     bright = 1.0 + rng.uniform(-spec.brightness, spec.brightness)
     od = _OD_LUT[image.reshape(c, -1)]  # [3, N]
     od2 = np.maximum(a.T @ od + b[:, None], 0.0)
-    if spec.density_power_probability > 0 and rng.random() < spec.density_power_probability:
+    if _drawn(rng, spec.density_power_probability):
         od2 = density_powered(
             od2, float(np.exp(rng.uniform(-spec.density_power, spec.density_power)))
         )
     od2 *= np.float32(-gamma)
     np.exp(od2, out=od2)
     od2 *= (wb * bright * WHITE).astype(np.float32)[:, None]
-    if spec.overexpose_probability > 0 and rng.random() < spec.overexpose_probability:
-        # the image's own glass, as lab_variation's exposure shift takes it (every 7th pixel:
-        # a percentile of 0.26 M values per image cost more than the rest)
-        glass = float(np.percentile(od2.max(axis=0)[::7], GLASS_PERCENTILE))
+    if _drawn(rng, spec.overexpose_probability):
+        # the image's own glass, as lab_variation's exposure shift takes it
+        glass = float(np.percentile(od2.max(axis=0)[::PERCENTILE_STRIDE], GLASS_PERCENTILE))
         od2 *= np.float32(rng.uniform(*spec.overexpose_glass) * WHITE / max(glass, 1.0))
-    if spec.noise_probability > 0 and rng.random() < spec.noise_probability:
+    if _drawn(rng, spec.noise_probability):
         sigma = np.float32(rng.uniform(0.0, spec.noise_sigma))
         y0, x0 = rng.integers(0, _NOISE_TILE - h + 1), rng.integers(0, _NOISE_TILE - w + 1)
         noise = _noise_tile()[:, y0 : y0 + h, x0 : x0 + w].reshape(c, -1)
