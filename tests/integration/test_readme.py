@@ -20,14 +20,36 @@ def _code_blocks(lang: str) -> list[str]:
     return re.findall(rf"```{lang}\n(.*?)```", README.read_text(), flags=re.S)
 
 
-def _marrowdx_lines() -> list[list[str]]:
+def _bash_lines(prefix: str) -> list[list[str]]:
+    """The README's bash lines that start with ``prefix``, comments cut, split as a shell
+    would."""
     lines = []
     for block in _code_blocks("bash"):
         for line in block.splitlines():
             line = line.split("#", 1)[0].strip()
-            if line.startswith(".venv/bin/marrowdx "):
-                lines.append(shlex.split(line)[1:])
+            if line.startswith(prefix):
+                lines.append(shlex.split(line))
     return lines
+
+
+def _marrowdx_lines() -> list[list[str]]:
+    return [argv[1:] for argv in _bash_lines(".venv/bin/marrowdx ")]
+
+
+def _python_module_lines() -> list[list[str]]:
+    return [argv[2:] for argv in _bash_lines(".venv/bin/python -m marrowdx.")]
+
+
+@pytest.mark.parametrize("argv", _python_module_lines(), ids=lambda a: a[0])
+def test_every_readme_python_module_command_exists(argv: list[str]) -> None:
+    """``.venv/bin/python -m marrowdx.X ...``: the module imports, and where it builds its
+    parser apart from running (``_parser``), the line parses with it."""
+    import importlib
+
+    module = importlib.import_module(argv[0])
+    assert callable(getattr(module, "main", None)), f"{argv[0]} has no main()"
+    if hasattr(module, "_parser"):
+        module._parser().parse_args(argv[1:])
 
 
 def test_readme_names_the_two_commands_first() -> None:
