@@ -74,8 +74,8 @@ class AugmentSpec:
     # r of two densities becomes r^p (the stain normalisation undoes a gamma, not this):
     # other labs' neutrophils, a denser cytoplasm against a paler nucleus, were read as
     # eosinophils (0 = never, every preset; a fine-tune screened it at blood crops 0.73 ->
-    # 0.79, two full runs at 0.751 and 0.750, not shipped: more pictures that are no smears
-    # counted; docs/real_cells.md, "The density of a cell's cytoplasm varied")
+    # 0.79, three full runs at 0.751, 0.750 and 0.731, not shipped: a gain in the mean of
+    # draws, not in each; docs/real_cells.md, "A third draw of the density recipe")
     density_power_probability: float = 0.0
     density_power: float = 0.5
 
