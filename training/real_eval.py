@@ -20,9 +20,10 @@ the gate excludes is reported beside them: what ``diagnose`` would leave out of 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 
@@ -47,6 +48,7 @@ OTHER = "(other class)"
 NUCLEATED = {c for c in taxonomy.CLASSES if taxonomy.COUNTING_ROLES[c].nucleated}
 
 Log = Callable[[str], None]
+T = TypeVar("T")
 
 
 @dataclass
@@ -132,12 +134,27 @@ async def _analyse(client, items: Sequence[tuple[Path, float | None]], log: Log 
         except Exception as exc:  # noqa: BLE001 - a failed image is counted, not fatal
             return f"{type(exc).__name__}: {exc}"
 
-    results = []
-    for start in range(0, len(items), 64):
-        chunk = range(start, min(start + 64, len(items)))
-        results += await asyncio.gather(*(one(*items[i], estimates[i]) for i in chunk))
+    return await gather_in_chunks(
+        [lambda i=i: one(*items[i], estimates[i]) for i in range(len(items))], log, "  "
+    )
+
+
+#: Images sent together between two progress lines (the client bounds those in flight).
+PROGRESS_CHUNK = 64
+
+
+async def gather_in_chunks(
+    jobs: Sequence[Callable[[], Awaitable[T]]], log: Log | None, indent: str = ""
+) -> list[T]:
+    """Every job's result, in order, run ``PROGRESS_CHUNK`` at a time with a progress line
+    after each chunk. Why chunks: a long measurement says how far it is; the client's own
+    concurrency limit bounds the requests in flight either way."""
+    results: list[T] = []
+    for start in range(0, len(jobs), PROGRESS_CHUNK):
+        chunk = jobs[start : start + PROGRESS_CHUNK]
+        results += await asyncio.gather(*(job() for job in chunk))
         if log is not None:
-            log(f"  {min(start + 64, len(items))}/{len(items)} images")
+            log(f"{indent}{len(results)}/{len(jobs)} images")
     return results
 
 

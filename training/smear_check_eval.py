@@ -26,10 +26,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from marrowdx import taxonomy
-from marrowdx.client.async_client import AsyncMarrowClient
+from marrowdx.client.async_client import AsyncMarrowClient, check_spacing
 from marrowdx.client.quality import NOT_A_SMEAR
 from marrowdx.datasets.base import images_under
 from marrowdx.errors import InputError
+from marrowdx.training.real_eval import gather_in_chunks
 
 #: What ``--um-per-pixel`` names for "no spacing given".
 NO_SPACING = "none"
@@ -80,9 +81,7 @@ def parse_spacings(text: str) -> tuple[float | None, ...]:
             value = float(part)
         except ValueError:
             raise InputError(f"--um-per-pixel: {part!r} is neither a number nor 'none'") from None
-        if not value > 0:
-            raise InputError(f"--um-per-pixel: {part} is not a positive spacing")
-        out.append(value)
+        out.append(check_spacing(value, "--um-per-pixel"))
     if not out:
         raise InputError("--um-per-pixel names no spacing")
     return tuple(out)
@@ -130,13 +129,7 @@ def measure(
         # each image alone: the client's own spacing estimate when none is given
         transport = InProcessTransport(InProcessPipeline(repository))
         async with AsyncMarrowClient(transport=transport, um_per_pixel=None) as client:
-            out: list[ImageOutcome] = []
-            for start in range(0, len(jobs), 32):
-                chunk = jobs[start : start + 32]
-                out += await asyncio.gather(*(_one(client, *job) for job in chunk))
-                if log is not None:
-                    log(f"{len(out)}/{len(jobs)} images")
-            return out
+            return await gather_in_chunks([lambda job=job: _one(client, *job) for job in jobs], log)
 
     return asyncio.run(run())
 
