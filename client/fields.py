@@ -274,29 +274,25 @@ def _as_sent(data: bytes, um_per_pixel: float | None, source: str, why: str) -> 
     return PreparedImage([data], None, (0, 0), info)  # no pixels to check
 
 
-#: Client-decoded formats whose several pages or frames leave the field ambiguous: a focus
-#: stack as a multi-page TIFF, an animated WebP, a phone's burst in one HEIF.
-_MULTI_FRAME_REFUSED = frozenset({"TIFF", "WEBP", "HEIF"})
+#: Formats whose several pages or frames leave the field ambiguous: a focus stack as a
+#: multi-page TIFF, an animated WebP, GIF or PNG (APNG: the server's decoder would take its
+#: first frame without a word), a phone's burst in one HEIF.
+_MULTI_FRAME_REFUSED = frozenset({"TIFF", "WEBP", "HEIF", "GIF", "PNG"})
 
 
 def _header(data: bytes) -> tuple[int, int, int | None] | str:
     """(width, height, EXIF orientation) of encoded image bytes, or why they cannot be
-    prepared (not an image Pillow opens, or a multi-page file: which page holds the field
-    is not ours to guess)."""
+    prepared (not an image Pillow opens: sent as they are for the server to refuse). A
+    multi-page file raises ``RequestFailed``: which page holds the field is not ours to
+    guess."""
     from PIL import UnidentifiedImageError
 
     from marrowdx.image_checks import EXIF_ORIENTATION, TIFF_MAGIC, open_image
 
     try:
         with open_image(data) as probe:
-            pages = getattr(probe, "n_frames", 1)
-            # (a camera JPEG may hold a preview frame (MPO): the server decodes its first)
-            if probe.format in _MULTI_FRAME_REFUSED and pages > 1:
-                return (
-                    f"a multi-page {probe.format} ({pages} pages or frames, e.g. a focus "
-                    "stack); give each field of view as its own file"
-                )
-            return probe.width, probe.height, probe.getexif().get(EXIF_ORIENTATION)
+            kind, pages = probe.format, getattr(probe, "n_frames", 1)
+            header = probe.width, probe.height, probe.getexif().get(EXIF_ORIENTATION)
     except UnidentifiedImageError:
         # Pillow's own message names the BytesIO object by its memory address, which would
         # make the same input's report differ from run to run
@@ -308,6 +304,14 @@ def _header(data: bytes) -> tuple[int, int, int | None] | str:
         return "not an image format Pillow can open"
     except Exception as exc:  # noqa: BLE001 - Pillow raises many types; the server names it
         return f"{type(exc).__name__}: {exc}"
+    # (a camera JPEG may hold a preview frame (MPO): the server decodes its first)
+    if kind in _MULTI_FRAME_REFUSED and pages > 1:
+        # raised, not returned: an APNG sent as it is would be decoded by the server
+        raise RequestFailed(
+            f"image not prepared: a multi-page {kind} ({pages} pages or frames, e.g. a focus "
+            "stack); give each field of view as its own file"
+        )
+    return header
 
 
 @contextmanager

@@ -641,7 +641,7 @@ def test_a_phones_heif_photograph_is_decoded_by_the_client_and_counted_as_the_pn
     assert patient.names == ["P1/IMG_0001.HEIC"] and not patient.problems
 
 
-def test_a_multi_page_or_damaged_tiff_or_webp_fails_with_its_reason_and_is_never_sent() -> None:
+def test_a_multi_page_animated_or_damaged_image_fails_with_its_reason_and_is_never_sent() -> None:
     from marrowdx.client.transport import RequestFailed
 
     page = _squares((400, 300), [(50, 50, 60)])
@@ -654,6 +654,11 @@ def test_a_multi_page_or_damaged_tiff_or_webp_fails_with_its_reason_and_is_never
     frames[0].save(animated, "WEBP", save_all=True, append_images=frames[1:], lossless=True)
     with pytest.raises(RequestFailed, match="multi-page WEBP \\(2 pages"):
         analyse(animated.getvalue(), um_per_pixel=0.1)
+    for kind in ("GIF", "PNG"):  # an animated GIF, an APNG
+        moving = io.BytesIO()
+        frames[0].save(moving, kind, save_all=True, append_images=frames[1:])
+        with pytest.raises(RequestFailed, match=f"multi-page {kind} \\(2 pages"):
+            analyse(moving.getvalue(), um_per_pixel=0.1)
     whole = _encoded(page, "TIFF")
     with pytest.raises(RequestFailed, match="not decodable"):
         analyse(whole[: len(whole) // 2], um_per_pixel=0.1)
