@@ -91,7 +91,9 @@ def _label(spacing: float | None) -> str:
     return NO_SPACING if spacing is None else f"{spacing:g}"
 
 
-async def _one(client: AsyncMarrowClient, group: str, path: Path, spacing: float | None):
+async def _one(
+    client: AsyncMarrowClient, group: str, path: Path, spacing: float | None
+) -> ImageOutcome:
     try:
         result = await client.analyse_image(path, path.name, um_per_pixel=spacing)
     except Exception as exc:  # noqa: BLE001 - a failed image is reported, not fatal
@@ -117,13 +119,13 @@ def measure(
     from marrowdx.serving.inprocess import InProcessPipeline, InProcessTransport
 
     jobs = []
-    for folder in folders:
-        if not Path(folder).is_dir():
+    for folder in map(Path, folders):
+        if not folder.is_dir():
             raise InputError(f"{folder} is not a folder")
-        images = images_under(Path(folder))
+        images = images_under(folder)
         if not images:
             raise InputError(f"{folder} holds no image")
-        jobs += [(Path(folder).name, p, s) for p in images for s in spacings]
+        jobs += [(folder.name, p, s) for p in images for s in spacings]
 
     async def run() -> list[ImageOutcome]:
         # each image alone: the client's own spacing estimate when none is given
