@@ -45,7 +45,7 @@ CENTRE_RADIUS = 0.2
 #: Label of a crop whose centre cell was not found / whose class no set label covers.
 NO_CELL = "(no cell)"
 OTHER = "(other class)"
-NUCLEATED = {c for c in taxonomy.CLASSES if taxonomy.COUNTING_ROLES[c].nucleated}
+NUCLEATED = frozenset(taxonomy.NUCLEATED_CLASSES)
 
 Log = Callable[[str], None]
 T = TypeVar("T")
