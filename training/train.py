@@ -48,6 +48,9 @@ JITTER_SHIFT = 0.08
 JITTER_SCALE = 0.10
 #: Classes are sampled with weight count**CLASS_BALANCE_POWER: 0 = natural, 1 = balanced.
 CLASS_BALANCE_POWER = 0.5
+#: The classifier's warm restart draws from its own seed (preset seed + this), not the first
+#: cycle's continued stream: the first cycle's draws stay those of presets without a restart.
+RESTART_SEED_OFFSET = 7
 #: Synthetic patients for the diagnosis model: range of total cell counts (log-uniform).
 DIAG_TOTAL_CELLS = (50, 3000)
 DIAG_BATCH = 256
@@ -293,7 +296,44 @@ def train_classifier(
     set_determinism(preset.seed + 1)
     rng = np.random.default_rng(preset.seed + 1)
     model = CellClassifier(preset.classifier)
-    opt = torch.optim.AdamW(model.parameters(), lr=preset.cls_lr, weight_decay=WEIGHT_DECAY)
+    _classifier_cycle(model, data, preset, real, rng, preset.cls_lr, preset.cls_steps, log)
+    if preset.cls_restart_steps:
+        restart_classifier(model, data, preset, log, real)
+    return model.eval()
+
+
+def restart_classifier(
+    model: CellClassifier,
+    data: PreparedCohort,
+    preset: TrainingPreset,
+    log: Log = _silent,
+    real: RealData | None = None,
+) -> CellClassifier:
+    """A warm restart (SGDR): a second, shorter cosine cycle from the trained weights with a
+    fresh optimiser at a fraction of the learning rate and its own seed. At the end of one long
+    cycle the real crops still gained from a short new one, where more steps in the first cycle
+    no longer did (docs/real_cells.md, "A warm restart in the recipe")."""
+    set_determinism(preset.seed + RESTART_SEED_OFFSET)
+    rng = np.random.default_rng(preset.seed + RESTART_SEED_OFFSET)
+    lr = preset.cls_lr * preset.cls_restart_lr_scale
+    _classifier_cycle(model, data, preset, real, rng, lr, preset.cls_restart_steps, log, "restart")
+    return model.eval()
+
+
+def _classifier_cycle(
+    model: CellClassifier,
+    data: PreparedCohort,
+    preset: TrainingPreset,
+    real: RealData | None,
+    rng: np.random.Generator,
+    lr: float,
+    steps: int,
+    log: Log,
+    stage: str = "classifier",
+) -> None:
+    """One cosine cycle of the classifier's training, in place: simulated cells with their
+    33 classes and attributes, beside real cells on their (partial) labels."""
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=WEIGHT_DECAY)
     cells = data.cells
     if len(cells.labels) == 0:
         raise ValueError("the training cohort holds no labelled cells")
@@ -304,7 +344,7 @@ def train_classifier(
     real_weight = preset.real_weight if preset.cls_real_weight is None else preset.cls_real_weight
     started = time.monotonic()
     model.train()
-    for step in range(preset.cls_steps):
+    for step in range(steps):
         images = rng.choice(data.n_images, preset.cls_images, p=image_p)
         boxes, labels, attrs = [], [], []
         for i in images:
@@ -338,16 +378,15 @@ def train_classifier(
         loss = loss + F.binary_cross_entropy_with_logits(att[:n_sim], a)
         if real_batch is not None:
             loss = loss + real_weight * partial_label_loss(cls[n_sim:], real_batch[2])
-        _cosine_lr(opt, preset.cls_lr, step, preset.cls_steps)
+        _cosine_lr(opt, lr, step, steps)
         opt.zero_grad()
         loss.backward()
         opt.step()
-        if (step + 1) % _every(preset.cls_steps) == 0:
+        if (step + 1) % _every(steps) == 0:
             log(
-                f"  classifier step {step + 1}/{preset.cls_steps} loss {loss.item():.3f}"
+                f"  {stage} step {step + 1}/{steps} loss {loss.item():.3f}"
                 f" ({time.monotonic() - started:.0f}s)"
             )
-    return model.eval()
 
 
 @torch.no_grad()

@@ -283,6 +283,39 @@ def test_training_is_deterministic() -> None:
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
+def test_the_classifier_restart_continues_from_the_first_cycle() -> None:
+    """A preset with a warm restart trains its first cycle exactly as the preset without one
+    (same draws, so presets without a restart keep their weights and fingerprint) and then
+    moves the weights on from there; the restart's learning rate scale is what it trains with."""
+    import dataclasses
+
+    from marrowdx.training import train
+    from marrowdx.training.presets import PRESETS
+
+    plain = dataclasses.replace(PRESETS["tiny"], cls_steps=2)
+    restarted = dataclasses.replace(plain, cls_restart_steps=2)
+    frozen = dataclasses.replace(restarted, cls_restart_lr_scale=0.0)
+    data = _toy_cohort()
+    first = train.train_classifier(data, plain)
+    both = train.train_classifier(data, restarted)
+    again = train.restart_classifier(train.train_classifier(data, plain), data, restarted)
+    for a, b in zip(both.state_dict().values(), again.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    moved = [
+        not torch.equal(a, b)
+        for a, b in zip(first.state_dict().values(), both.state_dict().values(), strict=True)
+    ]
+    assert any(moved)
+    # at a zero rate only batch normalisation's running statistics move, never a weight
+    still = train.train_classifier(data, frozen)
+    for name, value in first.named_parameters():
+        torch.testing.assert_close(value, dict(still.named_parameters())[name], rtol=0, atol=0)
+    # without a restart its rate is never used, and the fingerprint leaves both out
+    assert dataclasses.replace(plain, cls_restart_lr_scale=0.5).fingerprint() == plain.fingerprint()
+    assert restarted.fingerprint() != plain.fingerprint()
+    assert frozen.fingerprint() != restarted.fingerprint()
+
+
 def test_models_take_uint8_pixels_and_normalise_like_training() -> None:
     """The served contract sends PIXELS as uint8; forward() must equal the float path the
     layers were trained on (the model's normalize then features/logits)."""
