@@ -1,7 +1,8 @@
 """Training presets: how much data and how many steps each build trains with.
 
-"reference" is the full build (with the real data sets about 76-83 minutes on 2 CPU cores:
-detector 15, classifier 60-67 with its warm restart, simulation included; docs/model_card.md);
+"reference" is the full build (with the real data sets about 1.3-1.8 hours on 2 CPU cores:
+detector 15 min, classifier 60-90 with its warm restart, simulation included; hosts differ:
+docs/model_card.md);
 "tiny" is for tests and CI fixtures (a minute or two; its quality is not a target).
 Changing a preset changes its fingerprint, which makes existing weights stale.
 """
