@@ -122,8 +122,8 @@ PRESETS: dict[str, TrainingPreset] = {
         # (with or without weight averaging) no longer did (docs/real_cells.md)
         cls_steps=10800,
         # then a warm restart, 1,500 steps at a fifth of the rate: held-out Munich crops
-        # 0.780 -> 0.789, other labs' blood crops 0.731 -> 0.741, within a draw's scatter
-        # (docs/real_cells.md, "A warm restart in the recipe")
+        # 0.780 -> 0.789, other labs' blood crops 0.731 -> 0.741; with another seed 0.777 and
+        # 0.729, so no established gain (docs/real_cells.md, "A warm restart in the recipe")
         cls_restart_steps=1500,
         diag_patients=8000,
         diag_steps=800,
