@@ -7,7 +7,10 @@ spacing, resampling, padding or tiling, the quality gate) over the in-process pi
 its own ``val`` split, else the hashed hold-out): never what training saw, never a test split.
 
 Fields (boxes): white-cell AP50 (nucleated cells; platelets and red cells are not white
-cells) and the share of fields whose white-cell count is right. Single-cell crops: the cell
+cells) and the share of fields whose white-cell count is right; per label of the set, how
+many of its boxes a cell was found in and how many of those were called that label and
+counted (a set that boxes only one kind of cell, a myeloma set's plasma cells, is read by
+these: its AP50 and counts take the unboxed cells found for extra ones). Single-cell crops: the cell
 found at the crop's centre, its class mapped back to the set's labels, macro-F1 over them
 and the confusion matrix; of the cells found, the share flagged (unfamiliar or unidentified,
 so left out of the counts) and the share wrong yet counted ("confidently wrong").
@@ -52,6 +55,17 @@ T = TypeVar("T")
 
 
 @dataclass
+class LabelFound:
+    """A field set's boxes of one label: how many a cell was found in (a box at IoU 0.5 or
+    more, whatever its class), and of those how many were called a class of that label and
+    counted. Found is the detector's share; called, the classifier's on top of it."""
+
+    boxes: int = 0
+    found: int = 0
+    called: int = 0
+
+
+@dataclass
 class FieldScores:
     dataset: str
     n_images: int
@@ -65,6 +79,7 @@ class FieldScores:
     unfamiliar_white_cells: float = 0.0  # share of found white cells unfamiliar
     excluded: float = 0.0  # share of fields the default quality gate leaves out of the counts
     shift: str = "none"  # the lab shift the images were put under (``real_shifts``)
+    per_label: dict[str, LabelFound] = field(default_factory=dict)  # the set's cell labels
 
 
 @dataclass
@@ -158,6 +173,31 @@ async def gather_in_chunks(
     return results
 
 
+def score_labels(dataset, results, fields) -> dict[str, LabelFound]:
+    """Per label of the fields' cell boxes (not red cells, not ignored ones): found and called
+    (``LabelFound``). Every cell found may match a box, whatever its class or flags, one box
+    each, the highest-scoring cell first; a failed image's boxes are not found."""
+    names = sorted(
+        {n for f in fields for n, t in zip(f.labels, f.targets, strict=True) if t.kind == "classes"}
+    )
+    to_label = _label_of_class(dataset, names)
+    out = {name: LabelFound() for name in names}
+    for f, result in zip(fields, results, strict=True):
+        cell_box = [i for i, t in enumerate(f.targets) if t.kind == "classes"]
+        for i in cell_box:
+            out[f.labels[i]].boxes += 1
+        if isinstance(result, str) or not cell_box:
+            continue
+        cells = list(result.cells)
+        pred = np.array([c.box for c in cells], np.float32).reshape(-1, 4)
+        m = metrics.match_detections(pred, np.array([c.score for c in cells]), f.boxes[cell_box])
+        for p, g in zip(m.pred_index, m.gt_index, strict=True):
+            label, cell = f.labels[cell_box[g]], cells[p]
+            out[label].found += 1
+            out[label].called += cell.counted and to_label.get(cell.label) == label
+    return out
+
+
 def score_fields(dataset, results, fields, shift: str = "none") -> FieldScores:
     scores, tp, n_true, exact, errors, extra, failed = [], [], 0, 0, [], 0, 0
     found = flagged = unfamiliar = excluded = 0
@@ -201,6 +241,7 @@ def score_fields(dataset, results, fields, shift: str = "none") -> FieldScores:
         unfamiliar_white_cells=unfamiliar / max(1, found),
         excluded=excluded / max(1, n),
         shift=shift,
+        per_label=score_labels(dataset, results, fields),
     )
 
 
@@ -359,6 +400,17 @@ def format_real_table(report: RealReport) -> str:
                 f"  {f.extra_white_cells_per_field:>11.2f}  {f.flagged_white_cells:>7.1%}"
                 f"  {f.unfamiliar_white_cells:>10.1%}  {f.excluded:>8.1%}"
             )
+        lines += [
+            f"{_set_label(f)}: per label, boxes with a cell found (of them called that label "
+            "and counted): "
+            + ", ".join(
+                f"{name} {n.found / max(1, n.boxes):.1%} of {n.boxes} "
+                f"({n.called / max(1, n.found):.1%})"
+                for name, n in f.per_label.items()
+            )
+            for f in report.fields
+            if f.per_label
+        ]
     for c in report.crops:
         lines.append(
             f"{_set_label(c)}: {c.n_images} crops, macro-F1 {c.macro_f1:.3f}, no cell at the "

@@ -93,6 +93,9 @@ def test_evaluate_real_set_under_shifts(tmp_path: Path, capsys) -> None:
     rows = json.loads(out.read_text())["fields"]
     assert [r["shift"] for r in rows] == ["none", "defocus", "jpeg"]
     assert {r["n_white_cells"] for r in rows} == {rows[0]["n_white_cells"]} != {0}
+    per_label = rows[0]["per_label"]  # every cell box's label, red cells left out
+    assert set(per_label) == {"WBC", "Platelet"} and "blood: per label" in table
+    assert per_label["WBC"]["boxes"] == rows[0]["n_white_cells"] >= per_label["WBC"]["found"]
     copies = [TEST_CACHE / "real-shifts" / f"blood-{kind}-x1" for kind in ("defocus", "jpeg")]
     assert len(list((copies[1] / "images" / "val").glob("*.jpg"))) == 3
     assert len(list((copies[0] / "images" / "val").glob("*.jpg.png"))) == 3
