@@ -176,11 +176,15 @@ async def gather_in_chunks(
 def score_labels(dataset, results, fields) -> dict[str, LabelFound]:
     """Per label of the fields' cell boxes (not red cells, not ignored ones): found and called
     (``LabelFound``). Every cell found may match a box, whatever its class or flags, one box
-    each, the highest-scoring cell first; a failed image's boxes are not found."""
+    each, the highest-scoring cell first; a failed image's boxes are not found. Called is a
+    class the label allows, so a group label ("WBC": any nucleated class) is called by any of
+    its classes, even where a finer label of the set also holds that class."""
     names = sorted(
         {n for f in fields for n, t in zip(f.labels, f.targets, strict=True) if t.kind == "classes"}
     )
-    to_label = _label_of_class(dataset, names)
+    allowed = {
+        name: {taxonomy.CLASSES[i] for i in dataset.label_map[name].classes} for name in names
+    }
     out = {name: LabelFound() for name in names}
     for f, result in zip(fields, results, strict=True):
         cell_box = [i for i, t in enumerate(f.targets) if t.kind == "classes"]
@@ -194,7 +198,7 @@ def score_labels(dataset, results, fields) -> dict[str, LabelFound]:
         for p, g in zip(m.pred_index, m.gt_index, strict=True):
             label, cell = f.labels[cell_box[g]], cells[p]
             out[label].found += 1
-            out[label].called += cell.counted and to_label.get(cell.label) == label
+            out[label].called += cell.counted and cell.label in allowed[label]
     return out
 
 

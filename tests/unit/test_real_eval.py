@@ -75,29 +75,39 @@ def test_field_scores_report_flagged_and_unfamiliar_white_cells() -> None:
 def test_field_labels_count_the_boxes_found_and_those_called_that_label() -> None:
     plasma = taxonomy.CLASSES.index("plasma_cell")
     lympho = taxonomy.CLASSES.index("lymphocyte")
+    nucleated = tuple(taxonomy.CLASSES.index(c) for c in taxonomy.NUCLEATED_CLASSES)
     dataset = SimpleNamespace(
         name="myeloma",
         label_map={
             "PC": LabelTarget("classes", (plasma,), "plasma_cell"),
             "LY": LabelTarget("classes", (lympho,), "lymphocyte"),
+            "WBC": LabelTarget("classes", nucleated, "nucleated"),
         },
     )
     boxes = [[0, 0, 20, 20], [30, 0, 50, 20], [60, 0, 80, 20], [0, 60, 20, 80], [60, 60, 90, 90]]
     red = LabelTarget("red_cell", (), "red_cell")
     field = SimpleNamespace(
-        labels=["PC", "PC", "PC", "LY", "RBC"],
-        targets=[*[dataset.label_map["PC"]] * 3, dataset.label_map["LY"], red],
-        boxes=np.array(boxes, np.float32),
+        labels=["PC", "PC", "PC", "LY", "RBC", "WBC"],
+        targets=[
+            *[dataset.label_map["PC"]] * 3,
+            dataset.label_map["LY"],
+            red,
+            dataset.label_map["WBC"],
+        ],
+        boxes=np.array([*boxes, [0, 30, 20, 50]], np.float32),
     )
     cells = (
         Cell((0, 0, 20, 20), "plasma_cell", 0.9, {}, 0.9),  # found, called
         Cell((31, 1, 50, 20), "promyelocyte", 0.8, {}, 0.9),  # found, called another class
         Cell((0, 60, 20, 80), "lymphocyte", 0.7, {}, 0.4, unidentified=True),  # not counted
         Cell((60, 60, 90, 90), "plasma_cell", 0.9, {}, 0.9),  # on a red cell: no label's
+        Cell((0, 30, 20, 50), "lymphocyte", 0.9, {}, 0.9),  # a white cell: the group's class
     )  # the third plasma cell is not found
     result = ImageResult("f.jpg", cells, {}, (100, 100))
     scores = score_fields(dataset, [result, "unreadable"], [field, field])
     pc, ly = scores.per_label["PC"], scores.per_label["LY"]
-    assert set(scores.per_label) == {"PC", "LY"}
+    assert set(scores.per_label) == {"PC", "LY", "WBC"}
     assert (pc.boxes, pc.found, pc.called) == (6, 2, 1)
     assert (ly.boxes, ly.found, ly.called) == (2, 1, 0)
+    wbc = scores.per_label["WBC"]  # called though the finer LY also holds lymphocytes
+    assert (wbc.boxes, wbc.found, wbc.called) == (2, 1, 1)
