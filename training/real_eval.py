@@ -10,10 +10,11 @@ Fields (boxes): white-cell AP50 (nucleated cells; platelets and red cells are no
 cells) and the share of fields whose white-cell count is right; per label of the set, how
 many of its boxes a cell was found in and how many of those were called that label and
 counted (a set that boxes only one kind of cell, a myeloma set's plasma cells, is read by
-these: its AP50 and counts take the unboxed cells found for extra ones). Single-cell crops: the cell
-found at the crop's centre, its class mapped back to the set's labels, macro-F1 over them
-and the confusion matrix; of the cells found, the share flagged (unfamiliar or unidentified,
-so left out of the counts) and the share wrong yet counted ("confidently wrong").
+these: its AP50 and counts take the unboxed cells found for extra ones). Single-cell crops:
+the cell found at the crop's centre, its class mapped back to the set's labels, macro-F1
+over them and the confusion matrix; of the cells found, the share flagged (unfamiliar or
+unidentified, so left out of the counts) and the share wrong yet counted ("confidently
+wrong").
 
 The cells are scored whether or not the quality gate (``client.quality``, the defaults
 ``diagnose`` uses) excluded their image, so the scores are the models'; the share of images
@@ -32,6 +33,7 @@ import numpy as np
 
 from marrowdx import taxonomy
 from marrowdx.datasets import DECLARATION_NAME
+from marrowdx.datasets.labels import KIND_CLASSES
 from marrowdx.errors import InputError
 from marrowdx.training import metrics
 from marrowdx.training.real_data import (
@@ -173,33 +175,27 @@ async def gather_in_chunks(
     return results
 
 
-def score_labels(dataset, results, fields) -> dict[str, LabelFound]:
+def score_labels(results, fields) -> dict[str, LabelFound]:
     """Per label of the fields' cell boxes (not red cells, not ignored ones): found and called
     (``LabelFound``). Every cell found may match a box, whatever its class or flags, one box
     each, the highest-scoring cell first; a failed image's boxes are not found. Called is a
-    class the label allows, so a group label ("WBC": any nucleated class) is called by any of
-    its classes, even where a finer label of the set also holds that class."""
-    names = sorted(
-        {n for f in fields for n, t in zip(f.labels, f.targets, strict=True) if t.kind == "classes"}
-    )
-    allowed = {
-        name: {taxonomy.CLASSES[i] for i in dataset.label_map[name].classes} for name in names
-    }
-    out = {name: LabelFound() for name in names}
+    class the box's own target allows, so a group label ("WBC": any nucleated class) is
+    called by any of its classes, even where a finer label of the set also holds that class."""
+    out: dict[str, LabelFound] = {}
     for f, result in zip(fields, results, strict=True):
-        cell_box = [i for i, t in enumerate(f.targets) if t.kind == "classes"]
+        cell_box = [i for i, t in enumerate(f.targets) if t.kind == KIND_CLASSES]
         for i in cell_box:
-            out[f.labels[i]].boxes += 1
+            out.setdefault(f.labels[i], LabelFound()).boxes += 1
         if isinstance(result, str) or not cell_box:
             continue
         cells = list(result.cells)
         pred = np.array([c.box for c in cells], np.float32).reshape(-1, 4)
         m = metrics.match_detections(pred, np.array([c.score for c in cells]), f.boxes[cell_box])
         for p, g in zip(m.pred_index, m.gt_index, strict=True):
-            label, cell = f.labels[cell_box[g]], cells[p]
-            out[label].found += 1
-            out[label].called += cell.counted and cell.label in allowed[label]
-    return out
+            box, cell = cell_box[g], cells[p]
+            out[f.labels[box]].found += 1
+            out[f.labels[box]].called += cell.counted and cell.label in f.targets[box].class_names
+    return dict(sorted(out.items()))
 
 
 def score_fields(dataset, results, fields, shift: str = "none") -> FieldScores:
@@ -245,7 +241,7 @@ def score_fields(dataset, results, fields, shift: str = "none") -> FieldScores:
         unfamiliar_white_cells=unfamiliar / max(1, found),
         excluded=excluded / max(1, n),
         shift=shift,
-        per_label=score_labels(dataset, results, fields),
+        per_label=score_labels(results, fields),
     )
 
 

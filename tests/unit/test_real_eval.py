@@ -65,7 +65,7 @@ def test_field_scores_report_flagged_and_unfamiliar_white_cells() -> None:
         Cell((70, 70, 90, 90), "monocyte", 0.7, {}, 0.4, unidentified=True),
     )
     result = ImageResult("f.jpg", cells, {}, (100, 100))
-    scores = score_fields(SimpleNamespace(name="toy", label_map={"WBC": white}), [result], [field])
+    scores = score_fields(SimpleNamespace(name="toy"), [result], [field])
     assert scores.n_white_cells == 2 and scores.extra_white_cells_per_field == 1
     assert scores.flagged_white_cells == 2 / 3
     assert scores.unfamiliar_white_cells == 1 / 3
