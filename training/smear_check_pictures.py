@@ -59,6 +59,8 @@ SECTION_SIDES = (250, 1000)
 SQUARES_PER_SECTION = 15
 MIN_TISSUE_SHARE = 1 / 3
 TISSUE_BELOW = 200
+#: The largest section read whole (a region, not a whole slide, which would not fit memory).
+MAX_SECTION_PIXELS = 100_000_000
 #: A smear's pinks and purples, for the charts drawn to be hard.
 PINKS_AND_PURPLES = ("#d88fc0", "#a060b0", "#f0b0d0", "#7a3a90")
 SMEAR_PINK, SMEAR_PURPLE = "#e8a0b0", "#6a2a8a"
@@ -293,16 +295,27 @@ def write_crops(
 
 
 def read_section(path: Path) -> Image.Image:
-    """An H&E image as RGB: any file Pillow opens, or a TIFF or SVS through tifffile (its
-    first page, the full resolution); InputError naming the file otherwise."""
+    """An H&E image as RGB: any file Pillow opens, or a TIFF or SVS region through tifffile
+    (its first page, the full resolution); InputError naming the file otherwise, or when
+    that page has more than ``MAX_SECTION_PIXELS`` (a whole slide: export a region)."""
     try:
         return Image.open(path).convert("RGB")
-    except Exception:  # noqa: BLE001 - a whole-slide TIFF Pillow cannot open is tried below
+    except Exception:  # noqa: BLE001 - a TIFF Pillow cannot open is tried below
         pass
     try:
         import tifffile
 
-        return as_rgb(tifffile.imread(path, key=0))
+        with tifffile.TiffFile(path) as tiff:
+            page = tiff.pages[0]
+            height, width = page.shape[:2]
+            if height * width > MAX_SECTION_PIXELS:
+                raise InputError(
+                    f"--section {path}: {width} x {height} px, a whole slide; export a region "
+                    f"of at most {MAX_SECTION_PIXELS // 1_000_000} megapixels"
+                )
+            return as_rgb(page.asarray())
+    except InputError:
+        raise
     except Exception as exc:  # noqa: BLE001 - named in the error
         raise InputError(f"--section {path}: not an image ({type(exc).__name__})") from exc
 
@@ -366,7 +379,8 @@ def _parser() -> argparse.ArgumentParser:
         action="append",
         default=[],
         metavar="FILE",
-        help="an H&E image (PNG, JPEG, TIFF, SVS) to cut tissue squares from; repeatable",
+        help="an H&E image or slide region (PNG, JPEG, TIFF, SVS) to cut tissue squares from; "
+        "repeatable",
     )
     parser.add_argument("--seed", type=int, default=DEFAULT_SEED, help="drawings' and crops' seed")
     parser.add_argument("--crops", type=int, default=DEFAULT_CROPS, help="how many crops to cut")

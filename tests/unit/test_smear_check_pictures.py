@@ -109,6 +109,22 @@ def test_bad_section_named(tmp_path, sources, capsys):
     assert "notes.txt" in capsys.readouterr().err
 
 
+def test_section_pillow_cannot_open(tmp_path, monkeypatch):
+    """A float RGB TIFF (Pillow refuses it) is read through tifffile, its range stretched;
+    a page past the size limit is refused as a whole slide, not read into memory."""
+    import tifffile
+
+    path = tmp_path / "float.tif"
+    pixels = np.random.default_rng(1).random((300, 320, 3)).astype(np.float32)
+    tifffile.imwrite(path, pixels, photometric="rgb")
+    image = scp.read_section(path)
+    assert image.mode == "RGB" and image.size == (320, 300)
+    assert np.asarray(image).max() == 255
+    monkeypatch.setattr(scp, "MAX_SECTION_PIXELS", 1_000)
+    with pytest.raises(InputError, match="320 x 300 px, a whole slide"):
+        scp.read_section(path)
+
+
 def test_no_picture_to_crop(tmp_path, monkeypatch):
     monkeypatch.setattr(scp, "PICTURE_SOURCES", ())
     monkeypatch.setattr(scp, "write_drawings", lambda out, written, rng: None)
