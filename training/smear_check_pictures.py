@@ -394,6 +394,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except InputError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except ImportError as exc:  # Matplotlib draws the charts: no drawing without it
+        print(f"error: {exc.name or exc}: pip install 'marrowdx[{EXTRA}]'", file=sys.stderr)
+        return 2
     for group, paths in written.groups.items():
         print(f"{group}: {len(paths)} pictures in {args.out / group}")
     for skipped in written.skipped:

@@ -131,3 +131,12 @@ def test_no_picture_to_crop(tmp_path, monkeypatch):
     written = scp.write_pictures(tmp_path / "out", crops=3)
     assert scp.CROPS not in written.groups
     assert "crops: no picture larger than a crop" in written.skipped
+
+
+def test_without_matplotlib_names_the_extra(tmp_path, monkeypatch, capsys):
+    def no_matplotlib(*args, **kwargs):
+        raise ImportError("No module named 'matplotlib'", name="matplotlib")
+
+    monkeypatch.setattr(scp, "write_pictures", no_matplotlib)
+    assert scp.main([str(tmp_path / "out")]) == 2
+    assert "matplotlib: pip install 'marrowdx[pictures]'" in capsys.readouterr().err
