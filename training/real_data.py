@@ -24,6 +24,7 @@ import numpy as np
 from PIL import Image
 
 from marrowdx import config
+from marrowdx.datasets.labels import KIND_CLASSES
 from marrowdx.image_checks import upright_rgb
 from marrowdx.spacing import SpacingEstimate, estimate_images
 
@@ -240,7 +241,7 @@ def real_from_datasets(
             if not um:
                 skipped[ds.name] = skipped.get(ds.name, 0) + 1
                 continue
-            cells = np.array([t.kind == "classes" for t in f.targets], bool)
+            cells = np.array([t.kind == KIND_CLASSES for t in f.targets], bool)
             factor = um / config.MODEL_UM_PER_PIXEL
             boxes = f.boxes[cells] * factor
             targets = [t for t, c in zip(f.targets, cells, strict=True) if c]
@@ -250,7 +251,7 @@ def real_from_datasets(
         crops = [
             c
             for c in ds.crops
-            if split_of(c.path, c.split) in splits and c.target.kind == "classes"
+            if split_of(c.path, c.split) in splits and c.target.kind == KIND_CLASSES
         ]
         crop_spacings = _with_estimates([ds.um_per_pixel] * len(crops), [c.path for c in crops])
         for c, um in zip(crops, crop_spacings, strict=True):

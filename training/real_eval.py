@@ -203,7 +203,7 @@ def score_fields(dataset, results, fields, shift: str = "none") -> FieldScores:
     found = flagged = unfamiliar = excluded = 0
     for f, result in zip(fields, results, strict=True):
         white = np.array(
-            [t.kind == "classes" and bool(set(t.class_names) & NUCLEATED) for t in f.targets],
+            [t.kind == KIND_CLASSES and bool(set(t.class_names) & NUCLEATED) for t in f.targets],
             bool,
         )
         gt = f.boxes[white] if len(f.boxes) else np.zeros((0, 4), np.float32)
