@@ -363,6 +363,70 @@ def test_coco_json_file_given_directly() -> None:
     assert ds.format == "coco" and len(ds.fields) == 3
 
 
+def _export_beside(tmp_path: Path, fmt: str) -> Path:
+    """The committed sample as an annotation tool exports it, files beside their images:
+    two fields in train/ and one in valid/ (Roboflow's COCO and VOC), or all in one folder
+    (LabelImg's YOLO, with classes.txt)."""
+    root = tmp_path / f"{fmt}_export"
+    images = sorted((YOLO / "images" / "train").glob("*.jpg"))
+    folders = {p.name: root / ("valid" if i == 2 else "train") for i, p in enumerate(images)}
+    if fmt == "yolo":
+        folders = dict.fromkeys(folders, root)
+    for image in images:
+        folder = folders[image.name]
+        folder.mkdir(parents=True, exist_ok=True)
+        shutil.copy(image, folder)
+        if fmt == "voc":
+            shutil.copy(VOC / "Annotations" / f"{image.stem}.xml", folder)
+        if fmt == "yolo":
+            shutil.copy(YOLO / "labels" / "train" / f"{image.stem}.txt", folder)
+    if fmt == "yolo":
+        shutil.copy(YOLO / "labels" / "classes.txt", root)
+    if fmt == "coco":
+        coco = json.loads((COCO / "annotations" / "instances_train.json").read_text())
+        for folder in set(folders.values()):
+            ids = {im["id"] for im in coco["images"] if folders[im["file_name"]] == folder}
+            part = dict(coco, images=[im for im in coco["images"] if im["id"] in ids])
+            part["annotations"] = [a for a in coco["annotations"] if a["image_id"] in ids]
+            (folder / "_annotations.coco.json").write_text(json.dumps(part))
+    return root
+
+
+@pytest.mark.parametrize(("fmt", "tolerance"), [("coco", 0.01), ("voc", 0.51), ("yolo", 0.01)])
+def test_exports_with_files_beside_their_images(tmp_path: Path, fmt: str, tolerance: float) -> None:
+    root = _export_beside(tmp_path, fmt)
+    assert detect_format(root) == fmt
+    ds = load_dataset(root)
+    ref = {f.path.stem: f for f in load_dataset(YOLO).fields}
+    assert len(ds.fields) == 3
+    for field in ds.fields:
+        split = "val" if field.path.parent.name == "valid" else "train"
+        assert field.split == (None if fmt == "yolo" else split)
+        want = ref[field.path.stem]
+        assert sorted(_all_boxes(field)[0]) == sorted(_all_boxes(want)[0])
+        got, exp = _all_boxes(field)[1], _all_boxes(want)[1]
+        np.testing.assert_allclose(np.sort(got, axis=0), np.sort(exp, axis=0), atol=tolerance)
+    if fmt != "yolo":  # one split's folder given alone is read with that split
+        alone = load_dataset(root / "valid")
+        assert detect_format(root / "valid") == fmt
+        assert [f.split for f in alone.fields] == ["val"]
+
+
+def test_an_export_with_images_beside_its_split_folders_is_refused(tmp_path: Path) -> None:
+    root = _export_beside(tmp_path, "voc")
+    image = next((root / "train").glob("*.jpg"))
+    shutil.copy(image, root)
+    with pytest.raises(DatasetError, match=r"split folders \(train, valid\).*move each image"):
+        load_dataset(root)
+
+
+def test_text_beside_images_without_class_names_is_no_yolo_set(tmp_path: Path) -> None:
+    root = _export_beside(tmp_path, "yolo")
+    (root / "classes.txt").unlink()
+    with pytest.raises(DatasetError, match="not a data set layout"):
+        detect_format(root)
+
+
 def test_writers_round_trip(tmp_path: Path) -> None:
     fields = load_dataset(YOLO, labels={}).fields
     voc = load_dataset(write_voc(fields, tmp_path / "voc"), labels={})

@@ -26,14 +26,25 @@ from marrowdx.datasets.base import (
     visible_children,
 )
 
-#: What each layout looks like, for the error on a folder that matches none.
+#: What each layout looks like, for the error on a folder that matches none. "Side by side"
+#: is how annotation tools export: Roboflow writes each split's images with their XML or its
+#: _annotations.coco.json in ROOT/<split>/, LabelImg saves the XML or the YOLO txt (and
+#: classes.txt) beside each image.
 LAYOUTS: dict[str, str] = {
     "crops": "ROOT/<CLASS>/*.jpg|png|tif|bmp or ROOT/<split>/<CLASS>/... (one folder per class)",
     "yolo": "ROOT/images/[<split>/]*.jpg + ROOT/labels/[<split>/]*.txt ('cls cx cy w h', "
-    "normalised) with classes.txt or data.yaml; or ROOT/<split>/images + ROOT/<split>/labels",
-    "voc": "ROOT/Annotations/*.xml + ROOT/JPEGImages/ (Pascal VOC)",
-    "coco": "ROOT/annotations/*.json (COCO detection, bbox x,y,w,h) or the JSON file itself",
+    "normalised) with classes.txt or data.yaml; or ROOT/<split>/images + ROOT/<split>/labels; "
+    "or each X.txt beside X.jpg in ROOT or ROOT/<split>/, with classes.txt or data.yaml",
+    "voc": "ROOT/Annotations/*.xml + ROOT/JPEGImages/ (Pascal VOC); or each X.xml beside X.jpg "
+    "in ROOT or ROOT/<split>/",
+    "coco": "ROOT/annotations/*.json (COCO detection, bbox x,y,w,h), or a COCO JSON beside the "
+    "images in ROOT or ROOT/<split>/ (named *coco*, *instances* or *annotation*, as "
+    "_annotations.coco.json), or the JSON file itself",
 }
+#: Words of which a COCO export's JSON file name holds one (instances_train.json,
+#: _annotations.coco.json, annotations.json): how a COCO file beside images is told from
+#: other JSON without reading it (such files can be hundreds of megabytes).
+COCO_NAME_WORDS: tuple[str, ...] = ("coco", "instances", "annotation")
 #: Files that name YOLO classes, in the order they are looked for (the first found wins).
 YOLO_NAME_FILES: tuple[str, ...] = ("data.yaml", "dataset.yaml", "classes.txt")
 
@@ -59,6 +70,65 @@ def _yolo_roots(root: Path) -> list[tuple[Path, Path, str | None]]:
             images, labels = _child_dir(sub, "images"), _child_dir(sub, "labels")
             if images is not None and labels is not None:
                 pairs.append((images, labels, split_of(sub.name)))
+    return pairs
+
+
+def _export_folders(root: Path) -> list[tuple[Path, str | None]]:
+    """The folders an export puts its files side by side in, with their split: ROOT's split
+    sub-folders (train/, valid/, test/) when it has any, else ROOT itself (its split from its
+    own name, so a split folder can be given alone)."""
+    entries = visible_children(root)
+    splits = [(p, split_of(p.name)) for p in entries if p.is_dir() and split_of(p.name) is not None]
+    if not splits:
+        return [(root, split_of(root.name))]
+    loose = [p.name for p in entries if is_image(p)]
+    if loose:  # read with the splits, they would belong to none; left out, they would be lost
+        raise DatasetError(
+            f"{root} holds split folders ({', '.join(p.name for p, _ in splits)}) and "
+            f"{len(loose)} image(s) beside them ({', '.join(loose[:3])}"
+            f"{' ...' if len(loose) > 3 else ''}): move each image into its split's folder"
+        )
+    return splits
+
+
+def _files_beside_images(folder: Path, suffix: str) -> list[Path]:
+    """Files of ``suffix`` that sit in ``folder`` beside at least one image, else []."""
+    entries = visible_children(folder)
+    if not any(is_image(p) for p in entries):
+        return []
+    return [p for p in entries if p.is_file() and p.suffix.lower() == suffix]
+
+
+def _is_coco_name(path: Path) -> bool:
+    return path.suffix.lower() == ".json" and any(w in path.name.lower() for w in COCO_NAME_WORDS)
+
+
+def _coco_beside(root: Path) -> list[Path]:
+    """COCO JSON files exported beside their images (Roboflow's
+    ROOT/<split>/_annotations.coco.json)."""
+    return [
+        p
+        for folder, _ in _export_folders(root)
+        for p in _files_beside_images(folder, ".json")
+        if _is_coco_name(p)
+    ]
+
+
+def _voc_beside(root: Path) -> list[tuple[Path, str | None]]:
+    """(folder, split) of VOC XML files saved beside their images (Roboflow, LabelImg)."""
+    return [(f, s) for f, s in _export_folders(root) if _files_beside_images(f, ".xml")]
+
+
+def _yolo_beside(root: Path) -> list[tuple[Path, Path, str | None]]:
+    """(folder, folder, split) of YOLO txt files saved beside their images (LabelImg), only
+    with a class-names file in ROOT or the folder: without one, a .txt beside an image is
+    as likely a note as a label file."""
+    pairs = []
+    for folder, split in _export_folders(root):
+        texts = [p for p in _files_beside_images(folder, ".txt") if p.name not in YOLO_NAME_FILES]
+        named = any((d / n).is_file() for d in (root, folder) for n in YOLO_NAME_FILES)
+        if texts and named:
+            pairs.append((folder, folder, split))
     return pairs
 
 
@@ -93,6 +163,12 @@ def detect_format(root: Path) -> str:
         if any(p.suffix.lower() == ".json" for p in annotations.iterdir()):
             return "coco"
     if _yolo_roots(root):
+        return "yolo"
+    if _coco_beside(root):
+        return "coco"
+    if _voc_beside(root):
+        return "voc"
+    if _yolo_beside(root):
         return "yolo"
     if _crop_classes(root) is not None:
         return "crops"
@@ -208,11 +284,12 @@ def _yolo_line(
 
 def read_yolo(root: Path, *, verify: bool = False) -> list[RawField]:
     """YOLO txt boxes: ``labels/<...>/X.txt`` beside ``images/<...>/X.jpg`` (the images
-    path with ``images`` replaced by ``labels``), one ``class cx cy w h`` line per box,
+    path with ``images`` replaced by ``labels``), or ``X.txt`` in the image's own folder (a
+    LabelImg export), one ``class cx cy w h`` line per box,
     normalised to the image. An image with no label file has no boxes (YOLO's convention);
     a label file with no image is an error (its annotations would be lost)."""
     root = Path(root)
-    pairs = _yolo_roots(root)
+    pairs = _yolo_roots(root) or _yolo_beside(root)
     if not pairs:
         raise DatasetError(f"{root}: not a YOLO layout ({LAYOUTS['yolo']})")
     names = yolo_class_names(root, [labels for _, labels, _ in pairs])
@@ -272,18 +349,35 @@ def _voc_splits(root: Path) -> dict[str, str]:
     return splits
 
 
-def read_voc(root: Path, *, verify: bool = False) -> list[RawField]:
-    """Pascal VOC XML, one file per image in ``Annotations/``, images in ``JPEGImages/``.
-    VOC coordinates are 1-based pixel indices of the first and last pixel inside the box:
-    x0 = xmin - 1, x1 = xmax."""
-    root = Path(root)
+def _voc_files(root: Path) -> list[tuple[Path, Path, str | None]]:
+    """(XML file, folder of its image, split) of a VOC layout: ``Annotations/`` with the
+    split from ``ImageSets/Main``, or XML files beside their images with the split from
+    their folder."""
     annotations = _child_dir(root, "annotations")
-    if annotations is None:
+    if annotations is not None:
+        xml_files = sorted(annotations.glob("*.xml"))
+        if not xml_files:
+            raise DatasetError(f"{annotations}: no .xml annotation files")
+        images_dir = _child_dir(root, "JPEGImages") or root
+        splits = _voc_splits(root)
+        return [(x, images_dir, splits.get(x.stem)) for x in xml_files]
+    return [
+        (x, folder, split)
+        for folder, split in _voc_beside(root)
+        for x in _files_beside_images(folder, ".xml")
+    ]
+
+
+def read_voc(root: Path, *, verify: bool = False) -> list[RawField]:
+    """Pascal VOC XML, one file per image in ``Annotations/`` with the images in
+    ``JPEGImages/``, or beside each image (Roboflow, LabelImg). VOC coordinates are 1-based
+    pixel indices of the first and last pixel inside the box: x0 = xmin - 1, x1 = xmax."""
+    root = Path(root)
+    files = _voc_files(root)
+    if not files:
         raise DatasetError(f"{root}: not a VOC layout ({LAYOUTS['voc']})")
-    images_dir = _child_dir(root, "JPEGImages") or root
-    splits = _voc_splits(root)
     fields = []
-    for xml_path in sorted(annotations.glob("*.xml")):
+    for xml_path, images_dir, split in files:
         try:
             tree = ET.parse(xml_path).getroot()
         except ET.ParseError as exc:
@@ -314,11 +408,7 @@ def read_voc(root: Path, *, verify: bool = False) -> list[RawField]:
             )
             rows.append(checked_box((xmin - 1, ymin - 1, xmax, ymax), width, height, where))
             labels.append(name)
-        fields.append(
-            RawField(path, width, height, as_boxes(rows), labels, splits.get(xml_path.stem))
-        )
-    if not fields:
-        raise DatasetError(f"{annotations}: no .xml annotation files")
+        fields.append(RawField(path, width, height, as_boxes(rows), labels, split))
     return fields
 
 
@@ -342,17 +432,20 @@ def coco_files(root: Path) -> list[Path]:
         return [root]
     annotations = _child_dir(root, "annotations")
     files = sorted(annotations.glob("*.json")) if annotations is not None else []
+    files = files or _coco_beside(root)
     if not files:
         raise DatasetError(f"{root}: no COCO JSON ({LAYOUTS['coco']})")
     return files
 
 
 def _coco_split(path: Path) -> str | None:
+    """The split a COCO file's name says (instances_val2017.json), else its folder's
+    (Roboflow's valid/_annotations.coco.json)."""
     stem = path.stem.lower()
     for word, split in (("train", "train"), ("val", "val"), ("test", "test")):
         if word in stem:
             return split
-    return None
+    return split_of(path.parent.name)
 
 
 def _coco_image(file_name: str, json_path: Path, root: Path, split: str | None) -> Path:
@@ -367,9 +460,10 @@ def _coco_image(file_name: str, json_path: Path, root: Path, split: str | None) 
 
 
 def read_coco(root: Path, *, verify: bool = False) -> list[RawField]:
-    """COCO detection JSON (``annotations/*.json``, or one given file): bbox is x, y, width,
-    height in pixels; the category name is the label. The split comes from the file name
-    (``instances_train.json``); images are looked up beside the JSON, in ROOT, ROOT/images and
+    """COCO detection JSON (``annotations/*.json``, a file beside the images in ROOT or
+    ROOT/<split>/, or one given file): bbox is x, y, width, height in pixels; the category
+    name is the label. The split comes from the file name (``instances_train.json``), else
+    its folder's name; images are looked up beside the JSON, in ROOT, ROOT/images and
     ROOT/images/<split>."""
     root = Path(root)
     data_root = root
