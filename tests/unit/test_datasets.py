@@ -412,6 +412,14 @@ def test_exports_with_files_beside_their_images(tmp_path: Path, fmt: str, tolera
         assert [f.split for f in alone.fields] == ["val"]
 
 
+def test_voc_images_in_an_images_folder(tmp_path: Path) -> None:
+    root = _copy(VOC, tmp_path / "voc")
+    (root / "JPEGImages").rename(root / "images")
+    ds = load_dataset(root)
+    assert ds.format == "voc" and len(ds.fields) == 3
+    assert all(f.path.parent == root / "images" for f in ds.fields)
+
+
 def test_an_export_with_images_beside_its_split_folders_is_refused(tmp_path: Path) -> None:
     root = _export_beside(tmp_path, "voc")
     image = next((root / "train").glob("*.jpg"))

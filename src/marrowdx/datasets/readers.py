@@ -35,8 +35,8 @@ LAYOUTS: dict[str, str] = {
     "yolo": "ROOT/images/[<split>/]*.jpg + ROOT/labels/[<split>/]*.txt ('cls cx cy w h', "
     "normalised) with classes.txt or data.yaml; or ROOT/<split>/images + ROOT/<split>/labels; "
     "or each X.txt beside X.jpg in ROOT or ROOT/<split>/, with classes.txt or data.yaml",
-    "voc": "ROOT/Annotations/*.xml + ROOT/JPEGImages/ (Pascal VOC); or each X.xml beside X.jpg "
-    "in ROOT or ROOT/<split>/",
+    "voc": "ROOT/Annotations/*.xml + ROOT/JPEGImages/ or ROOT/images/ (Pascal VOC); or each "
+    "X.xml beside X.jpg in ROOT or ROOT/<split>/",
     "coco": "ROOT/annotations/*.json (COCO detection, bbox x,y,w,h), or a COCO JSON beside the "
     "images in ROOT or ROOT/<split>/ (named *coco*, *instances* or *annotation*, as "
     "_annotations.coco.json), or the JSON file itself",
@@ -358,7 +358,8 @@ def _voc_files(root: Path) -> list[tuple[Path, Path, str | None]]:
         xml_files = sorted(annotations.glob("*.xml"))
         if not xml_files:
             raise DatasetError(f"{annotations}: no .xml annotation files")
-        images_dir = _child_dir(root, "JPEGImages") or root
+        # VOC's own name, else the images/ folder some published VOC sets use instead
+        images_dir = _child_dir(root, "JPEGImages") or _child_dir(root, "images") or root
         splits = _voc_splits(root)
         return [(x, images_dir, splits.get(x.stem)) for x in xml_files]
     return [
