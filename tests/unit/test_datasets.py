@@ -420,6 +420,17 @@ def test_voc_images_in_an_images_folder(tmp_path: Path) -> None:
     assert all(f.path.parent == root / "images" for f in ds.fields)
 
 
+def test_crop_splits_beside_folders_that_are_no_split_are_refused(tmp_path: Path) -> None:
+    image = next(CROPS.rglob("*.jpg"))
+    for split in ("TRAIN", "TEST", "TEST_SIMPLE"):
+        for label in ("EOSINOPHIL", "NEUTROPHIL"):
+            (tmp_path / split / label).mkdir(parents=True)
+            shutil.copy(image, tmp_path / split / label)
+    with pytest.raises(DatasetError, match=r"\(TEST, TRAIN\) beside .*\(TEST_SIMPLE\)"):
+        load_dataset(tmp_path)
+    assert load_dataset(tmp_path / "TEST_SIMPLE").label_map.keys() == {"EOSINOPHIL", "NEUTROPHIL"}
+
+
 def test_an_export_with_images_beside_its_split_folders_is_refused(tmp_path: Path) -> None:
     root = _export_beside(tmp_path, "voc")
     image = next((root / "train").glob("*.jpg"))

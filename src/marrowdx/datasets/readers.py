@@ -137,8 +137,18 @@ def _crop_classes(root: Path) -> list[tuple[Path, str | None]] | None:
     subs = [p for p in visible_children(root) if p.is_dir()]
     if not subs or any(is_image(p) for p in visible_children(root)):
         return None
-    if all(split_of(p.name) is not None for p in subs):
+    splits = [p.name for p in subs if split_of(p.name) is not None]
+    if len(splits) == len(subs):
         classes = [(c, split_of(s.name)) for s in subs for c in visible_children(s) if c.is_dir()]
+    elif splits and all(any(c.is_dir() for c in (root / n).iterdir()) for n in splits):
+        # split folders of class folders beside other folders (Kaggle's TRAIN/, TEST/ and
+        # TEST_SIMPLE/): read as classes, every label would be a split's name
+        others = [p.name for p in subs if split_of(p.name) is None]
+        raise DatasetError(
+            f"{root}: split folders of class folders ({', '.join(splits)}) beside folders that "
+            f"are no split ({', '.join(others[:5])}): give one split's folder as the data set, "
+            f"or move the others out"
+        )
     else:
         classes = [(c, None) for c in subs]
     if not classes or not any(images_under(c) for c, _ in classes):
