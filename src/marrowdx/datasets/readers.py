@@ -65,23 +65,30 @@ def _yolo_roots(root: Path) -> list[tuple[Path, Path, str | None]]:
     if images is not None and labels is not None:
         return [(images, labels, None)]
     pairs = []
-    for sub in visible_children(root):
-        if sub.is_dir() and split_of(sub.name) is not None:
-            images, labels = _child_dir(sub, "images"), _child_dir(sub, "labels")
-            if images is not None and labels is not None:
-                pairs.append((images, labels, split_of(sub.name)))
+    for sub, split in _split_folders(root):
+        images, labels = _child_dir(sub, "images"), _child_dir(sub, "labels")
+        if images is not None and labels is not None:
+            pairs.append((images, labels, split))
     return pairs
+
+
+def _split_folders(root: Path) -> list[tuple[Path, str]]:
+    """ROOT's sub-folders named as a split (train/, valid/, TestA/), with the split."""
+    return [
+        (p, split)
+        for p in visible_children(root)
+        if p.is_dir() and (split := split_of(p.name)) is not None
+    ]
 
 
 def _export_folders(root: Path) -> list[tuple[Path, str | None]]:
     """The folders an export puts its files side by side in, with their split: ROOT's split
     sub-folders (train/, valid/, test/) when it has any, else ROOT itself (its split from its
     own name, so a split folder can be given alone)."""
-    entries = visible_children(root)
-    splits = [(p, split_of(p.name)) for p in entries if p.is_dir() and split_of(p.name) is not None]
+    splits: list[tuple[Path, str | None]] = list(_split_folders(root))
     if not splits:
         return [(root, split_of(root.name))]
-    loose = [p.name for p in entries if is_image(p)]
+    loose = [p.name for p in visible_children(root) if is_image(p)]
     if loose:  # read with the splits, they would belong to none; left out, they would be lost
         raise DatasetError(
             f"{root} holds split folders ({', '.join(p.name for p, _ in splits)}) and "
@@ -137,15 +144,16 @@ def _crop_classes(root: Path) -> list[tuple[Path, str | None]] | None:
     subs = [p for p in visible_children(root) if p.is_dir()]
     if not subs or any(is_image(p) for p in visible_children(root)):
         return None
-    splits = [p.name for p in subs if split_of(p.name) is not None]
+    splits = _split_folders(root)
     if len(splits) == len(subs):
-        classes = [(c, split_of(s.name)) for s in subs for c in visible_children(s) if c.is_dir()]
-    elif splits and all(any(c.is_dir() for c in (root / n).iterdir()) for n in splits):
+        classes = [(c, split) for s, split in splits for c in visible_children(s) if c.is_dir()]
+    elif splits and all(any(c.is_dir() for c in visible_children(s)) for s, _ in splits):
         # split folders of class folders beside other folders (Kaggle's TRAIN/, TEST/ and
         # TEST_SIMPLE/): read as classes, every label would be a split's name
         others = [p.name for p in subs if split_of(p.name) is None]
+        names = ", ".join(s.name for s, _ in splits)
         raise DatasetError(
-            f"{root}: split folders of class folders ({', '.join(splits)}) beside folders that "
+            f"{root}: split folders of class folders ({names}) beside folders that "
             f"are no split ({', '.join(others[:5])}): give one split's folder as the data set, "
             f"or move the others out"
         )
