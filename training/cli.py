@@ -177,6 +177,8 @@ def run_train(args: argparse.Namespace) -> int:
 
 # -------------------------------------------------------------------------------- evaluate
 def configure_evaluate(parser: argparse.ArgumentParser) -> None:
+    from marrowdx.training.real_data import SCORED_SPLITS
+
     add_common_options(parser)
     _add_cohort(parser, True, "held-out cohort folder with ground_truth.json")
     from marrowdx.client.cli import add_spacing_option
@@ -200,6 +202,13 @@ def configure_evaluate(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--shift-strength", type=float, default=1.0, help="with --shifts: magnitude (1.0)"
+    )
+    parser.add_argument(
+        "--split",
+        choices=SCORED_SPLITS,
+        default="val",
+        help="with real image sets: the held-out split to score (val; test: a set's own test "
+        "split, for a final figure once choices are made on val)",
     )
     parser.add_argument(
         "--estimate-spacing",
@@ -244,6 +253,7 @@ def run_real_evaluation(args: argparse.Namespace, sets: tuple[Path, ...]) -> int
         shift_strength=args.shift_strength,
         work_dir=work_dir,
         log=log,
+        split=args.split,
     )
     print(format_real_table(report))
     if args.json:
@@ -265,6 +275,8 @@ def run_evaluate(args: argparse.Namespace) -> int:
         if args.cohort is not None or args.coco is not None or len(sets) != len(args.data):
             raise InputError("evaluate real image sets (--data) on their own, not with a cohort")
         return run_real_evaluation(args, sets)
+    if args.split != "val":
+        raise InputError(f"--split {args.split} scores a real image set's split (--data DIR)")
     cohort = _resolve_cohort(args)
     work_dir = work_dir_of(args)
     kinds = None

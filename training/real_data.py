@@ -42,6 +42,9 @@ VALIDATION_PERCENT = 15
 #: calibration slice the familiarity limit is fitted on: cells a model trained on lie closer
 #: to its class means than new cells of the same labs, so a limit fitted on them flags those.
 CALIBRATION_PERCENT = 10
+#: The splits ``evaluate`` scores: held out of training and calibration alike. ``val`` is
+#: what choices are made on; ``test`` is a set's own, scored for a final figure.
+SCORED_SPLITS = ("val", "test")
 
 Log = Callable[[str], None]
 
@@ -305,7 +308,10 @@ def _why_unused(ds, splits: Sequence[str]) -> str:
     items = ds.crops if ds.format == "crops" else ds.fields
     found = sorted({split_of(i.path, i.split) for i in items})
     if not any(s in splits for s in found):
-        return f"no image in its {' or '.join(splits)} split (it has {', '.join(found)})"
+        scoring = all(s in SCORED_SPLITS for s in splits)
+        other = [s for s in SCORED_SPLITS if s in found and s not in splits]
+        scores = f"; `evaluate --split {other[0]}` scores it" if scoring and other else ""
+        return f"no image in its {' or '.join(splits)} split (it has {', '.join(found)}{scores})"
     return (
         "no image whose pixel spacing could be had (no red cells to measure): declare "
         f"um_per_pixel in {DECLARATION_NAME} or give --um-per-pixel"

@@ -3,8 +3,10 @@
 Each image goes through the client's logic (``AsyncMarrowClient.analyse_image``: pixel
 spacing, resampling, padding or tiling, the quality gate) over the in-process pipeline
 (the served ONNX graphs and the same DALI preprocessing), so what is measured here is what
-``marrowdx diagnose`` reports. Only a set's validation split is scored (``real_data.split_of``:
-its own ``val`` split, else the hashed hold-out): never what training saw, never a test split.
+``marrowdx diagnose`` reports. Only a held-out split is scored (``real_data.split_of``): by
+default the set's validation split (its own ``val`` split, else the hashed hold-out), or its
+own ``test`` split when asked (``SCORED_SPLITS``): never what training saw. A lab scores its
+test split once, for a final figure; choices are made on ``val``.
 
 Fields (boxes): white-cell AP50 (nucleated cells; platelets and red cells are not white
 cells) and the share of fields whose white-cell count is right; per label of the set, how
@@ -37,6 +39,7 @@ from marrowdx.datasets.labels import KIND_CLASSES
 from marrowdx.errors import InputError
 from marrowdx.training import metrics
 from marrowdx.training.real_data import (
+    SCORED_SPLITS,
     VALIDATION_PERCENT,
     estimate_where_unknown,
     require_every_set,
@@ -105,11 +108,13 @@ class CropScores:
 
 @dataclass
 class RealReport:
+    split: str = "val"
     fields: list[FieldScores] = field(default_factory=list)
     crops: list[CropScores] = field(default_factory=list)
 
     def as_dict(self) -> dict:
         return {
+            "split": self.split,
             "fields": [asdict(f) for f in self.fields],
             "crops": [asdict(c) for c in self.crops],
         }
@@ -305,8 +310,10 @@ def evaluate_real(
     shift_strength: float = 1.0,
     work_dir: Path | None = None,
     log: Log | None = None,
+    split: str = "val",
 ) -> RealReport:
-    """Score every data set's validation split with the served models of ``repository``.
+    """Score every data set's ``split`` (one of ``SCORED_SPLITS``) with the served models of
+    ``repository``.
 
     ``estimate``: give the client no spacing at all, to measure the estimator's effect on
     quality: each image's spacing is estimated from its red cells, pooled over the set's
@@ -318,13 +325,16 @@ def evaluate_real(
     from marrowdx.client.quality import DEFAULT_QUALITY
     from marrowdx.serving.inprocess import InProcessPipeline, InProcessTransport
 
+    if split not in SCORED_SPLITS:
+        raise InputError(
+            f"cannot score the {split!r} split: only a held-out one ({', '.join(SCORED_SPLITS)})"
+        )
     if shifts and work_dir is None:
         raise InputError("scoring real images under lab shifts needs a work dir for the copies")
-    validation = [(ds, *_validation_split(ds)) for ds in datasets]
-    require_every_set(
-        datasets, {ds.name for ds, fields, crops in validation if fields or crops}, ["val"]
-    )
-    report = RealReport()
+    scored = [(ds, *_split_images(ds, split)) for ds in datasets]
+    given = {ds.name for ds, fields, crops in scored if fields or crops}
+    require_every_set(datasets, given, [split])
+    report = RealReport(split=split)
 
     def under(ds, kind: str, paths: list[Path], spacings: list[float | None]) -> list[Path]:
         if kind == "none":
@@ -339,7 +349,7 @@ def evaluate_real(
             transport=InProcessTransport(InProcessPipeline(repository)), quality=DEFAULT_QUALITY
         )
         async with client:
-            for ds, fields, crops in validation:
+            for ds, fields, crops in scored:
                 field_um = [field_spacing(ds, f, um_per_pixel) for f in fields]
                 crop_um = [um_per_pixel or ds.um_per_pixel] * len(crops)
                 parts = (
@@ -351,7 +361,8 @@ def evaluate_real(
                         if not images:
                             continue
                         if log is not None:
-                            log(f"{ds.name}: {len(images)} validation {what}{_held_out(ds)}")
+                            held_out = _held_out(ds) if split == "val" else ""
+                            log(f"{ds.name}: {len(images)} {split} {what}{held_out}")
                         paths = under(ds, kind, [i.path for i in images], spacings)
                         sent = [None] * len(images) if estimate else spacings
                         results = await _analyse(client, list(zip(paths, sent, strict=True)), log)
@@ -361,10 +372,10 @@ def evaluate_real(
     return report
 
 
-def _validation_split(ds) -> tuple[list, list]:
-    """A data set's validation fields and crops."""
-    fields = [f for f in ds.fields if split_of(f.path, f.split) == "val"]
-    return fields, [c for c in ds.crops if split_of(c.path, c.split) == "val"]
+def _split_images(ds, split: str) -> tuple[list, list]:
+    """A data set's fields and crops of ``split``."""
+    fields = [f for f in ds.fields if split_of(f.path, f.split) == split]
+    return fields, [c for c in ds.crops if split_of(c.path, c.split) == split]
 
 
 def _held_out(ds) -> str:

@@ -2,7 +2,7 @@
 shift with the same cells, evaluated side by side with the unshifted row, and reported as a
 table and JSON; a cohort that cannot be re-rendered is refused with the reason. A real image
 set's (``--data``) validation images are transformed instead, each row beside the images as
-they are."""
+they are; its own test split is scored only when asked (``--split test``)."""
 
 from __future__ import annotations
 
@@ -102,3 +102,25 @@ def test_evaluate_real_set_under_shifts(tmp_path: Path, capsys) -> None:
     for folder in copies:
         shutil.rmtree(folder)
     assert cli.main([*args, str(data), "--shifts", "sepia"]) == 2  # refused before any build
+
+
+def test_evaluate_scores_a_sets_test_split_only_when_asked(tmp_path: Path, capsys) -> None:
+    """A lab's set exported with train/valid/test folders: its test split is scored with
+    ``--split test`` (and says so in the JSON), never by default, which scores ``val``."""
+    data = tmp_path / "lab"
+    for part in ("images", "labels"):
+        shutil.copytree(REAL / part / "train", data / "test" / part)
+    shutil.copy(REAL / "labels" / "classes.txt", data / "classes.txt")
+    (data / "marrowdx-dataset.toml").write_text(
+        'name = "lab"\nformat = "yolo"\num_per_pixel = "unknown"\n\n[labels]\n'
+        'WBC = "nucleated"\nRBC = "red_cell"\nPlatelet = "thrombocyte"\n'
+    )
+    out = tmp_path / "test.json"
+    args = ["evaluate", "--work-dir", str(TEST_CACHE), "--preset", "tiny", "--quiet", "--data"]
+    assert cli.main([*args, str(data), "--json", str(out)]) == 2  # no val split
+    assert "`evaluate --split test` scores it" in capsys.readouterr().err
+    assert cli.main([*args, str(data), "--split", "test", "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["split"] == "test"
+    assert [(r["dataset"], r["n_images"]) for r in report["fields"]] == [("lab", 3)]
+    assert cli.main(["evaluate", "--cohort", str(tmp_path), "--split", "test"]) == 2

@@ -637,3 +637,9 @@ def test_a_set_that_gives_nothing_to_train_or_score_on_is_refused_with_why(tmp_p
     (ds,) = real_data.load_sets([training], tmp_path / "work")
     with pytest.raises(InputError, match="training: no image in its val split"):
         evaluate_real([ds], tmp_path / "no-repository")  # refused before any server starts
+    testing = _crops_in(tmp_path / "testing", "test/{label}")
+    (ds,) = real_data.load_sets([testing], tmp_path / "work")
+    with pytest.raises(InputError, match=r"val split \(it has test; `evaluate --split test`"):
+        evaluate_real([ds], tmp_path / "no-repository")
+    with pytest.raises(InputError, match="cannot score the 'train' split"):
+        evaluate_real([ds], tmp_path / "no-repository", split="train")  # what training saw
