@@ -446,6 +446,24 @@ def test_text_beside_images_without_class_names_is_no_yolo_set(tmp_path: Path) -
         detect_format(root)
 
 
+def test_a_label_file_without_its_image_is_refused_and_a_note_beside_images_is_not_one(
+    tmp_path: Path,
+) -> None:
+    """A YOLO label file whose image is missing would lose its boxes: refused, named. Beside
+    the images (LabelImg), a text file that holds no YOLO rows is a note, not such a file."""
+    flat = _export_beside(tmp_path, "yolo")
+    (flat / "README.txt").write_text("Exported with LabelImg.\nClasses: WBC, RBC, Platelet\n")
+    (flat / "README.roboflow.txt").write_text("\nhttps://roboflow.com\n")
+    assert len(load_dataset(flat).fields) == 3
+    shutil.copy(next(flat.glob("*.jpg")).with_suffix(".txt"), flat / "lost_image.txt")
+    with pytest.raises(DatasetError, match=r"1 YOLO label file\(s\) have no image .*lost_image"):
+        load_dataset(flat)
+    split = _copy(YOLO, tmp_path / "yolo")
+    (split / "labels" / "train" / "README.txt").write_text("notes\n")  # no note in labels/
+    with pytest.raises(DatasetError, match=r"have no image .*README\.txt"):
+        load_dataset(split)
+
+
 def test_writers_round_trip(tmp_path: Path) -> None:
     fields = load_dataset(YOLO, labels={}).fields
     voc = load_dataset(write_voc(fields, tmp_path / "voc"), labels={})

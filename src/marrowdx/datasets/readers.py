@@ -9,6 +9,7 @@ what a model learns or what a count is compared with.
 
 from __future__ import annotations
 
+import itertools
 import json
 import xml.etree.ElementTree as ET
 from pathlib import Path
@@ -305,7 +306,8 @@ def read_yolo(root: Path, *, verify: bool = False) -> list[RawField]:
     path with ``images`` replaced by ``labels``), or ``X.txt`` in the image's own folder (a
     LabelImg export), one ``class cx cy w h`` line per box,
     normalised to the image. An image with no label file has no boxes (YOLO's convention);
-    a label file with no image is an error (its annotations would be lost)."""
+    a label file with no image is an error (its annotations would be lost); beside the images,
+    a text file that holds no YOLO rows is a note, not a label file."""
     root = Path(root)
     pairs = _yolo_roots(root) or _yolo_beside(root)
     if not pairs:
@@ -331,7 +333,9 @@ def read_yolo(root: Path, *, verify: bool = False) -> list[RawField]:
         orphans = [
             p
             for p in sorted(labels.rglob("*.txt"))
-            if p not in used and p.name not in YOLO_NAME_FILES
+            if p not in used
+            and p.name not in YOLO_NAME_FILES
+            and (labels != images or _reads_as_yolo(p))
         ]
         if orphans:
             shown = ", ".join(str(p) for p in orphans[:5])
@@ -340,6 +344,22 @@ def read_yolo(root: Path, *, verify: bool = False) -> list[RawField]:
                 + (" ..." if len(orphans) > 5 else "")
             )
     return fields
+
+
+def _reads_as_yolo(path: Path, lines: int = 50) -> bool:
+    """Whether a text file's first ``lines`` lines are YOLO rows (a class index, then at least
+    four numbers). Beside the images, a text file that is none is a note (a README, Roboflow's
+    README.roboflow.txt), not a label file whose image is missing."""
+    try:
+        with path.open(encoding="utf-8") as text:
+            rows = [line.split() for line in itertools.islice(text, lines) if line.strip()]
+        for row in rows:
+            numbers = [float(v) for v in row]
+            if len(numbers) < 5 or not numbers[0].is_integer():
+                return False
+    except (OSError, UnicodeDecodeError, ValueError):
+        return False
+    return True
 
 
 def _first_split(rel: Path) -> str | None:
