@@ -177,11 +177,11 @@ def run_train(args: argparse.Namespace) -> int:
 
 # -------------------------------------------------------------------------------- evaluate
 def configure_evaluate(parser: argparse.ArgumentParser) -> None:
+    from marrowdx.client.cli import add_spacing_option
     from marrowdx.training.real_data import SCORED_SPLITS
 
     add_common_options(parser)
     _add_cohort(parser, True, "held-out cohort folder with ground_truth.json")
-    from marrowdx.client.cli import add_spacing_option
 
     add_spacing_option(
         parser,

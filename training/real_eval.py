@@ -334,6 +334,9 @@ def evaluate_real(
     scored = [(ds, *_split_images(ds, split)) for ds in datasets]
     given = {ds.name for ds, fields, crops in scored if fields or crops}
     require_every_set(datasets, given, [split])
+    for ds in datasets:
+        if split in ds.held_out_splits and log is not None:
+            log(f"{ds.name}: its {split} split is held out: score it once, never tune on it")
     report = RealReport(split=split)
 
     def under(ds, kind: str, paths: list[Path], spacings: list[float | None]) -> list[Path]:
