@@ -197,8 +197,8 @@ def configure_evaluate(parser: argparse.ArgumentParser) -> None:
         metavar="KINDS",
         help="also evaluate under each lab/scanner shift, side by side: comma-separated from "
         f"{', '.join(k for k in SHIFT_KINDS if k != 'none')}; a cohort (written by `marrowdx "
-        "simulate`) is re-rendered, a real image set's (--data) validation images are "
-        "transformed",
+        "simulate`) is re-rendered, the images of a real image set's (--data) scored split "
+        "are transformed",
     )
     parser.add_argument(
         "--shift-strength", type=float, default=1.0, help="with --shifts: magnitude (1.0)"
