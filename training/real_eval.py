@@ -364,8 +364,7 @@ def evaluate_real(
                         if not images:
                             continue
                         if log is not None:
-                            held_out = _held_out(ds) if split == "val" else ""
-                            log(f"{ds.name}: {len(images)} {split} {what}{held_out}")
+                            log(f"{ds.name}: {len(images)} {split} {what}{_held_out(ds)}")
                         paths = under(ds, kind, [i.path for i in images], spacings)
                         sent = [None] * len(images) if estimate else spacings
                         results = await _analyse(client, list(zip(paths, sent, strict=True)), log)
